@@ -1,0 +1,90 @@
+"""deduplicator: enriched -> unique. Drops an event whose (tenant, event_id) was seen in the window.
+
+Backends: a Faust table on RocksDB (default; partition-local, so the input stays partitioned by the
+event's key and every copy of an event meets in one partition) or Redis (SET NX GET PX, one
+pipelined round trip per fetched batch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from faust import web
+
+from shared.codec import encode_event, unpack
+from shared.keywindow import KeyWindow, RedisKeyWindow, TableKeyWindow
+from shared.service import ServiceContext
+from shared.stage import Output, Record, StageRunner, StepResult
+from shared.topics import ENRICHED, UNIQUE
+from shared.web import add_common_views
+
+WEB_PORT = 6068
+
+
+class DedupeWindow:
+    def __init__(self, window: KeyWindow, metrics: Any) -> None:
+        self.window = window
+        self.metrics = metrics
+
+    async def handle(self, records: list[Record]) -> StepResult:
+        keys = [r.event.dedupe_key for r in records]
+        fresh = await self.window.claim(keys, [r.source for r in records], records)
+        result = StepResult()
+        for record, is_new in zip(records, fresh, strict=True):
+            if is_new:
+                record.event.stamp("deduplicator")
+                result.outputs.append(Output(UNIQUE, record.event.partition_key, encode_event(record.event)))
+            else:
+                self.metrics.duplicates.labels("deduplicator", record.event.tenant).inc()
+        return result
+
+
+def build(ctx: ServiceContext) -> Any:
+    app = ctx.create_app("hifi-deduplicator", WEB_PORT)
+    conf = ctx.config.dedupe
+    table = None
+    window: KeyWindow
+    if conf.backend == "redis":
+        window = RedisKeyWindow(ctx.settings.redis_url, "hifi:dedupe:", conf.window_s)
+    else:
+        table = app.Table("dedupe-window", partitions=ctx.settings.partitions, key_type=str, value_type=bytes)
+        window = TableKeyWindow(table, conf.window_s)
+    dedupe = DedupeWindow(window, ctx.metrics)
+    runner = StageRunner(app, "deduplicator", dedupe.handle, ctx.metrics)
+
+    @app.agent(app.topic(ENRICHED), name="dedupe")
+    async def deduplicate(stream: Any) -> None:
+        await runner.run(stream)
+
+    @app.page("/tables/dedupe")
+    async def dedupe_table(self: web.View, request: web.Request) -> web.Response:
+        """Look up a key (`?key=tenant:event_id`), or list up to `limit` keys of this worker."""
+        info: dict[str, Any] = window.describe()
+        key = request.query.get("key")
+        if table is not None:
+            if key is not None:
+                raw = table.get(key)
+                info["key"] = key
+                info["entry"] = None if raw is None else dict(zip(("first_seen_ms", "claim"), unpack(raw), strict=False))
+            else:
+                limit = min(int(request.query.get("limit", "50")), 1000)
+                keys = []
+                for k in table.keys():
+                    if len(keys) >= limit:
+                        break
+                    keys.append(k)
+                info["keys"] = keys
+                info["assigned_partitions"] = sorted(tp.partition for tp in app.assignor.assigned_actives()
+                                                     if tp.topic == ENRICHED)
+        elif key is not None:
+            info["key"] = key
+            info["seen"] = (await window.seen([key], [None]))[0]
+        return self.json(info)
+
+    def stats() -> dict[str, Any]:
+        m = ctx.metrics
+        return {"in": m.total(m.events_in), "out": m.total(m.events_out), "duplicates": m.total(m.duplicates),
+                "dead_lettered": m.total(m.dead_lettered), "backend": conf.backend}
+
+    add_common_views(app, "deduplicator", ctx.metrics, stats)
+    return app

@@ -1,0 +1,1 @@
+"""Hifi's common library: event model, codec, topics, config, app factory, metrics, Sentry."""

@@ -1,0 +1,79 @@
+"""The `hifi` command line: the broker, the services, the whole pipeline, and test traffic."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shared.config import Settings, hash_api_key
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="hifi", description="Lossless, low-latency event streams")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    kafka = sub.add_parser("kafka", help="run a real Apache Kafka (KRaft) broker from the Maven jars")
+    kafka.add_argument("action", choices=["start", "stop", "status", "wipe"])
+    kafka.add_argument("--nodes", type=int, choices=[1, 3], default=1)
+    kafka.add_argument("--port", type=int, default=9092)
+    kafka.add_argument("--data-dir", default=None, help="default: .cache/kafka/data-<nodes>n-<port>")
+
+    run = sub.add_parser("run", help="run one service in this process")
+    run.add_argument("service")
+    run.add_argument("--sink", help="for the sender: which sink this process delivers to")
+
+    up = sub.add_parser("up", help="broker, Redis, every service, a demo sink and demo traffic")
+    up.add_argument("--config", default=None, help="default: a generated demo config under var/demo")
+    up.add_argument("--rate", type=float, default=200.0, help="demo events per second (0 = none)")
+    up.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0 = Ctrl-C)")
+
+    send = sub.add_parser("send", help="post events to the collector, from a file or generated")
+    send.add_argument("--url", default="http://127.0.0.1:8080/v1/events")
+    send.add_argument("--api-key", required=True)
+    send.add_argument("--file", help="JSON lines (one event per line) or a JSON list; '-' for stdin")
+    send.add_argument("--count", type=int, default=100, help="generated events (without --file)")
+    send.add_argument("--batch", type=int, default=20)
+    send.add_argument("--rate", type=float, default=0.0, help="events per second (0 = as fast as possible)")
+
+    key = sub.add_parser("hash-key", help="print the hash of an API key, for the config's api_keys")
+    key.add_argument("key")
+
+    args = parser.parse_args(argv)
+    if args.command == "kafka":
+        from pathlib import Path
+
+        from shared.local.kafka import LocalKafka
+
+        cluster = LocalKafka(nodes=args.nodes, port=args.port,
+                             data_root=Path(args.data_dir) if args.data_dir else None)
+        if args.action == "start":
+            seconds = cluster.start()
+            print(f"kafka {cluster.nodes} node(s) ready at {cluster.bootstrap} in {seconds:.1f}s")
+        elif args.action == "stop":
+            cluster.stop()
+            print("kafka stopped")
+        elif args.action == "wipe":
+            cluster.wipe()
+            print(f"kafka stopped and {cluster.root} removed")
+        else:
+            pids = cluster.running_pids()
+            print(f"kafka at {cluster.bootstrap}: " + (f"running {pids}" if pids else "not running"))
+            sys.exit(0 if len(pids) == cluster.nodes else 1)
+    elif args.command == "run":
+        from shared.service import run as run_service
+
+        run_service(args.service, Settings.from_env(), args.sink)
+    elif args.command == "up":
+        from shared.local.up import up as run_up
+
+        run_up(args.config, args.rate, args.duration)
+    elif args.command == "send":
+        from shared.local.traffic import send as run_send
+
+        run_send(args.url, args.api_key, args.file, args.count, args.batch, args.rate)
+    elif args.command == "hash-key":
+        print(hash_api_key(args.key))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""msgpack on the wire between stages: one encoder, one decoder, decode once per stage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from shared.errors import InvalidEvent
+from shared.event import Event
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    """Undecodable bytes are a permanent error: they are dead-lettered, never retried."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:
+        raise InvalidEvent("undecodable", f"{type(exc).__name__}: {exc}") from None
+
+
+def encode_event(event: Event) -> bytes:
+    return pack(event.to_wire())
+
+
+def decode_event(data: bytes | None) -> Event:
+    if data is None:
+        raise InvalidEvent("undecodable", "empty message value")
+    return Event.from_wire(unpack(data))

@@ -1,0 +1,253 @@
+"""Two kinds of configuration, read only at the edge.
+
+`HifiConfig` is the YAML file an operator writes: tenants, API keys, sinks, subscriptions.
+`Settings` is where this process runs: broker, Redis, ports, directories (environment variables).
+Both are frozen and validated at start; a bad field fails fast and is named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shared.errors import ConfigError
+from shared.event import Limits
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+SINK_TYPES = ("webhook", "kafka", "redis_stream", "file")
+DEDUPE_BACKENDS = ("rocksdb", "redis")
+
+
+def hash_api_key(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    name: str
+    type: str
+    options: dict[str, Any]
+    batch_max: int = 200
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    name: str
+    api_key_hashes: tuple[str, ...]
+    sinks: tuple[str, ...]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DedupeConfig:
+    backend: str = "rocksdb"
+    window_s: float = 86_400.0
+
+
+@dataclass(frozen=True)
+class EnrichConfig:
+    geoip_db: str | None = None
+
+
+@dataclass(frozen=True)
+class HifiConfig:
+    tenants: dict[str, TenantConfig]
+    sinks: dict[str, SinkConfig]
+    dedupe: DedupeConfig = DedupeConfig()
+    enrich: EnrichConfig = EnrichConfig()
+    limits: Limits = Limits()
+
+    def tenant_for_key_hash(self, key_hash: str) -> TenantConfig | None:
+        for tenant in self.tenants.values():
+            if key_hash in tenant.api_key_hashes:
+                return tenant
+        return None
+
+    def subscribers(self, tenant: str) -> tuple[str, ...]:
+        found = self.tenants.get(tenant)
+        return found.sinks if found else ()
+
+    @classmethod
+    def load(cls, path: str | Path) -> HifiConfig:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError("(file)", f"cannot read {path}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError("(file)", f"not valid YAML: {exc}") from None
+        return cls.parse(data, base_dir=Path(path).resolve().parent)
+
+    @classmethod
+    def parse(cls, data: Any, base_dir: Path | None = None) -> HifiConfig:
+        root = _map(data, "(root)")
+        _only(root, "(root)", {"tenants", "sinks", "dedupe", "enrich", "limits"})
+        sinks = {}
+        for name, raw in _map(root.get("sinks"), "sinks", required=True).items():
+            where = f"sinks.{name}"
+            _name(name, where)
+            spec = dict(_map(raw, where, required=True))
+            kind = spec.pop("type", None)
+            if kind not in SINK_TYPES:
+                raise ConfigError(f"{where}.type", f"must be one of {', '.join(SINK_TYPES)}, got {kind!r}")
+            batch_max = _int(spec.pop("batch_max", 200), f"{where}.batch_max", 1, 10_000)
+            timeout_s = _num(spec.pop("timeout_s", 10.0), f"{where}.timeout_s", 0.1, 300)
+            options = _sink_options(kind, spec, where, base_dir)
+            sinks[name] = SinkConfig(name, kind, options, batch_max, timeout_s)
+        tenants = {}
+        for name, raw in _map(root.get("tenants"), "tenants", required=True).items():
+            where = f"tenants.{name}"
+            _name(name, where)
+            spec = _map(raw, where, required=True)
+            _only(spec, where, {"api_keys", "sinks", "metadata"})
+            keys = spec.get("api_keys")
+            if not isinstance(keys, list) or not keys:
+                raise ConfigError(f"{where}.api_keys", "must be a non-empty list of 'sha256:<hex>' hashes")
+            for i, key in enumerate(keys):
+                if not isinstance(key, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", key):
+                    raise ConfigError(f"{where}.api_keys[{i}]", "must be 'sha256:<64 hex>' (see `hifi hash-key`)")
+            subs = spec.get("sinks", [])
+            if not isinstance(subs, list):
+                raise ConfigError(f"{where}.sinks", "must be a list of sink names")
+            for i, sink in enumerate(subs):
+                if sink not in sinks:
+                    raise ConfigError(f"{where}.sinks[{i}]", f"unknown sink {sink!r}")
+            metadata = _map(spec.get("metadata", {}), f"{where}.metadata")
+            tenants[name] = TenantConfig(name, tuple(keys), tuple(subs), dict(metadata))
+        seen: dict[str, str] = {}
+        for tenant in tenants.values():
+            for key in tenant.api_key_hashes:
+                if key in seen and seen[key] != tenant.name:
+                    raise ConfigError(f"tenants.{tenant.name}.api_keys", f"key also belongs to {seen[key]}")
+                seen[key] = tenant.name
+        dedupe_raw = _map(root.get("dedupe", {}), "dedupe")
+        _only(dedupe_raw, "dedupe", {"backend", "window_s"})
+        backend = dedupe_raw.get("backend", "rocksdb")
+        if backend not in DEDUPE_BACKENDS:
+            raise ConfigError("dedupe.backend", f"must be one of {', '.join(DEDUPE_BACKENDS)}, got {backend!r}")
+        dedupe = DedupeConfig(backend, _num(dedupe_raw.get("window_s", 86_400), "dedupe.window_s", 1, 30 * 86_400))
+        enrich_raw = _map(root.get("enrich", {}), "enrich")
+        _only(enrich_raw, "enrich", {"geoip_db"})
+        geoip = enrich_raw.get("geoip_db")
+        if geoip is not None:
+            geoip = str(_path(geoip, base_dir))
+            if not Path(geoip).is_file():
+                raise ConfigError("enrich.geoip_db", f"no such file: {geoip}")
+        limits_raw = _map(root.get("limits", {}), "limits")
+        known = {f.name for f in fields(Limits)}
+        _only(limits_raw, "limits", known)
+        limits = Limits(**{k: _int(v, f"limits.{k}", 1, 1 << 30) for k, v in limits_raw.items()})
+        return cls(tenants, sinks, dedupe, EnrichConfig(geoip), limits)
+
+
+def _sink_options(kind: str, spec: dict[str, Any], where: str, base_dir: Path | None) -> dict[str, Any]:
+    required = {"webhook": {"url"}, "kafka": {"topic"}, "redis_stream": {"stream"}, "file": {"path"}}[kind]
+    optional = {
+        "webhook": {"headers"},
+        "kafka": {"bootstrap"},
+        "redis_stream": {"url", "maxlen"},
+        "file": {"rotate_bytes"},
+    }[kind]
+    _only(spec, where, required | optional | {"drop_canaries"})
+    for name in sorted(required):
+        if not isinstance(spec.get(name), str) or not spec[name]:
+            raise ConfigError(f"{where}.{name}", f"required for a {kind} sink")
+    if kind == "webhook" and not re.match(r"^https?://", spec["url"]):
+        raise ConfigError(f"{where}.url", "must start with http:// or https://")
+    if kind == "file":
+        spec["path"] = str(_path(spec["path"], base_dir))
+        spec["rotate_bytes"] = _int(spec.get("rotate_bytes", 64 * 1024 * 1024), f"{where}.rotate_bytes", 1024, 1 << 40)
+    if kind == "redis_stream" and "maxlen" in spec:
+        spec["maxlen"] = _int(spec["maxlen"], f"{where}.maxlen", 1, 1 << 40)
+    return spec
+
+
+def _path(value: str, base_dir: Path | None) -> Path:
+    path = Path(os.path.expandvars(value))
+    return path if path.is_absolute() or base_dir is None else (Path.cwd() / path)
+
+
+def _map(value: Any, where: str, required: bool = False) -> dict[str, Any]:
+    if value is None and not required:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(where, "must be a mapping" + (" (required)" if value is None else ""))
+    return value
+
+
+def _only(spec: dict[str, Any], where: str, allowed: set[str]) -> None:
+    for key in spec:
+        if key not in allowed:
+            raise ConfigError(f"{where}.{key}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
+
+
+def _name(name: Any, where: str) -> None:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigError(where, "names are lowercase letters, digits, '-' and '_' (max 63)")
+
+
+def _int(value: Any, where: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(where, f"must be an integer from {lo} to {hi}, got {value!r}")
+    return value
+
+
+def _num(value: Any, where: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise ConfigError(where, f"must be a number from {lo} to {hi}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where this process runs. Each field has one environment variable, read in `from_env` only."""
+
+    config_path: str = "config/hifi.yaml"  # HIFI_CONFIG
+    broker: str = "127.0.0.1:9092"  # HIFI_BROKER: host:port[,host:port]
+    redis_url: str = "redis://127.0.0.1:6379/0"  # HIFI_REDIS_URL
+    data_dir: str = "var"  # HIFI_DATA_DIR: RocksDB tables and file sinks
+    web_host: str = "127.0.0.1"  # HIFI_WEB_HOST
+    web_port: int | None = None  # HIFI_WEB_PORT: default per service
+    partitions: int = 4  # HIFI_PARTITIONS
+    replication: int = 1  # HIFI_REPLICATION
+    min_insync: int = 1  # HIFI_MIN_INSYNC
+    sentry_dsn: str | None = None  # SENTRY_DSN
+    environment: str = "dev"  # HIFI_ENV
+    log_level: str = "info"  # HIFI_LOG_LEVEL
+
+    ENV = {
+        "config_path": "HIFI_CONFIG", "broker": "HIFI_BROKER", "redis_url": "HIFI_REDIS_URL",
+        "data_dir": "HIFI_DATA_DIR", "web_host": "HIFI_WEB_HOST", "web_port": "HIFI_WEB_PORT",
+        "partitions": "HIFI_PARTITIONS", "replication": "HIFI_REPLICATION", "min_insync": "HIFI_MIN_INSYNC",
+        "sentry_dsn": "SENTRY_DSN", "environment": "HIFI_ENV", "log_level": "HIFI_LOG_LEVEL",
+    }
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            var = cls.ENV[f.name]
+            if var not in env or env[var] == "":
+                continue
+            raw = env[var]
+            if f.name in ("web_port", "partitions", "replication", "min_insync"):
+                try:
+                    values[f.name] = int(raw)
+                except ValueError:
+                    raise ConfigError(var, f"must be an integer, got {raw!r}") from None
+            else:
+                values[f.name] = raw
+        return cls(**values)
+
+    def as_env(self) -> dict[str, str]:
+        return {self.ENV[f.name]: str(getattr(self, f.name)) for f in fields(self)
+                if getattr(self, f.name) is not None}

@@ -1,0 +1,216 @@
+"""The event model and the collector's validator: one definition for every stage.
+
+An event travels as a msgpack map. Timestamps are Unix epoch milliseconds (floats): `ts` is the
+client's clock, `ingest_ts` the collector's, and `stages[name]` the moment each stage emitted it,
+so the sender can compute end-to-end and per-stage lag at sink acknowledgement.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.errors import InvalidEvent
+
+
+def now_ms() -> float:
+    return time.time() * 1000.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a client may send; every one is checked before anything is produced."""
+
+    max_body_bytes: int = 1_048_576
+    max_events_per_batch: int = 500
+    max_event_bytes: int = 32_768
+    max_id_chars: int = 128
+    max_string_chars: int = 8_192
+    max_payload_keys: int = 200
+    max_depth: int = 8
+
+
+@dataclass(slots=True)
+class Event:
+    event_id: str
+    type: str
+    ts: float
+    tenant: str
+    payload: dict[str, Any] = field(default_factory=dict)
+    device_id: str | None = None
+    session_id: str | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+    enrichment: dict[str, Any] = field(default_factory=dict)
+    ingest_ts: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+    canary: bool = False
+
+    @property
+    def dedupe_key(self) -> str:
+        """Event ids are unique per tenant, not across tenants."""
+        return f"{self.tenant}:{self.event_id}"
+
+    @property
+    def partition_key(self) -> bytes:
+        """One device (or session) stays in one partition, so its events stay in order.
+
+        Every copy of an event carries the same device/session, so copies also meet in one
+        partition and a partition-local dedupe table sees them all.
+        """
+        return f"{self.tenant}:{self.device_id or self.session_id or self.event_id}".encode()
+
+    def stamp(self, stage: str) -> None:
+        self.stages[stage] = now_ms()
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {
+            "event_id": self.event_id,
+            "type": self.type,
+            "ts": self.ts,
+            "tenant": self.tenant,
+            "payload": self.payload,
+            "ingest_ts": self.ingest_ts,
+            "stages": self.stages,
+        }
+        if self.device_id is not None:
+            wire["device_id"] = self.device_id
+        if self.session_id is not None:
+            wire["session_id"] = self.session_id
+        if self.context:
+            wire["context"] = self.context
+        if self.enrichment:
+            wire["enrichment"] = self.enrichment
+        if self.canary:
+            wire["canary"] = True
+        return wire
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Event:
+        """Rebuild an event read from a topic; anything malformed is an InvalidEvent (dead-letter)."""
+        if not isinstance(data, dict):
+            raise InvalidEvent("not_a_map", f"expected a map, got {type(data).__name__}")
+        try:
+            return cls(
+                event_id=_req_str(data, "event_id"),
+                type=_req_str(data, "type"),
+                ts=float(data["ts"]),
+                tenant=_req_str(data, "tenant"),
+                payload=_opt_map(data, "payload"),
+                device_id=data.get("device_id"),
+                session_id=data.get("session_id"),
+                context=_opt_map(data, "context"),
+                enrichment=_opt_map(data, "enrichment"),
+                ingest_ts=float(data.get("ingest_ts", 0.0)),
+                stages=_opt_map(data, "stages"),
+                canary=bool(data.get("canary", False)),
+            )
+        except KeyError as exc:
+            raise InvalidEvent("missing_field", str(exc), event_id=str(data.get("event_id"))) from None
+        except (TypeError, ValueError) as exc:
+            raise InvalidEvent("wrong_type", str(exc), event_id=str(data.get("event_id"))) from None
+
+
+def _req_str(data: dict[str, Any], name: str) -> str:
+    value = data[name]
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{name} must be a non-empty string")
+    return value
+
+
+def _opt_map(data: dict[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a map")
+    return value
+
+
+class EventValidator:
+    """Turns one client-supplied item into an Event, or raises InvalidEvent with a machine reason."""
+
+    CLIENT_FIELDS = frozenset({"event_id", "type", "ts", "payload", "device_id", "session_id", "context"})
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+
+    def validate(self, item: Any, tenant: str, encoded_size: int) -> Event:
+        lim = self.limits
+        if not isinstance(item, dict):
+            raise InvalidEvent("not_an_object", f"each event must be an object, got {type(item).__name__}")
+        raw_id = item.get("event_id")
+        event_id = raw_id if isinstance(raw_id, str) else None
+        if encoded_size > lim.max_event_bytes:
+            raise InvalidEvent("event_too_large", f"{encoded_size} > {lim.max_event_bytes} bytes", event_id)
+        unknown = set(item) - self.CLIENT_FIELDS
+        if unknown:
+            raise InvalidEvent("unknown_field", ", ".join(sorted(map(str, unknown))), event_id)
+        for name in ("event_id", "type"):
+            value = item.get(name)
+            if value is None:
+                raise InvalidEvent("missing_field", name, event_id)
+            if not isinstance(value, str) or not value.strip():
+                raise InvalidEvent("wrong_type", f"{name} must be a non-empty string", event_id)
+            if len(value) > lim.max_id_chars:
+                raise InvalidEvent("string_too_long", f"{name} > {lim.max_id_chars} chars", event_id)
+        ts = item.get("ts")
+        if ts is None:
+            raise InvalidEvent("missing_field", "ts", event_id)
+        if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts) or ts < 0:
+            raise InvalidEvent("wrong_type", "ts must be epoch milliseconds (a finite number >= 0)", event_id)
+        if ts > 1e14:  # year 5138 in ms: a client sending micro/nanoseconds
+            raise InvalidEvent("out_of_range", "ts must be epoch milliseconds", event_id)
+        for name in ("device_id", "session_id"):
+            value = item.get(name)
+            if value is not None and (not isinstance(value, str) or len(value) > lim.max_id_chars):
+                raise InvalidEvent("wrong_type", f"{name} must be a string of <= {lim.max_id_chars} chars", event_id)
+        payload = item.get("payload", {})
+        if payload is None:
+            payload = {}
+        if not isinstance(payload, dict):
+            raise InvalidEvent("wrong_type", "payload must be an object", event_id)
+        if len(payload) > lim.max_payload_keys:
+            raise InvalidEvent("too_many_keys", f"payload has {len(payload)} > {lim.max_payload_keys} keys", event_id)
+        context = item.get("context", {}) or {}
+        if not isinstance(context, dict):
+            raise InvalidEvent("wrong_type", "context must be an object", event_id)
+        self._check_value(payload, 1, event_id)
+        self._check_value(context, 1, event_id)
+        return Event(
+            event_id=item["event_id"],
+            type=item["type"],
+            ts=float(ts),
+            tenant=tenant,
+            payload=payload,
+            device_id=item.get("device_id"),
+            session_id=item.get("session_id"),
+            context=context,
+        )
+
+    def _check_value(self, value: Any, depth: int, event_id: str | None) -> None:
+        lim = self.limits
+        if depth > lim.max_depth:
+            raise InvalidEvent("too_deep", f"nesting deeper than {lim.max_depth}", event_id)
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                if not isinstance(key, str):
+                    raise InvalidEvent("wrong_type", "object keys must be strings", event_id)
+                if len(key) > lim.max_id_chars:
+                    raise InvalidEvent("string_too_long", f"key > {lim.max_id_chars} chars", event_id)
+                self._check_value(inner, depth + 1, event_id)
+        elif isinstance(value, list):
+            for inner in value:
+                self._check_value(inner, depth + 1, event_id)
+        elif isinstance(value, str):
+            if len(value) > lim.max_string_chars:
+                raise InvalidEvent("string_too_long", f"string > {lim.max_string_chars} chars", event_id)
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise InvalidEvent("wrong_type", "NaN and Infinity are not allowed", event_id)
+        elif isinstance(value, int):
+            if not -(2**63) <= value < 2**64:
+                raise InvalidEvent("out_of_range", "integers must fit in 64 bits", event_id)
+        elif value is not None and not isinstance(value, bool):
+            raise InvalidEvent("wrong_type", f"unsupported value type {type(value).__name__}", event_id)

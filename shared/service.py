@@ -1,0 +1,71 @@
+"""One runner for every service, in the same steps (snuba-style):
+
+parse settings and config -> logging and Sentry -> metrics -> create topics -> build the service's
+Faust app -> run the worker, whose signal handler only requests shutdown (SIGTERM drains, commits,
+leaves the group).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.app import HifiApp, create_app
+from shared.config import HifiConfig, Settings
+from shared.metrics import StageMetrics
+from shared.sentry import init_sentry
+from shared.topics import ensure_topics, pipeline_topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceContext:
+    """What a service's `build` gets: everything shared, nothing global."""
+
+    name: str
+    settings: Settings
+    config: HifiConfig
+    sink: str | None = None
+    metrics: StageMetrics = field(default_factory=StageMetrics)
+    app: Any = None
+
+    def create_app(self, app_id: str, web_port: int, **overrides: Any) -> HifiApp:
+        self.app = create_app(app_id, self.settings, web_port, **overrides)
+        return self.app
+
+
+def prepare(name: str, settings: Settings, sink: str | None = None) -> tuple[ServiceContext, HifiApp]:
+    from services.registry import SERVICES
+
+    if name not in SERVICES:
+        raise SystemExit(f"unknown service {name!r}; choose from {', '.join(SERVICES)}")
+    config = HifiConfig.load(settings.config_path)
+    if name == "sender":
+        if sink is None:
+            raise SystemExit("the sender needs --sink NAME (one sender process per sink)")
+        if sink not in config.sinks:
+            raise SystemExit(f"unknown sink {sink!r}; the config has {', '.join(config.sinks)}")
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s [{name}{'.' + sink if sink else ''}] %(name)s: %(message)s",
+    )
+    init_sentry(settings.sentry_dsn, name if sink is None else f"sender.{sink}", settings.environment)
+    asyncio.run(ensure_topics(
+        settings.broker, pipeline_topics(list(config.sinks)), settings.partitions, settings.replication,
+        settings.min_insync,
+    ))
+    ctx = ServiceContext(name, settings, config, sink)
+    app = SERVICES[name](ctx)
+    return ctx, app
+
+
+def run(name: str, settings: Settings, sink: str | None = None) -> None:
+    import faust
+
+    _, app = prepare(name, settings, sink)
+    log.info("starting %s with settings %s", name, settings)
+    worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()

@@ -1,0 +1,212 @@
+"""One processing step, run the same way by every consuming service.
+
+The commit sequence, per fetched batch:
+  1. decode each message once; undecodable ones become dead letters
+  2. handle the decoded batch (the service's own logic) -> outputs and dead letters
+  3. produce outputs and dead letters, then wait until the broker acknowledged every one
+  4. ack the input events: only now may Faust's committer move the offset past them
+
+Faust would ack an event whose agent raised (and `take()` acks a batch even on cancellation), so
+agents use `noack_take` and never let an exception escape: transient errors are retried with
+backoff, a batch that fails for an unexpected reason is split so only the bad events dead-letter.
+A worker killed at any point has acked nothing it has not durably passed on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sentry_sdk
+from faust.streams import _current_event
+
+from shared.codec import decode_event, pack
+from shared.errors import InvalidEvent, PermanentSinkError, TransientError
+from shared.event import Event, now_ms
+from shared.metrics import StageMetrics
+from shared.retry import Backoff
+from shared.topics import dlq_topic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Record:
+    """A decoded event and the Kafka message it came from (for DLQ context and claims)."""
+
+    event: Event
+    message: Any  # faust EventT
+    attempts: int = 0
+
+    @property
+    def source(self) -> str:
+        msg = self.message.message
+        return f"{msg.topic}:{msg.partition}:{msg.offset}"
+
+    def make_current(self) -> None:
+        """Faust tables write their changelog to the current event's partition; in a batch, set it."""
+        import weakref
+
+        _current_event.set(weakref.ref(self.message))
+
+
+@dataclass(slots=True)
+class Output:
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    message: Any  # faust EventT
+    error: Exception
+    attempts: int = 1
+    first_failed_ms: float = field(default_factory=now_ms)
+
+
+@dataclass
+class StepResult:
+    outputs: list[Output] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+
+
+Handler = Callable[[list[Record]], Awaitable[StepResult]]
+
+
+class StageRunner:
+    """Runs one stage's handler over a Faust stream with the commit sequence above."""
+
+    def __init__(
+        self,
+        app: Any,
+        stage: str,
+        handler: Handler,
+        metrics: StageMetrics,
+        batch_max: int = 500,
+        within_s: float = 0.002,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.app = app
+        self.stage = stage
+        self.handler = handler
+        self.metrics = metrics
+        self.batch_max = batch_max
+        self.within_s = within_s
+        self.backoff = backoff or Backoff()
+        self.dlq = dlq_topic(stage)
+
+    async def run(self, stream: Any) -> None:
+        async for events in stream.noack_take(self.batch_max, within=self.within_s):
+            await self.process_batch(events)
+            for event in events:  # the commit point: everything above is durable
+                await stream.ack(event)
+
+    async def process_batch(self, events: Sequence[Any]) -> None:
+        records: list[Record] = []
+        dead: list[DeadLetter] = []
+        for message in events:
+            try:
+                records.append(Record(decode_event(message.value), message))
+            except InvalidEvent as exc:
+                dead.append(DeadLetter(message, exc))
+        self.metrics.events_in.labels(self.stage).inc(len(events))
+        result = await self._handle(records) if records else StepResult()
+        result.dead.extend(dead)
+        await self._produce(result)
+        self.metrics.events_out.labels(self.stage).inc(len(result.outputs))
+        for letter in result.dead:
+            reason = letter.error.reason if isinstance(letter.error, InvalidEvent) else type(letter.error).__name__
+            self.metrics.dead_lettered.labels(self.stage, reason).inc()
+
+    async def _handle(self, records: list[Record]) -> StepResult:
+        """Retry transient errors; on an unexpected error, handle one by one to isolate the culprit."""
+        try:
+            return await self._with_retries(lambda: self.handler(records))
+        except _Unexpected:
+            pass
+        result = StepResult()
+        for record in records:
+            try:
+                one = await self._with_retries(lambda r=record: self.handler([r]))
+            except _Unexpected as wrapped:
+                sentry_sdk.capture_exception(wrapped.__cause__)
+                result.dead.append(DeadLetter(record.message, wrapped.__cause__ or wrapped))
+                continue
+            result.outputs.extend(one.outputs)
+            result.dead.extend(one.dead)
+        return result
+
+    async def _with_retries(self, call: Callable[[], Awaitable[StepResult]]) -> StepResult:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await call()
+            except TransientError as exc:
+                delay = self.backoff.delay(attempt, exc.retry_after)
+                self.metrics.retries.labels(self.stage).inc()
+                log.warning("%s: transient error (attempt %d), retrying in %.2fs: %s", self.stage, attempt, delay, exc)
+                await asyncio.sleep(delay)
+            except (InvalidEvent, PermanentSinkError):
+                raise _Unexpected() from None  # handlers dead-letter these themselves; a stray one is a bug
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("%s: unexpected error in handler", self.stage)
+                raise _Unexpected() from exc
+
+    async def _produce(self, result: StepResult) -> None:
+        """Send outputs and dead letters; return once the broker acknowledged all of them."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                futures = [
+                    await self.app.producer.send(out.topic, out.key, out.value, None, None, None)
+                    for out in result.outputs
+                ]
+                for letter in result.dead:
+                    futures.append(await self.app.producer.send(
+                        self.dlq, letter.message.message.key, dead_letter_value(self.stage, letter), None, None,
+                        list(letter.message.message.headers or []) or None,
+                    ))
+                await asyncio.gather(*futures)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker unavailable past the producer's own retries
+                delay = self.backoff.delay(attempt)
+                self.metrics.retries.labels(self.stage).inc()
+                log.warning("%s: produce failed (attempt %d), retrying in %.2fs: %r", self.stage, attempt, delay, exc)
+                await asyncio.sleep(delay)
+
+
+class _Unexpected(Exception):
+    """Internal: the handler failed in a way retrying the batch won't fix."""
+
+
+def dead_letter_value(stage: str, letter: DeadLetter) -> bytes:
+    """A dead letter keeps the original bytes and headers, the error and the timestamps."""
+    msg = letter.message.message
+    error = letter.error
+    return pack({
+        "stage": stage,
+        "error_class": type(error).__name__,
+        "error": str(error)[:2000],
+        "reason": error.reason if isinstance(error, InvalidEvent) else type(error).__name__,
+        "attempts": letter.attempts,
+        "topic": msg.topic,
+        "partition": msg.partition,
+        "offset": msg.offset,
+        "original_key": msg.key,
+        "original_value": msg.value,
+        "original_headers": [[k, v] for k, v in (msg.headers or [])],
+        "original_timestamp_ms": (msg.timestamp or 0) * 1000,
+        "first_failed_ms": letter.first_failed_ms,
+        "dead_lettered_ms": time.time() * 1000,
+    })
