@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> None:
 
         from shared.local.kafka import LocalKafka
 
-        cluster = LocalKafka(nodes=args.nodes, port=args.port,
-                             data_root=Path(args.data_dir) if args.data_dir else None)
+        cluster = LocalKafka(nodes=args.nodes, port=args.port, data_root=Path(args.data_dir) if args.data_dir else None)
         if args.action == "start":
             seconds = cluster.start()
             print(f"kafka {cluster.nodes} node(s) ready at {cluster.bootstrap} in {seconds:.1f}s")

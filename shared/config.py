@@ -60,9 +60,9 @@ class EnrichConfig:
 class HifiConfig:
     tenants: dict[str, TenantConfig]
     sinks: dict[str, SinkConfig]
-    dedupe: DedupeConfig = DedupeConfig()
-    enrich: EnrichConfig = EnrichConfig()
-    limits: Limits = Limits()
+    dedupe: DedupeConfig = field(default_factory=DedupeConfig)
+    enrich: EnrichConfig = field(default_factory=EnrichConfig)
+    limits: Limits = field(default_factory=Limits)
 
     def tenant_for_key_hash(self, key_hash: str) -> TenantConfig | None:
         for tenant in self.tenants.values():
@@ -222,12 +222,22 @@ class Settings:
     sentry_dsn: str | None = None  # SENTRY_DSN
     environment: str = "dev"  # HIFI_ENV
     log_level: str = "info"  # HIFI_LOG_LEVEL
+    namespace: str = ""  # HIFI_NAMESPACE: prefix of topics and consumer groups
 
     ENV = {
-        "config_path": "HIFI_CONFIG", "broker": "HIFI_BROKER", "redis_url": "HIFI_REDIS_URL",
-        "data_dir": "HIFI_DATA_DIR", "web_host": "HIFI_WEB_HOST", "web_port": "HIFI_WEB_PORT",
-        "partitions": "HIFI_PARTITIONS", "replication": "HIFI_REPLICATION", "min_insync": "HIFI_MIN_INSYNC",
-        "sentry_dsn": "SENTRY_DSN", "environment": "HIFI_ENV", "log_level": "HIFI_LOG_LEVEL",
+        "config_path": "HIFI_CONFIG",
+        "broker": "HIFI_BROKER",
+        "redis_url": "HIFI_REDIS_URL",
+        "data_dir": "HIFI_DATA_DIR",
+        "web_host": "HIFI_WEB_HOST",
+        "web_port": "HIFI_WEB_PORT",
+        "partitions": "HIFI_PARTITIONS",
+        "replication": "HIFI_REPLICATION",
+        "min_insync": "HIFI_MIN_INSYNC",
+        "sentry_dsn": "SENTRY_DSN",
+        "environment": "HIFI_ENV",
+        "log_level": "HIFI_LOG_LEVEL",
+        "namespace": "HIFI_NAMESPACE",
     }
 
     @classmethod
@@ -249,5 +259,4 @@ class Settings:
         return cls(**values)
 
     def as_env(self) -> dict[str, str]:
-        return {self.ENV[f.name]: str(getattr(self, f.name)) for f in fields(self)
-                if getattr(self, f.name) is not None}
+        return {self.ENV[f.name]: str(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}

@@ -22,16 +22,24 @@ class StageMetrics:
         self.events_in = Counter("hifi_events_in", "Events read by a stage", ["stage"], registry=r)
         self.events_out = Counter("hifi_events_out", "Events a stage produced downstream", ["stage"], registry=r)
         self.dead_lettered = Counter(
-            "hifi_events_dead_lettered", "Events sent to a dead-letter topic", ["stage", "reason"], registry=r)
+            "hifi_events_dead_lettered", "Events sent to a dead-letter topic", ["stage", "reason"], registry=r
+        )
         self.retries = Counter("hifi_retries", "Retries after transient errors", ["stage"], registry=r)
         self.duplicates = Counter(
-            "hifi_events_deduplicated", "Events dropped as duplicates", ["stage", "tenant"], registry=r)
+            "hifi_events_deduplicated", "Events dropped as duplicates", ["stage", "tenant"], registry=r
+        )
         self.accepted = Counter("hifi_events_accepted", "Events the collector made durable", ["tenant"], registry=r)
-        self.rejected = Counter("hifi_events_rejected", "Events the collector refused", ["tenant", "reason"], registry=r)
+        self.rejected = Counter(
+            "hifi_events_rejected", "Events the collector refused", ["tenant", "reason"], registry=r
+        )
         self.delivered = Counter("hifi_events_delivered", "Events a sink acknowledged", ["sink", "tenant"], registry=r)
         self.end_to_end_lag = Histogram(
-            "hifi_end_to_end_lag_seconds", "Sink ack time minus ingest time", ["sink"],
-            buckets=LAG_BUCKETS_S, registry=r)
+            "hifi_end_to_end_lag_seconds",
+            "Sink ack time minus ingest time",
+            ["sink"],
+            buckets=LAG_BUCKETS_S,
+            registry=r,
+        )
 
     def total(self, counter: Counter) -> float:
         return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))

@@ -16,7 +16,7 @@ from shared.app import HifiApp, create_app
 from shared.config import HifiConfig, Settings
 from shared.metrics import StageMetrics
 from shared.sentry import init_sentry
-from shared.topics import ensure_topics, pipeline_topics
+from shared.topics import Topics, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,12 @@ class ServiceContext:
     metrics: StageMetrics = field(default_factory=StageMetrics)
     app: Any = None
 
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.settings.namespace)
+
     def create_app(self, app_id: str, web_port: int, **overrides: Any) -> HifiApp:
-        self.app = create_app(app_id, self.settings, web_port, **overrides)
+        self.app = create_app(self.topics.group(app_id), self.settings, web_port, **overrides)
         return self.app
 
 
@@ -53,10 +57,15 @@ def prepare(name: str, settings: Settings, sink: str | None = None) -> tuple[Ser
         format=f"%(asctime)s %(levelname)s [{name}{'.' + sink if sink else ''}] %(name)s: %(message)s",
     )
     init_sentry(settings.sentry_dsn, name if sink is None else f"sender.{sink}", settings.environment)
-    asyncio.run(ensure_topics(
-        settings.broker, pipeline_topics(list(config.sinks)), settings.partitions, settings.replication,
-        settings.min_insync,
-    ))
+    asyncio.run(
+        ensure_topics(
+            settings.broker,
+            Topics(settings.namespace).all(list(config.sinks)),
+            settings.partitions,
+            settings.replication,
+            settings.min_insync,
+        )
+    )
     ctx = ServiceContext(name, settings, config, sink)
     app = SERVICES[name](ctx)
     return ctx, app

@@ -29,7 +29,6 @@ from shared.errors import InvalidEvent, PermanentSinkError, TransientError
 from shared.event import Event, now_ms
 from shared.metrics import StageMetrics
 from shared.retry import Backoff
-from shared.topics import dlq_topic
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +86,7 @@ class StageRunner:
         stage: str,
         handler: Handler,
         metrics: StageMetrics,
+        dlq: str,
         batch_max: int = 500,
         within_s: float = 0.002,
         backoff: Backoff | None = None,
@@ -98,7 +98,7 @@ class StageRunner:
         self.batch_max = batch_max
         self.within_s = within_s
         self.backoff = backoff or Backoff()
-        self.dlq = dlq_topic(stage)
+        self.dlq = dlq
 
     async def run(self, stream: Any) -> None:
         async for events in stream.noack_take(self.batch_max, within=self.within_s):
@@ -171,10 +171,16 @@ class StageRunner:
                     for out in result.outputs
                 ]
                 for letter in result.dead:
-                    futures.append(await self.app.producer.send(
-                        self.dlq, letter.message.message.key, dead_letter_value(self.stage, letter), None, None,
-                        list(letter.message.message.headers or []) or None,
-                    ))
+                    futures.append(
+                        await self.app.producer.send(
+                            self.dlq,
+                            letter.message.message.key,
+                            dead_letter_value(self.stage, letter),
+                            None,
+                            None,
+                            list(letter.message.message.headers or []) or None,
+                        )
+                    )
                 await asyncio.gather(*futures)
                 return
             except asyncio.CancelledError:
@@ -194,19 +200,21 @@ def dead_letter_value(stage: str, letter: DeadLetter) -> bytes:
     """A dead letter keeps the original bytes and headers, the error and the timestamps."""
     msg = letter.message.message
     error = letter.error
-    return pack({
-        "stage": stage,
-        "error_class": type(error).__name__,
-        "error": str(error)[:2000],
-        "reason": error.reason if isinstance(error, InvalidEvent) else type(error).__name__,
-        "attempts": letter.attempts,
-        "topic": msg.topic,
-        "partition": msg.partition,
-        "offset": msg.offset,
-        "original_key": msg.key,
-        "original_value": msg.value,
-        "original_headers": [[k, v] for k, v in (msg.headers or [])],
-        "original_timestamp_ms": (msg.timestamp or 0) * 1000,
-        "first_failed_ms": letter.first_failed_ms,
-        "dead_lettered_ms": time.time() * 1000,
-    })
+    return pack(
+        {
+            "stage": stage,
+            "error_class": type(error).__name__,
+            "error": str(error)[:2000],
+            "reason": error.reason if isinstance(error, InvalidEvent) else type(error).__name__,
+            "attempts": letter.attempts,
+            "topic": msg.topic,
+            "partition": msg.partition,
+            "offset": msg.offset,
+            "original_key": msg.key,
+            "original_value": msg.value,
+            "original_headers": [[k, v] for k, v in (msg.headers or [])],
+            "original_timestamp_ms": (msg.timestamp or 0) * 1000,
+            "first_failed_ms": letter.first_failed_ms,
+            "dead_lettered_ms": time.time() * 1000,
+        }
+    )

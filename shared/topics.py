@@ -1,37 +1,66 @@
-"""Topic names, in pipeline order, and idempotent creation at service start."""
+"""Topic names, in pipeline order, and idempotent creation at service start.
+
+A namespace (HIFI_NAMESPACE) prefixes every topic and consumer group, so several Hifi
+installations (staging and production, or parallel test runs) can share one Kafka cluster.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
 log = logging.getLogger(__name__)
 
-RAW = "hifi.raw"  # collector -> enricher, keyed by device/session
-ENRICHED = "hifi.enriched"  # enricher -> deduplicator
-UNIQUE = "hifi.unique"  # deduplicator -> router
 
+@dataclass(frozen=True)
+class Topics:
+    namespace: str = ""
 
-def sink_topic(sink: str) -> str:
-    """router -> the sender of one sink."""
-    return f"hifi.sink.{sink}"
+    def _name(self, name: str) -> str:
+        return f"{self.namespace}.{name}" if self.namespace else name
 
+    @property
+    def raw(self) -> str:
+        """collector -> enricher, keyed by device/session."""
+        return self._name("hifi.raw")
 
-def dlq_topic(stage: str) -> str:
-    """Dead letters of one stage, or of one sink's sender (stage `sender.<sink>`)."""
-    return f"hifi.dlq.{stage}"
+    @property
+    def enriched(self) -> str:
+        """enricher -> deduplicator."""
+        return self._name("hifi.enriched")
 
+    @property
+    def unique(self) -> str:
+        """deduplicator -> router."""
+        return self._name("hifi.unique")
 
-def pipeline_topics(sinks: list[str]) -> list[str]:
-    stages = ["enricher", "deduplicator", "router"] + [f"sender.{s}" for s in sinks]
-    return [RAW, ENRICHED, UNIQUE] + [sink_topic(s) for s in sinks] + [dlq_topic(s) for s in stages]
+    def sink(self, sink: str) -> str:
+        """router -> the sender of one sink."""
+        return self._name(f"hifi.sink.{sink}")
+
+    def dlq(self, stage: str) -> str:
+        """Dead letters of one stage, or of one sink's sender (stage `sender.<sink>`)."""
+        return self._name(f"hifi.dlq.{stage}")
+
+    def group(self, app_id: str) -> str:
+        """Consumer group (and Faust app id) of a service."""
+        return self._name(app_id)
+
+    def all(self, sinks: list[str]) -> list[str]:
+        stages = ["enricher", "deduplicator", "router"] + [f"sender.{s}" for s in sinks]
+        return [self.raw, self.enriched, self.unique] + [self.sink(s) for s in sinks] + [self.dlq(s) for s in stages]
 
 
 async def ensure_topics(
-    bootstrap: str, names: list[str], partitions: int, replication: int, min_insync: int | None = None,
+    bootstrap: str,
+    names: list[str],
+    partitions: int,
+    replication: int,
+    min_insync: int | None = None,
     timeout_s: float = 60.0,
 ) -> None:
     """Create missing topics; existing ones are left alone. Retries while the broker starts."""

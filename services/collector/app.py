@@ -19,7 +19,6 @@ from shared.codec import encode_event, pack, unpack
 from shared.errors import InvalidEvent
 from shared.event import Event, EventValidator, now_ms
 from shared.service import ServiceContext
-from shared.topics import RAW
 from shared.web import add_common_views
 
 log = logging.getLogger(__name__)
@@ -43,6 +42,7 @@ class Collector:
         self.ctx = ctx
         self.config = ctx.config
         self.validator = EventValidator(ctx.config.limits)
+        self.raw_topic = ctx.topics.raw
         self.keys = {h: t.name for t in ctx.config.tenants.values() for h in t.api_key_hashes}
 
     def authenticate(self, headers: Any) -> str:
@@ -77,16 +77,18 @@ class Collector:
         if isinstance(data, dict) and set(data) == {"events"}:
             data = data["events"]
         if not isinstance(data, list):
-            raise RequestError(400, "malformed_body", "expected a list of events or {\"events\": [...]}")
+            raise RequestError(400, "malformed_body", 'expected a list of events or {"events": [...]}')
         if not data:
             raise RequestError(400, "empty_batch", "no events in the batch")
         if len(data) > self.config.limits.max_events_per_batch:
             raise RequestError(
-                413, "too_many_events", f"{len(data)} > {self.config.limits.max_events_per_batch} events per batch")
+                413, "too_many_events", f"{len(data)} > {self.config.limits.max_events_per_batch} events per batch"
+            )
         return data
 
-    async def ingest(self, tenant: str, items: list[Any], user_agent: str | None, ip: str | None
-                     ) -> tuple[int, dict[str, Any]]:
+    async def ingest(
+        self, tenant: str, items: list[Any], user_agent: str | None, ip: str | None
+    ) -> tuple[int, dict[str, Any]]:
         metrics = self.ctx.metrics
         accepted: list[str] = []
         rejected: list[dict[str, Any]] = []
@@ -110,18 +112,28 @@ class Collector:
                 event.context["ip"] = ip
             event.ingest_ts = ingest_ts
             event.stamp("collector")
-            future = await producer.send(RAW, event.partition_key, encode_event(event), None, None, None)
+            future = await producer.send(self.raw_topic, event.partition_key, encode_event(event), None, None, None)
             pending.append((index, event, future))
         unavailable = 0
         if pending:
-            done = await asyncio.wait_for(
-                asyncio.gather(*(f for _, _, f in pending), return_exceptions=True), PRODUCE_TIMEOUT_S
-            ) if pending else []
+            done = (
+                await asyncio.wait_for(
+                    asyncio.gather(*(f for _, _, f in pending), return_exceptions=True), PRODUCE_TIMEOUT_S
+                )
+                if pending
+                else []
+            )
             for (index, event, _), outcome in zip(pending, done, strict=True):
                 if isinstance(outcome, BaseException):
                     unavailable += 1
-                    rejected.append({"index": index, "event_id": event.event_id, "reason": "broker_unavailable",
-                                     "detail": type(outcome).__name__})
+                    rejected.append(
+                        {
+                            "index": index,
+                            "event_id": event.event_id,
+                            "reason": "broker_unavailable",
+                            "detail": type(outcome).__name__,
+                        }
+                    )
                 else:
                     accepted.append(event.event_id)
         metrics.accepted.labels(tenant).inc(len(accepted))
@@ -153,12 +165,16 @@ def build(ctx: ServiceContext) -> Any:
                 body = await _read_limited(request, max_body)
                 items = collector.parse_body(request.headers.get("Content-Type", ""), body)
                 status, answer = await collector.ingest(
-                    tenant, items, request.headers.get("User-Agent"), request.remote)
+                    tenant, items, request.headers.get("User-Agent"), request.remote
+                )
             except RequestError as exc:
                 return self.json({"error": exc.reason, "detail": exc.detail}, status=exc.status)
             except TimeoutError:
-                return self.json({"error": "broker_unavailable", "detail": "the broker did not acknowledge in time"},
-                                 status=503, headers={"Retry-After": "1"})
+                return self.json(
+                    {"error": "broker_unavailable", "detail": "the broker did not acknowledge in time"},
+                    status=503,
+                    headers={"Retry-After": "1"},
+                )
             headers = {"Retry-After": "1"} if status == 503 else None
             return self.json(answer, status=status, headers=headers)
 

@@ -15,15 +15,15 @@ from shared.codec import encode_event, unpack
 from shared.keywindow import KeyWindow, RedisKeyWindow, TableKeyWindow
 from shared.service import ServiceContext
 from shared.stage import Output, Record, StageRunner, StepResult
-from shared.topics import ENRICHED, UNIQUE
 from shared.web import add_common_views
 
 WEB_PORT = 6068
 
 
 class DedupeWindow:
-    def __init__(self, window: KeyWindow, metrics: Any) -> None:
+    def __init__(self, window: KeyWindow, metrics: Any, output_topic: str) -> None:
         self.window = window
+        self.output_topic = output_topic
         self.metrics = metrics
 
     async def handle(self, records: list[Record]) -> StepResult:
@@ -33,7 +33,7 @@ class DedupeWindow:
         for record, is_new in zip(records, fresh, strict=True):
             if is_new:
                 record.event.stamp("deduplicator")
-                result.outputs.append(Output(UNIQUE, record.event.partition_key, encode_event(record.event)))
+                result.outputs.append(Output(self.output_topic, record.event.partition_key, encode_event(record.event)))
             else:
                 self.metrics.duplicates.labels("deduplicator", record.event.tenant).inc()
         return result
@@ -45,14 +45,14 @@ def build(ctx: ServiceContext) -> Any:
     table = None
     window: KeyWindow
     if conf.backend == "redis":
-        window = RedisKeyWindow(ctx.settings.redis_url, "hifi:dedupe:", conf.window_s)
+        window = RedisKeyWindow(ctx.settings.redis_url, f"hifi:{ctx.settings.namespace}:dedupe:", conf.window_s)
     else:
         table = app.Table("dedupe-window", partitions=ctx.settings.partitions, key_type=str, value_type=bytes)
         window = TableKeyWindow(table, conf.window_s)
-    dedupe = DedupeWindow(window, ctx.metrics)
-    runner = StageRunner(app, "deduplicator", dedupe.handle, ctx.metrics)
+    dedupe = DedupeWindow(window, ctx.metrics, ctx.topics.unique)
+    runner = StageRunner(app, "deduplicator", dedupe.handle, ctx.metrics, ctx.topics.dlq("deduplicator"))
 
-    @app.agent(app.topic(ENRICHED), name="dedupe")
+    @app.agent(app.topic(ctx.topics.enriched), name="dedupe")
     async def deduplicate(stream: Any) -> None:
         await runner.run(stream)
 
@@ -65,7 +65,9 @@ def build(ctx: ServiceContext) -> Any:
             if key is not None:
                 raw = table.get(key)
                 info["key"] = key
-                info["entry"] = None if raw is None else dict(zip(("first_seen_ms", "claim"), unpack(raw), strict=False))
+                info["entry"] = (
+                    None if raw is None else dict(zip(("first_seen_ms", "claim"), unpack(raw), strict=False))
+                )
             else:
                 limit = min(int(request.query.get("limit", "50")), 1000)
                 keys = []
@@ -74,8 +76,9 @@ def build(ctx: ServiceContext) -> Any:
                         break
                     keys.append(k)
                 info["keys"] = keys
-                info["assigned_partitions"] = sorted(tp.partition for tp in app.assignor.assigned_actives()
-                                                     if tp.topic == ENRICHED)
+                info["assigned_partitions"] = sorted(
+                    tp.partition for tp in app.assignor.assigned_actives() if tp.topic == ctx.topics.enriched
+                )
         elif key is not None:
             info["key"] = key
             info["seen"] = (await window.seen([key], [None]))[0]
@@ -83,8 +86,13 @@ def build(ctx: ServiceContext) -> Any:
 
     def stats() -> dict[str, Any]:
         m = ctx.metrics
-        return {"in": m.total(m.events_in), "out": m.total(m.events_out), "duplicates": m.total(m.duplicates),
-                "dead_lettered": m.total(m.dead_lettered), "backend": conf.backend}
+        return {
+            "in": m.total(m.events_in),
+            "out": m.total(m.events_out),
+            "duplicates": m.total(m.duplicates),
+            "dead_lettered": m.total(m.dead_lettered),
+            "backend": conf.backend,
+        }
 
     add_common_views(app, "deduplicator", ctx.metrics, stats)
     return app

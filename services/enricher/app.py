@@ -15,7 +15,6 @@ from shared.config import HifiConfig
 from shared.event import Event
 from shared.service import ServiceContext
 from shared.stage import Output, Record, StageRunner, StepResult
-from shared.topics import ENRICHED, RAW
 from shared.web import add_common_views
 
 WEB_PORT = 6067
@@ -64,8 +63,9 @@ class GeoLookup:
 
 
 class Enricher:
-    def __init__(self, config: HifiConfig) -> None:
+    def __init__(self, config: HifiConfig, output_topic: str) -> None:
         self.config = config
+        self.output_topic = output_topic
         self.geo = GeoLookup(config.enrich.geoip_db) if config.enrich.geoip_db else None
 
     def enrich(self, event: Event) -> None:
@@ -95,16 +95,16 @@ class Enricher:
         result = StepResult()
         for record in records:
             self.enrich(record.event)
-            result.outputs.append(Output(ENRICHED, record.event.partition_key, encode_event(record.event)))
+            result.outputs.append(Output(self.output_topic, record.event.partition_key, encode_event(record.event)))
         return result
 
 
 def build(ctx: ServiceContext) -> Any:
     app = ctx.create_app("hifi-enricher", WEB_PORT)
-    enricher = Enricher(ctx.config)
-    runner = StageRunner(app, "enricher", enricher.handle, ctx.metrics)
+    enricher = Enricher(ctx.config, ctx.topics.enriched)
+    runner = StageRunner(app, "enricher", enricher.handle, ctx.metrics, ctx.topics.dlq("enricher"))
 
-    @app.agent(app.topic(RAW), name="enrich")
+    @app.agent(app.topic(ctx.topics.raw), name="enrich")
     async def enrich(stream: Any) -> None:
         await runner.run(stream)
 

@@ -12,15 +12,16 @@ from shared.config import HifiConfig
 from shared.errors import InvalidEvent
 from shared.service import ServiceContext
 from shared.stage import DeadLetter, Output, Record, StageRunner, StepResult
-from shared.topics import UNIQUE, sink_topic
+from shared.topics import Topics
 from shared.web import add_common_views
 
 WEB_PORT = 6069
 
 
 class Router:
-    def __init__(self, config: HifiConfig, unrouted: Counter) -> None:
+    def __init__(self, config: HifiConfig, topics: Topics, unrouted: Counter) -> None:
         self.config = config
+        self.topics = topics
         self.unrouted = unrouted
 
     async def handle(self, records: list[Record]) -> StepResult:
@@ -37,26 +38,31 @@ class Router:
             event.stamp("router")
             value = encode_event(event)
             for sink in sinks:
-                result.outputs.append(Output(sink_topic(sink), event.partition_key, value))
+                result.outputs.append(Output(self.topics.sink(sink), event.partition_key, value))
         return result
 
 
 def build(ctx: ServiceContext) -> Any:
     app = ctx.create_app("hifi-router", WEB_PORT)
-    unrouted = Counter("hifi_events_unrouted", "Events of tenants with no subscribed sink", ["tenant"],
-                       registry=ctx.metrics.registry)
-    router = Router(ctx.config, unrouted)
-    runner = StageRunner(app, "router", router.handle, ctx.metrics)
+    unrouted = Counter(
+        "hifi_events_unrouted", "Events of tenants with no subscribed sink", ["tenant"], registry=ctx.metrics.registry
+    )
+    router = Router(ctx.config, ctx.topics, unrouted)
+    runner = StageRunner(app, "router", router.handle, ctx.metrics, ctx.topics.dlq("router"))
 
-    @app.agent(app.topic(UNIQUE), name="route")
+    @app.agent(app.topic(ctx.topics.unique), name="route")
     async def route(stream: Any) -> None:
         await runner.run(stream)
 
     def stats() -> dict[str, Any]:
         m = ctx.metrics
-        return {"in": m.total(m.events_in), "out": m.total(m.events_out), "unrouted": m.total(unrouted),
-                "dead_lettered": m.total(m.dead_lettered),
-                "subscriptions": {t.name: list(t.sinks) for t in ctx.config.tenants.values()}}
+        return {
+            "in": m.total(m.events_in),
+            "out": m.total(m.events_out),
+            "unrouted": m.total(unrouted),
+            "dead_lettered": m.total(m.dead_lettered),
+            "subscriptions": {t.name: list(t.sinks) for t in ctx.config.tenants.values()},
+        }
 
     add_common_views(app, "router", ctx.metrics, stats)
     return app

@@ -17,7 +17,6 @@ from shared.metrics import LagWindow, StageMetrics
 from shared.retry import Backoff
 from shared.service import ServiceContext
 from shared.stage import DeadLetter, Record, StageRunner, StepResult
-from shared.topics import sink_topic
 from shared.web import add_common_views
 
 from .sinks import SinkSender, make_sink
@@ -94,8 +93,11 @@ class SinkDelivery:
     def stats(self) -> dict[str, Any]:
         m = self.metrics
         return {
-            "sink": self.name, "type": self.sink.config.type, "delivered": m.total(m.delivered),
-            "skipped_already_delivered": self.skipped, "dead_lettered": m.total(m.dead_lettered),
+            "sink": self.name,
+            "type": self.sink.config.type,
+            "delivered": m.total(m.delivered),
+            "skipped_already_delivered": self.skipped,
+            "dead_lettered": m.total(m.dead_lettered),
             "lag": self.lag.percentiles(),
             "stage_lag_p95_ms": {s: w.percentiles().get("p95_ms") for s, w in self.stage_lag.items()},
         }
@@ -123,14 +125,23 @@ def build(ctx: ServiceContext) -> Any:
     sink = make_sink(sink_config, ctx.settings.broker, ctx.settings.redis_url)
     ledger: KeyWindow
     if ctx.config.dedupe.backend == "redis":
-        ledger = RedisKeyWindow(ctx.settings.redis_url, "hifi:delivered:", ctx.config.dedupe.window_s)
+        ledger = RedisKeyWindow(
+            ctx.settings.redis_url, f"hifi:{ctx.settings.namespace}:delivered:", ctx.config.dedupe.window_s
+        )
     else:
         table = app.Table("delivered-ledger", partitions=ctx.settings.partitions, key_type=str, value_type=bytes)
         ledger = TableKeyWindow(table, ctx.config.dedupe.window_s)
     delivery = SinkDelivery(sink, ledger, ctx.metrics)
-    runner = StageRunner(app, f"sender.{ctx.sink}", delivery.handle, ctx.metrics, batch_max=sink_config.batch_max)
+    runner = StageRunner(
+        app,
+        f"sender.{ctx.sink}",
+        delivery.handle,
+        ctx.metrics,
+        ctx.topics.dlq(f"sender.{ctx.sink}"),
+        batch_max=sink_config.batch_max,
+    )
 
-    @app.agent(app.topic(sink_topic(ctx.sink)), name="deliver")
+    @app.agent(app.topic(ctx.topics.sink(ctx.sink)), name="deliver")
     async def deliver(stream: Any) -> None:
         await runner.run(stream)
 

@@ -100,7 +100,10 @@ class KafkaSink:
 
     async def start(self) -> None:
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, linger_ms=2,
+            bootstrap_servers=self.bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=2,
             request_timeout_ms=int(self.config.timeout_s * 1000),
         )
         await self.producer.start()
@@ -111,10 +114,14 @@ class KafkaSink:
             futures = []
             for event in events:
                 record = sink_record(self.config.name, event)
-                futures.append(await self.producer.send(
-                    self.topic, json.dumps(record, separators=(",", ":")).encode(), key=event.partition_key,
-                    headers=[("idempotency-key", record["idempotency_key"].encode())],
-                ))
+                futures.append(
+                    await self.producer.send(
+                        self.topic,
+                        json.dumps(record, separators=(",", ":")).encode(),
+                        key=event.partition_key,
+                        headers=[("idempotency-key", record["idempotency_key"].encode())],
+                    )
+                )
             await asyncio.gather(*futures)
         except KafkaError as exc:
             raise TransientError(f"kafka sink {self.config.name}: {exc!r}") from exc
@@ -131,8 +138,9 @@ class RedisStreamSink:
         self.config = config
         self.stream = config.options["stream"]
         self.maxlen = config.options.get("maxlen")
-        self.client = aioredis.from_url(config.options.get("url") or default_url,
-                                        socket_timeout=config.timeout_s, socket_connect_timeout=2.0)
+        self.client = aioredis.from_url(
+            config.options.get("url") or default_url, socket_timeout=config.timeout_s, socket_connect_timeout=2.0
+        )
 
     async def start(self) -> None:
         pass
@@ -142,11 +150,18 @@ class RedisStreamSink:
             async with self.client.pipeline(transaction=False) as pipe:
                 for event in events:
                     record = sink_record(self.config.name, event)
-                    pipe.xadd(self.stream, {
-                        "event_id": event.event_id, "tenant": event.tenant, "type": event.type,
-                        "idempotency_key": record["idempotency_key"],
-                        "data": json.dumps(record, separators=(",", ":")),
-                    }, maxlen=self.maxlen, approximate=True)
+                    pipe.xadd(
+                        self.stream,
+                        {
+                            "event_id": event.event_id,
+                            "tenant": event.tenant,
+                            "type": event.type,
+                            "idempotency_key": record["idempotency_key"],
+                            "data": json.dumps(record, separators=(",", ":")),
+                        },
+                        maxlen=self.maxlen,
+                        approximate=True,
+                    )
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             raise TransientError(f"redis stream {self.config.name}: {exc!r}") from exc

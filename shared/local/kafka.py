@@ -107,8 +107,7 @@ class LocalKafka:
         if shutil.which("mvn") is None:
             raise KafkaLaunchError("Maven (mvn) is needed once to fetch the Kafka jars; install it")
         self.libs.mkdir(parents=True, exist_ok=True)
-        cmd = ["mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
-               f"-DoutputDirectory={self.libs}"]
+        cmd = ["mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies", f"-DoutputDirectory={self.libs}"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0 or not marker.exists():
             raise KafkaLaunchError(f"fetching Kafka jars failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
@@ -118,11 +117,18 @@ class LocalKafka:
         if java is None:
             raise KafkaLaunchError("Java 17+ is needed to run Kafka; install a JDK")
         return [
-            java, f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+            java,
+            f"-Xmx{self.heap}",
+            f"-Xms{self.heap}",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
             "-Djava.awt.headless=true",
             f"-Dkafka.logs.dir={node.log_dir}",
             f"-Dlog4j2.configurationFile={node.data_dir / 'log4j2.xml'}",
-            "-cp", f"{self.libs}/*", main, *args,
+            "-cp",
+            f"{self.libs}/*",
+            main,
+            *args,
         ]
 
     def server_properties(self, node: KafkaNode) -> str:
@@ -211,7 +217,9 @@ class LocalKafka:
         out = open(node.log_dir / "stdout.log", "ab")
         proc = subprocess.Popen(
             self._java(node, "kafka.Kafka", str(props)),
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in `hifi up` must not kill the broker before the services
         )
         out.close()

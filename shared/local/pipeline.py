@@ -1,0 +1,138 @@
+"""Every service as its own OS process, as in production: used by `hifi up`, tests, chaos and bench."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.config import HifiConfig, Settings
+
+PIPELINE = ("collector", "enricher", "deduplicator", "router")
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    sink: str | None
+    port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    terminating: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"sender.{self.sink}" if self.sink else self.name
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@dataclass
+class PipelineProcesses:
+    settings: Settings
+    log_dir: Path
+    port_base: int = 8080
+    services: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        config = HifiConfig.load(self.settings.config_path)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for i, name in enumerate(PIPELINE):
+            self.services[name] = ServiceProcess(name, None, self.port_base + i, self.log_dir / f"{name}.log")
+        for i, sink in enumerate(config.sinks):
+            label = f"sender.{sink}"
+            self.services[label] = ServiceProcess(
+                "sender", sink, self.port_base + 10 + i, self.log_dir / f"{label}.log"
+            )
+
+    @property
+    def collector_url(self) -> str:
+        return self.services["collector"].url("/v1/events")
+
+    def start(self, label: str) -> None:
+        svc = self.services[label]
+        if svc.process is not None and svc.process.poll() is None:
+            return
+        svc.terminating = False
+        env = {**os.environ, **self.settings.as_env(), "HIFI_WEB_PORT": str(svc.port), "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "shared.cli", "run", svc.name] + (["--sink", svc.sink] if svc.sink else [])
+        with open(svc.log_path, "ab") as log:
+            svc.process = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+
+    def start_all(self) -> None:
+        for label in self.services:
+            self.start(label)
+
+    def ready(self, label: str) -> bool:
+        svc = self.services[label]
+        try:
+            with urllib.request.urlopen(svc.url("/ready"), timeout=1.0) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float = 90.0, labels: list[str] | None = None) -> float:
+        started = time.monotonic()
+        waiting = list(labels or self.services)
+        while waiting:
+            for label in list(waiting):
+                svc = self.services[label]
+                if svc.process is not None and svc.process.poll() is not None:
+                    raise RuntimeError(f"{label} exited with {svc.process.returncode}:\n{self.tail(label)}")
+                if self.ready(label):
+                    waiting.remove(label)
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(
+                    f"not ready after {timeout:.0f}s: {waiting}\n" + "\n".join(self.tail(w) for w in waiting)
+                )
+            time.sleep(0.2)
+        return time.monotonic() - started
+
+    def signal(self, label: str, sig: int) -> None:
+        svc = self.services[label]
+        if svc.process is not None and svc.process.poll() is None:
+            os.kill(svc.process.pid, sig)
+            svc.terminating = svc.terminating or sig == signal.SIGTERM
+
+    def stop(self, label: str, timeout: float = 30.0) -> int | None:
+        svc = self.services[label]
+        proc = svc.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            if not svc.terminating:  # a second SIGTERM makes the worker skip its drain
+                proc.send_signal(signal.SIGTERM)
+                svc.terminating = True
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def kill(self, label: str) -> None:
+        """kill -9: no drain, no commit, no leaving the group."""
+        svc = self.services[label]
+        if svc.process is not None and svc.process.poll() is None:
+            svc.process.kill()
+            svc.process.wait()
+
+    def stop_all(self, timeout: float = 30.0) -> dict[str, int | None]:
+        # Front to back, so each stage can drain what the previous one passed on.
+        for label in self.services:
+            self.signal(label, signal.SIGTERM)
+        return {label: self.stop(label, timeout) for label in self.services}
+
+    def tail(self, label: str, lines: int = 30) -> str:
+        path = self.services[label].log_path
+        if not path.exists():
+            return f"--- {label}: no log"
+        return f"--- {label} ({path}):\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -1,0 +1,97 @@
+"""Redis for local runs and tests: use the one answering on the URL, else start `redis-server`."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from shared.errors import HifiError
+from shared.local.kafka import REPO_ROOT
+
+
+class RedisLaunchError(HifiError):
+    """No Redis answers and none could be started."""
+
+
+def _ping(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@dataclass
+class LocalRedis:
+    url: str = "redis://127.0.0.1:6379/0"
+    data_dir: Path = REPO_ROOT / ".cache" / "redis"
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urlparse(self.url).port or 6379
+
+    def answering(self) -> bool:
+        return _ping(self.host, self.port)
+
+    def ensure(self, timeout: float = 10.0) -> bool:
+        """Return True if this call started a server (and so `stop` should stop it)."""
+        if self.answering():
+            return False
+        if self.host not in ("127.0.0.1", "localhost"):
+            raise RedisLaunchError(f"no Redis answers at {self.url}, and it is not local to start")
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RedisLaunchError("no Redis answers and redis-server is not installed (apt-get install redis-server)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / f"redis-{self.port}.log", "ab")
+        self.process = subprocess.Popen(
+            [
+                server,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.data_dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dbfilename",
+                f"dump-{self.port}.rdb",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.answering():
+                return True
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RedisLaunchError(f"redis-server did not answer on port {self.port}; see {self.data_dir}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None

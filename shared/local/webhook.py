@@ -1,0 +1,49 @@
+"""A webhook destination for demos, tests and benchmarks: records every event it acknowledges."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class WebhookReceiver:
+    host: str = "127.0.0.1"
+    port: int = 8800
+    received: list[dict[str, Any]] = field(default_factory=list)
+    arrival_ms: list[float] = field(default_factory=list)
+    fail_status: int | None = None  # answer this status instead of acking (fault injection)
+    retry_after: float | None = None
+    requests: int = 0
+    _runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        if self.fail_status is not None:
+            headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+            return web.json_response({"error": "injected"}, status=self.fail_status, headers=headers)
+        body = await request.json()
+        now = time.time() * 1000
+        for event in body["events"]:
+            self.received.append(event)
+            self.arrival_ms.append(now)
+        return web.json_response({"ok": len(body["events"])})
+
+    def counts(self) -> Counter[str]:
+        return Counter(e["idempotency_key"] for e in self.received)

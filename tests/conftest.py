@@ -1,0 +1,101 @@
+"""Session fixtures: one real Kafka broker (own port, fresh data) and a real Redis for the whole run.
+
+CI and `make test` start both; when run by hand, the fixtures start whatever is not running.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from shared.config import Settings
+from shared.local.kafka import LocalKafka
+from shared.local.redis import LocalRedis
+
+TEST_KAFKA_PORT = int(os.environ.get("HIFI_TEST_KAFKA_PORT", "19092"))
+TEST_REDIS_URL = os.environ.get("HIFI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+_ports = itertools.count(int(os.environ.get("HIFI_TEST_PORT_BASE", "18100")), 20)
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+    cluster = LocalKafka(nodes=1, port=TEST_KAFKA_PORT, data_root=tmp_path_factory.mktemp("kafka"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[LocalRedis]:
+    server = LocalRedis(url=TEST_REDIS_URL)
+    started = server.ensure()
+    yield server
+    if started:
+        server.stop()
+
+
+@pytest.fixture
+async def redis_client(redis_server: LocalRedis) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def namespace() -> str:
+    """Each test gets its own topics and consumer groups on the shared broker."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def port_base() -> int:
+    return next(_ports)
+
+
+@pytest.fixture
+def settings_for(kafka: LocalKafka, redis_server: LocalRedis, namespace: str, tmp_path: Path):
+    def make(config_path: Path, **overrides: object) -> Settings:
+        values = dict(
+            config_path=str(config_path),
+            broker=kafka.bootstrap,
+            redis_url=redis_server.url,
+            data_dir=str(tmp_path / "data"),
+            namespace=namespace,
+            partitions=4,
+            log_level="warning",
+        )
+        values.update(overrides)
+        return Settings(**values)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+def start_pipeline(port_base: int, tmp_path: Path):
+    """Start every service of a config as its own process; stop them all (SIGTERM) after the test."""
+    from shared.local.pipeline import PipelineProcesses
+
+    started: list[PipelineProcesses] = []
+
+    async def start(settings: Settings) -> PipelineProcesses:
+        import asyncio
+
+        pipeline = PipelineProcesses(settings, tmp_path / "logs", port_base=port_base)
+        started.append(pipeline)
+        pipeline.start_all()
+        await asyncio.to_thread(pipeline.wait_ready, 120.0)
+        return pipeline
+
+    yield start
+    for pipeline in started:
+        codes = pipeline.stop_all(timeout=30.0)
+        unclean = {label: code for label, code in codes.items() if code not in (0, None)}
+        assert not unclean, f"services did not stop cleanly on SIGTERM: {unclean}\n" + "\n".join(
+            pipeline.tail(label) for label in unclean
+        )

@@ -1,0 +1,83 @@
+"""Reading what each kind of sink received, from the real destination."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer
+
+from shared.config import hash_api_key
+
+
+def tenant_block(name: str, key: str, sinks: list[str], metadata: dict[str, Any] | None = None) -> str:
+    meta = f"\n    metadata: {json.dumps(metadata)}" if metadata else ""
+    return f"""  {name}:
+    api_keys: ["{hash_api_key(key)}"]
+    sinks: {json.dumps(sinks)}{meta}
+"""
+
+
+def read_file_sink(directory: Path) -> list[dict[str, Any]]:
+    """Everything in the rotated files and the current one; re-list if a rotation raced the read."""
+    while True:
+        out: list[dict[str, Any]] = []
+        try:
+            for path in sorted(directory.glob("*.jsonl")):
+                out.extend(json.loads(line) for line in path.read_text().splitlines() if line)
+        except FileNotFoundError:
+            continue
+        return out
+
+
+async def read_redis_stream(client: aioredis.Redis, stream: str) -> list[dict[str, Any]]:
+    entries = await client.xrange(stream)
+    return [json.loads(fields[b"data"]) for _, fields in entries]
+
+
+async def read_kafka_topic(bootstrap: str, topic: str, expect: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, group_id=None
+    )
+    await consumer.start()
+    out: list[dict[str, Any]] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                out.extend(json.loads(r.value) for r in records)
+            if len(out) >= expect:
+                # keep reading briefly: a duplicate would arrive right behind
+                more = await consumer.getmany(timeout_ms=1000)
+                for records in more.values():
+                    out.extend(json.loads(r.value) for r in records)
+                break
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+async def post(url: str, key: str, body: Any, content_type: str = "application/json") -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, data=data, headers={"X-Api-Key": key, "Content-Type": content_type}) as resp:
+            return resp.status, await resp.json(content_type=None)
