@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from shared.errors import InvalidEvent
 
 
@@ -136,14 +138,12 @@ class EventValidator:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
 
-    def validate(self, item: Any, tenant: str, encoded_size: int) -> Event:
+    def validate(self, item: Any, tenant: str) -> Event:
         lim = self.limits
         if not isinstance(item, dict):
             raise InvalidEvent("not_an_object", f"each event must be an object, got {type(item).__name__}")
         raw_id = item.get("event_id")
         event_id = raw_id if isinstance(raw_id, str) else None
-        if encoded_size > lim.max_event_bytes:
-            raise InvalidEvent("event_too_large", f"{encoded_size} > {lim.max_event_bytes} bytes", event_id)
         unknown = set(item) - self.CLIENT_FIELDS
         if unknown:
             raise InvalidEvent("unknown_field", ", ".join(sorted(map(str, unknown))), event_id)
@@ -178,6 +178,9 @@ class EventValidator:
             raise InvalidEvent("wrong_type", "context must be an object", event_id)
         self._check_value(payload, 1, event_id)
         self._check_value(context, 1, event_id)
+        encoded_size = len(msgpack.packb(item, use_bin_type=True))  # safe now: every value was checked
+        if encoded_size > lim.max_event_bytes:
+            raise InvalidEvent("event_too_large", f"{encoded_size} > {lim.max_event_bytes} bytes", event_id)
         return Event(
             event_id=item["event_id"],
             type=item["type"],

@@ -68,6 +68,12 @@ def prepare(name: str, settings: Settings, sink: str | None = None) -> tuple[Ser
     )
     ctx = ServiceContext(name, settings, config, sink)
     app = SERVICES[name](ctx)
+    # Faust creates changelog topics lazily and a table write can race that; create them now,
+    # with the source topic's partition count, as Faust requires.
+    changelogs = [table.changelog_topic_name for table in app.tables.values()]
+    if changelogs:
+        asyncio.run(ensure_topics(settings.broker, changelogs, settings.partitions, settings.replication,
+                                  settings.min_insync, compacted=True))
     return ctx, app
 
 

@@ -64,7 +64,9 @@ async def read_kafka_topic(bootstrap: str, topic: str, expect: int, timeout: flo
     return out
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> None:
+async def wait_for(
+    predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition", pipeline: Any = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = predicate()
@@ -73,7 +75,8 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: st
         if result:
             return
         await asyncio.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    report = f"\nstage stats: {json.dumps(pipeline.stats(), indent=1)}" if pipeline is not None else ""
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{report}")
 
 
 async def post(url: str, key: str, body: Any, content_type: str = "application/json") -> tuple[int, Any]:

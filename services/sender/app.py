@@ -8,6 +8,7 @@ import asyncio
 import logging
 from typing import Any
 
+import sentry_sdk
 from mode import Service
 
 from shared.errors import PermanentSinkError, TransientError
@@ -77,7 +78,10 @@ class SinkDelivery:
         return StepResult()
 
     async def _mark_delivered(self, records: list[Record]) -> None:
-        """Delivered already: retrying the batch would deliver twice, so retry only the bookkeeping."""
+        """The sink has acked: failing the batch now would deliver twice, so only this step is retried.
+
+        Never raises: an event the sink acknowledged is delivered, whatever happens to the ledger.
+        """
         backoff = Backoff()
         attempt = 0
         while True:
@@ -89,6 +93,10 @@ class SinkDelivery:
                 delay = backoff.delay(attempt)
                 log.warning("sender %s: ledger write failed (attempt %d): %s", self.name, attempt, exc)
                 await asyncio.sleep(delay)
+            except Exception as exc:  # a bug: report it, keep the delivery
+                log.exception("sender %s: ledger write failed; a replay of these events could re-deliver", self.name)
+                sentry_sdk.capture_exception(exc)
+                return
 
     def stats(self) -> dict[str, Any]:
         m = self.metrics

@@ -196,9 +196,10 @@ class FileSink:
             os.fsync(fh.fileno())
             size = fh.tell()
         if size >= self.rotate_bytes:
+            # Sequence first, so rotated files sort in the order they were written.
+            seq = len(list(self.dir.glob("events-*.jsonl"))) + 1
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-            target = self.dir / f"events-{stamp}-{time.time_ns() % 1_000_000:06d}.jsonl"
-            os.replace(self.current, target)
+            os.replace(self.current, self.dir / f"events-{seq:08d}-{stamp}.jsonl")
 
     async def close(self) -> None:
         pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -130,6 +131,17 @@ class PipelineProcesses:
         for label in self.services:
             self.signal(label, signal.SIGTERM)
         return {label: self.stop(label, timeout) for label in self.services}
+
+    def stats(self) -> dict[str, object]:
+        """Every service's /stats, for status lines and for test failure reports."""
+        out: dict[str, object] = {}
+        for label, svc in self.services.items():
+            try:
+                with urllib.request.urlopen(svc.url("/stats"), timeout=1.0) as resp:
+                    out[label] = json.loads(resp.read())
+            except OSError as exc:
+                out[label] = f"unreachable: {exc}"
+        return out
 
     def tail(self, label: str, lines: int = 30) -> str:
         path = self.services[label].log_path

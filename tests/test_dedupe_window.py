@@ -1,0 +1,51 @@
+"""The dedupe window on both backends, on the real pipeline: a copy inside the window is dropped,
+a copy after it has expired is delivered again (it is a new event as far as the window knows)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shared.local.traffic import EventFactory
+from shared.local.webhook import WebhookReceiver
+from tests.helpers import post, tenant_block, wait_for
+
+WINDOW_S = 3
+
+
+@pytest.mark.parametrize("backend", ["rocksdb", "redis"])
+async def test_window_drops_copies_inside_and_expires_after(
+    backend, tmp_path, namespace, port_base, settings_for, start_pipeline, redis_client
+):
+    hook = WebhookReceiver(port=port_base + 19)
+    await hook.start()
+    config = tmp_path / "hifi.yaml"
+    config.write_text(
+        "tenants:\n"
+        + tenant_block("acme", "k", ["hook"])
+        + f"""sinks:
+  hook: {{type: webhook, url: "http://127.0.0.1:{hook.port}/in"}}
+dedupe: {{backend: {backend}, window_s: {WINDOW_S}}}
+"""
+    )
+    pipeline = await start_pipeline(settings_for(config))
+    try:
+        factory = EventFactory(producer_id=namespace)
+        events = [factory.make() for _ in range(10)]
+        assert (await post(pipeline.collector_url, "k", events))[0] == 200
+        assert (await post(pipeline.collector_url, "k", events))[0] == 200  # client retry: inside the window
+        await wait_for(lambda: len(hook.received) >= 10, 60, "first delivery", pipeline)
+        await asyncio.sleep(WINDOW_S + 1.0)
+        assert len(hook.received) == 10, "copies inside the window must be dropped"
+
+        assert (await post(pipeline.collector_url, "k", events[:4]))[0] == 200  # after the window expired
+        await wait_for(lambda: len(hook.received) >= 14, 60, "delivery after expiry", pipeline)
+        assert sorted(e["event_id"] for e in hook.received[10:]) == sorted(e["event_id"] for e in events[:4])
+        if backend == "redis":
+            keys = [k async for k in redis_client.scan_iter(f"hifi:{namespace}:dedupe:*")]
+            assert len(keys) == 10 or len(keys) == 4  # entries carry a TTL; expired ones are gone
+            ttl = await redis_client.pttl(keys[0])
+            assert 0 < ttl <= WINDOW_S * 1000
+    finally:
+        await hook.stop()
