@@ -35,6 +35,14 @@ def main(argv: list[str] | None = None) -> None:
     send.add_argument("--batch", type=int, default=20)
     send.add_argument("--rate", type=float, default=0.0, help="events per second (0 = as fast as possible)")
 
+    redis = sub.add_parser("redis", help="start a local redis-server unless one answers; stop the one started")
+    redis.add_argument("action", choices=["start", "stop"])
+    redis.add_argument("--url", default="redis://127.0.0.1:6379/0")
+
+    demo_sink = sub.add_parser("demo-sink", help="a webhook destination that counts what it receives")
+    demo_sink.add_argument("--host", default="0.0.0.0")
+    demo_sink.add_argument("--port", type=int, default=8800)
+
     key = sub.add_parser("hash-key", help="print the hash of an API key, for the config's api_keys")
     key.add_argument("key")
 
@@ -70,6 +78,19 @@ def main(argv: list[str] | None = None) -> None:
         from shared.local.traffic import send as run_send
 
         run_send(args.url, args.api_key, args.file, args.count, args.batch, args.rate)
+    elif args.command == "redis":
+        from shared.local.redis import LocalRedis
+
+        server = LocalRedis(url=args.url)
+        if args.action == "start":
+            print(f"redis: {'started' if server.ensure() else 'already answering'} at {server.url}")
+        else:
+            server.stop()
+            print("redis: stopped (if this project had started it)")
+    elif args.command == "demo-sink":
+        from shared.local.webhook import serve_forever
+
+        serve_forever(args.host, args.port)
     elif args.command == "hash-key":
         print(hash_api_key(args.key))
 

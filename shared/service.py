@@ -72,8 +72,16 @@ def prepare(name: str, settings: Settings, sink: str | None = None) -> tuple[Ser
     # with the source topic's partition count, as Faust requires.
     changelogs = [table.changelog_topic_name for table in app.tables.values()]
     if changelogs:
-        asyncio.run(ensure_topics(settings.broker, changelogs, settings.partitions, settings.replication,
-                                  settings.min_insync, compacted=True))
+        asyncio.run(
+            ensure_topics(
+                settings.broker,
+                changelogs,
+                settings.partitions,
+                settings.replication,
+                settings.min_insync,
+                compacted=True,
+            )
+        )
     return ctx, app
 
 

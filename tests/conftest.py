@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared.config import Settings
-from shared.local.kafka import LocalKafka
+from shared.local.kafka import DEFAULT_HOME, LocalKafka
 from shared.local.redis import LocalRedis
 
 TEST_KAFKA_PORT = int(os.environ.get("HIFI_TEST_KAFKA_PORT", "19092"))
@@ -24,11 +24,14 @@ _ports = itertools.count(int(os.environ.get("HIFI_TEST_PORT_BASE", "18100")), 20
 
 
 @pytest.fixture(scope="session")
-def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
-    cluster = LocalKafka(nodes=1, port=TEST_KAFKA_PORT, data_root=tmp_path_factory.mktemp("kafka"))
+def kafka() -> Iterator[LocalKafka]:
+    """`make test` starts this broker before pytest and stops it after; run alone, pytest does both."""
+    cluster = LocalKafka(nodes=1, port=TEST_KAFKA_PORT, data_root=DEFAULT_HOME / f"test-{TEST_KAFKA_PORT}")
+    started_here = not cluster.running_pids()
     cluster.start()
     yield cluster
-    cluster.stop()
+    if started_here:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")

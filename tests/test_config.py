@@ -20,7 +20,8 @@ GOOD = {
 def test_the_readme_example_config_is_valid():
     text = README.read_text()
     block = text.split("```yaml\n# config/hifi.yaml", 1)[1].split("```", 1)[0]
-    config = HifiConfig.parse(yaml.safe_load(block))
+    assert "# config/hifi.yaml" + block == (README.parent / "config" / "hifi.yaml").read_text()
+    config = HifiConfig.parse(yaml.safe_load("# config/hifi.yaml" + block))
     assert set(config.sinks) == {"webhook", "files", "stream", "mirror"}
     assert config.tenants["acme"].sinks == ("webhook", "files", "stream", "mirror")
 

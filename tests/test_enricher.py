@@ -12,11 +12,13 @@ from tests.test_pipeline_e2e import IPHONE_UA, make_geo_db
 def make_enricher(tmp_path):
     db = tmp_path / "geo.mmdb"
     make_geo_db(db)
-    config = HifiConfig.parse({
-        "tenants": {"acme": {"api_keys": [hash_api_key("k")], "metadata": {"plan": "gold"}}},
-        "sinks": {"f": {"type": "file", "path": str(tmp_path)}},
-        "enrich": {"geoip_db": str(db)},
-    })
+    config = HifiConfig.parse(
+        {
+            "tenants": {"acme": {"api_keys": [hash_api_key("k")], "metadata": {"plan": "gold"}}},
+            "sinks": {"f": {"type": "file", "path": str(tmp_path)}},
+            "enrich": {"geoip_db": str(db)},
+        }
+    )
     return Enricher(config, "out")
 
 

@@ -27,7 +27,11 @@ def reason(item, limits=None):
 def test_a_valid_event_becomes_an_event_of_the_tenant():
     event = V.validate(ok(payload={"a": [1, {"b": None}]}, device_id="d"), "acme")
     assert (event.tenant, event.event_id, event.payload, event.partition_key) == (
-        "acme", "e1", {"a": [1, {"b": None}]}, b"acme:d")
+        "acme",
+        "e1",
+        {"a": [1, {"b": None}]},
+        b"acme:d",
+    )
     assert event.dedupe_key == "acme:e1"
 
 

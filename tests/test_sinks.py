@@ -20,8 +20,14 @@ def events(n, tenant="acme"):
 
 @pytest.mark.parametrize(
     "status, retry_after, error",
-    [(500, None, TransientError), (503, None, TransientError), (429, "7", TransientError),
-     (408, None, TransientError), (400, None, PermanentSinkError), (404, None, PermanentSinkError)],
+    [
+        (500, None, TransientError),
+        (503, None, TransientError),
+        (429, "7", TransientError),
+        (408, None, TransientError),
+        (400, None, PermanentSinkError),
+        (404, None, PermanentSinkError),
+    ],
 )
 async def test_webhook_classifies_answers(status, retry_after, error, port_base):
     hook = WebhookReceiver(port=port_base + 19, fail_status=status, retry_after=retry_after)

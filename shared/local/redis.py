@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -41,6 +43,10 @@ class LocalRedis:
     def port(self) -> int:
         return urlparse(self.url).port or 6379
 
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / f"redis-{self.port}.pid"
+
     def answering(self) -> bool:
         return _ping(self.host, self.port)
 
@@ -77,6 +83,7 @@ class LocalRedis:
             start_new_session=True,
         )
         log.close()
+        self.pid_file.write_text(str(self.process.pid))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.answering():
@@ -87,6 +94,7 @@ class LocalRedis:
         raise RedisLaunchError(f"redis-server did not answer on port {self.port}; see {self.data_dir}")
 
     def stop(self) -> None:
+        """Stop the server this project started (found by its pid file); never a Redis it found running."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -94,4 +102,14 @@ class LocalRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        elif self.pid_file.exists():
+            try:
+                pid = int(self.pid_file.read_text())
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(100):
+                    os.kill(pid, 0)
+                    time.sleep(0.05)
+            except (ValueError, ProcessLookupError):
+                pass
+        self.pid_file.unlink(missing_ok=True)
         self.process = None

@@ -47,3 +47,30 @@ class WebhookReceiver:
 
     def counts(self) -> Counter[str]:
         return Counter(e["idempotency_key"] for e in self.received)
+
+
+def serve_forever(host: str, port: int) -> None:
+    """`hifi demo-sink`: print what arrives every 5 s until SIGTERM/Ctrl-C."""
+    import asyncio
+    import signal
+
+    async def main() -> None:
+        receiver = WebhookReceiver(host=host, port=port)
+        await receiver.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"demo sink listening on http://{host}:{port}/", flush=True)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), 5.0)
+            except TimeoutError:
+                counts = receiver.counts()
+                dupes = sum(n - 1 for n in counts.values() if n > 1)
+                print(
+                    f"received {len(receiver.received)} events ({len(counts)} distinct, {dupes} repeated)", flush=True
+                )
+        await receiver.stop()
+
+    asyncio.run(main())

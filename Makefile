@@ -1,0 +1,41 @@
+# The two commands of the README: `make run` (the whole pipeline, live) and `make test`.
+VENV := .venv
+BIN := $(VENV)/bin
+KAFKA_JAR := .cache/kafka/libs/kafka_2.13-4.4.0.jar
+
+.PHONY: run test lint format chaos bench clean system-deps install jars
+
+run: install jars
+	$(BIN)/hifi up
+
+test: install jars
+	dev/test.sh -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+system-deps:
+	dev/system-deps.sh
+
+install: system-deps $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+jars: $(KAFKA_JAR)
+
+$(KAFKA_JAR): dev/kafka/pom.xml
+	mvn -q -B -f dev/kafka/pom.xml dependency:copy-dependencies -DoutputDirectory=$(CURDIR)/.cache/kafka/libs
+	touch $@
+
+clean:
+	-$(BIN)/hifi kafka stop
+	rm -rf var .cache/kafka/data-* .cache/kafka/test-*
