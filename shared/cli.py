@@ -43,6 +43,22 @@ def main(argv: list[str] | None = None) -> None:
     demo_sink.add_argument("--host", default="0.0.0.0")
     demo_sink.add_argument("--port", type=int, default=8800)
 
+    dlq = sub.add_parser("dlq", help="inspect and replay dead letters (uses HIFI_BROKER, HIFI_CONFIG, ...)")
+    dlq.add_argument("action", choices=["list", "show", "replay"])
+    dlq.add_argument("stage", nargs="?", help="enricher, deduplicator, router or sender.<sink>")
+    dlq.add_argument("--limit", type=int, default=None)
+    dlq.add_argument("--rate", type=float, default=100.0, help="replayed letters per second (0 = unlimited)")
+
+    chaos = sub.add_parser("chaos", help="fault scenarios on the real pipeline with ground truth")
+    chaos.add_argument(
+        "scenario",
+        nargs="+",
+        help="kill-stages, slow-then-kill, pause-stages, kill-broker, "
+        "restart-redis, sick-sink, poison-pills, scale-stages, or all",
+    )
+    chaos.add_argument("--rate", type=float, default=200.0, help="events per second of steady load")
+    chaos.add_argument("--json", dest="json_out", help="also write the results to this file")
+
     key = sub.add_parser("hash-key", help="print the hash of an API key, for the config's api_keys")
     key.add_argument("key")
 
@@ -91,8 +107,42 @@ def main(argv: list[str] | None = None) -> None:
         from shared.local.webhook import serve_forever
 
         serve_forever(args.host, args.port)
+    elif args.command == "chaos":
+        from shared.local.chaos import main as run_chaos
+
+        sys.exit(run_chaos(args.scenario, args.rate, args.json_out))
+    elif args.command == "dlq":
+        run_dlq(args)
     elif args.command == "hash-key":
         print(hash_api_key(args.key))
+
+
+def run_dlq(args: argparse.Namespace) -> None:
+    import asyncio
+    import json
+
+    from shared.config import HifiConfig
+    from shared.dlq import DeadLetterQueues, UnknownStage
+    from shared.topics import Topics
+
+    settings = Settings.from_env()
+    config = HifiConfig.load(settings.config_path)
+    queues = DeadLetterQueues(settings.broker, Topics(settings.namespace), list(config.sinks))
+    try:
+        if args.action == "list":
+            for stage, count in asyncio.run(queues.counts()).items():
+                print(f"{stage:<24} {count:>8}  {queues.topics.dlq(stage)}")
+            return
+        if not args.stage:
+            raise SystemExit("name a stage: enricher, deduplicator, router or sender.<sink>")
+        if args.action == "show":
+            for letter in asyncio.run(queues.read(args.stage, args.limit or 20)):
+                print(json.dumps(letter, default=str))
+        else:
+            done = asyncio.run(queues.replay(args.stage, args.rate, args.limit))
+            print(f"replayed {done} dead letters of {args.stage}")
+    except UnknownStage as exc:
+        raise SystemExit(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ class TenantConfig:
 class DedupeConfig:
     backend: str = "rocksdb"
     window_s: float = 86_400.0
+    # Redis unreachable: `pause` (retry, lose and duplicate nothing) or `pass-through` (keep events
+    # flowing without dedupe or ledger checks, accepting duplicates until Redis is back).
+    on_redis_down: str = "pause"
 
 
 @dataclass(frozen=True)
@@ -129,11 +132,16 @@ class HifiConfig:
                     raise ConfigError(f"tenants.{tenant.name}.api_keys", f"key also belongs to {seen[key]}")
                 seen[key] = tenant.name
         dedupe_raw = _map(root.get("dedupe", {}), "dedupe")
-        _only(dedupe_raw, "dedupe", {"backend", "window_s"})
+        _only(dedupe_raw, "dedupe", {"backend", "window_s", "on_redis_down"})
+        on_down = dedupe_raw.get("on_redis_down", "pause")
+        if on_down not in ("pause", "pass-through"):
+            raise ConfigError("dedupe.on_redis_down", f"must be pause or pass-through, got {on_down!r}")
         backend = dedupe_raw.get("backend", "rocksdb")
         if backend not in DEDUPE_BACKENDS:
             raise ConfigError("dedupe.backend", f"must be one of {', '.join(DEDUPE_BACKENDS)}, got {backend!r}")
-        dedupe = DedupeConfig(backend, _num(dedupe_raw.get("window_s", 86_400), "dedupe.window_s", 1, 30 * 86_400))
+        dedupe = DedupeConfig(
+            backend, _num(dedupe_raw.get("window_s", 86_400), "dedupe.window_s", 1, 30 * 86_400), on_down
+        )
         enrich_raw = _map(root.get("enrich", {}), "enrich")
         _only(enrich_raw, "enrich", {"geoip_db"})
         geoip = enrich_raw.get("geoip_db")

@@ -34,5 +34,9 @@ class TransientError(HifiError):
         self.retry_after = retry_after
 
 
+class SinkThrottled(TransientError):
+    """The sink answered 429: slow down (and wait at least `retry_after`)."""
+
+
 class PermanentSinkError(HifiError):
     """The sink refused the batch for good (4xx other than 408/429): dead-letter, don't retry."""

@@ -88,6 +88,7 @@ class StageRunner:
         metrics: StageMetrics,
         dlq: str,
         batch_max: int = 500,
+        max_message_bytes: int = 1_048_576,
         within_s: float = 0.002,
         backoff: Backoff | None = None,
     ) -> None:
@@ -96,6 +97,7 @@ class StageRunner:
         self.handler = handler
         self.metrics = metrics
         self.batch_max = batch_max
+        self.max_message_bytes = max_message_bytes
         self.within_s = within_s
         self.backoff = backoff or Backoff()
         self.dlq = dlq
@@ -111,6 +113,9 @@ class StageRunner:
         dead: list[DeadLetter] = []
         for message in events:
             try:
+                size = len(message.value or b"")
+                if size > self.max_message_bytes:
+                    raise InvalidEvent("event_too_large", f"{size} > {self.max_message_bytes} bytes")
                 records.append(Record(decode_event(message.value), message))
             except InvalidEvent as exc:
                 dead.append(DeadLetter(message, exc))

@@ -11,7 +11,9 @@ from typing import Any
 
 from faust import web
 
+from shared.alerts import Alerter, OutageClock
 from shared.codec import encode_event, unpack
+from shared.errors import TransientError
 from shared.keywindow import KeyWindow, RedisKeyWindow, TableKeyWindow
 from shared.service import ServiceContext
 from shared.stage import Output, Record, StageRunner, StepResult
@@ -21,14 +23,27 @@ WEB_PORT = 6068
 
 
 class DedupeWindow:
-    def __init__(self, window: KeyWindow, metrics: Any, output_topic: str) -> None:
+    def __init__(
+        self, window: KeyWindow, metrics: Any, output_topic: str, alerter: Alerter, pass_through: bool = False
+    ) -> None:
         self.window = window
         self.output_topic = output_topic
         self.metrics = metrics
+        self.pass_through = pass_through
+        self.outage = OutageClock(alerter, "dedupe_store_unreachable", "the dedupe store")
+        self.passed_unchecked = 0
 
     async def handle(self, records: list[Record]) -> StepResult:
         keys = [r.event.dedupe_key for r in records]
-        fresh = await self.window.claim(keys, [r.source for r in records], records)
+        try:
+            fresh = await self.window.claim(keys, [r.source for r in records], records)
+            self.outage.ok()
+        except TransientError as exc:
+            self.outage.failed(exc)
+            if not self.pass_through:
+                raise  # pause: the runner retries with backoff; nothing moves until the store is back
+            fresh = [True] * len(records)
+            self.passed_unchecked += len(records)
         result = StepResult()
         for record, is_new in zip(records, fresh, strict=True):
             if is_new:
@@ -49,7 +64,13 @@ def build(ctx: ServiceContext) -> Any:
     else:
         table = app.Table("dedupe-window", partitions=ctx.settings.partitions, key_type=str, value_type=bytes)
         window = TableKeyWindow(table, conf.window_s)
-    dedupe = DedupeWindow(window, ctx.metrics, ctx.topics.unique)
+    dedupe = DedupeWindow(
+        window,
+        ctx.metrics,
+        ctx.topics.unique,
+        Alerter("deduplicator"),
+        pass_through=conf.on_redis_down == "pass-through",
+    )
     runner = StageRunner(app, "deduplicator", dedupe.handle, ctx.metrics, ctx.topics.dlq("deduplicator"))
 
     @app.agent(app.topic(ctx.topics.enriched), name="dedupe")
@@ -92,6 +113,8 @@ def build(ctx: ServiceContext) -> Any:
             "duplicates": m.total(m.duplicates),
             "dead_lettered": m.total(m.dead_lettered),
             "backend": conf.backend,
+            "passed_unchecked": dedupe.passed_unchecked,
+            "retries": m.total(m.retries),
         }
 
     add_common_views(app, "deduplicator", ctx.metrics, stats)

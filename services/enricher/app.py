@@ -102,7 +102,14 @@ class Enricher:
 def build(ctx: ServiceContext) -> Any:
     app = ctx.create_app("hifi-enricher", WEB_PORT)
     enricher = Enricher(ctx.config, ctx.topics.enriched)
-    runner = StageRunner(app, "enricher", enricher.handle, ctx.metrics, ctx.topics.dlq("enricher"))
+    runner = StageRunner(
+        app,
+        "enricher",
+        enricher.handle,
+        ctx.metrics,
+        ctx.topics.dlq("enricher"),
+        max_message_bytes=ctx.config.limits.max_event_bytes * 4,  # the collector admits at most max_event_bytes
+    )
 
     @app.agent(app.topic(ctx.topics.raw), name="enrich")
     async def enrich(stream: Any) -> None:

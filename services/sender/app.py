@@ -1,6 +1,10 @@
 """sender: one process and one consumer group per sink. Delivers batches to the destination and
 acks its input only after the destination acknowledged; a delivered ledger (sink + event id, kept
-for the dedupe window) stops a replay from delivering twice."""
+for the dedupe window) stops a replay from delivering twice.
+
+One batch at a time: ledger check -> circuit breaker -> throttle -> deliver -> ledger mark.
+The only window in which a crash can still duplicate is between the sink's ack and the ledger mark.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,10 @@ from typing import Any
 
 import sentry_sdk
 from mode import Service
+from prometheus_client import Gauge
 
-from shared.errors import PermanentSinkError, TransientError
+from shared.alerts import Alerter, OutageClock
+from shared.errors import PermanentSinkError, SinkThrottled, TransientError
 from shared.event import now_ms
 from shared.keywindow import KeyWindow, RedisKeyWindow, TableKeyWindow
 from shared.metrics import LagWindow, StageMetrics
@@ -20,6 +26,7 @@ from shared.service import ServiceContext
 from shared.stage import DeadLetter, Record, StageRunner, StepResult
 from shared.web import add_common_views
 
+from .breaker import CircuitBreaker, CircuitOpen, Throttle
 from .sinks import SinkSender, make_sink
 
 log = logging.getLogger(__name__)
@@ -29,21 +36,31 @@ STAGES = ("collector", "enricher", "deduplicator", "router")
 
 
 class SinkDelivery:
-    def __init__(self, sink: SinkSender, ledger: KeyWindow, metrics: StageMetrics) -> None:
+    def __init__(
+        self, sink: SinkSender, ledger: KeyWindow, metrics: StageMetrics, alerter: Alerter, pass_through: bool
+    ) -> None:
         self.sink = sink
         self.name = sink.config.name
         self.ledger = ledger
         self.metrics = metrics
+        self.alerter = alerter
+        self.pass_through = pass_through  # on_redis_down: deliver without the ledger while it is down
+        self.ledger_outage = OutageClock(alerter, "ledger_unreachable", f"delivered ledger of sink {self.name}")
+        self.breaker = CircuitBreaker()
+        self.throttle = Throttle()
         self.lag = LagWindow()
         self.stage_lag = {stage: LagWindow() for stage in (*STAGES[1:], "sender")}
         self.skipped = 0
         self.drop_canaries = bool(sink.config.options.get("drop_canaries", False))
+        self.circuit_gauge = Gauge(
+            "hifi_sink_circuit_open", "1 while the sink's circuit breaker is open", ["sink"], registry=metrics.registry
+        )
 
     def _key(self, record: Record) -> str:
         return f"{self.name}:{record.event.dedupe_key}"
 
     async def handle(self, records: list[Record]) -> StepResult:
-        seen = await self.ledger.seen([self._key(r) for r in records], records)
+        seen = await self._ledger_seen(records)
         todo: list[Record] = []
         keys_in_batch: set[str] = set()
         for record, already in zip(records, seen, strict=True):
@@ -56,12 +73,71 @@ class SinkDelivery:
         if not todo:
             return StepResult()
         try:
-            await self.sink.deliver_batch([r.event for r in todo])
+            await self._deliver(todo)
         except PermanentSinkError as exc:
             return StepResult(dead=[DeadLetter(r.message, exc) for r in todo])
         acked = now_ms()
         await self._mark_delivered(todo)
-        for record in todo:
+        self._record_lag(todo, acked)
+        return StepResult()
+
+    async def _deliver(self, todo: list[Record]) -> None:
+        self.breaker.before_call()
+        await self.throttle.wait_turn()
+        try:
+            await self.sink.deliver_batch([r.event for r in todo])
+        except CircuitOpen:
+            raise
+        except TransientError as exc:
+            if isinstance(exc, SinkThrottled):
+                self.throttle.on_throttled(exc.retry_after)
+            elif self.breaker.on_failure():
+                self.circuit_gauge.labels(self.name).set(1)
+                self.alerter.fire("circuit_opened", f"sink {self.name} failing: {exc}", key=self.name)
+            raise
+        self.breaker.on_success()
+        self.throttle.on_success()
+        self.circuit_gauge.labels(self.name).set(0)
+        self.alerter.resolve("circuit_opened", key=self.name)
+
+    async def _ledger_seen(self, records: list[Record]) -> list[bool]:
+        try:
+            seen = await self.ledger.seen([self._key(r) for r in records], records)
+        except TransientError as exc:
+            self.ledger_outage.failed(exc)
+            if not self.pass_through:
+                raise
+            return [False] * len(records)
+        self.ledger_outage.ok()
+        return seen
+
+    async def _mark_delivered(self, records: list[Record]) -> None:
+        """The sink has acked: failing the batch now would deliver twice, so only this step is retried.
+
+        Never raises: an event the sink acknowledged is delivered, whatever happens to the ledger.
+        """
+        backoff = Backoff()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self.ledger.mark([self._key(r) for r in records], records)
+                self.ledger_outage.ok()
+                return
+            except TransientError as exc:
+                self.ledger_outage.failed(exc)
+                if self.pass_through:
+                    return
+                delay = backoff.delay(attempt)
+                log.warning("sender %s: ledger write failed (attempt %d): %s", self.name, attempt, exc)
+                await asyncio.sleep(delay)
+            except Exception as exc:  # a bug: report it, keep the delivery
+                log.exception("sender %s: ledger write failed; a replay of these events could re-deliver", self.name)
+                sentry_sdk.capture_exception(exc)
+                return
+
+    def _record_lag(self, records: list[Record], acked: float) -> None:
+        for record in records:
             event = record.event
             self.metrics.delivered.labels(self.name, event.tenant).inc()
             if event.ingest_ts:
@@ -75,28 +151,6 @@ class SinkDelivery:
                 previous = at if at is not None else previous
             if previous is not None:
                 self.stage_lag["sender"].record(acked - previous)
-        return StepResult()
-
-    async def _mark_delivered(self, records: list[Record]) -> None:
-        """The sink has acked: failing the batch now would deliver twice, so only this step is retried.
-
-        Never raises: an event the sink acknowledged is delivered, whatever happens to the ledger.
-        """
-        backoff = Backoff()
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                await self.ledger.mark([self._key(r) for r in records], records)
-                return
-            except TransientError as exc:
-                delay = backoff.delay(attempt)
-                log.warning("sender %s: ledger write failed (attempt %d): %s", self.name, attempt, exc)
-                await asyncio.sleep(delay)
-            except Exception as exc:  # a bug: report it, keep the delivery
-                log.exception("sender %s: ledger write failed; a replay of these events could re-deliver", self.name)
-                sentry_sdk.capture_exception(exc)
-                return
 
     def stats(self) -> dict[str, Any]:
         m = self.metrics
@@ -106,6 +160,10 @@ class SinkDelivery:
             "delivered": m.total(m.delivered),
             "skipped_already_delivered": self.skipped,
             "dead_lettered": m.total(m.dead_lettered),
+            "retries": m.total(m.retries),
+            "circuit": self.breaker.state,
+            "circuit_opened": self.breaker.opened_count,
+            "throttle_interval_s": round(self.throttle.interval_s, 3),
             "lag": self.lag.percentiles(),
             "stage_lag_p95_ms": {s: w.percentiles().get("p95_ms") for s, w in self.stage_lag.items()},
         }
@@ -131,22 +189,19 @@ def build(ctx: ServiceContext) -> Any:
     port = BASE_WEB_PORT + list(ctx.config.sinks).index(ctx.sink)
     app = ctx.create_app(f"hifi-sender-{ctx.sink}", port)
     sink = make_sink(sink_config, ctx.settings.broker, ctx.settings.redis_url)
+    dedupe = ctx.config.dedupe
     ledger: KeyWindow
-    if ctx.config.dedupe.backend == "redis":
-        ledger = RedisKeyWindow(
-            ctx.settings.redis_url, f"hifi:{ctx.settings.namespace}:delivered:", ctx.config.dedupe.window_s
-        )
+    if dedupe.backend == "redis":
+        ledger = RedisKeyWindow(ctx.settings.redis_url, f"hifi:{ctx.settings.namespace}:delivered:", dedupe.window_s)
     else:
         table = app.Table("delivered-ledger", partitions=ctx.settings.partitions, key_type=str, value_type=bytes)
-        ledger = TableKeyWindow(table, ctx.config.dedupe.window_s)
-    delivery = SinkDelivery(sink, ledger, ctx.metrics)
+        ledger = TableKeyWindow(table, dedupe.window_s)
+    stage = f"sender.{ctx.sink}"
+    delivery = SinkDelivery(
+        sink, ledger, ctx.metrics, Alerter(stage), pass_through=dedupe.on_redis_down == "pass-through"
+    )
     runner = StageRunner(
-        app,
-        f"sender.{ctx.sink}",
-        delivery.handle,
-        ctx.metrics,
-        ctx.topics.dlq(f"sender.{ctx.sink}"),
-        batch_max=sink_config.batch_max,
+        app, stage, delivery.handle, ctx.metrics, ctx.topics.dlq(stage), batch_max=sink_config.batch_max
     )
 
     @app.agent(app.topic(ctx.topics.sink(ctx.sink)), name="deliver")
@@ -154,6 +209,5 @@ def build(ctx: ServiceContext) -> Any:
         await runner.run(stream)
 
     app.add_dependency(SinkLifecycle(sink))
-
-    add_common_views(app, f"sender.{ctx.sink}", ctx.metrics, delivery.stats)
+    add_common_views(app, stage, ctx.metrics, delivery.stats)
     return app

@@ -18,7 +18,7 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from shared.config import SinkConfig
-from shared.errors import PermanentSinkError, TransientError
+from shared.errors import PermanentSinkError, SinkThrottled, TransientError
 from shared.event import Event
 
 
@@ -71,7 +71,9 @@ class WebhookSink:
             raise TransientError(f"webhook {self.config.name}: {type(exc).__name__}: {exc}") from exc
         if 200 <= status < 300:
             return
-        if status in (408, 429) or status >= 500:
+        if status == 429:
+            raise SinkThrottled(f"webhook {self.config.name}: HTTP 429 {text}", retry_after)
+        if status == 408 or status >= 500:
             raise TransientError(f"webhook {self.config.name}: HTTP {status} {text}", retry_after)
         raise PermanentSinkError(f"webhook {self.config.name}: HTTP {status} {text}")
 

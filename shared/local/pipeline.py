@@ -68,6 +68,16 @@ class PipelineProcesses:
                 cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
 
+    def add_worker(self, label: str) -> str:
+        """One more process in the same consumer group as `label` (scale out); returns its label."""
+        base = self.services[label]
+        n = sum(1 for other in self.services if other.split("#")[0] == label) + 1
+        extra = f"{label}#{n}"
+        port = self.port_base + 30 + len(self.services)
+        self.services[extra] = ServiceProcess(base.name, base.sink, port, self.log_dir / f"{extra}.log")
+        self.start(extra)
+        return extra
+
     def start_all(self) -> None:
         for label in self.services:
             self.start(label)

@@ -33,6 +33,7 @@ def _ping(host: str, port: int) -> bool:
 class LocalRedis:
     url: str = "redis://127.0.0.1:6379/0"
     data_dir: Path = REPO_ROOT / ".cache" / "redis"
+    persistent: bool = False  # append-only file, so a killed server restarts with its data
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -73,7 +74,11 @@ class LocalRedis:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persistent else "no",
+                "--appendfsync",
+                "always",
+                "--appenddirname",
+                f"aof-{self.port}",
                 "--dbfilename",
                 f"dump-{self.port}.rdb",
             ],
@@ -92,6 +97,27 @@ class LocalRedis:
                 break
             time.sleep(0.05)
         raise RedisLaunchError(f"redis-server did not answer on port {self.port}; see {self.data_dir}")
+
+    def kill(self) -> None:
+        """kill -9, for chaos scenarios."""
+        pid = self.process.pid if self.process is not None else None
+        if pid is None and self.pid_file.exists():
+            pid = int(self.pid_file.read_text())
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if self.process is not None:
+                self.process.wait()
+        self.process = None
+        self.pid_file.unlink(missing_ok=True)
+        while self.answering():
+            time.sleep(0.05)
+
+    def wipe_data(self) -> None:
+        shutil.rmtree(self.data_dir / f"aof-{self.port}", ignore_errors=True)
+        (self.data_dir / f"dump-{self.port}.rdb").unlink(missing_ok=True)
 
     def stop(self) -> None:
         """Stop the server this project started (found by its pid file); never a Redis it found running."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,19 +13,30 @@ from aiohttp import web
 
 @dataclass
 class WebhookReceiver:
+    """Fault knobs: `fail_status` (+ `retry_after`) answers an error instead of acking, `delay_s`
+    slows every batch, `slow_event_ids` slows only batches holding those events.
+
+    A batch counts as received only if the answer can still be sent: like a sink that commits in the
+    same transaction it answers from, a batch whose sender vanished mid-request is not kept.
+    """
+
     host: str = "127.0.0.1"
     port: int = 8800
     received: list[dict[str, Any]] = field(default_factory=list)
     arrival_ms: list[float] = field(default_factory=list)
-    fail_status: int | None = None  # answer this status instead of acking (fault injection)
+    fail_status: int | None = None
     retry_after: float | None = None
+    delay_s: float = 0.0
+    slow_event_ids: set[str] = field(default_factory=set)
+    slow_s: float = 5.0
     requests: int = 0
+    dropped_batches: int = 0
     _runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
@@ -39,11 +51,20 @@ class WebhookReceiver:
             headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
             return web.json_response({"error": "injected"}, status=self.fail_status, headers=headers)
         body = await request.json()
+        events = body["events"]
+        delay = self.delay_s
+        if self.slow_event_ids and any(e["event_id"] in self.slow_event_ids for e in events):
+            delay = max(delay, self.slow_s)
+        if delay:
+            await asyncio.sleep(delay)
+        if request.transport is None or request.transport.is_closing():
+            self.dropped_batches += 1
+            raise ConnectionResetError("sender went away before the ack")
         now = time.time() * 1000
-        for event in body["events"]:
+        for event in events:
             self.received.append(event)
             self.arrival_ms.append(now)
-        return web.json_response({"ok": len(body["events"])})
+        return web.json_response({"ok": len(events)})
 
     def counts(self) -> Counter[str]:
         return Counter(e["idempotency_key"] for e in self.received)

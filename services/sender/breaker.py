@@ -1,0 +1,74 @@
+"""Sink isolation inside one sender: a circuit breaker, and AIMD throttling when the sink says 429.
+
+Each sink also has its own process, consumer group and topic, so a slow or dead sink holds back
+only its own partitions; these two keep the sender from hammering a sink that is already failing.
+At most one batch per sender is in flight (the agent runs with concurrency 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from shared.errors import TransientError
+
+
+class CircuitOpen(TransientError):
+    """Not sent: the breaker is open. Retried after the breaker's probe delay."""
+
+
+@dataclass
+class CircuitBreaker:
+    failure_threshold: int = 5
+    reset_after_s: float = 5.0
+    state: str = "closed"  # closed -> open -> half_open -> closed | open
+    failures: int = 0
+    opened_at: float = 0.0
+    opened_count: int = 0
+
+    def before_call(self) -> None:
+        if self.state == "open":
+            waited = time.monotonic() - self.opened_at
+            if waited < self.reset_after_s:
+                raise CircuitOpen("circuit open", retry_after=self.reset_after_s - waited)
+            self.state = "half_open"  # let one probe through
+
+    def on_success(self) -> None:
+        self.state = "closed"
+        self.failures = 0
+
+    def on_failure(self) -> bool:
+        """Record a failure; return True if this one opened the circuit."""
+        self.failures += 1
+        if self.state == "half_open" or self.failures >= self.failure_threshold:
+            opened = self.state != "open"
+            self.state = "open"
+            self.opened_at = time.monotonic()
+            if opened:
+                self.opened_count += 1
+            return opened
+        return False
+
+
+@dataclass
+class Throttle:
+    """Additive-increase, multiplicative-decrease pacing between batches, driven by 429 answers."""
+
+    min_interval_s: float = 0.0
+    max_interval_s: float = 10.0
+    interval_s: float = 0.0
+    last_send: float = 0.0
+
+    async def wait_turn(self) -> None:
+        if self.interval_s > 0:
+            delay = self.last_send + self.interval_s - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        self.last_send = time.monotonic()
+
+    def on_throttled(self, retry_after: float | None) -> None:
+        self.interval_s = min(self.max_interval_s, max(self.interval_s * 2, 0.05, retry_after or 0.0))
+
+    def on_success(self) -> None:
+        self.interval_s = max(self.min_interval_s, self.interval_s - 0.01) if self.interval_s > 0.011 else 0.0

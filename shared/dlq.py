@@ -1,0 +1,142 @@
+"""Dead letters: list the dead-letter topics, show their letters, replay them at a chosen rate.
+
+A replay writes each letter's original bytes, key and headers back to the stage's input topic. Event
+ids are kept, so dedupe makes replays idempotent. Progress is committed in a consumer group per
+stage, so a replay can be stopped and resumed without repeating itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from shared.codec import unpack
+from shared.errors import HifiError, InvalidEvent
+from shared.topics import Topics
+
+
+class UnknownStage(HifiError):
+    pass
+
+
+def stage_input(topics: Topics, stage: str, sinks: list[str]) -> str:
+    inputs = {"enricher": topics.raw, "deduplicator": topics.enriched, "router": topics.unique}
+    inputs.update({f"sender.{s}": topics.sink(s) for s in sinks})
+    if stage not in inputs:
+        raise UnknownStage(f"unknown stage {stage!r}; stages with dead letters: {', '.join(inputs)}")
+    return inputs[stage]
+
+
+def stages(sinks: list[str]) -> list[str]:
+    return ["enricher", "deduplicator", "router"] + [f"sender.{s}" for s in sinks]
+
+
+@dataclass
+class DeadLetterQueues:
+    bootstrap: str
+    topics: Topics
+    sinks: list[str]
+
+    async def counts(self) -> dict[str, int]:
+        """Letters currently retained per stage (end offset minus start offset, summed over partitions)."""
+        names = {stage: self.topics.dlq(stage) for stage in stages(self.sinks)}
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            described = await admin.describe_topics(list(names.values()))
+        finally:
+            await admin.close()
+        partitions = {t["topic"]: [p["partition"] for p in t["partitions"]] for t in described if not t["error_code"]}
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            out = {}
+            for stage, topic in names.items():
+                tps = [TopicPartition(topic, p) for p in partitions.get(topic, [])]
+                if not tps:
+                    out[stage] = 0
+                    continue
+                ends = await consumer.end_offsets(tps)
+                starts = await consumer.beginning_offsets(tps)
+                out[stage] = sum(ends[tp] - starts[tp] for tp in tps)
+            return out
+        finally:
+            await consumer.stop()
+
+    async def read(self, stage: str, limit: int = 20) -> list[dict[str, Any]]:
+        topic = self.topics.dlq(stage)
+        stage_input(self.topics, stage, self.sinks)
+        consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+        )
+        await consumer.start()
+        letters: list[dict[str, Any]] = []
+        try:
+            idle = 0
+            while len(letters) < limit and idle < 3:
+                batch = await consumer.getmany(timeout_ms=500, max_records=limit - len(letters))
+                idle = 0 if batch else idle + 1
+                for records in batch.values():
+                    letters.extend(describe(r.value, r.partition, r.offset) for r in records)
+        finally:
+            await consumer.stop()
+        return letters[:limit]
+
+    async def replay(self, stage: str, rate: float = 100.0, limit: int | None = None) -> int:
+        target = stage_input(self.topics, stage, self.sinks)
+        consumer = AIOKafkaConsumer(
+            self.topics.dlq(stage),
+            bootstrap_servers=self.bootstrap,
+            group_id=self.topics.group(f"hifi-dlq-replay-{stage}"),
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True)
+        await consumer.start()
+        await producer.start()
+        replayed = 0
+        started = time.monotonic()
+        try:
+            idle = 0
+            while (limit is None or replayed < limit) and idle < 4:
+                batch = await consumer.getmany(timeout_ms=500, max_records=100)
+                idle = 0 if batch else idle + 1
+                for records in batch.values():
+                    for record in records:
+                        if limit is not None and replayed >= limit:
+                            break
+                        letter = unpack(record.value)
+                        headers = [(k, bytes(v)) for k, v in letter.get("original_headers", [])]
+                        await producer.send_and_wait(
+                            target, letter["original_value"], key=letter.get("original_key"), headers=headers
+                        )
+                        # Commit each one after the broker has it: an interrupted replay resumes exactly here.
+                        await consumer.commit({TopicPartition(record.topic, record.partition): record.offset + 1})
+                        replayed += 1
+                        if rate > 0:
+                            await asyncio.sleep(max(0.0, started + replayed / rate - time.monotonic()))
+        finally:
+            await producer.stop()
+            await consumer.stop()
+        return replayed
+
+
+def describe(value: bytes, partition: int, offset: int) -> dict[str, Any]:
+    try:
+        letter = unpack(value)
+    except InvalidEvent as exc:
+        return {"partition": partition, "offset": offset, "error": f"unreadable dead letter: {exc}"}
+    original = letter.get("original_value")
+    try:
+        letter["original"] = unpack(original) if original is not None else None
+    except InvalidEvent:
+        letter["original"] = None
+    letter["original_value"] = original[:200].hex() if isinstance(original, bytes) else original
+    letter["original_key"] = letter["original_key"].decode(errors="replace") if letter.get("original_key") else None
+    letter["original_headers"] = [[k, v.decode(errors="replace")] for k, v in letter.get("original_headers", [])]
+    return {"partition": partition, "offset": offset, **letter}

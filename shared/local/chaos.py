@@ -1,0 +1,502 @@
+"""`hifi chaos`: the real pipeline under steady load, a fault, and ground truth.
+
+Every event carries a producer id and sequence number; the load generator keeps the ids the
+collector accepted; two webhook sinks record what they acknowledged. A scenario passes only if
+every accepted event reached both sinks exactly once and the dead letters equal the poison pills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from shared.config import Settings, hash_api_key
+from shared.dlq import DeadLetterQueues
+from shared.local.kafka import LocalKafka
+from shared.local.pipeline import PipelineProcesses
+from shared.local.redis import LocalRedis
+from shared.local.traffic import EventFactory
+from shared.local.webhook import WebhookReceiver
+from shared.topics import Topics
+
+API_KEY = "chaos-key"
+SLA_MS = 1000.0
+
+
+@dataclass
+class LoadGenerator:
+    """Open loop: batches at fixed intended times. A batch the collector refuses (5xx, connection
+    error) is sent again, like an SDK would, until accepted: resends are duplicates to drop."""
+
+    url: str
+    rate: float
+    batch: int = 20
+    factory: EventFactory = field(default_factory=lambda: EventFactory(producer_id=uuid.uuid4().hex[:6]))
+    accepted: set[str] = field(default_factory=set)
+    resends: int = 0
+    extra_events: list[dict[str, Any]] = field(default_factory=list)  # injected into the next batch
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    async def run(self) -> None:
+        interval = self.batch / self.rate
+        next_at = time.monotonic()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+            while not self._stop.is_set():
+                events = [self.factory.make() for _ in range(self.batch)]
+                if self.extra_events:
+                    events.extend(self.extra_events)
+                    self.extra_events = []
+                task = asyncio.create_task(self._post_until_accepted(session, events))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                next_at += interval
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=120)
+
+    async def _post_until_accepted(self, session: aiohttp.ClientSession, events: list[dict[str, Any]]) -> None:
+        for attempt in range(200):
+            try:
+                async with session.post(self.url, json=events, headers={"X-Api-Key": API_KEY}) as resp:
+                    body = await resp.json(content_type=None)
+                    if resp.status < 500 and isinstance(body, dict):
+                        self.accepted.update(body.get("accepted", []))
+                        retry = [
+                            e
+                            for e in events
+                            if e.get("event_id")
+                            in {
+                                r.get("event_id")
+                                for r in body.get("rejected", [])
+                                if r.get("reason") == "broker_unavailable"
+                            }
+                        ]
+                        if not retry:
+                            return
+                        events = retry
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                pass
+            self.resends += 1
+            await asyncio.sleep(min(2.0, 0.1 * (attempt + 1)))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@dataclass
+class ChaosRun:
+    workdir: Path
+    kafka: LocalKafka
+    redis: LocalRedis
+    rate: float = 200.0
+    port_base: int = 18500
+    dedupe_backend: str = "rocksdb"
+    namespace: str = field(default_factory=lambda: f"chaos{uuid.uuid4().hex[:6]}")
+    faulted: WebhookReceiver = field(init=False)
+    healthy: WebhookReceiver = field(init=False)
+    pipeline: PipelineProcesses = field(init=False)
+    load: LoadGenerator = field(init=False)
+    pills: int = 0
+    fault_start_ms: float = 0.0
+    fault_end_ms: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.namespace)
+
+    async def start(self) -> None:
+        self.faulted = WebhookReceiver(port=self.port_base + 98)
+        self.healthy = WebhookReceiver(port=self.port_base + 99)
+        await self.faulted.start()
+        await self.healthy.start()
+        config = self.workdir / "hifi.yaml"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        geo = self._geo_db()
+        config.write_text(f"""tenants:
+  acme:
+    api_keys: ["{hash_api_key(API_KEY)}"]
+    sinks: [faulted, healthy]
+sinks:
+  faulted: {{type: webhook, url: "http://127.0.0.1:{self.faulted.port}/in", timeout_s: 10}}
+  healthy: {{type: webhook, url: "http://127.0.0.1:{self.healthy.port}/in", timeout_s: 10}}
+dedupe: {{backend: {self.dedupe_backend}}}
+{f'enrich: {{geoip_db: "{geo}"}}' if geo else ""}
+""")
+        replication = 3 if self.kafka.nodes >= 3 else 1
+        settings = Settings(
+            config_path=str(config),
+            broker=self.kafka.bootstrap,
+            redis_url=self.redis.url,
+            data_dir=str(self.workdir / "data"),
+            namespace=self.namespace,
+            partitions=4,
+            replication=replication,
+            min_insync=2 if replication == 3 else 1,
+            log_level="warning",
+        )
+        self.pipeline = PipelineProcesses(settings, self.workdir / "logs", port_base=self.port_base)
+        self.pipeline.start_all()
+        await asyncio.to_thread(self.pipeline.wait_ready, 120.0)
+        self.load = LoadGenerator(self.pipeline.collector_url, self.rate)
+
+    def _geo_db(self) -> Path | None:
+        try:
+            from mmdb_writer import MMDBWriter
+            from netaddr import IPSet
+        except ImportError:
+            return None
+        path = self.workdir / "geo.mmdb"
+        writer = MMDBWriter(ip_version=4, database_type="GeoLite2-Country")
+        writer.insert_network(IPSet(["10.0.0.0/8"]), {"country": {"iso_code": "NL"}})
+        writer.to_db_file(str(path))
+        return path
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.pipeline.stop_all, 30.0)
+        await self.faulted.stop()
+        await self.healthy.stop()
+
+    # -- faults ------------------------------------------------------------------------------------
+
+    def mark_fault(self, start: bool) -> None:
+        if start:
+            self.fault_start_ms = self.fault_start_ms or time.time() * 1000
+        else:
+            self.fault_end_ms = time.time() * 1000
+
+    async def kill_and_restart(self, label: str, down_s: float = 2.0) -> None:
+        self.pipeline.kill(label)
+        await asyncio.sleep(down_s)
+        self.pipeline.start(label)
+        await asyncio.to_thread(self.pipeline.wait_ready, 90.0, [label])
+
+    async def inject_pills(self) -> int:
+        """Bad records written straight into the raw topic, as a buggy producer would."""
+        producer = AIOKafkaProducer(bootstrap_servers=self.kafka.bootstrap, acks="all", enable_idempotence=True)
+        await producer.start()
+        good = self.load.factory.make()
+        pills = [
+            b"\xc1\xff not msgpack",
+            msgpack.packb([1, 2, 3]),
+            msgpack.packb({"type": "play", "ts": 1.0, "tenant": "acme"}),  # no event_id
+            msgpack.packb({"event_id": "p-ts", "type": "play", "ts": "yesterday", "tenant": "acme"}),
+            msgpack.packb(
+                {"event_id": "p-big", "type": "play", "ts": 1.0, "tenant": "acme", "payload": {"blob": "x" * 300_000}}
+            ),
+        ]
+        try:
+            for pill in pills:
+                await producer.send_and_wait(self.topics.raw, pill, key=b"acme:poison")
+        finally:
+            await producer.stop()
+        # A valid event whose enrichment raises (an IP the geo reader refuses): it must still arrive.
+        good["context"] = {"ip": "999.1.1.1"}
+        self.load.extra_events.append(good)
+        self.pills += len(pills)
+        return len(pills)
+
+    async def busiest_leader(self) -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka.bootstrap)
+        await admin.start()
+        try:
+            names = [self.topics.raw, self.topics.enriched, self.topics.unique]
+            described = await admin.describe_topics(names)
+        finally:
+            await admin.close()
+        leaders: dict[int, int] = {}
+        for topic in described:
+            for part in topic["partitions"]:
+                leaders[part["leader"]] = leaders.get(part["leader"], 0) + 1
+        return max(leaders, key=lambda n: leaders[n])
+
+    # -- measuring ---------------------------------------------------------------------------------
+
+    async def drain(self, timeout: float = 120.0) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            want = self.load.accepted
+            if all(want <= {e["event_id"] for e in sink.received} for sink in (self.faulted, self.healthy)):
+                break
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(3.0)  # anything delivered twice would arrive now
+        return time.monotonic() - started
+
+    async def report(self, scenario: str) -> dict[str, Any]:
+        dlq = await DeadLetterQueues(self.kafka.bootstrap, self.topics, ["faulted", "healthy"]).counts()
+        accepted = self.load.accepted
+        out: dict[str, Any] = {"scenario": scenario, "accepted": len(accepted), "resends": self.load.resends}
+        for name, sink in (("faulted", self.faulted), ("healthy", self.healthy)):
+            counts: dict[str, int] = {}
+            for e in sink.received:
+                counts[e["event_id"]] = counts.get(e["event_id"], 0) + 1
+            out[f"{name}_delivered"] = len(counts)
+            out[f"{name}_missing"] = len(accepted - set(counts))
+            out[f"{name}_duplicates"] = sum(n - 1 for n in counts.values())
+            out[f"{name}_on_time_during_fault"] = self._on_time(sink)
+        out["missing"] = out["faulted_missing"] + out["healthy_missing"]
+        out["duplicates"] = out["faulted_duplicates"] + out["healthy_duplicates"]
+        out["dead_lettered"] = sum(dlq.values())
+        out["pills"] = self.pills
+        out["recovery_s"] = self._recovery_s()
+        out["passed"] = out["missing"] == 0 and out["duplicates"] == 0 and out["dead_lettered"] == self.pills
+        out["notes"] = self.notes
+        return out
+
+    def _on_time(self, sink: WebhookReceiver) -> float | None:
+        if not self.fault_start_ms:
+            return None
+        end = (self.fault_end_ms or time.time() * 1000) + 5_000
+        lags = [
+            arr - e["ingest_ts"]
+            for e, arr in zip(sink.received, sink.arrival_ms, strict=True)
+            if self.fault_start_ms <= e["ingest_ts"] <= end
+        ]
+        return round(sum(1 for lag in lags if lag <= SLA_MS) / len(lags), 5) if lags else None
+
+    def _recovery_s(self) -> float | None:
+        """Seconds after the fault ended until the faulted sink had every event ingested before then."""
+        if not self.fault_end_ms:
+            return None
+        arrivals = [
+            arr
+            for e, arr in zip(self.faulted.received, self.faulted.arrival_ms, strict=True)
+            if e["ingest_ts"] <= self.fault_end_ms
+        ]
+        return round(max(0.0, (max(arrivals) - self.fault_end_ms) / 1000), 2) if arrivals else None
+
+
+# -- scenarios ---------------------------------------------------------------------------------------
+
+
+async def kill_each_stage(run: ChaosRun) -> None:
+    """1. kill -9 each stage in turn mid-stream, then restart it."""
+    run.mark_fault(True)
+    for label in ("collector", "enricher", "deduplicator", "router", "sender.faulted"):
+        await asyncio.sleep(3.0)
+        await run.kill_and_restart(label)
+    run.mark_fault(False)
+
+
+async def slow_message_then_kill(run: ChaosRun) -> None:
+    """2. a slow message at the sink, then kill -9 of the sender waiting on it."""
+    slow = run.load.factory.make()
+    run.faulted.slow_event_ids = {slow["event_id"]}
+    run.faulted.slow_s = 8.0
+    run.load.extra_events.append(slow)
+    run.mark_fault(True)
+    deadline = time.monotonic() + 30
+    while run.faulted.requests == 0 or slow["event_id"] not in run.load.accepted:
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(2.0)  # the sender is now waiting on the slow batch
+    run.pipeline.kill("sender.faulted")
+    run.faulted.slow_event_ids = set()
+    await asyncio.sleep(1.0)
+    run.pipeline.start("sender.faulted")
+    await asyncio.to_thread(run.pipeline.wait_ready, 90.0, ["sender.faulted"])
+    run.mark_fault(False)
+    run.notes.append(
+        f"slow event {slow['event_id']}; batches dropped by the sink on disconnect: {run.faulted.dropped_batches}"
+    )
+
+
+async def pause_each_stage(run: ChaosRun) -> None:
+    """3. SIGSTOP a stage for 10 s, then SIGCONT (longer than the 10 s session timeout: a rebalance)."""
+    run.mark_fault(True)
+    for label in ("enricher", "sender.faulted"):
+        await asyncio.sleep(3.0)
+        run.pipeline.signal(label, signal.SIGSTOP)
+        await asyncio.sleep(10.0)
+        run.pipeline.signal(label, signal.SIGCONT)
+    run.mark_fault(False)
+
+
+async def kill_busiest_broker(run: ChaosRun) -> None:
+    """4. kill -9 the broker leading most pipeline partitions; restart it after 30 s (3-node cluster)."""
+    node = await run.busiest_leader()
+    await asyncio.sleep(3.0)
+    run.mark_fault(True)
+    await asyncio.to_thread(run.kafka.kill_node, node)
+    await asyncio.sleep(30.0)
+    await asyncio.to_thread(run.kafka.start_node, node)
+    run.mark_fault(False)
+    run.notes.append(f"killed broker node {node}")
+
+
+async def restart_redis(run: ChaosRun) -> None:
+    """5. kill Redis and restart it, once with its data and once empty (dedupe and ledger on Redis)."""
+    for keep_data in (True, False):
+        await asyncio.sleep(4.0)
+        run.mark_fault(True)
+        await asyncio.to_thread(run.redis.kill)
+        await asyncio.sleep(5.0)
+        if not keep_data:
+            run.redis.wipe_data()
+        await asyncio.to_thread(run.redis.ensure)
+    run.mark_fault(False)
+
+
+async def sick_sink(run: ChaosRun) -> None:
+    """6. one sink answers 5xx for 30 s, then is slow (+2 s per batch), then answers 429 + Retry-After."""
+    await asyncio.sleep(3.0)
+    run.mark_fault(True)
+    run.faulted.fail_status = 503
+    await asyncio.sleep(30.0)
+    run.faulted.fail_status = None
+    run.faulted.delay_s = 2.0
+    await asyncio.sleep(10.0)
+    run.faulted.delay_s = 0.0
+    run.faulted.fail_status, run.faulted.retry_after = 429, 1.0
+    await asyncio.sleep(6.0)
+    run.faulted.fail_status, run.faulted.retry_after = None, None
+    run.mark_fault(False)
+
+
+async def poison_pills(run: ChaosRun) -> None:
+    """7. poison pills: undecodable, wrong shape, missing field, wrong type, oversized; one event whose
+    enrichment raises (it must arrive)."""
+    await asyncio.sleep(2.0)
+    run.mark_fault(True)
+    await run.inject_pills()
+    await asyncio.sleep(2.0)
+    await run.inject_pills()
+    run.mark_fault(False)
+
+
+async def scale_out_and_in(run: ChaosRun) -> None:
+    """8. scale each stage from 1 to 2 workers and back during load."""
+    run.mark_fault(True)
+    for label in ("enricher", "deduplicator", "router", "sender.faulted"):
+        extra = run.pipeline.add_worker(label)
+        await asyncio.to_thread(run.pipeline.wait_ready, 90.0, [extra])
+        await asyncio.sleep(4.0)
+        code = await asyncio.to_thread(run.pipeline.stop, extra, 30.0)
+        run.notes.append(f"{extra} exit {code}")
+    run.mark_fault(False)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    number: int
+    name: str
+    fault: Callable[[ChaosRun], Awaitable[None]]
+    nodes: int = 1
+    dedupe_backend: str = "rocksdb"
+    own_redis: bool = False
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario(1, "kill-stages", kill_each_stage),
+        Scenario(2, "slow-then-kill", slow_message_then_kill),
+        Scenario(3, "pause-stages", pause_each_stage),
+        Scenario(4, "kill-broker", kill_busiest_broker, nodes=3),
+        Scenario(5, "restart-redis", restart_redis, dedupe_backend="redis", own_redis=True),
+        Scenario(6, "sick-sink", sick_sink),
+        Scenario(7, "poison-pills", poison_pills),
+        Scenario(8, "scale-stages", scale_out_and_in),
+    )
+}
+
+
+async def run_scenario(
+    scenario: Scenario,
+    workdir: Path,
+    kafka: LocalKafka,
+    redis: LocalRedis,
+    rate: float = 200.0,
+    port_base: int = 18500,
+) -> dict[str, Any]:
+    run = ChaosRun(workdir, kafka, redis, rate=rate, port_base=port_base, dedupe_backend=scenario.dedupe_backend)
+    await run.start()
+    started = time.monotonic()
+    try:
+        load = asyncio.create_task(run.load.run())
+        await asyncio.sleep(2.0)
+        await scenario.fault(run)
+        await asyncio.sleep(3.0)
+        run.load.stop()
+        await load
+        drained = await run.drain()
+        result = await run.report(scenario.name)
+        result["number"] = scenario.number
+        result["drain_s"] = round(drained, 1)
+        result["seconds"] = round(time.monotonic() - started, 1)
+        result["rate"] = rate
+        return result
+    finally:
+        await run.stop()
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    head = (
+        "| # | scenario | accepted | delivered (faulted / healthy) | missing | duplicates | dead-lettered / pills "
+        "| recovery s | healthy on-time during fault | result |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for r in results:
+        on_time = r.get("healthy_on_time_during_fault")
+        rows.append(
+            f"| {r['number']} | {r['scenario']} | {r['accepted']} | {r['faulted_delivered']} / {r['healthy_delivered']} "
+            f"| {r['missing']} | {r['duplicates']} | {r['dead_lettered']} / {r['pills']} | {r['recovery_s']} "
+            f"| {'n/a' if on_time is None else f'{on_time * 100:.2f} %'} | {'pass' if r['passed'] else 'FAIL'} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def main(names: list[str], rate: float, json_out: str | None) -> int:
+    from shared.local.kafka import DEFAULT_HOME
+
+    chosen = list(SCENARIOS.values()) if names == ["all"] else []
+    for name in names if names != ["all"] else []:
+        if name not in SCENARIOS:
+            raise SystemExit(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)} or all")
+        chosen.append(SCENARIOS[name])
+    results = []
+    workroot = DEFAULT_HOME.parent / "chaos"
+    for scenario in chosen:
+        kafka = LocalKafka(
+            nodes=scenario.nodes,
+            port=39092 if scenario.nodes == 3 else 19192,
+            data_root=workroot / f"kafka-{scenario.nodes}n",
+            heap="384m",
+        )
+        kafka.wipe()
+        kafka.start()
+        redis = LocalRedis(
+            url="redis://127.0.0.1:16379/0" if scenario.own_redis else "redis://127.0.0.1:6379/14",
+            data_dir=workroot / "redis",
+            persistent=scenario.own_redis,
+        )
+        started_redis = redis.ensure()
+        try:
+            print(f"scenario {scenario.number} {scenario.name}: running ...", flush=True)
+            result = asyncio.run(run_scenario(scenario, workroot / scenario.name, kafka, redis, rate))
+            print(json.dumps(result), flush=True)
+            results.append(result)
+        finally:
+            kafka.stop()
+            if started_redis or scenario.own_redis:
+                redis.stop()
+    print(format_table(results))
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(results, indent=1))
+    return 0 if all(r["passed"] for r in results) else 1
