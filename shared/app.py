@@ -28,8 +28,21 @@ class IdempotentProducer(faust_aiokafka.Producer):
         return {"acks": "all", "enable_idempotence": True}
 
 
+class GaplessConsumer(faust_aiokafka.Consumer):
+    """Never commits over offsets nobody processed.
+
+    Faust records a jump in read offsets as a "gap" and later counts it as acked, for topics with
+    transaction markers or compaction. Hifi's stage topics have neither; there a jump means events
+    Faust dropped during a rebalance, which the stage runner re-reads (see `PartitionCursors`).
+    """
+
+    async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
+        return None
+
+
 class HifiTransport(faust_aiokafka.Transport):
     Producer = IdempotentProducer
+    Consumer = GaplessConsumer
 
 
 class HifiApp(faust.App):

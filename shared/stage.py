@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sentry_sdk
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from faust.streams import _current_event
 
 from shared.codec import decode_event, pack
@@ -87,6 +89,7 @@ class StageRunner:
         handler: Handler,
         metrics: StageMetrics,
         dlq: str,
+        source: str,
         batch_max: int = 500,
         max_message_bytes: int = 1_048_576,
         within_s: float = 0.002,
@@ -101,9 +104,18 @@ class StageRunner:
         self.within_s = within_s
         self.backoff = backoff or Backoff()
         self.dlq = dlq
+        self.source = source
+        self.cursors = PartitionCursors(app, source, ",".join(f"{u.host}:{u.port}" for u in app.conf.broker))
+
+    def attach(self, name: str) -> Any:
+        """Register this stage's agent on its source topic (one agent, concurrency 1)."""
+        return self.app.agent(self.app.topic(self.source), name=name, concurrency=1)(self.run)
 
     async def run(self, stream: Any) -> None:
-        async for events in stream.noack_take(self.batch_max, within=self.within_s):
+        async for fetched in stream.noack_take(self.batch_max, within=self.within_s):
+            events = await self.cursors.admit(fetched)
+            if not events:
+                continue
             await self.process_batch(events)
             for event in events:  # the commit point: everything above is durable
                 await stream.ack(event)
@@ -195,6 +207,75 @@ class StageRunner:
                 self.metrics.retries.labels(self.stage).inc()
                 log.warning("%s: produce failed (attempt %d), retrying in %.2fs: %r", self.stage, attempt, delay, exc)
                 await asyncio.sleep(delay)
+
+
+class PartitionCursors:
+    """The next offset this worker must process, per partition it owns.
+
+    Only the event at the cursor is processed. Faust can drop fetched events during a rebalance and
+    read on past them; an event beyond the cursor means that happened, so the partition is sought
+    back to the cursor and the events re-read. Events below it were processed already. Acks stay
+    contiguous from the group's committed offset, so Faust's committer cannot skip anything.
+    """
+
+    def __init__(self, app: Any, source: str, bootstrap: str) -> None:
+        self.app = app
+        self.source = source
+        self.bootstrap = bootstrap
+        self.next: dict[Any, int | None] = {}
+        self.sought: dict[Any, tuple[int, float]] = {}
+        self.rewinds = 0
+        app.on_partitions_assigned.connect(self._on_assigned)
+        app.on_partitions_revoked.connect(self._on_revoked)
+
+    async def _on_assigned(self, sender: Any, assigned: Any, **kwargs: Any) -> None:
+        # Revocation (and its final commit) happens before assignment, so these offsets are final.
+        mine = [tp for tp in assigned if tp.topic == self.source]
+        committed = await self._committed(mine) if mine else {}
+        self.next = {}
+        for tp in mine:
+            offset = committed.get(tp)
+            self.next[tp] = offset
+            if offset is not None:
+                await self.app.consumer.seek(tp, offset)  # forget any fetch position from before
+        self.sought.clear()
+
+    async def _committed(self, tps: list[Any]) -> dict[Any, int]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            found = await admin.list_consumer_group_offsets(
+                self.app.conf.id, partitions=[TopicPartition(tp.topic, tp.partition) for tp in tps]
+            )
+        finally:
+            await admin.close()
+        return {(tp.topic, tp.partition): meta.offset for tp, meta in found.items() if meta.offset >= 0}
+
+    async def _on_revoked(self, sender: Any, revoked: Any, **kwargs: Any) -> None:
+        for tp in revoked:
+            self.next.pop(tp, None)
+
+    async def admit(self, fetched: Sequence[Any]) -> list[Any]:
+        admitted = []
+        for event in fetched:
+            tp, offset = event.message.tp, event.message.offset
+            if tp not in self.next:
+                continue  # fetched before a revocation: no longer ours
+            expected = self.next[tp]
+            if expected is None or offset == expected:
+                admitted.append(event)
+                self.next[tp] = offset + 1
+            elif offset > expected:
+                # Seek once, and again if events past the cursor still arrive a second later (a seek
+                # issued around a rebalance can be overridden by the fetcher).
+                last = self.sought.get(tp)
+                now = time.monotonic()
+                if last is None or last[0] != expected or now - last[1] > 1.0:
+                    log.warning("%s: offsets %d..%d were skipped by the consumer; re-reading", tp, expected, offset - 1)
+                    self.sought[tp] = (expected, now)
+                    self.rewinds += 1
+                    await self.app.consumer.seek(tp, expected)
+        return admitted
 
 
 class _Unexpected(Exception):

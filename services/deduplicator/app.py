@@ -71,11 +71,11 @@ def build(ctx: ServiceContext) -> Any:
         Alerter("deduplicator"),
         pass_through=conf.on_redis_down == "pass-through",
     )
-    runner = StageRunner(app, "deduplicator", dedupe.handle, ctx.metrics, ctx.topics.dlq("deduplicator"))
+    runner = StageRunner(
+        app, "deduplicator", dedupe.handle, ctx.metrics, ctx.topics.dlq("deduplicator"), source=ctx.topics.enriched
+    )
 
-    @app.agent(app.topic(ctx.topics.enriched), name="dedupe")
-    async def deduplicate(stream: Any) -> None:
-        await runner.run(stream)
+    runner.attach("dedupe")
 
     @app.page("/tables/dedupe")
     async def dedupe_table(self: web.View, request: web.Request) -> web.Response:

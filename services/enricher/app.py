@@ -108,12 +108,11 @@ def build(ctx: ServiceContext) -> Any:
         enricher.handle,
         ctx.metrics,
         ctx.topics.dlq("enricher"),
+        source=ctx.topics.raw,
         max_message_bytes=ctx.config.limits.max_event_bytes * 4,  # the collector admits at most max_event_bytes
     )
 
-    @app.agent(app.topic(ctx.topics.raw), name="enrich")
-    async def enrich(stream: Any) -> None:
-        await runner.run(stream)
+    runner.attach("enrich")
 
     def stats() -> dict[str, Any]:
         m = ctx.metrics

@@ -48,11 +48,9 @@ def build(ctx: ServiceContext) -> Any:
         "hifi_events_unrouted", "Events of tenants with no subscribed sink", ["tenant"], registry=ctx.metrics.registry
     )
     router = Router(ctx.config, ctx.topics, unrouted)
-    runner = StageRunner(app, "router", router.handle, ctx.metrics, ctx.topics.dlq("router"))
+    runner = StageRunner(app, "router", router.handle, ctx.metrics, ctx.topics.dlq("router"), source=ctx.topics.unique)
 
-    @app.agent(app.topic(ctx.topics.unique), name="route")
-    async def route(stream: Any) -> None:
-        await runner.run(stream)
+    runner.attach("route")
 
     def stats() -> dict[str, Any]:
         m = ctx.metrics

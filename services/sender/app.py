@@ -201,12 +201,16 @@ def build(ctx: ServiceContext) -> Any:
         sink, ledger, ctx.metrics, Alerter(stage), pass_through=dedupe.on_redis_down == "pass-through"
     )
     runner = StageRunner(
-        app, stage, delivery.handle, ctx.metrics, ctx.topics.dlq(stage), batch_max=sink_config.batch_max
+        app,
+        stage,
+        delivery.handle,
+        ctx.metrics,
+        ctx.topics.dlq(stage),
+        source=ctx.topics.sink(ctx.sink),
+        batch_max=sink_config.batch_max,
     )
 
-    @app.agent(app.topic(ctx.topics.sink(ctx.sink)), name="deliver")
-    async def deliver(stream: Any) -> None:
-        await runner.run(stream)
+    runner.attach("deliver")
 
     app.add_dependency(SinkLifecycle(sink))
     add_common_views(app, stage, ctx.metrics, delivery.stats)

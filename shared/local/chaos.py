@@ -248,6 +248,11 @@ dedupe: {{backend: {self.dedupe_backend}}}
             out[f"{name}_duplicates"] = sum(n - 1 for n in counts.values())
             out[f"{name}_on_time_during_fault"] = self._on_time(sink)
         out["missing"] = out["faulted_missing"] + out["healthy_missing"]
+        missing = sorted(accepted - {e["event_id"] for e in self.faulted.received})
+        if missing:
+            out["missing_sample"] = missing[:10]
+            out["missing_seen_in"] = await self.locate(set(missing))
+        out["namespace"] = self.namespace
         out["duplicates"] = out["faulted_duplicates"] + out["healthy_duplicates"]
         out["dead_lettered"] = sum(dlq.values())
         out["pills"] = self.pills
@@ -255,6 +260,37 @@ dedupe: {{backend: {self.dedupe_backend}}}
         out["passed"] = out["missing"] == 0 and out["duplicates"] == 0 and out["dead_lettered"] == self.pills
         out["notes"] = self.notes
         return out
+
+    async def locate(self, event_ids: set[str]) -> dict[str, int]:
+        """How many of `event_ids` each pipeline topic holds: the first topic short of them is where they went."""
+        from aiokafka import AIOKafkaConsumer
+
+        from shared.codec import unpack
+
+        found: dict[str, int] = {}
+        for topic in (self.topics.raw, self.topics.enriched, self.topics.unique, self.topics.sink("faulted")):
+            consumer = AIOKafkaConsumer(
+                topic, bootstrap_servers=self.kafka.bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+            )
+            await consumer.start()
+            seen: set[str] = set()
+            try:
+                idle = 0
+                while idle < 3:
+                    batch = await consumer.getmany(timeout_ms=300, max_records=5000)
+                    idle = 0 if batch else idle + 1
+                    for records in batch.values():
+                        for r in records:
+                            try:
+                                event_id = unpack(r.value).get("event_id")
+                            except Exception:
+                                continue
+                            if event_id in event_ids:
+                                seen.add(event_id)
+            finally:
+                await consumer.stop()
+            found[topic] = len(seen)
+        return found
 
     def _on_time(self, sink: WebhookReceiver) -> float | None:
         if not self.fault_start_ms:
@@ -454,7 +490,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
     for r in results:
         on_time = r.get("healthy_on_time_during_fault")
         rows.append(
-            f"| {r['number']} | {r['scenario']} | {r['accepted']} | {r['faulted_delivered']} / {r['healthy_delivered']} "
+            f"| {r['number']} | {r['scenario']} | {r['accepted']} "
+            f"| {r['faulted_delivered']} / {r['healthy_delivered']} "
             f"| {r['missing']} | {r['duplicates']} | {r['dead_lettered']} / {r['pills']} | {r['recovery_s']} "
             f"| {'n/a' if on_time is None else f'{on_time * 100:.2f} %'} | {'pass' if r['passed'] else 'FAIL'} |"
         )
