@@ -36,6 +36,9 @@ $(KAFKA_JAR): dev/kafka/pom.xml
 	mvn -q -B -f dev/kafka/pom.xml dependency:copy-dependencies -DoutputDirectory=$(CURDIR)/.cache/kafka/libs
 	touch $@
 
+chaos: install jars
+	$(BIN)/hifi chaos all --rate 200 --json docs/chaos/latest.json --doc docs/RELIABILITY.md
+
 clean:
 	-$(BIN)/hifi kafka stop
 	rm -rf var .cache/kafka/data-* .cache/kafka/test-*

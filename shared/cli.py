@@ -54,10 +54,11 @@ def main(argv: list[str] | None = None) -> None:
         "scenario",
         nargs="+",
         help="kill-stages, slow-then-kill, pause-stages, kill-broker, "
-        "restart-redis, sick-sink, poison-pills, scale-stages, or all",
+        "restart-redis, sick-sink, poison-pills, scale-stages, rolling-deploy, or all",
     )
     chaos.add_argument("--rate", type=float, default=200.0, help="events per second of steady load")
     chaos.add_argument("--json", dest="json_out", help="also write the results to this file")
+    chaos.add_argument("--doc", help="rewrite the results table in this markdown file (docs/RELIABILITY.md)")
 
     key = sub.add_parser("hash-key", help="print the hash of an API key, for the config's api_keys")
     key.add_argument("key")
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "chaos":
         from shared.local.chaos import main as run_chaos
 
-        sys.exit(run_chaos(args.scenario, args.rate, args.json_out))
+        sys.exit(run_chaos(args.scenario, args.rate, args.json_out, args.doc))
     elif args.command == "dlq":
         run_dlq(args)
     elif args.command == "hash-key":

@@ -231,6 +231,7 @@ class Settings:
     environment: str = "dev"  # HIFI_ENV
     log_level: str = "info"  # HIFI_LOG_LEVEL
     namespace: str = ""  # HIFI_NAMESPACE: prefix of topics and consumer groups
+    shutdown_grace_s: float = 20.0  # HIFI_SHUTDOWN_GRACE_S: SIGTERM drains for at most this long
 
     ENV = {
         "config_path": "HIFI_CONFIG",
@@ -246,6 +247,7 @@ class Settings:
         "environment": "HIFI_ENV",
         "log_level": "HIFI_LOG_LEVEL",
         "namespace": "HIFI_NAMESPACE",
+        "shutdown_grace_s": "HIFI_SHUTDOWN_GRACE_S",
     }
 
     @classmethod
@@ -262,6 +264,11 @@ class Settings:
                     values[f.name] = int(raw)
                 except ValueError:
                     raise ConfigError(var, f"must be an integer, got {raw!r}") from None
+            elif f.name == "shutdown_grace_s":
+                try:
+                    values[f.name] = float(raw)
+                except ValueError:
+                    raise ConfigError(var, f"must be a number of seconds, got {raw!r}") from None
             else:
                 values[f.name] = raw
         return cls(**values)

@@ -24,7 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from shared.config import Settings, hash_api_key
 from shared.dlq import DeadLetterQueues
-from shared.local.kafka import LocalKafka
+from shared.local.kafka import KAFKA_VERSION, LocalKafka
 from shared.local.pipeline import PipelineProcesses
 from shared.local.redis import LocalRedis
 from shared.local.traffic import EventFactory
@@ -110,6 +110,7 @@ class ChaosRun:
     pipeline: PipelineProcesses = field(init=False)
     load: LoadGenerator = field(init=False)
     pills: int = 0
+    clean_exit: bool = True
     fault_start_ms: float = 0.0
     fault_end_ms: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -257,7 +258,10 @@ dedupe: {{backend: {self.dedupe_backend}}}
         out["dead_lettered"] = sum(dlq.values())
         out["pills"] = self.pills
         out["recovery_s"] = self._recovery_s()
-        out["passed"] = out["missing"] == 0 and out["duplicates"] == 0 and out["dead_lettered"] == self.pills
+        out["clean_exit"] = self.clean_exit
+        out["passed"] = (
+            out["missing"] == 0 and out["duplicates"] == 0 and out["dead_lettered"] == self.pills and self.clean_exit
+        )
         out["notes"] = self.notes
         return out
 
@@ -349,6 +353,21 @@ async def slow_message_then_kill(run: ChaosRun) -> None:
     run.notes.append(
         f"slow event {slow['event_id']}; batches dropped by the sink on disconnect: {run.faulted.dropped_batches}"
     )
+
+
+async def rolling_deploy(run: ChaosRun) -> None:
+    """9. a rolling deploy: SIGTERM each stage in turn (it drains and commits), then start it again."""
+    run.mark_fault(True)
+    for label in ("collector", "enricher", "deduplicator", "router", "sender.faulted", "sender.healthy"):
+        await asyncio.sleep(2.0)
+        started = time.monotonic()
+        code = await asyncio.to_thread(run.pipeline.stop, label, 30.0)
+        run.notes.append(f"{label} exit {code} in {time.monotonic() - started:.1f}s")
+        if code != 0:
+            run.clean_exit = False
+        run.pipeline.start(label)
+        await asyncio.to_thread(run.pipeline.wait_ready, 90.0, [label])
+    run.mark_fault(False)
 
 
 async def pause_each_stage(run: ChaosRun) -> None:
@@ -447,6 +466,7 @@ SCENARIOS = {
         Scenario(6, "sick-sink", sick_sink),
         Scenario(7, "poison-pills", poison_pills),
         Scenario(8, "scale-stages", scale_out_and_in),
+        Scenario(9, "rolling-deploy", rolling_deploy),
     )
 }
 
@@ -498,7 +518,23 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def main(names: list[str], rate: float, json_out: str | None) -> int:
+def write_doc(doc: Path, table: str, command: str) -> None:
+    """Replace the results section of docs/RELIABILITY.md (between the chaos markers)."""
+    import os
+    import platform
+
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    section = (
+        f"<!-- chaos:begin -->\nLatest run: {stamp}, `{command}`, on {os.cpu_count()} cores / {mem_gib:.0f} GiB "
+        f"({platform.platform()}), Kafka {KAFKA_VERSION}, everything on one machine.\n\n{table}<!-- chaos:end -->"
+    )
+    text = doc.read_text()
+    head, rest = text.split("<!-- chaos:begin -->", 1)
+    doc.write_text(head + section + rest.split("<!-- chaos:end -->", 1)[1])
+
+
+def main(names: list[str], rate: float, json_out: str | None, doc: str | None = None) -> int:
     from shared.local.kafka import DEFAULT_HOME
 
     chosen = list(SCENARIOS.values()) if names == ["all"] else []
@@ -532,7 +568,10 @@ def main(names: list[str], rate: float, json_out: str | None) -> int:
             kafka.stop()
             if started_redis or scenario.own_redis:
                 redis.stop()
-    print(format_table(results))
+    table = format_table(results)
+    print(table)
+    if doc:
+        write_doc(Path(doc), table, "hifi chaos " + " ".join(names) + f" --rate {rate:g}")
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(results, indent=1))

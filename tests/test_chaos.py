@@ -1,0 +1,56 @@
+"""Faults on the real pipeline, with ground truth (see shared/local/chaos.py). `make test` runs these;
+`make chaos` runs the whole matrix including broker and Redis faults."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.local.chaos import SCENARIOS, run_scenario
+
+
+async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0):
+    result = await run_scenario(SCENARIOS[name], tmp_path / name, kafka, redis_server, rate=rate, port_base=port_base)
+    detail = {
+        k: result.get(k)
+        for k in (
+            "accepted",
+            "missing",
+            "duplicates",
+            "dead_lettered",
+            "pills",
+            "missing_sample",
+            "missing_seen_in",
+            "notes",
+        )
+    }
+    assert result["accepted"] > 1000, detail
+    assert result["missing"] == 0, detail
+    assert result["duplicates"] == 0, detail
+    assert result["dead_lettered"] == result["pills"], detail
+    return result
+
+
+async def test_kill_minus_9_each_stage_loses_and_duplicates_nothing(tmp_path, kafka, redis_server, port_base):
+    await run("kill-stages", tmp_path, kafka, redis_server, port_base)
+
+
+async def test_slow_message_then_kill_of_its_worker_is_still_delivered(tmp_path, kafka, redis_server, port_base):
+    result = await run("slow-then-kill", tmp_path, kafka, redis_server, port_base)
+    assert "slow event" in result["notes"][0]
+
+
+async def test_a_sick_sink_recovers_and_does_not_slow_the_other_sink(tmp_path, kafka, redis_server, port_base):
+    result = await run("sick-sink", tmp_path, kafka, redis_server, port_base)
+    assert result["healthy_on_time_during_fault"] >= 0.999, result
+    assert result["recovery_s"] is not None and result["recovery_s"] < 60, result
+
+
+async def test_poison_pills_are_dead_lettered_one_each(tmp_path, kafka, redis_server, port_base):
+    result = await run("poison-pills", tmp_path, kafka, redis_server, port_base)
+    assert result["pills"] == 10 and result["dead_lettered"] == 10
+
+
+@pytest.mark.chaos
+async def test_rolling_deploy_drains_and_exits_cleanly(tmp_path, kafka, redis_server, port_base):
+    result = await run("rolling-deploy", tmp_path, kafka, redis_server, port_base)
+    assert result["clean_exit"], result["notes"]

@@ -1,0 +1,70 @@
+"""Dead letters keep what is needed to understand and replay them; a replay is idempotent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+from shared.dlq import DeadLetterQueues
+from shared.local.traffic import EventFactory
+from shared.local.webhook import WebhookReceiver
+from shared.topics import Topics
+from tests.helpers import post, tenant_block, wait_for
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", *args], env=env, capture_output=True, text=True, check=True
+    )
+
+
+async def test_a_refused_batch_is_dead_lettered_then_replayed_exactly_once(
+    tmp_path, namespace, port_base, settings_for, start_pipeline, kafka
+):
+    hook = WebhookReceiver(port=port_base + 19, fail_status=400)  # a permanent refusal
+    await hook.start()
+    config = tmp_path / "hifi.yaml"
+    config.write_text(
+        "tenants:\n"
+        + tenant_block("acme", "k", ["hook"])
+        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{hook.port}/in"}}\n'
+    )
+    settings = settings_for(config)
+    pipeline = await start_pipeline(settings)
+    queues = DeadLetterQueues(kafka.bootstrap, Topics(namespace), ["hook"])
+    try:
+        factory = EventFactory(producer_id=namespace)
+        events = [factory.make() for _ in range(30)]
+        assert (await post(pipeline.collector_url, "k", events))[0] == 200
+
+        async def all_dead() -> bool:
+            return (await queues.counts())["sender.hook"] == 30
+
+        await wait_for(all_dead, 60, "dead letters", pipeline)
+        assert hook.received == []
+        letters = await queues.read("sender.hook", limit=30)
+        assert {letter["original"]["event_id"] for letter in letters} == {e["event_id"] for e in events}
+        first = letters[0]
+        assert first["error_class"] == "PermanentSinkError" and "HTTP 400" in first["error"]
+        assert first["stage"] == "sender.hook" and first["attempts"] == 1
+        assert (
+            first["topic"] == Topics(namespace).sink("hook") and first["dead_lettered_ms"] >= first["first_failed_ms"]
+        )
+
+        env = {**os.environ, **settings.as_env()}
+        listed = (await asyncio.to_thread(cli, env, "dlq", "list")).stdout
+        assert any(line.split()[:2] == ["sender.hook", "30"] for line in listed.splitlines()), listed
+        shown = (await asyncio.to_thread(cli, env, "dlq", "show", "sender.hook", "--limit", "2")).stdout.splitlines()
+        assert len(shown) == 2 and json.loads(shown[0])["reason"] == "PermanentSinkError"
+
+        hook.fail_status = None  # the destination is fixed: replay
+        assert await queues.replay("sender.hook", rate=0) == 30
+        await wait_for(lambda: len(hook.received) >= 30, 60, "replayed delivery", pipeline)
+        assert await queues.replay("sender.hook", rate=0) == 0, "a finished replay does not repeat"
+        await asyncio.sleep(2.0)
+        assert sorted(hook.counts().values()) == [1] * 30
+    finally:
+        await hook.stop()
