@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 KAFKA_JAR := .cache/kafka/libs/kafka_2.13-4.4.0.jar
 
-.PHONY: run test lint format chaos bench clean system-deps install jars
+.PHONY: run test lint format fuzz chaos bench clean system-deps install jars
 
 run: install jars
 	$(BIN)/hifi up
@@ -35,6 +35,9 @@ jars: $(KAFKA_JAR)
 $(KAFKA_JAR): dev/kafka/pom.xml
 	mvn -q -B -f dev/kafka/pom.xml dependency:copy-dependencies -DoutputDirectory=$(CURDIR)/.cache/kafka/libs
 	touch $@
+
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz timeout 600 $(BIN)/pytest -q tests/test_properties.py
 
 chaos: install jars
 	$(BIN)/hifi chaos all --rate 200 --json docs/chaos/latest.json --doc docs/RELIABILITY.md

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     chaos.add_argument("--json", dest="json_out", help="also write the results to this file")
     chaos.add_argument("--doc", help="rewrite the results table in this markdown file (docs/RELIABILITY.md)")
 
+    sub.add_parser("topics", help="create every topic of the config (idempotent; the Helm chart's pre-install job)")
+
     key = sub.add_parser("hash-key", help="print the hash of an API key, for the config's api_keys")
     key.add_argument("key")
 
@@ -114,6 +116,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_chaos(args.scenario, args.rate, args.json_out, args.doc))
     elif args.command == "dlq":
         run_dlq(args)
+    elif args.command == "topics":
+        import asyncio
+
+        from shared.config import HifiConfig
+        from shared.topics import Topics, ensure_topics
+
+        settings = Settings.from_env()
+        names = Topics(settings.namespace).all(list(HifiConfig.load(settings.config_path).sinks))
+        asyncio.run(
+            ensure_topics(settings.broker, names, settings.partitions, settings.replication, settings.min_insync)
+        )
+        print(f"{len(names)} topics present at {settings.broker}")
     elif args.command == "hash-key":
         print(hash_api_key(args.key))
 

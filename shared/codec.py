@@ -22,6 +22,23 @@ def unpack(data: bytes) -> Any:
         raise InvalidEvent("undecodable", f"{type(exc).__name__}: {exc}") from None
 
 
+def unpack_client(data: bytes) -> Any:
+    """Client input: like `unpack`, but a map with a repeated key is refused (its meaning is ambiguous)."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, object_pairs_hook=unique_pairs)
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:
+        raise InvalidEvent("undecodable", f"{type(exc).__name__}: {exc}") from None
+
+
+def unique_pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[Any] = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {str(repeated)[:50]!r}")
+    return out
+
+
 def encode_event(event: Event) -> bytes:
     return pack(event.to_wire())
 

@@ -38,11 +38,20 @@ class SinkConfig:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    events_per_s: float
+    burst: int
+
+
+@dataclass(frozen=True)
 class TenantConfig:
     name: str
     api_key_hashes: tuple[str, ...]
     sinks: tuple[str, ...]
     metadata: dict[str, Any] = field(default_factory=dict)
+    # HMAC request signing: the secret is read from this environment variable, never from the file.
+    signing_secret_env: str | None = None
+    rate_limit: RateLimit | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +119,7 @@ class HifiConfig:
             where = f"tenants.{name}"
             _name(name, where)
             spec = _map(raw, where, required=True)
-            _only(spec, where, {"api_keys", "sinks", "metadata"})
+            _only(spec, where, {"api_keys", "sinks", "metadata", "signing_secret_env", "rate_limit"})
             keys = spec.get("api_keys")
             if not isinstance(keys, list) or not keys:
                 raise ConfigError(f"{where}.api_keys", "must be a non-empty list of 'sha256:<hex>' hashes")
@@ -124,7 +133,19 @@ class HifiConfig:
                 if sink not in sinks:
                     raise ConfigError(f"{where}.sinks[{i}]", f"unknown sink {sink!r}")
             metadata = _map(spec.get("metadata", {}), f"{where}.metadata")
-            tenants[name] = TenantConfig(name, tuple(keys), tuple(subs), dict(metadata))
+            secret_env = spec.get("signing_secret_env")
+            if secret_env is not None and (
+                not isinstance(secret_env, str) or not re.fullmatch(r"[A-Z_][A-Z0-9_]*", secret_env)
+            ):
+                raise ConfigError(f"{where}.signing_secret_env", "must be the NAME of an environment variable")
+            limit = None
+            if "rate_limit" in spec:
+                raw_limit = _map(spec["rate_limit"], f"{where}.rate_limit", required=True)
+                _only(raw_limit, f"{where}.rate_limit", {"events_per_s", "burst"})
+                rate = _num(raw_limit.get("events_per_s"), f"{where}.rate_limit.events_per_s", 0.001, 1e7)
+                burst = _int(raw_limit.get("burst", max(1, int(rate))), f"{where}.rate_limit.burst", 1, 10**8)
+                limit = RateLimit(rate, burst)
+            tenants[name] = TenantConfig(name, tuple(keys), tuple(subs), dict(metadata), secret_env, limit)
         seen: dict[str, str] = {}
         for tenant in tenants.values():
             for key in tenant.api_key_hashes:
@@ -232,6 +253,8 @@ class Settings:
     log_level: str = "info"  # HIFI_LOG_LEVEL
     namespace: str = ""  # HIFI_NAMESPACE: prefix of topics and consumer groups
     shutdown_grace_s: float = 20.0  # HIFI_SHUTDOWN_GRACE_S: SIGTERM drains for at most this long
+    read_token: str | None = None  # HIFI_READ_TOKEN: bearer token for /stats and table views
+    admin_token: str | None = None  # HIFI_ADMIN_TOKEN: bearer token for admin actions (also reads)
 
     ENV = {
         "config_path": "HIFI_CONFIG",
@@ -248,6 +271,8 @@ class Settings:
         "log_level": "HIFI_LOG_LEVEL",
         "namespace": "HIFI_NAMESPACE",
         "shutdown_grace_s": "HIFI_SHUTDOWN_GRACE_S",
+        "read_token": "HIFI_READ_TOKEN",
+        "admin_token": "HIFI_ADMIN_TOKEN",
     }
 
     @classmethod
@@ -272,6 +297,18 @@ class Settings:
             else:
                 values[f.name] = raw
         return cls(**values)
+
+    def __repr__(self) -> str:
+        """Logged at start-up: never print tokens, the Sentry DSN or a password in a Redis URL."""
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("read_token", "admin_token", "sentry_dsn") and value:
+                value = "[redacted]"
+            elif f.name == "redis_url":
+                value = re.sub(r"//[^@/]*@", "//[redacted]@", value)
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
 
     def as_env(self) -> dict[str, str]:
         return {self.ENV[f.name]: str(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}

@@ -1,17 +1,43 @@
-"""Web views every service serves: /health, /ready, /metrics and /stats (JSON for `hifi up`)."""
+"""Web views every service serves: /health, /ready, /metrics and /stats (JSON for `hifi up`).
+
+/health, /ready and /metrics are open (probes and Prometheus). Every other view needs
+`Authorization: Bearer <HIFI_READ_TOKEN>` (or the admin token); admin actions need HIFI_ADMIN_TOKEN.
+With no token configured, those views answer only on a loopback web host (local development).
+"""
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 from typing import Any
 
 from faust import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from shared.config import Settings
 from shared.metrics import StageMetrics
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
-def add_common_views(app: Any, service: str, metrics: StageMetrics, stats: Callable[[], dict[str, Any]]) -> None:
+
+def denied(view: web.View, request: web.Request, settings: Settings, admin: bool = False) -> web.Response | None:
+    """None if the request may see this view, else the 401/403 answer to send."""
+    tokens = [settings.admin_token] if admin else [settings.read_token, settings.admin_token]
+    tokens = [t for t in tokens if t]
+    if not tokens:
+        if settings.web_host in LOOPBACK and not admin:
+            return None
+        return view.json({"error": "forbidden", "detail": "set HIFI_READ_TOKEN / HIFI_ADMIN_TOKEN"}, status=403)
+    given = request.headers.get("Authorization", "")
+    given = given[7:] if given.startswith("Bearer ") else ""
+    if any(hmac.compare_digest(given.encode(), t.encode()) for t in tokens):
+        return None
+    return view.json({"error": "unauthorized", "detail": "bearer token required"}, status=401)
+
+
+def add_common_views(
+    app: Any, service: str, metrics: StageMetrics, stats: Callable[[], dict[str, Any]], settings: Settings
+) -> None:
     @app.page("/health")
     async def health(self: web.View, request: web.Request) -> web.Response:
         return self.json({"service": service, "status": "ok"})
@@ -31,4 +57,5 @@ def add_common_views(app: Any, service: str, metrics: StageMetrics, stats: Calla
 
     @app.page("/stats")
     async def stats_view(self: web.View, request: web.Request) -> web.Response:
-        return self.json({"service": service, **stats()})
+        refused = denied(self, request, settings)
+        return refused or self.json({"service": service, **stats()})

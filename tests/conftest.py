@@ -13,10 +13,16 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import settings
 
 from shared.config import Settings
 from shared.local.kafka import DEFAULT_HOME, LocalKafka
 from shared.local.redis import LocalRedis
+
+# `make fuzz` runs the property tests with many more examples (HYPOTHESIS_PROFILE=fuzz).
+settings.register_profile("default", deadline=None)
+settings.register_profile("fuzz", deadline=None, max_examples=int(os.environ.get("HIFI_FUZZ_EXAMPLES", "20000")))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 TEST_KAFKA_PORT = int(os.environ.get("HIFI_TEST_KAFKA_PORT", "19092"))
 TEST_REDIS_URL = os.environ.get("HIFI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")

@@ -11,13 +11,17 @@ import hashlib
 import hmac
 import json
 import logging
+import os
+import time
 from typing import Any
 
 from faust import web
 
-from shared.codec import encode_event, unpack
-from shared.errors import InvalidEvent
+from shared.codec import encode_event, unique_pairs, unpack_client
+from shared.config import HifiConfig
+from shared.errors import ConfigError, InvalidEvent
 from shared.event import Event, EventValidator, now_ms
+from shared.ratelimit import TenantRateLimiter
 from shared.service import ServiceContext
 from shared.web import add_common_views
 
@@ -27,14 +31,17 @@ WEB_PORT = 8080
 JSON_TYPES = ("application/json",)
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 PRODUCE_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 10.0  # a client that trickles its body (slowloris) is cut off
+SIGNATURE_TOLERANCE_S = 300.0
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, reason: str, detail: str) -> None:
+    def __init__(self, status: int, reason: str, detail: str, retry_after: float | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.reason = reason
         self.detail = detail
+        self.retry_after = retry_after
 
 
 class Collector:
@@ -44,6 +51,12 @@ class Collector:
         self.validator = EventValidator(ctx.config.limits)
         self.raw_topic = ctx.topics.raw
         self.keys = {h: t.name for t in ctx.config.tenants.values() for h in t.api_key_hashes}
+        self.secrets = signing_secrets(ctx.config)
+        self.limiter = (
+            TenantRateLimiter(ctx.settings.redis_url, ctx.settings.namespace)
+            if any(t.rate_limit for t in ctx.config.tenants.values())
+            else None
+        )
 
     def authenticate(self, headers: Any) -> str:
         key = headers.get("X-Api-Key")
@@ -63,13 +76,43 @@ class Collector:
             raise RequestError(401, "invalid_api_key", "unknown API key")
         return tenant
 
+    def verify_signature(self, tenant: str, headers: Any, body: bytes, now: float) -> None:
+        """Optional per tenant: X-Hifi-Signature = v1=hex(HMAC-SHA256(secret, "<timestamp>." + body)).
+
+        The timestamp bounds replays to a few minutes; within them, event-id dedupe absorbs a replay.
+        """
+        secret = self.secrets.get(tenant)
+        if secret is None:
+            return
+        stamp = headers.get("X-Hifi-Timestamp", "")
+        given = headers.get("X-Hifi-Signature", "")
+        try:
+            sent_at = float(stamp)
+        except ValueError:
+            raise RequestError(401, "missing_signature", "send X-Hifi-Timestamp and X-Hifi-Signature") from None
+        if abs(now - sent_at) > SIGNATURE_TOLERANCE_S:
+            raise RequestError(401, "stale_signature", f"timestamp more than {SIGNATURE_TOLERANCE_S:.0f}s from now")
+        expected = "v1=" + hmac.new(secret, stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, given):
+            raise RequestError(401, "bad_signature", "signature does not match the body")
+
+    async def check_rate(self, tenant: str, cost: int) -> None:
+        limit = self.ctx.config.tenants[tenant].rate_limit
+        if limit is None or self.limiter is None:
+            return
+        if cost > limit.burst:
+            raise RequestError(413, "batch_exceeds_burst", f"{cost} events > burst of {limit.burst}")
+        wait = await self.limiter.take(tenant, limit, cost)
+        if wait is not None:
+            raise RequestError(429, "rate_limited", f"over {limit.events_per_s:g} events/s", retry_after=wait)
+
     def parse_body(self, content_type: str, body: bytes) -> list[Any]:
         ctype = content_type.split(";")[0].strip().lower()
         try:
             if ctype in JSON_TYPES:
-                data = json.loads(body, parse_constant=_reject_constant)
+                data = json.loads(body, parse_constant=_reject_constant, object_pairs_hook=unique_pairs)
             elif ctype in MSGPACK_TYPES:
-                data = unpack(body)
+                data = unpack_client(body)
             else:
                 raise RequestError(415, "unsupported_content_type", "use application/json or application/msgpack")
         except (ValueError, RecursionError, InvalidEvent) as exc:
@@ -142,6 +185,19 @@ class Collector:
         return 200, body
 
 
+def signing_secrets(config: HifiConfig) -> dict[str, bytes]:
+    secrets = {}
+    for tenant in config.tenants.values():
+        if tenant.signing_secret_env:
+            value = os.environ.get(tenant.signing_secret_env)
+            if not value:
+                raise ConfigError(
+                    f"tenants.{tenant.name}.signing_secret_env", f"{tenant.signing_secret_env} is not set"
+                )
+            secrets[tenant.name] = value.encode()
+    return secrets
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -158,13 +214,20 @@ def build(ctx: ServiceContext) -> Any:
                 tenant = collector.authenticate(request.headers)
                 if (request.content_length or 0) > max_body:
                     raise RequestError(413, "body_too_large", f"body > {max_body} bytes")
-                body = await _read_limited(request, max_body)
+                try:
+                    async with asyncio.timeout(BODY_TIMEOUT_S):
+                        body = await _read_limited(request, max_body)
+                except TimeoutError:
+                    raise RequestError(408, "body_timeout", f"body not received in {BODY_TIMEOUT_S:.0f}s") from None
+                collector.verify_signature(tenant, request.headers, body, time.time())
                 items = collector.parse_body(request.headers.get("Content-Type", ""), body)
+                await collector.check_rate(tenant, len(items))
                 status, answer = await collector.ingest(
                     tenant, items, request.headers.get("User-Agent"), request.remote
                 )
             except RequestError as exc:
-                return self.json({"error": exc.reason, "detail": exc.detail}, status=exc.status)
+                headers = {"Retry-After": f"{exc.retry_after:.3f}"} if exc.retry_after is not None else None
+                return self.json({"error": exc.reason, "detail": exc.detail}, status=exc.status, headers=headers)
             except TimeoutError:
                 return self.json(
                     {"error": "broker_unavailable", "detail": "the broker did not acknowledge in time"},
@@ -178,7 +241,7 @@ def build(ctx: ServiceContext) -> Any:
         m = ctx.metrics
         return {"accepted": m.total(m.accepted), "rejected": m.total(m.rejected)}
 
-    add_common_views(app, "collector", ctx.metrics, stats)
+    add_common_views(app, "collector", ctx.metrics, stats, ctx.settings)
     return app
 
 

@@ -17,7 +17,7 @@ from shared.errors import TransientError
 from shared.keywindow import KeyWindow, RedisKeyWindow, TableKeyWindow
 from shared.service import ServiceContext
 from shared.stage import Output, Record, StageRunner, StepResult
-from shared.web import add_common_views
+from shared.web import add_common_views, denied
 
 WEB_PORT = 6068
 
@@ -80,6 +80,9 @@ def build(ctx: ServiceContext) -> Any:
     @app.page("/tables/dedupe")
     async def dedupe_table(self: web.View, request: web.Request) -> web.Response:
         """Look up a key (`?key=tenant:event_id`), or list up to `limit` keys of this worker."""
+        refused = denied(self, request, ctx.settings)
+        if refused is not None:
+            return refused
         info: dict[str, Any] = window.describe()
         key = request.query.get("key")
         if table is not None:
@@ -117,5 +120,5 @@ def build(ctx: ServiceContext) -> Any:
             "retries": m.total(m.retries),
         }
 
-    add_common_views(app, "deduplicator", ctx.metrics, stats)
+    add_common_views(app, "deduplicator", ctx.metrics, stats, ctx.settings)
     return app

@@ -118,5 +118,5 @@ def build(ctx: ServiceContext) -> Any:
         m = ctx.metrics
         return {"in": m.total(m.events_in), "out": m.total(m.events_out), "dead_lettered": m.total(m.dead_lettered)}
 
-    add_common_views(app, "enricher", ctx.metrics, stats)
+    add_common_views(app, "enricher", ctx.metrics, stats, ctx.settings)
     return app

@@ -62,5 +62,5 @@ def build(ctx: ServiceContext) -> Any:
             "subscriptions": {t.name: list(t.sinks) for t in ctx.config.tenants.values()},
         }
 
-    add_common_views(app, "router", ctx.metrics, stats)
+    add_common_views(app, "router", ctx.metrics, stats, ctx.settings)
     return app

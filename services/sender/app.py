@@ -213,5 +213,5 @@ def build(ctx: ServiceContext) -> Any:
     runner.attach("deliver")
 
     app.add_dependency(SinkLifecycle(sink))
-    add_common_views(app, stage, ctx.metrics, delivery.stats)
+    add_common_views(app, stage, ctx.metrics, delivery.stats, ctx.settings)
     return app

@@ -1,0 +1,119 @@
+{{- define "hifi.fullname" -}}
+{{- printf "%s-hifi" .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "hifi.labels" -}}
+app.kubernetes.io/name: hifi
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "hifi.selector" -}}
+app.kubernetes.io/name: hifi
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "hifi.secretEnv" -}}
+{{- $s := .Values.secrets -}}
+{{- range $pair := list (list "SENTRY_DSN" $s.sentryDsnKey) (list "HIFI_READ_TOKEN" $s.readTokenKey) (list "HIFI_ADMIN_TOKEN" $s.adminTokenKey) (list "HIFI_REDIS_URL" $s.redisUrlKey) }}
+{{- if and $s.existingSecret (index $pair 1) }}
+- name: {{ index $pair 0 }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s.existingSecret }}
+      key: {{ index $pair 1 }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The pod template every stage shares. Arguments: root, component, args, stage (its values). */}}
+{{- define "hifi.podTemplate" -}}
+{{- $root := .root -}}
+metadata:
+  labels:
+    {{- include "hifi.labels" . | nindent 4 }}
+  annotations:
+    checksum/config: {{ $root.Values.config | sha256sum }}
+spec:
+  terminationGracePeriodSeconds: {{ add $root.Values.shutdownGraceSeconds 15 }}
+  securityContext:
+    runAsNonRoot: true
+    runAsUser: 10001
+    fsGroup: 10001
+  {{- if $root.Values.topologySpread.enabled }}
+  topologySpreadConstraints:
+    - maxSkew: {{ $root.Values.topologySpread.maxSkew }}
+      topologyKey: kubernetes.io/hostname
+      whenUnsatisfiable: ScheduleAnyway
+      labelSelector:
+        matchLabels:
+          {{- include "hifi.selector" . | nindent 10 }}
+  {{- end }}
+  containers:
+    - name: hifi
+      image: "{{ $root.Values.image.repository }}:{{ $root.Values.image.tag }}"
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      args: {{ toJson .args }}
+      ports:
+        - name: web
+          containerPort: {{ .stage.webPort }}
+      env:
+        - {name: HIFI_CONFIG, value: /etc/hifi/hifi.yaml}
+        - {name: HIFI_BROKER, value: {{ $root.Values.kafka.bootstrap | quote }}}
+        {{- if not $root.Values.secrets.redisUrlKey }}
+        - {name: HIFI_REDIS_URL, value: {{ $root.Values.redis.url | quote }}}
+        {{- end }}
+        - {name: HIFI_DATA_DIR, value: /home/hifi/var}
+        - {name: HIFI_WEB_HOST, value: "0.0.0.0"}
+        - {name: HIFI_WEB_PORT, value: {{ .stage.webPort | quote }}}
+        - {name: HIFI_PARTITIONS, value: {{ $root.Values.kafka.partitions | quote }}}
+        - {name: HIFI_REPLICATION, value: {{ $root.Values.kafka.replicationFactor | quote }}}
+        - {name: HIFI_MIN_INSYNC, value: {{ $root.Values.kafka.minInsyncReplicas | quote }}}
+        - {name: HIFI_NAMESPACE, value: {{ $root.Values.namespacePrefix | quote }}}
+        - {name: HIFI_SHUTDOWN_GRACE_S, value: {{ $root.Values.shutdownGraceSeconds | quote }}}
+        - {name: HIFI_LOG_LEVEL, value: {{ $root.Values.logLevel | quote }}}
+        - {name: HIFI_ENV, value: {{ $root.Values.environment | quote }}}
+        {{- include "hifi.secretEnv" $root | nindent 8 }}
+      {{- with $root.Values.secrets.extraEnvFrom }}
+      envFrom:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      livenessProbe:
+        httpGet: {path: /health, port: web}
+        periodSeconds: 10
+        failureThreshold: 6
+      readinessProbe:
+        httpGet: {path: /ready, port: web}
+        periodSeconds: 5
+        failureThreshold: 3
+      resources:
+        {{- toYaml .stage.resources | nindent 8 }}
+      securityContext:
+        allowPrivilegeEscalation: false
+        readOnlyRootFilesystem: true
+        capabilities: {drop: [ALL]}
+      volumeMounts:
+        - {name: config, mountPath: /etc/hifi, readOnly: true}
+        - {name: data, mountPath: /home/hifi/var}
+        - {name: tmp, mountPath: /tmp}
+  volumes:
+    - name: config
+      configMap:
+        name: {{ include "hifi.fullname" $root }}-config
+    - name: tmp
+      emptyDir: {}
+    {{- if not .persistent }}
+    - name: data
+      emptyDir: {}
+    {{- end }}
+{{- end -}}
+
+
+{{/* The parsed Hifi config, and the dedupe backend it chooses (rocksdb when unset). */}}
+{{- define "hifi.dedupeBackend" -}}
+{{- $config := fromYaml .Values.config -}}
+{{- (($config.dedupe | default dict).backend) | default "rocksdb" -}}
+{{- end -}}

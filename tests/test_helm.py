@@ -1,0 +1,176 @@
+"""The Helm chart, rendered by Helm's own Go SDK (helm-python-sdk), checked against the code and
+validated against the Kubernetes API's models (kubernetes client): unknown fields, wrong types and
+missing required fields fail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+from kubernetes import client
+
+from services.registry import SERVICES
+from shared.config import HifiConfig, Settings, hash_api_key
+
+CHART = Path(__file__).resolve().parents[1] / "helm" / "hifi"
+PRIMITIVES = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object, "datetime": str}
+CRDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "PodMonitor")}
+
+THREE_SINKS_CONFIG = {
+    "tenants": {
+        "acme": {"api_keys": [hash_api_key("a")], "sinks": ["hook", "lake", "stream"]},
+        "globex": {"api_keys": [hash_api_key("b")], "sinks": ["hook"], "rate_limit": {"events_per_s": 100}},
+    },
+    "sinks": {
+        "hook": {"type": "webhook", "url": "https://h.example.com/x"},
+        "lake": {"type": "kafka", "topic": "lake", "bootstrap": "other:9092"},
+        "stream": {"type": "redis_stream", "stream": "s"},
+    },
+    "dedupe": {"backend": "redis", "window_s": 3600},
+}
+THREE_SINKS: dict[str, Any] = {
+    "config": yaml.safe_dump(THREE_SINKS_CONFIG),
+    "secrets": {
+        "existingSecret": "hifi-secrets",
+        "sentryDsnKey": "dsn",
+        "readTokenKey": "read",
+        "adminTokenKey": "admin",
+        "extraEnvFrom": [{"secretRef": {"name": "hifi-signing"}}],
+    },
+    "ingress": {"enabled": True, "className": "nginx", "tlsSecret": "tls"},
+    "serviceMonitor": {"enabled": True},
+    "keda": {"enabled": True},
+}
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    with helm.Chart.load(str(CHART)) as chart:
+        chart.validate_schema(values)
+        out = chart.render(values, name="demo", namespace="prod")
+    return [d for path, text in out.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
+
+
+def validate_k8s(obj: Any, klass: str, path: str) -> None:
+    """Walk the object against the generated API models: every key must exist with the right type."""
+    if klass.lower().startswith("list["):
+        assert isinstance(obj, list), f"{path}: expected a list"
+        for i, item in enumerate(obj):
+            validate_k8s(item, klass[5:-1], f"{path}[{i}]")
+    elif klass.lower().startswith(("dict(", "dict[")):
+        assert isinstance(obj, dict), f"{path}: expected a map"
+        for key, item in obj.items():
+            validate_k8s(item, klass[5:-1].split(", ", 1)[1], f"{path}.{key}")
+    elif klass in PRIMITIVES:
+        assert isinstance(obj, PRIMITIVES[klass]), f"{path}: expected {klass}, got {obj!r}"
+    else:
+        model = getattr(client.models, klass)
+        assert isinstance(obj, dict), f"{path}: expected a {klass} object"
+        by_json = {v: k for k, v in model.attribute_map.items()}
+        for key, item in obj.items():
+            assert key in by_json, f"{path}.{key}: no such field in {klass}"
+            validate_k8s(item, model.openapi_types[by_json[key]], f"{path}.{key}")
+
+
+def check_objects(docs: list[dict[str, Any]]) -> None:
+    api = client.ApiClient()
+    for doc in docs:
+        group_version, kind = doc["apiVersion"], doc["kind"]
+        if (group_version, kind) in CRDS:
+            assert doc["spec"], f"{kind} without spec"
+            continue
+        klass = f"{group_version.split('/')[-1].capitalize()}{kind}"
+        validate_k8s(doc, klass, f"{kind}/{doc['metadata']['name']}")
+        api._ApiClient__deserialize(doc, klass)  # the models' own required-field checks
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"].removeprefix("demo-hifi-"): d for d in docs if d["kind"] == kind}
+
+
+def container(workload: dict[str, Any]) -> dict[str, Any]:
+    return workload["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_default_values_render_every_service_with_probes_resources_and_config():
+    docs = render({})
+    check_objects(docs)
+    deployments, statefulsets = by_kind(docs, "Deployment"), by_kind(docs, "StatefulSet")
+    workloads = {**deployments, **statefulsets}
+    assert set(deployments) == {"collector", "enricher", "router", "sender-webhook"}
+    assert set(statefulsets) == {"deduplicator"}  # the RocksDB window keeps its volume
+    assert statefulsets["deduplicator"]["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    for name, workload in workloads.items():
+        c = container(workload)
+        assert c["args"][0] in SERVICES, name
+        assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+        assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+        assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert set(env) <= set(Settings.ENV.values()), set(env) - set(Settings.ENV.values())
+        assert int(env["HIFI_WEB_PORT"]) == c["ports"][0]["containerPort"]
+        assert env["HIFI_BROKER"] == "kafka-kafka-bootstrap:9092" and env["HIFI_CONFIG"] == "/etc/hifi/hifi.yaml"
+        spec = workload["spec"]["template"]["spec"]
+        assert spec["terminationGracePeriodSeconds"] > int(env["HIFI_SHUTDOWN_GRACE_S"])
+        assert spec["topologySpreadConstraints"] and spec["securityContext"]["runAsNonRoot"]
+    assert set(by_kind(docs, "PodDisruptionBudget")) == set(workloads)
+    hpas = by_kind(docs, "HorizontalPodAutoscaler")
+    assert set(hpas) == set(workloads) and hpas["deduplicator"]["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+    assert all(h["spec"]["maxReplicas"] <= 12 for h in hpas.values()), "never more replicas than partitions"
+    job = by_kind(docs, "Job")["topics"]
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert container(job)["command"] == ["hifi", "topics"]
+    config = yaml.safe_load(by_kind(docs, "ConfigMap")["config"]["data"]["hifi.yaml"])
+    assert HifiConfig.parse(config).sinks.keys() == {"webhook"}  # what the pods mount is a valid Hifi config
+    assert by_kind(docs, "Service")["collector"]["spec"]["ports"][0]["targetPort"] == "web"
+    assert not by_kind(docs, "Ingress") and not by_kind(docs, "ScaledObject")
+
+
+def test_three_sinks_with_redis_dedupe():
+    docs = render(THREE_SINKS)
+    check_objects(docs)
+    deployments = by_kind(docs, "Deployment")
+    senders = {n: d for n, d in deployments.items() if n.startswith("sender-")}
+    assert set(senders) == {"sender-hook", "sender-lake", "sender-stream"}, "exactly one sender per sink"
+    for name, sender in senders.items():
+        assert container(sender)["args"] == ["sender", "--sink", name.removeprefix("sender-")]
+    assert "deduplicator" in deployments and not by_kind(docs, "StatefulSet"), "Redis dedupe needs no volume"
+    env = container(deployments["collector"])["env"]
+    secret_refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e}
+    assert secret_refs["SENTRY_DSN"] == {"name": "hifi-secrets", "key": "dsn"}
+    assert set(secret_refs) == {"SENTRY_DSN", "HIFI_READ_TOKEN", "HIFI_ADMIN_TOKEN"}
+    assert container(deployments["collector"])["envFrom"] == [{"secretRef": {"name": "hifi-signing"}}]
+    scaled = by_kind(docs, "ScaledObject")
+    assert set(scaled) == set(senders) and not any(
+        n.startswith("sender") for n in by_kind(docs, "HorizontalPodAutoscaler")
+    )
+    assert scaled["sender-lake"]["spec"]["triggers"][0]["metadata"]["consumerGroup"] == "hifi-sender-lake"
+    assert set(by_kind(docs, "PodMonitor")) == set(deployments)
+    assert by_kind(docs, "Ingress")["collector"]["spec"]["rules"][0]["http"]["paths"][0]["path"] == "/v1/events"
+    assert (
+        HifiConfig.parse(yaml.safe_load(by_kind(docs, "ConfigMap")["config"]["data"]["hifi.yaml"])).dedupe.backend
+        == "redis"
+    )
+
+
+@pytest.mark.parametrize(
+    "values, where",
+    [
+        (
+            {"kafka": {"bootstrap": "k:9092", "partitions": 0, "replicationFactor": 3, "minInsyncReplicas": 2}},
+            "partitions",
+        ),
+        ({"config": {"tenants": {}}}, "config"),  # the config is the file's text, not a map to merge into
+        ({"config": ""}, "config"),
+        ({"stages": {"collector": {"replicas": -1}}}, "replicas"),
+        ({"shutdownGraceSeconds": "soon"}, "shutdownGraceSeconds"),
+        ({"redis": {"url": "http://redis"}}, "url"),
+        ({"colour": "blue"}, "colour"),
+    ],
+)
+def test_the_schema_rejects_bad_values(values, where):
+    with helm.Chart.load(str(CHART)) as chart, pytest.raises(helm.HelmError) as err:
+        chart.validate_schema(values)
+    assert where in str(err.value)

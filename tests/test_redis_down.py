@@ -1,0 +1,47 @@
+"""Redis unavailable: `pause` holds events back and loses or duplicates nothing once Redis returns;
+`pass-through` keeps delivering without the dedupe and ledger checks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shared.local.redis import LocalRedis
+from shared.local.traffic import EventFactory
+from shared.local.webhook import WebhookReceiver
+from tests.helpers import post, tenant_block, wait_for
+
+
+@pytest.mark.parametrize("mode", ["pause", "pass-through"])
+async def test_redis_down(mode, tmp_path, namespace, port_base, settings_for, start_pipeline):
+    hook = WebhookReceiver(port=port_base + 19)
+    await hook.start()
+    redis = LocalRedis(url=f"redis://127.0.0.1:{port_base + 17}/0", data_dir=tmp_path / "redis")
+    config = tmp_path / "hifi.yaml"
+    config.write_text(
+        "tenants:\n"
+        + tenant_block("acme", "k", ["hook"])
+        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{hook.port}/in"}}\n'
+        + f"dedupe: {{backend: redis, on_redis_down: {mode}}}\n"
+    )
+    pipeline = await start_pipeline(settings_for(config, redis_url=redis.url))  # nothing listens there yet
+    try:
+        factory = EventFactory(producer_id=namespace)
+        events = [factory.make() for _ in range(40)]
+        assert (await post(pipeline.collector_url, "k", events))[0] == 200  # the collector needs no Redis
+        if mode == "pause":
+            await asyncio.sleep(6.0)
+            assert hook.received == [], "with Redis down, pause must hold events back"
+            stats = pipeline.stats()["deduplicator"]
+            assert stats["retries"] > 0 and stats["out"] == 0
+            await asyncio.to_thread(redis.ensure)
+            await wait_for(lambda: len(hook.received) >= 40, 60, "delivery after Redis is back", pipeline)
+            await asyncio.sleep(2.0)
+            assert sorted(hook.counts().values()) == [1] * 40
+        else:
+            await wait_for(lambda: len(hook.received) >= 40, 60, "pass-through delivery", pipeline)
+            assert pipeline.stats()["deduplicator"]["passed_unchecked"] >= 40
+    finally:
+        await hook.stop()
+        redis.stop()
