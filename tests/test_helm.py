@@ -17,7 +17,7 @@ from shared.config import HifiConfig, Settings, hash_api_key
 
 CHART = Path(__file__).resolve().parents[1] / "helm" / "hifi"
 PRIMITIVES = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object, "datetime": str}
-CRDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "PodMonitor")}
+CRDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
 
 THREE_SINKS_CONFIG = {
     "tenants": {
@@ -128,6 +128,19 @@ def test_default_values_render_every_service_with_probes_resources_and_config():
     assert not by_kind(docs, "Ingress") and not by_kind(docs, "ScaledObject")
 
 
+def test_config_from_a_secret_keeps_it_out_of_configmaps():
+    docs = render({"configSecret": "hifi-config"})
+    check_objects(docs)
+    assert not by_kind(docs, "ConfigMap")
+    for workload in [
+        *by_kind(docs, "Deployment").values(),
+        *by_kind(docs, "StatefulSet").values(),
+        by_kind(docs, "Job")["topics"],
+    ]:
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["config"]["secret"]["secretName"] == "hifi-config"
+
+
 def test_three_sinks_with_redis_dedupe():
     docs = render(THREE_SINKS)
     check_objects(docs)
@@ -147,7 +160,8 @@ def test_three_sinks_with_redis_dedupe():
         n.startswith("sender") for n in by_kind(docs, "HorizontalPodAutoscaler")
     )
     assert scaled["sender-lake"]["spec"]["triggers"][0]["metadata"]["consumerGroup"] == "hifi-sender-lake"
-    assert set(by_kind(docs, "PodMonitor")) == set(deployments)
+    assert set(by_kind(docs, "ServiceMonitor")) == set(deployments)
+    assert {n for n in by_kind(docs, "Service") if n.endswith("-metrics")} == {f"{n}-metrics" for n in deployments}
     assert by_kind(docs, "Ingress")["collector"]["spec"]["rules"][0]["http"]["paths"][0]["path"] == "/v1/events"
     assert (
         HifiConfig.parse(yaml.safe_load(by_kind(docs, "ConfigMap")["config"]["data"]["hifi.yaml"])).dedupe.backend

@@ -101,8 +101,13 @@ spec:
         - {name: tmp, mountPath: /tmp}
   volumes:
     - name: config
+      {{- if $root.Values.configSecret }}
+      secret:
+        secretName: {{ $root.Values.configSecret }}
+      {{- else }}
       configMap:
         name: {{ include "hifi.fullname" $root }}-config
+      {{- end }}
     - name: tmp
       emptyDir: {}
     {{- if not .persistent }}
