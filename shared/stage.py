@@ -230,15 +230,22 @@ class PartitionCursors:
 
     async def _on_assigned(self, sender: Any, assigned: Any, **kwargs: Any) -> None:
         # Revocation (and its final commit) happens before assignment, so these offsets are final.
-        mine = [tp for tp in assigned if tp.topic == self.source]
-        committed = await self._committed(mine) if mine else {}
         self.next = {}
-        for tp in mine:
+        self.sought.clear()
+        mine = [tp for tp in assigned if tp.topic == self.source]
+        try:
+            await self._start_at_committed(mine)
+        except Exception:  # never fail Faust's rebalance; `admit` retries for partitions left without a cursor
+            log.exception("could not read committed offsets for %s; will retry on the next event", mine)
+
+    async def _start_at_committed(self, tps: list[Any]) -> None:
+        committed = await self._committed(tps) if tps else {}
+        for tp in tps:
             offset = committed.get(tp)
             self.next[tp] = offset
             if offset is not None:
-                await self.app.consumer.seek(tp, offset)  # forget any fetch position from before
-        self.sought.clear()
+                await self._seek(tp, offset)  # forget any fetch position from before
+            log.info("%s: assigned, processing from offset %s", tp, offset)
 
     async def _committed(self, tps: list[Any]) -> dict[Any, int]:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
@@ -255,12 +262,23 @@ class PartitionCursors:
         for tp in revoked:
             self.next.pop(tp, None)
 
+    async def _seek(self, tp: Any, offset: int) -> None:
+        # Faust's `seek` calls aiokafka from this thread while aiokafka runs in Faust's consumer thread,
+        # which can leave the fetcher asleep; `seek_wait` seeks on that thread and waits for the position.
+        await self.app.consumer.seek_wait({tp: offset})
+
     async def admit(self, fetched: Sequence[Any]) -> list[Any]:
         admitted = []
         for event in fetched:
             tp, offset = event.message.tp, event.message.offset
             if tp not in self.next:
-                continue  # fetched before a revocation: no longer ours
+                if tp not in self.app.consumer.assignment():
+                    log.debug("%s@%d: fetched before a revocation, dropped", tp, offset)
+                    continue
+                # Assigned, but the assignment callback did not set a cursor (it failed, or raced).
+                await self._start_at_committed([tp])
+                if tp not in self.next:
+                    continue
             expected = self.next[tp]
             if expected is None or offset == expected:
                 admitted.append(event)
@@ -274,7 +292,9 @@ class PartitionCursors:
                     log.warning("%s: offsets %d..%d were skipped by the consumer; re-reading", tp, expected, offset - 1)
                     self.sought[tp] = (expected, now)
                     self.rewinds += 1
-                    await self.app.consumer.seek(tp, expected)
+                    await self._seek(tp, expected)
+            else:
+                log.debug("%s@%d: below the cursor %d, already processed", tp, offset, expected)
         return admitted
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 import uuid
@@ -147,7 +148,7 @@ dedupe: {{backend: {self.dedupe_backend}}}
             partitions=4,
             replication=replication,
             min_insync=2 if replication == 3 else 1,
-            log_level="warning",
+            log_level=os.environ.get("HIFI_CHAOS_LOG_LEVEL", "warning"),
         )
         self.pipeline = PipelineProcesses(settings, self.workdir / "logs", port_base=self.port_base)
         self.pipeline.start_all()
@@ -520,7 +521,6 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def write_doc(doc: Path, table: str, command: str) -> None:
     """Replace the results section of docs/RELIABILITY.md (between the chaos markers)."""
-    import os
     import platform
 
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
