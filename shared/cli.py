@@ -60,6 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     chaos.add_argument("--json", dest="json_out", help="also write the results to this file")
     chaos.add_argument("--doc", help="rewrite the results table in this markdown file (docs/RELIABILITY.md)")
 
+    bench = sub.add_parser("bench", help="open-loop benchmark of the whole pipeline (and the raw-relay limit)")
+    bench.add_argument("--rate", type=float, action="append", help="events/s (repeat for several; default 2000)")
+    bench.add_argument("--step", action="store_true", help="rates 500, 1k, 2k, 5k, 10k... until one fails")
+    bench.add_argument("--duration", type=float, default=60.0, help="seconds per rate")
+    bench.add_argument("--batch", type=int, default=20, help="events per HTTP request")
+    bench.add_argument("--system", action="append", choices=["hifi", "raw"], help="default: hifi")
+    bench.add_argument("--json", dest="json_out", help="write the results to this file")
+
     sub.add_parser("topics", help="create every topic of the config (idempotent; the Helm chart's pre-install job)")
 
     key = sub.add_parser("hash-key", help="print the hash of an API key, for the config's api_keys")
@@ -116,6 +124,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_chaos(args.scenario, args.rate, args.json_out, args.doc))
     elif args.command == "dlq":
         run_dlq(args)
+    elif args.command == "bench":
+        from shared.local.bench import main as run_bench
+
+        rates = [500, 1000, 2000, 5000, 10000, 20000] if args.step else (args.rate or [2000.0])
+        sys.exit(run_bench(rates, args.duration, args.batch, args.system or ["hifi"], args.step, args.json_out))
     elif args.command == "topics":
         import asyncio
 

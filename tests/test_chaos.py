@@ -16,6 +16,7 @@ async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0):
             "accepted",
             "missing",
             "duplicates",
+            "duplicates_sender_kill_window",
             "dead_lettered",
             "pills",
             "missing_sample",
@@ -25,7 +26,11 @@ async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0):
     }
     assert result["accepted"] > 1000, detail
     assert result["missing"] == 0, detail
-    assert result["duplicates"] == 0, detail
+    # Only the documented window may duplicate: a sender killed -9 between the sink's ack and its ledger
+    # write re-delivers that batch (same idempotency keys). Any other duplicate fails.
+    assert result["duplicates_unexplained"] == 0, detail
+    if not result["sender_kills"]:
+        assert result["duplicates"] == 0, detail
     assert result["dead_lettered"] == result["pills"], detail
     return result
 

@@ -1,0 +1,357 @@
+"""`hifi bench`: open-loop load through the whole pipeline, measured honestly.
+
+- Batches are scheduled at fixed intended times; each event carries its intended send time and
+  latency is measured from it to the sink's receipt, so a stall anywhere (the generator included)
+  shows up in the numbers instead of slowing the load down (no coordinated omission).
+- End-to-end latency goes into an HDR histogram; per-stage lag comes from the stage stamps.
+- CPU seconds and peak RSS per process (services, the broker, Redis) come from /proc.
+- `--system raw` runs the limit reference: the same collector and topics, but each middle stage and
+  the sender replaced by a bare aiokafka relay (consume -> produce/POST -> commit), no processing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from hdrh.histogram import HdrHistogram
+
+from shared.config import Settings, hash_api_key
+from shared.local.kafka import DEFAULT_HOME, KAFKA_VERSION, LocalKafka
+from shared.local.pipeline import PipelineProcesses
+from shared.local.redis import LocalRedis
+
+API_KEY = "bench-key"
+SLA_MS = 1000
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@dataclass
+class BenchSink:
+    """The destination: records the latency of every event from its intended send time."""
+
+    port: int
+    histogram: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 600_000, 3))
+    stage_lag: dict[str, HdrHistogram] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)
+    on_time: int = 0
+    _runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        now = time.time() * 1000
+        for event in body["events"]:
+            event_id = event["event_id"]
+            self.seen[event_id] = self.seen.get(event_id, 0) + 1
+            if self.seen[event_id] > 1:
+                continue
+            latency = now - event["payload"]["intended_ms"]
+            self.histogram.record_value(max(1, min(int(latency), 600_000)))
+            self.on_time += latency <= SLA_MS
+            previous = event.get("stages", {}).get("collector")
+            for stage in ("enricher", "deduplicator", "router"):
+                at = event.get("stages", {}).get(stage)
+                if previous is not None and at is not None:
+                    hist = self.stage_lag.setdefault(stage, HdrHistogram(1, 600_000, 3))
+                    hist.record_value(max(1, min(int(at - previous), 600_000)))
+                    previous = at
+            if previous is not None:
+                hist = self.stage_lag.setdefault("sender", HdrHistogram(1, 600_000, 3))
+                hist.record_value(max(1, min(int(now - previous), 600_000)))
+        return web.json_response({"ok": True})
+
+
+async def open_loop(url: str, rate: float, duration: float, batch: int) -> tuple[set[str], int, float]:
+    """Post batches at fixed intended times; returns accepted ids, batches sent, and the achieved rate."""
+    accepted: set[str] = set()
+    run_id = uuid.uuid4().hex[:6]
+    interval = batch / rate
+    start = time.monotonic()
+    wall_start = time.time() * 1000
+    n = 0
+    tasks: set[asyncio.Task[Any]] = set()
+    connector = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+
+        async def send(events: list[dict[str, Any]]) -> None:
+            try:
+                async with session.post(url, json=events, headers={"X-Api-Key": API_KEY}) as resp:
+                    body = await resp.json(content_type=None)
+                    accepted.update(body.get("accepted", []))
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+
+        while True:
+            intended = start + n * interval
+            if intended - start >= duration:
+                break
+            delay = intended - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            intended_ms = wall_start + (intended - start) * 1000
+            events = [
+                {
+                    "event_id": f"{run_id}-{n}-{i}",
+                    "type": "heartbeat",
+                    "ts": intended_ms,
+                    "device_id": f"dev-{(n * batch + i) % 500}",
+                    "payload": {"intended_ms": intended_ms, "seq": i},
+                }
+                for i in range(batch)
+            ]
+            task = asyncio.create_task(send(events))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            n += 1
+        if tasks:
+            await asyncio.wait(tasks, timeout=60)
+    elapsed = time.monotonic() - start
+    return accepted, n, len(accepted) / elapsed if elapsed else 0.0
+
+
+RELAY = """
+import asyncio, json, os, signal, sys, aiohttp
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+async def main(source, target, group, bootstrap):
+    consumer = AIOKafkaConsumer(source, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+                                auto_offset_reset="earliest", fetch_max_wait_ms=10, max_poll_records=500)
+    await consumer.start()
+    producer = session = None
+    if target.startswith("http"):
+        session = aiohttp.ClientSession()
+    else:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=2)
+        await producer.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    import msgpack
+    while not stop.is_set():
+        batch = await consumer.getmany(timeout_ms=100, max_records=500)
+        records = [r for rs in batch.values() for r in rs]
+        if not records:
+            continue
+        if session is not None:
+            events = [msgpack.unpackb(r.value) for r in records]
+            async with session.post(target, json={"events": events}) as resp:
+                await resp.read()
+        else:
+            futures = [await producer.send(target, r.value, key=r.key) for r in records]
+            await asyncio.gather(*futures)
+        await consumer.commit()
+    await consumer.stop()
+    if producer: await producer.stop()
+    if session: await session.close()
+asyncio.run(main(*sys.argv[1:5]))
+"""
+
+
+@dataclass
+class BenchEnv:
+    kafka: LocalKafka
+    redis: LocalRedis
+    workdir: Path
+    port_base: int = 18700
+
+    def settings(self, config: Path, namespace: str) -> Settings:
+        return Settings(
+            config_path=str(config),
+            broker=self.kafka.bootstrap,
+            redis_url=self.redis.url,
+            data_dir=str(self.workdir / "data"),
+            namespace=namespace,
+            partitions=4,
+            log_level="warning",
+        )
+
+
+async def run_once(env: BenchEnv, system: str, rate: float, duration: float, batch: int) -> dict[str, Any]:
+    namespace = f"bench{uuid.uuid4().hex[:6]}"
+    sink = BenchSink(port=env.port_base + 99)
+    await sink.start()
+    config = env.workdir / f"{namespace}.yaml"
+    env.workdir.mkdir(parents=True, exist_ok=True)
+    config.write_text(f"""tenants:
+  bench: {{api_keys: ["{hash_api_key(API_KEY)}"], sinks: [hook]}}
+sinks:
+  hook: {{type: webhook, url: "http://127.0.0.1:{sink.port}/in", batch_max: 500}}
+limits: {{max_events_per_batch: 500}}
+""")
+    settings = env.settings(config, namespace)
+    pipeline = PipelineProcesses(settings, env.workdir / "logs" / namespace, port_base=env.port_base)
+    relays: list[subprocess.Popen[bytes]] = []
+    if system == "hifi":
+        pipeline.start_all()
+        await asyncio.to_thread(pipeline.wait_ready, 120.0)
+    else:
+        pipeline.start("collector")
+        await asyncio.to_thread(pipeline.wait_ready, 120.0, ["collector"])
+        from shared.topics import Topics, ensure_topics
+
+        t = Topics(namespace)
+        await ensure_topics(env.kafka.bootstrap, t.all(["hook"]), 4, 1)
+        hops = [
+            (t.raw, t.enriched),
+            (t.enriched, t.unique),
+            (t.unique, t.sink("hook")),
+            (t.sink("hook"), f"http://127.0.0.1:{sink.port}/in"),
+        ]
+        relays = [
+            spawn_relay(source, target, f"{namespace}-relay{i}", env.kafka.bootstrap)
+            for i, (source, target) in enumerate(hops)
+        ]
+        await asyncio.sleep(5.0)  # let the relays join their groups
+    pids = {
+        label: svc.process.pid
+        for label, svc in pipeline.services.items()
+        if svc.process is not None and svc.process.poll() is None
+    }
+    pids.update({f"relay{i}": p.pid for i, p in enumerate(relays)})
+    pids.update({f"kafka-{n}": pid for n, pid in env.kafka.running_pids().items()})
+    redis_pid = _redis_pid(env.redis)
+    if redis_pid:
+        pids["redis"] = redis_pid
+    cpu_before = {label: cpu_seconds(pid) for label, pid in pids.items()}
+    try:
+        accepted, batches, achieved = await open_loop(pipeline.collector_url, rate, duration, batch)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not accepted <= set(sink.seen):  # noqa: ASYNC110 - polls the sink
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
+        cpu = {label: cpu_seconds(pid) - cpu_before[label] for label, pid in pids.items()}
+        rss = {label: round(peak_rss_mib(pid), 1) for label, pid in pids.items()}
+    finally:
+        for relay in relays:
+            relay.send_signal(signal.SIGTERM)
+        for relay in relays:
+            try:
+                relay.wait(10)
+            except subprocess.TimeoutExpired:
+                relay.kill()
+        await asyncio.to_thread(pipeline.stop_all, 30.0)
+        await sink.stop()
+    h = sink.histogram
+    delivered = len(accepted & set(sink.seen))
+    n = max(1, len(accepted))
+    return {
+        "system": system,
+        "rate_eps": rate,
+        "duration_s": duration,
+        "batch": batch,
+        "offered": batches * batch,
+        "accepted": len(accepted),
+        "achieved_eps": round(achieved, 1),
+        "delivered": delivered,
+        "missing": len(accepted) - delivered,
+        "duplicates": sum(c - 1 for c in sink.seen.values()),
+        "p50_ms": h.get_value_at_percentile(50),
+        "p95_ms": h.get_value_at_percentile(95),
+        "p99_ms": h.get_value_at_percentile(99),
+        "p999_ms": h.get_value_at_percentile(99.9),
+        "max_ms": h.get_max_value(),
+        "on_time_ratio": round(sink.on_time / n, 5),
+        "stage_p95_ms": {s: hist.get_value_at_percentile(95) for s, hist in sink.stage_lag.items()},
+        "cpu_s_per_1k": {k: round(v * 1000 / n, 3) for k, v in sorted(cpu.items())},
+        "peak_rss_mib": dict(sorted(rss.items())),
+    }
+
+
+def spawn_relay(source: str, target: str, group: str, bootstrap: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", RELAY, source, target, group, bootstrap], stdin=subprocess.DEVNULL)
+
+
+def _redis_pid(redis: LocalRedis) -> int | None:
+    if redis.pid_file.exists():
+        return int(redis.pid_file.read_text())
+    found = subprocess.run(
+        ["pgrep", "-f", f"redis-server.*:{redis.port}"], capture_output=True, text=True
+    ).stdout.split()
+    return int(found[0]) if found else None
+
+
+def passes(result: dict[str, Any]) -> bool:
+    return result["achieved_eps"] >= 0.99 * result["rate_eps"] and result["p95_ms"] < SLA_MS
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    rows = [
+        "| system | rate | achieved | accepted | missing | dup | p50 | p95 | p99 | p99.9 | max | on time (1 s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        rows.append(
+            f"| {r['system']} | {r['rate_eps']:g} | {r['achieved_eps']:g} | {r['accepted']} | {r['missing']} "
+            f"| {r['duplicates']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['p999_ms']} "
+            f"| {r['max_ms']} | {r['on_time_ratio'] * 100:.3f} % |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def main(rates: list[float], duration: float, batch: int, systems: list[str], step: bool, json_out: str | None) -> int:
+    kafka = LocalKafka(port=19292, data_root=DEFAULT_HOME.parent / "bench" / "kafka")
+    kafka.wipe()
+    kafka.start()
+    redis = LocalRedis(url="redis://127.0.0.1:6379/13")
+    started_redis = redis.ensure()
+    env = BenchEnv(kafka, redis, DEFAULT_HOME.parent / "bench")
+    results: list[dict[str, Any]] = []
+    ceilings: dict[str, float] = {}
+    try:
+        for system in systems:
+            for rate in rates:
+                print(f"bench {system} at {rate:g} events/s for {duration:g}s ...", flush=True)
+                result = asyncio.run(run_once(env, system, rate, duration, batch))
+                print(json.dumps(result), flush=True)
+                results.append(result)
+                if passes(result):
+                    ceilings[system] = rate
+                elif step:
+                    break
+    finally:
+        kafka.stop()
+        if started_redis:
+            redis.stop()
+    print(format_table(results))
+    print("ceilings (achieved >= 99 % of offered and p95 < 1 s):", ceilings)
+    if json_out:
+        summary = {
+            "machine": {"cores": os.cpu_count(), "kafka": KAFKA_VERSION},
+            "results": results,
+            "ceilings_eps": ceilings,
+        }
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(summary, indent=1))
+    return 0 if all(r["missing"] == 0 and r["duplicates"] == 0 for r in results) else 1
