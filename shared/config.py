@@ -255,6 +255,7 @@ class Settings:
     shutdown_grace_s: float = 20.0  # HIFI_SHUTDOWN_GRACE_S: SIGTERM drains for at most this long
     read_token: str | None = None  # HIFI_READ_TOKEN: bearer token for /stats and table views
     admin_token: str | None = None  # HIFI_ADMIN_TOKEN: bearer token for admin actions (also reads)
+    redact_fields: str = ""  # HIFI_REDACT_FIELDS: payload fields masked in views, comma-separated
 
     ENV = {
         "config_path": "HIFI_CONFIG",
@@ -273,6 +274,7 @@ class Settings:
         "shutdown_grace_s": "HIFI_SHUTDOWN_GRACE_S",
         "read_token": "HIFI_READ_TOKEN",
         "admin_token": "HIFI_ADMIN_TOKEN",
+        "redact_fields": "HIFI_REDACT_FIELDS",
     }
 
     @classmethod

@@ -105,10 +105,16 @@ class StageRunner:
         self.backoff = backoff or Backoff()
         self.dlq = dlq
         self.source = source
-        self.cursors = PartitionCursors(app, source, ",".join(f"{u.host}:{u.port}" for u in app.conf.broker))
+        self.bootstrap = ",".join(f"{u.host}:{u.port}" for u in app.conf.broker)
+        self.cursors = PartitionCursors(app, source, self.bootstrap)
 
-    def attach(self, name: str) -> Any:
-        """Register this stage's agent on its source topic (one agent, concurrency 1)."""
+    def attach(self, name: str, ctx: Any) -> Any:
+        """Register this stage's agent on its source topic (one agent, concurrency 1), and its DLQ views."""
+        from shared.dlq import DeadLetterQueues
+        from shared.web import add_dlq_views
+
+        queues = DeadLetterQueues(self.bootstrap, ctx.topics, list(ctx.config.sinks))
+        add_dlq_views(self.app, self.stage, queues, ctx.settings)
         return self.app.agent(self.app.topic(self.source), name=name, concurrency=1)(self.run)
 
     async def run(self, stream: Any) -> None:

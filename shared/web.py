@@ -59,3 +59,42 @@ def add_common_views(
     async def stats_view(self: web.View, request: web.Request) -> web.Response:
         refused = denied(self, request, settings)
         return refused or self.json({"service": service, **stats()})
+
+
+def redact(value: Any, fields: set[str]) -> Any:
+    """Mask configured payload fields, at any depth, before a view shows an event."""
+    if isinstance(value, dict):
+        return {k: "[redacted]" if k in fields else redact(v, fields) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, fields) for v in value]
+    return value
+
+
+def add_dlq_views(app: Any, stage: str, queues: Any, settings: Settings) -> None:
+    """GET /dlq (read token): this stage's dead letters. POST /dlq/replay (admin token): replay them."""
+    fields = {f.strip() for f in settings.redact_fields.split(",") if f.strip()}
+
+    @app.page("/dlq")
+    async def dlq_list(self: web.View, request: web.Request) -> web.Response:
+        refused = denied(self, request, settings)
+        if refused is not None:
+            return refused
+        limit = max(1, min(int(request.query.get("limit", "20")), 500))
+        letters = await queues.read(stage, limit)
+        for letter in letters:
+            letter.pop("original_value", None)  # raw bytes could hold anything; the decoded form is redacted
+            if isinstance(letter.get("original"), dict):
+                letter["original"] = redact(letter["original"], fields)
+        counts = await queues.counts()
+        return self.json({"stage": stage, "count": counts.get(stage, 0), "letters": letters})
+
+    @app.page("/dlq/replay")
+    class Replay(web.View):
+        async def post(self, request: web.Request) -> web.Response:
+            refused = denied(self, request, settings, admin=True)
+            if refused is not None:
+                return refused
+            rate = float(request.query.get("rate", "100"))
+            limit = int(request.query["limit"]) if "limit" in request.query else None
+            replayed = await queues.replay(stage, rate, limit)
+            return self.json({"stage": stage, "replayed": replayed})

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import aiohttp
+
 from shared.dlq import DeadLetterQueues
 from shared.local.traffic import EventFactory
 from shared.local.webhook import WebhookReceiver
@@ -32,7 +34,7 @@ async def test_a_refused_batch_is_dead_lettered_then_replayed_exactly_once(
         + tenant_block("acme", "k", ["hook"])
         + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{hook.port}/in"}}\n'
     )
-    settings = settings_for(config)
+    settings = settings_for(config, read_token="r-token", admin_token="a-token", redact_fields="position_s")
     pipeline = await start_pipeline(settings)
     queues = DeadLetterQueues(kafka.bootstrap, Topics(namespace), ["hook"])
     try:
@@ -60,8 +62,22 @@ async def test_a_refused_batch_is_dead_lettered_then_replayed_exactly_once(
         shown = (await asyncio.to_thread(cli, env, "dlq", "show", "sender.hook", "--limit", "2")).stdout.splitlines()
         assert len(shown) == 2 and json.loads(shown[0])["reason"] == "PermanentSinkError"
 
-        hook.fail_status = None  # the destination is fixed: replay
-        assert await queues.replay("sender.hook", rate=0) == 30
+        # The stage's own views: reading needs the read token and hides redacted fields; replay needs admin.
+        dlq_url = pipeline.services["sender.hook"].url("/dlq")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(dlq_url) as resp:
+                assert resp.status == 401
+            async with session.get(dlq_url + "?limit=5", headers={"Authorization": "Bearer r-token"}) as resp:
+                view = await resp.json()
+            assert view["count"] == 30 and len(view["letters"]) == 5
+            assert all(letter["original"]["payload"]["position_s"] == "[redacted]" for letter in view["letters"])
+            assert "original_value" not in view["letters"][0]
+            replay_url = pipeline.services["sender.hook"].url("/dlq/replay?rate=0")
+            async with session.post(replay_url, headers={"Authorization": "Bearer r-token"}) as resp:
+                assert resp.status == 401, "the read token cannot replay"
+            hook.fail_status = None  # the destination is fixed: replay
+            async with session.post(replay_url, headers={"Authorization": "Bearer a-token"}) as resp:
+                assert resp.status == 200 and (await resp.json())["replayed"] == 30
         await wait_for(lambda: len(hook.received) >= 30, 60, "replayed delivery", pipeline)
         assert await queues.replay("sender.hook", rate=0) == 0, "a finished replay does not repeat"
         await asyncio.sleep(2.0)

@@ -75,7 +75,7 @@ def build(ctx: ServiceContext) -> Any:
         app, "deduplicator", dedupe.handle, ctx.metrics, ctx.topics.dlq("deduplicator"), source=ctx.topics.enriched
     )
 
-    runner.attach("dedupe")
+    runner.attach("dedupe", ctx)
 
     @app.page("/tables/dedupe")
     async def dedupe_table(self: web.View, request: web.Request) -> web.Response:

@@ -112,7 +112,7 @@ def build(ctx: ServiceContext) -> Any:
         max_message_bytes=ctx.config.limits.max_event_bytes * 4,  # the collector admits at most max_event_bytes
     )
 
-    runner.attach("enrich")
+    runner.attach("enrich", ctx)
 
     def stats() -> dict[str, Any]:
         m = ctx.metrics

@@ -50,7 +50,7 @@ def build(ctx: ServiceContext) -> Any:
     router = Router(ctx.config, ctx.topics, unrouted)
     runner = StageRunner(app, "router", router.handle, ctx.metrics, ctx.topics.dlq("router"), source=ctx.topics.unique)
 
-    runner.attach("route")
+    runner.attach("route", ctx)
 
     def stats() -> dict[str, Any]:
         m = ctx.metrics

@@ -210,7 +210,7 @@ def build(ctx: ServiceContext) -> Any:
         batch_max=sink_config.batch_max,
     )
 
-    runner.attach("deliver")
+    runner.attach("deliver", ctx)
 
     app.add_dependency(SinkLifecycle(sink))
     add_common_views(app, stage, ctx.metrics, delivery.stats, ctx.settings)
