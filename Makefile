@@ -39,6 +39,17 @@ $(KAFKA_JAR): dev/kafka/pom.xml
 fuzz: install
 	HYPOTHESIS_PROFILE=fuzz timeout 600 $(BIN)/pytest -q tests/test_properties.py
 
+QUIX_VENV := .cache/bench/quix-venv
+
+bench: install jars $(QUIX_VENV)/bin/quix-ready
+	$(BIN)/hifi bench --step --system hifi --system raw --system quix --duration 60 --json docs/bench/latest.json --doc docs/BENCHMARKS.md
+
+# The Quix Streams peer gets its own virtualenv: its pins conflict with Hifi's dependencies.
+$(QUIX_VENV)/bin/quix-ready:
+	python3 -m venv $(QUIX_VENV)
+	$(QUIX_VENV)/bin/pip install -q quixstreams==3.28.1 ua-parser msgpack
+	touch $@
+
 chaos: install jars
 	$(BIN)/hifi chaos all --rate 200 --json docs/chaos/latest.json --doc docs/RELIABILITY.md
 

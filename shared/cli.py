@@ -65,8 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--step", action="store_true", help="rates 500, 1k, 2k, 5k, 10k... until one fails")
     bench.add_argument("--duration", type=float, default=60.0, help="seconds per rate")
     bench.add_argument("--batch", type=int, default=20, help="events per HTTP request")
-    bench.add_argument("--system", action="append", choices=["hifi", "raw"], help="default: hifi")
+    bench.add_argument(
+        "--system",
+        action="append",
+        choices=["hifi", "raw", "quix"],
+        help="hifi (default), raw (aiokafka relays: the limit), quix (the Quix Streams peer)",
+    )
     bench.add_argument("--json", dest="json_out", help="write the results to this file")
+    bench.add_argument("--doc", help="rewrite the results section of this markdown file (docs/BENCHMARKS.md)")
 
     sub.add_parser("topics", help="create every topic of the config (idempotent; the Helm chart's pre-install job)")
 
@@ -128,7 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         from shared.local.bench import main as run_bench
 
         rates = [500, 1000, 2000, 5000, 10000, 20000] if args.step else (args.rate or [2000.0])
-        sys.exit(run_bench(rates, args.duration, args.batch, args.system or ["hifi"], args.step, args.json_out))
+        sys.exit(
+            run_bench(rates, args.duration, args.batch, args.system or ["hifi"], args.step, args.json_out, args.doc)
+        )
     elif args.command == "topics":
         import asyncio
 

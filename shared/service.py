@@ -16,6 +16,7 @@ from typing import Any
 
 from shared.app import HifiApp, create_app
 from shared.config import HifiConfig, Settings
+from shared.keywindow import KeyWindow, RedisKeyWindow, TableKeyWindow
 from shared.metrics import StageMetrics
 from shared.sentry import init_sentry
 from shared.topics import Topics, ensure_topics
@@ -37,6 +38,14 @@ class ServiceContext:
     @property
     def topics(self) -> Topics:
         return Topics(self.settings.namespace)
+
+    def key_window(self, name: str) -> KeyWindow:
+        """The dedupe window or delivered ledger on the configured backend: Redis, or a RocksDB table."""
+        dedupe = self.config.dedupe
+        if dedupe.backend == "redis":
+            return RedisKeyWindow(self.settings.redis_url, f"hifi:{self.settings.namespace}:{name}:", dedupe.window_s)
+        table = self.app.Table(name, partitions=self.settings.partitions, key_type=str, value_type=bytes)
+        return TableKeyWindow(table, dedupe.window_s)
 
     def create_app(self, app_id: str, web_port: int, **overrides: Any) -> HifiApp:
         self.app = create_app(self.topics.group(app_id), self.settings, web_port, **overrides)

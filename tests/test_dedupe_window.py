@@ -43,7 +43,7 @@ dedupe: {{backend: {backend}, window_s: {WINDOW_S}}}
         await wait_for(lambda: len(hook.received) >= 14, 60, "delivery after expiry", pipeline)
         assert sorted(e["event_id"] for e in hook.received[10:]) == sorted(e["event_id"] for e in events[:4])
         if backend == "redis":
-            keys = [k async for k in redis_client.scan_iter(f"hifi:{namespace}:dedupe:*")]
+            keys = [k async for k in redis_client.scan_iter(f"hifi:{namespace}:dedupe-window:*")]
             assert len(keys) == 10 or len(keys) == 4  # entries carry a TTL; expired ones are gone
             ttl = await redis_client.pttl(keys[0])
             assert 0 < ttl <= WINDOW_S * 1000

@@ -14,7 +14,7 @@ from faust import web
 from shared.alerts import Alerter, OutageClock
 from shared.codec import encode_event, unpack
 from shared.errors import TransientError
-from shared.keywindow import KeyWindow, RedisKeyWindow, TableKeyWindow
+from shared.keywindow import KeyWindow, TableKeyWindow
 from shared.service import ServiceContext
 from shared.stage import Output, Record, StageRunner, StepResult
 from shared.web import add_common_views, denied
@@ -57,13 +57,8 @@ class DedupeWindow:
 def build(ctx: ServiceContext) -> Any:
     app = ctx.create_app("hifi-deduplicator", WEB_PORT)
     conf = ctx.config.dedupe
-    table = None
-    window: KeyWindow
-    if conf.backend == "redis":
-        window = RedisKeyWindow(ctx.settings.redis_url, f"hifi:{ctx.settings.namespace}:dedupe:", conf.window_s)
-    else:
-        table = app.Table("dedupe-window", partitions=ctx.settings.partitions, key_type=str, value_type=bytes)
-        window = TableKeyWindow(table, conf.window_s)
+    window = ctx.key_window("dedupe-window")
+    table = window.table if isinstance(window, TableKeyWindow) else None
     dedupe = DedupeWindow(
         window,
         ctx.metrics,

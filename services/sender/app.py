@@ -19,7 +19,7 @@ from prometheus_client import Gauge
 from shared.alerts import Alerter, OutageClock
 from shared.errors import PermanentSinkError, SinkThrottled, TransientError
 from shared.event import now_ms
-from shared.keywindow import KeyWindow, RedisKeyWindow, TableKeyWindow
+from shared.keywindow import KeyWindow
 from shared.metrics import LagWindow, StageMetrics
 from shared.retry import Backoff
 from shared.service import ServiceContext
@@ -190,12 +190,7 @@ def build(ctx: ServiceContext) -> Any:
     app = ctx.create_app(f"hifi-sender-{ctx.sink}", port)
     sink = make_sink(sink_config, ctx.settings.broker, ctx.settings.redis_url)
     dedupe = ctx.config.dedupe
-    ledger: KeyWindow
-    if dedupe.backend == "redis":
-        ledger = RedisKeyWindow(ctx.settings.redis_url, f"hifi:{ctx.settings.namespace}:delivered:", dedupe.window_s)
-    else:
-        table = app.Table("delivered-ledger", partitions=ctx.settings.partitions, key_type=str, value_type=bytes)
-        ledger = TableKeyWindow(table, dedupe.window_s)
+    ledger = ctx.key_window("delivered-ledger")
     stage = f"sender.{ctx.sink}"
     delivery = SinkDelivery(
         sink, ledger, ctx.metrics, Alerter(stage), pass_through=dedupe.on_redis_down == "pass-through"

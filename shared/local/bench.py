@@ -239,7 +239,7 @@ limits: {{max_events_per_batch: 500}}
         for label, svc in pipeline.services.items()
         if svc.process is not None and svc.process.poll() is None
     }
-    pids.update({f"relay{i}": p.pid for i, p in enumerate(relays)})
+    pids.update({f"{system}{i}": p.pid for i, p in enumerate(relays)})
     pids.update({f"kafka-{n}": pid for n, pid in env.kafka.running_pids().items()})
     redis_pid = _redis_pid(env.redis)
     if redis_pid:
@@ -289,6 +289,25 @@ limits: {{max_events_per_batch: 500}}
     }
 
 
+QUIX_PYTHON = DEFAULT_HOME.parent / "bench" / "quix-venv" / "bin" / "python"
+
+
+def spawn_quix(stage: str, namespace: str, bootstrap: str, sink_url: str, state_dir: Path) -> subprocess.Popen[bytes]:
+    """The Quix Streams peer runs from its own virtualenv (`make bench` creates it)."""
+    if not QUIX_PYTHON.exists():
+        raise SystemExit(
+            f"the Quix Streams peer needs {QUIX_PYTHON}: python3 -m venv {QUIX_PYTHON.parent.parent} "
+            "&& its pip install quixstreams==3.28.1 ua-parser msgpack"
+        )
+    script = Path(__file__).with_name("quix_peer.py")
+    return subprocess.Popen(
+        [str(QUIX_PYTHON), str(script), stage, namespace, bootstrap, sink_url, str(state_dir)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def spawn_relay(source: str, target: str, group: str, bootstrap: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", RELAY, source, target, group, bootstrap], stdin=subprocess.DEVNULL)
 
@@ -320,7 +339,31 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def main(rates: list[float], duration: float, batch: int, systems: list[str], step: bool, json_out: str | None) -> int:
+def write_doc(doc: Path, table: str, ceilings: dict[str, float], command: str) -> None:
+    import platform
+
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    section = (
+        f"<!-- bench:begin -->\nLatest run: {stamp}, `{command}`, on {os.cpu_count()} cores / {mem_gib:.0f} GiB "
+        f"({platform.platform()}), Kafka {KAFKA_VERSION}; broker, Redis, every process and the load generator on "
+        f"one machine. Latencies in ms.\n\n{table}\nCeilings (achieved >= 99 % of offered and p95 < 1 s): "
+        f"{', '.join(f'{k} {v:g} events/s' for k, v in ceilings.items()) or 'none reached'}.\n<!-- bench:end -->"
+    )
+    text = doc.read_text()
+    head, rest = text.split("<!-- bench:begin -->", 1)
+    doc.write_text(head + section + rest.split("<!-- bench:end -->", 1)[1])
+
+
+def main(
+    rates: list[float],
+    duration: float,
+    batch: int,
+    systems: list[str],
+    step: bool,
+    json_out: str | None,
+    doc: str | None = None,
+) -> int:
     kafka = LocalKafka(port=19292, data_root=DEFAULT_HOME.parent / "bench" / "kafka")
     kafka.wipe()
     kafka.start()
@@ -344,8 +387,14 @@ def main(rates: list[float], duration: float, batch: int, systems: list[str], st
         kafka.stop()
         if started_redis:
             redis.stop()
-    print(format_table(results))
+    table = format_table(results)
+    print(table)
     print("ceilings (achieved >= 99 % of offered and p95 < 1 s):", ceilings)
+    if doc:
+        command = f"hifi bench {'--step' if step else ''} --duration {duration:g} " + " ".join(
+            f"--system {s}" for s in systems
+        )
+        write_doc(Path(doc), table, ceilings, " ".join(command.split()))
     if json_out:
         summary = {
             "machine": {"cores": os.cpu_count(), "kafka": KAFKA_VERSION},

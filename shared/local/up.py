@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +40,6 @@ dedupe:
   backend: rocksdb
   window_s: 86400
 """)
-
-
-def _stats(url: str) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=1.0) as resp:
-            return json.loads(resp.read())
-    except OSError:
-        return {}
 
 
 def up(config_path: str | None, rate: float, duration: float) -> None:
@@ -139,20 +129,19 @@ async def demo_traffic(url: str, rate: float, stop: asyncio.Event, batch: int = 
 
 
 def status_line(pipeline: PipelineProcesses, elapsed: float) -> str:
-    collector = _stats(pipeline.services["collector"].url("/stats"))
-    dedupe = _stats(pipeline.services["deduplicator"].url("/stats"))
-    parts = [f"[{elapsed:6.1f}s] accepted {int(collector.get('accepted', 0))}"]
+    stats = {label: s if isinstance(s, dict) else {} for label, s in pipeline.stats().items()}
+    parts = [f"[{elapsed:6.1f}s] accepted {int(stats['collector'].get('accepted', 0))}"]
     delivered = []
     lags = []
-    for svc in pipeline.services.values():
+    for label, svc in pipeline.services.items():
         if svc.sink:
-            s = _stats(svc.url("/stats"))
+            s = stats[label]
             delivered.append(f"{svc.sink}={int(s.get('delivered', 0))}")
             lag = s.get("lag", {})
             if lag.get("count"):
                 lags.append(f"{svc.sink} p50 {lag['p50_ms']}ms p95 {lag['p95_ms']}ms")
     parts.append("delivered " + " ".join(delivered))
-    parts.append(f"duplicates dropped {int(dedupe.get('duplicates', 0))}")
+    parts.append(f"duplicates dropped {int(stats['deduplicator'].get('duplicates', 0))}")
     if lags:
         parts.append("lag " + ", ".join(lags))
     return " | ".join(parts)
