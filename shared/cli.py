@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         help="hifi (default), raw (aiokafka relays: the limit), quix (the Quix Streams peer)",
     )
     bench.add_argument("--json", dest="json_out", help="write the results to this file")
+    bench.add_argument("--dedupe", choices=["rocksdb", "redis"], default="rocksdb", help="dedupe/ledger backend")
     bench.add_argument("--doc", help="rewrite the results section of this markdown file (docs/BENCHMARKS.md)")
 
     sub.add_parser("topics", help="create every topic of the config (idempotent; the Helm chart's pre-install job)")
@@ -135,7 +136,16 @@ def main(argv: list[str] | None = None) -> None:
 
         rates = [500, 1000, 2000, 5000, 10000, 20000] if args.step else (args.rate or [2000.0])
         sys.exit(
-            run_bench(rates, args.duration, args.batch, args.system or ["hifi"], args.step, args.json_out, args.doc)
+            run_bench(
+                rates,
+                args.duration,
+                args.batch,
+                args.system or ["hifi"],
+                args.step,
+                args.json_out,
+                args.doc,
+                args.dedupe,
+            )
         )
     elif args.command == "topics":
         import asyncio

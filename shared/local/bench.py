@@ -198,7 +198,9 @@ class BenchEnv:
         )
 
 
-async def run_once(env: BenchEnv, system: str, rate: float, duration: float, batch: int) -> dict[str, Any]:
+async def run_once(
+    env: BenchEnv, system: str, rate: float, duration: float, batch: int, dedupe: str = "rocksdb"
+) -> dict[str, Any]:
     namespace = f"bench{uuid.uuid4().hex[:6]}"
     sink = BenchSink(port=env.port_base + 99)
     await sink.start()
@@ -209,6 +211,7 @@ async def run_once(env: BenchEnv, system: str, rate: float, duration: float, bat
 sinks:
   hook: {{type: webhook, url: "http://127.0.0.1:{sink.port}/in", batch_max: 500}}
 limits: {{max_events_per_batch: 500}}
+dedupe: {{backend: {dedupe}}}
 """)
     settings = env.settings(config, namespace)
     pipeline = PipelineProcesses(settings, env.workdir / "logs" / namespace, port_base=env.port_base)
@@ -223,17 +226,19 @@ limits: {{max_events_per_batch: 500}}
 
         t = Topics(namespace)
         await ensure_topics(env.kafka.bootstrap, t.all(["hook"]), 4, 1)
-        hops = [
-            (t.raw, t.enriched),
-            (t.enriched, t.unique),
-            (t.unique, t.sink("hook")),
-            (t.sink("hook"), f"http://127.0.0.1:{sink.port}/in"),
-        ]
-        relays = [
-            spawn_relay(source, target, f"{namespace}-relay{i}", env.kafka.bootstrap)
-            for i, (source, target) in enumerate(hops)
-        ]
-        await asyncio.sleep(5.0)  # let the relays join their groups
+        sink_url = f"http://127.0.0.1:{sink.port}/in"
+        if system == "raw":
+            hops = [(t.raw, t.enriched), (t.enriched, t.unique), (t.unique, t.sink("hook")), (t.sink("hook"), sink_url)]
+            relays = [
+                spawn_relay(source, target, f"{namespace}-relay{i}", env.kafka.bootstrap)
+                for i, (source, target) in enumerate(hops)
+            ]
+        else:
+            relays = [
+                spawn_quix(stage, namespace, env.kafka.bootstrap, sink_url, env.workdir / "quix-state")
+                for stage in ("enrich", "dedupe", "route", "deliver")
+            ]
+        await asyncio.sleep(8.0)  # let the consumers join their groups
     pids = {
         label: svc.process.pid
         for label, svc in pipeline.services.items()
@@ -267,7 +272,7 @@ limits: {{max_events_per_batch: 500}}
     delivered = len(accepted & set(sink.seen))
     n = max(1, len(accepted))
     return {
-        "system": system,
+        "system": system if system != "hifi" or dedupe == "rocksdb" else f"hifi-{dedupe}",
         "rate_eps": rate,
         "duration_s": duration,
         "batch": batch,
@@ -363,6 +368,7 @@ def main(
     step: bool,
     json_out: str | None,
     doc: str | None = None,
+    dedupe: str = "rocksdb",
 ) -> int:
     kafka = LocalKafka(port=19292, data_root=DEFAULT_HOME.parent / "bench" / "kafka")
     kafka.wipe()
@@ -376,7 +382,7 @@ def main(
         for system in systems:
             for rate in rates:
                 print(f"bench {system} at {rate:g} events/s for {duration:g}s ...", flush=True)
-                result = asyncio.run(run_once(env, system, rate, duration, batch))
+                result = asyncio.run(run_once(env, system, rate, duration, batch, dedupe))
                 print(json.dumps(result), flush=True)
                 results.append(result)
                 if passes(result):
