@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,8 @@ def up(config_path: str | None, rate: float, duration: float) -> None:
 
 async def demo_traffic(url: str, rate: float, stop: asyncio.Event, batch: int = 20) -> None:
     """Open-loop batches at `rate` events/s, two tenants; every 50th batch is re-sent like a client retry."""
-    factories = {t: EventFactory(producer_id=f"{t}-demo") for t in DEMO_KEYS}
+    run = uuid.uuid4().hex[:6]  # event ids unique per run: the dedupe window outlives a run
+    factories = {t: EventFactory(producer_id=f"{t}-{run}") for t in DEMO_KEYS}
     interval = batch / rate
     next_at = time.monotonic()
     n = 0
