@@ -13,6 +13,8 @@ from typing import Any
 
 import sentry_sdk
 
+from shared.sentry import mask_secrets
+
 log = logging.getLogger(__name__)
 
 
@@ -28,7 +30,9 @@ class Alerter:
         if fingerprint in self.active:
             return False
         self.active[fingerprint] = time.time()
-        log.log(logging.ERROR if level in ("error", "fatal") else logging.WARNING, "ALERT %s: %s", name, message)
+        message = mask_secrets(message)
+        # Warning, not error: Sentry's logging integration would turn an error log into a second page.
+        log.warning("ALERT %s: %s", name, message)
         with sentry_sdk.new_scope() as scope:
             scope.fingerprint = list(fingerprint)
             scope.set_tag("alert", name)

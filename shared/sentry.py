@@ -11,8 +11,26 @@ SECRET_KEYS = re.compile(r"(api[_-]?key|authorization|token|secret|password|payl
 RELEASE = "hifi@0.1.0"
 
 
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]*@")
+
+
+def mask_secrets(text: str) -> str:
+    """Credentials inside URLs (redis://:password@host) become [redacted]@."""
+    return URL_CREDENTIALS.sub("[redacted]@", text)
+
+
 def scrub(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
-    """Drop request bodies and mask any field that looks like a secret or a payload."""
+    """Drop request bodies, mask any field that looks like a secret or a payload, and URL credentials."""
+    if isinstance(event.get("message"), str):
+        event["message"] = mask_secrets(event["message"])
+    logentry = event.get("logentry")
+    if isinstance(logentry, dict):
+        for key in ("message", "formatted"):
+            if isinstance(logentry.get(key), str):
+                logentry[key] = mask_secrets(logentry[key])
+    for exc in (event.get("exception") or {}).get("values", []):
+        if isinstance(exc.get("value"), str):
+            exc["value"] = mask_secrets(exc["value"])
     request = event.get("request")
     if isinstance(request, dict):
         request.pop("data", None)
