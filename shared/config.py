@@ -76,12 +76,6 @@ class HifiConfig:
     enrich: EnrichConfig = field(default_factory=EnrichConfig)
     limits: Limits = field(default_factory=Limits)
 
-    def tenant_for_key_hash(self, key_hash: str) -> TenantConfig | None:
-        for tenant in self.tenants.values():
-            if key_hash in tenant.api_key_hashes:
-                return tenant
-        return None
-
     def subscribers(self, tenant: str) -> tuple[str, ...]:
         found = self.tenants.get(tenant)
         return found.sinks if found else ()

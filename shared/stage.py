@@ -41,7 +41,6 @@ class Record:
 
     event: Event
     message: Any  # faust EventT
-    attempts: int = 0
 
     @property
     def source(self) -> str:
@@ -230,7 +229,6 @@ class PartitionCursors:
         self.bootstrap = bootstrap
         self.next: dict[Any, int | None] = {}
         self.sought: dict[Any, tuple[int, float]] = {}
-        self.rewinds = 0
         app.on_partitions_assigned.connect(self._on_assigned)
         app.on_partitions_revoked.connect(self._on_revoked)
 
@@ -297,7 +295,6 @@ class PartitionCursors:
                 if last is None or last[0] != expected or now - last[1] > 1.0:
                     log.warning("%s: offsets %d..%d were skipped by the consumer; re-reading", tp, expected, offset - 1)
                     self.sought[tp] = (expected, now)
-                    self.rewinds += 1
                     await self._seek(tp, expected)
             else:
                 log.debug("%s@%d: below the cursor %d, already processed", tp, offset, expected)
