@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from services.auditor.app import build as build_auditor
 from services.collector.app import build as build_collector
 from services.deduplicator.app import build as build_deduplicator
 from services.enricher.app import build as build_enricher
@@ -18,6 +19,7 @@ SERVICES: dict[str, Callable[[Any], Any]] = {
     "deduplicator": build_deduplicator,
     "router": build_router,
     "sender": build_sender,
+    "auditor": build_auditor,
 }
 
-PIPELINE = ("collector", "enricher", "deduplicator", "router", "sender")
+PIPELINE = ("collector", "enricher", "deduplicator", "router", "sender", "auditor")

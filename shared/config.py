@@ -35,6 +35,8 @@ class SinkConfig:
     options: dict[str, Any]
     batch_max: int = 200
     timeout_s: float = 10.0
+    # On time means acknowledged by the sink within this many ms of ingest (the SLA).
+    sla_ms: float = 1000.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class TenantConfig:
     # HMAC request signing: the secret is read from this environment variable, never from the file.
     signing_secret_env: str | None = None
     rate_limit: RateLimit | None = None
+    # Overrides the sinks' SLA for this tenant's events (None: each sink's own).
+    sla_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,20 @@ class DedupeConfig:
     # Redis unreachable: `pause` (retry, lose and duplicate nothing) or `pass-through` (keep events
     # flowing without dedupe or ledger checks, accepting duplicates until Redis is back).
     on_redis_down: str = "pause"
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """How the auditor reconciles counts, measures the SLI and pages (see README, Operating Hifi)."""
+
+    bucket_s: int = 10  # event-time buckets of the loss ledger
+    settle_s: float = 30.0  # a bucket is reconciled this long after it ends
+    slo_target: float = 0.999  # share of events delivered within SLA
+    burn_alert: float = 14.4  # page when both the 5 min and 1 h burn rates exceed this
+    canary_interval_s: float = 5.0  # a canary per tenant (reaching each of its sinks); 0 disables
+    stuck_after_s: float = 60.0  # a partition with lag whose committed offset has not moved this long
+    dlq_check_s: float = 10.0  # how often DLQ sizes are read; any growth pages once per episode
+    outage_alert_after_s: float = 30.0  # Redis or the broker failing this long pages
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,13 @@ class HifiConfig:
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
     enrich: EnrichConfig = field(default_factory=EnrichConfig)
     limits: Limits = field(default_factory=Limits)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+
+    def sla_ms(self, tenant: str, sink: str) -> float:
+        found = self.tenants.get(tenant)
+        if found is not None and found.sla_ms is not None:
+            return found.sla_ms
+        return self.sinks[sink].sla_ms if sink in self.sinks else 1000.0
 
     def subscribers(self, tenant: str) -> tuple[str, ...]:
         found = self.tenants.get(tenant)
@@ -95,7 +120,7 @@ class HifiConfig:
     @classmethod
     def parse(cls, data: Any, base_dir: Path | None = None) -> HifiConfig:
         root = _map(data, "(root)")
-        _only(root, "(root)", {"tenants", "sinks", "dedupe", "enrich", "limits"})
+        _only(root, "(root)", {"tenants", "sinks", "dedupe", "enrich", "limits", "audit"})
         sinks = {}
         for name, raw in _map(root.get("sinks"), "sinks", required=True).items():
             where = f"sinks.{name}"
@@ -106,14 +131,15 @@ class HifiConfig:
                 raise ConfigError(f"{where}.type", f"must be one of {', '.join(SINK_TYPES)}, got {kind!r}")
             batch_max = _int(spec.pop("batch_max", 200), f"{where}.batch_max", 1, 10_000)
             timeout_s = _num(spec.pop("timeout_s", 10.0), f"{where}.timeout_s", 0.1, 300)
+            sla_ms = _num(spec.pop("sla_ms", 1000.0), f"{where}.sla_ms", 1, 86_400_000)
             options = _sink_options(kind, spec, where, base_dir)
-            sinks[name] = SinkConfig(name, kind, options, batch_max, timeout_s)
+            sinks[name] = SinkConfig(name, kind, options, batch_max, timeout_s, sla_ms)
         tenants = {}
         for name, raw in _map(root.get("tenants"), "tenants", required=True).items():
             where = f"tenants.{name}"
             _name(name, where)
             spec = _map(raw, where, required=True)
-            _only(spec, where, {"api_keys", "sinks", "metadata", "signing_secret_env", "rate_limit"})
+            _only(spec, where, {"api_keys", "sinks", "metadata", "signing_secret_env", "rate_limit", "sla_ms"})
             keys = spec.get("api_keys")
             if not isinstance(keys, list) or not keys:
                 raise ConfigError(f"{where}.api_keys", "must be a non-empty list of 'sha256:<hex>' hashes")
@@ -139,7 +165,8 @@ class HifiConfig:
                 rate = _num(raw_limit.get("events_per_s"), f"{where}.rate_limit.events_per_s", 0.001, 1e7)
                 burst = _int(raw_limit.get("burst", max(1, int(rate))), f"{where}.rate_limit.burst", 1, 10**8)
                 limit = RateLimit(rate, burst)
-            tenants[name] = TenantConfig(name, tuple(keys), tuple(subs), dict(metadata), secret_env, limit)
+            tenant_sla = _num(spec["sla_ms"], f"{where}.sla_ms", 1, 86_400_000) if "sla_ms" in spec else None
+            tenants[name] = TenantConfig(name, tuple(keys), tuple(subs), dict(metadata), secret_env, limit, tenant_sla)
         seen: dict[str, str] = {}
         for tenant in tenants.values():
             for key in tenant.api_key_hashes:
@@ -168,7 +195,22 @@ class HifiConfig:
         known = {f.name for f in fields(Limits)}
         _only(limits_raw, "limits", known)
         limits = Limits(**{k: _int(v, f"limits.{k}", 1, 1 << 30) for k, v in limits_raw.items()})
-        return cls(tenants, sinks, dedupe, EnrichConfig(geoip), limits)
+        audit_raw = _map(root.get("audit", {}), "audit")
+        _only(audit_raw, "audit", {f.name for f in fields(AuditConfig)})
+        audit_bounds: dict[str, tuple[float, float]] = {
+            "bucket_s": (1, 3600),
+            "settle_s": (1, 86_400),
+            "slo_target": (0.5, 0.999999),
+            "burn_alert": (0.1, 10_000),
+            "canary_interval_s": (0, 3600),
+            "stuck_after_s": (1, 86_400),
+            "dlq_check_s": (0.5, 3600),
+            "outage_alert_after_s": (0, 86_400),
+        }
+        audit_values: dict[str, Any] = {k: _num(v, f"audit.{k}", *audit_bounds[k]) for k, v in audit_raw.items()}
+        if "bucket_s" in audit_values:
+            audit_values["bucket_s"] = _int(audit_raw["bucket_s"], "audit.bucket_s", 1, 3600)
+        return cls(tenants, sinks, dedupe, EnrichConfig(geoip), limits, AuditConfig(**audit_values))
 
 
 def _sink_options(kind: str, spec: dict[str, Any], where: str, base_dir: Path | None) -> dict[str, Any]:

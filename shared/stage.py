@@ -2,9 +2,13 @@
 
 The commit sequence, per fetched batch:
   1. decode each message once; undecodable ones become dead letters
-  2. handle the decoded batch (the service's own logic) -> outputs and dead letters
-  3. produce outputs and dead letters, then wait until the broker acknowledged every one
+  2. handle the decoded batch (the service's own logic) -> outputs, dead letters, and each record's
+     outcome (out, dup, unrouted, delivered, ...)
+  3. produce outputs, dead letters and the batch's tally (counts per tenant, event-time bucket and
+     outcome, for the auditor's loss ledger), then wait until the broker acknowledged every one
   4. ack the input events: only now may Faust's committer move the offset past them
+
+A tally names its source partition and first offset, so the auditor counts a replayed offset once.
 
 Faust would ack an event whose agent raised (and `take()` acks a batch even on cancellation), so
 agents use `noack_take` and never let an exception escape: transient errors are retried with
@@ -41,6 +45,9 @@ class Record:
 
     event: Event
     message: Any  # faust EventT
+    # What the stage did with it, for the loss ledger: out (passed on), dup, unrouted, delivered,
+    # skipped (already delivered), canary_dropped. Dead letters are counted by the runner.
+    outcome: str = "out"
 
     @property
     def source(self) -> str:
@@ -106,14 +113,28 @@ class StageRunner:
         self.source = source
         self.bootstrap = ",".join(f"{u.host}:{u.port}" for u in app.conf.broker)
         self.cursors = PartitionCursors(app, source, self.bootstrap)
+        self.tallies: str | None = None  # the auditor's topic, set by `attach`
+        self.bucket_s = 10
+        self.broker_outage: Any = None
+        self.watchdog: PartitionWatchdog | None = None
 
     def attach(self, name: str, ctx: Any) -> Any:
         """Register this stage's agent on its source topic (one agent, concurrency 1), and its DLQ views."""
+        from shared.alerts import Alerter, OutageClock
         from shared.dlq import DeadLetterQueues
         from shared.web import add_dlq_views
 
         queues = DeadLetterQueues(self.bootstrap, ctx.topics, list(ctx.config.sinks))
         add_dlq_views(self.app, self.stage, queues, ctx.settings)
+        audit = ctx.config.audit
+        self.tallies = ctx.topics.tallies
+        self.bucket_s = audit.bucket_s
+        alerter = Alerter(self.stage)
+        self.broker_outage = OutageClock(alerter, "broker_unreachable", "the Kafka broker", audit.outage_alert_after_s)
+        self.watchdog = PartitionWatchdog(
+            self.app, self.stage, self.cursors, self.metrics, alerter, audit.stuck_after_s
+        )
+        self.app.timer(min(5.0, audit.stuck_after_s / 2))(self.watchdog.check)
         return self.app.agent(self.app.topic(self.source), name=name, concurrency=1)(self.run)
 
     async def run(self, stream: Any) -> None:
@@ -139,11 +160,41 @@ class StageRunner:
         self.metrics.events_in.labels(self.stage).inc(len(events))
         result = await self._handle(records) if records else StepResult()
         result.dead.extend(dead)
+        if self.tallies is not None:
+            result.outputs.extend(self._tally(events, records, result))
         await self._produce(result)
         self.metrics.events_out.labels(self.stage).inc(len(result.outputs))
         for letter in result.dead:
             reason = letter.error.reason if isinstance(letter.error, InvalidEvent) else type(letter.error).__name__
             self.metrics.dead_lettered.labels(self.stage, reason).inc()
+
+    def _tally(self, events: Sequence[Any], records: list[Record], result: StepResult) -> list[Output]:
+        """Per source partition: runs of [tenant, bucket, outcome, count] in offset order."""
+        by_message = {id(r.message): r for r in records}
+        dead = {id(letter.message) for letter in result.dead}
+        parts: dict[tuple[str, int], dict[str, Any]] = {}
+        for message in events:
+            msg = message.message
+            record = by_message.get(id(message))
+            if record is not None:
+                tenant = record.event.tenant
+                at_ms = record.event.ingest_ts or (msg.timestamp or 0) * 1000
+            else:  # undecodable: no tenant to charge it to
+                tenant, at_ms = "?", (msg.timestamp or 0) * 1000
+            outcome = "dlq" if id(message) in dead else (record.outcome if record is not None else "dlq")
+            bucket = int(at_ms // 1000 // self.bucket_s * self.bucket_s)
+            part = parts.setdefault(
+                (msg.topic, msg.partition),
+                {"stage": self.stage, "topic": msg.topic, "partition": msg.partition, "first": msg.offset, "runs": []},
+            )
+            runs = part["runs"]
+            if runs and runs[-1][:3] == [tenant, bucket, outcome]:
+                runs[-1][3] += 1
+            else:
+                runs.append([tenant, bucket, outcome, 1])
+        at = now_ms()
+        assert self.tallies is not None
+        return [Output(self.tallies, self.stage.encode(), pack({**part, "at": at})) for part in parts.values()]
 
     async def _handle(self, records: list[Record]) -> StepResult:
         """Retry transient errors; on an unexpected error, handle one by one to isolate the culprit."""
@@ -204,10 +255,14 @@ class StageRunner:
                         )
                     )
                 await asyncio.gather(*futures)
+                if self.broker_outage is not None:
+                    self.broker_outage.ok()
                 return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # broker unavailable past the producer's own retries
+                if self.broker_outage is not None:
+                    self.broker_outage.failed(exc)
                 delay = self.backoff.delay(attempt)
                 self.metrics.retries.labels(self.stage).inc()
                 log.warning("%s: produce failed (attempt %d), retrying in %.2fs: %r", self.stage, attempt, delay, exc)
@@ -228,6 +283,7 @@ class PartitionCursors:
         self.source = source
         self.bootstrap = bootstrap
         self.next: dict[Any, int | None] = {}
+        self.last_timestamp: dict[Any, float] = {}  # Kafka timestamp (s) of the last event processed
         self.sought: dict[Any, tuple[int, float]] = {}
         app.on_partitions_assigned.connect(self._on_assigned)
         app.on_partitions_revoked.connect(self._on_revoked)
@@ -287,6 +343,7 @@ class PartitionCursors:
             if expected is None or offset == expected:
                 admitted.append(event)
                 self.next[tp] = offset + 1
+                self.last_timestamp[tp] = event.message.timestamp or 0.0
             elif offset > expected:
                 # Seek once, and again if events past the cursor still arrive a second later (a seek
                 # issued around a rebalance can be overridden by the fetcher).
@@ -299,6 +356,103 @@ class PartitionCursors:
             else:
                 log.debug("%s@%d: below the cursor %d, already processed", tp, offset, expected)
         return admitted
+
+
+class PartitionWatchdog:
+    """Consumer lag per partition, and a stuck-partition alarm.
+
+    Lag in offsets is the high watermark minus the next offset to process; lag in seconds is the
+    age of the last event processed while lag remains (0 when caught up). A partition with lag whose
+    committed offset has not moved for `stuck_after_s` pages once and makes the worker rejoin its
+    group, which re-runs assignment and restarts the partition's fetch from the committed offset.
+    """
+
+    def __init__(
+        self, app: Any, stage: str, cursors: PartitionCursors, metrics: StageMetrics, alerter: Any, stuck_after_s: float
+    ) -> None:
+        from prometheus_client import Gauge
+
+        self.app = app
+        self.stage = stage
+        self.cursors = cursors
+        self.alerter = alerter
+        self.stuck_after_s = stuck_after_s
+        self.progress: dict[Any, tuple[int | None, float]] = {}  # tp -> (committed, since when)
+        self.rejoins = 0
+        self.lag_messages = Gauge(
+            "hifi_consumer_lag_messages",
+            "High watermark minus the next offset to process",
+            ["stage", "partition"],
+            registry=metrics.registry,
+        )
+        self.lag_seconds = Gauge(
+            "hifi_consumer_lag_seconds",
+            "Age of the oldest unprocessed event (approximated by the last processed one) while there is lag",
+            ["stage", "partition"],
+            registry=metrics.registry,
+        )
+        self.partitions: dict[str, dict[str, Any]] = {}
+
+    async def check(self) -> None:
+        try:
+            self._check()
+        except Exception:  # a watchdog must not take the worker down
+            log.exception("%s: partition watchdog failed", self.stage)
+
+    def _check(self) -> None:
+        consumer = self.app.consumer
+        committed_offsets = getattr(consumer, "_committed_offset", {})
+        now = time.monotonic()
+        seen = {}
+        for tp, cursor in list(self.cursors.next.items()):
+            try:
+                highwater = consumer.highwater(tp)
+            except Exception:
+                continue
+            if highwater is None or cursor is None:
+                continue
+            lag = max(0, highwater - cursor)
+            last_ts = self.cursors.last_timestamp.get(tp)
+            lag_s = max(0.0, time.time() - last_ts) if lag and last_ts else 0.0
+            self.lag_messages.labels(self.stage, str(tp.partition)).set(lag)
+            self.lag_seconds.labels(self.stage, str(tp.partition)).set(lag_s)
+            committed = committed_offsets.get(tp)
+            previous = self.progress.get(tp)
+            if previous is None or previous[0] != committed or lag == 0:
+                self.progress[tp] = (committed, now)
+                self.alerter.resolve("stuck_partition", key=f"{tp.topic}:{tp.partition}")
+                stalled_s = 0.0
+            else:
+                stalled_s = now - previous[1]
+            seen[f"{tp.topic}:{tp.partition}"] = {
+                "committed": committed,
+                "next": cursor,
+                "highwater": highwater,
+                "lag_messages": lag,
+                "lag_seconds": round(lag_s, 3),
+                "stalled_s": round(stalled_s, 1),
+            }
+            if stalled_s > self.stuck_after_s:
+                fired = self.alerter.fire(
+                    "stuck_partition",
+                    f"{tp.topic}:{tp.partition} has {lag} events waiting and its committed offset {committed} "
+                    f"has not moved for {stalled_s:.0f}s; rejoining the group",
+                    key=f"{tp.topic}:{tp.partition}",
+                    lag_messages=lag,
+                )
+                if fired:
+                    self._rejoin()
+        self.partitions = seen
+
+    def _rejoin(self) -> None:
+        """Ask the group coordinator for a rebalance (aiokafka's own rejoin, on the consumer's thread)."""
+        try:
+            thread = self.app.consumer._thread
+            coordinator = thread._ensure_consumer()._coordinator
+            thread.thread_loop.call_soon_threadsafe(coordinator.request_rejoin)
+            self.rejoins += 1
+        except Exception:
+            log.exception("%s: could not request a rejoin", self.stage)
 
 
 class _Unexpected(Exception):

@@ -46,13 +46,28 @@ class Topics:
         """Dead letters of one stage, or of one sink's sender (stage `sender.<sink>`)."""
         return self._name(f"hifi.dlq.{stage}")
 
+    @property
+    def tallies(self) -> str:
+        """Every stage -> auditor: counts per tenant, event-time bucket and outcome."""
+        return self._name("hifi.audit.tallies")
+
+    @property
+    def receipts(self) -> str:
+        """Senders -> auditor: one receipt per event a sink acknowledged."""
+        return self._name("hifi.audit.receipts")
+
     def group(self, app_id: str) -> str:
         """Consumer group (and Faust app id) of a service."""
         return self._name(app_id)
 
     def all(self, sinks: list[str]) -> list[str]:
         stages = ["enricher", "deduplicator", "router"] + [f"sender.{s}" for s in sinks]
-        return [self.raw, self.enriched, self.unique] + [self.sink(s) for s in sinks] + [self.dlq(s) for s in stages]
+        return (
+            [self.raw, self.enriched, self.unique]
+            + [self.sink(s) for s in sinks]
+            + [self.dlq(s) for s in stages]
+            + [self.tallies, self.receipts]
+        )
 
 
 async def ensure_topics(

@@ -92,10 +92,10 @@ def start_pipeline(port_base: int, tmp_path: Path):
 
     started: list[PipelineProcesses] = []
 
-    async def start(settings: Settings) -> PipelineProcesses:
+    async def start(settings: Settings, auditor: bool = False) -> PipelineProcesses:
         import asyncio
 
-        pipeline = PipelineProcesses(settings, tmp_path / "logs", port_base=port_base)
+        pipeline = PipelineProcesses(settings, tmp_path / "logs", port_base=port_base, auditor=auditor)
         started.append(pipeline)
         pipeline.start_all()
         await asyncio.to_thread(pipeline.wait_ready, 120.0)

@@ -17,6 +17,7 @@ from typing import Any
 
 from faust import web
 
+from shared.audit import accepted_tally, bucket_of
 from shared.codec import encode_event, unique_pairs, unpack_client
 from shared.config import HifiConfig
 from shared.errors import ConfigError, InvalidEvent
@@ -50,6 +51,7 @@ class Collector:
         self.config = ctx.config
         self.validator = EventValidator(ctx.config.limits)
         self.raw_topic = ctx.topics.raw
+        self.tallies_topic = ctx.topics.tallies
         self.keys = {h: t.name for t in ctx.config.tenants.values() for h in t.api_key_hashes}
         self.secrets = signing_secrets(ctx.config)
         self.limiter = (
@@ -176,6 +178,8 @@ class Collector:
                 else:
                     accepted.append(event.event_id)
         metrics.accepted.labels(tenant).inc(len(accepted))
+        if accepted:
+            await self._tally(tenant, ingest_ts, len(accepted))
         rejected.sort(key=lambda r: r["index"])
         body = {"accepted": accepted, "rejected": rejected}
         if unavailable:
@@ -183,6 +187,18 @@ class Collector:
         if not accepted:
             return 422, body
         return 200, body
+
+    async def _tally(self, tenant: str, ingest_ts: float, count: int) -> None:
+        """Tell the auditor's ledger how many events were accepted. Best effort: the events are already
+        durable, and a missing tally shows up as a surplus downstream, never as a false loss."""
+        bucket = bucket_of(ingest_ts, self.ctx.config.audit.bucket_s)
+        try:
+            future = await self.ctx.app.producer.send(
+                self.tallies_topic, b"collector", accepted_tally("collector", tenant, bucket, count), None, None, None
+            )
+            await asyncio.wait_for(future, PRODUCE_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("collector: could not publish the accepted tally (%d events of %s): %r", count, tenant, exc)
 
 
 def signing_secrets(config: HifiConfig) -> dict[str, bytes]:

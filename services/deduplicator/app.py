@@ -50,6 +50,7 @@ class DedupeWindow:
                 record.event.stamp("deduplicator")
                 result.outputs.append(Output(self.output_topic, record.event.partition_key, encode_event(record.event)))
             else:
+                record.outcome = "dup"
                 self.metrics.duplicates.labels("deduplicator", record.event.tenant).inc()
         return result
 

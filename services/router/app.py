@@ -33,6 +33,7 @@ class Router:
                 continue
             sinks = self.config.subscribers(event.tenant)
             if not sinks:
+                record.outcome = "unrouted"
                 self.unrouted.labels(event.tenant).inc()
                 continue
             event.stamp("router")

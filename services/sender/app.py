@@ -17,13 +17,14 @@ from mode import Service
 from prometheus_client import Gauge
 
 from shared.alerts import Alerter, OutageClock
+from shared.audit import receipt
 from shared.errors import PermanentSinkError, SinkThrottled, TransientError
 from shared.event import now_ms
 from shared.keywindow import KeyWindow
 from shared.metrics import LagWindow, StageMetrics
 from shared.retry import Backoff
 from shared.service import ServiceContext
-from shared.stage import DeadLetter, Record, StageRunner, StepResult
+from shared.stage import DeadLetter, Output, Record, StageRunner, StepResult
 from shared.web import add_common_views
 
 from .breaker import CircuitBreaker, CircuitOpen, Throttle
@@ -37,9 +38,17 @@ STAGES = ("collector", "enricher", "deduplicator", "router")
 
 class SinkDelivery:
     def __init__(
-        self, sink: SinkSender, ledger: KeyWindow, metrics: StageMetrics, alerter: Alerter, pass_through: bool
+        self,
+        sink: SinkSender,
+        ledger: KeyWindow,
+        metrics: StageMetrics,
+        alerter: Alerter,
+        pass_through: bool,
+        receipts_topic: str | None = None,
     ) -> None:
         self.sink = sink
+        self.receipts_topic = receipts_topic
+        self.attempts: dict[str, int] = {}  # delivery attempts of the batch in hand, by its first source
         self.name = sink.config.name
         self.ledger = ledger
         self.metrics = metrics
@@ -63,23 +72,44 @@ class SinkDelivery:
         seen = await self._ledger_seen(records)
         todo: list[Record] = []
         keys_in_batch: set[str] = set()
+        dropped: list[Record] = []
         for record, already in zip(records, seen, strict=True):
             key = self._key(record)
-            if already or key in keys_in_batch or (self.drop_canaries and record.event.canary):
+            if already or key in keys_in_batch:
+                record.outcome = "skipped"  # delivered before (a replay): the ledger stops a second copy
                 self.skipped += 1
+                continue
+            if self.drop_canaries and record.event.canary:
+                record.outcome = "canary_dropped"
+                dropped.append(record)
                 continue
             keys_in_batch.add(key)
             todo.append(record)
-        if not todo:
-            return StepResult()
-        try:
-            await self._deliver(todo)
-        except PermanentSinkError as exc:
-            return StepResult(dead=[DeadLetter(r.message, exc) for r in todo])
-        acked = now_ms()
-        await self._mark_delivered(todo)
-        self._record_lag(todo, acked)
-        return StepResult()
+        result = StepResult()
+        if todo:
+            batch_id = todo[0].source
+            attempts = self.attempts[batch_id] = self.attempts.get(batch_id, 0) + 1
+            try:
+                await self._deliver(todo)
+            except PermanentSinkError as exc:
+                self.attempts.pop(batch_id, None)
+                return StepResult(dead=[DeadLetter(r.message, exc, attempts) for r in todo])
+            self.attempts.pop(batch_id, None)
+            acked = now_ms()
+            await self._mark_delivered(todo)
+            self._record_lag(todo, acked)
+            for record in todo:
+                record.outcome = "delivered"
+            result.outputs.extend(self._receipts(todo, acked, attempts))
+        if dropped:
+            result.outputs.extend(self._receipts(dropped, now_ms(), 0))
+        return result
+
+    def _receipts(self, records: list[Record], acked: float, attempts: int) -> list[Output]:
+        if self.receipts_topic is None:
+            return []
+        rows = [[r.event.event_id, r.event.tenant, r.event.ingest_ts, attempts, r.event.canary] for r in records]
+        return [Output(self.receipts_topic, self.name.encode(), receipt(self.name, acked, rows))]
 
     async def _deliver(self, todo: list[Record]) -> None:
         self.breaker.before_call()
@@ -193,7 +223,12 @@ def build(ctx: ServiceContext) -> Any:
     ledger = ctx.key_window("delivered-ledger")
     stage = f"sender.{ctx.sink}"
     delivery = SinkDelivery(
-        sink, ledger, ctx.metrics, Alerter(stage), pass_through=dedupe.on_redis_down == "pass-through"
+        sink,
+        ledger,
+        ctx.metrics,
+        Alerter(stage),
+        pass_through=dedupe.on_redis_down == "pass-through",
+        receipts_topic=ctx.topics.receipts,
     )
     runner = StageRunner(
         app,

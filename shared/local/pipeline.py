@@ -40,12 +40,15 @@ class PipelineProcesses:
     log_dir: Path
     port_base: int = 8080
     services: dict[str, ServiceProcess] = field(default_factory=dict)
+    auditor: bool = False  # the auditor injects canaries, which tests counting exact deliveries do not want
 
     def __post_init__(self) -> None:
         config = HifiConfig.load(self.settings.config_path)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for i, name in enumerate(PIPELINE):
             self.services[name] = ServiceProcess(name, None, self.port_base + i, self.log_dir / f"{name}.log")
+        if self.auditor:
+            self.services["auditor"] = ServiceProcess("auditor", None, self.port_base + 9, self.log_dir / "auditor.log")
         for i, sink in enumerate(config.sinks):
             label = f"sender.{sink}"
             self.services[label] = ServiceProcess(

@@ -60,7 +60,7 @@ def up(config_path: str | None, rate: float, duration: float) -> None:
     settings = Settings(
         config_path=config_path, broker=kafka.bootstrap, redis_url=redis.url, data_dir=str(DEMO_DIR / "data")
     )
-    pipeline = PipelineProcesses(settings, DEMO_DIR / "logs")
+    pipeline = PipelineProcesses(settings, DEMO_DIR / "logs", auditor=True)
     pipeline.start_all()
     stop = asyncio.Event()
 
@@ -76,6 +76,7 @@ def up(config_path: str | None, rate: float, duration: float) -> None:
         for label, svc in pipeline.services.items():
             print(f"  {label:<14} http://127.0.0.1:{svc.port}/stats  /metrics  /ready")
         print(f"  demo webhook sink  http://127.0.0.1:{webhook.port}/hook ; Ctrl-C stops everything", flush=True)
+        print(f"  dashboard  {pipeline.services['auditor'].url('/dashboard')}  (API: /audit)", flush=True)
         traffic = asyncio.create_task(demo_traffic(pipeline.collector_url, rate, stop)) if rate > 0 else None
         t0 = time.monotonic()
         while not stop.is_set():
@@ -146,4 +147,8 @@ def status_line(pipeline: PipelineProcesses, elapsed: float) -> str:
     parts.append(f"duplicates dropped {int(stats['deduplicator'].get('duplicates', 0))}")
     if lags:
         parts.append("lag " + ", ".join(lags))
+    audit = stats.get("auditor", {})
+    if audit:
+        lost = sum(audit.get("lost_by_stage", {}).values())
+        parts.append(f"audit: {audit.get('buckets_settled', 0)} buckets settled, lost {lost}")
     return " | ".join(parts)

@@ -1,0 +1,360 @@
+"""auditor: receipts and tallies in; lag, loss and the on-time SLI out, as an API, a dashboard,
+Prometheus metrics and Sentry alerts.
+
+The auditor is a read-only view: it reads the tallies and receipts topics with its own consumer
+(every partition, no group, nothing committed), from one hour plus the settle delay back, so a
+restarted auditor rebuilds the same state. Buckets older than where it started reading are not
+reconciled (their early tallies were not read). Run one replica.
+
+It also injects canaries: every `canary_interval_s` one flagged event per tenant, written to the raw
+topic like the collector would, so lag and loss stay measured when traffic is quiet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust import web
+from mode import Service
+from prometheus_client import Counter, Gauge, Histogram
+
+from shared.alerts import Alerter, OutageClock
+from shared.audit import accepted_tally, bucket_of
+from shared.codec import encode_event, unpack
+from shared.dlq import DeadLetterQueues
+from shared.event import Event, now_ms
+from shared.metrics import LAG_BUCKETS_S
+from shared.service import ServiceContext
+from shared.web import add_common_views, denied
+
+from .ledger import LossLedger, LossReport, SinkSLI, burn_rate
+
+log = logging.getLogger(__name__)
+
+WEB_PORT = 6090
+STATIC = Path(__file__).parent / "static"
+LOOKBACK_S = 3600.0
+
+
+class Auditor:
+    def __init__(self, ctx: ServiceContext, alerter: Alerter) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.audit = ctx.config.audit
+        self.topics = ctx.topics
+        self.alerter = alerter
+        self.ledger = LossLedger(ctx.config.subscribers, self.audit.bucket_s, self.audit.settle_s)
+        self.sli: dict[tuple[str, str], SinkSLI] = {}
+        self.dlq_sizes: dict[str, int] = {}
+        self.dlq_growing_since: dict[str, float] = {}
+        self.canaries_sent = 0
+        self.receipts = 0
+        self.started_reading_ms = 0.0
+        self.queues = DeadLetterQueues(ctx.settings.broker, ctx.topics, list(ctx.config.sinks))
+        self.broker_outage = OutageClock(
+            alerter, "broker_unreachable", "the Kafka broker", self.audit.outage_alert_after_s
+        )
+        r = ctx.metrics.registry
+        self.on_time_gauge = Gauge(
+            "hifi_on_time_ratio", "Share of events delivered within SLA", ["tenant", "sink", "window"], registry=r
+        )
+        self.burn_gauge = Gauge(
+            "hifi_slo_burn_rate", "Error-budget burn rate of the on-time SLO", ["tenant", "sink", "window"], registry=r
+        )
+        self.lost_counter = Counter(
+            "hifi_events_lost", "Events the loss ledger found missing", ["tenant", "sink", "stage"], registry=r
+        )
+        self.dlq_gauge = Gauge("hifi_dlq_size", "Dead letters retained per stage", ["stage"], registry=r)
+        self.lag_histogram = Histogram(
+            "hifi_delivery_lag_seconds",
+            "Sink acknowledgement minus ingest, from receipts",
+            ["tenant", "sink"],
+            buckets=LAG_BUCKETS_S,
+            registry=r,
+        )
+
+    # -- input -----------------------------------------------------------------------------------
+
+    def on_receipt(self, value: dict[str, Any]) -> None:
+        sink = value["sink"]
+        acked = value["delivered_ts"]
+        now = time.time()
+        per_key: dict[tuple[str, str], list[int]] = {}
+        for _event_id, tenant, ingest_ts, _attempts, canary in value["events"]:
+            lag = max(0.0, acked - ingest_ts)
+            sli = self.sli.setdefault((tenant, sink), SinkSLI())
+            sli.lag_1m.record(lag, now)
+            sli.lag_1h.record(lag, now)
+            sli.delivered += 1
+            sli.canaries += int(bool(canary))
+            self.lag_histogram.labels(tenant, sink).observe(lag / 1000)
+            counts = per_key.setdefault((tenant, sink), [0, 0])
+            if lag <= self.config.sla_ms(tenant, sink):
+                counts[0] += 1
+            else:
+                sli.late += 1
+            counts[1] += 1
+        for (tenant, sink_name), (on_time, total) in per_key.items():
+            self.sli[(tenant, sink_name)].on_time.add(on_time, total, now)
+        self.receipts += sum(c[1] for c in per_key.values())
+
+    def on_tally(self, value: dict[str, Any]) -> None:
+        for tenant, bucket in self.ledger.add_tally(value):
+            for report in self.ledger.reconcile(tenant, bucket):
+                self._loss_found(report)
+
+    # -- periodic --------------------------------------------------------------------------------
+
+    def settle(self) -> None:
+        now = time.time()
+        for tenant, bucket in self.ledger.due(now):
+            for report in self.ledger.reconcile(tenant, bucket):
+                self._loss_found(report)
+        self.ledger.forget_before(int(now - LOOKBACK_S))
+        for (tenant, sink), sli in self.sli.items():
+            for window, seconds in (("5m", 300), ("1h", 3600)):
+                ratio, _ = sli.on_time.ratio(seconds, now)
+                if ratio is not None:
+                    self.on_time_gauge.labels(tenant, sink, window).set(ratio)
+                self.burn_gauge.labels(tenant, sink, window).set(burn_rate(ratio, self.audit.slo_target))
+            self._check_burn(tenant, sink, sli, now)
+
+    def _check_burn(self, tenant: str, sink: str, sli: SinkSLI, now: float) -> None:
+        """Multi-window burn alert: both the 5 min and the 1 h rate above the threshold (SRE workbook)."""
+        short, short_n = sli.on_time.ratio(300, now)
+        long, _ = sli.on_time.ratio(3600, now)
+        fast = burn_rate(short, self.audit.slo_target)
+        slow = burn_rate(long, self.audit.slo_target)
+        key = f"{tenant}/{sink}"
+        if short_n >= 10 and fast > self.audit.burn_alert and slow > self.audit.burn_alert:
+            self.alerter.fire(
+                "slo_burn",
+                f"on-time SLO of {key} burning {fast:.0f}x (5 min) and {slow:.0f}x (1 h) its budget; "
+                f"on time: {short:.2%} over 5 min",
+                key=key,
+                burn_5m=round(fast, 2),
+                burn_1h=round(slow, 2),
+            )
+        elif fast < self.audit.burn_alert / 2:
+            self.alerter.resolve("slo_burn", key=key)
+
+    def _loss_found(self, report: LossReport) -> None:
+        self.lost_counter.labels(report.tenant, report.sink, report.stage).inc(report.lost)
+        sli = self.sli.setdefault((report.tenant, report.sink), SinkSLI())
+        sli.lost += report.lost
+        sli.on_time.add(0, report.lost)  # a lost event was not delivered on time
+        self.alerter.fire(
+            "loss_detected",
+            f"{report.lost} events of tenant {report.tenant} for sink {report.sink} lost in bucket {report.bucket} "
+            f"at {report.stage}: {report.detail}",
+            key=report.sink,
+            lost=report.lost,
+            stage=report.stage,
+            bucket=report.bucket,
+        )
+
+    async def check_dlq(self) -> None:
+        try:
+            sizes = await self.queues.counts()
+            self.broker_outage.ok()
+        except Exception as exc:
+            self.broker_outage.failed(exc)
+            return
+        now = time.monotonic()
+        for stage, size in sizes.items():
+            self.dlq_gauge.labels(stage).set(size)
+            before = self.dlq_sizes.get(stage)
+            if before is not None and size > before:
+                self.dlq_growing_since[stage] = now
+                self.alerter.fire(
+                    "dlq_growth",
+                    f"dead letters of {stage} grew from {before} to {size}; see `hifi dlq show {stage}`",
+                    level="warning",
+                    key=stage,
+                    size=size,
+                )
+            elif now - self.dlq_growing_since.get(stage, now) > 10 * self.audit.dlq_check_s:
+                self.dlq_growing_since.pop(stage, None)
+                self.alerter.resolve("dlq_growth", key=stage)
+        self.dlq_sizes = sizes
+
+    async def send_canaries(self, producer: Any) -> None:
+        """One canary per tenant with sinks; it reaches each of them, so every tenant/sink pair is traced."""
+        ingest = now_ms()
+        bucket = bucket_of(ingest, self.audit.bucket_s)
+        for tenant in self.config.tenants.values():
+            if not tenant.sinks:
+                continue
+            event = Event(
+                event_id=f"canary-{uuid.uuid4().hex}",
+                type="hifi.canary",
+                ts=ingest,
+                tenant=tenant.name,
+                device_id="hifi-canary",
+                ingest_ts=ingest,
+                canary=True,
+            )
+            event.stamp("collector")
+            try:
+                sent = await producer.send(self.topics.raw, event.partition_key, encode_event(event), None, None, None)
+                await sent
+                tally = accepted_tally("canary", tenant.name, bucket, 1)
+                await (await producer.send(self.topics.tallies, b"canary", tally, None, None, None))
+                self.canaries_sent += 1
+            except Exception as exc:
+                log.warning("auditor: canary for %s not sent: %r", tenant.name, exc)
+
+    # -- output ----------------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        now = time.time()
+        sinks: dict[str, Any] = {}
+        for (tenant, sink), sli in sorted(self.sli.items()):
+            short, short_n = sli.on_time.ratio(300, now)
+            long, long_n = sli.on_time.ratio(3600, now)
+            sinks.setdefault(sink, {})[tenant] = {
+                "sla_ms": self.config.sla_ms(tenant, sink),
+                "lag_1m": sli.lag_1m.percentiles(now),
+                "lag_1h": sli.lag_1h.percentiles(now),
+                "on_time_5m": short,
+                "on_time_1h": long,
+                "events_5m": short_n,
+                "events_1h": long_n,
+                "burn_5m": round(burn_rate(short, self.audit.slo_target), 3),
+                "burn_1h": round(burn_rate(long, self.audit.slo_target), 3),
+                "delivered": sli.delivered,
+                "late": sli.late,
+                "lost": sli.lost,
+                "canaries": sli.canaries,
+            }
+        ledger = self.ledger
+        return {
+            "at": now,
+            "slo_target": self.audit.slo_target,
+            "sinks": sinks,
+            "loss": [r.to_json() for r in sorted(ledger.reports.values(), key=lambda r: r.bucket)],
+            "lost_by_stage": ledger.lost_by_stage(),
+            "surplus": sum(ledger.surplus.values()),
+            "stage_totals": {stage: dict(outcomes) for stage, outcomes in sorted(ledger.totals.items())},
+            "buckets_open": sum(1 for b in ledger.buckets.values() if not b.settled),
+            "buckets_settled": ledger.settled,
+            "replayed_offsets_ignored": ledger.replayed,
+            "dlq": self.dlq_sizes,
+            "canaries_sent": self.canaries_sent,
+            "receipts": self.receipts,
+            "alerts_active": [list(k) for k in self.alerter.active],
+        }
+
+
+class AuditReader(Service):
+    """Reads tallies and receipts from every partition, from LOOKBACK_S back; commits nothing."""
+
+    def __init__(self, auditor: Auditor) -> None:
+        super().__init__()
+        self.auditor = auditor
+        self.consumer: AIOKafkaConsumer | None = None
+
+    async def on_start(self) -> None:
+        a = self.auditor
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=a.ctx.settings.broker, enable_auto_commit=False, auto_offset_reset="earliest"
+        )
+        await self.consumer.start()
+
+    async def on_stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+
+    @Service.task
+    async def _read(self) -> None:
+        a = self.auditor
+        consumer = self.consumer
+        assert consumer is not None
+        topics = [a.topics.tallies, a.topics.receipts]
+        tps = []
+        for topic in topics:
+            for _ in range(60):
+                partitions = consumer.partitions_for_topic(topic)
+                if partitions:
+                    break
+                await consumer._client.force_metadata_update()
+                await asyncio.sleep(0.5)
+            tps += [TopicPartition(topic, p) for p in sorted(partitions or [])]
+        consumer.assign(tps)
+        start_ms = int(time.time() * 1000 - (LOOKBACK_S + a.audit.settle_s) * 1000)
+        a.started_reading_ms = start_ms
+        a.ledger.trust_from = int(start_ms // 1000) + a.audit.bucket_s
+        found = await consumer.offsets_for_times(dict.fromkeys(tps, start_ms))
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, found[tp].offset if found.get(tp) is not None else ends[tp])
+        log.info("auditor: reading %s from %s", topics, time.strftime("%H:%M:%S", time.localtime(start_ms / 1000)))
+        while not self.should_stop:
+            try:
+                batch = await consumer.getmany(timeout_ms=200, max_records=2000)
+                a.broker_outage.ok()
+            except Exception as exc:
+                a.broker_outage.failed(exc)
+                await asyncio.sleep(1.0)
+                continue
+            for tp, records in batch.items():
+                for record in records:
+                    try:
+                        value = unpack(record.value)
+                        if tp.topic == a.topics.tallies:
+                            a.on_tally(value)
+                        else:
+                            a.on_receipt(value)
+                    except Exception:  # one unreadable record must not stop the audit
+                        log.exception("auditor: unreadable record %s@%d", tp, record.offset)
+
+
+def build(ctx: ServiceContext) -> Any:
+    app = ctx.create_app("hifi-auditor", WEB_PORT)
+    alerter = Alerter("auditor")
+    auditor = Auditor(ctx, alerter)
+    app.add_dependency(AuditReader(auditor))
+    audit = ctx.config.audit
+
+    @app.timer(1.0)
+    async def settle() -> None:
+        auditor.settle()
+
+    @app.timer(audit.dlq_check_s)
+    async def check_dlq() -> None:
+        await auditor.check_dlq()
+
+    if audit.canary_interval_s > 0:
+
+        @app.timer(audit.canary_interval_s)
+        async def canaries() -> None:
+            await auditor.send_canaries(app.producer)
+
+    @app.page("/audit")
+    async def audit_view(self: web.View, request: web.Request) -> web.Response:
+        refused = denied(self, request, ctx.settings)
+        return refused or self.json(auditor.summary())
+
+    @app.page("/dashboard")
+    async def dashboard(self: web.View, request: web.Request) -> web.Response:
+        return self.html((STATIC / "dashboard.html").read_text())
+
+    @app.page("/static/{name}")
+    async def static(self: web.View, request: web.Request, name: str) -> web.Response:
+        files = {"uPlot.iife.min.js": "application/javascript", "uPlot.min.css": "text/css"}
+        if name not in files:
+            return self.json({"error": "not found"}, status=404)
+        return self.bytes((STATIC / name).read_bytes(), content_type=files[name])
+
+    def stats() -> dict[str, Any]:
+        s = auditor.summary()
+        return {k: s[k] for k in ("lost_by_stage", "surplus", "buckets_settled", "receipts", "canaries_sent", "dlq")}
+
+    add_common_views(app, "auditor", ctx.metrics, stats, ctx.settings)
+    return app

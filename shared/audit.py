@@ -1,0 +1,35 @@
+"""What stages tell the auditor, on two topics (see `Topics.tallies` and `Topics.receipts`).
+
+A **tally** counts one batch of one stage: runs of `[tenant, bucket, outcome, n]` in the source
+partition's offset order, starting at offset `first`. The auditor skips offsets it already counted,
+so a batch replayed after a crash is counted once. The collector (HTTP, no source offsets) and the
+auditor's canaries tally `accepted` without offsets.
+
+A **receipt** lists the events one sender batch delivered: `[event_id, tenant, ingest_ts, attempts,
+canary]` plus the sink and the acknowledgement time, from which the auditor measures lag and the
+on-time SLI.
+
+Buckets are event time: `ingest_ts` rounded down to `bucket_s` seconds (epoch seconds).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.codec import pack
+from shared.event import now_ms
+
+OUTCOMES = ("accepted", "out", "dup", "dlq", "unrouted", "delivered", "skipped", "canary_dropped")
+
+
+def bucket_of(at_ms: float, bucket_s: int) -> int:
+    return int(at_ms // 1000 // bucket_s * bucket_s)
+
+
+def accepted_tally(stage: str, tenant: str, bucket: int, count: int) -> bytes:
+    return pack({"stage": stage, "runs": [[tenant, bucket, "accepted", count]], "at": now_ms()})
+
+
+def receipt(sink: str, delivered_ts: float, rows: list[list[Any]]) -> bytes:
+    """rows: [event_id, tenant, ingest_ts, attempts, canary]."""
+    return pack({"sink": sink, "delivered_ts": delivered_ts, "events": rows})
