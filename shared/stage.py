@@ -327,6 +327,13 @@ class PartitionCursors:
         # which can leave the fetcher asleep; `seek_wait` seeks on that thread and waits for the position.
         await self.app.consumer.seek_wait({tp: offset})
 
+    async def _log_start(self, tp: Any) -> int | None:
+        try:
+            return (await self.app.consumer.earliest_offsets(tp)).get(tp)
+        except Exception:
+            log.warning("%s: could not read the log start offset", tp, exc_info=True)
+            return None
+
     async def admit(self, fetched: Sequence[Any]) -> list[Any]:
         admitted = []
         for event in fetched:
@@ -345,6 +352,23 @@ class PartitionCursors:
                 self.next[tp] = offset + 1
                 self.last_timestamp[tp] = event.message.timestamp or 0.0
             elif offset > expected:
+                log_start = await self._log_start(tp)
+                if log_start is not None and log_start > expected:
+                    # Deleted before this stage read them (retention, or an operator's delete-records):
+                    # nothing to re-read. The auditor's ledger counts them lost at this stage.
+                    log.error(
+                        "%s: offsets %d..%d were deleted before this stage read them; moving on to %d",
+                        tp,
+                        expected,
+                        log_start - 1,
+                        log_start,
+                    )
+                    self.next[tp] = expected = log_start
+                    if offset == expected:
+                        admitted.append(event)
+                        self.next[tp] = offset + 1
+                        self.last_timestamp[tp] = event.message.timestamp or 0.0
+                        continue
                 # Seek once, and again if events past the cursor still arrive a second later (a seek
                 # issued around a rebalance can be overridden by the fetcher).
                 last = self.sought.get(tp)

@@ -84,3 +84,41 @@ async def post(url: str, key: str, body: Any, content_type: str = "application/j
     async with aiohttp.ClientSession() as session:
         async with session.post(url, data=data, headers={"X-Api-Key": key, "Content-Type": content_type}) as resp:
             return resp.status, await resp.json(content_type=None)
+
+
+class SentryReceiver:
+    """Sentry's envelope endpoint on a local port: services report here when SENTRY_DSN points at it."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        events: list[dict[str, Any]] = []
+        self.events = events
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                import gzip
+
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                lines = body.split(b"\n")
+                for header, payload in zip(lines[1::2], lines[2::2], strict=False):
+                    if json.loads(header).get("type") == "event":
+                        events.append(json.loads(payload))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.dsn = f"http://publickey@127.0.0.1:{self.server.server_port}/1"
+
+    def alerts(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("tags", {}).get("alert") == name]
+
+    def close(self) -> None:
+        self.server.shutdown()

@@ -161,7 +161,7 @@ class Auditor:
 
     async def check_dlq(self) -> None:
         try:
-            sizes = await self.queues.counts()
+            sizes = await asyncio.wait_for(self.queues.counts(), max(2.0, self.audit.dlq_check_s))
             self.broker_outage.ok()
         except Exception as exc:
             self.broker_outage.failed(exc)

@@ -1,0 +1,196 @@
+"""The auditor against ground truth: lag from receipts matches what the sink saw, every delivery is
+counted, and events deleted between two stages are reported lost, exactly that many, at that stage."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+
+from services.auditor.ledger import LossLedger
+from shared.local.traffic import EventFactory
+from shared.local.webhook import WebhookReceiver
+from shared.topics import Topics
+from tests.helpers import SentryReceiver, post, tenant_block, wait_for
+
+API_KEY = "acme-live-key-5f2c9d"
+SECRET_VALUE = "private-payload-value-7731"
+
+
+def audit_summary(pipeline: Any) -> dict[str, Any]:
+    with urllib.request.urlopen(pipeline.services["auditor"].url("/audit"), timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def write_config(path: Any, hook_port: int, canary_s: float) -> None:
+    path.write_text(
+        "tenants:\n"
+        + tenant_block("acme", API_KEY, ["hook"])
+        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{hook_port}/in"}}\n'
+        + f"audit: {{bucket_s: 2, settle_s: 4, canary_interval_s: {canary_s}, dlq_check_s: 1}}\n"
+    )
+
+
+def make_events(factory: EventFactory, n: int) -> list[dict[str, Any]]:
+    events = [factory.make() for _ in range(n)]
+    for e in events:
+        e["payload"]["note"] = SECRET_VALUE
+    return events
+
+
+# -- the ledger on its own -----------------------------------------------------------------------
+
+
+def tally(stage: str, first: int, runs: list[list[Any]], partition: int = 0) -> dict[str, Any]:
+    return {"stage": stage, "topic": f"in.{stage}", "partition": partition, "first": first, "runs": runs}
+
+
+def test_ledger_counts_a_replayed_offset_once_and_places_loss_at_the_first_short_hop():
+    ledger = LossLedger(lambda tenant: ("hook",), bucket_s=10, settle_s=30)
+    ledger.add_tally({"stage": "collector", "runs": [["acme", 100, "accepted", 10]]})
+    ledger.add_tally(tally("enricher", 0, [["acme", 100, "out", 10]]))
+    ledger.add_tally(tally("deduplicator", 0, [["acme", 100, "out", 5], ["acme", 100, "dup", 1]]))
+    # a crash replayed offsets 3..5 and went on to 7: only 6 and 7 are new
+    ledger.add_tally(tally("deduplicator", 3, [["acme", 100, "out", 3], ["acme", 100, "out", 2]]))
+    ledger.add_tally(tally("router", 0, [["acme", 100, "out", 7]]))
+    ledger.add_tally(tally("sender.hook", 0, [["acme", 100, "delivered", 7]]))
+    assert ledger.replayed == 3
+    assert ledger.due(100 + 10 + 29) == [] and ledger.due(100 + 10 + 30) == [("acme", 100)]
+    (report,) = ledger.reconcile("acme", 100)
+    # accepted 10 = delivered 7 + dup 1 + lost 2; enricher passed on 10, the deduplicator read 8
+    assert (report.lost, report.stage) == (2, "deduplicator")
+    assert report.detail == "enricher passed on 10, deduplicator read 8"
+    # the two turn up late: the bucket is reconciled again and the loss is gone, counted as late
+    late = ledger.add_tally(tally("deduplicator", 8, [["acme", 100, "out", 2]]))
+    ledger.add_tally(tally("router", 7, [["acme", 100, "out", 2]]))
+    ledger.add_tally(tally("sender.hook", 7, [["acme", 100, "delivered", 2]]))
+    assert late == [("acme", 100)]
+    assert ledger.reconcile("acme", 100) == []
+    assert ledger.reports[("acme", "hook", 100)].lost == 0 and ledger.reports[("acme", "hook", 100)].late == 6
+
+
+def test_ledger_reports_surplus_not_loss_for_copies_a_replay_made():
+    ledger = LossLedger(lambda tenant: ("hook",), bucket_s=10, settle_s=30)
+    ledger.add_tally({"stage": "collector", "runs": [["acme", 0, "accepted", 4]]})
+    ledger.add_tally(tally("enricher", 0, [["acme", 0, "out", 4]]))
+    # the enricher's replay wrote two more copies at new offsets; the deduplicator drops them
+    ledger.add_tally(tally("deduplicator", 0, [["acme", 0, "out", 4], ["acme", 0, "dup", 2]]))
+    ledger.add_tally(tally("router", 0, [["acme", 0, "out", 4]]))
+    ledger.add_tally(tally("sender.hook", 0, [["acme", 0, "delivered", 4]]))
+    assert ledger.reconcile("acme", 0) == []
+    assert ledger.surplus == {("acme", "hook", 0): 2}
+
+
+# -- on the running pipeline ---------------------------------------------------------------------
+
+
+async def test_lag_and_counts_match_what_the_sink_received(
+    tmp_path, namespace, port_base, settings_for, start_pipeline
+):
+    hook = WebhookReceiver(port=port_base + 19)
+    await hook.start()
+    config = tmp_path / "hifi.yaml"
+    write_config(config, hook.port, canary_s=1)
+    pipeline = await start_pipeline(settings_for(config), auditor=True)
+    try:
+        factory = EventFactory(producer_id=namespace)
+        for _ in range(10):
+            assert (await post(pipeline.collector_url, API_KEY, make_events(factory, 20)))[0] == 200
+            await asyncio.sleep(0.1)
+        real = lambda: [e for e in hook.received if not e.get("canary")]  # noqa: E731
+        await wait_for(lambda: len(real()) >= 200, 60, "200 deliveries", pipeline)
+        canaries = [e for e in hook.received if e.get("canary")]
+        await wait_for(lambda: len([e for e in hook.received if e.get("canary")]) >= 2, 20, "canaries", pipeline)
+
+        def receipts_caught_up() -> bool:
+            m = audit_summary(pipeline)["sinks"].get("hook", {}).get("acme")
+            return m is not None and m["delivered"] == len(hook.received)
+
+        await wait_for(receipts_caught_up, 20, "receipts for every delivery", pipeline)
+        summary = audit_summary(pipeline)
+        metrics = summary["sinks"]["hook"]["acme"]
+        assert metrics["canaries"] == len([e for e in hook.received if e.get("canary")]) >= 2
+        # ground truth: the moment the sink received each event, minus its ingest time
+        truth = sorted(arrived - e["ingest_ts"] for e, arrived in zip(hook.received, hook.arrival_ms, strict=True))
+        truth_p50 = truth[len(truth) // 2]
+        truth_max = truth[-1]
+        # receipts are stamped after the sink's answer, so they read a little higher, never lower
+        assert truth_p50 - 2 <= metrics["lag_1m"]["p50_ms"] <= truth_p50 + max(25, truth_p50 * 0.25), (
+            truth_p50,
+            metrics,
+        )
+        assert metrics["lag_1m"]["max_ms"] >= truth_max - 2
+        assert metrics["lag_1m"]["count"] == len(hook.received)
+        assert metrics["on_time_5m"] == 1.0 and metrics["lost"] == 0
+        await wait_for(lambda: audit_summary(pipeline)["buckets_settled"] >= 2, 30, "settled buckets", pipeline)
+        assert audit_summary(pipeline)["lost_by_stage"] == {}
+        assert canaries is not None
+    finally:
+        await hook.stop()
+
+
+async def test_events_deleted_between_stages_are_reported_lost_at_that_stage(
+    tmp_path, namespace, port_base, kafka, settings_for, start_pipeline
+):
+    hook = WebhookReceiver(port=port_base + 19)
+    await hook.start()
+    sentry = SentryReceiver()
+    config = tmp_path / "hifi.yaml"
+    write_config(config, hook.port, canary_s=0)
+    pipeline = await start_pipeline(settings_for(config, sentry_dsn=sentry.dsn), auditor=True)
+    enriched = Topics(namespace).enriched
+    tps = [TopicPartition(enriched, p) for p in range(4)]
+    reader = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap)
+    await reader.start()
+    try:
+        factory = EventFactory(producer_id=namespace)
+        assert (await post(pipeline.collector_url, API_KEY, make_events(factory, 40)))[0] == 200
+        await wait_for(lambda: len(hook.received) >= 40, 60, "the first 40", pipeline)
+
+        # Hold the deduplicator back, let the enricher pass 80 more on, then delete one partition's share.
+        assert pipeline.stop("deduplicator") == 0
+        before = await reader.end_offsets(tps)
+        assert (await post(pipeline.collector_url, API_KEY, make_events(factory, 80)))[0] == 200
+        await wait_for(lambda: pipeline.stats()["enricher"]["out"] >= 120, 30, "the enricher", pipeline)
+        after = await reader.end_offsets(tps)
+        victim = max(tps, key=lambda tp: after[tp] - before[tp])
+        deleted = after[victim] - before[victim]
+        assert deleted > 0
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_records({victim: RecordsToDelete(after[victim])})
+        finally:
+            await admin.close()
+        pipeline.start("deduplicator")
+        await asyncio.to_thread(pipeline.wait_ready, 60.0, ["deduplicator"])
+
+        await wait_for(lambda: len(hook.received) >= 120 - deleted, 60, "the rest", pipeline)
+
+        def settled_loss() -> int:
+            return sum(r["lost"] for r in audit_summary(pipeline)["loss"])
+
+        await wait_for(lambda: settled_loss() >= deleted, 40, f"{deleted} reported lost", pipeline)
+        await asyncio.sleep(3.0)  # nothing more turns up
+        summary = audit_summary(pipeline)
+        assert len(hook.received) == 120 - deleted
+        assert settled_loss() == deleted
+        assert {r["stage"] for r in summary["loss"]} == {"deduplicator"}
+        assert all("enricher passed on" in r["detail"] for r in summary["loss"])
+        assert summary["lost_by_stage"] == {"deduplicator": deleted}
+
+        await wait_for(lambda: sentry.alerts("loss_detected"), 15, "the loss alert")
+        await asyncio.sleep(2.0)
+        (alert,) = sentry.alerts("loss_detected")  # exactly one, however many buckets
+        assert alert["fingerprint"] == ["hifi", "loss_detected", "auditor", "hook"]
+        assert alert["level"] == "error" and alert["tags"]["service"] == "auditor"
+        dumped = json.dumps(alert)
+        assert API_KEY not in dumped and SECRET_VALUE not in dumped
+    finally:
+        await reader.stop()
+        await hook.stop()
+        sentry.close()
