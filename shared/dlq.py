@@ -45,14 +45,14 @@ class DeadLetterQueues:
     async def counts(self) -> dict[str, int]:
         """Letters currently retained per stage (end offset minus start offset, summed over partitions)."""
         names = {stage: self.topics.dlq(stage) for stage in stages(self.sinks)}
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
         await admin.start()
         try:
             described = await admin.describe_topics(list(names.values()))
         finally:
             await admin.close()
         partitions = {t["topic"]: [p["partition"] for p in t["partitions"]] for t in described if not t["error_code"]}
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, request_timeout_ms=5000)
         await consumer.start()
         try:
             out = {}

@@ -67,3 +67,8 @@ def init_sentry(dsn: str | None, service: str, environment: str) -> None:
         traces_sample_rate=0.0,
     )
     sentry_sdk.set_tag("service", service)
+    # The Kafka client logs every failed reconnect at ERROR; while a broker is down that would page
+    # hundreds of times. The `broker_unreachable` alert pages once per outage instead.
+    from sentry_sdk.integrations.logging import ignore_logger
+
+    ignore_logger("aiokafka*")

@@ -145,6 +145,7 @@ class StageRunner:
             await self.process_batch(events)
             for event in events:  # the commit point: everything above is durable
                 await stream.ack(event)
+                self.cursors.done[event.message.tp] = event.message.offset + 1
 
     async def process_batch(self, events: Sequence[Any]) -> None:
         records: list[Record] = []
@@ -160,10 +161,11 @@ class StageRunner:
         self.metrics.events_in.labels(self.stage).inc(len(events))
         result = await self._handle(records) if records else StepResult()
         result.dead.extend(dead)
+        outputs = len(result.outputs)
         if self.tallies is not None:
             result.outputs.extend(self._tally(events, records, result))
         await self._produce(result)
-        self.metrics.events_out.labels(self.stage).inc(len(result.outputs))
+        self.metrics.events_out.labels(self.stage).inc(outputs)
         for letter in result.dead:
             reason = letter.error.reason if isinstance(letter.error, InvalidEvent) else type(letter.error).__name__
             self.metrics.dead_lettered.labels(self.stage, reason).inc()
@@ -284,6 +286,7 @@ class PartitionCursors:
         self.bootstrap = bootstrap
         self.next: dict[Any, int | None] = {}
         self.last_timestamp: dict[Any, float] = {}  # Kafka timestamp (s) of the last event processed
+        self.done: dict[Any, int] = {}  # next offset after the last acked event: what the next commit holds
         self.sought: dict[Any, tuple[int, float]] = {}
         app.on_partitions_assigned.connect(self._on_assigned)
         app.on_partitions_revoked.connect(self._on_revoked)
@@ -304,6 +307,8 @@ class PartitionCursors:
             offset = committed.get(tp)
             self.next[tp] = offset
             if offset is not None:
+                self.done[tp] = offset
+            if offset is not None:
                 await self._seek(tp, offset)  # forget any fetch position from before
             log.info("%s: assigned, processing from offset %s", tp, offset)
 
@@ -321,6 +326,7 @@ class PartitionCursors:
     async def _on_revoked(self, sender: Any, revoked: Any, **kwargs: Any) -> None:
         for tp in revoked:
             self.next.pop(tp, None)
+            self.done.pop(tp, None)
 
     async def _seek(self, tp: Any, offset: int) -> None:
         # Faust's `seek` calls aiokafka from this thread while aiokafka runs in Faust's consumer thread,
@@ -385,8 +391,9 @@ class PartitionCursors:
 class PartitionWatchdog:
     """Consumer lag per partition, and a stuck-partition alarm.
 
-    Lag in offsets is the high watermark minus the next offset to process; lag in seconds is the
-    age of the last event processed while lag remains (0 when caught up). A partition with lag whose
+    Lag in offsets is the high watermark minus the committed offset (or, before the first commit, the
+    offset after the last acked event); lag in seconds is the age of the last event read while lag
+    remains (0 when caught up). A partition with lag whose
     committed offset has not moved for `stuck_after_s` pages once and makes the worker rejoin its
     group, which re-runs assignment and restarts the partition's fetch from the committed offset.
     """
@@ -405,7 +412,7 @@ class PartitionWatchdog:
         self.rejoins = 0
         self.lag_messages = Gauge(
             "hifi_consumer_lag_messages",
-            "High watermark minus the next offset to process",
+            "High watermark minus the committed offset",
             ["stage", "partition"],
             registry=metrics.registry,
         )
@@ -428,23 +435,25 @@ class PartitionWatchdog:
         committed_offsets = getattr(consumer, "_committed_offset", {})
         now = time.monotonic()
         seen = {}
+        stuck: list[str] = []
         for tp, cursor in list(self.cursors.next.items()):
             try:
                 highwater = consumer.highwater(tp)
             except Exception:
                 continue
-            if highwater is None or cursor is None:
+            committed = committed_offsets.get(tp)
+            if committed is None:
+                committed = self.cursors.done.get(tp)
+            if highwater is None or committed is None:
                 continue
-            lag = max(0, highwater - cursor)
+            lag = max(0, highwater - committed)
             last_ts = self.cursors.last_timestamp.get(tp)
             lag_s = max(0.0, time.time() - last_ts) if lag and last_ts else 0.0
             self.lag_messages.labels(self.stage, str(tp.partition)).set(lag)
             self.lag_seconds.labels(self.stage, str(tp.partition)).set(lag_s)
-            committed = committed_offsets.get(tp)
             previous = self.progress.get(tp)
             if previous is None or previous[0] != committed or lag == 0:
                 self.progress[tp] = (committed, now)
-                self.alerter.resolve("stuck_partition", key=f"{tp.topic}:{tp.partition}")
                 stalled_s = 0.0
             else:
                 stalled_s = now - previous[1]
@@ -457,16 +466,20 @@ class PartitionWatchdog:
                 "stalled_s": round(stalled_s, 1),
             }
             if stalled_s > self.stuck_after_s:
-                fired = self.alerter.fire(
-                    "stuck_partition",
-                    f"{tp.topic}:{tp.partition} has {lag} events waiting and its committed offset {committed} "
-                    f"has not moved for {stalled_s:.0f}s; rejoining the group",
-                    key=f"{tp.topic}:{tp.partition}",
-                    lag_messages=lag,
-                )
-                if fired:
-                    self._rejoin()
+                stuck.append(f"{tp.topic}:{tp.partition} ({lag} waiting, committed {committed}, {stalled_s:.0f}s)")
         self.partitions = seen
+        # One page per stage and episode, however many of its partitions are stuck.
+        if stuck:
+            fired = self.alerter.fire(
+                "stuck_partition",
+                f"{self.stage}: partitions with lag whose committed offset has not moved for over "
+                f"{self.stuck_after_s:.0f}s: {', '.join(stuck)}; rejoining the group",
+                partitions=stuck,
+            )
+            if fired:
+                self._rejoin()
+        else:
+            self.alerter.resolve("stuck_partition")
 
     def _rejoin(self) -> None:
         """Ask the group coordinator for a rebalance (aiokafka's own rejoin, on the consumer's thread)."""

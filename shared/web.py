@@ -18,6 +18,8 @@ from shared.config import Settings
 from shared.metrics import StageMetrics
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# aiohttp refuses a charset inside content_type (it adds its own); prometheus-client's constant has one.
+PROMETHEUS_CONTENT_TYPE = "; ".join(p.strip() for p in CONTENT_TYPE_LATEST.split(";") if "charset" not in p)
 
 
 def denied(view: web.View, request: web.Request, settings: Settings, admin: bool = False) -> web.Response | None:
@@ -53,7 +55,7 @@ def add_common_views(
 
     @app.page("/metrics")
     async def prometheus(self: web.View, request: web.Request) -> web.Response:
-        return self.bytes(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
+        return self.bytes(generate_latest(metrics.registry), content_type=PROMETHEUS_CONTENT_TYPE)
 
     @app.page("/stats")
     async def stats_view(self: web.View, request: web.Request) -> web.Response:

@@ -103,12 +103,11 @@ class SentryReceiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
-                lines = body.split(b"\n")
-                for header, payload in zip(lines[1::2], lines[2::2], strict=False):
-                    if json.loads(header).get("type") == "event":
-                        events.append(json.loads(payload))
-                self.send_response(200)
-                self.end_headers()
+                try:
+                    events.extend(envelope_events(body))
+                finally:  # always 200: an error answer would make the SDK back off and hold later events
+                    self.send_response(200)
+                    self.end_headers()
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -122,3 +121,25 @@ class SentryReceiver:
 
     def close(self) -> None:
         self.server.shutdown()
+
+
+def envelope_events(body: bytes) -> list[dict[str, Any]]:
+    """The event items of a Sentry envelope: a header line, then items (a header line, then a payload
+    of `length` bytes or up to the next newline)."""
+    out = []
+    pos = body.find(b"\n") + 1
+    while 0 < pos < len(body):
+        end = body.find(b"\n", pos)
+        end = len(body) if end == -1 else end
+        header = json.loads(body[pos:end] or b"{}")
+        pos = end + 1
+        length = header.get("length")
+        if length is None:
+            end = body.find(b"\n", pos)
+            end = len(body) if end == -1 else end
+            payload, pos = body[pos:end], end + 1
+        else:
+            payload, pos = body[pos : pos + length], pos + length + 1
+        if header.get("type") == "event":
+            out.append(json.loads(payload))
+    return out

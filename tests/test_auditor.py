@@ -62,7 +62,10 @@ def test_ledger_counts_a_replayed_offset_once_and_places_loss_at_the_first_short
     assert ledger.due(100 + 10 + 29) == [] and ledger.due(100 + 10 + 30) == [("acme", 100)]
     (report,) = ledger.reconcile("acme", 100)
     # accepted 10 = delivered 7 + dup 1 + lost 2; enricher passed on 10, the deduplicator read 8
-    assert (report.lost, report.stage) == (2, "deduplicator")
+    assert (report.lost, report.stage, report.status) == (2, "deduplicator", "unconfirmed")
+    assert ledger.pending() == [report]
+    report.status = "lost"  # the auditor confirms it when the deduplicator has no backlog to hold them
+    assert ledger.lost_by_stage() == {"deduplicator": 2}
     assert report.detail == "enricher passed on 10, deduplicator read 8"
     # the two turn up late: the bucket is reconciled again and the loss is gone, counted as late
     late = ledger.add_tally(tally("deduplicator", 8, [["acme", 100, "out", 2]]))
@@ -70,7 +73,9 @@ def test_ledger_counts_a_replayed_offset_once_and_places_loss_at_the_first_short
     ledger.add_tally(tally("sender.hook", 7, [["acme", 100, "delivered", 2]]))
     assert late == [("acme", 100)]
     assert ledger.reconcile("acme", 100) == []
-    assert ledger.reports[("acme", "hook", 100)].lost == 0 and ledger.reports[("acme", "hook", 100)].late == 6
+    report = ledger.reports[("acme", "hook", 100)]
+    assert (report.lost, report.late, report.status) == (0, 6, "recovered")
+    assert ledger.lost_by_stage() == {}
 
 
 def test_ledger_reports_surplus_not_loss_for_copies_a_replay_made():

@@ -10,7 +10,7 @@ import pytest
 from shared.local.redis import LocalRedis
 from shared.local.traffic import EventFactory
 from shared.local.webhook import WebhookReceiver
-from tests.helpers import post, tenant_block, wait_for
+from tests.helpers import SentryReceiver, post, tenant_block, wait_for
 
 
 @pytest.mark.parametrize("mode", ["pause", "pass-through"])
@@ -24,8 +24,11 @@ async def test_redis_down(mode, tmp_path, namespace, port_base, settings_for, st
         + tenant_block("acme", "k", ["hook"])
         + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{hook.port}/in"}}\n'
         + f"dedupe: {{backend: redis, on_redis_down: {mode}}}\n"
+        + "audit: {outage_alert_after_s: 2, canary_interval_s: 0}\n"
     )
-    pipeline = await start_pipeline(settings_for(config, redis_url=redis.url))  # nothing listens there yet
+    sentry = SentryReceiver()
+    # nothing listens at the Redis URL yet
+    pipeline = await start_pipeline(settings_for(config, redis_url=redis.url, sentry_dsn=sentry.dsn))
     try:
         factory = EventFactory(producer_id=namespace)
         events = [factory.make() for _ in range(40)]
@@ -35,13 +38,18 @@ async def test_redis_down(mode, tmp_path, namespace, port_base, settings_for, st
             assert hook.received == [], "with Redis down, pause must hold events back"
             stats = pipeline.stats()["deduplicator"]
             assert stats["retries"] > 0 and stats["out"] == 0
+            await wait_for(lambda: sentry.alerts("dedupe_store_unreachable"), 20, "the Redis alert", pipeline)
             await asyncio.to_thread(redis.ensure)
             await wait_for(lambda: len(hook.received) >= 40, 60, "delivery after Redis is back", pipeline)
             await asyncio.sleep(2.0)
             assert sorted(hook.counts().values()) == [1] * 40
+            (alert,) = sentry.alerts("dedupe_store_unreachable")  # one page for the whole outage
+            assert alert["fingerprint"] == ["hifi", "dedupe_store_unreachable", "deduplicator"]
+            assert alert["level"] == "error" and "k" not in alert.get("extra", {})
         else:
             await wait_for(lambda: len(hook.received) >= 40, 60, "pass-through delivery", pipeline)
             assert pipeline.stats()["deduplicator"]["passed_unchecked"] >= 40
     finally:
         await hook.stop()
         redis.stop()
+        sentry.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from faust import web
 from mode import Service
 from prometheus_client import Counter, Gauge, Histogram
@@ -56,6 +57,7 @@ class Auditor:
         self.canaries_sent = 0
         self.receipts = 0
         self.started_reading_ms = 0.0
+        self.consumer: AIOKafkaConsumer | None = None  # the reader's, for end offsets
         self.queues = DeadLetterQueues(ctx.settings.broker, ctx.topics, list(ctx.config.sinks))
         self.broker_outage = OutageClock(
             alerter, "broker_unreachable", "the Kafka broker", self.audit.outage_alert_after_s
@@ -106,16 +108,15 @@ class Auditor:
 
     def on_tally(self, value: dict[str, Any]) -> None:
         for tenant, bucket in self.ledger.add_tally(value):
-            for report in self.ledger.reconcile(tenant, bucket):
-                self._loss_found(report)
+            self.ledger.reconcile(tenant, bucket)
 
     # -- periodic --------------------------------------------------------------------------------
 
-    def settle(self) -> None:
+    async def settle(self) -> None:
         now = time.time()
         for tenant, bucket in self.ledger.due(now):
-            for report in self.ledger.reconcile(tenant, bucket):
-                self._loss_found(report)
+            self.ledger.reconcile(tenant, bucket)
+        await self._confirm_losses()
         self.ledger.forget_before(int(now - LOOKBACK_S))
         for (tenant, sink), sli in self.sli.items():
             for window, seconds in (("5m", 300), ("1h", 3600)):
@@ -144,6 +145,57 @@ class Auditor:
         elif fast < self.audit.burn_alert / 2:
             self.alerter.resolve("slo_burn", key=key)
 
+    async def _confirm_losses(self) -> None:
+        """A shortfall is loss only if the stage it was placed at has no backlog that could hold it."""
+        pending = self.ledger.pending()
+        if not pending:
+            return
+        by_stage: dict[str, list[LossReport]] = {}
+        for report in pending:
+            by_stage.setdefault(report.stage, []).append(report)
+        for stage, reports in by_stage.items():
+            try:
+                backlog = await self.backlog(stage)
+            except Exception as exc:
+                log.warning("auditor: cannot read the backlog of %s yet: %r", stage, exc)
+                continue
+            waiting = sum(r.lost for r in reports)
+            for report in reports:
+                if backlog >= waiting:
+                    report.status = "overdue"
+                else:
+                    report.status = "lost"
+                    self._loss_found(report)
+
+    async def backlog(self, stage: str) -> int:
+        """Events in the stage's input topic that its consumer group has not committed past."""
+        inputs = {
+            "enricher": ("hifi-enricher", self.topics.raw),
+            "deduplicator": ("hifi-deduplicator", self.topics.enriched),
+            "router": ("hifi-router", self.topics.unique),
+        }
+        inputs.update({f"sender.{s}": (f"hifi-sender-{s}", self.topics.sink(s)) for s in self.config.sinks})
+        if stage not in inputs or self.consumer is None:
+            return 0
+        group, topic = inputs[stage]
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.ctx.settings.broker, request_timeout_ms=5000)
+        await admin.start()
+        try:
+            committed = await admin.list_consumer_group_offsets(self.topics.group(group))
+            described = await admin.describe_topics([topic])
+        finally:
+            await admin.close()
+        partitions = [p["partition"] for t in described for p in t["partitions"]]
+        tps = [TopicPartition(topic, p) for p in partitions]
+        ends = await self.consumer.end_offsets(tps)
+        starts = await self.consumer.beginning_offsets(tps)
+        backlog = 0
+        for tp in tps:
+            meta = committed.get(tp)
+            position = meta.offset if meta is not None and meta.offset >= 0 else starts[tp]
+            backlog += max(0, ends[tp] - max(position, starts[tp]))  # deleted events are not waiting
+        return backlog
+
     def _loss_found(self, report: LossReport) -> None:
         self.lost_counter.labels(report.tenant, report.sink, report.stage).inc(report.lost)
         sli = self.sli.setdefault((report.tenant, report.sink), SinkSLI())
@@ -159,12 +211,29 @@ class Auditor:
             bucket=report.bucket,
         )
 
+    async def probe_broker(self) -> None:
+        """Can any bootstrap server be reached? Bounded, so a dead broker is noticed in seconds."""
+        error: Exception | None = None
+        for server in self.ctx.settings.broker.split(","):
+            host, _, port = server.rpartition(":")
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2.0)
+                writer.close()
+                self.broker_outage.ok()
+                return
+            except (OSError, TimeoutError) as exc:
+                error = exc
+        assert error is not None
+        log.warning("auditor: broker unreachable: %r", error)
+        self.broker_outage.failed(error)
+
     async def check_dlq(self) -> None:
+        if self.broker_outage.since is not None:
+            return  # the probe pages for that; Kafka clients would only hang here
         try:
-            sizes = await asyncio.wait_for(self.queues.counts(), max(2.0, self.audit.dlq_check_s))
-            self.broker_outage.ok()
+            sizes = await asyncio.wait_for(self.queues.counts(), 10.0)
         except Exception as exc:
-            self.broker_outage.failed(exc)
+            log.warning("auditor: could not read DLQ sizes: %r", exc)
             return
         now = time.monotonic()
         for stage, size in sizes.items():
@@ -238,7 +307,10 @@ class Auditor:
             "at": now,
             "slo_target": self.audit.slo_target,
             "sinks": sinks,
-            "loss": [r.to_json() for r in sorted(ledger.reports.values(), key=lambda r: r.bucket)],
+            "loss": [
+                r.to_json() for r in sorted(ledger.reports.values(), key=lambda r: r.bucket) if r.status == "lost"
+            ],
+            "overdue": [r.to_json() for r in ledger.reports.values() if r.status == "overdue"],
             "lost_by_stage": ledger.lost_by_stage(),
             "surplus": sum(ledger.surplus.values()),
             "stage_totals": {stage: dict(outcomes) for stage, outcomes in sorted(ledger.totals.items())},
@@ -266,6 +338,7 @@ class AuditReader(Service):
             bootstrap_servers=a.ctx.settings.broker, enable_auto_commit=False, auto_offset_reset="earliest"
         )
         await self.consumer.start()
+        self.auditor.consumer = self.consumer
 
     async def on_stop(self) -> None:
         if self.consumer is not None:
@@ -296,11 +369,10 @@ class AuditReader(Service):
             consumer.seek(tp, found[tp].offset if found.get(tp) is not None else ends[tp])
         log.info("auditor: reading %s from %s", topics, time.strftime("%H:%M:%S", time.localtime(start_ms / 1000)))
         while not self.should_stop:
-            try:
+            try:  # returns empty while the broker is away; the auditor's probe reports that
                 batch = await consumer.getmany(timeout_ms=200, max_records=2000)
-                a.broker_outage.ok()
-            except Exception as exc:
-                a.broker_outage.failed(exc)
+            except Exception:
+                log.exception("auditor: reading tallies and receipts failed")
                 await asyncio.sleep(1.0)
                 continue
             for tp, records in batch.items():
@@ -324,11 +396,15 @@ def build(ctx: ServiceContext) -> Any:
 
     @app.timer(1.0)
     async def settle() -> None:
-        auditor.settle()
+        await auditor.settle()
 
     @app.timer(audit.dlq_check_s)
     async def check_dlq() -> None:
         await auditor.check_dlq()
+
+    @app.timer(1.0)
+    async def probe_broker() -> None:
+        await auditor.probe_broker()
 
     if audit.canary_interval_s > 0:
 

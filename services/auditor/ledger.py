@@ -9,8 +9,11 @@ bucket has settled (its end + `settle_s`):
     accepted = delivered + deduplicated + dead-lettered (any stage) + unrouted
 
 `delivered` counts sink acknowledgements, events the delivered ledger had already seen (their
-first delivery's tally was lost in a crash) and canaries a sink drops. A shortfall is **loss**; it is
-placed at the first hop where a stage read fewer events than its upstream stage passed on. An excess
+first delivery's tally was lost in a crash) and canaries a sink drops. A shortfall is placed at the
+first hop where a stage read fewer events than its upstream stage passed on. It starts
+`unconfirmed`: the auditor then compares it with that stage's consumer lag. Events still waiting in
+the stage's input topic are `overdue` (late, not lost: the SLO burn alert covers them); a shortfall
+the backlog cannot explain is **loss**, and pages. An excess
 is **surplus** (copies a crash replayed that a later stage removed), reported but not paged.
 Tallies for an already settled bucket are **late**: the bucket is reconciled again and the late count
 is kept with it.
@@ -121,6 +124,7 @@ class LossReport:
     stage: str
     detail: str
     late: int = 0
+    status: str = "unconfirmed"  # -> overdue (still waiting upstream) | lost | recovered (late events)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -206,6 +210,7 @@ class LossLedger:
                 if key in self.reports:  # late events filled the gap
                     self.reports[key].lost = 0
                     self.reports[key].late = bucket.late
+                    self.reports[key].status = "recovered"
                 continue
             hops = [
                 ("collector", accepted, "enricher", stage_in["enricher"]),
@@ -219,12 +224,17 @@ class LossLedger:
                     stage = downstream
                     detail = f"{upstream} passed on {passed}, {downstream} read {read}"
                     break
+            previous = self.reports.get(key)
             report = LossReport(tenant, sink, bucket_start, accepted, accounted, lost, stage, detail, bucket.late)
-            is_new = key not in self.reports
+            if previous is not None and previous.status in ("lost", "overdue") and previous.stage == stage:
+                report.status = previous.status
             self.reports[key] = report
-            if is_new:
-                found.append(report)
+            found.append(report)
         return found
+
+    def pending(self) -> list[LossReport]:
+        """Shortfalls not yet confirmed as loss."""
+        return [r for r in self.reports.values() if r.lost > 0 and r.status in ("unconfirmed", "overdue")]
 
     def forget_before(self, bucket_start: int) -> None:
         for key in [k for k, b in self.buckets.items() if b.settled and k[1] < bucket_start]:
@@ -237,5 +247,6 @@ class LossLedger:
     def lost_by_stage(self) -> dict[str, int]:
         out: dict[str, int] = defaultdict(int)
         for report in self.reports.values():
-            out[report.stage] += report.lost
+            if report.status == "lost":
+                out[report.stage] += report.lost
         return dict(out)

@@ -24,13 +24,19 @@ WEB_PORT = 6068
 
 class DedupeWindow:
     def __init__(
-        self, window: KeyWindow, metrics: Any, output_topic: str, alerter: Alerter, pass_through: bool = False
+        self,
+        window: KeyWindow,
+        metrics: Any,
+        output_topic: str,
+        alerter: Alerter,
+        pass_through: bool = False,
+        alert_after_s: float = 30.0,
     ) -> None:
         self.window = window
         self.output_topic = output_topic
         self.metrics = metrics
         self.pass_through = pass_through
-        self.outage = OutageClock(alerter, "dedupe_store_unreachable", "the dedupe store")
+        self.outage = OutageClock(alerter, "dedupe_store_unreachable", "the dedupe store", alert_after_s)
         self.passed_unchecked = 0
 
     async def handle(self, records: list[Record]) -> StepResult:
@@ -66,6 +72,7 @@ def build(ctx: ServiceContext) -> Any:
         ctx.topics.unique,
         Alerter("deduplicator"),
         pass_through=conf.on_redis_down == "pass-through",
+        alert_after_s=ctx.config.audit.outage_alert_after_s,
     )
     runner = StageRunner(
         app, "deduplicator", dedupe.handle, ctx.metrics, ctx.topics.dlq("deduplicator"), source=ctx.topics.enriched

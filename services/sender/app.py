@@ -45,6 +45,7 @@ class SinkDelivery:
         alerter: Alerter,
         pass_through: bool,
         receipts_topic: str | None = None,
+        alert_after_s: float = 30.0,
     ) -> None:
         self.sink = sink
         self.receipts_topic = receipts_topic
@@ -54,7 +55,9 @@ class SinkDelivery:
         self.metrics = metrics
         self.alerter = alerter
         self.pass_through = pass_through  # on_redis_down: deliver without the ledger while it is down
-        self.ledger_outage = OutageClock(alerter, "ledger_unreachable", f"delivered ledger of sink {self.name}")
+        self.ledger_outage = OutageClock(
+            alerter, "ledger_unreachable", f"delivered ledger of sink {self.name}", alert_after_s
+        )
         self.breaker = CircuitBreaker()
         self.throttle = Throttle()
         self.lag = LagWindow()
@@ -229,6 +232,7 @@ def build(ctx: ServiceContext) -> Any:
         Alerter(stage),
         pass_through=dedupe.on_redis_down == "pass-through",
         receipts_topic=ctx.topics.receipts,
+        alert_after_s=ctx.config.audit.outage_alert_after_s,
     )
     runner = StageRunner(
         app,

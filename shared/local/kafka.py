@@ -214,6 +214,9 @@ class LocalKafka:
         if _read_pid(node.pid_file) is not None:
             return
         props = node.data_dir / "server.properties"
+        # Readiness is read from what this launch logs: the log is appended to across restarts.
+        server_log = node.log_dir / "server.log"
+        (node.data_dir / "server.log.start").write_text(str(server_log.stat().st_size if server_log.exists() else 0))
         out = open(node.log_dir / "stdout.log", "ab")
         proc = subprocess.Popen(
             self._java(node, "kafka.Kafka", str(props)),
@@ -309,5 +312,9 @@ def _log_says_started(node: KafkaNode) -> bool:
     log = node.log_dir / "server.log"
     if not log.exists():
         return False
-    # KafkaRaftServer logs this once the broker has caught up with the metadata log.
-    return "Kafka Server started" in log.read_text(errors="replace")[-200_000:]
+    marker = node.data_dir / "server.log.start"
+    start = int(marker.read_text() or 0) if marker.exists() else 0
+    with open(log, "rb") as f:
+        f.seek(start if start <= log.stat().st_size else 0)  # a log rotated since: read it all
+        # KafkaRaftServer logs this once the broker has caught up with the metadata log.
+        return b"Kafka Server started" in f.read()
