@@ -10,6 +10,7 @@ are changed on purpose:
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,10 @@ def create_app(app_id: str, settings: Settings, web_port: int, **overrides: Any)
     """One Faust app per service process. `app_id` is also the consumer group id."""
     datadir = Path(settings.data_dir).resolve() / "faust" / app_id
     datadir.mkdir(parents=True, exist_ok=True)
+    port = settings.web_port or web_port
+    host = settings.advertised_host or (
+        settings.web_host if settings.web_host not in ("0.0.0.0", "::") else socket.gethostname()
+    )
     options: dict[str, Any] = dict(
         broker=[f"kafka://{hp}" for hp in settings.broker.split(",")],
         autodiscover=False,
@@ -66,7 +71,8 @@ def create_app(app_id: str, settings: Settings, web_port: int, **overrides: Any)
         datadir=str(datadir),
         web_enabled=True,
         web_host=settings.web_host,
-        web_port=settings.web_port or web_port,
+        web_port=port,
+        canonical_url=f"http://{host}:{port}",
         web_in_thread=False,
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication,

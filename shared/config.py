@@ -280,6 +280,9 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"  # HIFI_REDIS_URL
     data_dir: str = "var"  # HIFI_DATA_DIR: RocksDB tables and file sinks
     web_host: str = "127.0.0.1"  # HIFI_WEB_HOST
+    # How other workers reach this one (table lookups are forwarded to the owner); default: web_host,
+    # or the hostname when listening on every interface. In Kubernetes: the pod IP.
+    advertised_host: str | None = None  # HIFI_ADVERTISED_HOST
     web_port: int | None = None  # HIFI_WEB_PORT: default per service
     partitions: int = 4  # HIFI_PARTITIONS
     replication: int = 1  # HIFI_REPLICATION
@@ -299,6 +302,7 @@ class Settings:
         "redis_url": "HIFI_REDIS_URL",
         "data_dir": "HIFI_DATA_DIR",
         "web_host": "HIFI_WEB_HOST",
+        "advertised_host": "HIFI_ADVERTISED_HOST",
         "web_port": "HIFI_WEB_PORT",
         "partitions": "HIFI_PARTITIONS",
         "replication": "HIFI_REPLICATION",

@@ -43,6 +43,16 @@ class KeyWindow(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
+    async def lookup(self, key: str) -> dict[str, Any] | None:
+        """The entry of one key (for the table browser), or None."""
+        ...
+
+    async def browse(self, cursor: str, limit: int) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of entries from `cursor` ("" for the first); returns the page and the next cursor."""
+        ...
+
+    async def size(self) -> int | None: ...
+
 
 class RedisKeyWindow:
     def __init__(self, url: str, prefix: str, window_s: float) -> None:
@@ -85,6 +95,36 @@ class RedisKeyWindow:
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "redis", "prefix": self.prefix, "window_s": self.window_s}
+
+    async def lookup(self, key: str) -> dict[str, Any] | None:
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.get(self._k(key))
+                pipe.pttl(self._k(key))
+                value, ttl = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise TransientError(f"redis unavailable: {exc}") from exc
+        if value is None:
+            return None
+        return {"key": key, "claim": value.decode(errors="replace"), "expires_in_ms": ttl}
+
+    async def browse(self, cursor: str, limit: int) -> tuple[list[dict[str, Any]], str | None]:
+        """SCAN pages: the cursor is Redis's own, so paging is stable while keys come and go."""
+        try:
+            position, keys = await self.client.scan(int(cursor or 0), match=f"{self.prefix}*", count=limit)
+        except (RedisError, OSError) as exc:
+            raise TransientError(f"redis unavailable: {exc}") from exc
+        entries = [{"key": k.decode()[len(self.prefix) :]} for k in keys[:limit]]
+        return entries, (str(position) if position else None)
+
+    async def size(self) -> int | None:
+        count = 0
+        try:
+            async for _ in self.client.scan_iter(match=f"{self.prefix}*", count=1000):
+                count += 1
+        except (RedisError, OSError) as exc:
+            raise TransientError(f"redis unavailable: {exc}") from exc
+        return count
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -136,3 +176,37 @@ class TableKeyWindow:
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "rocksdb", "table": self.table.name, "window_s": self.window_s}
+
+    def _entry(self, key: str, raw: bytes) -> dict[str, Any]:
+        first_seen, claim = [*unpack(raw), None, None][:2]
+        live = time.time() * 1000 - first_seen < self.window_s * 1000
+        return {"key": key, "first_seen_ms": first_seen, "claim": claim, "live": live}
+
+    async def lookup(self, key: str) -> dict[str, Any] | None:
+        raw = self.table.get(key)
+        return None if raw is None else self._entry(key, raw)
+
+    async def browse(self, cursor: str, limit: int) -> tuple[list[dict[str, Any]], str | None]:
+        """Entries of the partitions this worker holds, in store order; the cursor is an entry count."""
+        start = int(cursor or 0)
+        entries = []
+        for i, (key, raw) in enumerate(self.table.items()):
+            if i < start:
+                continue
+            if len(entries) == limit:
+                return entries, str(i)
+            entries.append(self._entry(key, raw))
+        return entries, None
+
+    async def size(self) -> int | None:
+        """RocksDB's estimate of the keys this worker holds (exact counting would read every key)."""
+        dbs = getattr(self.table.data, "_dbs", None)
+        if not dbs:
+            return sum(1 for _ in self.table.keys())
+        total = 0
+        for db in dbs.values():
+            try:
+                total += int(db.property_int_value("rocksdb.estimate-num-keys") or 0)
+            except Exception:
+                return sum(1 for _ in self.table.keys())
+        return total

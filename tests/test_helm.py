@@ -99,7 +99,7 @@ def test_default_values_render_every_service_with_probes_resources_and_config():
     check_objects(docs)
     deployments, statefulsets = by_kind(docs, "Deployment"), by_kind(docs, "StatefulSet")
     workloads = {**deployments, **statefulsets}
-    assert set(deployments) == {"collector", "enricher", "router", "sender-webhook"}
+    assert set(deployments) == {"collector", "enricher", "router", "auditor", "sender-webhook"}
     assert set(statefulsets) == {"deduplicator"}  # the RocksDB window keeps its volume
     assert statefulsets["deduplicator"]["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     for name, workload in workloads.items():
@@ -117,7 +117,7 @@ def test_default_values_render_every_service_with_probes_resources_and_config():
         assert spec["topologySpreadConstraints"] and spec["securityContext"]["runAsNonRoot"]
     assert set(by_kind(docs, "PodDisruptionBudget")) == set(workloads)
     hpas = by_kind(docs, "HorizontalPodAutoscaler")
-    assert set(hpas) == set(workloads) and hpas["deduplicator"]["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+    assert set(hpas) == set(workloads) - {"auditor"} and hpas["deduplicator"]["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
     assert all(h["spec"]["maxReplicas"] <= 12 for h in hpas.values()), "never more replicas than partitions"
     job = by_kind(docs, "Job")["topics"]
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
@@ -151,7 +151,7 @@ def test_three_sinks_with_redis_dedupe():
         assert container(sender)["args"] == ["sender", "--sink", name.removeprefix("sender-")]
     assert "deduplicator" in deployments and not by_kind(docs, "StatefulSet"), "Redis dedupe needs no volume"
     env = container(deployments["collector"])["env"]
-    secret_refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e}
+    secret_refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
     assert secret_refs["SENTRY_DSN"] == {"name": "hifi-secrets", "key": "dsn"}
     assert set(secret_refs) == {"SENTRY_DSN", "HIFI_READ_TOKEN", "HIFI_ADMIN_TOKEN"}
     assert container(deployments["collector"])["envFrom"] == [{"secretRef": {"name": "hifi-signing"}}]

@@ -163,7 +163,7 @@ async def test_who_gets_in_and_hostile_input(tmp_path, namespace, port_base, set
                 assert resp.status == 401
             async with session.get(stats_url, headers={"Authorization": "Bearer reader-token"}) as resp:
                 assert resp.status == 200
-            async with session.get(pipeline.services["deduplicator"].url("/tables/dedupe")) as resp:
+            async with session.get(pipeline.services["deduplicator"].url("/tables/dedupe-window")) as resp:
                 assert resp.status == 401
         await wait_for(lambda: {e["event_id"] for e in hook.received} >= set(good), 60, "good events")
         assert "key-" not in json.dumps(hook.received) and "s3cret" not in json.dumps(hook.received)

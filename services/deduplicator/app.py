@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from faust import web
-
 from shared.alerts import Alerter, OutageClock
-from shared.codec import encode_event, unpack
+from shared.codec import encode_event
 from shared.errors import TransientError
-from shared.keywindow import KeyWindow, TableKeyWindow
+from shared.keywindow import KeyWindow
 from shared.service import ServiceContext
 from shared.stage import Output, Record, StageRunner, StepResult
-from shared.web import add_common_views, denied
+from shared.tables import TableBrowser, add_table_views
+from shared.web import add_common_views
 
 WEB_PORT = 6068
 
@@ -65,7 +64,6 @@ def build(ctx: ServiceContext) -> Any:
     app = ctx.create_app("hifi-deduplicator", WEB_PORT)
     conf = ctx.config.dedupe
     window = ctx.key_window("dedupe-window")
-    table = window.table if isinstance(window, TableKeyWindow) else None
     dedupe = DedupeWindow(
         window,
         ctx.metrics,
@@ -80,36 +78,7 @@ def build(ctx: ServiceContext) -> Any:
 
     runner.attach("dedupe", ctx)
 
-    @app.page("/tables/dedupe")
-    async def dedupe_table(self: web.View, request: web.Request) -> web.Response:
-        """Look up a key (`?key=tenant:event_id`), or list up to `limit` keys of this worker."""
-        refused = denied(self, request, ctx.settings)
-        if refused is not None:
-            return refused
-        info: dict[str, Any] = window.describe()
-        key = request.query.get("key")
-        if table is not None:
-            if key is not None:
-                raw = table.get(key)
-                info["key"] = key
-                info["entry"] = (
-                    None if raw is None else dict(zip(("first_seen_ms", "claim"), unpack(raw), strict=False))
-                )
-            else:
-                limit = min(int(request.query.get("limit", "50")), 1000)
-                keys = []
-                for k in table.keys():
-                    if len(keys) >= limit:
-                        break
-                    keys.append(k)
-                info["keys"] = keys
-                info["assigned_partitions"] = sorted(
-                    tp.partition for tp in app.assignor.assigned_actives() if tp.topic == ctx.topics.enriched
-                )
-        elif key is not None:
-            info["key"] = key
-            info["seen"] = (await window.seen([key], [None]))[0]
-        return self.json(info)
+    add_table_views(app, TableBrowser(app, ctx.settings, {"dedupe-window": window}))
 
     def stats() -> dict[str, Any]:
         m = ctx.metrics

@@ -25,6 +25,7 @@ from shared.metrics import LagWindow, StageMetrics
 from shared.retry import Backoff
 from shared.service import ServiceContext
 from shared.stage import DeadLetter, Output, Record, StageRunner, StepResult
+from shared.tables import TableBrowser, add_table_views
 from shared.web import add_common_views
 
 from .breaker import CircuitBreaker, CircuitOpen, Throttle
@@ -185,6 +186,19 @@ class SinkDelivery:
             if previous is not None:
                 self.stage_lag["sender"].record(acked - previous)
 
+    def state_rows(self) -> list[dict[str, Any]]:
+        """The sink's live state, for the table browser."""
+        return [
+            {
+                "sink": self.name,
+                "circuit": self.breaker.state,
+                "consecutive_failures": self.breaker.failures,
+                "circuit_opened": self.breaker.opened_count,
+                "throttle_interval_s": round(self.throttle.interval_s, 3),
+                "batches_in_retry": len(self.attempts),
+            }
+        ]
+
     def stats(self) -> dict[str, Any]:
         m = self.metrics
         return {
@@ -247,5 +261,7 @@ def build(ctx: ServiceContext) -> Any:
     runner.attach("deliver", ctx)
 
     app.add_dependency(SinkLifecycle(sink))
+    browser = TableBrowser(app, ctx.settings, {"delivered-ledger": ledger}, {"sink-state": delivery.state_rows})
+    add_table_views(app, browser)
     add_common_views(app, stage, ctx.metrics, delivery.stats, ctx.settings)
     return app

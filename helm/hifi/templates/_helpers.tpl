@@ -68,6 +68,8 @@ spec:
         {{- end }}
         - {name: HIFI_DATA_DIR, value: /home/hifi/var}
         - {name: HIFI_WEB_HOST, value: "0.0.0.0"}
+        - name: HIFI_ADVERTISED_HOST  # table lookups are forwarded worker to worker by pod IP
+          valueFrom: {fieldRef: {fieldPath: status.podIP}}
         - {name: HIFI_WEB_PORT, value: {{ .stage.webPort | quote }}}
         - {name: HIFI_PARTITIONS, value: {{ $root.Values.kafka.partitions | quote }}}
         - {name: HIFI_REPLICATION, value: {{ $root.Values.kafka.replicationFactor | quote }}}
