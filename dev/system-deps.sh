@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs the system packages Hifi needs when they are missing: Java 17+ and Maven (to fetch and run
-# Apache Kafka from Maven Central) and redis-server. Uses apt-get (Debian/Ubuntu) as root or via sudo.
+# Apache Kafka from Maven Central), redis-server, and chromium + chromium-driver (the dashboard test). Uses apt-get (Debian/Ubuntu) as root or via sudo.
 set -euo pipefail
 missing=()
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# headless Chromium drives the dashboard test
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 python3 -c 'import sys, venv; assert sys.version_info >= (3, 11)' 2>/dev/null || missing+=(python3-venv)
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "installing system packages: ${missing[*]}"

@@ -117,7 +117,10 @@ def test_default_values_render_every_service_with_probes_resources_and_config():
         assert spec["topologySpreadConstraints"] and spec["securityContext"]["runAsNonRoot"]
     assert set(by_kind(docs, "PodDisruptionBudget")) == set(workloads)
     hpas = by_kind(docs, "HorizontalPodAutoscaler")
-    assert set(hpas) == set(workloads) - {"auditor"} and hpas["deduplicator"]["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+    assert (
+        set(hpas) == set(workloads) - {"auditor"}
+        and hpas["deduplicator"]["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+    )
     assert all(h["spec"]["maxReplicas"] <= 12 for h in hpas.values()), "never more replicas than partitions"
     job = by_kind(docs, "Job")["topics"]
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
