@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages Hifi needs when they are missing: Java 17+ and Maven (to fetch and run
-# Apache Kafka from Maven Central), redis-server, and chromium + chromium-driver (the dashboard test). Uses apt-get (Debian/Ubuntu) as root or via sudo.
+# Apache Kafka from Maven Central), redis-server, and chromium + chromium-driver (the dashboard test).
+# Uses apt-get (Debian/Ubuntu) as root or via sudo.
 set -euo pipefail
 missing=()
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
