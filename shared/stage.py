@@ -135,6 +135,18 @@ class StageRunner:
             self.app, self.stage, self.cursors, self.metrics, alerter, audit.stuck_after_s
         )
         self.app.timer(min(5.0, audit.stuck_after_s / 2))(self.watchdog.check)
+        watchdog = self.watchdog
+
+        @self.app.page("/partitions")
+        async def partitions(view: Any, request: Any) -> Any:
+            """Consumer lag and progress per partition this worker owns, and the watchdog's rejoins."""
+            from shared.web import denied
+
+            refused = denied(view, request, ctx.settings)
+            return refused or view.json(
+                {"stage": self.stage, "partitions": watchdog.partitions, "rejoins": watchdog.rejoins}
+            )
+
         return self.app.agent(self.app.topic(self.source), name=name, concurrency=1)(self.run)
 
     async def run(self, stream: Any) -> None:

@@ -12,6 +12,7 @@ import json
 import urllib.request
 from typing import Any
 
+import aiohttp
 from aiokafka import AIOKafkaProducer
 
 from shared.local.kafka import LocalKafka
@@ -113,6 +114,11 @@ async def test_dlq_growth_slo_burn_circuit_and_stuck_partition_page_once_each(
             return sum(r["lost"] for r in summary["overdue"])
 
         await wait_for(lambda: asyncio.to_thread(overdue), 30, "the waiting events reported overdue", pipeline)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(pipeline.services["sender.hook"].url("/partitions")) as resp:
+                progress = await resp.json()
+        assert progress["rejoins"] == 1, progress  # the watchdog made the worker rejoin its group, once
+        assert any(p["lag_messages"] >= 20 for p in progress["partitions"].values()), progress
         await asyncio.sleep(4.0)  # the watchdog keeps checking: it must not page again
         hook.fail_status = None
         await wait_for(lambda: len(hook.received) >= 70, 60, "delivery after the sink healed", pipeline)

@@ -26,11 +26,15 @@ def audit_summary(pipeline: Any) -> dict[str, Any]:
         return json.loads(resp.read())
 
 
-def write_config(path: Any, hook_port: int, canary_s: float) -> None:
+def write_config(path: Any, hook_port: int, canary_s: float, quiet_port: int | None = None) -> None:
+    sinks = f'  hook: {{type: webhook, url: "http://127.0.0.1:{hook_port}/in"}}\n'
+    if quiet_port is not None:  # a sink that does not want canaries
+        sinks += f'  quiet: {{type: webhook, url: "http://127.0.0.1:{quiet_port}/in", drop_canaries: true}}\n'
     path.write_text(
         "tenants:\n"
-        + tenant_block("acme", API_KEY, ["hook"])
-        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{hook_port}/in"}}\n'
+        + tenant_block("acme", API_KEY, ["hook", "quiet"] if quiet_port else ["hook"])
+        + "sinks:\n"
+        + sinks
         + f"audit: {{bucket_s: 2, settle_s: 4, canary_interval_s: {canary_s}, dlq_check_s: 1}}\n"
     )
 
@@ -98,8 +102,10 @@ async def test_lag_and_counts_match_what_the_sink_received(
 ):
     hook = WebhookReceiver(port=port_base + 19)
     await hook.start()
+    quiet = WebhookReceiver(port=port_base + 18)
+    await quiet.start()
     config = tmp_path / "hifi.yaml"
-    write_config(config, hook.port, canary_s=1)
+    write_config(config, hook.port, canary_s=1, quiet_port=quiet.port)
     pipeline = await start_pipeline(settings_for(config), auditor=True)
     try:
         factory = EventFactory(producer_id=namespace)
@@ -134,8 +140,14 @@ async def test_lag_and_counts_match_what_the_sink_received(
         await wait_for(lambda: audit_summary(pipeline)["buckets_settled"] >= 2, 30, "settled buckets", pipeline)
         assert audit_summary(pipeline)["lost_by_stage"] == {}
         assert canaries is not None
+        # The sink that drops canaries got none, yet their trip to its sender was measured.
+        await wait_for(lambda: len(quiet.received) >= 200, 30, "the quiet sink", pipeline)
+        assert not [e for e in quiet.received if e.get("canary")]
+        quiet_metrics = audit_summary(pipeline)["sinks"]["quiet"]["acme"]
+        assert quiet_metrics["canaries"] >= 2 and quiet_metrics["lost"] == 0
     finally:
         await hook.stop()
+        await quiet.stop()
 
 
 async def test_events_deleted_between_stages_are_reported_lost_at_that_stage(
