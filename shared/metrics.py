@@ -33,6 +33,20 @@ class StageMetrics:
             "hifi_events_rejected", "Events the collector refused", ["tenant", "reason"], registry=r
         )
         self.delivered = Counter("hifi_events_delivered", "Events a sink acknowledged", ["sink", "tenant"], registry=r)
+        self.batch_size = Histogram(
+            "hifi_batch_events",
+            "Events per batch a stage handles",
+            ["stage"],
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=r,
+        )
+        self.batch_phase = Histogram(
+            "hifi_batch_phase_seconds",
+            "Time per batch in each step of the commit sequence (wait, handle, produce, ack)",
+            ["stage", "phase"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
         self.end_to_end_lag = Histogram(
             "hifi_end_to_end_lag_seconds",
             "Sink ack time minus ingest time",
