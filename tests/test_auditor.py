@@ -146,6 +146,8 @@ async def test_lag_and_counts_match_what_the_sink_received(
         quiet_metrics = audit_summary(pipeline)["sinks"]["quiet"]["acme"]
         assert quiet_metrics["canaries"] >= 2 and quiet_metrics["lost"] == 0
     finally:
+        # Services first: canaries keep coming, and a sender whose sink is gone cannot drain on SIGTERM.
+        await asyncio.to_thread(pipeline.stop_all)
         await hook.stop()
         await quiet.stop()
 
