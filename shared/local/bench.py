@@ -218,10 +218,14 @@ dedupe: {{backend: {dedupe}}}
     relays: list[subprocess.Popen[bytes]] = []
     if system == "hifi":
         pipeline.start_all()
-        await asyncio.to_thread(pipeline.wait_ready, 120.0)
     else:
         pipeline.start("collector")
-        await asyncio.to_thread(pipeline.wait_ready, 120.0, ["collector"])
+    try:
+        await asyncio.to_thread(pipeline.wait_ready, 120.0, None if system == "hifi" else ["collector"])
+    except BaseException:  # one service failed to start: stop the others, or they keep their ports
+        await asyncio.to_thread(pipeline.stop_all, 30.0)
+        raise
+    if system != "hifi":
         from shared.topics import Topics, ensure_topics
 
         t = Topics(namespace)
