@@ -81,7 +81,9 @@ async def test_dlq_growth_slo_burn_circuit_and_stuck_partition_page_once_each(
         assert (await post(pipeline.collector_url, API_KEY, events(factory, 20)))[0] == 200
         await wait_for(lambda: len(hook.received) >= 20, 60, "warm-up deliveries", pipeline)
 
-        # DLQ growth: bytes no stage can decode, written straight to the raw topic.
+        # DLQ growth: bytes no stage can decode, written straight to the raw topic, once the auditor has
+        # read the DLQ sizes (growth is measured from its first reading; letters from before are not news).
+        await wait_for(lambda: asyncio.to_thread(lambda: audit_summary(pipeline)["dlq"]), 30, "a DLQ reading", pipeline)
         producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
         await producer.start()
         try:
