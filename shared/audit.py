@@ -9,6 +9,7 @@ A **receipt** lists the events one sender batch delivered: `[event_id, tenant, i
 canary]` plus the sink and the acknowledgement time, from which the auditor measures lag and the
 on-time SLI.
 
+Outcomes: accepted, out, dup, dlq, unrouted, delivered, skipped, canary_dropped.
 Buckets are event time: `ingest_ts` rounded down to `bucket_s` seconds (epoch seconds).
 """
 
@@ -18,8 +19,6 @@ from typing import Any
 
 from shared.codec import pack
 from shared.event import now_ms
-
-OUTCOMES = ("accepted", "out", "dup", "dlq", "unrouted", "delivered", "skipped", "canary_dropped")
 
 
 def bucket_of(at_ms: float, bucket_s: int) -> int:

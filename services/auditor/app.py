@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from shared.alerts import Alerter, OutageClock
 from shared.audit import accepted_tally, bucket_of
 from shared.codec import encode_event, unpack
-from shared.dlq import DeadLetterQueues
+from shared.dlq import DeadLetterQueues, UnknownStage, stage_input
 from shared.event import Event, now_ms
 from shared.metrics import LAG_BUCKETS_S
 from shared.service import ServiceContext
@@ -56,7 +56,6 @@ class Auditor:
         self.dlq_growing_since: dict[str, float] = {}
         self.canaries_sent = 0
         self.receipts = 0
-        self.started_reading_ms = 0.0
         self.consumer: AIOKafkaConsumer | None = None  # the reader's, for end offsets
         self.queues = DeadLetterQueues(ctx.settings.broker, ctx.topics, list(ctx.config.sinks))
         self.broker_outage = OutageClock(
@@ -169,15 +168,13 @@ class Auditor:
 
     async def backlog(self, stage: str) -> int:
         """Events in the stage's input topic that its consumer group has not committed past."""
-        inputs = {
-            "enricher": ("hifi-enricher", self.topics.raw),
-            "deduplicator": ("hifi-deduplicator", self.topics.enriched),
-            "router": ("hifi-router", self.topics.unique),
-        }
-        inputs.update({f"sender.{s}": (f"hifi-sender-{s}", self.topics.sink(s)) for s in self.config.sinks})
-        if stage not in inputs or self.consumer is None:
+        if self.consumer is None:
             return 0
-        group, topic = inputs[stage]
+        try:
+            topic = stage_input(self.topics, stage, list(self.config.sinks))
+        except UnknownStage:
+            return 0
+        group = "hifi-" + stage.replace(".", "-")  # the app id each service's build() gives its group
         admin = AIOKafkaAdminClient(bootstrap_servers=self.ctx.settings.broker, request_timeout_ms=5000)
         await admin.start()
         try:
@@ -361,7 +358,6 @@ class AuditReader(Service):
             tps += [TopicPartition(topic, p) for p in sorted(partitions or [])]
         consumer.assign(tps)
         start_ms = int(time.time() * 1000 - (LOOKBACK_S + a.audit.settle_s) * 1000)
-        a.started_reading_ms = start_ms
         a.ledger.trust_from = int(start_ms // 1000) + a.audit.bucket_s
         found = await consumer.offsets_for_times(dict.fromkeys(tps, start_ms))
         ends = await consumer.end_offsets(tps)
