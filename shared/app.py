@@ -1,10 +1,11 @@
 """The app factory every service uses: a Faust app with Hifi's safe defaults.
 
-Faust gives each service its agents, tables (RocksDB), web server and group membership. Two things
-are changed on purpose:
+Faust runs each service: its web views, timers, lifecycle and signal handling, and the producer of
+the collector and the auditor. The stages read and write Kafka through their `StageRunner` (see
+shared/stage.py), so no app boots Faust's consumer (`NoConsumerBoot`).
+Two Faust defaults are changed on purpose:
 - the producer is idempotent with acks=all (Faust only does that inside transactions);
-- values and keys are raw bytes: each stage decodes msgpack itself, once, so undecodable bytes are
-  dead-lettered with a reason instead of being logged and skipped by Faust's deserializer.
+- values and keys are raw bytes: each service decodes msgpack itself, once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from faust.app.base import BootStrategy
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from shared.config import Settings
@@ -29,21 +31,8 @@ class IdempotentProducer(faust_aiokafka.Producer):
         return {"acks": "all", "enable_idempotence": True}
 
 
-class GaplessConsumer(faust_aiokafka.Consumer):
-    """Never commits over offsets nobody processed.
-
-    Faust records a jump in read offsets as a "gap" and later counts it as acked, for topics with
-    transaction markers or compaction. Hifi's stage topics have neither; there a jump means events
-    Faust dropped during a rebalance, which the stage runner re-reads (see `PartitionCursors`).
-    """
-
-    async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
-        return None
-
-
 class HifiTransport(faust_aiokafka.Transport):
     Producer = IdempotentProducer
-    Consumer = GaplessConsumer
 
 
 class HifiApp(faust.App):
@@ -52,6 +41,14 @@ class HifiApp(faust.App):
 
     def _new_producer_transport(self) -> HifiTransport:
         return HifiTransport(self.conf.broker_producer, self)
+
+
+class NoConsumerBoot(BootStrategy):
+    """Web server, sensors and producer; never Faust's consumer. The stages read Kafka with their own
+    `StageRunner` (which owns the group membership: Faust's consumer would join the same group), and
+    the auditor with its own reader; a Faust consumer with nothing to read would only rebalance."""
+
+    enable_kafka_consumer = False
 
 
 def create_app(app_id: str, settings: Settings, web_port: int, **overrides: Any) -> HifiApp:
@@ -67,7 +64,6 @@ def create_app(app_id: str, settings: Settings, web_port: int, **overrides: Any)
         autodiscover=False,
         key_serializer="raw",
         value_serializer="raw",
-        store="rocksdb://",
         datadir=str(datadir),
         web_enabled=True,
         web_host=settings.web_host,
@@ -81,21 +77,9 @@ def create_app(app_id: str, settings: Settings, web_port: int, **overrides: Any)
         producer_linger_ms=2,
         producer_max_batch_size=256 * 1024,
         producer_request_timeout=30.0,
-        # A crash replays at most ~1 s of input; the deduplicator and the sink ledger absorb it.
-        broker_commit_interval=1.0,
-        broker_commit_every=2_000,
-        # Rejoin in seconds after a restart, not after Faust's default 60 s session timeout.
-        broker_session_timeout=10.0,
-        broker_heartbeat_interval=1.0,
-        broker_request_timeout=40.0,
-        broker_rebalance_timeout=30.0,
-        broker_max_poll_records=1000,
-        consumer_auto_offset_reset="earliest",
-        # On rebalance and shutdown wait until in-flight events are acked before committing.
-        stream_wait_empty=True,
-        stream_buffer_maxsize=8192,
-        table_standby_replicas=0,
         logging_config=None,
     )
     options.update(overrides)
-    return HifiApp(app_id, **options)
+    app = HifiApp(app_id, **options)
+    app.boot_strategy = NoConsumerBoot(app)
+    return app

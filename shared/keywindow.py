@@ -2,7 +2,7 @@
 
 Two backends behind one interface:
 - `RedisKeyWindow`: shared by every worker, one pipelined round trip per batch (never per event).
-- `TableKeyWindow`: a Faust table on RocksDB, partition-local, backed up to a changelog topic.
+- `RocksKeyWindow`: RocksDB (rocksdict), partition-local, backed up to a changelog topic.
 
 A claim remembers *which message* first claimed a key. When a worker dies after claiming but before
 its output was durable, the replayed message presents the same claim and passes again instead of
@@ -11,19 +11,25 @@ being dropped as its own duplicate: nothing is lost, and the ledger downstream s
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from rocksdict import AccessType, Options, Rdict
 
 from shared.codec import pack, unpack
 from shared.errors import TransientError
 
-__all__ = ["KeyWindow", "RedisKeyWindow", "TableKeyWindow"]
+__all__ = ["KeyWindow", "RedisKeyWindow", "RocksKeyWindow"]
+
+log = logging.getLogger(__name__)
 
 
 class KeyWindow(Protocol):
@@ -130,16 +136,140 @@ class RedisKeyWindow:
         await self.client.aclose()
 
 
-class TableKeyWindow:
-    """Values are msgpack [first_seen_ms, claim]; an expired entry counts as absent and is replaced.
+class RocksKeyWindow:
+    """Partition-local: one RocksDB store per source partition this worker owns, with a changelog.
 
-    Faust writes a table's changelog to the partition of the current event, so each access first
-    makes its record current (`anchor.make_current()`): key and source message share a partition.
+    An entry lives with the partition of the event that wrote it (`anchor.partition`), so every copy
+    of an event meets its window in one place. Values are msgpack [first_seen_ms, claim]; an expired
+    entry counts as absent and is replaced (RocksDB's TTL drops it at compaction).
+
+    Every write is also queued for the changelog. The stage runner sends a batch's entries with its
+    outputs, one record per partition and batch (not one per key), so they are durable before the
+    batch's offsets are committed. The changelog keeps `changelog_retention_s` (at least twice the
+    window) with the delete policy: an entry older than the window is dead anyway, nothing to compact.
+
+    On assignment a partition's store replays its changelog partition from the checkpoint it saved
+    when it last gave the partition away (or from the log start), so a partition that moves between
+    workers keeps its window. Replaying is idempotent: more than needed is only slower.
     """
 
-    def __init__(self, table: Any, window_s: float) -> None:
-        self.table = table
+    def __init__(
+        self, name: str, path: Path, changelog_topic: str, bootstrap: str, window_s: float, partitions: int, group: str
+    ) -> None:
+        self.name = name
+        self.path = path
+        self.changelog_topic = changelog_topic
+        self.bootstrap = bootstrap
         self.window_s = window_s
+        self.partitions = partitions
+        self.group = group
+        self.dbs: dict[int, Rdict] = {}
+        self.pending: dict[int, list[list[Any]]] = {}
+        self.applied: dict[int, int] = {}  # partition -> next changelog offset this store reflects
+        self.restored_records = 0
+
+    @property
+    def changelog_retention_s(self) -> float:
+        return max(2 * self.window_s, 3600.0)
+
+    # -- partitions --------------------------------------------------------------------------------
+
+    def _open(self, partition: int) -> Rdict:
+        self.path.mkdir(parents=True, exist_ok=True)
+        ttl = int(self.window_s) + 60
+        return Rdict(
+            str(self.path / f"p{partition}"), options=Options(raw_mode=True), access_type=AccessType.with_ttl(ttl)
+        )
+
+    def _checkpoint_file(self, partition: int) -> Path:
+        return self.path / f"p{partition}.changelog-offset"
+
+    async def assign(self, partitions: list[int]) -> None:
+        new = [p for p in partitions if p not in self.dbs]
+        for p in new:
+            self.dbs[p] = self._open(p)
+            try:
+                self.applied[p] = int(self._checkpoint_file(p).read_text())
+            except (FileNotFoundError, ValueError):
+                self.applied[p] = 0
+        if new:
+            await self._restore(new)
+
+    async def _restore(self, partitions: list[int]) -> None:
+        """Apply the changelog from each store's checkpoint to the end (read at the start)."""
+        started = time.monotonic()
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None)
+        await consumer.start()
+        try:
+            tps = [TopicPartition(self.changelog_topic, p) for p in partitions]
+            consumer.assign(tps)
+            ends = await consumer.end_offsets(tps)
+            starts = await consumer.beginning_offsets(tps)
+            todo = {}
+            for tp in tps:
+                start = max(self.applied[tp.partition], starts[tp])
+                if start < ends[tp]:
+                    consumer.seek(tp, start)
+                    todo[tp] = ends[tp]
+                else:
+                    self.applied[tp.partition] = ends[tp]
+            applied = 0
+            while todo:
+                fetched = await consumer.getmany(*todo, timeout_ms=1000)
+                for tp, records in fetched.items():
+                    db = self.dbs[tp.partition]
+                    for record in records:
+                        if record.offset >= todo.get(tp, 0):
+                            continue
+                        for key, first_seen, claim in unpack(record.value):
+                            db.put(key.encode(), pack([first_seen, claim]))
+                            applied += 1
+                        self.applied[tp.partition] = record.offset + 1
+                for tp in list(todo):
+                    if await consumer.position(tp) >= todo[tp]:
+                        del todo[tp]
+            self.restored_records += applied
+            log.info(
+                "%s: restored partitions %s (%d entries) in %.2fs",
+                self.name,
+                partitions,
+                applied,
+                time.monotonic() - started,
+            )
+        finally:
+            await consumer.stop()
+
+    def revoke(self, partitions: list[int]) -> None:
+        for p in partitions:
+            db = self.dbs.pop(p, None)
+            if db is None:
+                continue
+            db.close()
+            self.pending.pop(p, None)
+            self._checkpoint_file(p).write_text(str(self.applied.get(p, 0)))
+
+    def changelog(self) -> list[Any]:
+        from shared.stage import Output
+
+        out = [Output(self.changelog_topic, None, pack(entries), p) for p, entries in self.pending.items() if entries]
+        self.pending = {}
+        return out
+
+    def durable(self, partition: int, next_offset: int) -> None:
+        if next_offset > self.applied.get(partition, 0):
+            self.applied[partition] = next_offset
+
+    def _db(self, anchor: Any) -> tuple[int, Rdict]:
+        partition = anchor.partition
+        db = self.dbs.get(partition)
+        if db is None:  # an event of a partition not (yet) assigned: a bug upstream, but never lose the write
+            log.warning("%s: write for partition %d, which this worker does not hold", self.name, partition)
+            db = self.dbs[partition] = self._open(partition)
+        return partition, db
+
+    def _write(self, partition: int, db: Rdict, key: str, first_seen: float, claim: str) -> None:
+        db.put(key.encode(), pack([first_seen, claim]))
+        self.pending.setdefault(partition, []).append([key, first_seen, claim])
 
     def _live(self, raw: bytes | None, now: float) -> list[Any] | None:
         if raw is None:
@@ -147,14 +277,16 @@ class TableKeyWindow:
         entry = unpack(raw)
         return entry if now - entry[0] < self.window_s * 1000 else None
 
+    # -- the KeyWindow interface -------------------------------------------------------------------
+
     async def claim(self, keys: Sequence[str], claims: Sequence[str], anchors: Sequence[Any]) -> list[bool]:
         now = time.time() * 1000
         fresh = []
         for key, claim, anchor in zip(keys, claims, anchors, strict=True):
-            anchor.make_current()
-            entry = self._live(self.table.get(key), now)
+            partition, db = self._db(anchor)
+            entry = self._live(db.get(key.encode()), now)
             if entry is None:
-                self.table[key] = pack([now, claim])
+                self._write(partition, db, key, now, claim)
                 fresh.append(True)
             else:
                 fresh.append(entry[1] == claim)
@@ -162,20 +294,25 @@ class TableKeyWindow:
 
     async def seen(self, keys: Sequence[str], anchors: Sequence[Any]) -> list[bool]:
         now = time.time() * 1000
-        out = []
-        for key, anchor in zip(keys, anchors, strict=True):
-            anchor.make_current()
-            out.append(self._live(self.table.get(key), now) is not None)
-        return out
+        return [
+            self._live(self._db(anchor)[1].get(key.encode()), now) is not None
+            for key, anchor in zip(keys, anchors, strict=True)
+        ]
 
     async def mark(self, keys: Sequence[str], anchors: Sequence[Any]) -> None:
         now = time.time() * 1000
         for key, anchor in zip(keys, anchors, strict=True):
-            anchor.make_current()
-            self.table[key] = pack([now, ""])
+            partition, db = self._db(anchor)
+            self._write(partition, db, key, now, "")
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "rocksdb", "table": self.table.name, "window_s": self.window_s}
+        return {
+            "backend": "rocksdb",
+            "table": self.name,
+            "window_s": self.window_s,
+            "changelog": self.changelog_topic,
+            "partitions_held": sorted(self.dbs),
+        }
 
     def _entry(self, key: str, raw: bytes) -> dict[str, Any]:
         first_seen, claim = [*unpack(raw), None, None][:2]
@@ -183,30 +320,27 @@ class TableKeyWindow:
         return {"key": key, "first_seen_ms": first_seen, "claim": claim, "live": live}
 
     async def lookup(self, key: str) -> dict[str, Any] | None:
-        raw = self.table.get(key)
-        return None if raw is None else self._entry(key, raw)
+        for db in self.dbs.values():
+            raw = db.get(key.encode())
+            if raw is not None:
+                return self._entry(key, raw)
+        return None
 
     async def browse(self, cursor: str, limit: int) -> tuple[list[dict[str, Any]], str | None]:
-        """Entries of the partitions this worker holds, in store order; the cursor is an entry count."""
+        """Entries of the partitions this worker holds, partition by partition; the cursor is an entry count."""
         start = int(cursor or 0)
         entries = []
-        for i, (key, raw) in enumerate(self.table.items()):
-            if i < start:
-                continue
-            if len(entries) == limit:
-                return entries, str(i)
-            entries.append(self._entry(key, raw))
+        i = -1
+        for p in sorted(self.dbs):
+            for key, raw in self.dbs[p].items():
+                i += 1
+                if i < start:
+                    continue
+                if len(entries) == limit:
+                    return entries, str(i)
+                entries.append(self._entry(key.decode(), raw))
         return entries, None
 
     async def size(self) -> int | None:
         """RocksDB's estimate of the keys this worker holds (exact counting would read every key)."""
-        dbs = getattr(self.table.data, "_dbs", None)
-        if not dbs:
-            return sum(1 for _ in self.table.keys())
-        total = 0
-        for db in dbs.values():
-            try:
-                total += int(db.property_int_value("rocksdb.estimate-num-keys") or 0)
-            except Exception:
-                return sum(1 for _ in self.table.keys())
-        return total
+        return sum(int(db.property_int_value("rocksdb.estimate-num-keys") or 0) for db in self.dbs.values())

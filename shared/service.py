@@ -12,11 +12,12 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from shared.app import HifiApp, create_app
 from shared.config import HifiConfig, Settings
-from shared.keywindow import KeyWindow, RedisKeyWindow, TableKeyWindow
+from shared.keywindow import KeyWindow, RedisKeyWindow, RocksKeyWindow
 from shared.metrics import StageMetrics
 from shared.sentry import init_sentry
 from shared.topics import Topics, ensure_topics
@@ -34,18 +35,29 @@ class ServiceContext:
     sink: str | None = None
     metrics: StageMetrics = field(default_factory=StageMetrics)
     app: Any = None
+    partitioned: list[RocksKeyWindow] = field(default_factory=list)  # their changelogs are created at start
 
     @property
     def topics(self) -> Topics:
         return Topics(self.settings.namespace)
 
     def key_window(self, name: str) -> KeyWindow:
-        """The dedupe window or delivered ledger on the configured backend: Redis, or a RocksDB table."""
+        """The dedupe window or delivered ledger on the configured backend: Redis, or RocksDB stores."""
         dedupe = self.config.dedupe
         if dedupe.backend == "redis":
             return RedisKeyWindow(self.settings.redis_url, f"hifi:{self.settings.namespace}:{name}:", dedupe.window_s)
-        table = self.app.Table(name, partitions=self.settings.partitions, key_type=str, value_type=bytes)
-        return TableKeyWindow(table, dedupe.window_s)
+        group = str(self.app.conf.id)
+        window = RocksKeyWindow(
+            name,
+            Path(self.settings.data_dir).resolve() / "tables" / group / name,
+            changelog_topic=f"{group}-{name}-changelog",
+            bootstrap=self.settings.broker,
+            window_s=dedupe.window_s,
+            partitions=self.settings.partitions,
+            group=group,
+        )
+        self.partitioned.append(window)
+        return window
 
     def create_app(self, app_id: str, web_port: int, **overrides: Any) -> HifiApp:
         self.app = create_app(self.topics.group(app_id), self.settings, web_port, **overrides)
@@ -79,18 +91,17 @@ def prepare(name: str, settings: Settings, sink: str | None = None) -> tuple[Ser
     )
     ctx = ServiceContext(name, settings, config, sink)
     app = SERVICES[name](ctx)
-    # Faust creates changelog topics lazily and a table write can race that; create them now,
-    # with the source topic's partition count, as Faust requires.
-    changelogs = [table.changelog_topic_name for table in app.tables.values()]
-    if changelogs:
+    # A window's changelog has the source topic's partition count (entry and event share a partition)
+    # and keeps at least twice the window: older entries are expired anyway.
+    for window in ctx.partitioned:
         asyncio.run(
             ensure_topics(
                 settings.broker,
-                changelogs,
+                [window.changelog_topic],
                 settings.partitions,
                 settings.replication,
                 settings.min_insync,
-                compacted=True,
+                extra_configs={"retention.ms": str(int(window.changelog_retention_s * 1000))},
             )
         )
     return ctx, app

@@ -1,38 +1,47 @@
 """One processing step, run the same way by every consuming service.
 
-The commit sequence, per fetched batch:
+The stage reads its source topic with its own aiokafka consumer (group = the service's app id) on the
+main loop, a fetched batch at a time. The commit sequence, per batch:
   1. decode each message once; undecodable ones become dead letters
   2. handle the decoded batch (the service's own logic) -> outputs, dead letters, and each record's
-     outcome (out, dup, unrouted, delivered, ...)
-  3. send outputs, dead letters and the batch's tally (counts per tenant, event-time bucket and
-     outcome, for the auditor's loss ledger) to the producer
-  4. once the broker acknowledged every one of them, ack the input events: only now may Faust's
-     committer move the offset past them
+     outcome (out, dup, unrouted, delivered, ...); a partitioned table adds its changelog entries
+  3. send outputs, dead letters, changelog entries and the batch's tally (counts per tenant,
+     event-time bucket and outcome, for the auditor's loss ledger) to the producer
+  4. once the broker acknowledged every one of them, mark the batch's offsets done
+  5. commit done offsets: every `commit_interval_s`, before a rebalance gives partitions away, and on
+     shutdown
 
 Steps 1-3 of the next batch overlap step 4 of this one (up to `max_in_flight` batches); an acker
-takes batches in order, so acks still follow offsets and never pass what is durable.
+takes batches in order, so offsets are marked done in order and never pass what is durable.
+A worker killed at any point has committed nothing it has not durably passed on; what it replays,
+the deduplicator and the sinks' delivered ledger absorb.
 
-A tally names its source partition and first offset, so the auditor counts a replayed offset once.
+Why not Faust's agents: Faust delivers events one by one through its conductor, channel and stream
+(several µs of Python each, per event, per stage), runs its consumer in a second thread, and acks an
+event whose agent raised. Reading a fetch at a time with aiokafka removes that per-event cost and
+keeps the commit point here, where it can be read. Faust still runs each service: web views,
+timers, lifecycle and signals.
 
-Faust would ack an event whose agent raised (and `take()` acks a batch even on cancellation), so
-agents use `noack_take` and never let an exception escape: transient errors are retried with
-backoff, a batch that fails for an unexpected reason is split so only the bad events dead-letter.
-A worker killed at any point has acked nothing it has not durably passed on.
+A handler never lets an exception escape: transient errors are retried with backoff, a batch that
+fails for an unexpected reason is split so only the bad events dead-letter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import sentry_sdk
-from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from faust.streams import _current_event
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
+from mode import Service
 
 from shared.codec import decode_event, pack
 from shared.errors import InvalidEvent, PermanentSinkError, TransientError
@@ -48,21 +57,20 @@ class Record:
     """A decoded event and the Kafka message it came from (for DLQ context and claims)."""
 
     event: Event
-    message: Any  # faust EventT
+    message: ConsumerRecord  # type: ignore[type-arg]
     # What the stage did with it, for the loss ledger: out (passed on), dup, unrouted, delivered,
     # skipped (already delivered), canary_dropped. Dead letters are counted by the runner.
     outcome: str = "out"
 
     @property
     def source(self) -> str:
-        msg = self.message.message
+        msg = self.message
         return f"{msg.topic}:{msg.partition}:{msg.offset}"
 
-    def make_current(self) -> None:
-        """Faust tables write their changelog to the current event's partition; in a batch, set it."""
-        import weakref
-
-        _current_event.set(weakref.ref(self.message))
+    @property
+    def partition(self) -> int:
+        """The source partition: partition-local state (a RocksDB window) lives with it."""
+        return int(self.message.partition)
 
 
 @dataclass(slots=True)
@@ -70,11 +78,13 @@ class Output:
     topic: str
     key: bytes | None
     value: bytes
+    partition: int | None = None  # None: Kafka's default partitioner on the key
+    headers: list[tuple[str, bytes]] | None = None
 
 
 @dataclass(slots=True)
 class DeadLetter:
-    message: Any  # faust EventT
+    message: ConsumerRecord  # type: ignore[type-arg]
     error: Exception
     attempts: int = 1
     first_failed_ms: float = field(default_factory=now_ms)
@@ -89,11 +99,34 @@ class StepResult:
 Handler = Callable[[list[Record]], Awaitable[StepResult]]
 
 
+@runtime_checkable
+class PartitionedState(Protocol):
+    """State kept with the source partitions this worker owns (a RocksDB key window), and its changelog."""
+
+    changelog_topic: str
+
+    async def assign(self, partitions: list[int]) -> None:
+        """Open (and restore from the changelog) the stores of newly owned partitions."""
+        ...
+
+    def revoke(self, partitions: list[int]) -> None:
+        """Close the stores of partitions given away; everything they hold is in the changelog."""
+        ...
+
+    def changelog(self) -> list[Output]:
+        """The changelog records of the writes since the last call (sent with the batch's outputs)."""
+        ...
+
+    def durable(self, partition: int, next_offset: int) -> None:
+        """The broker holds this partition's changelog up to `next_offset`."""
+        ...
+
+
 @dataclass
 class InFlight:
-    """A handled batch whose outputs were sent; its input events are acked once they are durable."""
+    """A handled batch whose outputs were sent; its offsets are done once they are durable."""
 
-    events: list[Any]
+    next_offsets: dict[TopicPartition, int]
     result: StepResult
     outputs: int
     sent_at: float
@@ -101,8 +134,21 @@ class InFlight:
     send_error: Exception | None = None
 
 
-class StageRunner:
-    """Runs one stage's handler over a Faust stream with the commit sequence above."""
+def durable_producer(bootstrap: str, client_id: str, linger_ms: int = 2) -> AIOKafkaProducer:
+    """aiokafka's defaults are acks=1 without idempotence; a stage's outputs must survive a broker failover."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=linger_ms,
+        max_batch_size=256 * 1024,
+        request_timeout_ms=30_000,
+    )
+
+
+class StageRunner(Service):
+    """Runs one stage's handler over its source topic with the commit sequence above."""
 
     def __init__(
         self,
@@ -112,34 +158,49 @@ class StageRunner:
         metrics: StageMetrics,
         dlq: str,
         source: str,
-        batch_max: int = 500,
+        batch_max: int = 1000,
         max_message_bytes: int = 1_048_576,
-        # How long a batch waits to fill: each cycle through Faust's stream costs a few ms whatever its
-        # size, so 2 ms batches capped a stage near 1,000 events/s; 10 ms lets batches grow with load.
-        within_s: float = 0.01,
         backoff: Backoff | None = None,
         max_in_flight: int = 8,
+        commit_interval_s: float = 1.0,
+        states: Sequence[Any] = (),
     ) -> None:
+        super().__init__()
         self.app = app
         self.stage = stage
         self.handler = handler
         self.metrics = metrics
         self.batch_max = batch_max
         self.max_message_bytes = max_message_bytes
-        self.within_s = within_s
         self.max_in_flight = max_in_flight
+        self.commit_interval_s = commit_interval_s
         self.backoff = backoff or Backoff()
         self.dlq = dlq
         self.source = source
+        self.group = str(app.conf.id)
         self.bootstrap = ",".join(f"{u.host}:{u.port}" for u in app.conf.broker)
-        self.cursors = PartitionCursors(app, source, self.bootstrap)
+        # Members of the group find each other's web views by client id (the table browser's owner map).
+        self.client_id = str(app.conf.canonical_url).rstrip("/")
+        self.states: list[PartitionedState] = [s for s in states if isinstance(s, PartitionedState)]
+        self._state_of_changelog = {s.changelog_topic: s for s in self.states}
         self.tallies: str | None = None  # the auditor's topic, set by `attach`
         self.bucket_s = 10
         self.broker_outage: Any = None
         self.watchdog: PartitionWatchdog | None = None
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.done: dict[TopicPartition, int] = {}  # next offset after the last durable batch
+        self.committed: dict[TopicPartition, int] = {}
+        self.last_timestamp: dict[TopicPartition, float] = {}  # Kafka timestamp (ms) of the last event read
+        self.assigned: set[TopicPartition] = set()
+        self.joined = False
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._in_flight: asyncio.Queue[InFlight] | None = None
+        self._batch_lock: asyncio.Lock | None = None
 
-    def attach(self, name: str, ctx: Any) -> Any:
-        """Register this stage's agent on its source topic (one agent, concurrency 1), and its DLQ views."""
+    def attach(self, ctx: Any) -> StageRunner:
+        """Run with the app (as its dependency), and register the stage's views and watchdog."""
         from shared.alerts import Alerter, OutageClock
         from shared.dlq import DeadLetterQueues
         from shared.web import add_dlq_views
@@ -151,9 +212,7 @@ class StageRunner:
         self.bucket_s = audit.bucket_s
         alerter = Alerter(self.stage)
         self.broker_outage = OutageClock(alerter, "broker_unreachable", "the Kafka broker", audit.outage_alert_after_s)
-        self.watchdog = PartitionWatchdog(
-            self.app, self.stage, self.cursors, self.metrics, alerter, audit.stuck_after_s
-        )
+        self.watchdog = PartitionWatchdog(self, self.metrics, alerter, audit.stuck_after_s)
         self.app.timer(min(5.0, audit.stuck_after_s / 2))(self.watchdog.check)
         watchdog = self.watchdog
 
@@ -167,47 +226,175 @@ class StageRunner:
                 {"stage": self.stage, "partitions": watchdog.partitions, "rejoins": watchdog.rejoins}
             )
 
-        return self.app.agent(self.app.topic(self.source), name=name, concurrency=1)(self.run)
+        self.app.add_dependency(self)
+        return self
 
-    async def run(self, stream: Any) -> None:
-        """Batches overlap: while the broker acknowledges batch N, batch N+1 is read and handled.
+    def ready(self) -> dict[str, Any]:
+        """For /ready: joined the group (and restored every owned partition's state)."""
+        return {"joined": self.joined, "partitions": sorted(tp.partition for tp in self.assigned)}
 
-        An acker task takes batches in the order they were sent, waits for every output's broker
-        ack (re-sending on failure), and only then acks the batch's input events. Acks therefore stay
-        in offset order and never run ahead of what is durable; at most `max_in_flight` batches wait.
-        """
-        in_flight: asyncio.Queue[InFlight] = asyncio.Queue(maxsize=self.max_in_flight)
-        acker = asyncio.create_task(self._ack_in_order(stream, in_flight), name=f"{self.stage}-acker")
-        phase = self.metrics.batch_phase
-        waited = time.perf_counter()
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        self._in_flight = asyncio.Queue(maxsize=self.max_in_flight)
+        self._batch_lock = asyncio.Lock()
+        self.producer = durable_producer(self.bootstrap, self.client_id)
+        await self.producer.start()
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group,
+            client_id=self.client_id,
+            enable_auto_commit=False,  # the acker decides what is done; `_commit` commits it
+            auto_offset_reset="earliest",  # a new group, or offsets deleted by retention: start at the log start
+            max_poll_records=self.batch_max,
+            # Rejoin in seconds after a restart (the broker's default session is 45 s).
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+            rebalance_timeout_ms=30_000,
+            # A batch retried for a long sink outage must not cost the worker its partitions: the
+            # partition watchdog pages when a partition stops moving instead.
+            max_poll_interval_ms=3_600_000,
+        )
+        self.consumer.subscribe([self.source], listener=_Rebalance(self))
+        await self.consumer.start()
+        self._tasks = [
+            asyncio.create_task(self._guard(self._consume()), name=f"{self.stage}-consume"),
+            asyncio.create_task(self._guard(self._ack_in_order()), name=f"{self.stage}-acker"),
+            asyncio.create_task(self._guard(self._commit_every()), name=f"{self.stage}-committer"),
+        ]
+
+    async def on_stop(self) -> None:
+        """SIGTERM: finish the batch in hand, wait for the broker's acks, commit, leave the group."""
+        self._stopping = True
+        consume = self._tasks[0] if self._tasks else None
         try:
-            async for fetched in stream.noack_take(self.batch_max, within=self.within_s):
-                phase.labels(self.stage, "wait").observe(time.perf_counter() - waited)
-                events = await self.cursors.admit(fetched)
-                if events:
-                    self.metrics.batch_size.labels(self.stage).observe(len(events))
-                    flight = await self.process_batch(events)
-                    if acker.done():  # it never ends by itself; surface why it did
-                        acker.result()
-                    await in_flight.put(flight)
-                waited = time.perf_counter()
-        finally:
-            acker.cancel()  # whatever it had not acked is read again: nothing was committed past it
+            if consume is not None:
+                await asyncio.wait_for(asyncio.shield(consume), 10.0)
+            if self._in_flight is not None:
+                await asyncio.wait_for(self._in_flight.join(), 8.0)
+            await asyncio.wait_for(self._commit(), 3.0)
+        except TimeoutError:  # e.g. the broker is down: nothing more can become durable anyway
+            log.warning("%s: shutdown before every batch was durable and committed; the rest is replayed", self.stage)
+        for task in self._tasks:
+            task.cancel()
+        for client in (self.consumer, self.producer):  # the consumer leaves the group: its partitions move at once
+            if client is not None:
+                try:
+                    await asyncio.wait_for(client.stop(), 3.0)
+                except TimeoutError:
+                    log.warning("%s: a Kafka client did not close within 3 s", self.stage)
+        for state in self.states:
+            state.revoke(sorted(tp.partition for tp in self.assigned))
 
-    async def _ack_in_order(self, stream: Any, in_flight: asyncio.Queue[InFlight]) -> None:
+    async def _guard(self, loop: Awaitable[None]) -> None:
+        """A loop that dies would leave the worker in its group reading nothing: fail loudly, drain, exit."""
+        try:
+            await loop
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.critical("%s: %s crashed; shutting the worker down", self.stage, asyncio.current_task(), exc_info=True)
+            sentry_sdk.capture_exception(exc)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    # -- rebalances --------------------------------------------------------------------------------
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Before partitions move: no batch half-way, every sent batch durable, done offsets committed."""
+        assert self._batch_lock is not None and self._in_flight is not None
+        self.joined = False
+        async with self._batch_lock:
+            try:
+                await asyncio.wait_for(self._in_flight.join(), 20.0)
+            except TimeoutError:
+                log.warning("%s: batches still in flight at a rebalance; their events are replayed", self.stage)
+            await self._commit()
+            for tp in revoked:
+                self.done.pop(tp, None)
+                self.committed.pop(tp, None)
+                self.last_timestamp.pop(tp, None)
+            self.assigned -= set(revoked)
+            for state in self.states:
+                state.revoke(sorted(tp.partition for tp in revoked if tp.topic == self.source))
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        assert self.consumer is not None
+        mine = sorted(tp.partition for tp in assigned if tp.topic == self.source)
+        for tp in assigned:  # where this worker starts: the lag the watchdog measures until the first commit
+            try:
+                offset = await self.consumer.committed(tp)
+            except KafkaError:
+                offset = None
+            if offset is not None:
+                self.committed[tp] = self.done[tp] = offset
+        for state in self.states:
+            await state.assign(mine)  # restores from the changelog before the first event is read
+        self.assigned = set(assigned)
+        self.joined = True
+        log.info("%s: assigned partitions %s", self.stage, mine)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        assert self.consumer is not None and self._in_flight is not None and self._batch_lock is not None
+        phase = self.metrics.batch_phase.labels(self.stage, "wait")
+        waited = time.perf_counter()
+        while not self._stopping:
+            async with self._batch_lock:
+                try:
+                    fetched = await self.consumer.getmany(timeout_ms=100, max_records=self.batch_max)
+                except KafkaError as exc:  # e.g. a fatal fetch error; the fetcher itself rides out outages
+                    log.warning("%s: fetch failed: %r", self.stage, exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                messages = [m for batch in fetched.values() for m in batch]
+                if not messages:
+                    continue
+                phase.observe(time.perf_counter() - waited)
+                self.metrics.batch_size.labels(self.stage).observe(len(messages))
+                flight = await self.process_batch(messages)
+                await self._in_flight.put(flight)
+            waited = time.perf_counter()
+
+    async def _ack_in_order(self) -> None:
+        assert self._in_flight is not None
+        produce = self.metrics.batch_phase.labels(self.stage, "produce")
         while True:
-            flight = await in_flight.get()
+            flight = await self._in_flight.get()
             await self._settle(flight)
-            for event in flight.events:  # the commit point: everything above is durable
-                await stream.ack(event)
-                self.cursors.done[event.message.tp] = event.message.offset + 1
-            self.metrics.batch_phase.labels(self.stage, "produce").observe(time.perf_counter() - flight.sent_at)
+            self.done.update(flight.next_offsets)  # the commit point: everything below is durable
+            produce.observe(time.perf_counter() - flight.sent_at)
+            self._in_flight.task_done()
 
-    async def process_batch(self, events: Sequence[Any]) -> InFlight:
-        """Decode, handle, and send the outputs; the returned batch is acked once they are durable."""
+    async def _commit_every(self) -> None:
+        while True:
+            await asyncio.sleep(self.commit_interval_s)
+            await self._commit()
+
+    async def _commit(self) -> None:
+        """Commit what the acker marked done; a failed commit only means a replay, which is absorbed."""
+        if self.consumer is None:
+            return
+        owned = self.consumer.assignment()
+        offsets = {tp: o for tp, o in self.done.items() if tp in owned and self.committed.get(tp) != o}
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+            self.committed.update(offsets)
+        except (KafkaError, AssertionError) as exc:  # a rebalance in progress, or the coordinator moving
+            log.warning("%s: commit of %s failed (replayed if it stays lost): %r", self.stage, offsets, exc)
+
+    async def process_batch(self, messages: Sequence[ConsumerRecord]) -> InFlight:  # type: ignore[type-arg]
+        """Decode, handle, and send the outputs; the returned batch is done once they are durable."""
         records: list[Record] = []
         dead: list[DeadLetter] = []
-        for message in events:
+        next_offsets: dict[TopicPartition, int] = {}
+        stamps = self.last_timestamp
+        for message in messages:
+            tp = TopicPartition(message.topic, message.partition)
+            next_offsets[tp] = message.offset + 1
+            stamps[tp] = message.timestamp or 0
             try:
                 size = len(message.value or b"")
                 if size > self.max_message_bytes:
@@ -215,16 +402,18 @@ class StageRunner:
                 records.append(Record(decode_event(message.value), message))
             except InvalidEvent as exc:
                 dead.append(DeadLetter(message, exc))
-        self.metrics.events_in.labels(self.stage).inc(len(events))
+        self.metrics.events_in.labels(self.stage).inc(len(messages))
         handling = time.perf_counter()
         result = await self._handle(records) if records else StepResult()
         producing = time.perf_counter()
         self.metrics.batch_phase.labels(self.stage, "handle").observe(producing - handling)
         result.dead.extend(dead)
         outputs = len(result.outputs)
+        for state in self.states:
+            result.outputs.extend(state.changelog())
         if self.tallies is not None:
-            result.outputs.extend(self._tally(events, records, result))
-        flight = InFlight(list(events), result, outputs, producing)
+            result.outputs.extend(self._tally(messages, records, result))
+        flight = InFlight(next_offsets, result, outputs, producing)
         try:
             flight.futures = await self._send(result)
         except asyncio.CancelledError:
@@ -241,7 +430,7 @@ class StageRunner:
         while True:
             if error is None:
                 try:
-                    await asyncio.gather(*futures)
+                    acked = await asyncio.gather(*futures)
                     break
                 except asyncio.CancelledError:
                     raise
@@ -262,32 +451,46 @@ class StageRunner:
                 error = exc
         if self.broker_outage is not None:
             self.broker_outage.ok()
+        if self._state_of_changelog:
+            for out, meta in zip(flight.result.outputs, acked, strict=False):
+                state = self._state_of_changelog.get(out.topic)
+                if state is not None:
+                    state.durable(meta.partition, meta.offset + 1)
         self.metrics.events_out.labels(self.stage).inc(flight.outputs)
         for letter in flight.result.dead:
             reason = letter.error.reason if isinstance(letter.error, InvalidEvent) else type(letter.error).__name__
             self.metrics.dead_lettered.labels(self.stage, reason).inc()
 
-    def _tally(self, events: Sequence[Any], records: list[Record], result: StepResult) -> list[Output]:
+    def _tally(
+        self,
+        messages: Sequence[ConsumerRecord],  # type: ignore[type-arg]
+        records: list[Record],
+        result: StepResult,
+    ) -> list[Output]:
         """Per source partition: runs of [tenant, bucket, outcome, count] in offset order."""
         by_message = {id(r.message): r for r in records}
         dead = {id(letter.message) for letter in result.dead}
         parts: dict[tuple[str, int], dict[str, Any]] = {}
-        for message in events:
-            msg = message.message
-            record = by_message.get(id(message))
+        for msg in messages:
+            record = by_message.get(id(msg))
             if record is not None:
                 tenant = record.event.tenant
-                at_ms = record.event.ingest_ts or (msg.timestamp or 0) * 1000
+                at_ms = record.event.ingest_ts or (msg.timestamp or 0)
             else:  # undecodable: no tenant to charge it to
-                tenant, at_ms = "?", (msg.timestamp or 0) * 1000
-            outcome = "dlq" if id(message) in dead else (record.outcome if record is not None else "dlq")
+                tenant, at_ms = "?", (msg.timestamp or 0)
+            outcome = "dlq" if id(msg) in dead else (record.outcome if record is not None else "dlq")
             bucket = int(at_ms // 1000 // self.bucket_s * self.bucket_s)
-            part = parts.setdefault(
-                (msg.topic, msg.partition),
-                {"stage": self.stage, "topic": msg.topic, "partition": msg.partition, "first": msg.offset, "runs": []},
-            )
+            part = parts.get((msg.topic, msg.partition))
+            if part is None:
+                part = parts[(msg.topic, msg.partition)] = {
+                    "stage": self.stage,
+                    "topic": msg.topic,
+                    "partition": msg.partition,
+                    "first": msg.offset,
+                    "runs": [],
+                }
             runs = part["runs"]
-            if runs and runs[-1][:3] == [tenant, bucket, outcome]:
+            if runs and runs[-1][0] == tenant and runs[-1][1] == bucket and runs[-1][2] == outcome:
                 runs[-1][3] += 1
             else:
                 runs.append([tenant, bucket, outcome, 1])
@@ -334,158 +537,51 @@ class StageRunner:
 
     async def _send(self, result: StepResult) -> list[asyncio.Future[Any]]:
         """Hand outputs and dead letters to the producer; the futures resolve on the broker's ack."""
+        assert self.producer is not None
+        send = self.producer.send
         futures = [
-            await self.app.producer.send(out.topic, out.key, out.value, None, None, None) for out in result.outputs
+            await send(out.topic, out.value, key=out.key, partition=out.partition, headers=out.headers)
+            for out in result.outputs
         ]
         for letter in result.dead:
+            msg = letter.message
             futures.append(
-                await self.app.producer.send(
+                await send(
                     self.dlq,
-                    letter.message.message.key,
                     dead_letter_value(self.stage, letter),
-                    None,
-                    None,
-                    list(letter.message.message.headers or []) or None,
+                    key=msg.key,
+                    headers=list(msg.headers or []) or None,
                 )
             )
         return futures
 
 
-class PartitionCursors:
-    """The next offset this worker must process, per partition it owns.
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, runner: StageRunner) -> None:
+        self.runner = runner
 
-    Only the event at the cursor is processed. Faust can drop fetched events during a rebalance and
-    read on past them; an event beyond the cursor means that happened, so the partition is sought
-    back to the cursor and the events re-read. Events below it were processed already. Acks stay
-    contiguous from the group's committed offset, so Faust's committer cannot skip anything.
-    """
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.runner._on_revoked(revoked)
 
-    def __init__(self, app: Any, source: str, bootstrap: str) -> None:
-        self.app = app
-        self.source = source
-        self.bootstrap = bootstrap
-        self.next: dict[Any, int | None] = {}
-        self.last_timestamp: dict[Any, float] = {}  # Kafka timestamp (s) of the last event processed
-        self.done: dict[Any, int] = {}  # next offset after the last acked event: what the next commit holds
-        self.sought: dict[Any, tuple[int, float]] = {}
-        app.on_partitions_assigned.connect(self._on_assigned)
-        app.on_partitions_revoked.connect(self._on_revoked)
-
-    async def _on_assigned(self, sender: Any, assigned: Any, **kwargs: Any) -> None:
-        # Revocation (and its final commit) happens before assignment, so these offsets are final.
-        self.next = {}
-        self.sought.clear()
-        mine = [tp for tp in assigned if tp.topic == self.source]
-        try:
-            await self._start_at_committed(mine)
-        except Exception:  # never fail Faust's rebalance; `admit` retries for partitions left without a cursor
-            log.exception("could not read committed offsets for %s; will retry on the next event", mine)
-
-    async def _start_at_committed(self, tps: list[Any]) -> None:
-        committed = await self._committed(tps) if tps else {}
-        for tp in tps:
-            offset = committed.get(tp)
-            self.next[tp] = offset
-            if offset is not None:
-                self.done[tp] = offset
-            if offset is not None:
-                await self._seek(tp, offset)  # forget any fetch position from before
-            log.info("%s: assigned, processing from offset %s", tp, offset)
-
-    async def _committed(self, tps: list[Any]) -> dict[Any, int]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
-        await admin.start()
-        try:
-            found = await admin.list_consumer_group_offsets(
-                self.app.conf.id, partitions=[TopicPartition(tp.topic, tp.partition) for tp in tps]
-            )
-        finally:
-            await admin.close()
-        return {(tp.topic, tp.partition): meta.offset for tp, meta in found.items() if meta.offset >= 0}
-
-    async def _on_revoked(self, sender: Any, revoked: Any, **kwargs: Any) -> None:
-        for tp in revoked:
-            self.next.pop(tp, None)
-            self.done.pop(tp, None)
-
-    async def _seek(self, tp: Any, offset: int) -> None:
-        # Faust's `seek` calls aiokafka from this thread while aiokafka runs in Faust's consumer thread,
-        # which can leave the fetcher asleep; `seek_wait` seeks on that thread and waits for the position.
-        await self.app.consumer.seek_wait({tp: offset})
-
-    async def _log_start(self, tp: Any) -> int | None:
-        try:
-            return (await self.app.consumer.earliest_offsets(tp)).get(tp)
-        except Exception:
-            log.warning("%s: could not read the log start offset", tp, exc_info=True)
-            return None
-
-    async def admit(self, fetched: Sequence[Any]) -> list[Any]:
-        admitted = []
-        for event in fetched:
-            tp, offset = event.message.tp, event.message.offset
-            if tp not in self.next:
-                if tp not in self.app.consumer.assignment():
-                    log.debug("%s@%d: fetched before a revocation, dropped", tp, offset)
-                    continue
-                # Assigned, but the assignment callback did not set a cursor (it failed, or raced).
-                await self._start_at_committed([tp])
-                if tp not in self.next:
-                    continue
-            expected = self.next[tp]
-            if expected is None or offset == expected:
-                admitted.append(event)
-                self.next[tp] = offset + 1
-                self.last_timestamp[tp] = event.message.timestamp or 0.0
-            elif offset > expected:
-                log_start = await self._log_start(tp)
-                if log_start is not None and log_start > expected:
-                    # Deleted before this stage read them (retention, or an operator's delete-records):
-                    # nothing to re-read. The auditor's ledger counts them lost at this stage.
-                    log.error(
-                        "%s: offsets %d..%d were deleted before this stage read them; moving on to %d",
-                        tp,
-                        expected,
-                        log_start - 1,
-                        log_start,
-                    )
-                    self.next[tp] = expected = log_start
-                    if offset == expected:
-                        admitted.append(event)
-                        self.next[tp] = offset + 1
-                        self.last_timestamp[tp] = event.message.timestamp or 0.0
-                        continue
-                # Seek once, and again if events past the cursor still arrive a second later (a seek
-                # issued around a rebalance can be overridden by the fetcher).
-                last = self.sought.get(tp)
-                now = time.monotonic()
-                if last is None or last[0] != expected or now - last[1] > 1.0:
-                    log.warning("%s: offsets %d..%d were skipped by the consumer; re-reading", tp, expected, offset - 1)
-                    self.sought[tp] = (expected, now)
-                    await self._seek(tp, expected)
-            else:
-                log.debug("%s@%d: below the cursor %d, already processed", tp, offset, expected)
-        return admitted
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.runner._on_assigned(assigned)
 
 
 class PartitionWatchdog:
     """Consumer lag per partition, and a stuck-partition alarm.
 
     Lag in offsets is the high watermark minus the committed offset (or, before the first commit, the
-    offset after the last acked event); lag in seconds is the age of the last event read while lag
-    remains (0 when caught up). A partition with lag whose
-    committed offset has not moved for `stuck_after_s` pages once and makes the worker rejoin its
-    group, which re-runs assignment and restarts the partition's fetch from the committed offset.
+    offset after the last durable batch); lag in seconds is the age of the last event read while lag
+    remains (0 when caught up). A partition with lag whose committed offset has not moved for
+    `stuck_after_s` pages once and makes the worker rejoin its group, which re-runs assignment and
+    restarts the partition's fetch from the committed offset.
     """
 
-    def __init__(
-        self, app: Any, stage: str, cursors: PartitionCursors, metrics: StageMetrics, alerter: Any, stuck_after_s: float
-    ) -> None:
+    def __init__(self, runner: StageRunner, metrics: StageMetrics, alerter: Any, stuck_after_s: float) -> None:
         from prometheus_client import Gauge
 
-        self.app = app
-        self.stage = stage
-        self.cursors = cursors
+        self.runner = runner
+        self.stage = runner.stage
         self.alerter = alerter
         self.stuck_after_s = stuck_after_s
         self.progress: dict[Any, tuple[int | None, float]] = {}  # tp -> (committed, since when)
@@ -511,24 +607,21 @@ class PartitionWatchdog:
             log.exception("%s: partition watchdog failed", self.stage)
 
     def _check(self) -> None:
-        consumer = self.app.consumer
-        committed_offsets = getattr(consumer, "_committed_offset", {})
+        runner = self.runner
+        consumer = runner.consumer
+        if consumer is None:
+            return
         now = time.monotonic()
         seen = {}
         stuck: list[str] = []
-        for tp, cursor in list(self.cursors.next.items()):
-            try:
-                highwater = consumer.highwater(tp)
-            except Exception:
-                continue
-            committed = committed_offsets.get(tp)
-            if committed is None:
-                committed = self.cursors.done.get(tp)
+        for tp in sorted(runner.assigned):
+            highwater = consumer.highwater(tp)
+            committed = runner.committed.get(tp, runner.done.get(tp))
             if highwater is None or committed is None:
                 continue
             lag = max(0, highwater - committed)
-            last_ts = self.cursors.last_timestamp.get(tp)
-            lag_s = max(0.0, time.time() - last_ts) if lag and last_ts else 0.0
+            last_ts = runner.last_timestamp.get(tp)
+            lag_s = max(0.0, time.time() - last_ts / 1000) if lag and last_ts else 0.0
             self.lag_messages.labels(self.stage, str(tp.partition)).set(lag)
             self.lag_seconds.labels(self.stage, str(tp.partition)).set(lag_s)
             previous = self.progress.get(tp)
@@ -539,7 +632,7 @@ class PartitionWatchdog:
                 stalled_s = now - previous[1]
             seen[f"{tp.topic}:{tp.partition}"] = {
                 "committed": committed,
-                "next": cursor,
+                "next": runner.done.get(tp),
                 "highwater": highwater,
                 "lag_messages": lag,
                 "lag_seconds": round(lag_s, 3),
@@ -562,11 +655,10 @@ class PartitionWatchdog:
             self.alerter.resolve("stuck_partition")
 
     def _rejoin(self) -> None:
-        """Ask the group coordinator for a rebalance (aiokafka's own rejoin, on the consumer's thread)."""
+        """Ask the group coordinator for a rebalance (aiokafka's own rejoin)."""
         try:
-            thread = self.app.consumer._thread
-            coordinator = thread._ensure_consumer()._coordinator
-            thread.thread_loop.call_soon_threadsafe(coordinator.request_rejoin)
+            assert self.runner.consumer is not None
+            self.runner.consumer._coordinator.request_rejoin()
             self.rejoins += 1
         except Exception:
             log.exception("%s: could not request a rejoin", self.stage)
@@ -578,7 +670,7 @@ class _Unexpected(Exception):
 
 def dead_letter_value(stage: str, letter: DeadLetter) -> bytes:
     """A dead letter keeps the original bytes and headers, the error and the timestamps."""
-    msg = letter.message.message
+    msg = letter.message
     error = letter.error
     return pack(
         {
@@ -593,7 +685,7 @@ def dead_letter_value(stage: str, letter: DeadLetter) -> bytes:
             "original_key": msg.key,
             "original_value": msg.value,
             "original_headers": [[k, v] for k, v in (msg.headers or [])],
-            "original_timestamp_ms": (msg.timestamp or 0) * 1000,
+            "original_timestamp_ms": msg.timestamp or 0,
             "first_failed_ms": letter.first_failed_ms,
             "dead_lettered_ms": time.time() * 1000,
         }

@@ -14,17 +14,23 @@ one that does not is asked of every worker. A Redis window is shared, so any wor
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.partitioner import murmur2
 from faust import web
 
 from shared.config import Settings
 from shared.errors import TransientError
-from shared.keywindow import KeyWindow, TableKeyWindow
+from shared.keywindow import KeyWindow, RocksKeyWindow
 from shared.web import denied
+
+log = logging.getLogger(__name__)
 
 ROUTED = "X-Hifi-Routed"  # set on forwarded requests, so a worker never forwards a forwarded one
 
@@ -41,34 +47,34 @@ class TableBrowser:
         self.settings = settings
         self.windows = windows
         self.extra = extra or {}  # in-memory state shown as a table (e.g. a sender's sink state)
+        self._owners: dict[str, tuple[float, dict[str, list[int]]]] = {}
 
     @property
     def me(self) -> str:
         return str(self.app.conf.canonical_url).rstrip("/")
 
-    def owners(self, window: KeyWindow) -> dict[str, list[int]]:
-        """Worker URL -> partitions it holds, from the group's assignment."""
-        if not isinstance(window, TableKeyWindow):
+    async def owners(self, window: KeyWindow) -> dict[str, list[int]]:
+        """Worker URL -> partitions it holds, from the consumer group (each member's client id is its URL)."""
+        if not isinstance(window, RocksKeyWindow):
             return {}
-        topic = window.table.changelog_topic.get_topic_name()
+        cached = self._owners.get(window.group)
+        if cached is not None and time.monotonic() - cached[0] < 2.0:
+            return cached[1]
+        owners: dict[str, list[int]] = {}
         try:
-            metadata = self.app.assignor.table_metadata(topic)
-        except Exception:
-            metadata = {}
-        owners = {
-            str(host).rstrip("/"): sorted(p for ps in topics.values() for p in ps) for host, topics in metadata.items()
-        }
-        if not owners:  # before the first assignment metadata arrives, at least this worker's own view
-            mine = sorted(tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == topic)
-            owners = {self.me: mine}
+            owners = await group_members(window.bootstrap, window.group)
+        except Exception as exc:  # the owner map is a convenience: fall back to this worker's own view
+            log.warning("could not describe group %s: %r", window.group, exc)
+        if not owners:  # before the group is stable, at least this worker's own partitions
+            owners = {self.me: sorted(window.dbs)}
+        self._owners[window.group] = (time.monotonic(), owners)
         return owners
 
     def partition_of(self, window: KeyWindow, query: Any) -> int | None:
         if "partition" in query:
             return int(query["partition"])
-        if "partition_key" in query and isinstance(window, TableKeyWindow):
-            partitions = window.table.partitions or self.settings.partitions
-            return (murmur2(query["partition_key"].encode()) & 0x7FFFFFFF) % partitions
+        if "partition_key" in query and isinstance(window, RocksKeyWindow):
+            return (murmur2(query["partition_key"].encode()) & 0x7FFFFFFF) % window.partitions
         return None
 
     async def summary(self) -> dict[str, Any]:
@@ -78,7 +84,7 @@ class TableBrowser:
                 size = await window.size()
             except TransientError as exc:
                 size = f"unavailable: {exc}"
-            tables.append({"name": name, **window.describe(), "size": size, "owners": self.owners(window)})
+            tables.append({"name": name, **window.describe(), "size": size, "owners": await self.owners(window)})
         for name, rows in self.extra.items():
             tables.append({"name": name, "backend": "memory", "size": len(rows()), "owners": {self.me: []}})
         return {"worker": self.me, "tables": tables}
@@ -95,15 +101,15 @@ class TableBrowser:
             "worker": self.me,
             "entries": entries,
             "next_cursor": cursor,
-            "owners": self.owners(window),
+            "owners": await self.owners(window),
         }
 
     async def lookup(self, name: str, key: str, query: Any, headers: Any) -> tuple[int, dict[str, Any]]:
         window = self.windows[name]
-        owners = self.owners(window)
+        owners = await self.owners(window)
         partition = self.partition_of(window, query)
         routed = ROUTED in headers
-        if isinstance(window, TableKeyWindow) and not routed:
+        if isinstance(window, RocksKeyWindow) and not routed:
             if partition is not None:
                 owner = next((host for host, parts in owners.items() if partition in parts), self.me)
                 if owner != self.me:
@@ -134,6 +140,27 @@ class TableBrowser:
                     return resp.status, await resp.json()
         except (aiohttp.ClientError, TimeoutError) as exc:
             return 502, {"table": name, "error": f"owner {host} unreachable: {exc!r}"}
+
+
+async def group_members(bootstrap: str, group: str) -> dict[str, list[int]]:
+    """Client id (a worker's canonical URL) -> the partitions assigned to it, from DescribeGroups."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_consumer_groups([group])
+    finally:
+        await admin.close()
+    owners: dict[str, list[int]] = {}
+    for described in response.groups:
+        members = described[5] if len(described) > 5 else []
+        for member in members:
+            client_id, assignment = member[1], member[-1]
+            if not assignment:
+                continue
+            decoded = ConsumerProtocolMemberAssignment.decode(assignment)
+            parts = sorted(p for _, partitions in decoded.assignment for p in partitions)
+            owners[str(client_id).rstrip("/")] = sorted({*owners.get(str(client_id).rstrip("/"), []), *parts})
+    return owners
 
 
 def add_table_views(app: Any, browser: TableBrowser) -> None:

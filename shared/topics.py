@@ -77,12 +77,11 @@ async def ensure_topics(
     replication: int,
     min_insync: int | None = None,
     timeout_s: float = 60.0,
-    compacted: bool = False,
+    extra_configs: dict[str, str] | None = None,
 ) -> None:
     """Create missing topics; existing ones are left alone. Retries while the broker starts."""
     configs = {"min.insync.replicas": str(min_insync)} if min_insync else {}
-    if compacted:
-        configs["cleanup.policy"] = "compact"
+    configs.update(extra_configs or {})
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)

@@ -38,20 +38,24 @@ def denied(view: web.View, request: web.Request, settings: Settings, admin: bool
 
 
 def add_common_views(
-    app: Any, service: str, metrics: StageMetrics, stats: Callable[[], dict[str, Any]], settings: Settings
+    app: Any,
+    service: str,
+    metrics: StageMetrics,
+    stats: Callable[[], dict[str, Any]],
+    settings: Settings,
+    ready: Callable[[], dict[str, Any]] | None = None,
 ) -> None:
+    """`ready`: a stage's readiness (joined its group, state restored); without it, ready once serving."""
+
     @app.page("/health")
     async def health(self: web.View, request: web.Request) -> web.Response:
         return self.json({"service": service, "status": "ok"})
 
     @app.page("/ready")
-    async def ready(self: web.View, request: web.Request) -> web.Response:
-        # Ready once the worker joined its group and recovered its tables (no recovery in flight).
-        joined = app.consumer is not None and bool(app.consumer.assignment()) if app.agents else True
-        recovering = bool(app.tables) and not app.tables.recovery.completed.is_set()
-        ok = joined and not recovering and not app.rebalancing
-        body = {"service": service, "ready": ok, "joined": joined, "recovering": recovering}
-        return self.json(body, status=200 if ok else 503)
+    async def ready_view(self: web.View, request: web.Request) -> web.Response:
+        body = {"service": service, "ready": True, **(ready() if ready is not None else {})}
+        body["ready"] = bool(body.get("joined", True))
+        return self.json(body, status=200 if body["ready"] else 503)
 
     @app.page("/metrics")
     async def prometheus(self: web.View, request: web.Request) -> web.Response:

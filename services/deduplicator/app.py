@@ -73,10 +73,16 @@ def build(ctx: ServiceContext) -> Any:
         alert_after_s=ctx.config.audit.outage_alert_after_s,
     )
     runner = StageRunner(
-        app, "deduplicator", dedupe.handle, ctx.metrics, ctx.topics.dlq("deduplicator"), source=ctx.topics.enriched
+        app,
+        "deduplicator",
+        dedupe.handle,
+        ctx.metrics,
+        ctx.topics.dlq("deduplicator"),
+        source=ctx.topics.enriched,
+        states=[window],
     )
 
-    runner.attach("dedupe", ctx)
+    runner.attach(ctx)
 
     add_table_views(app, TableBrowser(app, ctx.settings, {"dedupe-window": window}))
 
@@ -92,5 +98,5 @@ def build(ctx: ServiceContext) -> Any:
             "retries": m.total(m.retries),
         }
 
-    add_common_views(app, "deduplicator", ctx.metrics, stats, ctx.settings)
+    add_common_views(app, "deduplicator", ctx.metrics, stats, ctx.settings, ready=runner.ready)
     return app

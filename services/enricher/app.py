@@ -112,11 +112,11 @@ def build(ctx: ServiceContext) -> Any:
         max_message_bytes=ctx.config.limits.max_event_bytes * 4,  # the collector admits at most max_event_bytes
     )
 
-    runner.attach("enrich", ctx)
+    runner.attach(ctx)
 
     def stats() -> dict[str, Any]:
         m = ctx.metrics
         return {"in": m.total(m.events_in), "out": m.total(m.events_out), "dead_lettered": m.total(m.dead_lettered)}
 
-    add_common_views(app, "enricher", ctx.metrics, stats, ctx.settings)
+    add_common_views(app, "enricher", ctx.metrics, stats, ctx.settings, ready=runner.ready)
     return app

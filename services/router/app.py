@@ -51,7 +51,7 @@ def build(ctx: ServiceContext) -> Any:
     router = Router(ctx.config, ctx.topics, unrouted)
     runner = StageRunner(app, "router", router.handle, ctx.metrics, ctx.topics.dlq("router"), source=ctx.topics.unique)
 
-    runner.attach("route", ctx)
+    runner.attach(ctx)
 
     def stats() -> dict[str, Any]:
         m = ctx.metrics
@@ -63,5 +63,5 @@ def build(ctx: ServiceContext) -> Any:
             "subscriptions": {t.name: list(t.sinks) for t in ctx.config.tenants.values()},
         }
 
-    add_common_views(app, "router", ctx.metrics, stats, ctx.settings)
+    add_common_views(app, "router", ctx.metrics, stats, ctx.settings, ready=runner.ready)
     return app

@@ -256,12 +256,13 @@ def build(ctx: ServiceContext) -> Any:
         ctx.topics.dlq(stage),
         source=ctx.topics.sink(ctx.sink),
         batch_max=sink_config.batch_max,
+        states=[ledger],
     )
 
-    runner.attach("deliver", ctx)
+    runner.attach(ctx)
 
     app.add_dependency(SinkLifecycle(sink))
     browser = TableBrowser(app, ctx.settings, {"delivered-ledger": ledger}, {"sink-state": delivery.state_rows})
     add_table_views(app, browser)
-    add_common_views(app, stage, ctx.metrics, delivery.stats, ctx.settings)
+    add_common_views(app, stage, ctx.metrics, delivery.stats, ctx.settings, ready=runner.ready)
     return app
