@@ -127,11 +127,13 @@ async def test_lag_and_counts_match_what_the_sink_received(
         assert metrics["canaries"] == len([e for e in hook.received if e.get("canary")]) >= 2
         # ground truth: the moment the sink received each event, minus its ingest time
         truth = sorted(arrived - e["ingest_ts"] for e, arrived in zip(hook.received, hook.arrival_ms, strict=True))
-        truth_p50 = truth[len(truth) // 2]
+        # With an even count the median lies anywhere between the two middle values, which can be far
+        # apart: a batch's events share one arrival time, so latencies come in clusters.
+        low_p50, high_p50 = truth[(len(truth) - 1) // 2], truth[len(truth) // 2]
         truth_max = truth[-1]
         # receipts are stamped after the sink's answer, so they read a little higher, never lower
-        assert truth_p50 - 2 <= metrics["lag_1m"]["p50_ms"] <= truth_p50 + max(25, truth_p50 * 0.25), (
-            truth_p50,
+        assert low_p50 - 2 <= metrics["lag_1m"]["p50_ms"] <= high_p50 + max(25, high_p50 * 0.25), (
+            (low_p50, high_p50),
             metrics,
         )
         assert metrics["lag_1m"]["max_ms"] >= truth_max - 2

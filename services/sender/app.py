@@ -2,7 +2,8 @@
 acks its input only after the destination acknowledged; a delivered ledger (sink + event id, kept
 for the dedupe window) stops a replay from delivering twice.
 
-One batch at a time: ledger check -> circuit breaker -> throttle -> deliver -> ledger mark.
+Per fetched batch: ledger check, then per source partition, concurrently: circuit breaker -> throttle
+-> deliver -> ledger mark.
 The only window in which a crash can still duplicate is between the sink's ack and the ledger mark.
 """
 
@@ -51,6 +52,7 @@ class SinkDelivery:
         self.sink = sink
         self.receipts_topic = receipts_topic
         self.attempts: dict[str, int] = {}  # delivery attempts of the batch in hand, by its first source
+        self.carried: list[Output] = []  # receipts of partitions delivered while another one failed
         self.name = sink.config.name
         self.ledger = ledger
         self.metrics = metrics
@@ -91,23 +93,50 @@ class SinkDelivery:
             todo.append(record)
         result = StepResult()
         if todo:
-            batch_id = todo[0].source
-            attempts = self.attempts[batch_id] = self.attempts.get(batch_id, 0) + 1
-            try:
-                await self._deliver(todo)
-            except PermanentSinkError as exc:
-                self.attempts.pop(batch_id, None)
-                return StepResult(dead=[DeadLetter(r.message, exc, attempts) for r in todo])
-            self.attempts.pop(batch_id, None)
-            acked = now_ms()
-            await self._mark_delivered(todo)
-            self._record_lag(todo, acked)
-            for record in todo:
-                record.outcome = "delivered"
-            result.outputs.extend(self._receipts(todo, acked, attempts))
+            await self._deliver_by_partition(todo, result)
         if dropped:
             result.outputs.extend(self._receipts(dropped, now_ms(), 0))
+        result.outputs.extend(self.carried)
+        self.carried = []
         return result
+
+    async def _deliver_by_partition(self, todo: list[Record], result: StepResult) -> None:
+        """One request per source partition, concurrently: a device's events share a partition, so its
+        order holds, and a sink's round trip no longer caps the sender at one batch at a time.
+
+        If some partitions fail transiently, the others stay delivered (marked in the ledger, their
+        receipts carried to the batch's eventual result) and the error is raised: the runner retries
+        the batch, and the ledger skips what was already delivered.
+        """
+        groups: dict[int, list[Record]] = {}
+        for record in todo:
+            groups.setdefault(record.partition, []).append(record)
+        outcomes = await asyncio.gather(*(self._deliver_group(g) for g in groups.values()), return_exceptions=True)
+        failure: BaseException | None = None
+        for outcome in outcomes:
+            if isinstance(outcome, StepResult):
+                result.dead.extend(outcome.dead)
+                self.carried.extend(outcome.outputs)
+            elif failure is None:
+                failure = outcome
+        if failure is not None:
+            raise failure
+
+    async def _deliver_group(self, todo: list[Record]) -> StepResult:
+        batch_id = todo[0].source
+        attempts = self.attempts[batch_id] = self.attempts.get(batch_id, 0) + 1
+        try:
+            await self._deliver(todo)
+        except PermanentSinkError as exc:
+            self.attempts.pop(batch_id, None)
+            return StepResult(dead=[DeadLetter(r.message, exc, attempts) for r in todo])
+        self.attempts.pop(batch_id, None)
+        acked = now_ms()
+        await self._mark_delivered(todo)
+        self._record_lag(todo, acked)
+        for record in todo:
+            record.outcome = "delivered"
+        return StepResult(outputs=self._receipts(todo, acked, attempts))
 
     def _receipts(self, records: list[Record], acked: float, attempts: int) -> list[Output]:
         if self.receipts_topic is None:

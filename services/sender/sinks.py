@@ -180,6 +180,10 @@ class FileSink:
         self.dir = Path(config.options["path"])
         self.rotate_bytes = int(config.options["rotate_bytes"])
         self.current = self.dir / "events.jsonl"
+        # The sender delivers partitions concurrently; one file is one stream, so appends (and the
+        # rotation after them) take turns. Two at once could rotate a file under the other's feet and
+        # fail a batch that was already written, which the retry would write twice.
+        self.lock = asyncio.Lock()
 
     async def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -187,7 +191,8 @@ class FileSink:
     async def deliver_batch(self, events: list[Event]) -> None:
         lines = "".join(json.dumps(sink_record(self.config.name, e), separators=(",", ":")) + "\n" for e in events)
         try:
-            await asyncio.to_thread(self._append, lines.encode())
+            async with self.lock:
+                await asyncio.to_thread(self._append, lines.encode())
         except OSError as exc:
             raise TransientError(f"file sink {self.config.name}: {exc}") from exc
 

@@ -173,7 +173,10 @@ class LocalKafka:
             # Kafka cluster ids are base64url UUIDs, which StorageTool random-uuid would print.
             import base64
 
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            # Like Kafka's own Uuid.randomUuid, never one starting with "-": the tool would read it as an option.
+            cluster_id = "-"
+            while cluster_id.startswith("-"):
+                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             self.root.mkdir(parents=True, exist_ok=True)
             cluster_id_file.write_text(cluster_id)
         for node in self.members:
