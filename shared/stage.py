@@ -198,6 +198,7 @@ class StageRunner(Service):
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight: asyncio.Queue[InFlight] | None = None
         self._batch_lock: asyncio.Lock | None = None
+        self._generation = 0  # bumped by every revocation: a fetch returned before it is dropped
 
     def attach(self, ctx: Any) -> StageRunner:
         """Run with the app (as its dependency), and register the stage's views and watchdog."""
@@ -257,6 +258,9 @@ class StageRunner(Service):
         )
         self.consumer.subscribe([self.source], listener=_Rebalance(self))
         await self.consumer.start()
+
+    async def on_started(self) -> None:
+        # After this runner's own dependencies (a sender's sink) have started; they stop after `on_stop`.
         self._tasks = [
             asyncio.create_task(self._guard(self._consume()), name=f"{self.stage}-consume"),
             asyncio.create_task(self._guard(self._ack_in_order()), name=f"{self.stage}-acker"),
@@ -304,11 +308,18 @@ class StageRunner(Service):
         assert self._batch_lock is not None and self._in_flight is not None
         self.joined = False
         async with self._batch_lock:
+            self._generation += 1
             try:
                 await asyncio.wait_for(self._in_flight.join(), 20.0)
             except TimeoutError:
                 log.warning("%s: batches still in flight at a rebalance; their events are replayed", self.stage)
-            await self._commit()
+            try:
+                # Bounded: after the session expired, aiokafka's commit waits for a coordinator that the
+                # rebalance now waiting on this callback would find. The commit fails then anyway (the
+                # member is gone); the next owner replays from the last commit and the dedupe absorbs it.
+                await asyncio.wait_for(self._commit(), 5.0)
+            except TimeoutError:
+                log.warning("%s: no commit before the rebalance (the group has moved on)", self.stage)
             for tp in revoked:
                 self.done.pop(tp, None)
                 self.committed.pop(tp, None)
@@ -340,16 +351,34 @@ class StageRunner(Service):
         phase = self.metrics.batch_phase.labels(self.stage, "wait")
         waited = time.perf_counter()
         while not self._stopping:
+            # Fetch outside the lock: during a rebalance aiokafka's getmany waits for the new assignment,
+            # and the rebalance first runs `_on_revoked`, which takes the lock.
+            try:
+                fetched = await self.consumer.getmany(timeout_ms=100, max_records=self.batch_max)
+            except KafkaError as exc:  # e.g. a fatal fetch error; the fetcher itself rides out outages
+                log.warning("%s: fetch failed: %r", self.stage, exc)
+                await asyncio.sleep(1.0)
+                continue
+            generation = self._generation  # read with no await since getmany returned
+            messages = [m for batch in fetched.values() for m in batch]
+            if not messages:
+                continue
             async with self._batch_lock:
-                try:
-                    fetched = await self.consumer.getmany(timeout_ms=100, max_records=self.batch_max)
-                except KafkaError as exc:  # e.g. a fatal fetch error; the fetcher itself rides out outages
-                    log.warning("%s: fetch failed: %r", self.stage, exc)
-                    await asyncio.sleep(1.0)
+                if generation != self._generation:
+                    # Revoked after this fetch returned: the new assignment restarts every partition at
+                    # its committed offset, so whoever owns them now reads these events again.
+                    log.info("%s: dropped %d events fetched before a rebalance", self.stage, len(messages))
                     continue
-                messages = [m for batch in fetched.values() for m in batch]
-                if not messages:
-                    continue
+                unready = [tp for tp in fetched if tp not in self.assigned]
+                if unready:
+                    # Fetched from the new assignment before `_on_assigned` restored its state: put the
+                    # positions back to the first event fetched, and read them again once it has.
+                    for tp in unready:
+                        self.consumer.seek(tp, fetched[tp][0].offset)
+                    messages = [m for tp in fetched if tp not in unready for m in fetched[tp]]
+                    if not messages:
+                        await asyncio.sleep(0.05)
+                        continue
                 phase.observe(time.perf_counter() - waited)
                 self.metrics.batch_size.labels(self.stage).observe(len(messages))
                 flight = await self.process_batch(messages)

@@ -290,7 +290,8 @@ def build(ctx: ServiceContext) -> Any:
 
     runner.attach(ctx)
 
-    app.add_dependency(SinkLifecycle(sink))
+    # A dependency of the runner: open before its first batch, closed only after its last one.
+    runner.add_dependency(SinkLifecycle(sink))
     browser = TableBrowser(app, ctx.settings, {"delivered-ledger": ledger}, {"sink-state": delivery.state_rows})
     add_table_views(app, browser)
     add_common_views(app, stage, ctx.metrics, delivery.stats, ctx.settings, ready=runner.ready)
