@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.local.bench import BenchEnv, run_once
+from shared.local.bench import BenchEnv, headline, run_once
 
 
 @pytest.mark.parametrize("system", ["hifi", "raw"])
@@ -21,3 +21,32 @@ async def test_bench_run_measures_every_event_and_process(system, kafka, redis_s
     if system == "hifi":
         assert set(result["stage_p95_ms"]) == {"enricher", "deduplicator", "router", "sender"}
         assert {"enricher", "deduplicator", "router", "sender.hook"} <= set(result["cpu_s_per_1k"])
+
+
+def test_headline_holds_the_promised_keys_and_ratios():
+    def row(system: str, rate: float, p95: int, missing: int = 0) -> dict:
+        return {
+            "system": system,
+            "rate_eps": rate,
+            "p50_ms": p95 // 2,
+            "p95_ms": p95,
+            "p99_ms": p95 * 2,
+            "on_time_ratio": 1.0,
+            "missing": missing,
+            "duplicates": 0,
+        }
+
+    results = [row("hifi", 2000.0, 40), row("hifi", 5000.0, 90, missing=3), row("raw", 2000.0, 20)]
+    results.append(row("quix", 2000.0, 160))
+    head = headline(results, {"hifi": 5000.0, "raw": 10000.0, "quix": 5000.0})
+    for key in ("rate_eps", "p50_ms", "p95_ms", "p99_ms", "on_time_ratio", "missing", "duplicates"):
+        assert key in head
+    assert (head["p95_ms"], head["p99_ms"], head["missing"]) == (40, 80, 3)  # at 2,000; loss over every rate
+    assert (head["ceiling_eps"], head["limit_ceiling_eps"], head["peer_ceiling_eps"], head["peer_p95_ms"]) == (
+        5000.0,
+        10000.0,
+        5000.0,
+        160,
+    )
+    assert head["ratios"] == {"ceiling_vs_limit": 0.5, "ceiling_vs_peer": 1.0, "p95_vs_limit": 2.0, "p95_vs_peer": 0.25}
+    assert headline([], {})["ceiling_eps"] is None  # nothing ran: no made-up numbers

@@ -1,6 +1,6 @@
 """deduplicator: enriched -> unique. Drops an event whose (tenant, event_id) was seen in the window.
 
-Backends: a Faust table on RocksDB (default; partition-local, so the input stays partitioned by the
+Backends: RocksDB stores with a changelog (default; partition-local, so the input stays partitioned by the
 event's key and every copy of an event meets in one partition) or Redis (SET NX GET PX, one
 pipelined round trip per fetched batch).
 """

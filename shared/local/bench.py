@@ -348,7 +348,62 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def write_doc(doc: Path, table: str, ceilings: dict[str, float], command: str) -> None:
+COMMON_RATE = 2000.0  # the issue's rate for p95/p99 targets and for comparing latency across systems
+
+
+def headline(results: list[dict[str, Any]], ceilings: dict[str, float]) -> dict[str, Any]:
+    """The numbers docs/bench/latest.json promises at its top level, and the ratios to the references.
+
+    Hifi at the common rate (2,000 events/s), its loss over every rate it ran, the three ceilings, the
+    peer's p95 at the same rate, and pipeline/limit and pipeline/peer ratios for ceiling and p95.
+    """
+
+    def at(system: str, rate: float) -> dict[str, Any]:
+        return next((r for r in results if r["system"] == system and r["rate_eps"] == rate), {})
+
+    hifi, raw, quix = at("hifi", COMMON_RATE), at("raw", COMMON_RATE), at("quix", COMMON_RATE)
+    mine = [r for r in results if r["system"] == "hifi"]
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 2) if a is not None and b else None
+
+    ceiling, limit, peer = ceilings.get("hifi"), ceilings.get("raw"), ceilings.get("quix")
+    return {
+        "rate_eps": COMMON_RATE,
+        "p50_ms": hifi.get("p50_ms"),
+        "p95_ms": hifi.get("p95_ms"),
+        "p99_ms": hifi.get("p99_ms"),
+        "on_time_ratio": hifi.get("on_time_ratio"),
+        "missing": sum(r["missing"] for r in mine) if mine else None,
+        "duplicates": sum(r["duplicates"] for r in mine) if mine else None,
+        "ceiling_eps": ceiling,
+        "limit_ceiling_eps": limit,
+        "peer_ceiling_eps": peer,
+        "limit_p95_ms": raw.get("p95_ms"),
+        "peer_p95_ms": quix.get("p95_ms"),
+        "ratios": {
+            "ceiling_vs_limit": ratio(ceiling, limit),
+            "ceiling_vs_peer": ratio(ceiling, peer),
+            "p95_vs_limit": ratio(hifi.get("p95_ms"), raw.get("p95_ms")),
+            "p95_vs_peer": ratio(hifi.get("p95_ms"), quix.get("p95_ms")),
+        },
+    }
+
+
+def format_headline(head: dict[str, Any]) -> str:
+    r = head["ratios"]
+    return (
+        f"At {head['rate_eps']:g} events/s Hifi: p50 {head['p50_ms']} ms, p95 {head['p95_ms']} ms, "
+        f"p99 {head['p99_ms']} ms, on time {head['on_time_ratio']}; missing {head['missing']}, duplicates "
+        f"{head['duplicates']} over every rate. Peer p95 {head['peer_p95_ms']} ms, "
+        f"limit p95 {head['limit_p95_ms']} ms.\n"
+        f"Ratios: ceiling Hifi/limit {r['ceiling_vs_limit']}, Hifi/peer {r['ceiling_vs_peer']}; "
+        f"p95 at {head['rate_eps']:g} events/s Hifi/limit {r['p95_vs_limit']}, Hifi/peer {r['p95_vs_peer']} "
+        "(below 1 is better for p95, above 1 for the ceiling)."
+    )
+
+
+def write_doc(doc: Path, table: str, ceilings: dict[str, float], command: str, summary: str = "") -> None:
     import platform
 
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -357,7 +412,8 @@ def write_doc(doc: Path, table: str, ceilings: dict[str, float], command: str) -
         f"<!-- bench:begin -->\nLatest run: {stamp}, `{command}`, on {os.cpu_count()} cores / {mem_gib:.0f} GiB "
         f"({platform.platform()}), Kafka {KAFKA_VERSION}; broker, Redis, every process and the load generator on "
         f"one machine. Latencies in ms.\n\n{table}\nCeilings (achieved >= 99 % of offered and p95 < 1 s): "
-        f"{', '.join(f'{k} {v:g} events/s' for k, v in ceilings.items()) or 'none reached'}.\n<!-- bench:end -->"
+        f"{', '.join(f'{k} {v:g} events/s' for k, v in ceilings.items()) or 'none reached'}.\n"
+        f"{summary + chr(10) if summary else ''}<!-- bench:end -->"
     )
     text = doc.read_text()
     head, rest = text.split("<!-- bench:begin -->", 1)
@@ -398,15 +454,18 @@ def main(
         if started_redis:
             redis.stop()
     table = format_table(results)
+    head = headline(results, ceilings)
     print(table)
     print("ceilings (achieved >= 99 % of offered and p95 < 1 s):", ceilings)
+    print(format_headline(head))
     if doc:
         command = f"hifi bench {'--step' if step else ''} --duration {duration:g} " + " ".join(
             f"--system {s}" for s in systems
         )
-        write_doc(Path(doc), table, ceilings, " ".join(command.split()))
+        write_doc(Path(doc), table, ceilings, " ".join(command.split()), format_headline(head))
     if json_out:
         summary = {
+            **head,
             "machine": {"cores": os.cpu_count(), "kafka": KAFKA_VERSION},
             "results": results,
             "ceilings_eps": ceilings,
