@@ -145,8 +145,8 @@ class RocksKeyWindow:
 
     Every write is also queued for the changelog. The stage runner sends a batch's entries with its
     outputs, one record per partition and batch (not one per key), so they are durable before the
-    batch's offsets are committed. The changelog keeps `changelog_retention_s` (at least twice the
-    window) with the delete policy: an entry older than the window is dead anyway, nothing to compact.
+    batch's offsets are committed. The changelog keeps `changelog_retention_s` (the window and an
+    hour) with the delete policy: an entry older than the window is dead anyway, nothing to compact.
 
     On assignment a partition's store replays its changelog partition from the checkpoint it saved
     when it last gave the partition away (or from the log start), so a partition that moves between
@@ -170,7 +170,9 @@ class RocksKeyWindow:
 
     @property
     def changelog_retention_s(self) -> float:
-        return max(2 * self.window_s, 3600.0)
+        """The window plus an hour: older entries are expired, and a worker without its store (a pod
+        moved without its volume, a sender) replays all of it, so keeping more only slows that down."""
+        return self.window_s + 3600.0
 
     # -- partitions --------------------------------------------------------------------------------
 
