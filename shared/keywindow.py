@@ -25,7 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rocksdict import AccessType, Options, Rdict
 
 from shared.codec import pack, unpack
-from shared.errors import TransientError
+from shared.errors import InvalidEvent, TransientError
 
 __all__ = ["KeyWindow", "RedisKeyWindow", "RocksKeyWindow"]
 
@@ -223,7 +223,14 @@ class RocksKeyWindow:
                     for record in records:
                         if record.offset >= todo.get(tp, 0):
                             continue
-                        for key, first_seen, claim in unpack(record.value):
+                        try:
+                            entries = [(str(k), float(t), str(c)) for k, t, c in unpack(record.value)]
+                        except (InvalidEvent, TypeError, ValueError):  # not written by this store: skip it
+                            log.warning(
+                                "%s: skipped an unreadable changelog record at %s@%d", self.name, tp, record.offset
+                            )
+                            entries = []
+                        for key, first_seen, claim in entries:
                             db.put(key.encode(), pack([first_seen, claim]))
                             applied += 1
                         self.applied[tp.partition] = record.offset + 1

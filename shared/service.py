@@ -50,7 +50,9 @@ class ServiceContext:
         window = RocksKeyWindow(
             name,
             Path(self.settings.data_dir).resolve() / "tables" / group / name,
-            changelog_topic=f"{group}-{name}-changelog",
+            # Not Faust's `{app}-{table}-changelog`: an installation upgraded from Faust tables keeps that
+            # topic, whose records (one key each) this store does not read.
+            changelog_topic=f"{group}.{name}.changelog",
             bootstrap=self.settings.broker,
             window_s=dedupe.window_s,
             partitions=self.settings.partitions,

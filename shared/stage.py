@@ -338,8 +338,17 @@ class StageRunner(Service):
                 offset = None
             if offset is not None:
                 self.committed[tp] = self.done[tp] = offset
-        for state in self.states:
-            await state.assign(mine)  # restores from the changelog before the first event is read
+        try:
+            for state in self.states:
+                await state.assign(mine)  # restores from the changelog before the first event is read
+        except Exception as exc:
+            # Reading on without the state would pass duplicates: fail loudly and let a restart retry.
+            log.critical(
+                "%s: could not restore partitions %s; shutting the worker down", self.stage, mine, exc_info=True
+            )
+            sentry_sdk.capture_exception(exc)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         self.assigned = set(assigned)
         self.joined = True
         log.info("%s: assigned partitions %s", self.stage, mine)
