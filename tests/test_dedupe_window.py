@@ -17,21 +17,27 @@ from tests.helpers import post, tenant_block, wait_for
 WINDOW_S = 3
 
 
+def one_hook_config(tmp_path: Path, hook_port: int, backend: str, window_s: float) -> Path:
+    """One tenant, one webhook sink, and the dedupe window under test."""
+    config = tmp_path / "hifi.yaml"
+    config.write_text(
+        "tenants:\n"
+        + tenant_block("acme", "k", ["hook"])
+        + f"""sinks:
+  hook: {{type: webhook, url: "http://127.0.0.1:{hook_port}/in"}}
+dedupe: {{backend: {backend}, window_s: {window_s}}}
+"""
+    )
+    return config
+
+
 @pytest.mark.parametrize("backend", ["rocksdb", "redis"])
 async def test_window_drops_copies_inside_and_expires_after(
     backend, tmp_path, namespace, port_base, settings_for, start_pipeline, redis_client
 ):
     hook = WebhookReceiver(port=port_base + 19)
     await hook.start()
-    config = tmp_path / "hifi.yaml"
-    config.write_text(
-        "tenants:\n"
-        + tenant_block("acme", "k", ["hook"])
-        + f"""sinks:
-  hook: {{type: webhook, url: "http://127.0.0.1:{hook.port}/in"}}
-dedupe: {{backend: {backend}, window_s: {WINDOW_S}}}
-"""
-    )
+    config = one_hook_config(tmp_path, hook.port, backend, WINDOW_S)
     pipeline = await start_pipeline(settings_for(config))
     try:
         factory = EventFactory(producer_id=namespace)
@@ -62,15 +68,7 @@ async def test_a_worker_without_its_store_restores_the_window_from_the_changelog
     dropped as a copy."""
     hook = WebhookReceiver(port=port_base + 19)
     await hook.start()
-    config = tmp_path / "hifi.yaml"
-    config.write_text(
-        "tenants:\n"
-        + tenant_block("acme", "k", ["hook"])
-        + f"""sinks:
-  hook: {{type: webhook, url: "http://127.0.0.1:{hook.port}/in"}}
-dedupe: {{backend: rocksdb, window_s: 600}}
-"""
-    )
+    config = one_hook_config(tmp_path, hook.port, "rocksdb", 600)
     settings = settings_for(config)
     pipeline = await start_pipeline(settings)
     try:
