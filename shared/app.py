@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from aiokafka import AIOKafkaProducer
 from faust.app.base import BootStrategy
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
@@ -41,6 +42,21 @@ class HifiApp(faust.App):
 
     def _new_producer_transport(self) -> HifiTransport:
         return HifiTransport(self.conf.broker_producer, self)
+
+
+def durable_producer(
+    bootstrap: str, client_id: str | None = None, linger_ms: int = 2, request_timeout_ms: int = 30_000
+) -> AIOKafkaProducer:
+    """aiokafka's defaults are acks=1 without idempotence; whatever Hifi writes must survive a broker failover."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id=client_id or "hifi",
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=linger_ms,
+        max_batch_size=256 * 1024,
+        request_timeout_ms=request_timeout_ms,
+    )
 
 
 class NoConsumerBoot(BootStrategy):

@@ -12,9 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from shared.app import durable_producer
 from shared.codec import unpack
 from shared.errors import HifiError, InvalidEvent
 from shared.topics import Topics
@@ -96,7 +97,7 @@ class DeadLetterQueues:
             auto_offset_reset="earliest",
             enable_auto_commit=False,
         )
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True)
+        producer = durable_producer(self.bootstrap)
         await consumer.start()
         await producer.start()
         replayed = 0

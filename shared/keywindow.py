@@ -166,7 +166,6 @@ class RocksKeyWindow:
         self.dbs: dict[int, Rdict] = {}
         self.pending: dict[int, list[list[Any]]] = {}
         self.applied: dict[int, int] = {}  # partition -> next changelog offset this store reflects
-        self.restored_records = 0
 
     @property
     def changelog_retention_s(self) -> float:
@@ -237,7 +236,6 @@ class RocksKeyWindow:
                 for tp in list(todo):
                     if await consumer.position(tp) >= todo[tp]:
                         del todo[tp]
-            self.restored_records += applied
             log.info(
                 "%s: restored partitions %s (%d entries) in %.2fs",
                 self.name,

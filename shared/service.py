@@ -94,7 +94,7 @@ def prepare(name: str, settings: Settings, sink: str | None = None) -> tuple[Ser
     ctx = ServiceContext(name, settings, config, sink)
     app = SERVICES[name](ctx)
     # A window's changelog has the source topic's partition count (entry and event share a partition)
-    # and keeps at least twice the window: older entries are expired anyway.
+    # and keeps the window plus an hour (`changelog_retention_s`): older entries are expired anyway.
     for window in ctx.partitioned:
         asyncio.run(
             ensure_topics(

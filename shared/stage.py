@@ -43,6 +43,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from mode import Service
 
+from shared.app import durable_producer
 from shared.codec import decode_event, pack
 from shared.errors import InvalidEvent, PermanentSinkError, TransientError
 from shared.event import Event, now_ms
@@ -132,19 +133,6 @@ class InFlight:
     sent_at: float
     futures: list[asyncio.Future[Any]] = field(default_factory=list)
     send_error: Exception | None = None
-
-
-def durable_producer(bootstrap: str, client_id: str, linger_ms: int = 2) -> AIOKafkaProducer:
-    """aiokafka's defaults are acks=1 without idempotence; a stage's outputs must survive a broker failover."""
-    return AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
-        client_id=client_id,
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=linger_ms,
-        max_batch_size=256 * 1024,
-        request_timeout_ms=30_000,
-    )
 
 
 class StageRunner(Service):

@@ -53,9 +53,9 @@ def add_common_views(
 
     @app.page("/ready")
     async def ready_view(self: web.View, request: web.Request) -> web.Response:
-        body = {"service": service, "ready": True, **(ready() if ready is not None else {})}
-        body["ready"] = bool(body.get("joined", True))
-        return self.json(body, status=200 if body["ready"] else 503)
+        state = ready() if ready is not None else {}
+        ok = bool(state.get("joined", True))
+        return self.json({"service": service, "ready": ok, **state}, status=200 if ok else 503)
 
     @app.page("/metrics")
     async def prometheus(self: web.View, request: web.Request) -> web.Response:

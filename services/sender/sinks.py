@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
+from shared.app import durable_producer
 from shared.config import SinkConfig
 from shared.errors import PermanentSinkError, SinkThrottled, TransientError
 from shared.event import Event
@@ -101,13 +102,7 @@ class KafkaSink:
         self.producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=2,
-            request_timeout_ms=int(self.config.timeout_s * 1000),
-        )
+        self.producer = durable_producer(self.bootstrap, request_timeout_ms=int(self.config.timeout_s * 1000))
         await self.producer.start()
 
     async def deliver_batch(self, events: list[Event]) -> None:
