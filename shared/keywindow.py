@@ -26,6 +26,7 @@ from rocksdict import AccessType, Options, Rdict
 
 from shared.codec import pack, unpack
 from shared.errors import InvalidEvent, TransientError
+from shared.publish import Output
 
 __all__ = ["KeyWindow", "RedisKeyWindow", "RocksKeyWindow"]
 
@@ -255,9 +256,7 @@ class RocksKeyWindow:
             self.pending.pop(p, None)
             self._checkpoint_file(p).write_text(str(self.applied.get(p, 0)))
 
-    def changelog(self) -> list[Any]:
-        from shared.stage import Output
-
+    def changelog(self) -> list[Output]:
         out = [Output(self.changelog_topic, None, pack(entries), p) for p, entries in self.pending.items() if entries]
         self.pending = {}
         return out

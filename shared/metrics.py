@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
 
@@ -75,6 +76,13 @@ class LagWindow:
     def record(self, lag_ms: float) -> None:
         self._maybe_rotate()
         self._current.record_value(max(1, min(int(lag_ms), 3_600_000)))
+
+    def record_many(self, lags_ms: list[int]) -> None:
+        """A batch's lags, one `record_value` per distinct millisecond: per event it was a tenth of the
+        sender's CPU at 8,000 events/s (hdrh is pure Python)."""
+        self._maybe_rotate()
+        for lag, count in collections.Counter(lags_ms).items():
+            self._current.record_value(max(1, min(lag, 3_600_000)), count)
 
     def percentiles(self) -> dict[str, float]:
         self._maybe_rotate()

@@ -48,6 +48,7 @@ from shared.codec import decode_event, pack
 from shared.errors import InvalidEvent, PermanentSinkError, TransientError
 from shared.event import Event, now_ms
 from shared.metrics import StageMetrics
+from shared.publish import BatchPublisher, Output, Published
 from shared.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -72,15 +73,6 @@ class Record:
     def partition(self) -> int:
         """The source partition: partition-local state (a RocksDB window) lives with it."""
         return int(self.message.partition)
-
-
-@dataclass(slots=True)
-class Output:
-    topic: str
-    key: bytes | None
-    value: bytes
-    partition: int | None = None  # None: Kafka's default partitioner on the key
-    headers: list[tuple[str, bytes]] | None = None
 
 
 @dataclass(slots=True)
@@ -131,7 +123,7 @@ class InFlight:
     result: StepResult
     outputs: int
     sent_at: float
-    futures: list[asyncio.Future[Any]] = field(default_factory=list)
+    published: Published | None = None
     send_error: Exception | None = None
 
 
@@ -177,6 +169,7 @@ class StageRunner(Service):
         self.watchdog: PartitionWatchdog | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
+        self.publisher: BatchPublisher | None = None
         self.done: dict[TopicPartition, int] = {}  # next offset after the last durable batch
         self.committed: dict[TopicPartition, int] = {}
         self.last_timestamp: dict[TopicPartition, float] = {}  # Kafka timestamp (ms) of the last event read
@@ -229,6 +222,7 @@ class StageRunner(Service):
         self._batch_lock = asyncio.Lock()
         self.producer = durable_producer(self.bootstrap, self.client_id)
         await self.producer.start()
+        self.publisher = BatchPublisher(self.producer)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=self.group,
@@ -441,7 +435,7 @@ class StageRunner(Service):
             result.outputs.extend(self._tally(messages, records, result))
         flight = InFlight(next_offsets, result, outputs, producing)
         try:
-            flight.futures = await self._send(result)
+            flight.published = await self._send(result)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the acker re-sends it
@@ -452,11 +446,12 @@ class StageRunner(Service):
         """Wait until the broker acknowledged every output of the batch, re-sending it on failure."""
         attempt = 0
         error = flight.send_error
-        futures = flight.futures
+        published = flight.published
         while True:
             if error is None:
                 try:
-                    acked = await asyncio.gather(*futures)
+                    assert published is not None
+                    acked = await asyncio.gather(*published.futures)
                     break
                 except asyncio.CancelledError:
                     raise
@@ -470,7 +465,7 @@ class StageRunner(Service):
             log.warning("%s: produce failed (attempt %d), retrying in %.2fs: %r", self.stage, attempt, delay, error)
             await asyncio.sleep(delay)
             try:
-                futures, error = await self._send(flight.result), None
+                published, error = await self._send(flight.result), None
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -478,10 +473,11 @@ class StageRunner(Service):
         if self.broker_outage is not None:
             self.broker_outage.ok()
         if self._state_of_changelog:
-            for out, meta in zip(flight.result.outputs, acked, strict=False):
+            for index, out in enumerate(flight.result.outputs):
                 state = self._state_of_changelog.get(out.topic)
                 if state is not None:
-                    state.durable(meta.partition, meta.offset + 1)
+                    partition, offset = published.offset_of(index, acked)
+                    state.durable(partition, offset + 1)
         self.metrics.events_out.labels(self.stage).inc(flight.outputs)
         for letter in flight.result.dead:
             reason = letter.error.reason if isinstance(letter.error, InvalidEvent) else type(letter.error).__name__
@@ -561,25 +557,20 @@ class StageRunner(Service):
                 log.exception("%s: unexpected error in handler", self.stage)
                 raise _Unexpected() from exc
 
-    async def _send(self, result: StepResult) -> list[asyncio.Future[Any]]:
+    async def _send(self, result: StepResult) -> Published:
         """Hand outputs and dead letters to the producer; the futures resolve on the broker's ack."""
-        assert self.producer is not None
-        send = self.producer.send
-        futures = [
-            await send(out.topic, out.value, key=out.key, partition=out.partition, headers=out.headers)
-            for out in result.outputs
-        ]
-        for letter in result.dead:
-            msg = letter.message
-            futures.append(
-                await send(
-                    self.dlq,
-                    dead_letter_value(self.stage, letter),
-                    key=msg.key,
-                    headers=list(msg.headers or []) or None,
-                )
+        assert self.publisher is not None
+        letters = [
+            Output(
+                self.dlq,
+                msg.key,
+                dead_letter_value(self.stage, letter),
+                headers=list(msg.headers or []) or None,
             )
-        return futures
+            for letter in result.dead
+            for msg in (letter.message,)
+        ]
+        return await self.publisher.publish([*result.outputs, *letters] if letters else result.outputs)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

