@@ -62,7 +62,12 @@ def main(argv: list[str] | None = None) -> None:
 
     bench = sub.add_parser("bench", help="open-loop benchmark of the whole pipeline (and the raw-relay limit)")
     bench.add_argument("--rate", type=float, action="append", help="events/s (repeat for several; default 2000)")
-    bench.add_argument("--step", action="store_true", help="rates 500, 1k, 2k, 5k, 10k... until one fails")
+    bench.add_argument(
+        "--step", action="store_true", help="rates 500, 1k, 2k, 5k, 10k... until one fails, then bisect (--refine)"
+    )
+    bench.add_argument(
+        "--refine", type=int, default=2, help="with --step: bisection runs between the last pass and the first fail"
+    )
     bench.add_argument("--duration", type=float, default=60.0, help="seconds per rate")
     bench.add_argument("--batch", type=int, default=20, help="events per HTTP request")
     bench.add_argument(
@@ -145,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.json_out,
                 args.doc,
                 args.dedupe,
+                args.refine,
             )
         )
     elif args.command == "topics":

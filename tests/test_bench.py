@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.local.bench import BenchEnv, headline, run_once
+from shared.local.bench import BenchEnv, headline, midpoint, run_once
 
 
 @pytest.mark.parametrize("system", ["hifi", "raw"])
@@ -50,3 +50,12 @@ def test_headline_holds_the_promised_keys_and_ratios():
     )
     assert head["ratios"] == {"ceiling_vs_limit": 0.5, "ceiling_vs_peer": 1.0, "p95_vs_limit": 2.0, "p95_vs_peer": 0.25}
     assert headline([], {})["ceiling_eps"] is None  # nothing ran: no made-up numbers
+
+
+def test_ceiling_search_bisects_between_the_last_pass_and_the_first_fail():
+    assert midpoint(5000, 10000) == 7500
+    assert midpoint(7500, 10000) == 9000  # 8,750 on the 500 events/s grain
+    assert midpoint(5000, 7500) == 6000
+    assert midpoint(5000, 5500) is None  # adjacent on the grain: the ceiling is found
+    assert midpoint(None, 500) is None  # nothing passed: no ceiling to refine
+    assert midpoint(5000, None) is None  # nothing failed

@@ -351,6 +351,15 @@ def _redis_pid(redis: LocalRedis) -> int | None:
     return int(found[0]) if found else None
 
 
+def midpoint(passed: float | None, failed: float | None, grain: float = 500.0) -> float | None:
+    """A rate between the last one that passed and the first that failed, on a 500 events/s grain;
+    None when there is nothing left between them (or nothing passed)."""
+    if passed is None or failed is None:
+        return None
+    rate = round((passed + failed) / 2 / grain) * grain
+    return rate if passed < rate < failed else None
+
+
 def passes(result: dict[str, Any]) -> bool:
     return result["achieved_eps"] >= 0.99 * result["rate_eps"] and result["p95_ms"] < SLA_MS
 
@@ -360,7 +369,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
         "| system | rate | achieved | accepted | missing | dup | p50 | p95 | p99 | p99.9 | max | on time (1 s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
+    systems = list(dict.fromkeys(r["system"] for r in results))
+    for r in sorted(results, key=lambda r: (systems.index(r["system"]), r["rate_eps"])):  # bisected rates in place
         rows.append(
             f"| {r['system']} | {r['rate_eps']:g} | {r['achieved_eps']:g} | {r['accepted']} | {r['missing']} "
             f"| {r['duplicates']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['p999_ms']} "
@@ -450,6 +460,7 @@ def main(
     json_out: str | None,
     doc: str | None = None,
     dedupe: str = "rocksdb",
+    refine: int = 2,
 ) -> int:
     kafka = LocalKafka(port=19292, data_root=DEFAULT_HOME.parent / "bench" / "kafka")
     kafka.wipe()
@@ -459,17 +470,32 @@ def main(
     env = BenchEnv(kafka, redis, DEFAULT_HOME.parent / "bench")
     results: list[dict[str, Any]] = []
     ceilings: dict[str, float] = {}
+
+    def run(system: str, rate: float) -> bool:
+        print(f"bench {system} at {rate:g} events/s for {duration:g}s ...", flush=True)
+        result = asyncio.run(run_once(env, system, rate, duration, batch, dedupe))
+        print(json.dumps(result), flush=True)
+        results.append(result)
+        return passes(result)
+
     try:
         for system in systems:
+            failed: float | None = None
             for rate in rates:
-                print(f"bench {system} at {rate:g} events/s for {duration:g}s ...", flush=True)
-                result = asyncio.run(run_once(env, system, rate, duration, batch, dedupe))
-                print(json.dumps(result), flush=True)
-                results.append(result)
-                if passes(result):
+                if run(system, rate):
                     ceilings[system] = rate
                 elif step:
+                    failed = rate
                     break
+            # The ladder doubles; between its last pass and first fail, bisect (the same for every system).
+            for _ in range(refine if step else 0):
+                rate = midpoint(ceilings.get(system), failed)
+                if rate is None:
+                    break
+                if run(system, rate):
+                    ceilings[system] = rate
+                else:
+                    failed = rate
     finally:
         kafka.stop()
         if started_redis:
