@@ -6,7 +6,9 @@ main loop, a fetched batch at a time. The commit sequence, per batch:
   2. handle the decoded batch (the service's own logic) -> outputs, dead letters, and each record's
      outcome (out, dup, unrouted, delivered, ...); a partitioned table adds its changelog entries
   3. send outputs, dead letters, changelog entries and the batch's tally (counts per tenant,
-     event-time bucket and outcome, for the auditor's loss ledger) to the producer
+     event-time bucket and outcome, for the auditor's loss ledger) to the producer, as one record
+     batch per topic partition (`BatchPublisher` in shared/publish.py: a quarter of the CPU of one
+     `send` per record)
   4. once the broker acknowledged every one of them, mark the batch's offsets done
   5. commit done offsets: every `commit_interval_s`, before a rebalance gives partitions away, and on
      shutdown
