@@ -99,9 +99,13 @@ def test_default_values_render_every_service_with_probes_resources_and_config():
     check_objects(docs)
     deployments, statefulsets = by_kind(docs, "Deployment"), by_kind(docs, "StatefulSet")
     workloads = {**deployments, **statefulsets}
-    assert set(deployments) == {"collector", "enricher", "router", "auditor", "sender-webhook"}
-    assert set(statefulsets) == {"deduplicator"}  # the RocksDB window keeps its volume
-    assert statefulsets["deduplicator"]["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    assert set(deployments) == {"collector", "enricher", "router", "auditor"}
+    # The RocksDB dedupe window and delivered ledger keep their volumes: a restart replays only the changelog's tail.
+    assert set(statefulsets) == {"deduplicator", "sender-webhook"}
+    for stateful in statefulsets.values():
+        assert stateful["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+        assert not any(v["name"] == "data" for v in stateful["spec"]["template"]["spec"]["volumes"])
+        assert by_kind(docs, "Service")[stateful["spec"]["serviceName"].removeprefix("demo-hifi-")]
     for name, workload in workloads.items():
         c = container(workload)
         assert c["args"][0] in SERVICES, name
@@ -120,6 +124,7 @@ def test_default_values_render_every_service_with_probes_resources_and_config():
     assert (
         set(hpas) == set(workloads) - {"auditor"}
         and hpas["deduplicator"]["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+        and hpas["sender-webhook"]["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
     )
     assert all(h["spec"]["maxReplicas"] <= 12 for h in hpas.values()), "never more replicas than partitions"
     job = by_kind(docs, "Job")["topics"]
@@ -163,6 +168,7 @@ def test_three_sinks_with_redis_dedupe():
         n.startswith("sender") for n in by_kind(docs, "HorizontalPodAutoscaler")
     )
     assert scaled["sender-lake"]["spec"]["triggers"][0]["metadata"]["consumerGroup"] == "hifi-sender-lake"
+    assert scaled["sender-lake"]["spec"]["scaleTargetRef"]["kind"] == "Deployment"  # Redis ledger: no volume
     assert set(by_kind(docs, "ServiceMonitor")) == set(deployments)
     assert {n for n in by_kind(docs, "Service") if n.endswith("-metrics")} == {f"{n}-metrics" for n in deployments}
     assert by_kind(docs, "Ingress")["collector"]["spec"]["rules"][0]["http"]["paths"][0]["path"] == "/v1/events"
