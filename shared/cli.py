@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
         "--step", action="store_true", help="rates 500, 1k, 2k, 5k, 10k... until one fails, then bisect (--refine)"
     )
     bench.add_argument(
+        "--warmup", type=float, default=20.0, help="seconds of unreported load to warm the fresh broker (0: none)"
+    )
+    bench.add_argument(
         "--refine", type=int, default=2, help="with --step: bisection runs between the last pass and the first fail"
     )
     bench.add_argument("--duration", type=float, default=60.0, help="seconds per rate")
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.doc,
                 args.dedupe,
                 args.refine,
+                args.warmup,
             )
         )
     elif args.command == "topics":
