@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     bench = sub.add_parser("bench", help="open-loop benchmark of the whole pipeline (and the raw-relay limit)")
     bench.add_argument("--rate", type=float, action="append", help="events/s (repeat for several; default 2000)")
     bench.add_argument(
-        "--step", action="store_true", help="rates 500, 1k, 2k, 5k, 10k... until one fails, then bisect (--refine)"
+        "--step",
+        action="store_true",
+        help="rates 500, 1k, 2k, 5k, 10k, 20k, 50k until one fails, then bisect (--refine)",
     )
     bench.add_argument(
         "--warmup", type=float, default=20.0, help="seconds of unreported load to warm the fresh broker (0: none)"
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "bench":
         from shared.local.bench import main as run_bench
 
-        rates = [500, 1000, 2000, 5000, 10000, 20000] if args.step else (args.rate or [2000.0])
+        rates = [500, 1000, 2000, 5000, 10000, 20000, 50000] if args.step else (args.rate or [2000.0])
         sys.exit(
             run_bench(
                 rates,

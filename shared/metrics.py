@@ -78,8 +78,8 @@ class LagWindow:
         self._current.record_value(max(1, min(int(lag_ms), 3_600_000)))
 
     def record_many(self, lags_ms: list[int]) -> None:
-        """A batch's lags, one `record_value` per distinct millisecond: per event it was a tenth of the
-        sender's CPU at 8,000 events/s (hdrh is pure Python)."""
+        """A batch's lags, one `record_value` per distinct millisecond: per event it was 8 % of the
+        sender's profile at 8,000 events/s (hdrh is pure Python)."""
         self._maybe_rotate()
         for lag, count in collections.Counter(lags_ms).items():
             self._current.record_value(max(1, min(lag, 3_600_000)), count)

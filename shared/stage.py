@@ -565,12 +565,11 @@ class StageRunner(Service):
         letters = [
             Output(
                 self.dlq,
-                msg.key,
+                letter.message.key,
                 dead_letter_value(self.stage, letter),
-                headers=list(msg.headers or []) or None,
+                headers=list(letter.message.headers or []) or None,
             )
             for letter in result.dead
-            for msg in (letter.message,)
         ]
         return await self.publisher.publish([*result.outputs, *letters] if letters else result.outputs)
 
