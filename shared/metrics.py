@@ -78,11 +78,8 @@ class LagWindow:
         self._current.record_value(max(1, min(int(lag_ms), 3_600_000)))
 
     def record_many(self, lags_ms: list[int]) -> None:
-        """A batch's lags, one `record_value` per distinct millisecond: per event it was 8 % of the
-        sender's profile at 8,000 events/s (hdrh is pure Python)."""
         self._maybe_rotate()
-        for lag, count in collections.Counter(lags_ms).items():
-            self._current.record_value(max(1, min(lag, 3_600_000)), count)
+        record_counts(self._current, lags_ms, 3_600_000)
 
     def percentiles(self) -> dict[str, float]:
         self._maybe_rotate()
@@ -105,3 +102,10 @@ class LagWindow:
             self._previous = self._current if now - self._rotated < 2 * self.span_s else self._new()
             self._current = self._new()
             self._rotated = now
+
+
+def record_counts(histogram: HdrHistogram, values_ms: list[int], highest_ms: int) -> None:
+    """A batch of values, one `record_value` per distinct millisecond: hdrh is pure Python, and per event
+    it was 8 % of the sender's profile at 8,000 events/s (and half a core in the bench's sink)."""
+    for value, count in collections.Counter(values_ms).items():
+        histogram.record_value(max(1, min(value, highest_ms)), count)

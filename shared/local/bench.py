@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from shared.config import Settings, hash_api_key
 from shared.local.kafka import DEFAULT_HOME, KAFKA_VERSION, LocalKafka
 from shared.local.pipeline import PipelineProcesses
 from shared.local.redis import LocalRedis
+from shared.metrics import record_counts
 
 API_KEY = "bench-key"
 SLA_MS = 1000
@@ -96,20 +96,14 @@ class BenchSink:
                     previous = at
             if previous is not None:
                 lags["sender"].append(int(now - previous))
-        record_counts(self.histogram, latencies)
+        record_counts(self.histogram, latencies, 600_000)  # the sink shares the CPU it measures
         for stage, values in lags.items():
             if values:
-                record_counts(self.stage_lag.setdefault(stage, HdrHistogram(1, 600_000, 3)), values)
+                record_counts(self.stage_lag.setdefault(stage, HdrHistogram(1, 600_000, 3)), values, 600_000)
         return web.json_response({"ok": True})
 
 
 STAGES = ("enricher", "deduplicator", "router")
-
-
-def record_counts(histogram: HdrHistogram, values: list[int]) -> None:
-    """One `record_value` per distinct millisecond, not per event: the sink shares the CPU it measures."""
-    for value, count in Counter(values).items():
-        histogram.record_value(max(1, min(value, 600_000)), count)
 
 
 async def open_loop(url: str, rate: float, duration: float, batch: int) -> tuple[set[str], int, float]:
@@ -162,8 +156,9 @@ async def open_loop(url: str, rate: float, duration: float, batch: int) -> tuple
 
 RELAY = """
 import asyncio, json, os, signal, sys, aiohttp
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from shared.publish import BatchPublisher, Output  # the stages' batching: one record batch per partition
+from aiokafka import AIOKafkaConsumer
+from shared.app import durable_producer  # the stages' producer settings, and below their batching
+from shared.publish import BatchPublisher, Output
 async def main(source, target, group, bootstrap):
     consumer = AIOKafkaConsumer(source, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
                                 auto_offset_reset="earliest", fetch_max_wait_ms=10, max_poll_records=500)
@@ -172,8 +167,7 @@ async def main(source, target, group, bootstrap):
     if target.startswith("http"):
         session = aiohttp.ClientSession()
     else:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=2,
-                                     max_batch_size=256 * 1024)
+        producer = durable_producer(bootstrap)
         await producer.start()
         publisher = BatchPublisher(producer)
     stop = asyncio.Event()
