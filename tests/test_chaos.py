@@ -21,6 +21,11 @@ async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0):
             "pills",
             "missing_sample",
             "missing_seen_in",
+            "faulted_duplicates",
+            "healthy_duplicates",
+            "duplicates_sample",
+            "duplicates_copies_in",
+            "duplicates_arrivals",
             "notes",
         )
     }

@@ -113,6 +113,7 @@ class ChaosRun:
     pills: int = 0
     clean_exit: bool = True
     sender_kills: list[tuple[str, float]] = field(default_factory=list)  # (sink, wall ms)
+    kill_times: list[tuple[str, float]] = field(default_factory=list)  # (process label, wall ms)
     fault_start_ms: float = 0.0
     fault_end_ms: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -182,6 +183,7 @@ dedupe: {{backend: {self.dedupe_backend}}}
             self.fault_end_ms = time.time() * 1000
 
     def kill(self, label: str) -> None:
+        self.kill_times.append((label, time.time() * 1000))
         if label.startswith("sender."):
             self.sender_kills.append((label.removeprefix("sender."), time.time() * 1000))
         self.pipeline.kill(label)
@@ -248,6 +250,7 @@ dedupe: {{backend: {self.dedupe_backend}}}
         accepted = self.load.accepted
         out: dict[str, Any] = {"scenario": scenario, "accepted": len(accepted), "resends": self.load.resends}
         window_dupes = 0
+        unexplained: set[str] = set()
         for name, sink in (("faulted", self.faulted), ("healthy", self.healthy)):
             counts: dict[str, int] = {}
             first_arrival: dict[str, float] = {}
@@ -261,11 +264,13 @@ dedupe: {{backend: {self.dedupe_backend}}}
             # The documented window: this sink's sender was killed -9 after the sink acked a batch and
             # before the ledger write. Its copies were first received just before that kill.
             kills = [at for sink_name, at in self.sender_kills if sink_name == name]
-            window_dupes += sum(
-                n - 1
+            in_window = {
+                event_id
                 for event_id, n in counts.items()
                 if n > 1 and any(at - 2000 <= first_arrival[event_id] <= at for at in kills)
-            )
+            }
+            window_dupes += sum(counts[event_id] - 1 for event_id in in_window)
+            unexplained.update(event_id for event_id, n in counts.items() if n > 1 and event_id not in in_window)
         out["missing"] = out["faulted_missing"] + out["healthy_missing"]
         missing = sorted(accepted - {e["event_id"] for e in self.faulted.received})
         if missing:
@@ -275,6 +280,12 @@ dedupe: {{backend: {self.dedupe_backend}}}
         out["duplicates"] = out["faulted_duplicates"] + out["healthy_duplicates"]
         out["duplicates_sender_kill_window"] = window_dupes
         out["duplicates_unexplained"] = out["duplicates"] - window_dupes
+        if unexplained:
+            # Where the extra copies came from: the first topic holding more copies than events.
+            sample = set(sorted(unexplained)[:50])
+            out["duplicates_sample"] = sorted(sample)[:5]
+            out["duplicates_copies_in"] = await self.copies(sample)
+            out["duplicates_arrivals"] = self._arrivals(sample)
         out["sender_kills"] = len(self.sender_kills)
         out["dead_lettered"] = sum(dlq.values())
         out["pills"] = self.pills
@@ -291,17 +302,40 @@ dedupe: {{backend: {self.dedupe_backend}}}
 
     async def locate(self, event_ids: set[str]) -> dict[str, int]:
         """How many of `event_ids` each pipeline topic holds: the first topic short of them is where they went."""
+        return {topic: len(counts) for topic, counts in (await self._scan(event_ids)).items()}
+
+    async def copies(self, event_ids: set[str]) -> dict[str, int]:
+        """How many records of `event_ids` each pipeline topic holds: the first topic with more copies than
+        events is where a duplicate got through."""
+        return {topic: sum(counts.values()) for topic, counts in (await self._scan(event_ids)).items()}
+
+    def _arrivals(self, event_ids: set[str]) -> dict[str, list[float]]:
+        """Per sink, the arrival times (s after the fault started) of the copies of `event_ids`, and the kills."""
+        start = self.fault_start_ms
+        out: dict[str, list[float]] = {
+            f"kill:{label}": [round((at - start) / 1000, 2)] for label, at in self.kill_times
+        }
+        for name, sink in (("faulted", self.faulted), ("healthy", self.healthy)):
+            out[name] = sorted(
+                round((arrived - start) / 1000, 2)
+                for e, arrived in zip(sink.received, sink.arrival_ms, strict=True)
+                if e["event_id"] in event_ids
+            )[:20]
+        return out
+
+    async def _scan(self, event_ids: set[str]) -> dict[str, dict[str, int]]:
         from aiokafka import AIOKafkaConsumer
 
         from shared.codec import unpack
 
-        found: dict[str, int] = {}
-        for topic in (self.topics.raw, self.topics.enriched, self.topics.unique, self.topics.sink("faulted")):
+        found: dict[str, dict[str, int]] = {}
+        topics = self.topics
+        for topic in (topics.raw, topics.enriched, topics.unique, topics.sink("faulted"), topics.sink("healthy")):
             consumer = AIOKafkaConsumer(
                 topic, bootstrap_servers=self.kafka.bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
             )
             await consumer.start()
-            seen: set[str] = set()
+            seen: dict[str, int] = {}
             try:
                 idle = 0
                 while idle < 3:
@@ -314,10 +348,10 @@ dedupe: {{backend: {self.dedupe_backend}}}
                             except Exception:
                                 continue
                             if event_id in event_ids:
-                                seen.add(event_id)
+                                seen[event_id] = seen.get(event_id, 0) + 1
             finally:
                 await consumer.stop()
-            found[topic] = len(seen)
+            found[topic] = seen
         return found
 
     def _on_time(self, sink: WebhookReceiver) -> float | None:
