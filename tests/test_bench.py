@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.local.bench import BenchEnv, headline, midpoint, run_once
+from shared.local.bench import BenchEnv, cpu_seconds, format_table, headline, midpoint, passes, peak_rss_mib, run_once
 
 
 @pytest.mark.parametrize("system", ["hifi", "raw"])
@@ -18,6 +18,7 @@ async def test_bench_run_measures_every_event_and_process(system, kafka, redis_s
     assert 0 < result["on_time_ratio"] <= 1
     assert "collector" in result["cpu_s_per_1k"] and any(k.startswith("kafka") for k in result["cpu_s_per_1k"])
     assert all(v > 0 for v in result["peak_rss_mib"].values())
+    assert result["exited"] == []
     if system == "hifi":
         assert set(result["stage_p95_ms"]) == {"enricher", "deduplicator", "router", "sender"}
         assert {"enricher", "deduplicator", "router", "sender.hook"} <= set(result["cpu_s_per_1k"])
@@ -59,3 +60,18 @@ def test_ceiling_search_bisects_between_the_last_pass_and_the_first_fail():
     assert midpoint(5000, 5500) is None  # adjacent on the grain: the ceiling is found
     assert midpoint(None, 500) is None  # nothing passed: no ceiling to refine
     assert midpoint(5000, None) is None  # nothing failed
+
+
+def test_a_process_gone_during_a_run_voids_the_run_instead_of_crashing_the_bench():
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert cpu_seconds(gone.pid) is None and peak_rss_mib(gone.pid) is None
+    ok = {"system": "hifi", "rate_eps": 1000.0, "achieved_eps": 1000.0, "p95_ms": 20, "exited": []}
+    assert passes(ok)
+    void = {**ok, "exited": ["redis"]}
+    assert not passes(void)
+    row = dict(accepted=1, missing=0, duplicates=0, p50_ms=1, p99_ms=1, p999_ms=1, max_ms=1, on_time_ratio=1.0)
+    assert "redis exited during the run" in format_table([{**void, **row}])

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from shared.local.chaos import SCENARIOS, run_scenario
+from shared.local.chaos import SCENARIOS, SenderKill, run_scenario
 
 
 async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0):
@@ -17,6 +19,7 @@ async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0):
             "missing",
             "duplicates",
             "duplicates_sender_kill_window",
+            "kill_window_first_copy_ms",
             "dead_lettered",
             "pills",
             "missing_sample",
@@ -29,6 +32,7 @@ async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0):
             "notes",
         )
     }
+    print(json.dumps(detail, indent=1, default=str))  # whole, in the captured output of a failure
     assert result["accepted"] > 1000, detail
     assert result["missing"] == 0, detail
     # Only the documented window may duplicate: a sender killed -9 between the sink's ack and its ledger
@@ -64,3 +68,11 @@ async def test_poison_pills_are_dead_lettered_one_each(tmp_path, kafka, redis_se
 async def test_rolling_deploy_drains_and_exits_cleanly(tmp_path, kafka, redis_server, port_base):
     result = await run("rolling-deploy", tmp_path, kafka, redis_server, port_base)
     assert result["clean_exit"], result["notes"]
+
+
+def test_the_sender_kill_window_runs_from_its_last_two_seconds_until_its_successor_starts():
+    kill = SenderKill("faulted", killed_ms=100_000.0, restarted_ms=102_000.0)
+    assert kill.covers(98_000.0) and kill.covers(100_000.0)
+    assert kill.covers(101_500.0)  # sent before the kill, taken by a busy sink after it
+    assert not kill.covers(97_999.0) and not kill.covers(102_001.0)
+    assert SenderKill("faulted", killed_ms=100_000.0).covers(150_000.0)  # not restarted yet

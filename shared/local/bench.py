@@ -39,13 +39,21 @@ SLA_MS = 1000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a live process; None once it has exited."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+def peak_rss_mib(pid: int) -> float | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    for line in status.splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
@@ -268,15 +276,19 @@ dedupe: {{backend: {dedupe}}}
     redis_pid = _redis_pid(env.redis)
     if redis_pid:
         pids["redis"] = redis_pid
-    cpu_before = {label: cpu_seconds(pid) for label, pid in pids.items()}
+    cpu_before = {label: cpu for label, pid in pids.items() if (cpu := cpu_seconds(pid)) is not None}
     try:
         accepted, batches, achieved = await open_loop(pipeline.collector_url, rate, duration, batch)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not accepted <= set(sink.seen):  # noqa: ASYNC110 - polls the sink
             await asyncio.sleep(0.5)
         await asyncio.sleep(1.0)
-        cpu = {label: cpu_seconds(pid) - cpu_before[label] for label, pid in pids.items()}
-        rss = {label: round(peak_rss_mib(pid), 1) for label, pid in pids.items()}
+        cpu_after = {label: cpu_seconds(pid) for label, pid in pids.items() if label in cpu_before}
+        # A process that exited during the run (a crash, or stopped by something else on the machine)
+        # makes the run invalid; it is reported, not a reason to lose the other numbers.
+        exited = sorted(label for label in pids if cpu_after.get(label) is None)
+        cpu = {label: after - cpu_before[label] for label, after in cpu_after.items() if after is not None}
+        rss = {label: round(r, 1) for label, pid in pids.items() if (r := peak_rss_mib(pid)) is not None}
     finally:
         for relay in relays:
             relay.send_signal(signal.SIGTERM)
@@ -310,6 +322,7 @@ dedupe: {{backend: {dedupe}}}
         "stage_p95_ms": {s: hist.get_value_at_percentile(95) for s, hist in sink.stage_lag.items()},
         "cpu_s_per_1k": {k: round(v * 1000 / n, 3) for k, v in sorted(cpu.items())},
         "peak_rss_mib": dict(sorted(rss.items())),
+        "exited": exited,
     }
 
 
@@ -355,7 +368,9 @@ def midpoint(passed: float | None, failed: float | None, grain: float = 500.0) -
 
 
 def passes(result: dict[str, Any]) -> bool:
-    return result["achieved_eps"] >= 0.99 * result["rate_eps"] and result["p95_ms"] < SLA_MS
+    return (
+        result["achieved_eps"] >= 0.99 * result["rate_eps"] and result["p95_ms"] < SLA_MS and not result.get("exited")
+    )
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
@@ -370,6 +385,12 @@ def format_table(results: list[dict[str, Any]]) -> str:
             f"| {r['duplicates']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['p999_ms']} "
             f"| {r['max_ms']} | {r['on_time_ratio'] * 100:.3f} % |"
         )
+    for r in results:
+        if r.get("exited"):
+            rows.append(
+                f"\n{r['system']} at {r['rate_eps']:g} events/s does not count: "
+                f"{', '.join(r['exited'])} exited during the run"
+            )
     return "\n".join(rows) + "\n"
 
 
@@ -461,7 +482,8 @@ def main(
     kafka = LocalKafka(port=19292, data_root=DEFAULT_HOME.parent / "bench" / "kafka")
     kafka.wipe()
     kafka.start()
-    redis = LocalRedis(url="redis://127.0.0.1:6379/13")
+    # A server of its own: one shared with a test run on this machine would be stopped by that run's end.
+    redis = LocalRedis(url="redis://127.0.0.1:6391/0")
     started_redis = redis.ensure()
     env = BenchEnv(kafka, redis, DEFAULT_HOME.parent / "bench")
     results: list[dict[str, Any]] = []

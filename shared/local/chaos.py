@@ -98,6 +98,25 @@ class LoadGenerator:
 
 
 @dataclass
+class SenderKill:
+    """A sink's sender killed -9 at `killed_ms`; its successor started at `restarted_ms` (wall ms).
+
+    The sink has one sender process at a time, so whatever the sink took in between was sent by the
+    killed one before it died: a sink under load can handle a request after its sender is gone.
+    """
+
+    sink: str
+    killed_ms: float
+    restarted_ms: float = float("inf")
+
+    def covers(self, first_arrival_ms: float) -> bool:
+        """Could the killed sender have had this delivery acked and not yet in its ledger? Its last
+        2 s alive (an ack and a ledger write are about 1 ms apart; the rest is slack for a busy
+        machine), or in flight when it died."""
+        return self.killed_ms - 2000 <= first_arrival_ms <= self.restarted_ms
+
+
+@dataclass
 class ChaosRun:
     workdir: Path
     kafka: LocalKafka
@@ -112,7 +131,7 @@ class ChaosRun:
     load: LoadGenerator = field(init=False)
     pills: int = 0
     clean_exit: bool = True
-    sender_kills: list[tuple[str, float]] = field(default_factory=list)  # (sink, wall ms)
+    sender_kills: list[SenderKill] = field(default_factory=list)
     kill_times: list[tuple[str, float]] = field(default_factory=list)  # (process label, wall ms)
     fault_start_ms: float = 0.0
     fault_end_ms: float = 0.0
@@ -185,14 +204,20 @@ dedupe: {{backend: {self.dedupe_backend}}}
     def kill(self, label: str) -> None:
         self.kill_times.append((label, time.time() * 1000))
         if label.startswith("sender."):
-            self.sender_kills.append((label.removeprefix("sender."), time.time() * 1000))
+            self.sender_kills.append(SenderKill(label.removeprefix("sender."), time.time() * 1000))
         self.pipeline.kill(label)
+
+    async def restart(self, label: str) -> None:
+        for kill in self.sender_kills:
+            if f"sender.{kill.sink}" == label and kill.restarted_ms == float("inf"):
+                kill.restarted_ms = time.time() * 1000
+        self.pipeline.start(label)
+        await asyncio.to_thread(self.pipeline.wait_ready, 90.0, [label])
 
     async def kill_and_restart(self, label: str, down_s: float = 2.0) -> None:
         self.kill(label)
         await asyncio.sleep(down_s)
-        self.pipeline.start(label)
-        await asyncio.to_thread(self.pipeline.wait_ready, 90.0, [label])
+        await self.restart(label)
 
     async def inject_pills(self) -> int:
         """Bad records written straight into the raw topic, as a buggy producer would."""
@@ -250,6 +275,7 @@ dedupe: {{backend: {self.dedupe_backend}}}
         accepted = self.load.accepted
         out: dict[str, Any] = {"scenario": scenario, "accepted": len(accepted), "resends": self.load.resends}
         window_dupes = 0
+        window_offsets: list[int] = []
         unexplained: set[str] = set()
         for name, sink in (("faulted", self.faulted), ("healthy", self.healthy)):
             counts: dict[str, int] = {}
@@ -261,15 +287,23 @@ dedupe: {{backend: {self.dedupe_backend}}}
             out[f"{name}_missing"] = len(accepted - set(counts))
             out[f"{name}_duplicates"] = sum(n - 1 for n in counts.values())
             out[f"{name}_on_time_during_fault"] = self._on_time(sink)
-            # The documented window: this sink's sender was killed -9 after the sink acked a batch and
-            # before the ledger write. Its copies were first received just before that kill.
-            kills = [at for sink_name, at in self.sender_kills if sink_name == name]
+            # The documented window: this sink's sender was killed -9 after the sink took a batch and
+            # before the ledger write, so its successor delivered the batch again.
+            kills = [k for k in self.sender_kills if k.sink == name]
             in_window = {
                 event_id
                 for event_id, n in counts.items()
-                if n > 1 and any(at - 2000 <= first_arrival[event_id] <= at for at in kills)
+                if n > 1 and any(k.covers(first_arrival[event_id]) for k in kills)
             }
             window_dupes += sum(counts[event_id] - 1 for event_id in in_window)
+            # Where in the window the first copies arrived (ms after the kill): negative is an ack the
+            # sender had and did not write down; positive, a request it sent that the sink took late.
+            window_offsets.extend(
+                round(first_arrival[event_id] - k.killed_ms)
+                for event_id in sorted(in_window)
+                for k in kills
+                if k.covers(first_arrival[event_id])
+            )
             unexplained.update(event_id for event_id, n in counts.items() if n > 1 and event_id not in in_window)
         out["missing"] = out["faulted_missing"] + out["healthy_missing"]
         missing = sorted(accepted - {e["event_id"] for e in self.faulted.received})
@@ -279,6 +313,8 @@ dedupe: {{backend: {self.dedupe_backend}}}
         out["namespace"] = self.namespace
         out["duplicates"] = out["faulted_duplicates"] + out["healthy_duplicates"]
         out["duplicates_sender_kill_window"] = window_dupes
+        if window_offsets:
+            out["kill_window_first_copy_ms"] = [min(window_offsets), max(window_offsets)]
         out["duplicates_unexplained"] = out["duplicates"] - window_dupes
         if unexplained:
             # Where the extra copies came from: the first topic holding more copies than events.
@@ -405,8 +441,7 @@ async def slow_message_then_kill(run: ChaosRun) -> None:
     run.kill("sender.faulted")
     run.faulted.slow_event_ids = set()
     await asyncio.sleep(1.0)
-    run.pipeline.start("sender.faulted")
-    await asyncio.to_thread(run.pipeline.wait_ready, 90.0, ["sender.faulted"])
+    await run.restart("sender.faulted")
     run.mark_fault(False)
     run.notes.append(
         f"slow event {slow['event_id']}; batches dropped by the sink on disconnect: {run.faulted.dropped_batches}"
