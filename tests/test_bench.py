@@ -5,7 +5,19 @@ from __future__ import annotations
 
 import pytest
 
-from shared.local.bench import BenchEnv, cpu_seconds, format_table, headline, midpoint, passes, peak_rss_mib, run_once
+from shared.local import bench
+from shared.local.bench import (
+    BenchEnv,
+    BenchSink,
+    cpu_seconds,
+    drain,
+    format_table,
+    headline,
+    midpoint,
+    passes,
+    peak_rss_mib,
+    run_once,
+)
 
 
 @pytest.mark.parametrize("system", ["hifi", "raw"])
@@ -18,7 +30,7 @@ async def test_bench_run_measures_every_event_and_process(system, kafka, redis_s
     assert 0 < result["on_time_ratio"] <= 1
     assert "collector" in result["cpu_s_per_1k"] and any(k.startswith("kafka") for k in result["cpu_s_per_1k"])
     assert all(v > 0 for v in result["peak_rss_mib"].values())
-    assert result["exited"] == []
+    assert result["exited"] == [] and result["drained"] is True
     if system == "hifi":
         assert set(result["stage_p95_ms"]) == {"enricher", "deduplicator", "router", "sender"}
         assert {"enricher", "deduplicator", "router", "sender.hook"} <= set(result["cpu_s_per_1k"])
@@ -75,3 +87,21 @@ def test_a_process_gone_during_a_run_voids_the_run_instead_of_crashing_the_bench
     assert not passes(void)
     row = dict(accepted=1, missing=0, duplicates=0, p50_ms=1, p99_ms=1, p999_ms=1, max_ms=1, on_time_ratio=1.0)
     assert "redis exited during the run" in format_table([{**void, **row}])
+
+
+async def test_drain_waits_while_a_backlog_arrives_and_gives_up_when_it_stops(monkeypatch):
+    import asyncio
+
+    monkeypatch.setattr(bench, "DRAIN_IDLE_S", 1.0)
+    sink = BenchSink(port=0)
+    accepted = {f"e{i}" for i in range(6)}
+
+    async def late_backlog(ids: list[str]) -> None:
+        for event_id in ids:  # slower than nothing, faster than the idle limit
+            await asyncio.sleep(0.6)
+            sink.seen[event_id] = 1
+
+    feeding = asyncio.create_task(late_backlog(sorted(accepted)))
+    assert await drain(sink, accepted) is True  # 3.6 s in all, longer than the idle limit
+    await feeding
+    assert await drain(sink, accepted | {"never"}) is False
