@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         from shared.local.bench import main as run_bench
 
         rates = [500, 1000, 2000, 5000, 10000, 20000, 50000] if args.step else (args.rate or [2000.0])
-        sys.exit(
-            run_bench(
+        try:
+            code = run_bench(
                 rates,
                 args.duration,
                 args.batch,
@@ -158,7 +158,10 @@ def main(argv: list[str] | None = None) -> None:
                 args.refine,
                 args.warmup,
             )
-        )
+        except KeyboardInterrupt:
+            print("bench interrupted: its pipeline, broker and Redis are stopped; nothing was written", file=sys.stderr)
+            code = 130
+        sys.exit(code)
     elif args.command == "topics":
         import asyncio
 
