@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from shared.local.chaos import SCENARIOS, SenderKill, run_scenario
+from shared.local.chaos import SCENARIOS, Kill, run_scenario
 
 
 async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0):
@@ -71,8 +71,8 @@ async def test_rolling_deploy_drains_and_exits_cleanly(tmp_path, kafka, redis_se
 
 
 def test_the_sender_kill_window_runs_from_its_last_two_seconds_until_its_successor_starts():
-    kill = SenderKill("faulted", killed_ms=100_000.0, restarted_ms=102_000.0)
+    kill = Kill("sender.faulted", killed_ms=100_000.0, restarted_ms=102_000.0)
     assert kill.covers(98_000.0) and kill.covers(100_000.0)
     assert kill.covers(101_500.0)  # sent before the kill, taken by a busy sink after it
     assert not kill.covers(97_999.0) and not kill.covers(102_001.0)
-    assert SenderKill("faulted", killed_ms=100_000.0).covers(150_000.0)  # not restarted yet
+    assert Kill("sender.faulted", killed_ms=100_000.0).covers(150_000.0)  # not restarted yet

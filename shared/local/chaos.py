@@ -98,14 +98,15 @@ class LoadGenerator:
 
 
 @dataclass
-class SenderKill:
-    """A sink's sender killed -9 at `killed_ms`; its successor started at `restarted_ms` (wall ms).
+class Kill:
+    """A process (`label`, e.g. "sender.faulted") killed -9 at `killed_ms`; its successor started at
+    `restarted_ms` (wall ms).
 
-    The sink has one sender process at a time, so whatever the sink took in between was sent by the
+    A sink has one sender process at a time, so whatever the sink took in between was sent by the
     killed one before it died: a sink under load can handle a request after its sender is gone.
     """
 
-    sink: str
+    label: str
     killed_ms: float
     restarted_ms: float = float("inf")
 
@@ -131,8 +132,7 @@ class ChaosRun:
     load: LoadGenerator = field(init=False)
     pills: int = 0
     clean_exit: bool = True
-    sender_kills: list[SenderKill] = field(default_factory=list)
-    kill_times: list[tuple[str, float]] = field(default_factory=list)  # (process label, wall ms)
+    kills: list[Kill] = field(default_factory=list)
     fault_start_ms: float = 0.0
     fault_end_ms: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -202,14 +202,12 @@ dedupe: {{backend: {self.dedupe_backend}}}
             self.fault_end_ms = time.time() * 1000
 
     def kill(self, label: str) -> None:
-        self.kill_times.append((label, time.time() * 1000))
-        if label.startswith("sender."):
-            self.sender_kills.append(SenderKill(label.removeprefix("sender."), time.time() * 1000))
+        self.kills.append(Kill(label, time.time() * 1000))
         self.pipeline.kill(label)
 
     async def restart(self, label: str) -> None:
-        for kill in self.sender_kills:
-            if f"sender.{kill.sink}" == label and kill.restarted_ms == float("inf"):
+        for kill in self.kills:
+            if kill.label == label and kill.restarted_ms == float("inf"):
                 kill.restarted_ms = time.time() * 1000
         self.pipeline.start(label)
         await asyncio.to_thread(self.pipeline.wait_ready, 90.0, [label])
@@ -289,22 +287,18 @@ dedupe: {{backend: {self.dedupe_backend}}}
             out[f"{name}_on_time_during_fault"] = self._on_time(sink)
             # The documented window: this sink's sender was killed -9 after the sink took a batch and
             # before the ledger write, so its successor delivered the batch again.
-            kills = [k for k in self.sender_kills if k.sink == name]
-            in_window = {
-                event_id
-                for event_id, n in counts.items()
-                if n > 1 and any(k.covers(first_arrival[event_id]) for k in kills)
-            }
-            window_dupes += sum(counts[event_id] - 1 for event_id in in_window)
-            # Where in the window the first copies arrived (ms after the kill): negative is an ack the
-            # sender had and did not write down; positive, a request it sent that the sink took late.
-            window_offsets.extend(
-                round(first_arrival[event_id] - k.killed_ms)
-                for event_id in sorted(in_window)
-                for k in kills
-                if k.covers(first_arrival[event_id])
-            )
-            unexplained.update(event_id for event_id, n in counts.items() if n > 1 and event_id not in in_window)
+            kills = [k for k in self.kills if k.label == f"sender.{name}"]
+            for event_id, n in counts.items():
+                if n == 1:
+                    continue
+                covering = [k for k in kills if k.covers(first_arrival[event_id])]
+                if not covering:
+                    unexplained.add(event_id)
+                    continue
+                window_dupes += n - 1
+                # Where in the window the first copy arrived (ms after the kill): negative is an ack the
+                # sender had and did not write down; positive, a request it sent that the sink took late.
+                window_offsets.extend(round(first_arrival[event_id] - k.killed_ms) for k in covering)
         out["missing"] = out["faulted_missing"] + out["healthy_missing"]
         missing = sorted(accepted - {e["event_id"] for e in self.faulted.received})
         if missing:
@@ -322,7 +316,7 @@ dedupe: {{backend: {self.dedupe_backend}}}
             out["duplicates_sample"] = sorted(sample)[:5]
             out["duplicates_copies_in"] = await self.copies(sample)
             out["duplicates_arrivals"] = self._arrivals(sample)
-        out["sender_kills"] = len(self.sender_kills)
+        out["sender_kills"] = sum(1 for k in self.kills if k.label.startswith("sender."))
         out["dead_lettered"] = sum(dlq.values())
         out["pills"] = self.pills
         out["recovery_s"] = self._recovery_s()
@@ -348,9 +342,7 @@ dedupe: {{backend: {self.dedupe_backend}}}
     def _arrivals(self, event_ids: set[str]) -> dict[str, list[float]]:
         """Per sink, the arrival times (s after the fault started) of the copies of `event_ids`, and the kills."""
         start = self.fault_start_ms
-        out: dict[str, list[float]] = {
-            f"kill:{label}": [round((at - start) / 1000, 2)] for label, at in self.kill_times
-        }
+        out: dict[str, list[float]] = {f"kill:{k.label}": [round((k.killed_ms - start) / 1000, 2)] for k in self.kills}
         for name, sink in (("faulted", self.faulted), ("healthy", self.healthy)):
             out[name] = sorted(
                 round((arrived - start) / 1000, 2)
