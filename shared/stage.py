@@ -146,6 +146,7 @@ class StageRunner(Service):
         max_in_flight: int = 8,
         commit_interval_s: float = 1.0,
         states: Sequence[Any] = (),
+        session_timeout_ms: int = 10_000,
     ) -> None:
         super().__init__()
         self.app = app
@@ -156,6 +157,7 @@ class StageRunner(Service):
         self.max_message_bytes = max_message_bytes
         self.max_in_flight = max_in_flight
         self.commit_interval_s = commit_interval_s
+        self.session_timeout_ms = session_timeout_ms
         self.backoff = backoff or Backoff()
         self.dlq = dlq
         self.source = source
@@ -233,8 +235,8 @@ class StageRunner(Service):
             auto_offset_reset="earliest",  # a new group, or offsets deleted by retention: start at the log start
             max_poll_records=self.batch_max,
             # Rejoin in seconds after a restart (the broker's default session is 45 s).
-            session_timeout_ms=10_000,
-            heartbeat_interval_ms=1_000,
+            session_timeout_ms=self.session_timeout_ms,
+            heartbeat_interval_ms=min(1_000, self.session_timeout_ms // 3),
             rebalance_timeout_ms=30_000,
             # A batch retried for a long sink outage must not cost the worker its partitions: the
             # partition watchdog pages when a partition stops moving instead.
