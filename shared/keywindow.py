@@ -11,9 +11,11 @@ being dropped as its own duplicate: nothing is lost, and the ledger downstream s
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from rocksdict import AccessType, Options, Rdict
+from rocksdict import AccessType, Options, Rdict, WriteBatch
 
 from shared.codec import pack, unpack
 from shared.errors import InvalidEvent, TransientError
@@ -149,9 +151,12 @@ class RocksKeyWindow:
     batch's offsets are committed. The changelog keeps `changelog_retention_s` (the window and an
     hour) with the delete policy: an entry older than the window is dead anyway, nothing to compact.
 
-    On assignment a partition's store replays its changelog partition from the checkpoint it saved
-    when it last gave the partition away (or from the log start), so a partition that moves between
-    workers keeps its window. Replaying is idempotent: more than needed is only slower.
+    On assignment a partition's store replays its changelog partition from its checkpoint (or from
+    the log start), so a partition that moves between workers keeps its window. The checkpoint is
+    saved when the partition is given away and every few seconds while it is held (`checkpoint`), so
+    a kill -9 replays only the tail. It covers only changelog records this store applied, in order
+    (`durable`): a record another owner wrote in between is re-read, never skipped. Replaying is
+    idempotent: more than needed is only slower.
     """
 
     def __init__(
@@ -186,7 +191,8 @@ class RocksKeyWindow:
     def _checkpoint_file(self, partition: int) -> Path:
         return self.path / f"p{partition}.changelog-offset"
 
-    async def assign(self, partitions: list[int]) -> None:
+    def open(self, partitions: list[int]) -> list[int]:
+        """Open the stores of newly owned partitions (fast: no reading); return those that need a restore."""
         new = [p for p in partitions if p not in self.dbs]
         for p in new:
             self.dbs[p] = self._open(p)
@@ -194,14 +200,28 @@ class RocksKeyWindow:
                 self.applied[p] = int(self._checkpoint_file(p).read_text())
             except (FileNotFoundError, ValueError):
                 self.applied[p] = 0
-        if new:
-            await self._restore(new)
+        return new
 
-    async def _restore(self, partitions: list[int]) -> None:
-        """Apply the changelog from each store's checkpoint to the end (read at the start)."""
+    async def restore(self, partitions: list[int], restored: Callable[[int], None] | None = None) -> None:
+        """Apply the changelog to opened stores; `restored(p)` as soon as partition p is caught up."""
+        await self._restore(partitions, restored)
+
+    async def assign(self, partitions: list[int]) -> None:
+        """Open and restore in one step (outside a stage runner, e.g. tests and tools)."""
+        new = self.open(partitions)
+        if new:
+            await self.restore(new)
+
+    async def _restore(self, partitions: list[int], restored: Callable[[int], None] | None = None) -> None:
+        """Apply the changelog from each store's checkpoint to the end (read at the start).
+
+        Runs while the worker heartbeats; the loop yields after each fetch so a long restore never
+        starves the heartbeat. Cancelled (revoked mid-way), `applied` still names only what was applied.
+        """
         started = time.monotonic()
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None)
         await consumer.start()
+        applied = 0
         try:
             tps = [TopicPartition(self.changelog_topic, p) for p in partitions]
             consumer.assign(tps)
@@ -215,11 +235,15 @@ class RocksKeyWindow:
                     todo[tp] = ends[tp]
                 else:
                     self.applied[tp.partition] = ends[tp]
-            applied = 0
+                    if restored is not None:
+                        restored(tp.partition)
             while todo:
                 fetched = await consumer.getmany(*todo, timeout_ms=1000)
                 for tp, records in fetched.items():
-                    db = self.dbs[tp.partition]
+                    db = self.dbs.get(tp.partition)
+                    if db is None:  # revoked while restoring: nothing more to apply
+                        todo.pop(tp, None)
+                        continue
                     for record in records:
                         if record.offset >= todo.get(tp, 0):
                             continue
@@ -230,31 +254,59 @@ class RocksKeyWindow:
                                 "%s: skipped an unreadable changelog record at %s@%d", self.name, tp, record.offset
                             )
                             entries = []
+                        batch = WriteBatch(raw_mode=True)
                         for key, first_seen, claim in entries:
-                            db.put(key.encode(), pack([first_seen, claim]))
-                            applied += 1
+                            batch.put(key.encode(), pack([first_seen, claim]))
+                        db.write(batch)
+                        applied += len(entries)
                         self.applied[tp.partition] = record.offset + 1
                 for tp in list(todo):
                     if await consumer.position(tp) >= todo[tp]:
                         del todo[tp]
+                        if restored is not None:
+                            restored(tp.partition)
+                await asyncio.sleep(0)
+        finally:
+            took = time.monotonic() - started
             log.info(
-                "%s: restored partitions %s (%d entries) in %.2fs",
+                "%s: restored partitions %s (%d entries) in %.2fs (%.0f entries/s)",
                 self.name,
                 partitions,
                 applied,
-                time.monotonic() - started,
+                took,
+                applied / took if took else 0.0,
             )
-        finally:
             await consumer.stop()
+
+    def checkpoint(self) -> None:
+        """Save each open store's applied changelog offset, so a kill -9 restores only the tail.
+
+        The WAL is synced first: the store then holds at least every entry the checkpoint covers,
+        even after a power loss (a kill -9 alone keeps unsynced WAL writes in the page cache).
+        """
+        for p, db in list(self.dbs.items()):
+            offset = self.applied.get(p, 0)  # read before the sync: everything it covers is in the WAL
+            db.flush_wal(True)
+            self._write_checkpoint(p, offset)
+
+    def _write_checkpoint(self, partition: int, offset: int) -> None:
+        """Temp file, fsync, rename: a crash leaves the old checkpoint or the new one, never half of one."""
+        path = self._checkpoint_file(partition)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(str(offset))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
     def revoke(self, partitions: list[int]) -> None:
         for p in partitions:
             db = self.dbs.pop(p, None)
             if db is None:
                 continue
-            db.close()
+            db.close()  # flushes the memtable: the checkpoint below never runs ahead of the store
             self.pending.pop(p, None)
-            self._checkpoint_file(p).write_text(str(self.applied.get(p, 0)))
+            self._write_checkpoint(p, self.applied.pop(p, 0))
 
     def changelog(self) -> list[Output]:
         out = [Output(self.changelog_topic, None, pack(entries), p) for p, entries in self.pending.items() if entries]
@@ -262,7 +314,13 @@ class RocksKeyWindow:
         return out
 
     def durable(self, partition: int, next_offset: int) -> None:
-        if next_offset > self.applied.get(partition, 0):
+        """This store's changelog record at `next_offset - 1` is acknowledged.
+
+        `applied` advances only contiguously: a gap before the record holds records another owner
+        wrote (two owners around a capped revoke) that this store never applied; the checkpoint then
+        stays before them, and the next restore applies them (re-applying our own is idempotent).
+        """
+        if partition in self.dbs and self.applied.get(partition) == next_offset - 1:
             self.applied[partition] = next_offset
 
     def _db(self, anchor: Any) -> tuple[int, Rdict]:

@@ -100,8 +100,16 @@ class PartitionedState(Protocol):
 
     changelog_topic: str
 
-    async def assign(self, partitions: list[int]) -> None:
-        """Open (and restore from the changelog) the stores of newly owned partitions."""
+    def open(self, partitions: list[int]) -> list[int]:
+        """Open the stores of newly owned partitions (no reading); return those that need a restore."""
+        ...
+
+    async def restore(self, partitions: list[int], restored: Callable[[int], None] | None = None) -> None:
+        """Catch opened stores up with the changelog; `restored(p)` once partition p is."""
+        ...
+
+    def checkpoint(self) -> None:
+        """Save how far each open store applied its changelog (a kill -9 then replays only the tail)."""
         ...
 
     def revoke(self, partitions: list[int]) -> None:
@@ -147,6 +155,7 @@ class StageRunner(Service):
         commit_interval_s: float = 1.0,
         states: Sequence[Any] = (),
         session_timeout_ms: int = 10_000,
+        checkpoint_interval_s: float = 10.0,
     ) -> None:
         super().__init__()
         self.app = app
@@ -158,6 +167,7 @@ class StageRunner(Service):
         self.max_in_flight = max_in_flight
         self.commit_interval_s = commit_interval_s
         self.session_timeout_ms = session_timeout_ms
+        self.checkpoint_interval_s = checkpoint_interval_s
         self.backoff = backoff or Backoff()
         self.dlq = dlq
         self.source = source
@@ -177,7 +187,9 @@ class StageRunner(Service):
         self.done: dict[TopicPartition, int] = {}  # next offset after the last durable batch
         self.committed: dict[TopicPartition, int] = {}
         self.last_timestamp: dict[TopicPartition, float] = {}  # Kafka timestamp (ms) of the last event read
-        self.assigned: set[TopicPartition] = set()
+        self.assigned: set[TopicPartition] = set()  # owned and restored: read from
+        self.restoring: set[TopicPartition] = set()  # owned, paused until their state is restored
+        self._restore_task: asyncio.Task[None] | None = None
         self.joined = False
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -216,8 +228,12 @@ class StageRunner(Service):
         return self
 
     def ready(self) -> dict[str, Any]:
-        """For /ready: joined the group (and restored every owned partition's state)."""
-        return {"joined": self.joined, "partitions": sorted(tp.partition for tp in self.assigned)}
+        """For /ready: joined the group and restored every owned partition's state."""
+        return {
+            "joined": self.joined and not self.restoring,
+            "partitions": sorted(tp.partition for tp in self.assigned),
+            "restoring": sorted(tp.partition for tp in self.restoring),
+        }
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -252,10 +268,16 @@ class StageRunner(Service):
             asyncio.create_task(self._guard(self._ack_in_order()), name=f"{self.stage}-acker"),
             asyncio.create_task(self._guard(self._commit_every()), name=f"{self.stage}-committer"),
         ]
+        if self.states:
+            self._tasks.append(
+                asyncio.create_task(self._guard(self._checkpoint_every()), name=f"{self.stage}-checkpointer")
+            )
 
     async def on_stop(self) -> None:
         """SIGTERM: finish the batch in hand, wait for the broker's acks, commit, leave the group."""
         self._stopping = True
+        held = sorted(tp.partition for tp in self.assigned | self.restoring if tp.topic == self.source)
+        await self._cancel_restore()
         consume = self._tasks[0] if self._tasks else None
         try:
             if consume is not None:
@@ -274,7 +296,7 @@ class StageRunner(Service):
                 except TimeoutError:
                     log.warning("%s: a Kafka client did not close within 3 s", self.stage)
         for state in self.states:
-            state.revoke(sorted(tp.partition for tp in self.assigned))
+            state.revoke(held)
 
     async def _guard(self, loop: Awaitable[None]) -> None:
         """A loop that dies would leave the worker in its group reading nothing: fail loudly, drain, exit."""
@@ -315,8 +337,14 @@ class StageRunner(Service):
                 state.revoke(sorted(tp.partition for tp in revoked if tp.topic == self.source))
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Return quickly: aiokafka sends no heartbeats while this runs. Partitions with state stay
+        paused while it is restored in the background, and resume at their committed offset."""
         assert self.consumer is not None
-        mine = sorted(tp.partition for tp in assigned if tp.topic == self.source)
+        sources = sorted((tp for tp in assigned if tp.topic == self.source), key=lambda tp: tp.partition)
+        if self.states:
+            self.consumer.pause(*sources)  # before any await: nothing of theirs is fetched until restored
+        await self._cancel_restore()  # normally done by the revocation before; never two restores at once
+        mine = [tp.partition for tp in sources]
         for tp in assigned:  # where this worker starts: the lag the watchdog measures until the first commit
             try:
                 offset = await self.consumer.committed(tp)
@@ -325,19 +353,79 @@ class StageRunner(Service):
             if offset is not None:
                 self.committed[tp] = self.done[tp] = offset
         try:
+            pending = {p: 0 for p in mine}
             for state in self.states:
-                await state.assign(mine)  # restores from the changelog before the first event is read
+                for p in state.open(mine):
+                    pending[p] += 1
         except Exception as exc:
-            # Reading on without the state would pass duplicates: fail loudly and let a restart retry.
-            log.critical(
-                "%s: could not restore partitions %s; shutting the worker down", self.stage, mine, exc_info=True
-            )
-            sentry_sdk.capture_exception(exc)
-            os.kill(os.getpid(), signal.SIGTERM)
+            self._restore_failed(mine, exc)
             return
-        self.assigned = set(assigned)
+        self.assigned = {tp for tp in assigned if tp.topic != self.source or not pending.get(tp.partition)}
+        self.restoring = {tp for tp in sources if pending[tp.partition]}
+        for tp in sources:
+            if not pending[tp.partition]:
+                self.consumer.resume(tp)
         self.joined = True
-        log.info("%s: assigned partitions %s", self.stage, mine)
+        if self.restoring:
+            self._restore_task = asyncio.create_task(self._restore(pending), name=f"{self.stage}-restore")
+        log.info(
+            "%s: assigned partitions %s (restoring %s)", self.stage, mine, sorted(p for p in pending if pending[p])
+        )
+
+    async def _restore(self, pending: dict[int, int]) -> None:
+        """Restore every state of the partitions still pending (heartbeats go on); resume each when done."""
+        todo = sorted(p for p, n in pending.items() if n)
+
+        def restored(partition: int) -> None:
+            pending[partition] -= 1
+            if pending[partition] == 0:
+                self._resume_restored(TopicPartition(self.source, partition))
+
+        try:
+            for state in self.states:
+                await state.restore(todo, restored)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._restore_failed(todo, exc)
+
+    def _resume_restored(self, tp: TopicPartition) -> None:
+        """Read a restored partition from its committed offset, dropping anything fetched before."""
+        assert self.consumer is not None
+        if tp not in self.restoring:  # revoked meanwhile
+            return
+        committed = self.committed.get(tp)
+        if committed is not None:
+            self.consumer.seek(tp, committed)
+        self.restoring.discard(tp)
+        self.assigned.add(tp)
+        self.consumer.resume(tp)
+        log.info("%s: partition %d restored, reading it", self.stage, tp.partition)
+
+    def _restore_failed(self, partitions: list[int], exc: Exception) -> None:
+        # Reading on without the state would pass duplicates: fail loudly and let a restart retry.
+        log.critical(
+            "%s: could not restore partitions %s; shutting the worker down", self.stage, partitions, exc_info=exc
+        )
+        sentry_sdk.capture_exception(exc)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    async def _cancel_restore(self) -> None:
+        """A revocation (or shutdown) during a restore: stop it; the stores' checkpoints cover what it applied."""
+        task, self._restore_task = self._restore_task, None
+        self.restoring = set()
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def _checkpoint_every(self) -> None:
+        while True:
+            await asyncio.sleep(self.checkpoint_interval_s)
+            for state in self.states:
+                state.checkpoint()
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -581,6 +669,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.runner = runner
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.runner._cancel_restore()
         await self.runner._on_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
