@@ -215,8 +215,8 @@ class RocksKeyWindow:
     async def _restore(self, partitions: list[int], restored: Callable[[int], None] | None = None) -> None:
         """Apply the changelog from each store's checkpoint to the end (read at the start).
 
-        Runs while the worker heartbeats; the loop yields after each fetch so a long restore never
-        starves the heartbeat. Cancelled (revoked mid-way), `applied` still names only what was applied.
+        Runs while the worker heartbeats; it yields after each record so a long restore never starves
+        the heartbeat. Cancelled (revoked mid-way), `applied` still names only what was applied.
         """
         started = time.monotonic()
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None)
@@ -260,12 +260,15 @@ class RocksKeyWindow:
                         db.write(batch)
                         applied += len(entries)
                         self.applied[tp.partition] = record.offset + 1
+                        await asyncio.sleep(0)  # one record is up to a batch of entries: let heartbeats run
+                        if self.dbs.get(tp.partition) is not db:  # revoked meanwhile
+                            todo.pop(tp, None)
+                            break
                 for tp in list(todo):
                     if await consumer.position(tp) >= todo[tp]:
                         del todo[tp]
                         if restored is not None:
                             restored(tp.partition)
-                await asyncio.sleep(0)
         finally:
             took = time.monotonic() - started
             log.info(

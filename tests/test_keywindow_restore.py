@@ -129,12 +129,16 @@ class SlowRestoreWindow(RocksKeyWindow):
     """Injected slow restore: the first restore of this store takes `delay_s` longer."""
 
     delay_s = 0.0
+    slow_restore_took = 0.0
 
     async def _restore(self, partitions: list[int], *args: Any) -> None:
-        if self.delay_s:
-            delay, self.delay_s = self.delay_s, 0.0
-            await asyncio.sleep(delay)
+        if not self.delay_s:
+            return await super()._restore(partitions, *args)
+        delay, self.delay_s = self.delay_s, 0.0
+        started = time.monotonic()
+        await asyncio.sleep(delay)
         await super()._restore(partitions, *args)
+        self.slow_restore_took = time.monotonic() - started
 
 
 class Worker:
@@ -224,6 +228,7 @@ async def test_a_restore_longer_than_the_session_does_not_evict_the_member(kafka
         assert b.assignments == 1, f"B was assigned {b.assignments} times (evicted mid-restore)"
         assert a.assignments == 2, f"A was assigned {a.assignments} times (a rebalance storm)"
         assert b.runner.ready()["partitions"], "B owns partitions"
+        assert b.window.slow_restore_took > 6.0, "the restore outlasted the session timeout"
     finally:
         for w in workers:
             await w.runner.stop()
