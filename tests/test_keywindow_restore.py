@@ -233,3 +233,52 @@ async def test_a_restore_longer_than_the_session_does_not_evict_the_member(kafka
         for w in workers:
             await w.runner.stop()
         await producer.stop()
+
+
+async def test_a_revocation_during_a_restore_cancels_it_and_nothing_is_handled_twice(kafka, namespace, tmp_path):
+    """B is still restoring (a 20 s injected delay) when C joins: the rebalance revokes B's partitions
+    mid-restore. The restore is cancelled at once (the group does not wait for it), B restores again
+    on its new assignment, and every event is still handled exactly once."""
+    source = f"{namespace}.source"
+    await ensure_topics(kafka.bootstrap, [source, f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    sent: list[str] = []
+
+    async def produce(count: int) -> None:
+        for i in range(count):
+            event = Event(event_id=f"e{len(sent)}", type="play", ts=time.time() * 1000, tenant="t", device_id=f"d{i}")
+            await producer.send_and_wait(source, encode_event(event), key=event.partition_key)
+            sent.append(event.dedupe_key)
+
+    a = Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0)
+    b = Worker("b", kafka, namespace, tmp_path, restore_delay_s=20.0)
+    c = Worker("c", kafka, namespace, tmp_path, restore_delay_s=0.0)
+    workers = [a, b, c]
+
+    def handled() -> Counter[str]:
+        return Counter(k for w in workers for k in w.handled)
+
+    try:
+        await a.runner.start()
+        await produce(50)
+        await wait_for(lambda: len(handled()) >= 50, 30, "A handles the first events")
+        await b.runner.start()
+        await wait_for(lambda: b.runner.ready()["restoring"], 30, "B restoring")
+        await produce(50)
+        started = time.monotonic()
+        await c.runner.start()
+        await wait_for(lambda: b.assignments >= 2, 30, "B re-assigned after C joined")
+        await wait_for(lambda: all(w.runner.ready()["joined"] for w in workers), 30, "every worker ready")
+        assert time.monotonic() - started < 15, "the rebalance waited for B's restore"
+        assert b.window.slow_restore_took == 0.0, "B's first (slow) restore was cancelled, not finished"
+        await produce(100)
+        await wait_for(lambda: len(handled()) >= len(sent), 60, "every event handled")
+        await asyncio.sleep(2.0)  # a stale owner's copy would show up right behind
+        twice = {k: n for k, n in handled().items() if n > 1}
+        assert not twice, f"{len(twice)} events handled more than once: {sorted(twice)[:10]}"
+        assert sorted(p for w in workers for p in w.runner.ready()["partitions"]) == [0, 1, 2, 3]
+    finally:
+        for w in workers:
+            await w.runner.stop()
+        await producer.stop()
