@@ -292,6 +292,7 @@ class Settings:
     log_level: str = "info"  # HIFI_LOG_LEVEL
     namespace: str = ""  # HIFI_NAMESPACE: prefix of topics and consumer groups
     shutdown_grace_s: float = 20.0  # HIFI_SHUTDOWN_GRACE_S: SIGTERM drains for at most this long
+    table_checkpoint_s: float = 10.0  # HIFI_TABLE_CHECKPOINT_S: how often RocksDB tables save their changelog offset
     read_token: str | None = None  # HIFI_READ_TOKEN: bearer token for /stats and table views
     admin_token: str | None = None  # HIFI_ADMIN_TOKEN: bearer token for admin actions (also reads)
     redact_fields: str = ""  # HIFI_REDACT_FIELDS: payload fields masked in views, comma-separated
@@ -312,6 +313,7 @@ class Settings:
         "log_level": "HIFI_LOG_LEVEL",
         "namespace": "HIFI_NAMESPACE",
         "shutdown_grace_s": "HIFI_SHUTDOWN_GRACE_S",
+        "table_checkpoint_s": "HIFI_TABLE_CHECKPOINT_S",
         "read_token": "HIFI_READ_TOKEN",
         "admin_token": "HIFI_ADMIN_TOKEN",
         "redact_fields": "HIFI_REDACT_FIELDS",

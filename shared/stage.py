@@ -206,6 +206,7 @@ class StageRunner(Service):
         queues = DeadLetterQueues(self.bootstrap, ctx.topics, list(ctx.config.sinks))
         add_dlq_views(self.app, self.stage, queues, ctx.settings)
         audit = ctx.config.audit
+        self.checkpoint_interval_s = ctx.settings.table_checkpoint_s
         self.tallies = ctx.topics.tallies
         self.bucket_s = audit.bucket_s
         alerter = Alerter(self.stage)
