@@ -333,7 +333,7 @@ class Settings:
                     values[f.name] = int(raw)
                 except ValueError:
                     raise ConfigError(var, f"must be an integer, got {raw!r}") from None
-            elif f.name == "shutdown_grace_s":
+            elif f.name in ("shutdown_grace_s", "table_checkpoint_s"):
                 try:
                     values[f.name] = float(raw)
                 except ValueError:
