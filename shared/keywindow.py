@@ -172,6 +172,7 @@ class RocksKeyWindow:
         self.dbs: dict[int, Rdict] = {}
         self.pending: dict[int, list[list[Any]]] = {}
         self.applied: dict[int, int] = {}  # partition -> next changelog offset this store reflects
+        self.behind: dict[int, int] = {}  # partition -> offset up to which others' records await `catch_up`
 
     @property
     def changelog_retention_s(self) -> float:
@@ -212,8 +213,24 @@ class RocksKeyWindow:
         if new:
             await self.restore(new)
 
-    async def _restore(self, partitions: list[int], restored: Callable[[int], None] | None = None) -> None:
-        """Apply the changelog from each store's checkpoint to the end (read at the start).
+    async def catch_up(self) -> None:
+        """Apply the records another owner wrote into gaps before this store's own (see `durable`).
+
+        Only where a key is absent: this store's own later write of a key wins over the other's.
+        """
+        targets = {p: end for p, end in self.behind.items() if p in self.dbs and end > self.applied.get(p, 0)}
+        self.behind = {}
+        if targets:
+            await self._restore(sorted(targets), None, targets)
+
+    async def _restore(
+        self,
+        partitions: list[int],
+        restored: Callable[[int], None] | None = None,
+        until: dict[int, int] | None = None,
+    ) -> None:
+        """Apply the changelog from each store's checkpoint to the end (read at the start), or, catching
+        up, to `until` without replacing keys the store holds.
 
         Runs while the worker heartbeats; it yields after each record so a long restore never starves
         the heartbeat. Cancelled (revoked mid-way), `applied` still names only what was applied.
@@ -226,6 +243,8 @@ class RocksKeyWindow:
             tps = [TopicPartition(self.changelog_topic, p) for p in partitions]
             consumer.assign(tps)
             ends = await consumer.end_offsets(tps)
+            if until is not None:
+                ends = {tp: min(ends[tp], until[tp.partition]) for tp in tps}
             starts = await consumer.beginning_offsets(tps)
             todo = {}
             for tp in tps:
@@ -234,7 +253,8 @@ class RocksKeyWindow:
                     consumer.seek(tp, start)
                     todo[tp] = ends[tp]
                 else:
-                    self.applied[tp.partition] = ends[tp]
+                    if until is None:
+                        self.applied[tp.partition] = ends[tp]
                     if restored is not None:
                         restored(tp.partition)
             while todo:
@@ -256,10 +276,12 @@ class RocksKeyWindow:
                             entries = []
                         batch = WriteBatch(raw_mode=True)
                         for key, first_seen, claim in entries:
-                            batch.put(key.encode(), pack([first_seen, claim]))
+                            if until is None or db.get(key.encode()) is None:
+                                batch.put(key.encode(), pack([first_seen, claim]))
                         db.write(batch)
                         applied += len(entries)
-                        self.applied[tp.partition] = record.offset + 1
+                        # Catching up, own records applied meanwhile may already have moved it further.
+                        self.applied[tp.partition] = max(self.applied.get(tp.partition, 0), record.offset + 1)
                         await asyncio.sleep(0)  # one record is up to a batch of entries: let heartbeats run
                         if self.dbs.get(tp.partition) is not db:  # revoked meanwhile
                             todo.pop(tp, None)
@@ -272,8 +294,9 @@ class RocksKeyWindow:
         finally:
             took = time.monotonic() - started
             log.info(
-                "%s: restored partitions %s (%d entries) in %.2fs (%.0f entries/s)",
+                "%s: %s partitions %s (%d entries) in %.2fs (%.0f entries/s)",
                 self.name,
+                "restored" if until is None else "caught up",
                 partitions,
                 applied,
                 took,
@@ -309,6 +332,7 @@ class RocksKeyWindow:
                 continue
             db.close()  # flushes the memtable: the checkpoint below never runs ahead of the store
             self.pending.pop(p, None)
+            self.behind.pop(p, None)
             self._write_checkpoint(p, self.applied.pop(p, 0))
 
     def changelog(self) -> list[Output]:
@@ -321,10 +345,14 @@ class RocksKeyWindow:
 
         `applied` advances only contiguously: a gap before the record holds records another owner
         wrote (two owners around a capped revoke) that this store never applied; the checkpoint then
-        stays before them, and the next restore applies them (re-applying our own is idempotent).
+        stays before them until `catch_up` (or the next restore) applies them. Re-applying is idempotent.
         """
-        if partition in self.dbs and self.applied.get(partition) == next_offset - 1:
+        if partition not in self.dbs:
+            return
+        if self.applied.get(partition) == next_offset - 1:
             self.applied[partition] = next_offset
+        elif next_offset - 1 > self.applied.get(partition, 0):
+            self.behind[partition] = max(self.behind.get(partition, 0), next_offset)
 
     def _db(self, anchor: Any) -> tuple[int, Rdict]:
         partition = anchor.partition

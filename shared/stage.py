@@ -108,6 +108,10 @@ class PartitionedState(Protocol):
         """Catch opened stores up with the changelog; `restored(p)` once partition p is."""
         ...
 
+    async def catch_up(self) -> None:
+        """Apply changelog records other owners wrote between this worker's own (a capped revoke)."""
+        ...
+
     def checkpoint(self) -> None:
         """Save how far each open store applied its changelog (a kill -9 then replays only the tail)."""
         ...
@@ -426,6 +430,7 @@ class StageRunner(Service):
         while True:
             await asyncio.sleep(self.checkpoint_interval_s)
             for state in self.states:
+                await state.catch_up()
                 state.checkpoint()
 
     # -- the loop ----------------------------------------------------------------------------------

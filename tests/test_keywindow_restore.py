@@ -64,6 +64,37 @@ async def test_checkpoint_never_skips_a_changelog_record_another_owner_wrote(kaf
         await producer.stop()
 
 
+async def test_a_gap_of_another_owners_records_is_caught_up_while_the_store_is_open(kafka, namespace, tmp_path):
+    """The live window, not only the next restore, learns the other owner's entry: `catch_up` reads
+    the gap, then the checkpoint covers it and the store's own later records."""
+    changelog = f"{namespace}.window.changelog"
+    await ensure_topics(kafka.bootstrap, [changelog], 1, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        window = RocksKeyWindow("w", tmp_path / "w", changelog, kafka.bootstrap, 600.0, 1, "g")
+        await window.assign([0])
+        await window.claim(["mine-1"], ["c1"], [_anchor(0)])
+        for partition, offset in await _publish(producer, window.changelog()):
+            window.durable(partition, offset + 1)
+        await producer.send_and_wait(
+            changelog, pack([["theirs", time.time() * 1000, "c2"], ["mine-2", 1.0, "x"]]), partition=0
+        )
+        await window.claim(["mine-2"], ["c3"], [_anchor(0)])
+        for partition, offset in await _publish(producer, window.changelog()):
+            window.durable(partition, offset + 1)
+        assert window.applied[0] == 1, "the checkpoint may not jump the other owner's record"
+        await window.catch_up()
+        assert window.applied[0] == 3
+        assert await window.seen(["theirs"], [_anchor(0)]) == [True]
+        assert await window.claim(["mine-2"], ["c3"], [_anchor(0)]) == [True], "its own later claim kept"
+        window.checkpoint()
+        assert (tmp_path / "w" / "p0.changelog-offset").read_text() == "3"
+        window.revoke([0])
+    finally:
+        await producer.stop()
+
+
 async def test_periodic_checkpoint_covers_only_applied_records_and_is_atomic(kafka, namespace, tmp_path):
     """A checkpoint taken while the store is open (what a kill -9 leaves) names the next changelog
     offset the store holds, written by rename: no temp file left behind, never past what is applied."""
@@ -168,6 +199,7 @@ class Worker:
             source=f"{namespace}.source",
             states=[self.window],
             session_timeout_ms=6_000,
+            checkpoint_interval_s=1.0,
         )
         original = self.runner._on_assigned
 
@@ -176,6 +208,11 @@ class Worker:
             await original(assigned)
 
         self.runner._on_assigned = counted  # type: ignore[method-assign]
+
+    def checkpointed(self) -> bool:
+        """Every held store's checkpoint file names what it has applied (written while held)."""
+        files = {p: self.window._checkpoint_file(p) for p in self.window.dbs}
+        return all(f.exists() and int(f.read_text()) == self.window.applied[p] for p, f in files.items())
 
     async def handle(self, records: list[Record]) -> StepResult:
         keys = [r.event.dedupe_key for r in records]
@@ -229,6 +266,8 @@ async def test_a_restore_longer_than_the_session_does_not_evict_the_member(kafka
         assert a.assignments == 2, f"A was assigned {a.assignments} times (a rebalance storm)"
         assert b.runner.ready()["partitions"], "B owns partitions"
         assert b.window.slow_restore_took > 6.0, "the restore outlasted the session timeout"
+        await wait_for(lambda: a.checkpointed() and b.checkpointed(), 10, "periodic checkpoints")
+        assert sum(b.window.applied.values()) > 0
     finally:
         for w in workers:
             await w.runner.stop()
