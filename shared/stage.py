@@ -421,10 +421,7 @@ class StageRunner(Service):
         self.restoring = set()
         if task is not None and not task.done():
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait([task])  # its cancellation is not ours: a cancelled caller still raises
 
     async def _checkpoint_every(self) -> None:
         while True:

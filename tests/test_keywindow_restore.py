@@ -321,3 +321,37 @@ async def test_a_revocation_during_a_restore_cancels_it_and_nothing_is_handled_t
         for w in workers:
             await w.runner.stop()
         await producer.stop()
+
+
+class BrokenRestoreWindow(RocksKeyWindow):
+    async def _restore(self, partitions: list[int], *args: Any) -> None:
+        raise OSError("injected: the changelog cannot be read")
+
+
+async def test_a_failed_restore_stops_the_worker_instead_of_reading_without_its_window(
+    kafka, namespace, tmp_path, monkeypatch
+):
+    """Reading on without the window would pass duplicates: the worker asks itself to stop (SIGTERM,
+    recorded here instead of delivered to pytest) and never resumes the partitions."""
+    import shared.stage
+
+    signals: list[int] = []
+    monkeypatch.setattr(shared.stage.os, "kill", lambda pid, sig: signals.append(sig))
+    source = f"{namespace}.source"
+    await ensure_topics(kafka.bootstrap, [source, f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    worker = Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0)
+    worker.window.__class__ = BrokenRestoreWindow
+    try:
+        for i in range(20):
+            event = Event(event_id=f"e{i}", type="play", ts=time.time() * 1000, tenant="t", device_id=f"d{i}")
+            await producer.send_and_wait(source, encode_event(event), key=event.partition_key)
+        await worker.runner.start()
+        await wait_for(lambda: signals, 30, "the worker stops itself")
+        await asyncio.sleep(2.0)  # would it read anyway?
+        assert worker.handled == []
+        assert not worker.runner.ready()["joined"]
+    finally:
+        await worker.runner.stop()
+        await producer.stop()
