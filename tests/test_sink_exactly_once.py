@@ -3,15 +3,29 @@ against the real destination (Kafka, Redis, a local HTTP server)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
 from collections import Counter
 from typing import Any
 
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+from aiokafka.structs import ConsumerRecord
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from services.sender.sinks import RedisStreamSink
+from services.sender.app import SinkDelivery
+from services.sender.breaker import CircuitBreaker
+from services.sender.sinks import KafkaSink, RedisStreamSink, Source
+from shared.alerts import Alerter
 from shared.config import SinkConfig
 from shared.errors import TransientError
 from shared.event import Event
+from shared.keywindow import RedisKeyWindow
+from shared.metrics import StageMetrics
+from shared.stage import Record, StepResult
 from tests.helpers import read_redis_stream
 
 
@@ -62,3 +76,187 @@ async def test_redis_stream_pipeline_cut_midway_then_retried_appends_once(redis_
     counts = Counter(r["event_id"] for r in got)
     assert counts == Counter({f"e{i}": 1 for i in range(6)}), counts
     assert [r["event_id"] for r in got] == [f"e{i}" for i in range(6)]  # order kept
+
+
+# -- helpers for the Kafka sink and the sender's delivery ---------------------------------------------
+
+
+def record_of(event: Event, topic: str, partition: int, offset: int) -> Record:
+    message = ConsumerRecord(topic, partition, offset, 0, 0, None, b"", None, 0, 0, [])
+    return Record(event, message)
+
+
+def delivery_for(sink: Any, redis_url: str, namespace: str) -> SinkDelivery:
+    ledger = RedisKeyWindow(redis_url, f"hifi:{namespace}:delivered-ledger:", 3600)
+    delivery = SinkDelivery(sink, ledger, StageMetrics(), Alerter("sender.test"), pass_through=False)
+    delivery.breaker = CircuitBreaker(reset_after_s=0.05)
+    return delivery
+
+
+async def handle_like_runner(delivery: SinkDelivery, records: list[Record], tries: int = 40) -> StepResult:
+    """The runner's loop: retry the whole batch on a transient error (honouring retry_after, briefly)."""
+    for _ in range(tries):
+        try:
+            return await delivery.handle(records)
+        except TransientError as exc:
+            await asyncio.sleep(min(exc.retry_after or 0.01, 0.1))
+    raise AssertionError(f"the batch was still failing after {tries} attempts")
+
+
+async def deliver_retrying(sink: Any, batch: list[Event], source: Source) -> None:
+    """As the runner does: a transient error (e.g. the group coordinator still loading) is retried."""
+    for _ in range(40):
+        try:
+            return await sink.deliver_batch(batch, source)
+        except TransientError:
+            await asyncio.sleep(0.25)
+    raise AssertionError("the sink kept failing")
+
+
+async def read_committed(bootstrap: str, topic: str, expect: int) -> list[dict[str, Any]]:
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    out: list[dict[str, Any]] = []
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(out) < expect:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                out.extend(json.loads(r.value) for r in records)
+        for records in (await consumer.getmany(timeout_ms=1500)).values():  # a duplicate would be right behind
+            out.extend(json.loads(r.value) for r in records)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def committed_offset(bootstrap: str, group: str, tp: TopicPartition) -> int:
+    """Where the next owner of `tp` starts reading: the group's committed offset (0 if none)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        meta = (await admin.list_consumer_group_offsets(group, partitions=[tp])).get(tp)
+    finally:
+        await admin.close()
+    return meta.offset if meta is not None and meta.offset >= 0 else 0
+
+
+async def make_source_topic(bootstrap: str, topic: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+
+
+# -- item 4: the Kafka sink ----------------------------------------------------------------------------
+
+
+async def test_kafka_sink_sender_killed_after_delivery_successor_delivers_nothing_twice(kafka, namespace):
+    """A sender dies after the sink topic took a batch and before its runner committed the input: the
+    successor starts at the group's committed offset. On the same cluster the input offsets commit in the
+    sink's transaction, so that offset is already past the batch."""
+    out, src, group = f"{namespace}.mirror", f"{namespace}.src", f"{namespace}-sender"
+    await make_source_topic(kafka.bootstrap, src)
+    tp = TopicPartition(src, 0)
+    batch = events(10)
+    first = KafkaSink(SinkConfig("m", "kafka", {"topic": out}), kafka.bootstrap, group)
+    await first.start()
+    await deliver_retrying(first, batch[:6], Source(src, 0, list(range(6))))
+    # killed here: no runner commit; the successor resumes from what the group committed
+    successor = KafkaSink(SinkConfig("m", "kafka", {"topic": out}), kafka.bootstrap, group)
+    await successor.start()
+    try:
+        start = await committed_offset(kafka.bootstrap, group, tp)
+        await deliver_retrying(successor, batch[start:], Source(src, 0, list(range(start, 10))))
+    finally:
+        await successor.close()
+        await first.close()
+    got = Counter(r["event_id"] for r in await read_committed(kafka.bootstrap, out, 10))
+    assert got == Counter({f"e{i}": 1 for i in range(10)}), got
+
+
+async def test_kafka_sink_transaction_abandoned_midway_is_never_read(kafka, namespace):
+    """A sender stalls (SIGSTOP, GC, dead) with its transaction open and its records on the broker; the
+    successor's producer fences it, and a read_committed reader sees each event once."""
+    out, src, group = f"{namespace}.mirror", f"{namespace}.src", f"{namespace}-sender"
+    await make_source_topic(kafka.bootstrap, src)
+    tp = TopicPartition(src, 0)
+    batch = events(8)
+    stalled = KafkaSink(SinkConfig("m", "kafka", {"topic": out}), kafka.bootstrap, group)
+    await stalled.start()
+    producer = await stalled._transactional_producer(tp)
+    committing, released = asyncio.Event(), asyncio.Event()
+
+    async def stall_commit() -> None:
+        await producer.flush()  # the records are on the broker, in the open transaction
+        committing.set()
+        await released.wait()
+        raise KafkaConnectionError("injected: the stalled sender never committed")
+
+    producer.commit_transaction = stall_commit  # type: ignore[method-assign]
+    zombie = asyncio.create_task(stalled.deliver_batch(batch, Source(src, 0, list(range(8)))))
+    await asyncio.wait_for(committing.wait(), 20)
+    successor = KafkaSink(SinkConfig("m", "kafka", {"topic": out}), kafka.bootstrap, group)
+    await successor.start()
+    try:
+        start = await committed_offset(kafka.bootstrap, group, tp)
+        assert start == 0
+        await deliver_retrying(successor, batch[start:], Source(src, 0, list(range(start, 8))))
+        assert await committed_offset(kafka.bootstrap, group, tp) == 8
+    finally:
+        released.set()
+        with pytest.raises(TransientError):
+            await zombie
+        await successor.close()
+        await stalled.close()
+    got = Counter(r["event_id"] for r in await read_committed(kafka.bootstrap, out, 8))
+    assert got == Counter({f"e{i}": 1 for i in range(8)}), got
+
+
+class FailOneKeyOnce:
+    """A real producer whose sends for one key (one destination partition) fail once, as if that
+    partition's leader stayed unreachable past the producer's own retries; the other keys are acked."""
+
+    def __init__(self, producer: Any, key: bytes) -> None:
+        self.producer = producer
+        self.key = key
+        self.failed = False
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None, **kwargs: Any) -> Any:
+        if key == self.key and not self.failed:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            future.set_exception(KafkaTimeoutError("injected: partition leader unreachable"))
+            return future
+        return await self.producer.send(topic, value, key=key, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.producer, name)
+
+
+async def test_kafka_sink_other_cluster_retries_only_the_unacknowledged_partition(kafka, namespace, redis_server):
+    """Another cluster (no transaction): one destination partition fails after the others were acked; the
+    retry must send only that partition's records."""
+    out = f"{namespace}.mirror"
+    config = SinkConfig("m", "kafka", {"topic": out, "bootstrap": kafka.bootstrap, "transactional": False})
+    sink = KafkaSink(config, "the-pipelines-own-cluster:9092", f"{namespace}-sender")
+    await sink.start()
+    failing = FailOneKeyOnce(sink.producer, events(2)[1].partition_key)
+    sink.producer = failing  # type: ignore[assignment]
+    delivery = delivery_for(sink, redis_server.url, namespace)
+    records = [record_of(e, f"{namespace}.src", 0, i) for i, e in enumerate(events(9))]
+    try:
+        with pytest.raises(TransientError):
+            await delivery.handle(records)
+        failing.failed = True
+        await handle_like_runner(delivery, records)
+    finally:
+        await sink.close()
+    got = Counter(r["event_id"] for r in await read_committed(kafka.bootstrap, out, 9))
+    assert got == Counter({f"e{i}": 1 for i in range(9)}), got

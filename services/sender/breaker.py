@@ -38,6 +38,16 @@ class CircuitBreaker:
         self.state = "closed"
         self.failures = 0
 
+    def open_now(self) -> bool:
+        """Open at once (the sink refuses every request); return True if it was not open already."""
+        opened = self.state != "open"
+        self.state = "open"
+        self.opened_at = time.monotonic()
+        self.failures = max(self.failures, self.failure_threshold)
+        if opened:
+            self.opened_count += 1
+        return opened
+
     def on_failure(self) -> bool:
         """Record a failure; return True if this one opened the circuit."""
         self.failures += 1
