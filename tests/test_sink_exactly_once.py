@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
@@ -18,10 +19,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.sender.app import SinkDelivery
 from services.sender.breaker import CircuitBreaker
-from services.sender.sinks import KafkaSink, RedisStreamSink, Source
+from services.sender.sinks import KafkaSink, RedisStreamSink, Source, WebhookSink
 from shared.alerts import Alerter
 from shared.config import SinkConfig
-from shared.errors import TransientError
+from shared.errors import PermanentSinkError, TransientError
 from shared.event import Event
 from shared.keywindow import RedisKeyWindow
 from shared.metrics import StageMetrics
@@ -260,3 +261,131 @@ async def test_kafka_sink_other_cluster_retries_only_the_unacknowledged_partitio
         await sink.close()
     got = Counter(r["event_id"] for r in await read_committed(kafka.bootstrap, out, 9))
     assert got == Counter({f"e{i}": 1 for i in range(9)}), got
+
+
+# -- item 6: a sink's 4xx and the 5xx that follows one payload ------------------------------------------
+
+
+class RuledSink:
+    """A real HTTP sink with per-event faults: 400 for any request holding a `refused` event, 503 for any
+    holding a `poisoned` one (a payload that crashes it), or `status` for every request."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.refused: set[str] = set()
+        self.poisoned: set[str] = set()
+        self.status: int | None = None
+        self.received: list[str] = []
+        self.requests = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        ids = [e["event_id"] for e in (await request.json())["events"]]
+        if self.status is not None:
+            return web.json_response({"error": "injected"}, status=self.status)
+        if self.refused.intersection(ids):
+            return web.json_response({"error": "invalid event"}, status=400)
+        if self.poisoned.intersection(ids):
+            return web.json_response({"error": "crashed"}, status=503)
+        self.received.extend(ids)
+        return web.json_response({"ok": len(ids)})
+
+
+@pytest.fixture
+async def ruled_sink(port_base: int) -> Any:
+    sink = RuledSink(port_base + 31)
+    await sink.start()
+    yield sink
+    await sink.stop()
+
+
+async def webhook_delivery(ruled: RuledSink, redis_url: str, namespace: str, max_attempts: int = 3) -> Any:
+    config = SinkConfig(
+        "hook",
+        "webhook",
+        {"url": f"http://127.0.0.1:{ruled.port}/hook"},
+        timeout_s=2,
+        max_attempts_per_event=max_attempts,
+    )
+    sink = WebhookSink(config)
+    await sink.start()
+    return sink, delivery_for(sink, redis_url, namespace)
+
+
+def one_partition(n: int, topic: str = "src") -> list[Record]:
+    return [record_of(e, topic, 0, i) for i, e in enumerate(events(n))]
+
+
+async def test_webhook_400_for_one_event_dead_letters_only_that_event(ruled_sink, redis_server, namespace):
+    ruled_sink.refused = {"e6"}
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace)
+    try:
+        result = await handle_like_runner(delivery, one_partition(12))
+    finally:
+        await sink.close()
+    assert [letter.message.offset for letter in result.dead] == [6]
+    assert isinstance(result.dead[0].error, PermanentSinkError)
+    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(12) if i != 6})
+
+
+async def test_webhook_401_for_the_whole_sink_pages_and_dead_letters_nothing(ruled_sink, redis_server, namespace):
+    ruled_sink.status = 401
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace)
+    records = one_partition(5)
+    try:
+        for _ in range(4):
+            with pytest.raises(TransientError):
+                await delivery.handle(records)
+        assert delivery.breaker.state == "open"
+        assert [a["name"] for a in delivery.alerter.fired] == ["sink_misconfigured"]
+        ruled_sink.status = None  # the credential is fixed
+        result = await handle_like_runner(delivery, records)
+    finally:
+        await sink.close()
+    assert result.dead == []
+    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(5)})
+
+
+async def test_webhook_503_that_follows_one_payload_dead_letters_it_after_bounded_attempts(
+    ruled_sink, redis_server, namespace
+):
+    ruled_sink.poisoned = {"e3"}
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace, max_attempts=3)
+    try:
+        result = await handle_like_runner(delivery, one_partition(10), tries=10)
+    finally:
+        await sink.close()
+    assert [letter.message.offset for letter in result.dead] == [3]
+    assert "503" in str(result.dead[0].error)
+    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(10) if i != 3})
+
+
+async def test_webhook_outage_of_the_whole_sink_dead_letters_nothing(ruled_sink, redis_server, namespace):
+    ruled_sink.status = 503
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace, max_attempts=2)
+    records = one_partition(8)
+    try:
+        for _ in range(12):  # far past max_attempts_per_event: every request fails, so it is the sink
+            try:
+                result = await delivery.handle(records)
+                raise AssertionError(f"delivered during an outage: {result}")
+            except TransientError as exc:
+                await asyncio.sleep(min(exc.retry_after or 0.01, 0.1))
+        ruled_sink.status = None
+        result = await handle_like_runner(delivery, records)
+    finally:
+        await sink.close()
+    assert result.dead == []
+    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(8)})

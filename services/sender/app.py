@@ -160,9 +160,11 @@ class SinkDelivery:
         self.attempts.pop(batch_id, None)
         return result
 
-    async def _deliver_part(self, part: list[Record], attempts: int, result: StepResult) -> None:
+    async def _deliver_part(
+        self, part: list[Record], attempts: int, result: StepResult, ask_breaker: bool = True
+    ) -> None:
         try:
-            await self._deliver(part)
+            await self._deliver(part, ask_breaker)
         except PartialDelivery as exc:  # the sink acked some records: mark those, retry the others
             await self._delivered([part[i] for i in exc.delivered], attempts, result)
             raise
@@ -203,7 +205,11 @@ class SinkDelivery:
     ) -> None:
         error: Exception
         try:
-            await self._deliver_part(part, attempts, result)
+            # Past the round's first request the breaker is not asked: the round is bounded (it stops after
+            # 3 failures without a success) and must isolate the culprit, not trip over it.
+            ask_breaker = through.requests == 0
+            through.requests += 1
+            await self._deliver_part(part, attempts, result, ask_breaker)
             through.successes += 1
             return
         except (CircuitOpen, SinkThrottled, SinkMisconfigured):
@@ -232,8 +238,9 @@ class SinkDelivery:
         rows = [[r.event.event_id, r.event.tenant, r.event.ingest_ts, attempts, r.event.canary] for r in records]
         return [Output(self.receipts_topic, self.name.encode(), receipt(self.name, acked, rows))]
 
-    async def _deliver(self, todo: list[Record]) -> None:
-        self.breaker.before_call()
+    async def _deliver(self, todo: list[Record], ask_breaker: bool = True) -> None:
+        if ask_breaker:
+            self.breaker.before_call()
         await self.throttle.wait_turn()
         first = todo[0].message
         source = Source(first.topic, first.partition, [r.message.offset for r in todo])
@@ -363,6 +370,7 @@ class SinkDelivery:
 class _Round:
     """One isolation round's requests: any success shows the sink is up."""
 
+    requests: int = 0
     successes: int = 0
     failures: int = 0
 
