@@ -21,8 +21,8 @@ from services.sender.app import SinkDelivery
 from services.sender.breaker import CircuitBreaker
 from services.sender.sinks import KafkaSink, RedisStreamSink, Source, WebhookSink
 from shared.alerts import Alerter
-from shared.config import SinkConfig
-from shared.errors import PermanentSinkError, TransientError
+from shared.config import HifiConfig, SinkConfig, hash_api_key
+from shared.errors import ConfigError, PermanentSinkError, TransientError
 from shared.event import Event
 from shared.keywindow import RedisKeyWindow
 from shared.metrics import StageMetrics
@@ -389,3 +389,23 @@ async def test_webhook_outage_of_the_whole_sink_dead_letters_nothing(ruled_sink,
         await sink.close()
     assert result.dead == []
     assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(8)})
+
+
+def test_sink_options_for_exactly_once_parse_and_validate():
+    config = HifiConfig.parse(
+        {
+            "tenants": {"acme": {"api_keys": [hash_api_key("k")], "sinks": ["hook", "stream", "mirror"]}},
+            "sinks": {
+                "hook": {"type": "webhook", "url": "http://x/h", "max_attempts_per_event": 4},
+                "stream": {"type": "redis_stream", "stream": "s", "dedupe_window_s": 600},
+                "mirror": {"type": "kafka", "topic": "t", "transactional": False},
+            },
+        }
+    )
+    assert config.sinks["hook"].max_attempts_per_event == 4
+    assert config.sinks["mirror"].max_attempts_per_event == 10
+    assert RedisStreamSink(config.sinks["stream"], "redis://127.0.0.1:1/0").marker_ttl_ms == 600_000
+    assert not KafkaSink(config.sinks["mirror"], "b:9092", "g").transactional
+    assert KafkaSink(SinkConfig("m", "kafka", {"topic": "t"}), "b:9092", "g").transactional
+    with pytest.raises(ConfigError):
+        HifiConfig.parse({"tenants": {}, "sinks": {"m": {"type": "kafka", "topic": "t", "transactional": "yes"}}})
