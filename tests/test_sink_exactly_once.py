@@ -22,12 +22,15 @@ from services.sender.breaker import CircuitBreaker
 from services.sender.sinks import KafkaSink, RedisStreamSink, Source, WebhookSink
 from shared.alerts import Alerter
 from shared.config import HifiConfig, SinkConfig, hash_api_key
+from shared.dlq import DeadLetterQueues
 from shared.errors import ConfigError, PermanentSinkError, TransientError
 from shared.event import Event
 from shared.keywindow import RedisKeyWindow
+from shared.local.traffic import EventFactory
 from shared.metrics import StageMetrics
 from shared.stage import Record, StepResult
-from tests.helpers import read_redis_stream
+from shared.topics import Topics
+from tests.helpers import post, read_redis_stream, tenant_block, wait_for
 
 
 def events(n: int, tenant: str = "acme") -> list[Event]:
@@ -409,3 +412,46 @@ def test_sink_options_for_exactly_once_parse_and_validate():
     assert KafkaSink(SinkConfig("m", "kafka", {"topic": "t"}), "b:9092", "g").transactional
     with pytest.raises(ConfigError):
         HifiConfig.parse({"tenants": {}, "sinks": {"m": {"type": "kafka", "topic": "t", "transactional": "yes"}}})
+
+
+async def test_pipeline_sink_4xx_mix_dead_letters_only_refused_events(
+    tmp_path, namespace, ruled_sink, settings_for, start_pipeline, kafka
+):
+    """The real sender process: a few events answered 400, and a stretch of 401 for the whole sink.
+    Only the refused events dead-letter; everything else arrives once."""
+    config = tmp_path / "hifi.yaml"
+    config.write_text(
+        "tenants:\n"
+        + tenant_block("acme", "k", ["hook"])
+        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{ruled_sink.port}/hook", timeout_s: 2}}\n'
+    )
+    pipeline = await start_pipeline(settings_for(config))
+    queues = DeadLetterQueues(kafka.bootstrap, Topics(namespace), ["hook"])
+    factory = EventFactory(producer_id=namespace)
+    first = [factory.make() for _ in range(200)]
+    second = [factory.make() for _ in range(100)]
+    refused = {first[17]["event_id"], first[150]["event_id"], second[40]["event_id"]}
+    ruled_sink.refused = refused
+    try:
+        assert (await post(pipeline.collector_url, "k", first))[0] == 200
+        await wait_for(lambda: len(ruled_sink.received) >= 198, 60, "the first events", pipeline)
+        ruled_sink.status = 401  # a revoked credential: nothing may be dead-lettered for it
+        assert (await post(pipeline.collector_url, "k", second))[0] == 200
+        await wait_for(lambda: ruled_sink.requests > 3, 30, "requests refused with 401", pipeline)
+        await asyncio.sleep(3.0)  # the stretch of 401: the sender keeps retrying, pages, dead-letters nothing
+        assert (await queues.counts())["sender.hook"] == 2
+        ruled_sink.status = None
+        await wait_for(lambda: len(ruled_sink.received) >= 297, 60, "the rest after the credential is fixed", pipeline)
+
+        async def three_dead() -> bool:
+            return (await queues.counts())["sender.hook"] >= 3
+
+        await wait_for(three_dead, 30, "the refused events dead-lettered", pipeline)
+        await asyncio.sleep(2.0)  # a duplicate or a stray dead letter would arrive right behind
+        letters = await queues.read("sender.hook", limit=10)
+    finally:
+        ruled_sink.status = None
+    want = Counter(e["event_id"] for e in first + second if e["event_id"] not in refused)
+    assert Counter(ruled_sink.received) == want
+    assert sorted(letter["original"]["event_id"] for letter in letters) == sorted(refused)
+    assert {letter["error_class"] for letter in letters} == {"PermanentSinkError"}
