@@ -224,6 +224,27 @@ async def test_kafka_sink_transaction_abandoned_midway_is_never_read(kafka, name
     assert got == Counter({f"e{i}": 1 for i in range(8)}), got
 
 
+async def test_kafka_sink_stale_owner_retrying_after_the_successor_delivered_adds_nothing(kafka, namespace):
+    """An evicted sender still holds a batch the successor has since delivered, and retries it: its producer
+    was fenced, and the fresh one it makes sees the successor's committed offset."""
+    out, src, group = f"{namespace}.mirror", f"{namespace}.src", f"{namespace}-sender"
+    await make_source_topic(kafka.bootstrap, src)
+    batch = events(8)
+    stale = KafkaSink(SinkConfig("m", "kafka", {"topic": out}), kafka.bootstrap, group)
+    successor = KafkaSink(SinkConfig("m", "kafka", {"topic": out}), kafka.bootstrap, group)
+    await stale.start()
+    await successor.start()
+    try:
+        await deliver_retrying(stale, batch[:4], Source(src, 0, list(range(4))))
+        await deliver_retrying(successor, batch[4:], Source(src, 0, list(range(4, 8))))  # took over at 4
+        await deliver_retrying(stale, batch[4:], Source(src, 0, list(range(4, 8))))  # the stale retry
+    finally:
+        await successor.close()
+        await stale.close()
+    got = Counter(r["event_id"] for r in await read_committed(kafka.bootstrap, out, 8))
+    assert got == Counter({f"e{i}": 1 for i in range(8)}), got
+
+
 class FailOneKeyOnce:
     """A real producer whose sends for one key (one destination partition) fail once, as if that
     partition's leader stayed unreachable past the producer's own retries; the other keys are acked."""
