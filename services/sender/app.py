@@ -3,8 +3,10 @@ acks its input only after the destination acknowledged; a delivered ledger (sink
 for the dedupe window) stops a replay from delivering twice.
 
 Per fetched batch: ledger check, then per source partition, concurrently: circuit breaker -> throttle
--> deliver -> ledger mark.
-The only window in which a crash can still duplicate is between the sink's ack and the ledger mark.
+-> deliver -> ledger mark. A refused request (4xx), or one whose 5xx/timeout outlasts
+`max_attempts_per_event`, is bisected so only the events at fault dead-letter.
+The only window in which a crash can still duplicate is between the sink's ack and the ledger mark; a
+transactional Kafka sink (offsets in the transaction) and a Redis Stream sink (per-key marker) close it.
 """
 
 from __future__ import annotations
@@ -346,6 +348,7 @@ class SinkDelivery:
                 "circuit_opened": self.breaker.opened_count,
                 "throttle_interval_s": round(self.throttle.interval_s, 3),
                 "batches_in_retry": len(self.attempts),
+                "events_suspect": len(self.suspect),
             }
         ]
 
