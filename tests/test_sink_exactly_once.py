@@ -80,6 +80,16 @@ async def test_redis_stream_pipeline_cut_midway_then_retried_appends_once(redis_
     counts = Counter(r["event_id"] for r in got)
     assert counts == Counter({f"e{i}": 1 for i in range(6)}), counts
     assert [r["event_id"] for r in got] == [f"e{i}" for i in range(6)]  # order kept
+    marker_ttl_s = await redis_client.pttl(sink.marker_key("s:acme:e0")) / 1000
+    assert 86_300 < marker_ttl_s <= 86_400  # the dedupe window
+
+
+def test_redis_stream_marker_shares_the_streams_cluster_slot():
+    def marker(stream: str) -> str:
+        return RedisStreamSink(SinkConfig("s", "redis_stream", {"stream": stream}), "redis://x:1/0").marker_key("k")
+
+    assert marker("hifi:events") == "{hifi:events}:idem:k"
+    assert marker("hifi:{t1}:events") == "hifi:{t1}:events:idem:k"
 
 
 # -- helpers for the Kafka sink and the sender's delivery ---------------------------------------------

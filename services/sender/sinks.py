@@ -260,6 +260,11 @@ return 1
 """
 
 
+def _has_hash_tag(name: str) -> bool:
+    start = name.find("{")
+    return start != -1 and name.find("}", start + 1) > start + 1
+
+
 class RedisStreamSink:
     """XADD each event to a Redis Stream once per idempotency key: one pipelined round trip per batch of
     `APPEND_ONCE` script calls. The key's marker lives for the dedupe window (option
@@ -276,7 +281,10 @@ class RedisStreamSink:
         self.append_once = self.client.register_script(APPEND_ONCE)
 
     def marker_key(self, key: str) -> str:
-        # The stream's name as hash tag: marker and stream share a Redis Cluster slot, as one script needs.
+        # Marker and stream share a Redis Cluster slot, as one script needs: the stream's own hash tag, or
+        # its whole name as the tag.
+        if _has_hash_tag(self.stream):
+            return f"{self.stream}:idem:{key}"
         return f"{{{self.stream}}}:idem:{key}"
 
     async def start(self) -> None:
