@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -26,6 +27,7 @@ from shared.dlq import DeadLetterQueues
 from shared.errors import ConfigError, PermanentSinkError, TransientError
 from shared.event import Event
 from shared.keywindow import RedisKeyWindow
+from shared.local.redis import LocalRedis
 from shared.local.traffic import EventFactory
 from shared.metrics import StageMetrics
 from shared.stage import Record, StepResult
@@ -486,3 +488,50 @@ async def test_pipeline_sink_4xx_mix_dead_letters_only_refused_events(
     assert Counter(ruled_sink.received) == want
     assert sorted(letter["original"]["event_id"] for letter in letters) == sorted(refused)
     assert {letter["error_class"] for letter in letters} == {"PermanentSinkError"}
+
+
+async def test_redis_stream_sink_server_killed_mid_pipeline_appends_each_event_once(tmp_path, port_base):
+    """redis-sink-kill: the Redis under a Redis Stream sink is killed -9 (append-only file, fsync always)
+    while batches are being appended, and restarted; the sender retries each batch until it is acked."""
+    own = LocalRedis(url=f"redis://127.0.0.1:{port_base + 41}/0", data_dir=tmp_path / "redis", persistent=True)
+    own.ensure()
+    config = SinkConfig("s", "redis_stream", {"stream": "kills", "url": own.url}, timeout_s=1)
+    sink = RedisStreamSink(config, own.url)
+    done = asyncio.Event()
+    kills = 0
+
+    async def kill_now_and_then() -> None:
+        nonlocal kills
+        while not done.is_set():
+            await asyncio.sleep(0.15 + 0.1 * (kills % 3))
+            await asyncio.to_thread(own.kill)
+            kills += 1
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(own.ensure)
+
+    killer = asyncio.create_task(kill_now_and_then())
+    try:
+        for b in range(40):
+            batch = [Event(f"b{b}-{i}", "play", 1.0, "acme", {"pad": "x" * 200}) for i in range(300)]
+            for _ in range(200):
+                try:
+                    await sink.deliver_batch(batch)
+                    break
+                except TransientError:
+                    await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"batch {b} never acked")
+        done.set()
+        await killer
+        reader = aioredis.from_url(own.url)  # a fresh connection: the sink's pool saw the last kill
+        got = Counter(r["event_id"] for r in await read_redis_stream(reader, "kills"))
+        await reader.aclose()
+    finally:
+        done.set()
+        killer.cancel()
+        await sink.close()
+        own.stop()
+    assert kills >= 3
+    assert got == Counter({f"b{b}-{i}": 1 for b in range(40) for i in range(300)}), {
+        k: n for k, n in got.items() if n != 1
+    }
