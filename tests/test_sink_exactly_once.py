@@ -27,11 +27,12 @@ from shared.dlq import DeadLetterQueues
 from shared.errors import ConfigError, PermanentSinkError, TransientError
 from shared.event import Event
 from shared.keywindow import RedisKeyWindow
+from shared.local.kafka import LocalKafka
 from shared.local.redis import LocalRedis
 from shared.local.traffic import EventFactory
 from shared.metrics import StageMetrics
 from shared.stage import Record, StepResult
-from shared.topics import Topics
+from shared.topics import Topics, ensure_topics
 from tests.helpers import post, read_redis_stream, tenant_block, wait_for
 
 
@@ -533,5 +534,48 @@ async def test_redis_stream_sink_server_killed_mid_pipeline_appends_each_event_o
         own.stop()
     assert kills >= 3
     assert got == Counter({f"b{b}-{i}": 1 for b in range(40) for i in range(300)}), {
+        k: n for k, n in got.items() if n != 1
+    }
+
+
+@pytest.mark.chaos
+async def test_kafka_sink_broker_killed_mid_batch_in_a_three_node_cluster(tmp_path, port_base):
+    """kafka-sink-broker-kill: the leader of the sink topic's partition is killed -9 while transactional
+    batches are written (RF 3, min ISR 2); every batch is retried until it commits; each event once."""
+    cluster = LocalKafka(nodes=3, port=port_base + 60, data_root=tmp_path / "k3", heap="384m")
+    out, src, group = "sink-out", "sender-in", "hifi-sender-m"
+    try:
+        await asyncio.to_thread(cluster.start)
+        await ensure_topics(cluster.bootstrap, [out, src], partitions=3, replication=3, min_insync=2)
+        admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap)
+        await admin.start()
+        described = await admin.describe_topics([out])
+        await admin.close()
+        leader = next(p["leader"] for p in described[0]["partitions"] if p["partition"] == 0)
+        sink = KafkaSink(SinkConfig("m", "kafka", {"topic": out}, timeout_s=5), cluster.bootstrap, group)
+        await sink.start()
+        batches, size = 30, 50
+        try:
+            for b in range(batches):
+                if b == 10:
+                    killing = asyncio.create_task(asyncio.to_thread(cluster.kill_node, leader))
+                batch = [Event(f"b{b}-{i}", "play", 1.0, "acme", {"i": i}, device_id=f"d{i % 9}") for i in range(size)]
+                source = Source(src, 0, list(range(b * size, (b + 1) * size)))
+                for _ in range(120):
+                    try:
+                        await sink.deliver_batch(batch, source)
+                        break
+                    except TransientError:
+                        await asyncio.sleep(0.5)
+                else:
+                    raise AssertionError(f"batch {b} never committed")
+            await killing
+        finally:
+            await sink.close()
+        got = Counter(r["event_id"] for r in await read_committed(cluster.bootstrap, out, batches * size))
+        assert await committed_offset(cluster.bootstrap, group, TopicPartition(src, 0)) == batches * size
+    finally:
+        await asyncio.to_thread(cluster.stop)
+    assert got == Counter({f"b{b}-{i}": 1 for b in range(batches) for i in range(size)}), {
         k: n for k, n in got.items() if n != 1
     }
