@@ -48,10 +48,11 @@ class PermanentSinkError(HifiError):
 
 
 class SinkMisconfigured(TransientError):
-    """The sink refuses every request (401/403/404/407: bad credential, wrong URL): not a fault of any
-    event. Opens the circuit and pages; retried with backoff until fixed, never dead-lettered."""
+    """The sink refuses every request (HTTP 401/403/404/407, a Redis auth error or a key of the wrong
+    type): not a fault of any event. Opens the circuit and pages; retried with backoff until fixed,
+    never dead-lettered. `status` is the HTTP status, if any."""
 
-    def __init__(self, message: str, status: int, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(message, retry_after)
         self.status = status
 

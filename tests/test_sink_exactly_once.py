@@ -24,7 +24,7 @@ from services.sender.sinks import KafkaSink, RedisStreamSink, Source, WebhookSin
 from shared.alerts import Alerter
 from shared.config import HifiConfig, SinkConfig, hash_api_key
 from shared.dlq import DeadLetterQueues
-from shared.errors import ConfigError, PermanentSinkError, TransientError
+from shared.errors import ConfigError, PermanentSinkError, SinkMisconfigured, TransientError
 from shared.event import Event
 from shared.keywindow import RedisKeyWindow
 from shared.local.kafka import LocalKafka
@@ -579,3 +579,17 @@ async def test_kafka_sink_broker_killed_mid_batch_in_a_three_node_cluster(tmp_pa
     assert got == Counter({f"b{b}-{i}": 1 for b in range(batches) for i in range(size)}), {
         k: n for k, n in got.items() if n != 1
     }
+
+
+async def test_redis_stream_key_of_another_type_is_a_misconfigured_sink(redis_client, namespace):
+    """A stream key someone overwrote with a string fails every append: page, never dead-letter, and
+    write no marker (the event must be appended once the key is fixed)."""
+    stream = f"{namespace}:wrongtype"
+    await redis_client.set(stream, "not a stream")
+    sink = RedisStreamSink(SinkConfig("s", "redis_stream", {"stream": stream}), "redis://127.0.0.1:1/0")
+    sink.client = redis_client
+    with pytest.raises(SinkMisconfigured):
+        await sink.deliver_batch(events(2))
+    await redis_client.delete(stream)
+    await sink.deliver_batch(events(2))
+    assert [r["event_id"] for r in await read_redis_stream(redis_client, stream)] == ["e0", "e1"]

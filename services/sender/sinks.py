@@ -19,7 +19,13 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    NoPermissionError,
+    RedisError,
+    ResponseError,
+)
 
 from shared.app import durable_producer
 from shared.config import SinkConfig
@@ -307,6 +313,12 @@ class RedisStreamSink:
                     args = [self.marker_ttl_ms, maxlen, *(x for pair in fields.items() for x in pair)]
                     await self.append_once([self.stream, self.marker_key(key)], args, client=pipe)
                 await pipe.execute()
+        except (AuthenticationError, AuthorizationError, NoPermissionError) as exc:
+            raise SinkMisconfigured(f"redis stream {self.config.name}: {exc}") from exc
+        except ResponseError as exc:
+            if "WRONGTYPE" in str(exc):  # the stream's key holds something else: every append fails
+                raise SinkMisconfigured(f"redis stream {self.config.name}: {self.stream}: {exc}") from exc
+            raise TransientError(f"redis stream {self.config.name}: {exc!r}") from exc
         except (RedisError, OSError) as exc:
             raise TransientError(f"redis stream {self.config.name}: {exc!r}") from exc
 
