@@ -147,8 +147,8 @@ class SinkDelivery:
             else:
                 try:
                     await self._deliver_part(todo, attempts, result)
-                except PermanentSinkError:
-                    await self._isolate(todo, attempts, result)
+                except PermanentSinkError as refused:
+                    await self._isolate(todo, attempts, result, refused)
         except TransientError as exc:
             if not isinstance(exc, CircuitOpen | SinkThrottled | SinkMisconfigured):  # could be the payload
                 if len(self.suspect) > 100_000:  # bound: entries of batches given away in a rebalance
@@ -181,12 +181,22 @@ class SinkDelivery:
             self.suspect.pop(self._key(record), None)
         result.outputs.extend(self._receipts(records, acked, attempts))
 
-    async def _isolate(self, todo: list[Record], attempts: int, result: StepResult) -> None:
+    async def _isolate(
+        self, todo: list[Record], attempts: int, result: StepResult, refused: PermanentSinkError | None = None
+    ) -> None:
         """Bisect until the events at fault stand alone; deliver the rest. A 4xx event dead-letters; a
-        5xx/timeout one only if another part got through, else the sink is down and nothing does."""
+        5xx/timeout one only if another part got through, else the sink is down and nothing does.
+        `refused`: the whole of `todo` was just refused, so start with its halves."""
         through = _Round()
         failed: list[tuple[Record, Exception]] = []
-        await self._bisect(todo, attempts, result, through, failed)
+        if refused is None:
+            await self._bisect(todo, attempts, result, through, failed)
+        elif len(todo) == 1:
+            failed.append((todo[0], refused))
+        else:
+            middle = len(todo) // 2
+            await self._bisect(todo[:middle], attempts, result, through, failed)
+            await self._bisect(todo[middle:], attempts, result, through, failed)
         transient = [exc for _, exc in failed if isinstance(exc, TransientError)]
         if transient and not through.successes:
             raise transient[0]
