@@ -37,6 +37,9 @@ class SinkConfig:
     timeout_s: float = 10.0
     # On time means acknowledged by the sink within this many ms of ingest (the SLA).
     sla_ms: float = 1000.0
+    # A 5xx/timeout that follows one payload: after this many failed attempts its request is bisected and
+    # the event that keeps failing while the others get through is dead-lettered.
+    max_attempts_per_event: int = 10
 
 
 @dataclass(frozen=True)
@@ -132,8 +135,9 @@ class HifiConfig:
             batch_max = _int(spec.pop("batch_max", 200), f"{where}.batch_max", 1, 10_000)
             timeout_s = _num(spec.pop("timeout_s", 10.0), f"{where}.timeout_s", 0.1, 300)
             sla_ms = _num(spec.pop("sla_ms", 1000.0), f"{where}.sla_ms", 1, 86_400_000)
+            max_attempts = _int(spec.pop("max_attempts_per_event", 10), f"{where}.max_attempts_per_event", 1, 1000)
             options = _sink_options(kind, spec, where, base_dir)
-            sinks[name] = SinkConfig(name, kind, options, batch_max, timeout_s, sla_ms)
+            sinks[name] = SinkConfig(name, kind, options, batch_max, timeout_s, sla_ms, max_attempts)
         tenants = {}
         for name, raw in _map(root.get("tenants"), "tenants", required=True).items():
             where = f"tenants.{name}"
@@ -217,8 +221,8 @@ def _sink_options(kind: str, spec: dict[str, Any], where: str, base_dir: Path | 
     required = {"webhook": {"url"}, "kafka": {"topic"}, "redis_stream": {"stream"}, "file": {"path"}}[kind]
     optional = {
         "webhook": {"headers"},
-        "kafka": {"bootstrap"},
-        "redis_stream": {"url", "maxlen"},
+        "kafka": {"bootstrap", "transactional"},
+        "redis_stream": {"url", "maxlen", "dedupe_window_s"},
         "file": {"rotate_bytes"},
     }[kind]
     _only(spec, where, required | optional | {"drop_canaries"})
@@ -232,6 +236,10 @@ def _sink_options(kind: str, spec: dict[str, Any], where: str, base_dir: Path | 
         spec["rotate_bytes"] = _int(spec.get("rotate_bytes", 64 * 1024 * 1024), f"{where}.rotate_bytes", 1024, 1 << 40)
     if kind == "redis_stream" and "maxlen" in spec:
         spec["maxlen"] = _int(spec["maxlen"], f"{where}.maxlen", 1, 1 << 40)
+    if kind == "redis_stream" and "dedupe_window_s" in spec:
+        spec["dedupe_window_s"] = _num(spec["dedupe_window_s"], f"{where}.dedupe_window_s", 1, 365 * 86_400)
+    if kind == "kafka" and not isinstance(spec.get("transactional", True), bool):
+        raise ConfigError(f"{where}.transactional", "must be true or false")
     return spec
 
 

@@ -39,4 +39,37 @@ class SinkThrottled(TransientError):
 
 
 class PermanentSinkError(HifiError):
-    """The sink refused the batch for good (4xx other than 408/429): dead-letter, don't retry."""
+    """The sink refused the request for good (a 4xx other than 408/429 and the sink-wide 401/403/404/407):
+    the sender isolates the events it is about and dead-letters only those."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SinkMisconfigured(TransientError):
+    """The sink refuses every request (HTTP 401/403/404/407, a Redis auth error or a key of the wrong
+    type): not a fault of any event. Opens the circuit and pages; retried with backoff until fixed,
+    never dead-lettered. `status` is the HTTP status, if any."""
+
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after)
+        self.status = status
+
+
+class PartialDelivery(TransientError):
+    """The sink acknowledged some records of a batch (`delivered`: their indexes) and not the rest: mark
+    the acknowledged ones delivered and retry only the others."""
+
+    def __init__(self, message: str, delivered: list[int]) -> None:
+        super().__init__(message)
+        self.delivered = delivered
+
+
+class EventKeepsFailing(HifiError):
+    """One event failed transiently `attempts` times while the sink accepted the others: dead-letter it."""
+
+    def __init__(self, cause: BaseException, attempts: int) -> None:
+        super().__init__(f"failed {attempts} times while the sink took other events; last: {cause}")
+        self.cause = cause
+        self.attempts = attempts

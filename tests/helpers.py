@@ -43,7 +43,12 @@ async def read_redis_stream(client: aioredis.Redis, stream: str) -> list[dict[st
 
 async def read_kafka_topic(bootstrap: str, topic: str, expect: int, timeout: float = 30.0) -> list[dict[str, Any]]:
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, group_id=None
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        isolation_level="read_committed",  # a transactional Kafka sink: aborted records are not delivered
     )
     await consumer.start()
     out: list[dict[str, Any]] = []

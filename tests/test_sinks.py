@@ -8,7 +8,7 @@ import pytest
 
 from services.sender.sinks import FileSink, KafkaSink, RedisStreamSink, WebhookSink
 from shared.config import SinkConfig
-from shared.errors import PermanentSinkError, TransientError
+from shared.errors import PermanentSinkError, SinkMisconfigured, TransientError
 from shared.event import Event
 from shared.local.webhook import WebhookReceiver
 from tests.helpers import read_file_sink, read_kafka_topic, read_redis_stream
@@ -26,7 +26,10 @@ def events(n, tenant="acme"):
         (429, "7", TransientError),
         (408, None, TransientError),
         (400, None, PermanentSinkError),
-        (404, None, PermanentSinkError),
+        (422, None, PermanentSinkError),
+        (401, None, SinkMisconfigured),
+        (403, None, SinkMisconfigured),
+        (404, None, SinkMisconfigured),
     ],
 )
 async def test_webhook_classifies_answers(status, retry_after, error, port_base):

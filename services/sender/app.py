@@ -3,14 +3,17 @@ acks its input only after the destination acknowledged; a delivered ledger (sink
 for the dedupe window) stops a replay from delivering twice.
 
 Per fetched batch: ledger check, then per source partition, concurrently: circuit breaker -> throttle
--> deliver -> ledger mark.
-The only window in which a crash can still duplicate is between the sink's ack and the ledger mark.
+-> deliver -> ledger mark. A refused request (4xx), or one whose 5xx/timeout outlasts
+`max_attempts_per_event`, is bisected so only the events at fault dead-letter.
+The only window in which a crash can still duplicate is between the sink's ack and the ledger mark; a
+transactional Kafka sink (offsets in the transaction) and a Redis Stream sink (per-key marker) close it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import sentry_sdk
@@ -19,7 +22,14 @@ from prometheus_client import Gauge
 
 from shared.alerts import Alerter, OutageClock
 from shared.audit import receipt
-from shared.errors import PermanentSinkError, SinkThrottled, TransientError
+from shared.errors import (
+    EventKeepsFailing,
+    PartialDelivery,
+    PermanentSinkError,
+    SinkMisconfigured,
+    SinkThrottled,
+    TransientError,
+)
 from shared.event import now_ms
 from shared.keywindow import KeyWindow
 from shared.metrics import LagWindow, StageMetrics
@@ -30,7 +40,7 @@ from shared.tables import TableBrowser, add_table_views
 from shared.web import add_common_views
 
 from .breaker import CircuitBreaker, CircuitOpen, Throttle
-from .sinks import SinkSender, make_sink
+from .sinks import SinkSender, Source, make_sink
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +62,9 @@ class SinkDelivery:
         self.sink = sink
         self.receipts_topic = receipts_topic
         self.attempts: dict[str, int] = {}  # delivery attempts of the batch in hand, by its first source
+        # 5xx/timeout failures per event key still undelivered: past the bound its request is bisected
+        self.suspect: dict[str, int] = {}
+        self.max_attempts_per_event = sink.config.max_attempts_per_event
         self.carried: list[Output] = []  # receipts of partitions delivered while another one failed
         self.name = sink.config.name
         self.ledger = ledger
@@ -123,20 +136,113 @@ class SinkDelivery:
             raise failure
 
     async def _deliver_group(self, todo: list[Record]) -> StepResult:
+        """Deliver one source partition's records. A refused request (4xx), or one whose 5xx/timeout
+        outlasted `max_attempts_per_event`, is bisected so only the events at fault dead-letter."""
         batch_id = todo[0].source
         attempts = self.attempts[batch_id] = self.attempts.get(batch_id, 0) + 1
+        result = StepResult()
         try:
-            await self._deliver(todo)
-        except PermanentSinkError as exc:
-            self.attempts.pop(batch_id, None)
-            return StepResult(dead=[DeadLetter(r.message, exc, attempts) for r in todo])
+            if max(self.suspect.get(self._key(r), 0) for r in todo) >= self.max_attempts_per_event:
+                await self._isolate(todo, attempts, result)
+            else:
+                try:
+                    await self._deliver_part(todo, attempts, result)
+                except PermanentSinkError as refused:
+                    await self._isolate(todo, attempts, result, refused)
+        except TransientError as exc:
+            if not isinstance(exc, CircuitOpen | SinkThrottled | SinkMisconfigured):  # could be the payload
+                if len(self.suspect) > 100_000:  # bound: entries of batches given away in a rebalance
+                    self.suspect.clear()
+                for record in todo:
+                    if record.outcome != "delivered":
+                        key = self._key(record)
+                        self.suspect[key] = self.suspect.get(key, 0) + 1
+            self.carried.extend(result.outputs)  # parts delivered before the failure stay delivered
+            raise
         self.attempts.pop(batch_id, None)
+        return result
+
+    async def _deliver_part(
+        self, part: list[Record], attempts: int, result: StepResult, ask_breaker: bool = True
+    ) -> None:
+        try:
+            await self._deliver(part, ask_breaker)
+        except PartialDelivery as exc:  # the sink acked some records: mark those, retry the others
+            await self._delivered([part[i] for i in exc.delivered], attempts, result)
+            raise
+        await self._delivered(part, attempts, result)
+
+    async def _delivered(self, records: list[Record], attempts: int, result: StepResult) -> None:
         acked = now_ms()
-        await self._mark_delivered(todo)
-        self._record_lag(todo, acked)
-        for record in todo:
+        await self._mark_delivered(records)
+        self._record_lag(records, acked)
+        for record in records:
             record.outcome = "delivered"
-        return StepResult(outputs=self._receipts(todo, acked, attempts))
+            self.suspect.pop(self._key(record), None)
+        result.outputs.extend(self._receipts(records, acked, attempts))
+
+    async def _isolate(
+        self, todo: list[Record], attempts: int, result: StepResult, refused: PermanentSinkError | None = None
+    ) -> None:
+        """Bisect until the events at fault stand alone; deliver the rest. A 4xx event dead-letters; a
+        5xx/timeout one only if another part got through, else the sink is down and nothing does.
+        `refused`: the whole of `todo` was just refused, so start with its halves."""
+        through = _Round()
+        failed: list[tuple[Record, Exception]] = []
+        if refused is None:
+            await self._bisect(todo, attempts, result, through, failed)
+        elif len(todo) == 1:
+            failed.append((todo[0], refused))
+        else:
+            middle = len(todo) // 2
+            await self._bisect(todo[:middle], attempts, result, through, failed)
+            await self._bisect(todo[middle:], attempts, result, through, failed)
+        transient = [exc for _, exc in failed if isinstance(exc, TransientError)]
+        if transient and not through.successes:
+            raise transient[0]
+        for record, exc in failed:
+            error: Exception = exc
+            if isinstance(exc, TransientError):
+                error = EventKeepsFailing(exc, self.suspect.pop(self._key(record), 0) + 1)
+            log.warning("sender %s: dead-lettering %s: %s", self.name, record.event.event_id, error)
+            result.dead.append(DeadLetter(record.message, error, attempts))
+
+    async def _bisect(
+        self,
+        part: list[Record],
+        attempts: int,
+        result: StepResult,
+        through: _Round,
+        failed: list[tuple[Record, Exception]],
+    ) -> None:
+        error: Exception
+        try:
+            # Past the round's first request the breaker is not asked: the round is bounded (it stops after
+            # 3 failures without a success) and must isolate the culprit, not trip over it.
+            ask_breaker = through.requests == 0
+            through.requests += 1
+            await self._deliver_part(part, attempts, result, ask_breaker)
+            through.successes += 1
+            return
+        except (CircuitOpen, SinkThrottled, SinkMisconfigured):
+            raise  # about the sink, not this part
+        except PermanentSinkError as exc:
+            error = exc
+        except PartialDelivery as exc:
+            through.successes += 1
+            part = [r for r in part if r.outcome != "delivered"]
+            error = exc
+        except TransientError as exc:
+            through.failures += 1
+            if not through.successes and through.failures >= 3:
+                raise  # nothing gets through: the sink is down, not one event
+            error = exc
+        if len(part) == 1:
+            failed.append((part[0], error))
+            return
+        middle = len(part) // 2
+        await self._bisect(part[:middle], attempts, result, through, failed)
+        await self._bisect(part[middle:], attempts, result, through, failed)
 
     def _receipts(self, records: list[Record], acked: float, attempts: int) -> list[Output]:
         if self.receipts_topic is None:
@@ -144,12 +250,20 @@ class SinkDelivery:
         rows = [[r.event.event_id, r.event.tenant, r.event.ingest_ts, attempts, r.event.canary] for r in records]
         return [Output(self.receipts_topic, self.name.encode(), receipt(self.name, acked, rows))]
 
-    async def _deliver(self, todo: list[Record]) -> None:
-        self.breaker.before_call()
+    async def _deliver(self, todo: list[Record], ask_breaker: bool = True) -> None:
+        if ask_breaker:
+            self.breaker.before_call()
         await self.throttle.wait_turn()
+        first = todo[0].message
+        source = Source(first.topic, first.partition, [r.message.offset for r in todo])
         try:
-            await self.sink.deliver_batch([r.event for r in todo])
+            await self.sink.deliver_batch([r.event for r in todo], source)
         except CircuitOpen:
+            raise
+        except SinkMisconfigured as exc:  # every request will fail: stop sending, page, keep the events
+            if self.breaker.open_now():
+                self.circuit_gauge.labels(self.name).set(1)
+            self.alerter.fire("sink_misconfigured", f"sink {self.name} refuses every request: {exc}", key=self.name)
             raise
         except TransientError as exc:
             if isinstance(exc, SinkThrottled):
@@ -158,10 +272,17 @@ class SinkDelivery:
                 self.circuit_gauge.labels(self.name).set(1)
                 self.alerter.fire("circuit_opened", f"sink {self.name} failing: {exc}", key=self.name)
             raise
+        except PermanentSinkError:
+            self._sink_answered()  # the sink is up; it refused these events
+            raise
+        self._sink_answered()
+
+    def _sink_answered(self) -> None:
         self.breaker.on_success()
         self.throttle.on_success()
         self.circuit_gauge.labels(self.name).set(0)
         self.alerter.resolve("circuit_opened", key=self.name)
+        self.alerter.resolve("sink_misconfigured", key=self.name)
 
     async def _ledger_seen(self, records: list[Record]) -> list[bool]:
         try:
@@ -237,6 +358,7 @@ class SinkDelivery:
                 "circuit_opened": self.breaker.opened_count,
                 "throttle_interval_s": round(self.throttle.interval_s, 3),
                 "batches_in_retry": len(self.attempts),
+                "events_suspect": len(self.suspect),
             }
         ]
 
@@ -255,6 +377,15 @@ class SinkDelivery:
             "lag": self.lag.percentiles(),
             "stage_lag_p95_ms": {s: w.percentiles().get("p95_ms") for s, w in self.stage_lag.items()},
         }
+
+
+@dataclass
+class _Round:
+    """One isolation round's requests: any success shows the sink is up."""
+
+    requests: int = 0
+    successes: int = 0
+    failures: int = 0
 
 
 class SinkLifecycle(Service):
@@ -276,7 +407,9 @@ def build(ctx: ServiceContext) -> Any:
     sink_config = ctx.config.sinks[ctx.sink]
     port = BASE_WEB_PORT + list(ctx.config.sinks).index(ctx.sink)
     app = ctx.create_app(f"hifi-sender-{ctx.sink}", port)
-    sink = make_sink(sink_config, ctx.settings.broker, ctx.settings.redis_url)
+    sink = make_sink(
+        sink_config, ctx.settings.broker, ctx.settings.redis_url, str(app.conf.id), ctx.config.dedupe.window_s
+    )
     dedupe = ctx.config.dedupe
     ledger = ctx.key_window("delivered-ledger")
     stage = f"sender.{ctx.sink}"

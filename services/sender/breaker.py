@@ -1,7 +1,8 @@
 """Sink isolation inside one sender: a circuit breaker, and AIMD throttling when the sink says 429.
 
 Each sink also has its own process, consumer group and topic, so a slow or dead sink holds back
-only its own partitions; these two keep the sender from hammering a sink that is already failing.
+only its own partitions; these two keep the sender from hammering a sink that is already failing. A sink-wide refusal
+(401/403/404/407) opens the circuit at once (`open_now`).
 At most one batch per sender is in flight (the agent runs with concurrency 1).
 """
 
@@ -37,6 +38,16 @@ class CircuitBreaker:
     def on_success(self) -> None:
         self.state = "closed"
         self.failures = 0
+
+    def open_now(self) -> bool:
+        """Open at once (the sink refuses every request); return True if it was not open already."""
+        opened = self.state != "open"
+        self.state = "open"
+        self.opened_at = time.monotonic()
+        self.failures = max(self.failures, self.failure_threshold)
+        if opened:
+            self.opened_count += 1
+        return opened
 
     def on_failure(self) -> bool:
         """Record a failure; return True if this one opened the circuit."""

@@ -1,5 +1,7 @@
 """Sink types. Each `SinkSender.deliver_batch` returns only once the destination acknowledged the
-whole batch; it raises TransientError (retry) or PermanentSinkError (dead-letter) otherwise."""
+whole batch; otherwise it raises TransientError (retry), PartialDelivery (some records acknowledged:
+retry the rest), SinkMisconfigured (the whole sink refuses: page, retry) or PermanentSinkError (the
+request was refused: the sender isolates the bad events and dead-letters only those)."""
 
 from __future__ import annotations
 
@@ -8,18 +10,26 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    NoPermissionError,
+    RedisError,
+    ResponseError,
+)
 
 from shared.app import durable_producer
 from shared.config import SinkConfig
-from shared.errors import PermanentSinkError, SinkThrottled, TransientError
+from shared.errors import PartialDelivery, PermanentSinkError, SinkMisconfigured, SinkThrottled, TransientError
 from shared.event import Event
 
 
@@ -34,19 +44,33 @@ def idempotency_key(sink: str, event: Event) -> str:
     return f"{sink}:{event.tenant}:{event.event_id}"
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a batch was read: one source partition, and each event's offset in it (same order)."""
+
+    topic: str
+    partition: int
+    offsets: list[int]
+
+
 class SinkSender(Protocol):
     config: SinkConfig
 
     async def start(self) -> None: ...
 
-    async def deliver_batch(self, events: list[Event]) -> None: ...
+    async def deliver_batch(self, events: list[Event], source: Source | None = None) -> None: ...
 
     async def close(self) -> None: ...
 
 
+# Answers about the sink, not about the events: a bad credential or URL must not pour the stream into the DLQ.
+SINK_WIDE_STATUSES = frozenset({401, 403, 404, 407})
+
+
 class WebhookSink:
     """POST {"sink", "events": [...]} as JSON. 2xx is an ack; 408, 429 and 5xx are retried
-    (honouring Retry-After); any other 4xx is permanent."""
+    (honouring Retry-After); 401/403/404/407 mean the sink is misconfigured (retried, paged); any other
+    4xx refuses the request's events."""
 
     def __init__(self, config: SinkConfig) -> None:
         self.config = config
@@ -57,7 +81,7 @@ class WebhookSink:
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.timeout_s))
 
-    async def deliver_batch(self, events: list[Event]) -> None:
+    async def deliver_batch(self, events: list[Event], source: Source | None = None) -> None:
         assert self.session is not None
         records = [sink_record(self.config.name, e) for e in events]
         batch_key = hashlib.sha256("\n".join(r["idempotency_key"] for r in records).encode()).hexdigest()
@@ -76,7 +100,9 @@ class WebhookSink:
             raise SinkThrottled(f"webhook {self.config.name}: HTTP 429 {text}", retry_after)
         if status == 408 or status >= 500:
             raise TransientError(f"webhook {self.config.name}: HTTP {status} {text}", retry_after)
-        raise PermanentSinkError(f"webhook {self.config.name}: HTTP {status} {text}")
+        if status in SINK_WIDE_STATUSES:
+            raise SinkMisconfigured(f"webhook {self.config.name}: HTTP {status} {text}", status, retry_after)
+        raise PermanentSinkError(f"webhook {self.config.name}: HTTP {status} {text}", status)
 
     async def close(self) -> None:
         if self.session is not None:
@@ -93,73 +119,206 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class KafkaSink:
-    """A topic on this cluster or another one, written with acks=all and the idempotent producer."""
+    """A topic, written with acks=all and the idempotent producer, exactly once.
 
-    def __init__(self, config: SinkConfig, default_bootstrap: str) -> None:
+    On the pipeline's own cluster (option `transactional`, default when `bootstrap` is unset or the
+    pipeline's): one transaction per source partition's batch holds its records and the sender group's
+    next offsets (`send_offsets_to_transaction`), so delivery and the input commit are one atomic step.
+    Readers of the sink topic must use isolation_level=read_committed. aiokafka's TxnOffsetCommit is v0
+    (no group generation, no KIP-447 fencing), so each source partition has its own transactional id
+    `<group>.<topic>.<partition>`: a new owner's producer fences the old one and completes its open
+    transaction, then the group's committed offset says which records that owner already delivered.
+    On another cluster: per-record acks; a partial failure raises PartialDelivery so only the
+    unacknowledged records are retried.
+    """
+
+    def __init__(self, config: SinkConfig, default_bootstrap: str, group_id: str | None = None) -> None:
         self.config = config
         self.topic = config.options["topic"]
         self.bootstrap = config.options.get("bootstrap") or default_bootstrap
+        same_cluster = self.bootstrap == default_bootstrap
+        self.transactional = bool(config.options.get("transactional", same_cluster)) and group_id is not None
+        self.group_id = group_id
         self.producer: AIOKafkaProducer | None = None
+        self.admin: AIOKafkaAdminClient | None = None
+        self.txn_producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        self.committed_at_fence: dict[TopicPartition, int] = {}  # group offset read after fencing
 
     async def start(self) -> None:
         self.producer = durable_producer(self.bootstrap, request_timeout_ms=int(self.config.timeout_s * 1000))
         await self.producer.start()
+        if self.transactional:
+            self.admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+            await self.admin.start()
 
-    async def deliver_batch(self, events: list[Event]) -> None:
+    async def deliver_batch(self, events: list[Event], source: Source | None = None) -> None:
+        if self.transactional and source is not None:
+            await self._deliver_in_transaction(events, source)
+        else:
+            await self._deliver_acked(events)
+
+    def _send(self, producer: AIOKafkaProducer, event: Event) -> Any:
+        record = sink_record(self.config.name, event)
+        return producer.send(
+            self.topic,
+            json.dumps(record, separators=(",", ":")).encode(),
+            key=event.partition_key,
+            headers=[("idempotency-key", record["idempotency_key"].encode())],
+        )
+
+    async def _deliver_acked(self, events: list[Event]) -> None:
         assert self.producer is not None
+        futures: list[asyncio.Future[Any]] = []
+        error: BaseException | None = None
         try:
-            futures = []
             for event in events:
-                record = sink_record(self.config.name, event)
-                futures.append(
-                    await self.producer.send(
-                        self.topic,
-                        json.dumps(record, separators=(",", ":")).encode(),
-                        key=event.partition_key,
-                        headers=[("idempotency-key", record["idempotency_key"].encode())],
-                    )
-                )
+                futures.append(await self._send(self.producer, event))
+        except KafkaError as exc:  # the rest was not even buffered; what was, may still be acked
+            error = exc
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        delivered = [i for i, outcome in enumerate(outcomes) if not isinstance(outcome, BaseException)]
+        failed = next((o for o in outcomes if isinstance(o, BaseException)), error)
+        if failed is None:
+            return
+        message = f"kafka sink {self.config.name}: {len(delivered)}/{len(events)} acknowledged: {failed!r}"
+        if delivered:
+            raise PartialDelivery(message, delivered) from failed
+        raise TransientError(message) from failed
+
+    async def _deliver_in_transaction(self, events: list[Event], source: Source) -> None:
+        tp = TopicPartition(source.topic, source.partition)
+        try:
+            producer = await self._transactional_producer(tp)
+            # Below the committed offset: a previous owner's transaction delivered them already.
+            first = self.committed_at_fence[tp]
+            todo = [e for e, offset in zip(events, source.offsets, strict=True) if offset >= first]
+            if not todo:
+                return
+            await producer.begin_transaction()
+            futures = [await self._send(producer, event) for event in todo]
+            await producer.send_offsets_to_transaction({tp: max(source.offsets) + 1}, self.group_id)
+            await producer.commit_transaction()
             await asyncio.gather(*futures)
-        except KafkaError as exc:
-            raise TransientError(f"kafka sink {self.config.name}: {exc!r}") from exc
+        except (TimeoutError, KafkaError) as exc:
+            # Outcome unknown (the commit may have landed): a fresh producer fences this one, completes its
+            # transaction either way, and re-reads the committed offset before the retry.
+            await self._drop_producer(tp)
+            raise TransientError(f"kafka sink {self.config.name}: transaction for {tp}: {exc!r}") from exc
+        except BaseException:
+            await self._drop_producer(tp)
+            raise
+
+    async def _transactional_producer(self, tp: TopicPartition) -> AIOKafkaProducer:
+        producer = self.txn_producers.get(tp)
+        if producer is not None:
+            return producer
+        assert self.admin is not None and self.group_id is not None
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            transactional_id=f"{self.group_id}.{tp.topic}.{tp.partition}",
+            enable_idempotence=True,
+            acks="all",
+            request_timeout_ms=int(self.config.timeout_s * 1000),
+        )
+        try:
+            await producer.start()  # InitProducerId: fences an older owner, completes its open transaction
+            committed = await self.admin.list_consumer_group_offsets(self.group_id, partitions=[tp])
+        except BaseException:
+            await asyncio.wait_for(producer.stop(), 5.0)
+            raise
+        meta = committed.get(tp)
+        self.committed_at_fence[tp] = meta.offset if meta is not None and meta.offset >= 0 else 0
+        self.txn_producers[tp] = producer
+        return producer
+
+    async def _drop_producer(self, tp: TopicPartition) -> None:
+        producer = self.txn_producers.pop(tp, None)
+        self.committed_at_fence.pop(tp, None)
+        if producer is not None:
+            try:
+                await asyncio.wait_for(producer.stop(), 5.0)
+            except (KafkaError, TimeoutError):
+                pass  # fenced or unreachable: the next producer with this id completes its transaction
 
     async def close(self) -> None:
+        for tp in list(self.txn_producers):
+            await self._drop_producer(tp)
+        if self.admin is not None:
+            await self.admin.close()
         if self.producer is not None:
             await self.producer.stop()
 
 
-class RedisStreamSink:
-    """XADD each event to a Redis Stream, one pipelined round trip per batch."""
+# Check the idempotency key's marker and append in one atomic step: a pipeline cut midway and re-run
+# whole skips what the server already applied. The marker is set after XADD, so a failed XADD leaves none.
+# KEYS: stream, marker. ARGV: marker TTL (ms), MAXLEN ('' for none), then field, value pairs.
+APPEND_ONCE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local cmd = {'XADD', KEYS[1]}
+if ARGV[2] ~= '' then
+  cmd[#cmd + 1] = 'MAXLEN'; cmd[#cmd + 1] = '~'; cmd[#cmd + 1] = ARGV[2]
+end
+cmd[#cmd + 1] = '*'
+for i = 3, #ARGV do cmd[#cmd + 1] = ARGV[i] end
+local id = redis.call(unpack(cmd))
+redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
+return 1
+"""
 
-    def __init__(self, config: SinkConfig, default_url: str) -> None:
+
+def _has_hash_tag(name: str) -> bool:
+    start = name.find("{")
+    return start != -1 and name.find("}", start + 1) > start + 1
+
+
+class RedisStreamSink:
+    """XADD each event to a Redis Stream once per idempotency key: one pipelined round trip per batch of
+    `APPEND_ONCE` script calls. The key's marker lives for the dedupe window (option
+    `dedupe_window_s`, default the pipeline's `dedupe.window_s`)."""
+
+    def __init__(self, config: SinkConfig, default_url: str, dedupe_window_s: float = 86_400.0) -> None:
         self.config = config
         self.stream = config.options["stream"]
         self.maxlen = config.options.get("maxlen")
+        self.marker_ttl_ms = int(float(config.options.get("dedupe_window_s") or dedupe_window_s) * 1000)
         self.client = aioredis.from_url(
             config.options.get("url") or default_url, socket_timeout=config.timeout_s, socket_connect_timeout=2.0
         )
+        self.append_once = self.client.register_script(APPEND_ONCE)
+
+    def marker_key(self, key: str) -> str:
+        # Marker and stream share a Redis Cluster slot, as one script needs: the stream's own hash tag, or
+        # its whole name as the tag.
+        if _has_hash_tag(self.stream):
+            return f"{self.stream}:idem:{key}"
+        return f"{{{self.stream}}}:idem:{key}"
 
     async def start(self) -> None:
         pass
 
-    async def deliver_batch(self, events: list[Event]) -> None:
+    async def deliver_batch(self, events: list[Event], source: Source | None = None) -> None:
+        maxlen = "" if self.maxlen is None else str(int(self.maxlen))
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for event in events:
                     record = sink_record(self.config.name, event)
-                    pipe.xadd(
-                        self.stream,
-                        {
-                            "event_id": event.event_id,
-                            "tenant": event.tenant,
-                            "type": event.type,
-                            "idempotency_key": record["idempotency_key"],
-                            "data": json.dumps(record, separators=(",", ":")),
-                        },
-                        maxlen=self.maxlen,
-                        approximate=True,
-                    )
+                    key = record["idempotency_key"]
+                    fields = {
+                        "event_id": event.event_id,
+                        "tenant": event.tenant,
+                        "type": event.type,
+                        "idempotency_key": key,
+                        "data": json.dumps(record, separators=(",", ":")),
+                    }
+                    args = [self.marker_ttl_ms, maxlen, *(x for pair in fields.items() for x in pair)]
+                    await self.append_once([self.stream, self.marker_key(key)], args, client=pipe)
                 await pipe.execute()
+        except (AuthenticationError, AuthorizationError, NoPermissionError) as exc:
+            raise SinkMisconfigured(f"redis stream {self.config.name}: {exc}") from exc
+        except ResponseError as exc:
+            if "WRONGTYPE" in str(exc):  # the stream's key holds something else: every append fails
+                raise SinkMisconfigured(f"redis stream {self.config.name}: {self.stream}: {exc}") from exc
+            raise TransientError(f"redis stream {self.config.name}: {exc!r}") from exc
         except (RedisError, OSError) as exc:
             raise TransientError(f"redis stream {self.config.name}: {exc!r}") from exc
 
@@ -183,7 +342,7 @@ class FileSink:
     async def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    async def deliver_batch(self, events: list[Event]) -> None:
+    async def deliver_batch(self, events: list[Event], source: Source | None = None) -> None:
         lines = "".join(json.dumps(sink_record(self.config.name, e), separators=(",", ":")) + "\n" for e in events)
         try:
             async with self.lock:
@@ -207,13 +366,20 @@ class FileSink:
         pass
 
 
-def make_sink(config: SinkConfig, bootstrap: str, redis_url: str) -> SinkSender:
+def make_sink(
+    config: SinkConfig,
+    bootstrap: str,
+    redis_url: str,
+    group_id: str | None = None,
+    dedupe_window_s: float = 86_400.0,
+) -> SinkSender:
+    """`group_id`: the sender's consumer group, whose offsets a transactional Kafka sink commits."""
     if config.type == "webhook":
         return WebhookSink(config)
     if config.type == "kafka":
-        return KafkaSink(config, bootstrap)
+        return KafkaSink(config, bootstrap, group_id)
     if config.type == "redis_stream":
-        return RedisStreamSink(config, redis_url)
+        return RedisStreamSink(config, redis_url, dedupe_window_s)
     if config.type == "file":
         return FileSink(config)
     raise ValueError(f"unknown sink type {config.type}")

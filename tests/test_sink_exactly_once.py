@@ -1,0 +1,630 @@
+"""Issue 14, items 4-6: each sink type delivers a batch exactly once when it is cut midway and retried,
+against the real destination (Kafka, Redis, a local HTTP server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+from aiokafka.structs import ConsumerRecord
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from services.sender.app import SinkDelivery
+from services.sender.breaker import CircuitBreaker
+from services.sender.sinks import KafkaSink, RedisStreamSink, Source, WebhookSink
+from shared.alerts import Alerter
+from shared.config import HifiConfig, SinkConfig, hash_api_key
+from shared.dlq import DeadLetterQueues
+from shared.errors import ConfigError, PermanentSinkError, SinkMisconfigured, TransientError
+from shared.event import Event
+from shared.keywindow import RedisKeyWindow
+from shared.local.kafka import LocalKafka
+from shared.local.redis import LocalRedis
+from shared.local.traffic import EventFactory
+from shared.metrics import StageMetrics
+from shared.stage import Record, StepResult
+from shared.topics import Topics, ensure_topics
+from tests.helpers import post, read_redis_stream, tenant_block, wait_for
+
+
+def events(n: int, tenant: str = "acme") -> list[Event]:
+    return [Event(f"e{i}", "play", 1.0, tenant, {"i": i}, device_id=f"d{i % 3}") for i in range(n)]
+
+
+class CutPipelines:
+    """A real Redis client whose next `cuts` pipelines run only their first `keep` commands on the
+    server and then fail like a dropped connection: the sender cannot tell what was applied."""
+
+    def __init__(self, client: Any, keep: int, cuts: int = 1) -> None:
+        self.client = client
+        self.keep = keep
+        self.cuts = cuts
+
+    def pipeline(self, transaction: bool = False) -> Any:
+        pipe = self.client.pipeline(transaction=transaction)
+        execute = pipe.execute
+
+        async def cut_execute(raise_on_error: bool = True) -> Any:
+            if self.cuts > 0:
+                self.cuts -= 1
+                del pipe.command_stack[self.keep :]
+                await execute(raise_on_error)
+                raise RedisConnectionError("injected: connection lost mid-pipeline")
+            return await execute(raise_on_error)
+
+        pipe.execute = cut_execute
+        return pipe
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+async def test_redis_stream_pipeline_cut_midway_then_retried_appends_once(redis_client, namespace):
+    stream = f"{namespace}:cut"
+    sink = RedisStreamSink(SinkConfig("s", "redis_stream", {"stream": stream}), "redis://127.0.0.1:1/0")
+    sink.client = CutPipelines(redis_client, keep=3)  # type: ignore[assignment]
+    batch = events(6)
+    try:
+        await sink.deliver_batch(batch)
+        raise AssertionError("the cut pipeline should have failed the batch")
+    except TransientError:
+        pass
+    await sink.deliver_batch(batch)  # the sender's retry of the whole batch
+    got = await read_redis_stream(redis_client, stream)
+    counts = Counter(r["event_id"] for r in got)
+    assert counts == Counter({f"e{i}": 1 for i in range(6)}), counts
+    assert [r["event_id"] for r in got] == [f"e{i}" for i in range(6)]  # order kept
+    marker_ttl_s = await redis_client.pttl(sink.marker_key("s:acme:e0")) / 1000
+    assert 86_300 < marker_ttl_s <= 86_400  # the dedupe window
+
+
+def test_redis_stream_marker_shares_the_streams_cluster_slot():
+    def marker(stream: str) -> str:
+        return RedisStreamSink(SinkConfig("s", "redis_stream", {"stream": stream}), "redis://x:1/0").marker_key("k")
+
+    assert marker("hifi:events") == "{hifi:events}:idem:k"
+    assert marker("hifi:{t1}:events") == "hifi:{t1}:events:idem:k"
+
+
+# -- helpers for the Kafka sink and the sender's delivery ---------------------------------------------
+
+
+def record_of(event: Event, topic: str, partition: int, offset: int) -> Record:
+    message = ConsumerRecord(topic, partition, offset, 0, 0, None, b"", None, 0, 0, [])
+    return Record(event, message)
+
+
+def delivery_for(sink: Any, redis_url: str, namespace: str) -> SinkDelivery:
+    ledger = RedisKeyWindow(redis_url, f"hifi:{namespace}:delivered-ledger:", 3600)
+    delivery = SinkDelivery(sink, ledger, StageMetrics(), Alerter("sender.test"), pass_through=False)
+    delivery.breaker = CircuitBreaker(reset_after_s=0.05)
+    return delivery
+
+
+async def handle_like_runner(delivery: SinkDelivery, records: list[Record], tries: int = 40) -> StepResult:
+    """The runner's loop: retry the whole batch on a transient error (honouring retry_after, briefly)."""
+    for _ in range(tries):
+        try:
+            return await delivery.handle(records)
+        except TransientError as exc:
+            await asyncio.sleep(min(exc.retry_after or 0.01, 0.1))
+    raise AssertionError(f"the batch was still failing after {tries} attempts")
+
+
+async def deliver_retrying(sink: Any, batch: list[Event], source: Source) -> None:
+    """As the runner does: a transient error (e.g. the group coordinator still loading) is retried."""
+    for _ in range(40):
+        try:
+            return await sink.deliver_batch(batch, source)
+        except TransientError:
+            await asyncio.sleep(0.25)
+    raise AssertionError("the sink kept failing")
+
+
+async def read_committed(bootstrap: str, topic: str, expect: int) -> list[dict[str, Any]]:
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    out: list[dict[str, Any]] = []
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(out) < expect:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                out.extend(json.loads(r.value) for r in records)
+        for records in (await consumer.getmany(timeout_ms=1500)).values():  # a duplicate would be right behind
+            out.extend(json.loads(r.value) for r in records)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def committed_offset(bootstrap: str, group: str, tp: TopicPartition) -> int:
+    """Where the next owner of `tp` starts reading: the group's committed offset (0 if none)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        meta = (await admin.list_consumer_group_offsets(group, partitions=[tp])).get(tp)
+    finally:
+        await admin.close()
+    return meta.offset if meta is not None and meta.offset >= 0 else 0
+
+
+async def make_source_topic(bootstrap: str, topic: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+
+
+# -- item 4: the Kafka sink ----------------------------------------------------------------------------
+
+
+async def test_kafka_sink_sender_killed_after_delivery_successor_delivers_nothing_twice(kafka, namespace):
+    """A sender dies after the sink topic took a batch and before its runner committed the input: the
+    successor starts at the group's committed offset. On the same cluster the input offsets commit in the
+    sink's transaction, so that offset is already past the batch."""
+    out, src, group = f"{namespace}.mirror", f"{namespace}.src", f"{namespace}-sender"
+    await make_source_topic(kafka.bootstrap, src)
+    tp = TopicPartition(src, 0)
+    batch = events(10)
+    first = KafkaSink(SinkConfig("m", "kafka", {"topic": out}), kafka.bootstrap, group)
+    await first.start()
+    await deliver_retrying(first, batch[:6], Source(src, 0, list(range(6))))
+    # killed here: no runner commit; the successor resumes from what the group committed
+    successor = KafkaSink(SinkConfig("m", "kafka", {"topic": out}), kafka.bootstrap, group)
+    await successor.start()
+    try:
+        start = await committed_offset(kafka.bootstrap, group, tp)
+        await deliver_retrying(successor, batch[start:], Source(src, 0, list(range(start, 10))))
+    finally:
+        await successor.close()
+        await first.close()
+    got = Counter(r["event_id"] for r in await read_committed(kafka.bootstrap, out, 10))
+    assert got == Counter({f"e{i}": 1 for i in range(10)}), got
+
+
+async def test_kafka_sink_transaction_abandoned_midway_is_never_read(kafka, namespace):
+    """A sender stalls (SIGSTOP, GC, dead) with its transaction open and its records on the broker; the
+    successor's producer fences it, and a read_committed reader sees each event once."""
+    out, src, group = f"{namespace}.mirror", f"{namespace}.src", f"{namespace}-sender"
+    await make_source_topic(kafka.bootstrap, src)
+    tp = TopicPartition(src, 0)
+    batch = events(8)
+    stalled = KafkaSink(SinkConfig("m", "kafka", {"topic": out}), kafka.bootstrap, group)
+    await stalled.start()
+    producer = await stalled._transactional_producer(tp)
+    committing, released = asyncio.Event(), asyncio.Event()
+
+    async def stall_commit() -> None:
+        await producer.flush()  # the records are on the broker, in the open transaction
+        committing.set()
+        await released.wait()
+        raise KafkaConnectionError("injected: the stalled sender never committed")
+
+    producer.commit_transaction = stall_commit  # type: ignore[method-assign]
+    zombie = asyncio.create_task(stalled.deliver_batch(batch, Source(src, 0, list(range(8)))))
+    await asyncio.wait_for(committing.wait(), 20)
+    successor = KafkaSink(SinkConfig("m", "kafka", {"topic": out}), kafka.bootstrap, group)
+    await successor.start()
+    try:
+        start = await committed_offset(kafka.bootstrap, group, tp)
+        assert start == 0
+        await deliver_retrying(successor, batch[start:], Source(src, 0, list(range(start, 8))))
+        assert await committed_offset(kafka.bootstrap, group, tp) == 8
+    finally:
+        released.set()
+        with pytest.raises(TransientError):
+            await zombie
+        await successor.close()
+        await stalled.close()
+    got = Counter(r["event_id"] for r in await read_committed(kafka.bootstrap, out, 8))
+    assert got == Counter({f"e{i}": 1 for i in range(8)}), got
+
+
+async def test_kafka_sink_stale_owner_retrying_after_the_successor_delivered_adds_nothing(kafka, namespace):
+    """An evicted sender still holds a batch the successor has since delivered, and retries it: its producer
+    was fenced, and the fresh one it makes sees the successor's committed offset."""
+    out, src, group = f"{namespace}.mirror", f"{namespace}.src", f"{namespace}-sender"
+    await make_source_topic(kafka.bootstrap, src)
+    batch = events(8)
+    stale = KafkaSink(SinkConfig("m", "kafka", {"topic": out}), kafka.bootstrap, group)
+    successor = KafkaSink(SinkConfig("m", "kafka", {"topic": out}), kafka.bootstrap, group)
+    await stale.start()
+    await successor.start()
+    try:
+        await deliver_retrying(stale, batch[:4], Source(src, 0, list(range(4))))
+        await deliver_retrying(successor, batch[4:], Source(src, 0, list(range(4, 8))))  # took over at 4
+        await deliver_retrying(stale, batch[4:], Source(src, 0, list(range(4, 8))))  # the stale retry
+    finally:
+        await successor.close()
+        await stale.close()
+    got = Counter(r["event_id"] for r in await read_committed(kafka.bootstrap, out, 8))
+    assert got == Counter({f"e{i}": 1 for i in range(8)}), got
+
+
+class FailOneKeyOnce:
+    """A real producer whose sends for one key (one destination partition) fail once, as if that
+    partition's leader stayed unreachable past the producer's own retries; the other keys are acked."""
+
+    def __init__(self, producer: Any, key: bytes) -> None:
+        self.producer = producer
+        self.key = key
+        self.failed = False
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None, **kwargs: Any) -> Any:
+        if key == self.key and not self.failed:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            future.set_exception(KafkaTimeoutError("injected: partition leader unreachable"))
+            return future
+        return await self.producer.send(topic, value, key=key, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.producer, name)
+
+
+async def test_kafka_sink_other_cluster_retries_only_the_unacknowledged_partition(kafka, namespace, redis_server):
+    """Another cluster (no transaction): one destination partition fails after the others were acked; the
+    retry must send only that partition's records."""
+    out = f"{namespace}.mirror"
+    config = SinkConfig("m", "kafka", {"topic": out, "bootstrap": kafka.bootstrap, "transactional": False})
+    sink = KafkaSink(config, "the-pipelines-own-cluster:9092", f"{namespace}-sender")
+    await sink.start()
+    failing = FailOneKeyOnce(sink.producer, events(2)[1].partition_key)
+    sink.producer = failing  # type: ignore[assignment]
+    delivery = delivery_for(sink, redis_server.url, namespace)
+    records = [record_of(e, f"{namespace}.src", 0, i) for i, e in enumerate(events(9))]
+    try:
+        with pytest.raises(TransientError):
+            await delivery.handle(records)
+        failing.failed = True
+        await handle_like_runner(delivery, records)
+    finally:
+        await sink.close()
+    got = Counter(r["event_id"] for r in await read_committed(kafka.bootstrap, out, 9))
+    assert got == Counter({f"e{i}": 1 for i in range(9)}), got
+
+
+# -- item 6: a sink's 4xx and the 5xx that follows one payload ------------------------------------------
+
+
+class RuledSink:
+    """A real HTTP sink with per-event faults: 400 for any request holding a `refused` event, 503 for any
+    holding a `poisoned` one (a payload that crashes it), or `status` for every request."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.refused: set[str] = set()
+        self.poisoned: set[str] = set()
+        self.status: int | None = None
+        self.received: list[str] = []
+        self.requests = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        ids = [e["event_id"] for e in (await request.json())["events"]]
+        if self.status is not None:
+            return web.json_response({"error": "injected"}, status=self.status)
+        if self.refused.intersection(ids):
+            return web.json_response({"error": "invalid event"}, status=400)
+        if self.poisoned.intersection(ids):
+            return web.json_response({"error": "crashed"}, status=503)
+        self.received.extend(ids)
+        return web.json_response({"ok": len(ids)})
+
+
+@pytest.fixture
+async def ruled_sink(port_base: int) -> Any:
+    sink = RuledSink(port_base + 31)
+    await sink.start()
+    yield sink
+    await sink.stop()
+
+
+async def webhook_delivery(ruled: RuledSink, redis_url: str, namespace: str, max_attempts: int = 3) -> Any:
+    config = SinkConfig(
+        "hook",
+        "webhook",
+        {"url": f"http://127.0.0.1:{ruled.port}/hook"},
+        timeout_s=2,
+        max_attempts_per_event=max_attempts,
+    )
+    sink = WebhookSink(config)
+    await sink.start()
+    return sink, delivery_for(sink, redis_url, namespace)
+
+
+def one_partition(n: int, topic: str = "src") -> list[Record]:
+    return [record_of(e, topic, 0, i) for i, e in enumerate(events(n))]
+
+
+async def test_webhook_400_for_one_event_dead_letters_only_that_event(ruled_sink, redis_server, namespace):
+    ruled_sink.refused = {"e6"}
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace)
+    try:
+        result = await handle_like_runner(delivery, one_partition(12))
+    finally:
+        await sink.close()
+    assert [letter.message.offset for letter in result.dead] == [6]
+    assert isinstance(result.dead[0].error, PermanentSinkError)
+    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(12) if i != 6})
+
+
+async def test_webhook_401_for_the_whole_sink_pages_and_dead_letters_nothing(ruled_sink, redis_server, namespace):
+    ruled_sink.status = 401
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace)
+    records = one_partition(5)
+    try:
+        for _ in range(4):
+            with pytest.raises(TransientError):
+                await delivery.handle(records)
+        assert delivery.breaker.state == "open"
+        assert [a["name"] for a in delivery.alerter.fired] == ["sink_misconfigured"]
+        ruled_sink.status = None  # the credential is fixed
+        result = await handle_like_runner(delivery, records)
+    finally:
+        await sink.close()
+    assert result.dead == []
+    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(5)})
+
+
+async def test_webhook_503_that_follows_one_payload_dead_letters_it_after_bounded_attempts(
+    ruled_sink, redis_server, namespace
+):
+    ruled_sink.poisoned = {"e3"}
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace, max_attempts=3)
+    try:
+        result = await handle_like_runner(delivery, one_partition(10), tries=10)
+    finally:
+        await sink.close()
+    assert [letter.message.offset for letter in result.dead] == [3]
+    assert "503" in str(result.dead[0].error)
+    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(10) if i != 3})
+
+
+async def test_webhook_outage_of_the_whole_sink_dead_letters_nothing(ruled_sink, redis_server, namespace):
+    ruled_sink.status = 503
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace, max_attempts=2)
+    records = one_partition(8)
+    try:
+        for _ in range(12):  # far past max_attempts_per_event: every request fails, so it is the sink
+            try:
+                result = await delivery.handle(records)
+                raise AssertionError(f"delivered during an outage: {result}")
+            except TransientError as exc:
+                await asyncio.sleep(min(exc.retry_after or 0.01, 0.1))
+        ruled_sink.status = None
+        result = await handle_like_runner(delivery, records)
+    finally:
+        await sink.close()
+    assert result.dead == []
+    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(8)})
+
+
+def test_sink_options_for_exactly_once_parse_and_validate():
+    config = HifiConfig.parse(
+        {
+            "tenants": {"acme": {"api_keys": [hash_api_key("k")], "sinks": ["hook", "stream", "mirror"]}},
+            "sinks": {
+                "hook": {"type": "webhook", "url": "http://x/h", "max_attempts_per_event": 4},
+                "stream": {"type": "redis_stream", "stream": "s", "dedupe_window_s": 600},
+                "mirror": {"type": "kafka", "topic": "t", "transactional": False},
+            },
+        }
+    )
+    assert config.sinks["hook"].max_attempts_per_event == 4
+    assert config.sinks["mirror"].max_attempts_per_event == 10
+    assert RedisStreamSink(config.sinks["stream"], "redis://127.0.0.1:1/0").marker_ttl_ms == 600_000
+    assert not KafkaSink(config.sinks["mirror"], "b:9092", "g").transactional
+    assert KafkaSink(SinkConfig("m", "kafka", {"topic": "t"}), "b:9092", "g").transactional
+    with pytest.raises(ConfigError):
+        HifiConfig.parse({"tenants": {}, "sinks": {"m": {"type": "kafka", "topic": "t", "transactional": "yes"}}})
+
+
+async def test_pipeline_sink_4xx_mix_dead_letters_only_refused_events(
+    tmp_path, namespace, ruled_sink, settings_for, start_pipeline, kafka
+):
+    """The real sender process: a few events answered 400, and a stretch of 401 for the whole sink.
+    Only the refused events dead-letter; everything else arrives once."""
+    config = tmp_path / "hifi.yaml"
+    config.write_text(
+        "tenants:\n"
+        + tenant_block("acme", "k", ["hook"])
+        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{ruled_sink.port}/hook", timeout_s: 2}}\n'
+    )
+    pipeline = await start_pipeline(settings_for(config))
+    queues = DeadLetterQueues(kafka.bootstrap, Topics(namespace), ["hook"])
+    factory = EventFactory(producer_id=namespace)
+    first = [factory.make() for _ in range(200)]
+    second = [factory.make() for _ in range(100)]
+    refused = {first[17]["event_id"], first[150]["event_id"], second[40]["event_id"]}
+    ruled_sink.refused = refused
+    try:
+        assert (await post(pipeline.collector_url, "k", first))[0] == 200
+        await wait_for(lambda: len(ruled_sink.received) >= 198, 60, "the first events", pipeline)
+        ruled_sink.status = 401  # a revoked credential: nothing may be dead-lettered for it
+        assert (await post(pipeline.collector_url, "k", second))[0] == 200
+        await wait_for(lambda: ruled_sink.requests > 3, 30, "requests refused with 401", pipeline)
+        await asyncio.sleep(3.0)  # the stretch of 401: the sender keeps retrying, pages, dead-letters nothing
+        assert (await queues.counts())["sender.hook"] == 2
+        ruled_sink.status = None
+        await wait_for(lambda: len(ruled_sink.received) >= 297, 60, "the rest after the credential is fixed", pipeline)
+
+        async def three_dead() -> bool:
+            return (await queues.counts())["sender.hook"] >= 3
+
+        await wait_for(three_dead, 30, "the refused events dead-lettered", pipeline)
+        await asyncio.sleep(2.0)  # a duplicate or a stray dead letter would arrive right behind
+        letters = await queues.read("sender.hook", limit=10)
+    finally:
+        ruled_sink.status = None
+    want = Counter(e["event_id"] for e in first + second if e["event_id"] not in refused)
+    assert Counter(ruled_sink.received) == want
+    assert sorted(letter["original"]["event_id"] for letter in letters) == sorted(refused)
+    assert {letter["error_class"] for letter in letters} == {"PermanentSinkError"}
+
+
+async def test_redis_stream_sink_server_killed_mid_pipeline_appends_each_event_once(tmp_path, port_base):
+    """redis-sink-kill: the Redis under a Redis Stream sink is killed -9 (append-only file, fsync always)
+    while batches are being appended, and restarted; the sender retries each batch until it is acked."""
+    own = LocalRedis(url=f"redis://127.0.0.1:{port_base + 41}/0", data_dir=tmp_path / "redis", persistent=True)
+    own.ensure()
+    config = SinkConfig("s", "redis_stream", {"stream": "kills", "url": own.url}, timeout_s=1)
+    sink = RedisStreamSink(config, own.url)
+    done = asyncio.Event()
+    kills = 0
+
+    async def kill_now_and_then() -> None:
+        nonlocal kills
+        while not done.is_set():
+            await asyncio.sleep(0.15 + 0.1 * (kills % 3))
+            await asyncio.to_thread(own.kill)
+            kills += 1
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(own.ensure)
+
+    killer = asyncio.create_task(kill_now_and_then())
+    try:
+        for b in range(40):
+            batch = [Event(f"b{b}-{i}", "play", 1.0, "acme", {"pad": "x" * 200}) for i in range(300)]
+            for _ in range(200):
+                try:
+                    await sink.deliver_batch(batch)
+                    break
+                except TransientError:
+                    await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"batch {b} never acked")
+        done.set()
+        await killer
+        reader = aioredis.from_url(own.url)  # a fresh connection: the sink's pool saw the last kill
+        got = Counter(r["event_id"] for r in await read_redis_stream(reader, "kills"))
+        await reader.aclose()
+    finally:
+        done.set()
+        killer.cancel()
+        await sink.close()
+        own.stop()
+    assert kills >= 3
+    assert got == Counter({f"b{b}-{i}": 1 for b in range(40) for i in range(300)}), {
+        k: n for k, n in got.items() if n != 1
+    }
+
+
+@pytest.mark.chaos
+async def test_kafka_sink_broker_killed_mid_batch_in_a_three_node_cluster(tmp_path, port_base):
+    """kafka-sink-broker-kill: the leader of the sink topic's partition is killed -9 while transactional
+    batches are written (RF 3, min ISR 2); every batch is retried until it commits; each event once."""
+    cluster = LocalKafka(nodes=3, port=port_base + 60, data_root=tmp_path / "k3", heap="384m")
+    out, src, group = "sink-out", "sender-in", "hifi-sender-m"
+    try:
+        await asyncio.to_thread(cluster.start)
+        await ensure_topics(cluster.bootstrap, [out, src], partitions=3, replication=3, min_insync=2)
+        admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap)
+        await admin.start()
+        described = await admin.describe_topics([out])
+        await admin.close()
+        leader = next(p["leader"] for p in described[0]["partitions"] if p["partition"] == 0)
+        sink = KafkaSink(SinkConfig("m", "kafka", {"topic": out}, timeout_s=5), cluster.bootstrap, group)
+        await sink.start()
+        batches, size = 30, 50
+        try:
+            for b in range(batches):
+                if b == 10:
+                    killing = asyncio.create_task(asyncio.to_thread(cluster.kill_node, leader))
+                batch = [Event(f"b{b}-{i}", "play", 1.0, "acme", {"i": i}, device_id=f"d{i % 9}") for i in range(size)]
+                source = Source(src, 0, list(range(b * size, (b + 1) * size)))
+                for _ in range(120):
+                    try:
+                        await sink.deliver_batch(batch, source)
+                        break
+                    except TransientError:
+                        await asyncio.sleep(0.5)
+                else:
+                    raise AssertionError(f"batch {b} never committed")
+            await killing
+        finally:
+            await sink.close()
+        got = Counter(r["event_id"] for r in await read_committed(cluster.bootstrap, out, batches * size))
+        assert await committed_offset(cluster.bootstrap, group, TopicPartition(src, 0)) == batches * size
+    finally:
+        await asyncio.to_thread(cluster.stop)
+    assert got == Counter({f"b{b}-{i}": 1 for b in range(batches) for i in range(size)}), {
+        k: n for k, n in got.items() if n != 1
+    }
+
+
+async def test_redis_stream_key_of_another_type_is_a_misconfigured_sink(redis_client, namespace):
+    """A stream key someone overwrote with a string fails every append: page, never dead-letter, and
+    write no marker (the event must be appended once the key is fixed)."""
+    stream = f"{namespace}:wrongtype"
+    await redis_client.set(stream, "not a stream")
+    sink = RedisStreamSink(SinkConfig("s", "redis_stream", {"stream": stream}), "redis://127.0.0.1:1/0")
+    sink.client = redis_client
+    with pytest.raises(SinkMisconfigured):
+        await sink.deliver_batch(events(2))
+    await redis_client.delete(stream)
+    await sink.deliver_batch(events(2))
+    assert [r["event_id"] for r in await read_redis_stream(redis_client, stream)] == ["e0", "e1"]
+
+
+async def test_pipeline_kafka_sink_sender_killed_repeatedly_delivers_each_event_once(
+    tmp_path, namespace, settings_for, start_pipeline, kafka
+):
+    """The real sender of a Kafka sink on the pipeline's cluster, killed -9 three times under load and
+    restarted: the transaction commits records and input offsets together, so even the documented
+    sender kill window (sink acked, ledger not yet written) delivers nothing twice."""
+    mirror = f"{namespace}.mirror"
+    config = tmp_path / "hifi.yaml"
+    config.write_text(
+        "tenants:\n"
+        + tenant_block("acme", "k", ["mirror"])
+        + f'sinks:\n  mirror: {{type: kafka, topic: "{mirror}", batch_max: 50}}\n'
+    )
+    pipeline = await start_pipeline(settings_for(config))
+    factory = EventFactory(producer_id=namespace)
+    sent: list[str] = []
+    for round_ in range(24):
+        chunk = [factory.make() for _ in range(60)]
+        assert (await post(pipeline.collector_url, "k", chunk))[0] == 200
+        sent.extend(e["event_id"] for e in chunk)
+        if round_ in (5, 11, 17):
+            await asyncio.sleep(0.3 + 0.1 * (round_ % 4))  # mid-stream: the sender has batches in hand
+            pipeline.kill("sender.mirror")
+            pipeline.start("sender.mirror")
+        await asyncio.sleep(0.1)
+    got = await read_committed(kafka.bootstrap, mirror, len(sent))
+    deadline = time.monotonic() + 90
+    while len({r["event_id"] for r in got}) < len(sent) and time.monotonic() < deadline:
+        await asyncio.sleep(2.0)
+        got = await read_committed(kafka.bootstrap, mirror, len(sent))
+    counts = Counter(r["event_id"] for r in got)
+    assert set(counts) == set(sent), f"missing {len(set(sent) - set(counts))}"
+    assert {k: n for k, n in counts.items() if n > 1} == {}
