@@ -138,6 +138,16 @@ def test_ledger_finds_a_loss_that_a_surplus_at_another_hop_would_hide():
     assert ledger.surplus == {("acme", "hook", 0): 2}
 
 
+def test_ledger_lists_offsets_between_covered_ranges_until_a_tally_fills_them():
+    ledger = LossLedger(lambda tenant: ("hook",), bucket_s=10, settle_s=30)
+    ledger.add_tally(tally("router", 0, [["acme", 0, "out", 6]]))
+    ledger.add_tally(tally("router", 7, [["acme", 0, "out", 3]]))
+    ledger.add_tally(tally("router", 12, [["acme", 0, "out", 1]]))
+    assert ledger.gaps() == [("router", "in.router", 0, 6, 7), ("router", "in.router", 0, 10, 12)]
+    ledger.add_tally(tally("router", 6, [["acme", 0, "out", 1]]))  # re-sent, landed late
+    assert ledger.gaps() == [("router", "in.router", 0, 10, 12)]
+
+
 # -- on the running pipeline ---------------------------------------------------------------------
 
 
@@ -182,7 +192,7 @@ async def test_lag_and_counts_match_what_the_sink_received(
         )
         assert metrics["lag_1m"]["max_ms"] >= truth_max - 2
         assert metrics["lag_1m"]["count"] == len(hook.received)
-        assert metrics["on_time_5m"] == 1.0 and metrics["lost"] == 0
+        assert metrics["on_time_5m"] == 1.0 and metrics["lost"] == 0, metrics
         await wait_for(lambda: audit_summary(pipeline)["buckets_settled"] >= 2, 30, "settled buckets", pipeline)
         assert audit_summary(pipeline)["lost_by_stage"] == {}
         assert canaries is not None

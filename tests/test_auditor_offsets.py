@@ -15,6 +15,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
 from shared.app import durable_producer
 from shared.audit import accepted_tally, bucket_of
 from shared.codec import pack
@@ -147,3 +150,59 @@ async def test_a_surplus_does_not_mask_a_loss_in_the_same_bucket(tmp_path, names
     assert summary["loss"][0]["detail"] == "router passed on 12, sender.hook read 11"
     assert summary["lost_by_stage"] == {"sender.hook": 1}
     assert summary["surplus"] == 2, "the two copies are still reported as surplus"
+
+
+async def test_offsets_a_stage_skipped_are_reported_even_when_copies_balance_the_bucket(
+    tmp_path, namespace, port_base, kafka, settings_for
+):
+    """Copies and a skipped offset at the same hop balance every count; only the offsets show it."""
+    config = tmp_path / "hifi.yaml"
+    write_config(config)
+    topics = Topics(namespace)
+    bucket = bucket_of(now_ms(), BUCKET_S)
+    # The deduplicator passed on 10 and its replay wrote 2 copies: 12 records in hifi.unique. The router
+    # never read offset 6 (deleted before it got there) and committed past it: it read 11, and the
+    # sender skipped the 2 copies. Every hop and the totals balance (11 accounted for 10 accepted).
+    tallies = [
+        (b"collector", accepted_tally("collector", "acme", bucket, 10)),
+        (b"enricher", stage_tally("enricher", topics.raw, 0, [["acme", bucket, "out", 10]])),
+        (b"deduplicator", stage_tally("deduplicator", topics.enriched, 0, [["acme", bucket, "out", 10]])),
+        (b"router", stage_tally("router", topics.unique, 0, [["acme", bucket, "out", 6]])),
+        (b"router", stage_tally("router", topics.unique, 7, [["acme", bucket, "out", 5]])),
+        (
+            b"sender.hook",
+            stage_tally(
+                "sender.hook",
+                topics.sink("hook"),
+                0,
+                [["acme", bucket, "delivered", 9], ["acme", bucket, "skipped", 2]],
+            ),
+        ),
+    ]
+    await publish(kafka.bootstrap, topics.tallies, tallies)
+    await commit(kafka.bootstrap, topics.group("hifi-router"), topics.unique, 12)
+    async with AuditorOnly(settings_for(config), tmp_path, port_base) as auditor:
+        await settled(auditor, 52)
+        await wait_for(lambda: auditor.summary().get("offset_gaps"), 15, "the skipped offset reported")
+        summary = auditor.summary()
+    assert summary["offset_gaps"] == [
+        {"stage": "router", "topic": topics.unique, "partition": 0, "first": 6, "count": 1, "committed": 12}
+    ], summary
+
+
+async def commit(bootstrap: str, group: str, topic: str, offset: int) -> None:
+    """What the stage's consumer group committed on partition 0."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 1, 1)])
+    finally:
+        await admin.close()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.commit({tp: offset})
+    finally:
+        await consumer.stop()

@@ -229,6 +229,17 @@ class LossLedger:
                 late.append((tenant, bucket_start))
         return late
 
+    def gaps(self) -> list[tuple[str, str, int, int, int]]:
+        """Offsets between two ranges a stage's tallies covered: (stage, topic, partition, start, end).
+
+        Either a tally still on its way (a re-sent batch) or input the stage never read: the auditor
+        tells them apart by the stage's committed offset and time."""
+        return [
+            (stage, topic, partition, before[1], after[0])
+            for (stage, topic, partition), covered in self.covered.items()
+            for before, after in zip(covered.ranges, covered.ranges[1:], strict=False)
+        ]
+
     def due(self, now_s: float) -> list[tuple[str, int]]:
         return [
             key
