@@ -172,41 +172,44 @@ class Auditor:
     async def _confirm_gaps(self, now: float) -> None:
         """Offsets a stage's tallies skipped are input it never read, once its group committed past them
         and no tally filled them for `settle_s` (copies elsewhere cannot hide them, unlike a bucket's counts)."""
-        current = self.ledger.gaps()
-        self.gap_seen = {gap: self.gap_seen.get(gap, now) for gap in current}
+        self.gap_seen = {gap: self.gap_seen.get(gap, now) for gap in self.ledger.gaps()}
         for gap in [g for g in self.offset_gaps if g not in self.gap_seen]:  # a late tally filled it
             del self.offset_gaps[gap]
-        settled = [g for g, seen in self.gap_seen.items() if now - seen >= self.audit.settle_s]
-        for gap in settled:
-            if gap in self.offset_gaps:
-                continue
-            stage, topic, partition, start, end = gap
+            self.alerter.resolve("offset_gap", key=f"{gap[0]}/{gap[1]}/{gap[2]}")
+        by_stage: dict[str, list[tuple[str, str, int, int, int]]] = {}
+        for gap, seen in self.gap_seen.items():
+            if gap not in self.offset_gaps and now - seen >= self.audit.settle_s:
+                by_stage.setdefault(gap[0], []).append(gap)
+        for stage, gaps in by_stage.items():
             try:
-                committed = await self.committed_offset(stage, topic, partition)
+                committed = await self.committed_offsets(stage)
             except Exception as exc:
                 log.warning("auditor: cannot read the committed offsets of %s yet: %r", stage, exc)
-                return
-            if committed is None or committed < end:
                 continue
-            self.offset_gaps[gap] = {
-                "stage": stage,
-                "topic": topic,
-                "partition": partition,
-                "first": start,
-                "count": end - start,
-                "committed": committed,
-            }
-            self.alerter.fire(
-                "offset_gap",
-                f"{stage} committed past offsets {start}..{end - 1} of {topic}[{partition}] that it never tallied: "
-                f"{end - start} events it did not read",
-                key=f"{stage}/{topic}/{partition}",
-                stage=stage,
-                count=end - start,
-            )
+            for gap in gaps:
+                _, topic, partition, start, end = gap
+                offset = committed.get(TopicPartition(topic, partition))
+                if offset is None or offset < end:
+                    continue
+                self.offset_gaps[gap] = {
+                    "stage": stage,
+                    "topic": topic,
+                    "partition": partition,
+                    "first": start,
+                    "count": end - start,
+                    "committed": offset,
+                }
+                self.alerter.fire(
+                    "offset_gap",
+                    f"{stage} committed past offsets {start}..{end - 1} of {topic}[{partition}] without tallying "
+                    f"them: {end - start} events it did not read",
+                    key=f"{stage}/{topic}/{partition}",
+                    stage=stage,
+                    count=end - start,
+                )
 
-    async def committed_offset(self, stage: str, topic: str, partition: int) -> int | None:
-        """The offset the stage's consumer group committed on one partition, or None."""
+    async def committed_offsets(self, stage: str) -> dict[TopicPartition, int]:
+        """The offsets the stage's consumer group committed, per partition."""
         group = "hifi-" + stage.replace(".", "-")  # the app id each service's build() gives its group
         admin = AIOKafkaAdminClient(bootstrap_servers=self.ctx.settings.broker, request_timeout_ms=5000)
         await admin.start()
@@ -214,8 +217,7 @@ class Auditor:
             committed = await admin.list_consumer_group_offsets(self.topics.group(group))
         finally:
             await admin.close()
-        meta = committed.get(TopicPartition(topic, partition))
-        return meta.offset if meta is not None and meta.offset >= 0 else None
+        return {tp: meta.offset for tp, meta in committed.items() if meta is not None and meta.offset >= 0}
 
     async def backlog(self, stage: str) -> int:
         """Events in the stage's input topic that its consumer group has not committed past."""
