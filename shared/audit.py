@@ -1,9 +1,9 @@
 """What stages tell the auditor, on two topics (see `Topics.tallies` and `Topics.receipts`).
 
 A **tally** counts one batch of one stage: runs of `[tenant, bucket, outcome, n]` in the source
-partition's offset order, starting at offset `first`. The auditor skips offsets it already counted,
-so a batch replayed after a crash is counted once. The collector (HTTP, no source offsets) and the
-auditor's canaries tally `accepted` without offsets.
+partition's offset order, starting at offset `first`. The auditor counts each offset once, in any
+order: a batch replayed after a crash is counted once, and a tally re-sent late still counts. The
+collector (HTTP, no source offsets) and the auditor's canaries tally `accepted` without offsets.
 
 A **receipt** lists the events one sender batch delivered: `[event_id, tenant, ingest_ts, attempts,
 canary]` plus the sink and the acknowledgement time, from which the auditor measures lag and the

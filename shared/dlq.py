@@ -1,14 +1,17 @@
 """Dead letters: list the dead-letter topics, show their letters, replay them at a chosen rate.
 
-A replay writes each letter's original bytes, key and headers back to the stage's input topic. Event
-ids are kept, so dedupe makes replays idempotent. Progress is committed in a consumer group per
-stage, so a replay can be stopped and resumed without repeating itself.
+A replay writes each letter's original bytes, key and headers back to the stage's input topic, plus
+a `hifi-replay-of` header naming the message the letter came from (`topic:partition:offset`). Event
+ids are kept, so dedupe makes replays idempotent; the deduplicator lets a replay take over the claim
+its dead-lettered original made, so the replay passes once (see `shared/keywindow.py`). Progress is
+committed in a consumer group per stage, so a replay can be stopped and resumed without repeating itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +23,26 @@ from shared.codec import unpack
 from shared.errors import HifiError, InvalidEvent
 from shared.topics import Topics
 
+REPLAY_OF = "hifi-replay-of"
+
 
 class UnknownStage(HifiError):
     pass
+
+
+def replay_headers(letter: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """The original headers, and which message this replays (replacing the mark of an earlier replay)."""
+    headers = [(k, bytes(v)) for k, v in letter.get("original_headers", []) if k != REPLAY_OF]
+    source = f"{letter['topic']}:{letter['partition']}:{letter['offset']}"
+    return [*headers, (REPLAY_OF, source.encode())]
+
+
+def replay_of(headers: Sequence[tuple[str, bytes]] | None) -> str | None:
+    """The claim of the dead-lettered message a record replays, or None for an ordinary record."""
+    for key, value in headers or ():
+        if key == REPLAY_OF:
+            return value.decode(errors="replace")
+    return None
 
 
 def stage_input(topics: Topics, stage: str, sinks: list[str]) -> str:
@@ -112,7 +132,7 @@ class DeadLetterQueues:
                         if limit is not None and replayed >= limit:
                             break
                         letter = unpack(record.value)
-                        headers = [(k, bytes(v)) for k, v in letter.get("original_headers", [])]
+                        headers = replay_headers(letter)
                         await producer.send_and_wait(
                             target, letter["original_value"], key=letter.get("original_key"), headers=headers
                         )

@@ -7,6 +7,8 @@ Two backends behind one interface:
 A claim remembers *which message* first claimed a key. When a worker dies after claiming but before
 its output was durable, the replayed message presents the same claim and passes again instead of
 being dropped as its own duplicate: nothing is lost, and the ledger downstream stops a re-delivery.
+A replayed dead letter names the message it replays: it takes over that message's claim if it still
+holds the key, so the replay passes once and a second replay of the same letter is a copy.
 """
 
 from __future__ import annotations
@@ -38,8 +40,17 @@ log = logging.getLogger(__name__)
 class KeyWindow(Protocol):
     window_s: float
 
-    async def claim(self, keys: Sequence[str], claims: Sequence[str], anchors: Sequence[Any]) -> list[bool]:
-        """For each key: True if it is new (or expired, or claimed by this same message before)."""
+    async def claim(
+        self,
+        keys: Sequence[str],
+        claims: Sequence[str],
+        anchors: Sequence[Any],
+        inherited: Sequence[str | None] | None = None,
+    ) -> list[bool]:
+        """For each key: True if it is new (or expired, or claimed by this same message before).
+
+        `inherited[i]`: the claim of a dead-lettered message this one replays; if it still holds the
+        key, the key passes to this message's claim (atomically), so a second replay is a copy."""
         ...
 
     async def seen(self, keys: Sequence[str], anchors: Sequence[Any]) -> list[bool]:
@@ -63,27 +74,50 @@ class KeyWindow(Protocol):
     async def size(self) -> int | None: ...
 
 
+# KEYS[1] key, ARGV: claim, inherited claim, ttl ms. 1: pass (free, ours, or taken over), 0: a copy.
+INHERIT_CLAIM = """
+local old = redis.call('GET', KEYS[1])
+if old == ARGV[1] then return 1 end
+if (not old) or old == ARGV[2] then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) return 1 end
+return 0
+"""
+
+
 class RedisKeyWindow:
     def __init__(self, url: str, prefix: str, window_s: float) -> None:
         self.client = aioredis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
         self.prefix = prefix
         self.window_s = window_s
+        self._inherit = self.client.register_script(INHERIT_CLAIM)
 
     def _k(self, key: str) -> str:
         return f"{self.prefix}{key}"
 
-    async def claim(self, keys: Sequence[str], claims: Sequence[str], anchors: Sequence[Any]) -> list[bool]:
+    async def claim(
+        self,
+        keys: Sequence[str],
+        claims: Sequence[str],
+        anchors: Sequence[Any],
+        inherited: Sequence[str | None] | None = None,
+    ) -> list[bool]:
         ttl = int(self.window_s * 1000)
+        inherits = inherited or [None] * len(keys)
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                for key, claim in zip(keys, claims, strict=True):
-                    pipe.set(self._k(key), claim, nx=True, get=True, px=ttl)  # old value, or None if we set it
+                for key, claim, heir_of in zip(keys, claims, inherits, strict=True):
+                    if heir_of is None:
+                        pipe.set(self._k(key), claim, nx=True, get=True, px=ttl)  # old value, or None if we set it
+                    else:  # a replay (rare): check and take over the claim in one atomic script
+                        await self._inherit(keys=[self._k(key)], args=[claim, heir_of, ttl], client=pipe)
                 previous = await pipe.execute()
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise TransientError(f"redis unavailable: {exc}") from exc
         except RedisError as exc:
             raise TransientError(f"redis error: {exc}") from exc
-        return [old is None or old.decode() == claim for old, claim in zip(previous, claims, strict=True)]
+        return [
+            old == 1 if heir_of is not None else old is None or old.decode() == claim
+            for old, claim, heir_of in zip(previous, claims, inherits, strict=True)
+        ]
 
     async def seen(self, keys: Sequence[str], anchors: Sequence[Any]) -> list[bool]:
         try:
@@ -374,13 +408,20 @@ class RocksKeyWindow:
 
     # -- the KeyWindow interface -------------------------------------------------------------------
 
-    async def claim(self, keys: Sequence[str], claims: Sequence[str], anchors: Sequence[Any]) -> list[bool]:
+    async def claim(
+        self,
+        keys: Sequence[str],
+        claims: Sequence[str],
+        anchors: Sequence[Any],
+        inherited: Sequence[str | None] | None = None,
+    ) -> list[bool]:
         now = time.time() * 1000
         fresh = []
-        for key, claim, anchor in zip(keys, claims, anchors, strict=True):
+        for i, (key, claim, anchor) in enumerate(zip(keys, claims, anchors, strict=True)):
             partition, db = self._db(anchor)
             entry = self._live(db.get(key.encode()), now)
-            if entry is None:
+            heir_of = inherited[i] if inherited else None
+            if entry is None or (heir_of is not None and entry[1] == heir_of):
                 self._write(partition, db, key, now, claim)
                 fresh.append(True)
             else:

@@ -10,8 +10,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+from hypothesis import given
+from hypothesis import strategies as st
 
-from services.auditor.ledger import LossLedger
+from services.auditor.ledger import LossLedger, OffsetRanges
 from shared.local.traffic import EventFactory
 from shared.local.webhook import WebhookReceiver
 from shared.topics import Topics
@@ -94,6 +96,58 @@ def test_ledger_reports_surplus_not_loss_for_copies_a_replay_made():
     assert ledger.surplus == {("acme", "hook", 0): 2}
 
 
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 30)), max_size=40), st.integers(1, 6))
+def test_offset_ranges_count_each_offset_once_in_any_order(batches, max_ranges):
+    ranges = OffsetRanges(max_ranges=1000)
+    seen: set[int] = set()
+    for start, n in batches:
+        new = ranges.add(start, start + n)
+        assert sum(hi - lo for lo, hi in new) == len(set(range(start, start + n)) - seen)
+        seen |= set(range(start, start + n))
+        covered = [o for lo, hi in ranges.ranges for o in range(lo, hi)]
+        assert covered == sorted(seen), "ranges are disjoint, sorted and exactly the offsets counted"
+        assert all(a[1] < b[0] for a, b in zip(ranges.ranges, ranges.ranges[1:], strict=False))
+    bounded = OffsetRanges(max_ranges=max_ranges)
+    for start, n in batches:
+        bounded.add(start, start + n)
+        assert len(bounded.ranges) <= max_ranges
+
+
+def test_ledger_counts_a_resent_tally_that_lands_after_later_ones():
+    ledger = LossLedger(lambda tenant: ("hook",), bucket_s=10, settle_s=30)
+    ledger.add_tally({"stage": "collector", "runs": [["acme", 0, "accepted", 10]]})
+    ledger.add_tally(tally("enricher", 0, [["acme", 0, "out", 10]]))
+    ledger.add_tally(tally("deduplicator", 5, [["acme", 0, "out", 5]]))
+    ledger.add_tally(tally("deduplicator", 0, [["acme", 0, "out", 5]]))  # re-sent, landed late
+    ledger.add_tally(tally("deduplicator", 3, [["acme", 0, "out", 4]]))  # a crash replay: 3..6 again
+    ledger.add_tally(tally("router", 0, [["acme", 0, "out", 10]]))
+    ledger.add_tally(tally("sender.hook", 0, [["acme", 0, "delivered", 10]]))
+    assert ledger.totals["deduplicator"] == {"out": 10} and ledger.replayed == 4
+    assert ledger.reconcile("acme", 0) == []
+
+
+def test_ledger_finds_a_loss_that_a_surplus_at_another_hop_would_hide():
+    ledger = LossLedger(lambda tenant: ("hook",), bucket_s=10, settle_s=30)
+    ledger.add_tally({"stage": "collector", "runs": [["acme", 0, "accepted", 10]]})
+    ledger.add_tally(tally("enricher", 0, [["acme", 0, "out", 10]]))
+    ledger.add_tally(tally("deduplicator", 0, [["acme", 0, "out", 10]]))
+    ledger.add_tally(tally("router", 0, [["acme", 0, "out", 12]]))  # 2 copies a deduplicator replay wrote
+    ledger.add_tally(tally("sender.hook", 0, [["acme", 0, "delivered", 9], ["acme", 0, "skipped", 2]]))
+    (report,) = ledger.reconcile("acme", 0)
+    assert (report.lost, report.stage, report.detail) == (1, "sender.hook", "router passed on 12, sender.hook read 11")
+    assert ledger.surplus == {("acme", "hook", 0): 2}
+
+
+def test_ledger_lists_offsets_between_covered_ranges_until_a_tally_fills_them():
+    ledger = LossLedger(lambda tenant: ("hook",), bucket_s=10, settle_s=30)
+    ledger.add_tally(tally("router", 0, [["acme", 0, "out", 6]]))
+    ledger.add_tally(tally("router", 7, [["acme", 0, "out", 3]]))
+    ledger.add_tally(tally("router", 12, [["acme", 0, "out", 1]]))
+    assert ledger.gaps() == [("router", "in.router", 0, 6, 7), ("router", "in.router", 0, 10, 12)]
+    ledger.add_tally(tally("router", 6, [["acme", 0, "out", 1]]))  # re-sent, landed late
+    assert ledger.gaps() == [("router", "in.router", 0, 10, 12)]
+
+
 # -- on the running pipeline ---------------------------------------------------------------------
 
 
@@ -138,7 +192,7 @@ async def test_lag_and_counts_match_what_the_sink_received(
         )
         assert metrics["lag_1m"]["max_ms"] >= truth_max - 2
         assert metrics["lag_1m"]["count"] == len(hook.received)
-        assert metrics["on_time_5m"] == 1.0 and metrics["lost"] == 0
+        assert metrics["on_time_5m"] == 1.0 and metrics["lost"] == 0, metrics
         await wait_for(lambda: audit_summary(pipeline)["buckets_settled"] >= 2, 30, "settled buckets", pipeline)
         assert audit_summary(pipeline)["lost_by_stage"] == {}
         assert canaries is not None

@@ -56,6 +56,8 @@ class Auditor:
         self.dlq_growing_since: dict[str, float] = {}
         self.canaries_sent = 0
         self.receipts = 0
+        self.gap_seen: dict[tuple[str, str, int, int, int], float] = {}  # gap -> when first seen (epoch s)
+        self.offset_gaps: dict[tuple[str, str, int, int, int], dict[str, Any]] = {}  # confirmed skipped input
         self.consumer: AIOKafkaConsumer | None = None  # the reader's, for end offsets
         self.queues = DeadLetterQueues(ctx.settings.broker, ctx.topics, list(ctx.config.sinks))
         self.broker_outage = OutageClock(
@@ -116,6 +118,7 @@ class Auditor:
         for tenant, bucket in self.ledger.due(now):
             self.ledger.reconcile(tenant, bucket)
         await self._confirm_losses()
+        await self._confirm_gaps(now)
         self.ledger.forget_before(int(now - LOOKBACK_S))
         for (tenant, sink), sli in self.sli.items():
             for window, seconds in (("5m", 300), ("1h", 3600)):
@@ -165,6 +168,56 @@ class Auditor:
                 else:
                     report.status = "lost"
                     self._loss_found(report)
+
+    async def _confirm_gaps(self, now: float) -> None:
+        """Offsets a stage's tallies skipped are input it never read, once its group committed past them
+        and no tally filled them for `settle_s` (copies elsewhere cannot hide them, unlike a bucket's counts)."""
+        self.gap_seen = {gap: self.gap_seen.get(gap, now) for gap in self.ledger.gaps()}
+        for gap in [g for g in self.offset_gaps if g not in self.gap_seen]:  # a late tally filled it
+            del self.offset_gaps[gap]
+            self.alerter.resolve("offset_gap", key=f"{gap[0]}/{gap[1]}/{gap[2]}")
+        by_stage: dict[str, list[tuple[str, str, int, int, int]]] = {}
+        for gap, seen in self.gap_seen.items():
+            if gap not in self.offset_gaps and now - seen >= self.audit.settle_s:
+                by_stage.setdefault(gap[0], []).append(gap)
+        for stage, gaps in by_stage.items():
+            try:
+                committed = await self.committed_offsets(stage)
+            except Exception as exc:
+                log.warning("auditor: cannot read the committed offsets of %s yet: %r", stage, exc)
+                continue
+            for gap in gaps:
+                _, topic, partition, start, end = gap
+                offset = committed.get(TopicPartition(topic, partition))
+                if offset is None or offset < end:
+                    continue
+                self.offset_gaps[gap] = {
+                    "stage": stage,
+                    "topic": topic,
+                    "partition": partition,
+                    "first": start,
+                    "count": end - start,
+                    "committed": offset,
+                }
+                self.alerter.fire(
+                    "offset_gap",
+                    f"{stage} committed past offsets {start}..{end - 1} of {topic}[{partition}] without tallying "
+                    f"them: {end - start} events it did not read",
+                    key=f"{stage}/{topic}/{partition}",
+                    stage=stage,
+                    count=end - start,
+                )
+
+    async def committed_offsets(self, stage: str) -> dict[TopicPartition, int]:
+        """The offsets the stage's consumer group committed, per partition."""
+        group = "hifi-" + stage.replace(".", "-")  # the app id each service's build() gives its group
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.ctx.settings.broker, request_timeout_ms=5000)
+        await admin.start()
+        try:
+            committed = await admin.list_consumer_group_offsets(self.topics.group(group))
+        finally:
+            await admin.close()
+        return {tp: meta.offset for tp, meta in committed.items() if meta is not None and meta.offset >= 0}
 
     async def backlog(self, stage: str) -> int:
         """Events in the stage's input topic that its consumer group has not committed past."""
@@ -310,6 +363,7 @@ class Auditor:
             "overdue": [r.to_json() for r in ledger.reports.values() if r.status == "overdue"],
             "lost_by_stage": ledger.lost_by_stage(),
             "surplus": sum(ledger.surplus.values()),
+            "offset_gaps": sorted(self.offset_gaps.values(), key=lambda g: (g["stage"], g["topic"], g["first"])),
             "stage_totals": {stage: dict(outcomes) for stage, outcomes in sorted(ledger.totals.items())},
             "buckets_open": sum(1 for b in ledger.buckets.values() if not b.settled),
             "buckets_settled": ledger.settled,

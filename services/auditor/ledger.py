@@ -9,8 +9,11 @@ bucket has settled (its end + `settle_s`):
     accepted = delivered + deduplicated + dead-lettered (any stage) + unrouted
 
 `delivered` counts sink acknowledgements, events the delivered ledger had already seen (their
-first delivery's tally was lost in a crash) and canaries a sink drops. A shortfall is placed at the
-first hop where a stage read fewer events than its upstream stage passed on. It starts
+first delivery's tally was lost in a crash) and canaries a sink drops. Each hop is also checked on
+its own (a stage read fewer events than its upstream stage passed on), so copies a replay added at
+one hop cannot hide events missing at another: the shortfall is the larger of the two, and is
+placed at the first short hop. Tallies are counted by the source offsets they cover, each offset
+once, in whatever order they arrive (`OffsetRanges`). A shortfall starts
 `unconfirmed`: the auditor then compares it with that stage's consumer lag. Events still waiting in
 the stage's input topic are `overdue` (late, not lost: the SLO burn alert covers them); a shortfall
 the backlog cannot explain is **loss**, and pages. An excess
@@ -106,6 +109,58 @@ class SinkSLI:
     canaries: int = 0
 
 
+class OffsetRanges:
+    """The offsets of one source partition a stage's tallies covered, as sorted disjoint [start, end) ranges.
+
+    A tally counts only offsets no earlier tally covered: a batch replayed after a crash is counted
+    once, and a tally re-sent after later ones landed still counts. Past `max_ranges` (gaps nothing
+    will fill, e.g. transaction markers) the two oldest ranges merge, so memory stays bounded.
+    """
+
+    def __init__(self, max_ranges: int = 1000) -> None:
+        self.ranges: list[list[int]] = []
+        self.max_ranges = max_ranges
+
+    def add(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Cover [start, end); return the parts of it that were not covered before."""
+        new: list[tuple[int, int]] = []
+        cursor = start
+        for lo, hi in self.ranges:
+            if hi <= cursor:
+                continue
+            if lo >= end:
+                break
+            if lo > cursor:
+                new.append((cursor, lo))
+            cursor = max(cursor, hi)
+            if cursor >= end:
+                break
+        if cursor < end:
+            new.append((cursor, end))
+        if new:
+            self._insert(start, end)
+        return new
+
+    def _insert(self, start: int, end: int) -> None:
+        merged: list[list[int]] = []
+        placed = False
+        for lo, hi in self.ranges:
+            if hi < start or (placed and lo > end):
+                merged.append([lo, hi])
+            elif lo > end:
+                merged.append([start, end])
+                merged.append([lo, hi])
+                placed = True
+            else:  # overlapping or adjacent: absorb
+                start, end = min(start, lo), max(end, hi)
+        if not placed:
+            merged.append([start, end])
+            merged.sort()
+        while len(merged) > self.max_ranges:
+            merged[0:2] = [[merged[0][0], merged[1][1]]]
+        self.ranges = merged
+
+
 @dataclass
 class Bucket:
     counts: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
@@ -138,7 +193,7 @@ class LossLedger:
         self.bucket_s = bucket_s
         self.settle_s = settle_s
         self.buckets: dict[tuple[str, int], Bucket] = {}
-        self.high_water: dict[tuple[str, str, int], int] = {}  # (stage, topic, partition) -> last offset counted
+        self.covered: dict[tuple[str, str, int], OffsetRanges] = {}  # (stage, topic, partition) -> offsets counted
         self.reports: dict[tuple[str, str, int], LossReport] = {}
         self.surplus: dict[tuple[str, str, int], int] = {}
         self.totals: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -149,33 +204,41 @@ class LossLedger:
     def add_tally(self, tally: dict[str, Any]) -> list[tuple[str, int]]:
         """Count a tally; return the (tenant, bucket) keys that were already settled (late counts)."""
         stage = tally["stage"]
-        skip = 0
+        runs = tally["runs"]
+        fresh: list[tuple[int, int]] | None = None  # offsets not counted before; None: no offsets (collector)
         if "topic" in tally:
             key = (stage, tally["topic"], tally["partition"])
             first = tally["first"]
-            counted = self.high_water.get(key, first - 1)
-            skip = max(0, counted - first + 1)
-        offset_count = 0
+            ranges = self.covered.setdefault(key, OffsetRanges())
+            fresh = ranges.add(first, first + sum(run[3] for run in runs))
+            offset = first
         late: list[tuple[str, int]] = []
-        for tenant, bucket_start, outcome, n in tally["runs"]:
-            offset_count += n
-            if skip >= n:
-                skip -= n
-                self.replayed += n
-                continue
-            n -= skip
-            self.replayed += skip
-            skip = 0
+        for tenant, bucket_start, outcome, n in runs:
+            if fresh is not None:
+                new = sum(max(0, min(hi, offset + n) - max(lo, offset)) for lo, hi in fresh)
+                self.replayed += n - new
+                offset += n
+                n = new
+                if n == 0:
+                    continue
             self.totals[stage][outcome] += n
             bucket = self.buckets.setdefault((tenant, bucket_start), Bucket())
             bucket.counts[stage][outcome] += n
             if bucket.settled:
                 bucket.late += n
                 late.append((tenant, bucket_start))
-        if "topic" in tally:
-            key = (stage, tally["topic"], tally["partition"])
-            self.high_water[key] = max(self.high_water.get(key, -1), tally["first"] + offset_count - 1)
         return late
+
+    def gaps(self) -> list[tuple[str, str, int, int, int]]:
+        """Offsets between two ranges a stage's tallies covered: (stage, topic, partition, start, end).
+
+        Either a tally still on its way (a re-sent batch) or input the stage never read: the auditor
+        tells them apart by the stage's committed offset and time."""
+        return [
+            (stage, topic, partition, before[1], after[0])
+            for (stage, topic, partition), covered in self.covered.items()
+            for before, after in zip(covered.ranges, covered.ranges[1:], strict=False)
+        ]
 
     def due(self, now_s: float) -> list[tuple[str, int]]:
         return [
@@ -203,27 +266,29 @@ class LossLedger:
             delivered = sum(c[sender][o] for o in DELIVERED)
             accounted = delivered + c[sender]["dlq"] + upstream_dlq + c["deduplicator"]["dup"] + c["router"]["unrouted"]
             key = (tenant, sink, bucket_start)
-            if accounted > accepted:
-                self.surplus[key] = accounted - accepted
-            lost = accepted - accounted
-            if lost <= 0:
-                if key in self.reports:  # late events filled the gap
-                    self.reports[key].lost = 0
-                    self.reports[key].late = bucket.late
-                    self.reports[key].status = "recovered"
-                continue
             hops = [
                 ("collector", accepted, "enricher", stage_in["enricher"]),
                 ("enricher", c["enricher"]["out"], "deduplicator", stage_in["deduplicator"]),
                 ("deduplicator", c["deduplicator"]["out"], "router", stage_in["router"]),
                 ("router", c["router"]["out"], sender, sum(c[sender].values())),
             ]
+            # Per hop, so copies a replay added at one hop cannot hide events missing at another.
+            short = [(up, passed, down, read) for up, passed, down, read in hops if read < passed]
+            lost = max(accepted - accounted, sum(passed - read for _, passed, _, read in short))
+            if accounted + lost > accepted:
+                self.surplus[key] = accounted + lost - accepted
+            else:
+                self.surplus.pop(key, None)
+            if lost <= 0:
+                if key in self.reports:  # late events filled the gap
+                    self.reports[key].lost = 0
+                    self.reports[key].late = bucket.late
+                    self.reports[key].status = "recovered"
+                continue
             stage, detail = "unknown", "every hop balances; counts diverge inside a stage"
-            for upstream, passed, downstream, read in hops:
-                if read < passed:
-                    stage = downstream
-                    detail = f"{upstream} passed on {passed}, {downstream} read {read}"
-                    break
+            if short:
+                upstream, passed, stage, read = short[0]
+                detail = f"{upstream} passed on {passed}, {stage} read {read}"
             previous = self.reports.get(key)
             report = LossReport(tenant, sink, bucket_start, accepted, accounted, lost, stage, detail, bucket.late)
             if previous is not None and previous.status in ("lost", "overdue") and previous.stage == stage:

@@ -1,5 +1,11 @@
 """deduplicator: enriched -> unique. Drops an event whose (tenant, event_id) was seen in the window.
 
+A replayed dead letter (header `hifi-replay-of`) passes if its original message still holds the
+event id's claim (it was dead-lettered, not delivered), and takes the claim over, so replaying the
+same letter twice delivers it once. Releasing the claim when dead-lettering would need every
+dead-letter path (handler failures, refused produces) to reach the window, and a second replay
+would pass again.
+
 Backends: RocksDB stores with a changelog (default; partition-local, so the input stays partitioned by the
 event's key and every copy of an event meets in one partition) or Redis (SET NX GET PX, one
 pipelined round trip per fetched batch).
@@ -11,6 +17,7 @@ from typing import Any
 
 from shared.alerts import Alerter, OutageClock
 from shared.codec import encode_event
+from shared.dlq import replay_of
 from shared.errors import TransientError
 from shared.keywindow import KeyWindow
 from shared.service import ServiceContext
@@ -41,7 +48,11 @@ class DedupeWindow:
     async def handle(self, records: list[Record]) -> StepResult:
         keys = [r.event.dedupe_key for r in records]
         try:
-            fresh = await self.window.claim(keys, [r.source for r in records], records)
+            # A replayed dead letter may take over the claim its original message made (shared/dlq.py).
+            inherited = [replay_of(r.message.headers) for r in records]
+            fresh = await self.window.claim(
+                keys, [r.source for r in records], records, inherited if any(inherited) else None
+            )
             self.outage.ok()
         except TransientError as exc:
             self.outage.failed(exc)
