@@ -146,6 +146,7 @@ class StageRunner(Service):
         max_in_flight: int = 8,
         commit_interval_s: float = 1.0,
         states: Sequence[Any] = (),
+        rebalance_timeout_ms: int = 30_000,
     ) -> None:
         super().__init__()
         self.app = app
@@ -156,6 +157,7 @@ class StageRunner(Service):
         self.max_message_bytes = max_message_bytes
         self.max_in_flight = max_in_flight
         self.commit_interval_s = commit_interval_s
+        self.rebalance_timeout_ms = rebalance_timeout_ms
         self.backoff = backoff or Backoff()
         self.dlq = dlq
         self.source = source
@@ -235,7 +237,7 @@ class StageRunner(Service):
             # Rejoin in seconds after a restart (the broker's default session is 45 s).
             session_timeout_ms=10_000,
             heartbeat_interval_ms=1_000,
-            rebalance_timeout_ms=30_000,
+            rebalance_timeout_ms=self.rebalance_timeout_ms,
             # A batch retried for a long sink outage must not cost the worker its partitions: the
             # partition watchdog pages when a partition stops moving instead.
             max_poll_interval_ms=3_600_000,
