@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class HifiError(Exception):
     """Base of every error Hifi raises on purpose."""
@@ -32,6 +34,18 @@ class TransientError(HifiError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class PartialDelivery(TransientError):
+    """Part of a batch reached the destination before the rest failed transiently.
+
+    `delivered` is what records that part (a sender's receipts): it is published even if the rest is
+    never retried here, e.g. because the partitions moved to another worker.
+    """
+
+    def __init__(self, message: str, delivered: list[Any], retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after)
+        self.delivered = delivered
 
 
 class SinkThrottled(TransientError):

@@ -47,7 +47,7 @@ from mode import Service
 
 from shared.app import durable_producer
 from shared.codec import decode_event, pack
-from shared.errors import InvalidEvent, PermanentSinkError, TransientError
+from shared.errors import InvalidEvent, PartialDelivery, PermanentSinkError, TransientError
 from shared.event import Event, now_ms
 from shared.metrics import StageMetrics
 from shared.publish import BatchPublisher, Output, Published
@@ -117,6 +117,28 @@ class PartitionedState(Protocol):
         ...
 
 
+class Ownership:
+    """The assignment a batch was fetched under. aiokafka rebalances eagerly: every rebalance (and an
+    eviction, on rejoin) revokes every partition, so one generation per worker is one per partition."""
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.revoked = asyncio.Event()  # set when the revoke callback starts: stop delivering and retrying
+        self.ended = False  # set once the revoke callback committed: nothing of it may be marked done after
+
+    @property
+    def owned(self) -> bool:
+        return not self.revoked.is_set()
+
+    async def sleep(self, delay: float) -> bool:
+        """Sleep `delay` seconds, cut short by a revocation; True if the partitions are still owned."""
+        try:
+            await asyncio.wait_for(self.revoked.wait(), delay)
+        except TimeoutError:
+            pass
+        return self.owned
+
+
 @dataclass
 class InFlight:
     """A handled batch whose outputs were sent; its offsets are done once they are durable."""
@@ -127,6 +149,10 @@ class InFlight:
     sent_at: float
     published: Published | None = None
     send_error: Exception | None = None
+    owner: Ownership | None = None
+    # Given up at a revocation: only work already done elsewhere (a sink's acked part: receipts, ledger
+    # changelog) is published, its offsets are never marked done, and the next owner handles it again.
+    abandoned: bool = False
 
 
 class StageRunner(Service):
@@ -147,6 +173,7 @@ class StageRunner(Service):
         commit_interval_s: float = 1.0,
         states: Sequence[Any] = (),
         rebalance_timeout_ms: int = 30_000,
+        revoke_grace_s: float = 5.0,
     ) -> None:
         super().__init__()
         self.app = app
@@ -158,6 +185,9 @@ class StageRunner(Service):
         self.max_in_flight = max_in_flight
         self.commit_interval_s = commit_interval_s
         self.rebalance_timeout_ms = rebalance_timeout_ms
+        # How long a revocation waits for the batch in hand to give up (an attempt in flight finishes,
+        # e.g. a sink request up to its timeout) before cancelling it: the group waits on this.
+        self.revoke_grace_s = revoke_grace_s
         self.backoff = backoff or Backoff()
         self.dlq = dlq
         self.source = source
@@ -183,7 +213,8 @@ class StageRunner(Service):
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight: asyncio.Queue[InFlight] | None = None
         self._batch_lock: asyncio.Lock | None = None
-        self._generation = 0  # bumped by every revocation: a fetch returned before it is dropped
+        self._owner = Ownership(0)  # replaced at every revocation: a fetch returned before it is dropped
+        self._handling: asyncio.Task[InFlight] | None = None  # the batch in hand, cancelled if it outlasts a revoke
 
     def attach(self, ctx: Any) -> StageRunner:
         """Run with the app (as its dependency), and register the stage's views and watchdog."""
@@ -290,11 +321,18 @@ class StageRunner(Service):
     # -- rebalances --------------------------------------------------------------------------------
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Before partitions move: no batch half-way, every sent batch durable, done offsets committed."""
+        """Before partitions move: the batch in hand given up, every sent batch durable, done offsets committed.
+
+        Bounded throughout: the whole group waits on this callback, and a member that outlasts the
+        rebalance timeout is evicted, so work it finished afterwards would race the next owner's.
+        """
         assert self._batch_lock is not None and self._in_flight is not None
         self.joined = False
-        async with self._batch_lock:
-            self._generation += 1
+        owner = self._owner
+        owner.revoked.set()  # retry loops give up between attempts; their backoff sleeps end now
+        self._owner = Ownership(owner.generation + 1)
+        locked = await self._take_batch_lock()
+        try:
             try:
                 await asyncio.wait_for(self._in_flight.join(), 20.0)
             except TimeoutError:
@@ -306,6 +344,7 @@ class StageRunner(Service):
                 await asyncio.wait_for(self._commit(), 5.0)
             except TimeoutError:
                 log.warning("%s: no commit before the rebalance (the group has moved on)", self.stage)
+            owner.ended = True  # a batch of it that becomes durable later is the next owner's to redo
             for tp in revoked:
                 self.done.pop(tp, None)
                 self.committed.pop(tp, None)
@@ -313,6 +352,32 @@ class StageRunner(Service):
             self.assigned -= set(revoked)
             for state in self.states:
                 state.revoke(sorted(tp.partition for tp in revoked if tp.topic == self.source))
+        finally:
+            if locked:
+                self._batch_lock.release()
+
+    async def _take_batch_lock(self) -> bool:
+        """The batch lock within `revoke_grace_s`, cancelling the batch in hand if it holds on longer."""
+        assert self._batch_lock is not None
+        try:
+            await asyncio.wait_for(self._batch_lock.acquire(), self.revoke_grace_s)
+            return True
+        except TimeoutError:
+            pass
+        handling = self._handling
+        if handling is not None:
+            # An attempt still in flight past the grace (a sink request): like a kill, what it delivered
+            # unmarked is delivered again by the next owner, with the same idempotency keys.
+            log.warning(
+                "%s: the batch in hand outlasted the revocation by %.0fs; cancelled", self.stage, self.revoke_grace_s
+            )
+            handling.cancel()
+        try:
+            await asyncio.wait_for(self._batch_lock.acquire(), 5.0)
+            return True
+        except TimeoutError:
+            log.error("%s: the batch lock is still held; revoking without it", self.stage)
+            return False
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         assert self.consumer is not None
@@ -354,12 +419,12 @@ class StageRunner(Service):
                 log.warning("%s: fetch failed: %r", self.stage, exc)
                 await asyncio.sleep(1.0)
                 continue
-            generation = self._generation  # read with no await since getmany returned
+            owner = self._owner  # read with no await since getmany returned
             messages = [m for batch in fetched.values() for m in batch]
             if not messages:
                 continue
             async with self._batch_lock:
-                if generation != self._generation:
+                if owner is not self._owner:
                     # Revoked after this fetch returned: the new assignment restarts every partition at
                     # its committed offset, so whoever owns them now reads these events again.
                     log.info("%s: dropped %d events fetched before a rebalance", self.stage, len(messages))
@@ -376,7 +441,17 @@ class StageRunner(Service):
                         continue
                 phase.observe(time.perf_counter() - waited)
                 self.metrics.batch_size.labels(self.stage).observe(len(messages))
-                flight = await self.process_batch(messages)
+                self._handling = asyncio.create_task(self.process_batch(messages, owner), name=f"{self.stage}-batch")
+                try:
+                    flight = await self._handling
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise  # the loop itself is stopping
+                    log.warning("%s: dropped a batch of %d events cancelled by a revocation", self.stage, len(messages))
+                    continue
+                finally:
+                    self._handling = None
                 await self._in_flight.put(flight)
             waited = time.perf_counter()
 
@@ -385,8 +460,10 @@ class StageRunner(Service):
         produce = self.metrics.batch_phase.labels(self.stage, "produce")
         while True:
             flight = await self._in_flight.get()
-            await self._settle(flight)
-            self.done.update(flight.next_offsets)  # the commit point: everything below is durable
+            durable = await self._settle(flight)
+            owner = flight.owner
+            if durable and not flight.abandoned and (owner is None or not owner.ended):
+                self.done.update(flight.next_offsets)  # the commit point: everything below is durable
             produce.observe(time.perf_counter() - flight.sent_at)
             self._in_flight.task_done()
 
@@ -409,8 +486,17 @@ class StageRunner(Service):
         except (KafkaError, AssertionError) as exc:  # a rebalance in progress, or the coordinator moving
             log.warning("%s: commit of %s failed (replayed if it stays lost): %r", self.stage, offsets, exc)
 
-    async def process_batch(self, messages: Sequence[ConsumerRecord]) -> InFlight:  # type: ignore[type-arg]
-        """Decode, handle, and send the outputs; the returned batch is done once they are durable."""
+    async def process_batch(
+        self,
+        messages: Sequence[ConsumerRecord],  # type: ignore[type-arg]
+        owner: Ownership | None = None,
+    ) -> InFlight:
+        """Decode, handle, and send the outputs; the returned batch is done once they are durable.
+
+        Handled only while `owner` (the assignment it was fetched under) holds: revoked, the batch is
+        abandoned and only what already reached a destination is published.
+        """
+        owner = owner or self._owner
         records: list[Record] = []
         dead: list[DeadLetter] = []
         next_offsets: dict[TopicPartition, int] = {}
@@ -428,7 +514,10 @@ class StageRunner(Service):
                 dead.append(DeadLetter(message, exc))
         self.metrics.events_in.labels(self.stage).inc(len(messages))
         handling = time.perf_counter()
-        result = await self._handle(records) if records else StepResult()
+        try:
+            result = await self._handle(records, owner) if records else StepResult()
+        except _Revoked as revoked:
+            return await self._abandon(next_offsets, revoked.carried, owner)
         producing = time.perf_counter()
         self.metrics.batch_phase.labels(self.stage, "handle").observe(producing - handling)
         result.dead.extend(dead)
@@ -437,20 +526,44 @@ class StageRunner(Service):
             result.outputs.extend(state.changelog())
         if self.tallies is not None:
             result.outputs.extend(self._tally(messages, records, result))
-        flight = InFlight(next_offsets, result, outputs, producing)
+        flight = InFlight(next_offsets, result, outputs, producing, owner=owner)
+        return await self._send_flight(flight)
+
+    async def _abandon(
+        self, next_offsets: dict[TopicPartition, int], carried: list[Output], owner: Ownership
+    ) -> InFlight:
+        """A batch revoked mid-way: publish what already reached a destination and its state's changelog
+        (a sender's ledger marks, so the next owner skips it), no tally, and never mark its offsets."""
+        log.info(
+            "%s: gave up a batch of partitions %s at a revocation",
+            self.stage,
+            sorted(tp.partition for tp in next_offsets),
+        )
+        result = StepResult(outputs=list(carried))
+        for state in self.states:
+            result.outputs.extend(state.changelog())
+        flight = InFlight(next_offsets, result, 0, time.perf_counter(), owner=owner, abandoned=True)
+        return await self._send_flight(flight)
+
+    async def _send_flight(self, flight: InFlight) -> InFlight:
         try:
-            flight.published = await self._send(result)
+            flight.published = await self._send(flight.result)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the acker re-sends it
             flight.send_error = exc
         return flight
 
-    async def _settle(self, flight: InFlight) -> None:
-        """Wait until the broker acknowledged every output of the batch, re-sending it on failure."""
+    async def _settle(self, flight: InFlight) -> bool:
+        """Wait until the broker acknowledged every output of the batch, re-sending it on failure.
+
+        False if given up: a batch whose partitions were revoked meanwhile is the next owner's to redo,
+        unless it was abandoned, i.e. carries only work a destination already has.
+        """
         attempt = 0
         error = flight.send_error
         published = flight.published
+        owner = flight.owner
         while True:
             if error is None:
                 try:
@@ -467,7 +580,11 @@ class StageRunner(Service):
             delay = self.backoff.delay(attempt)
             self.metrics.retries.labels(self.stage).inc()
             log.warning("%s: produce failed (attempt %d), retrying in %.2fs: %r", self.stage, attempt, delay, error)
-            await asyncio.sleep(delay)
+            if flight.abandoned or owner is None:
+                await asyncio.sleep(delay)
+            elif not await owner.sleep(delay):
+                log.warning("%s: gave up re-sending a batch whose partitions were revoked", self.stage)
+                return False
             try:
                 published, error = await self._send(flight.result), None
             except asyncio.CancelledError:
@@ -486,6 +603,7 @@ class StageRunner(Service):
         for letter in flight.result.dead:
             reason = letter.error.reason if isinstance(letter.error, InvalidEvent) else type(letter.error).__name__
             self.metrics.dead_lettered.labels(self.stage, reason).inc()
+        return True
 
     def _tally(
         self,
@@ -524,35 +642,47 @@ class StageRunner(Service):
         assert self.tallies is not None
         return [Output(self.tallies, self.stage.encode(), pack({**part, "at": at})) for part in parts.values()]
 
-    async def _handle(self, records: list[Record]) -> StepResult:
+    async def _handle(self, records: list[Record], owner: Ownership) -> StepResult:
         """Retry transient errors; on an unexpected error, handle one by one to isolate the culprit."""
+        carried: list[Output] = []  # outputs of parts delivered before a partial failure
         try:
-            return await self._with_retries(lambda: self.handler(records))
+            result = await self._with_retries(lambda: self.handler(records), owner, carried)
+            result.outputs.extend(carried)
+            return result
         except _Unexpected:
             pass
         result = StepResult()
         for record in records:
             try:
-                one = await self._with_retries(lambda r=record: self.handler([r]))
+                one = await self._with_retries(lambda r=record: self.handler([r]), owner, carried)
             except _Unexpected as wrapped:
                 sentry_sdk.capture_exception(wrapped.__cause__)
                 result.dead.append(DeadLetter(record.message, wrapped.__cause__ or wrapped))
                 continue
             result.outputs.extend(one.outputs)
             result.dead.extend(one.dead)
+        result.outputs.extend(carried)
         return result
 
-    async def _with_retries(self, call: Callable[[], Awaitable[StepResult]]) -> StepResult:
+    async def _with_retries(
+        self, call: Callable[[], Awaitable[StepResult]], owner: Ownership, carried: list[Output]
+    ) -> StepResult:
+        """Call until it succeeds, while `owner` holds the partitions; `_Revoked` once it does not."""
         attempt = 0
         while True:
+            if not owner.owned:
+                raise _Revoked(carried)
             attempt += 1
             try:
                 return await call()
             except TransientError as exc:
+                if isinstance(exc, PartialDelivery):
+                    carried.extend(exc.delivered)
                 delay = self.backoff.delay(attempt, exc.retry_after)
                 self.metrics.retries.labels(self.stage).inc()
                 log.warning("%s: transient error (attempt %d), retrying in %.2fs: %s", self.stage, attempt, delay, exc)
-                await asyncio.sleep(delay)
+                if not await owner.sleep(delay):
+                    raise _Revoked(carried) from None
             except (InvalidEvent, PermanentSinkError):
                 raise _Unexpected() from None  # handlers dead-letter these themselves; a stray one is a bug
             except asyncio.CancelledError:
@@ -686,6 +816,14 @@ class PartitionWatchdog:
 
 class _Unexpected(Exception):
     """Internal: the handler failed in a way retrying the batch won't fix."""
+
+
+class _Revoked(Exception):
+    """Internal: the batch's partitions were revoked; `carried` already reached a destination."""
+
+    def __init__(self, carried: list[Output]) -> None:
+        super().__init__("partitions revoked")
+        self.carried = carried
 
 
 def dead_letter_value(stage: str, letter: DeadLetter) -> bytes:

@@ -54,9 +54,7 @@ async def produce_events(bootstrap: str, topic: str, count: int, devices: int = 
     return ids
 
 
-def make_runner(
-    bootstrap: str, group: str, name: str, source: str, handler: Handler, **options: Any
-) -> StageRunner:
+def make_runner(bootstrap: str, group: str, name: str, source: str, handler: Handler, **options: Any) -> StageRunner:
     host, port = bootstrap.split(":")
     app = SimpleNamespace(
         conf=SimpleNamespace(id=group, broker=[URL(f"kafka://{host}:{port}")], canonical_url=f"http://{name}")
@@ -147,6 +145,3 @@ async def read_all(bootstrap: str, topic: str, expect: int, timeout: float) -> l
     finally:
         await consumer.stop()
     return out
-
-
-

@@ -19,7 +19,7 @@ from prometheus_client import Gauge
 
 from shared.alerts import Alerter, OutageClock
 from shared.audit import receipt
-from shared.errors import PermanentSinkError, SinkThrottled, TransientError
+from shared.errors import PartialDelivery, PermanentSinkError, SinkThrottled, TransientError
 from shared.event import now_ms
 from shared.keywindow import KeyWindow
 from shared.metrics import LagWindow, StageMetrics
@@ -52,7 +52,7 @@ class SinkDelivery:
         self.sink = sink
         self.receipts_topic = receipts_topic
         self.attempts: dict[str, int] = {}  # delivery attempts of the batch in hand, by its first source
-        self.carried: list[Output] = []  # receipts of partitions delivered while another one failed
+        self.carried: list[Output] = []  # receipts of partitions delivered while another one failed unexpectedly
         self.name = sink.config.name
         self.ledger = ledger
         self.metrics = metrics
@@ -104,22 +104,28 @@ class SinkDelivery:
         """One request per source partition, concurrently: a device's events share a partition, so its
         order holds, and a sink's round trip no longer caps the sender at one batch at a time.
 
-        If some partitions fail transiently, the others stay delivered (marked in the ledger, their
-        receipts carried to the batch's eventual result) and the error is raised: the runner retries
-        the batch, and the ledger skips what was already delivered.
+        If some partitions fail transiently, the others stay delivered (marked in the ledger) and
+        `PartialDelivery` carries their receipts to the runner, which publishes them even if the batch
+        is given up at a revocation; it retries the batch, and the ledger skips what was delivered.
         """
         groups: dict[int, list[Record]] = {}
         for record in todo:
             groups.setdefault(record.partition, []).append(record)
         outcomes = await asyncio.gather(*(self._deliver_group(g) for g in groups.values()), return_exceptions=True)
         failure: BaseException | None = None
+        delivered: list[Output] = []
         for outcome in outcomes:
             if isinstance(outcome, StepResult):
                 result.dead.extend(outcome.dead)
-                self.carried.extend(outcome.outputs)
+                delivered.extend(outcome.outputs)
             elif failure is None:
                 failure = outcome
-        if failure is not None:
+        if failure is None:
+            result.outputs.extend(delivered)
+        elif isinstance(failure, TransientError):
+            raise PartialDelivery(str(failure), delivered, failure.retry_after) from failure
+        else:
+            self.carried.extend(delivered)  # the runner re-handles one event at a time, whose result gets them
             raise failure
 
     async def _deliver_group(self, todo: list[Record]) -> StepResult:
@@ -132,7 +138,8 @@ class SinkDelivery:
             return StepResult(dead=[DeadLetter(r.message, exc, attempts) for r in todo])
         self.attempts.pop(batch_id, None)
         acked = now_ms()
-        await self._mark_delivered(todo)
+        # Shielded: a revocation that cancels the batch must not cancel the mark of what the sink acked.
+        await asyncio.shield(self._mark_delivered(todo))
         self._record_lag(todo, acked)
         for record in todo:
             record.outcome = "delivered"
