@@ -14,17 +14,17 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from yarl import URL
 
-from shared.codec import encode_event
+from shared.codec import encode_event, unpack
 from shared.errors import TransientError
 from shared.event import Event
 from shared.local.kafka import LocalKafka
 from shared.metrics import StageMetrics
 from shared.retry import Backoff
-from shared.stage import Handler, Record, StageRunner, StepResult
+from shared.stage import Handler, Output, Record, StageRunner, StepResult
 
 pytestmark = pytest.mark.asyncio
 
@@ -38,14 +38,26 @@ async def create_topic(bootstrap: str, name: str, partitions: int, **configs: st
         await admin.close()
 
 
-async def produce_events(bootstrap: str, topic: str, count: int, devices: int = 16) -> list[str]:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+async def produce_events(
+    bootstrap: str, topic: str, count: int, devices: int = 16, payload: Callable[[int], dict[str, Any]] | None = None
+) -> list[str]:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, max_request_size=4_000_000
+    )
     await producer.start()
     ids = []
     try:
         futures = []
         for n in range(count):
-            event = Event(f"e{n}", "play", 1.0, "acme", device_id=f"d{n % devices}", ingest_ts=time.time() * 1000)
+            event = Event(
+                f"e{n}",
+                "play",
+                1.0,
+                "acme",
+                payload=payload(n) if payload else {},
+                device_id=f"d{n % devices}",
+                ingest_ts=time.time() * 1000,
+            )
             ids.append(event.event_id)
             futures.append(await producer.send(topic, encode_event(event), key=event.partition_key))
         await asyncio.gather(*futures)
@@ -132,6 +144,7 @@ async def test_scale_out_during_sink_outage_delivers_once_and_rebalances_fast(
 
 
 async def read_all(bootstrap: str, topic: str, expect: int, timeout: float) -> list[Any]:
+    """Whatever the topic holds, read until `expect` records arrived or `timeout` passed."""
     consumer = AIOKafkaConsumer(
         topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, group_id=None
     )
@@ -145,3 +158,48 @@ async def read_all(bootstrap: str, topic: str, expect: int, timeout: float) -> l
     finally:
         await consumer.stop()
     return out
+
+
+async def committed(bootstrap: str, group: str, topic: str, partitions: int) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        offsets = [await consumer.committed(TopicPartition(topic, p)) for p in range(partitions)]
+    finally:
+        await consumer.stop()
+    return sum(o or 0 for o in offsets)
+
+
+async def test_output_too_large_for_its_topic_is_dead_lettered_and_the_partition_flows_on(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    """An output over the destination's max.message.bytes can never be produced: today the acker re-sends
+    its batch forever and the partition stalls. It must be dead-lettered (itself too large for the DLQ
+    topic, so stored truncated with its digest) and the events behind it must flow."""
+    source, out = f"{namespace}.in", f"{namespace}.out"
+    await create_topic(kafka.bootstrap, source, 2)
+    await create_topic(kafka.bootstrap, out, 2, **{"max.message.bytes": "4000"})
+    await create_topic(kafka.bootstrap, f"{source}.dlq", 1, **{"max.message.bytes": "3000"})
+    big = 7
+
+    async def relay(records: list[Record]) -> StepResult:
+        return StepResult(outputs=[Output(out, r.message.key, r.message.value) for r in records])
+
+    group = f"{namespace}-relay"
+    runner = await start(runners, make_runner(kafka.bootstrap, group, "a", source, relay, batch_max=5))
+    await wait_for(lambda: runner.joined, 30, "the assignment")
+    blob = {"blob": "x" * 6000}
+    ids = await produce_events(kafka.bootstrap, source, 40, devices=2, payload=lambda n: blob if n == big else {})
+    small = {i for i in ids if i != f"e{big}"}
+    relayed = await read_all(kafka.bootstrap, out, len(small), 30)
+    assert {unpack(m.value)["event_id"] for m in relayed} == small
+    letters = await read_all(kafka.bootstrap, f"{source}.dlq", 1, 30)
+    assert len(letters) == 1, letters
+    letter = unpack(letters[0].value)
+    assert letter["reason"] == "record_too_large" and letter["truncated"] is True
+    assert letter["original_size"] > 6000 and len(letter["original_value"]) < 3000
+    assert letter["original_sha256"]
+    deadline = time.monotonic() + 30
+    while await committed(kafka.bootstrap, group, source, 2) < len(ids):  # what the broker holds, not the runner
+        assert time.monotonic() < deadline, "the input was not committed to its end"
+        await asyncio.sleep(0.2)
