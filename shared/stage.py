@@ -31,6 +31,7 @@ fails for an unexpected reason is split so only the bad events dead-letter.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import signal
@@ -41,19 +42,30 @@ from typing import Any, Protocol, runtime_checkable
 
 import sentry_sdk
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    CorruptRecordException,
+    KafkaError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 from aiokafka.structs import ConsumerRecord
 from mode import Service
 
 from shared.app import durable_producer
-from shared.codec import decode_event, pack
-from shared.errors import InvalidEvent, PartialDelivery, PermanentSinkError, TransientError
+from shared.codec import decode_event, pack, unpack
+from shared.errors import HifiError, InvalidEvent, PartialDelivery, PermanentSinkError, TransientError
 from shared.event import Event, now_ms
 from shared.metrics import StageMetrics
 from shared.publish import BatchPublisher, Output, Published
 from shared.retry import Backoff
 
 log = logging.getLogger(__name__)
+
+# Produce errors no retry can fix: a record or its batch over a size limit, or a record the broker refuses.
+TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
+UNSENDABLE = (*TOO_LARGE, CorruptRecordException)
 
 
 @dataclass(slots=True)
@@ -149,6 +161,8 @@ class InFlight:
     sent_at: float
     published: Published | None = None
     send_error: Exception | None = None
+    records: list[Output] = field(default_factory=list)  # what was sent: the outputs, then the dead letters
+    sent_with: BatchPublisher | None = None
     owner: Ownership | None = None
     # Given up at a revocation: only work already done elsewhere (a sink's acked part: receipts, ledger
     # changelog) is published, its offsets are never marked done, and the next owner handles it again.
@@ -214,6 +228,7 @@ class StageRunner(Service):
         self._in_flight: asyncio.Queue[InFlight] | None = None
         self._batch_lock: asyncio.Lock | None = None
         self._owner = Ownership(0)  # replaced at every revocation: a fetch returned before it is dropped
+        self._retiring: set[asyncio.Task[None]] = set()  # producers replaced by `_renew_producer`, closing
         self._handling: asyncio.Task[InFlight] | None = None  # the batch in hand, cancelled if it outlasts a revoke
 
     def attach(self, ctx: Any) -> StageRunner:
@@ -298,6 +313,8 @@ class StageRunner(Service):
             log.warning("%s: shutdown before every batch was durable and committed; the rest is replayed", self.stage)
         for task in self._tasks:
             task.cancel()
+        if self._retiring:
+            await asyncio.wait(self._retiring, timeout=3.0)
         for client in (self.consumer, self.producer):  # the consumer leaves the group: its partitions move at once
             if client is not None:
                 try:
@@ -546,8 +563,11 @@ class StageRunner(Service):
         return await self._send_flight(flight)
 
     async def _send_flight(self, flight: InFlight) -> InFlight:
+        flight.records = self._records_of(flight.result)
+        flight.sent_with = self.publisher
+        assert flight.sent_with is not None
         try:
-            flight.published = await self._send(flight.result)
+            flight.published = await flight.sent_with.publish(flight.records)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the acker re-sends it
@@ -555,25 +575,45 @@ class StageRunner(Service):
         return flight
 
     async def _settle(self, flight: InFlight) -> bool:
-        """Wait until the broker acknowledged every output of the batch, re-sending it on failure.
+        """Wait until the broker acknowledged every record of the batch, re-sending the failed ones.
 
-        False if given up: a batch whose partitions were revoked meanwhile is the next owner's to redo,
-        unless it was abandoned, i.e. carries only work a destination already has.
+        A record no retry can send (over a size limit, refused as invalid) is dead-lettered instead, so
+        its partition flows on. False if given up: a batch whose partitions were revoked meanwhile is the
+        next owner's to redo, unless it was abandoned, i.e. carries only work a destination already has.
         """
+        records = flight.records
+        pending = list(range(len(records)))  # indexes in `records` not acknowledged yet
+        placed: dict[int, tuple[int, int]] = {}  # index -> (partition, offset) once acknowledged
         attempt = 0
         error = flight.send_error
         published = flight.published
+        sent_with = flight.sent_with
         owner = flight.owner
         while True:
             if error is None:
-                try:
-                    assert published is not None
-                    acked = await asyncio.gather(*published.futures)
+                assert published is not None
+                acks = await asyncio.gather(*published.futures, return_exceptions=True)
+                failed = []
+                for position, index in enumerate(pending):
+                    if isinstance(acks[published.placed[position][0]], BaseException):
+                        failed.append(index)
+                    else:
+                        placed[index] = published.offset_of(position, acks)
+                if not failed:
                     break
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # broker unavailable past the producer's own retries
-                    error = exc
+                pending = failed  # only these are re-sent: the others are in the log already
+                errors = [a for a in acks if isinstance(a, BaseException)]
+                error = next((e for e in errors if not isinstance(e, UNSENDABLE)), None)
+                if error is None:
+                    await self._renew_producer(sent_with, errors[0])
+                    await self._dead_letter_unsendable(flight, pending, placed, errors[0])
+                    break
+            elif isinstance(error, UNSENDABLE):
+                await self._renew_producer(sent_with, error)
+                await self._dead_letter_unsendable(flight, pending, placed, error)
+                break
+            if isinstance(error, OutOfOrderSequenceNumber):
+                await self._renew_producer(sent_with, error)
             attempt += 1
             if self.broker_outage is not None:
                 self.broker_outage.failed(error)
@@ -585,8 +625,10 @@ class StageRunner(Service):
             elif not await owner.sleep(delay):
                 log.warning("%s: gave up re-sending a batch whose partitions were revoked", self.stage)
                 return False
+            sent_with = self.publisher
+            assert sent_with is not None
             try:
-                published, error = await self._send(flight.result), None
+                published, error = await sent_with.publish([records[i] for i in pending]), None
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -596,14 +638,98 @@ class StageRunner(Service):
         if self._state_of_changelog:
             for index, out in enumerate(flight.result.outputs):
                 state = self._state_of_changelog.get(out.topic)
-                if state is not None:
-                    partition, offset = published.offset_of(index, acked)
+                if state is not None and index in placed:
+                    partition, offset = placed[index]
                     state.durable(partition, offset + 1)
         self.metrics.events_out.labels(self.stage).inc(flight.outputs)
         for letter in flight.result.dead:
             reason = letter.error.reason if isinstance(letter.error, InvalidEvent) else type(letter.error).__name__
             self.metrics.dead_lettered.labels(self.stage, reason).inc()
         return True
+
+    async def _dead_letter_unsendable(
+        self, flight: InFlight, indexes: list[int], placed: dict[int, tuple[int, int]], error: BaseException
+    ) -> None:
+        """Send the failed records one at a time; each that still cannot be sent is dead-lettered, and a
+        dead letter too large for the DLQ topic is stored truncated with its digest, never dropped."""
+        log.warning(
+            "%s: %d records refused by the broker (%r); sending them one by one", self.stage, len(indexes), error
+        )
+        for index in indexes:
+            out = flight.records[index]
+            sent = await self._produce_alone(out)
+            if not isinstance(sent, BaseException):
+                placed[index] = sent
+                continue
+            letter = out if out.topic == self.dlq else self._letter_of_output(out, sent)
+            if out.topic != self.dlq:
+                reason = "record_too_large" if isinstance(sent, TOO_LARGE) else "record_refused"
+                log.error("%s: dead-lettered a %d-byte record for %s: %r", self.stage, len(out.value), out.topic, sent)
+                self.metrics.dead_lettered.labels(self.stage, reason).inc()
+            for keep in (None, 1024, 0):  # the whole letter, then its original cut to a digest and a prefix
+                attempt = letter if keep is None else truncated_letter(letter, keep)
+                sent = await self._produce_alone(attempt)
+                if not isinstance(sent, BaseException):
+                    break
+            else:
+                raise UnsendableDeadLetter(f"{self.stage}: {self.dlq} refused even a truncated dead letter: {sent!r}")
+
+    async def _produce_alone(self, out: Output) -> tuple[int, int] | BaseException:
+        """(partition, offset) once acknowledged, retrying transient failures; the error if it can never be sent."""
+        attempt = 0
+        while True:
+            publisher = self.publisher
+            assert publisher is not None
+            try:
+                published = await publisher.publish([out])
+                acked = await asyncio.gather(*published.futures)
+                return published.offset_of(0, acked)
+            except asyncio.CancelledError:
+                raise
+            except UNSENDABLE as exc:
+                await self._renew_producer(publisher, exc)
+                return exc
+            except Exception as exc:
+                if isinstance(exc, OutOfOrderSequenceNumber):
+                    await self._renew_producer(publisher, exc)
+                attempt += 1
+                delay = self.backoff.delay(attempt)
+                log.warning("%s: produce failed (attempt %d), retrying in %.2fs: %r", self.stage, attempt, delay, exc)
+                await asyncio.sleep(delay)
+
+    async def _renew_producer(self, failed: BatchPublisher | None, error: BaseException) -> None:
+        """A fresh idempotent producer after a batch failed for good: aiokafka does not rewind its sequence
+        numbers then, so every later batch of that partition would fail with OutOfOrderSequenceNumber."""
+        if failed is None or failed is not self.publisher:
+            return  # already renewed since that batch was sent
+        log.warning("%s: replacing the producer after %r", self.stage, error)
+        producer = durable_producer(self.bootstrap, self.client_id)
+        await producer.start()
+        old, self.producer, self.publisher = self.producer, producer, BatchPublisher(producer)
+        if old is not None:  # its pending batches resolve or fail on their own; failed ones are re-sent
+            task = asyncio.create_task(old.stop(), name=f"{self.stage}-retire-producer")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    def _letter_of_output(self, out: Output, error: BaseException) -> Output:
+        """A dead letter for an output this stage could not produce (offset -1: not one of its inputs)."""
+        reason = "record_too_large" if isinstance(error, TOO_LARGE) else "record_refused"
+        message = ConsumerRecord(
+            topic=out.topic,
+            partition=-1 if out.partition is None else out.partition,
+            offset=-1,
+            timestamp=int(time.time() * 1000),
+            timestamp_type=0,
+            key=out.key,
+            value=out.value,
+            checksum=None,
+            serialized_key_size=len(out.key or b""),
+            serialized_value_size=len(out.value),
+            headers=tuple(out.headers or ()),
+        )
+        detail = f"{type(error).__name__}: {len(out.value)} bytes for {out.topic}"
+        letter = DeadLetter(message, InvalidEvent(reason, detail))
+        return Output(self.dlq, out.key, dead_letter_value(self.stage, letter), headers=out.headers)
 
     def _tally(
         self,
@@ -691,9 +817,8 @@ class StageRunner(Service):
                 log.exception("%s: unexpected error in handler", self.stage)
                 raise _Unexpected() from exc
 
-    async def _send(self, result: StepResult) -> Published:
-        """Hand outputs and dead letters to the producer; the futures resolve on the broker's ack."""
-        assert self.publisher is not None
+    def _records_of(self, result: StepResult) -> list[Output]:
+        """What a batch sends: its outputs, then its dead letters."""
         letters = [
             Output(
                 self.dlq,
@@ -703,7 +828,7 @@ class StageRunner(Service):
             )
             for letter in result.dead
         ]
-        return await self.publisher.publish([*result.outputs, *letters] if letters else result.outputs)
+        return [*result.outputs, *letters] if letters else list(result.outputs)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -818,12 +943,32 @@ class _Unexpected(Exception):
     """Internal: the handler failed in a way retrying the batch won't fix."""
 
 
+class UnsendableDeadLetter(HifiError):
+    """The DLQ topic refused even a truncated dead letter (its max.message.bytes is misconfigured)."""
+
+
 class _Revoked(Exception):
     """Internal: the batch's partitions were revoked; `carried` already reached a destination."""
 
     def __init__(self, carried: list[Output]) -> None:
         super().__init__("partitions revoked")
         self.carried = carried
+
+
+def truncated_letter(letter: Output, keep: int) -> Output:
+    """The dead letter with its original value cut to `keep` bytes, plus that value's size and sha256."""
+    fields = unpack(letter.value)
+    original = fields.get("original_value") or b""
+    fields.update(
+        original_value=original[:keep],
+        original_size=len(original),
+        original_sha256=hashlib.sha256(original).hexdigest(),
+        truncated=True,
+        error=str(fields.get("error", ""))[:200],
+    )
+    if keep == 0:
+        fields["original_headers"] = []
+    return Output(letter.topic, letter.key, pack(fields))
 
 
 def dead_letter_value(stage: str, letter: DeadLetter) -> bytes:
