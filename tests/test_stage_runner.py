@@ -10,6 +10,7 @@ import asyncio
 import collections
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,6 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from yarl import URL
 
 from shared.codec import encode_event, unpack
+from shared.config import SinkConfig
 from shared.errors import TransientError
 from shared.event import Event
 from shared.local.kafka import LocalKafka
@@ -203,3 +205,90 @@ async def test_output_too_large_for_its_topic_is_dead_lettered_and_the_partition
     while await committed(kafka.bootstrap, group, source, 2) < len(ids):  # what the broker holds, not the runner
         assert time.monotonic() < deadline, "the input was not committed to its end"
         await asyncio.sleep(0.2)
+
+
+class DeviceOutageSink:
+    """A SinkSender (services/sender/sinks.py) that records what it accepted and answers 503 to any
+    request holding an event of a device in `down`: a batch spread over partitions is acked in part."""
+
+    def __init__(self, name: str) -> None:
+        self.config = SinkConfig(name, "test", {})
+        self.down: set[str] = set()
+        self.received: collections.Counter[str] = collections.Counter()
+
+    async def start(self) -> None:
+        pass
+
+    async def deliver_batch(self, events: list[Event]) -> None:
+        await asyncio.sleep(0.01)
+        if any(e.device_id in self.down for e in events):
+            raise TransientError("sink answered 503")
+        self.received.update(e.event_id for e in events)
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_sender_revoked_mid_retry_publishes_what_the_sink_acked_and_the_next_owner_skips_it(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner], tmp_path: Path
+) -> None:
+    """A sender whose batch was acked for some partitions and is retried for another loses its partitions:
+    the acked part's ledger marks (changelog) and receipts must be published before the handover, so the
+    next owner skips it, and the retried part must not be delivered by the old owner afterwards."""
+    from services.sender.app import SinkDelivery
+    from shared.alerts import Alerter
+    from shared.keywindow import RocksKeyWindow
+
+    partitions = 4
+    source, receipts = f"{namespace}.sink", f"{namespace}.receipts"
+    group = f"{namespace}-sender"
+    await create_topic(kafka.bootstrap, source, partitions)
+    await create_topic(kafka.bootstrap, receipts, 1)
+    await create_topic(kafka.bootstrap, f"{group}.ledger.changelog", partitions)
+    sink = DeviceOutageSink("hook")
+    rebalance_timeout_ms = 8_000
+
+    def sender(name: str) -> StageRunner:
+        ledger = RocksKeyWindow(
+            "ledger",
+            tmp_path / name,  # each worker its own store: only the changelog carries marks between them
+            changelog_topic=f"{group}.ledger.changelog",
+            bootstrap=kafka.bootstrap,
+            window_s=3600,
+            partitions=partitions,
+            group=group,
+        )
+        metrics = StageMetrics()
+        delivery = SinkDelivery(sink, ledger, metrics, Alerter("sender.hook"), False, receipts_topic=receipts)
+        return make_runner(
+            kafka.bootstrap,
+            group,
+            name,
+            source,
+            delivery.handle,
+            batch_max=200,
+            backoff=Backoff(0.05, 1.0),
+            rebalance_timeout_ms=rebalance_timeout_ms,
+            states=[ledger],
+        )
+
+    first = await start(runners, sender("a"))
+    await wait_for(lambda: first.joined, 30, "the first member")
+    sink.down = {"d1"}
+    ids = await produce_events(kafka.bootstrap, source, 120, devices=8)
+    await wait_for(lambda: len(sink.received) > 0, 30, "a partial delivery")
+    await asyncio.sleep(1.0)  # the first member retries the rest of its batch
+    joining = time.monotonic()
+    second = await start(runners, sender("b"))
+    await wait_for(lambda: second.joined, 30, "the second member's assignment")
+    rebalance_s = time.monotonic() - joining
+    await asyncio.sleep(max(0.0, rebalance_timeout_ms / 1000 + 4 - rebalance_s))  # past any eviction
+    sink.down = set()
+    await wait_for(lambda: set(sink.received) >= set(ids), 60, "every event at the sink")
+    await asyncio.sleep(3.0)  # a late copy would land here
+    twice = {e: n for e, n in sink.received.items() if n > 1}
+    assert not twice, f"{len(twice)} events delivered more than once: {sorted(twice)[:10]}"
+    records = await read_all(kafka.bootstrap, receipts, 10_000, 5)
+    receipted = collections.Counter(row[0] for r in records for row in unpack(r.value)["events"])
+    assert set(receipted) == set(ids), f"no receipt for {sorted(set(ids) - set(receipted))[:10]}"
+    assert rebalance_s < rebalance_timeout_ms / 1000 / 2, f"the rebalance took {rebalance_s:.1f}s"
