@@ -272,16 +272,18 @@ async def test_sender_revoked_mid_retry_publishes_what_the_sink_acked_and_the_ne
             states=[ledger],
         )
 
-    first = await start(runners, sender("a"))
-    await wait_for(lambda: first.joined, 30, "the first member")
-    sink.down = {"d1"}
+    # d0 lives on partition 2, which the first member keeps (round robin over members a, b); the acked
+    # part includes partition 3 (d1, d3, d6), which moves: only the changelog tells its next owner.
+    sink.down = {"d0"}
     ids = await produce_events(kafka.bootstrap, source, 120, devices=8)
+    first = await start(runners, sender("a"))  # its first fetch holds every partition
     await wait_for(lambda: len(sink.received) > 0, 30, "a partial delivery")
     await asyncio.sleep(1.0)  # the first member retries the rest of its batch
     joining = time.monotonic()
     second = await start(runners, sender("b"))
     await wait_for(lambda: second.joined, 30, "the second member's assignment")
     rebalance_s = time.monotonic() - joining
+    assert {tp.partition for tp in second.assigned} == {1, 3}, "the acked partition 3 must move"
     await asyncio.sleep(max(0.0, rebalance_timeout_ms / 1000 + 4 - rebalance_s))  # past any eviction
     sink.down = set()
     await wait_for(lambda: set(sink.received) >= set(ids), 60, "every event at the sink")
