@@ -300,8 +300,10 @@ class StageRunner(Service):
         ]
 
     async def on_stop(self) -> None:
-        """SIGTERM: finish the batch in hand, wait for the broker's acks, commit, leave the group."""
+        """SIGTERM: finish the batch in hand (give it up if it is retrying), wait for the broker's acks,
+        commit, leave the group."""
         self._stopping = True
+        self._owner.revoked.set()  # a batch retrying through an outage publishes what it delivered and stops
         consume = self._tasks[0] if self._tasks else None
         try:
             if consume is not None:
@@ -347,8 +349,8 @@ class StageRunner(Service):
         self.joined = False
         owner = self._owner
         owner.revoked.set()  # retry loops give up between attempts; their backoff sleeps end now
-        self._owner = Ownership(owner.generation + 1)
         locked = await self._take_batch_lock()
+        self._owner = Ownership(owner.generation + 1)  # fetches from here on are of the next assignment
         try:
             try:
                 await asyncio.wait_for(self._in_flight.join(), 20.0)
@@ -441,7 +443,7 @@ class StageRunner(Service):
             if not messages:
                 continue
             async with self._batch_lock:
-                if owner is not self._owner:
+                if not owner.owned:
                     # Revoked after this fetch returned: the new assignment restarts every partition at
                     # its committed offset, so whoever owns them now reads these events again.
                     log.info("%s: dropped %d events fetched before a rebalance", self.stage, len(messages))

@@ -84,6 +84,10 @@ async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> 
         await asyncio.sleep(0.05)
 
 
+def retries(runner: StageRunner) -> float:
+    return runner.metrics.total(runner.metrics.retries)
+
+
 class FlakySink:
     """A destination that records every event it accepted, and answers 503 while `down`."""
 
@@ -131,7 +135,7 @@ async def test_scale_out_during_sink_outage_delivers_once_and_rebalances_fast(
     await wait_for(lambda: first.joined and second.joined and not first.assigned & second.assigned, 30, "two members")
     sink.down = True
     ids = await produce_events(kafka.bootstrap, source, 300)
-    await asyncio.sleep(2.0)  # both hold a batch in their retry loop
+    await wait_for(lambda: retries(first) >= 2 and retries(second) >= 2, 30, "both retrying a batch")
     joining = time.monotonic()
     third = await start(runners, make_runner(kafka.bootstrap, group, "c", source, sink.handle, **options))
     await wait_for(lambda: third.joined, 30, "the third member's assignment")
@@ -277,8 +281,7 @@ async def test_sender_revoked_mid_retry_publishes_what_the_sink_acked_and_the_ne
     sink.down = {"d0"}
     ids = await produce_events(kafka.bootstrap, source, 120, devices=8)
     first = await start(runners, sender("a"))  # its first fetch holds every partition
-    await wait_for(lambda: len(sink.received) > 0, 30, "a partial delivery")
-    await asyncio.sleep(1.0)  # the first member retries the rest of its batch
+    await wait_for(lambda: len(sink.received) > 0 and retries(first) >= 2, 30, "a partial delivery, then retries")
     joining = time.monotonic()
     second = await start(runners, sender("b"))
     await wait_for(lambda: second.joined, 30, "the second member's assignment")
