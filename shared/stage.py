@@ -25,7 +25,17 @@ keeps the commit point here, where it can be read. Faust still runs each service
 timers, lifecycle and signals.
 
 A handler never lets an exception escape: transient errors are retried with backoff, a batch that
-fails for an unexpected reason is split so only the bad events dead-letter.
+fails for an unexpected reason is split so only the bad events dead-letter. A record the broker can
+never take (over `max.message.bytes`, refused as corrupt) is dead-lettered by the acker, truncated with
+its sha256 if the DLQ topic refuses it too, and the idempotent producer is renewed (aiokafka does not
+rewind its sequence numbers after such a failure).
+
+Ownership: a batch is handled, retried, marked done and committed only while the assignment it was
+fetched under holds (`Ownership`; aiokafka rebalances eagerly, so every rebalance revokes every
+partition). The revoke callback ends retry sleeps at once; a batch between attempts is abandoned:
+only what already reached a destination (a sender's receipts and ledger changelog) is published, its
+offsets are never marked, and the next owner handles it again. An attempt still running after
+`revoke_grace_s` is cancelled, so the group never waits on a retry loop.
 """
 
 from __future__ import annotations

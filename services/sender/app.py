@@ -305,6 +305,9 @@ def build(ctx: ServiceContext) -> Any:
         source=ctx.topics.sink(ctx.sink),
         batch_max=sink_config.batch_max,
         states=[ledger],
+        # A request in flight at a revocation ends (acked: marked and published; failed: given up) before
+        # the handover, instead of being cancelled after the sink may have taken it.
+        revoke_grace_s=sink_config.timeout_s + 1.0,
     )
 
     runner.attach(ctx)
