@@ -297,3 +297,37 @@ async def test_sender_revoked_mid_retry_publishes_what_the_sink_acked_and_the_ne
     receipted = collections.Counter(row[0] for r in records for row in unpack(r.value)["events"])
     assert set(receipted) == set(ids), f"no receipt for {sorted(set(ids) - set(receipted))[:10]}"
     assert rebalance_s < rebalance_timeout_ms / 1000 / 2, f"the rebalance took {rebalance_s:.1f}s"
+
+
+async def test_a_request_outlasting_the_revoke_grace_is_cancelled_not_delivered_late(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    """A destination call that hangs past `revoke_grace_s` at a revocation is cancelled: the group moves
+    on after the grace, and the stale member does not deliver when the call would have returned."""
+    source = f"{namespace}.sink"
+    await create_topic(kafka.bootstrap, source, 4)
+    received: collections.Counter[str] = collections.Counter()
+    hanging = asyncio.Event()
+    hang_s = 15.0
+
+    async def slow_sink(records: list[Record]) -> StepResult:
+        if not hanging.is_set():
+            hanging.set()
+            await asyncio.sleep(hang_s)  # a request the destination answers (and takes) only after 15 s
+        received.update(r.event.event_id for r in records)
+        return StepResult()
+
+    options = dict(batch_max=500, rebalance_timeout_ms=8_000, revoke_grace_s=2.0)
+    group = f"{namespace}-sender"
+    ids = await produce_events(kafka.bootstrap, source, 100)
+    await start(runners, make_runner(kafka.bootstrap, group, "a", source, slow_sink, **options))
+    await asyncio.wait_for(hanging.wait(), 30)
+    joining = time.monotonic()
+    second = await start(runners, make_runner(kafka.bootstrap, group, "b", source, slow_sink, **options))
+    await wait_for(lambda: second.joined, 30, "the second member's assignment")
+    rebalance_s = time.monotonic() - joining
+    await wait_for(lambda: set(received) >= set(ids), 60, "every event at the sink")
+    await asyncio.sleep(max(0.0, hang_s + 2 - (time.monotonic() - joining)))  # when the hung call would return
+    twice = {e: n for e, n in received.items() if n > 1}
+    assert not twice, f"{len(twice)} events delivered more than once: {sorted(twice)[:10]}"
+    assert rebalance_s < 6.0, f"the rebalance took {rebalance_s:.1f}s"
