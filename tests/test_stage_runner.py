@@ -331,3 +331,23 @@ async def test_a_request_outlasting_the_revoke_grace_is_cancelled_not_delivered_
     twice = {e: n for e, n in received.items() if n > 1}
     assert not twice, f"{len(twice)} events delivered more than once: {sorted(twice)[:10]}"
     assert rebalance_s < 6.0, f"the rebalance took {rebalance_s:.1f}s"
+
+
+async def test_sigterm_during_a_sink_outage_gives_the_batch_up_at_once_and_commits_none_of_it(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    """Without giving up, the stop waits out its 10 s bound on the retry loop."""
+    source = f"{namespace}.sink"
+    await create_topic(kafka.bootstrap, source, 2)
+    sink = FlakySink()
+    sink.down = True
+    await produce_events(kafka.bootstrap, source, 50)
+    group = f"{namespace}-sender"
+    runner = await start(runners, make_runner(kafka.bootstrap, group, "a", source, sink.handle))
+    await wait_for(lambda: retries(runner) >= 2, 30, "a batch retrying")
+    stopping = time.monotonic()
+    await runner.stop()
+    stop_s = time.monotonic() - stopping
+    assert stop_s < 5.0, f"stopping took {stop_s:.1f}s"
+    assert not sink.received
+    assert await committed(kafka.bootstrap, group, source, 2) == 0, "offsets of an undelivered batch committed"
