@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class HifiError(Exception):
     """Base of every error Hifi raises on purpose."""
@@ -32,6 +34,18 @@ class TransientError(HifiError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class HandledInPart(TransientError):
+    """Part of a handled batch reached its destination before the rest failed transiently.
+
+    `outputs` records that part (a sender's receipts): the runner publishes them even if the rest is
+    never retried here, e.g. because the partitions moved to another worker.
+    """
+
+    def __init__(self, message: str, outputs: list[Any], retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after)
+        self.outputs = outputs
 
 
 class SinkThrottled(TransientError):

@@ -25,12 +25,23 @@ keeps the commit point here, where it can be read. Faust still runs each service
 timers, lifecycle and signals.
 
 A handler never lets an exception escape: transient errors are retried with backoff, a batch that
-fails for an unexpected reason is split so only the bad events dead-letter.
+fails for an unexpected reason is split so only the bad events dead-letter. A record the broker can
+never take (over `max.message.bytes`, refused as corrupt) is dead-lettered by the acker, truncated with
+its sha256 if the DLQ topic refuses it too, and the idempotent producer is renewed (aiokafka does not
+rewind its sequence numbers after such a failure).
+
+Ownership: a batch is handled, retried, marked done and committed only while the assignment it was
+fetched under holds (`Ownership`; aiokafka rebalances eagerly, so every rebalance revokes every
+partition). The revoke callback ends retry sleeps at once; a batch between attempts is abandoned:
+only what already reached a destination (a sender's receipts and ledger changelog) is published, its
+offsets are never marked, and the next owner handles it again. An attempt still running after
+`revoke_grace_s` is cancelled, so the group never waits on a retry loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import signal
@@ -41,19 +52,30 @@ from typing import Any, Protocol, runtime_checkable
 
 import sentry_sdk
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    CorruptRecordException,
+    KafkaError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 from aiokafka.structs import ConsumerRecord
 from mode import Service
 
 from shared.app import durable_producer
-from shared.codec import decode_event, pack
-from shared.errors import InvalidEvent, PermanentSinkError, TransientError
+from shared.codec import decode_event, pack, unpack
+from shared.errors import HifiError, HandledInPart, InvalidEvent, PermanentSinkError, TransientError
 from shared.event import Event, now_ms
 from shared.metrics import StageMetrics
 from shared.publish import BatchPublisher, Output, Published
 from shared.retry import Backoff
 
 log = logging.getLogger(__name__)
+
+# Produce errors no retry can fix: a record or its batch over a size limit, or a record the broker refuses.
+TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
+UNSENDABLE = (*TOO_LARGE, CorruptRecordException)
 
 
 @dataclass(slots=True)
@@ -129,6 +151,28 @@ class PartitionedState(Protocol):
         ...
 
 
+class Ownership:
+    """The assignment a batch was fetched under. aiokafka rebalances eagerly: every rebalance (and an
+    eviction, on rejoin) revokes every partition, so one generation per worker is one per partition."""
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.revoked = asyncio.Event()  # set when the revoke callback starts: stop delivering and retrying
+        self.ended = False  # set once the revoke callback committed: nothing of it may be marked done after
+
+    @property
+    def owned(self) -> bool:
+        return not self.revoked.is_set()
+
+    async def sleep(self, delay: float) -> bool:
+        """Sleep `delay` seconds, cut short by a revocation; True if the partitions are still owned."""
+        try:
+            await asyncio.wait_for(self.revoked.wait(), delay)
+        except TimeoutError:
+            pass
+        return self.owned
+
+
 @dataclass
 class InFlight:
     """A handled batch whose outputs were sent; its offsets are done once they are durable."""
@@ -139,6 +183,12 @@ class InFlight:
     sent_at: float
     published: Published | None = None
     send_error: Exception | None = None
+    records: list[Output] = field(default_factory=list)  # what was sent: the outputs, then the dead letters
+    sent_with: BatchPublisher | None = None
+    owner: Ownership | None = None
+    # Given up at a revocation: only work already done elsewhere (a sink's acked part: receipts, ledger
+    # changelog) is published, its offsets are never marked done, and the next owner handles it again.
+    abandoned: bool = False
 
 
 class StageRunner(Service):
@@ -160,6 +210,8 @@ class StageRunner(Service):
         states: Sequence[Any] = (),
         session_timeout_ms: int = 10_000,
         checkpoint_interval_s: float = 10.0,
+        rebalance_timeout_ms: int = 30_000,
+        revoke_grace_s: float = 5.0,
     ) -> None:
         super().__init__()
         self.app = app
@@ -172,6 +224,10 @@ class StageRunner(Service):
         self.commit_interval_s = commit_interval_s
         self.session_timeout_ms = session_timeout_ms
         self.checkpoint_interval_s = checkpoint_interval_s
+        self.rebalance_timeout_ms = rebalance_timeout_ms
+        # How long a revocation waits for the batch in hand to give up (an attempt in flight finishes,
+        # e.g. a sink request up to its timeout) before cancelling it: the group waits on this.
+        self.revoke_grace_s = revoke_grace_s
         self.backoff = backoff or Backoff()
         self.dlq = dlq
         self.source = source
@@ -199,7 +255,9 @@ class StageRunner(Service):
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight: asyncio.Queue[InFlight] | None = None
         self._batch_lock: asyncio.Lock | None = None
-        self._generation = 0  # bumped by every revocation: a fetch returned before it is dropped
+        self._owner = Ownership(0)  # replaced at every revocation: a fetch returned before it is dropped
+        self._retiring: set[asyncio.Task[None]] = set()  # producers replaced by `_renew_producer`, closing
+        self._handling: asyncio.Task[InFlight] | None = None  # the batch in hand, cancelled if it outlasts a revoke
 
     def attach(self, ctx: Any) -> StageRunner:
         """Run with the app (as its dependency), and register the stage's views and watchdog."""
@@ -258,7 +316,7 @@ class StageRunner(Service):
             # Rejoin in seconds after a restart (the broker's default session is 45 s).
             session_timeout_ms=self.session_timeout_ms,
             heartbeat_interval_ms=min(1_000, self.session_timeout_ms // 3),
-            rebalance_timeout_ms=30_000,
+            rebalance_timeout_ms=self.rebalance_timeout_ms,
             # A batch retried for a long sink outage must not cost the worker its partitions: the
             # partition watchdog pages when a partition stops moving instead.
             max_poll_interval_ms=3_600_000,
@@ -279,8 +337,10 @@ class StageRunner(Service):
             )
 
     async def on_stop(self) -> None:
-        """SIGTERM: finish the batch in hand, wait for the broker's acks, commit, leave the group."""
+        """SIGTERM: finish the batch in hand (give it up if it is retrying), wait for the broker's acks,
+        commit, leave the group."""
         self._stopping = True
+        self._owner.revoked.set()  # a batch retrying through an outage publishes what it delivered and stops
         held = sorted(tp.partition for tp in self.assigned | self.restoring if tp.topic == self.source)
         await self._cancel_restore()
         consume = self._tasks[0] if self._tasks else None
@@ -294,6 +354,8 @@ class StageRunner(Service):
             log.warning("%s: shutdown before every batch was durable and committed; the rest is replayed", self.stage)
         for task in self._tasks:
             task.cancel()
+        if self._retiring:
+            await asyncio.wait(self._retiring, timeout=3.0)
         for client in (self.consumer, self.producer):  # the consumer leaves the group: its partitions move at once
             if client is not None:
                 try:
@@ -317,11 +379,18 @@ class StageRunner(Service):
     # -- rebalances --------------------------------------------------------------------------------
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Before partitions move: no batch half-way, every sent batch durable, done offsets committed."""
+        """Before partitions move: the batch in hand given up, every sent batch durable, done offsets committed.
+
+        Bounded throughout: the whole group waits on this callback, and a member that outlasts the
+        rebalance timeout is evicted, so work it finished afterwards would race the next owner's.
+        """
         assert self._batch_lock is not None and self._in_flight is not None
         self.joined = False
-        async with self._batch_lock:
-            self._generation += 1
+        owner = self._owner
+        owner.revoked.set()  # retry loops give up between attempts; their backoff sleeps end now
+        locked = await self._take_batch_lock()
+        self._owner = Ownership(owner.generation + 1)  # fetches from here on are of the next assignment
+        try:
             try:
                 await asyncio.wait_for(self._in_flight.join(), 20.0)
             except TimeoutError:
@@ -333,6 +402,7 @@ class StageRunner(Service):
                 await asyncio.wait_for(self._commit(), 5.0)
             except TimeoutError:
                 log.warning("%s: no commit before the rebalance (the group has moved on)", self.stage)
+            owner.ended = True  # a batch of it that becomes durable later is the next owner's to redo
             for tp in revoked:
                 self.done.pop(tp, None)
                 self.committed.pop(tp, None)
@@ -340,6 +410,32 @@ class StageRunner(Service):
             self.assigned -= set(revoked)
             for state in self.states:
                 state.revoke(sorted(tp.partition for tp in revoked if tp.topic == self.source))
+        finally:
+            if locked:
+                self._batch_lock.release()
+
+    async def _take_batch_lock(self) -> bool:
+        """The batch lock within `revoke_grace_s`, cancelling the batch in hand if it holds on longer."""
+        assert self._batch_lock is not None
+        try:
+            await asyncio.wait_for(self._batch_lock.acquire(), self.revoke_grace_s)
+            return True
+        except TimeoutError:
+            pass
+        handling = self._handling
+        if handling is not None:
+            # An attempt still in flight past the grace (a sink request): like a kill, what it delivered
+            # unmarked is delivered again by the next owner, with the same idempotency keys.
+            log.warning(
+                "%s: the batch in hand outlasted the revocation by %.0fs; cancelled", self.stage, self.revoke_grace_s
+            )
+            handling.cancel()
+        try:
+            await asyncio.wait_for(self._batch_lock.acquire(), 5.0)
+            return True
+        except TimeoutError:
+            log.error("%s: the batch lock is still held; revoking without it", self.stage)
+            return False
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         """Return quickly: aiokafka sends no heartbeats while this runs. Partitions with state stay
@@ -445,12 +541,12 @@ class StageRunner(Service):
                 log.warning("%s: fetch failed: %r", self.stage, exc)
                 await asyncio.sleep(1.0)
                 continue
-            generation = self._generation  # read with no await since getmany returned
+            owner = self._owner  # read with no await since getmany returned
             messages = [m for batch in fetched.values() for m in batch]
             if not messages:
                 continue
             async with self._batch_lock:
-                if generation != self._generation:
+                if not owner.owned:
                     # Revoked after this fetch returned: the new assignment restarts every partition at
                     # its committed offset, so whoever owns them now reads these events again.
                     log.info("%s: dropped %d events fetched before a rebalance", self.stage, len(messages))
@@ -467,7 +563,17 @@ class StageRunner(Service):
                         continue
                 phase.observe(time.perf_counter() - waited)
                 self.metrics.batch_size.labels(self.stage).observe(len(messages))
-                flight = await self.process_batch(messages)
+                self._handling = asyncio.create_task(self.process_batch(messages, owner), name=f"{self.stage}-batch")
+                try:
+                    flight = await self._handling
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise  # the loop itself is stopping
+                    log.warning("%s: dropped a batch of %d events cancelled by a revocation", self.stage, len(messages))
+                    continue
+                finally:
+                    self._handling = None
                 await self._in_flight.put(flight)
             waited = time.perf_counter()
 
@@ -476,8 +582,10 @@ class StageRunner(Service):
         produce = self.metrics.batch_phase.labels(self.stage, "produce")
         while True:
             flight = await self._in_flight.get()
-            await self._settle(flight)
-            self.done.update(flight.next_offsets)  # the commit point: everything below is durable
+            durable = await self._settle(flight)
+            owner = flight.owner
+            if durable and not flight.abandoned and (owner is None or not owner.ended):
+                self.done.update(flight.next_offsets)  # the commit point: everything below is durable
             produce.observe(time.perf_counter() - flight.sent_at)
             self._in_flight.task_done()
 
@@ -500,8 +608,17 @@ class StageRunner(Service):
         except (KafkaError, AssertionError) as exc:  # a rebalance in progress, or the coordinator moving
             log.warning("%s: commit of %s failed (replayed if it stays lost): %r", self.stage, offsets, exc)
 
-    async def process_batch(self, messages: Sequence[ConsumerRecord]) -> InFlight:  # type: ignore[type-arg]
-        """Decode, handle, and send the outputs; the returned batch is done once they are durable."""
+    async def process_batch(
+        self,
+        messages: Sequence[ConsumerRecord],  # type: ignore[type-arg]
+        owner: Ownership | None = None,
+    ) -> InFlight:
+        """Decode, handle, and send the outputs; the returned batch is done once they are durable.
+
+        Handled only while `owner` (the assignment it was fetched under) holds: revoked, the batch is
+        abandoned and only what already reached a destination is published.
+        """
+        owner = owner or self._owner
         records: list[Record] = []
         dead: list[DeadLetter] = []
         next_offsets: dict[TopicPartition, int] = {}
@@ -519,7 +636,10 @@ class StageRunner(Service):
                 dead.append(DeadLetter(message, exc))
         self.metrics.events_in.labels(self.stage).inc(len(messages))
         handling = time.perf_counter()
-        result = await self._handle(records) if records else StepResult()
+        try:
+            result = await self._handle(records, owner) if records else StepResult()
+        except _Revoked as revoked:
+            return await self._abandon(next_offsets, revoked.carried, owner)
         producing = time.perf_counter()
         self.metrics.batch_phase.labels(self.stage, "handle").observe(producing - handling)
         result.dead.extend(dead)
@@ -528,39 +648,92 @@ class StageRunner(Service):
             result.outputs.extend(state.changelog())
         if self.tallies is not None:
             result.outputs.extend(self._tally(messages, records, result))
-        flight = InFlight(next_offsets, result, outputs, producing)
+        flight = InFlight(next_offsets, result, outputs, producing, owner=owner)
+        return await self._send_flight(flight)
+
+    async def _abandon(
+        self, next_offsets: dict[TopicPartition, int], carried: list[Output], owner: Ownership
+    ) -> InFlight:
+        """A batch revoked mid-way: publish what already reached a destination and its state's changelog
+        (a sender's ledger marks, so the next owner skips it), no tally, and never mark its offsets."""
+        log.info(
+            "%s: gave up a batch of partitions %s at a revocation",
+            self.stage,
+            sorted(tp.partition for tp in next_offsets),
+        )
+        result = StepResult(outputs=list(carried))
+        for state in self.states:
+            result.outputs.extend(state.changelog())
+        flight = InFlight(next_offsets, result, 0, time.perf_counter(), owner=owner, abandoned=True)
+        return await self._send_flight(flight)
+
+    async def _send_flight(self, flight: InFlight) -> InFlight:
+        flight.records = self._records_of(flight.result)
+        flight.sent_with = self.publisher
+        assert flight.sent_with is not None
         try:
-            flight.published = await self._send(result)
+            flight.published = await flight.sent_with.publish(flight.records)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the acker re-sends it
             flight.send_error = exc
         return flight
 
-    async def _settle(self, flight: InFlight) -> None:
-        """Wait until the broker acknowledged every output of the batch, re-sending it on failure."""
+    async def _settle(self, flight: InFlight) -> bool:
+        """Wait until the broker acknowledged every record of the batch, re-sending the failed ones.
+
+        A record no retry can send (over a size limit, refused as invalid) is dead-lettered instead, so
+        its partition flows on. False if given up: a batch whose partitions were revoked meanwhile is the
+        next owner's to redo, unless it was abandoned, i.e. carries only work a destination already has.
+        """
+        records = flight.records
+        pending = list(range(len(records)))  # indexes in `records` not acknowledged yet
+        placed: dict[int, tuple[int, int]] = {}  # index -> (partition, offset) once acknowledged
         attempt = 0
         error = flight.send_error
         published = flight.published
+        sent_with = flight.sent_with
+        owner = flight.owner
         while True:
             if error is None:
-                try:
-                    assert published is not None
-                    acked = await asyncio.gather(*published.futures)
+                assert published is not None
+                acks = await asyncio.gather(*published.futures, return_exceptions=True)
+                failed = []
+                for position, index in enumerate(pending):
+                    if isinstance(acks[published.placed[position][0]], BaseException):
+                        failed.append(index)
+                    else:
+                        placed[index] = published.offset_of(position, acks)
+                if not failed:
                     break
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # broker unavailable past the producer's own retries
-                    error = exc
+                pending = failed  # only these are re-sent: the others are in the log already
+                errors = [a for a in acks if isinstance(a, BaseException)]
+                error = next((e for e in errors if not isinstance(e, UNSENDABLE)), None)
+                if error is None:
+                    await self._renew_producer(sent_with, errors[0])
+                    await self._dead_letter_unsendable(flight, pending, placed, errors[0])
+                    break
+            elif isinstance(error, UNSENDABLE):
+                await self._renew_producer(sent_with, error)
+                await self._dead_letter_unsendable(flight, pending, placed, error)
+                break
+            if isinstance(error, OutOfOrderSequenceNumber):
+                await self._renew_producer(sent_with, error)
             attempt += 1
             if self.broker_outage is not None:
                 self.broker_outage.failed(error)
             delay = self.backoff.delay(attempt)
             self.metrics.retries.labels(self.stage).inc()
             log.warning("%s: produce failed (attempt %d), retrying in %.2fs: %r", self.stage, attempt, delay, error)
-            await asyncio.sleep(delay)
+            if flight.abandoned or owner is None:
+                await asyncio.sleep(delay)
+            elif not await owner.sleep(delay):
+                log.warning("%s: gave up re-sending a batch whose partitions were revoked", self.stage)
+                return False
+            sent_with = self.publisher
+            assert sent_with is not None
             try:
-                published, error = await self._send(flight.result), None
+                published, error = await sent_with.publish([records[i] for i in pending]), None
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -570,13 +743,98 @@ class StageRunner(Service):
         if self._state_of_changelog:
             for index, out in enumerate(flight.result.outputs):
                 state = self._state_of_changelog.get(out.topic)
-                if state is not None:
-                    partition, offset = published.offset_of(index, acked)
+                if state is not None and index in placed:
+                    partition, offset = placed[index]
                     state.durable(partition, offset + 1)
         self.metrics.events_out.labels(self.stage).inc(flight.outputs)
         for letter in flight.result.dead:
             reason = letter.error.reason if isinstance(letter.error, InvalidEvent) else type(letter.error).__name__
             self.metrics.dead_lettered.labels(self.stage, reason).inc()
+        return True
+
+    async def _dead_letter_unsendable(
+        self, flight: InFlight, indexes: list[int], placed: dict[int, tuple[int, int]], error: BaseException
+    ) -> None:
+        """Send the failed records one at a time; each that still cannot be sent is dead-lettered, and a
+        dead letter too large for the DLQ topic is stored truncated with its digest, never dropped."""
+        log.warning(
+            "%s: %d records refused by the broker (%r); sending them one by one", self.stage, len(indexes), error
+        )
+        for index in indexes:
+            out = flight.records[index]
+            sent = await self._produce_alone(out)
+            if not isinstance(sent, BaseException):
+                placed[index] = sent
+                continue
+            letter = out if out.topic == self.dlq else self._letter_of_output(out, sent)
+            if out.topic != self.dlq:
+                reason = "record_too_large" if isinstance(sent, TOO_LARGE) else "record_refused"
+                log.error("%s: dead-lettered a %d-byte record for %s: %r", self.stage, len(out.value), out.topic, sent)
+                self.metrics.dead_lettered.labels(self.stage, reason).inc()
+            for keep in (None, 1024, 0):  # the whole letter, then its original cut to a digest and a prefix
+                attempt = letter if keep is None else truncated_letter(letter, keep)
+                sent = await self._produce_alone(attempt)
+                if not isinstance(sent, BaseException):
+                    break
+            else:
+                raise UnsendableDeadLetter(f"{self.stage}: {self.dlq} refused even a truncated dead letter: {sent!r}")
+
+    async def _produce_alone(self, out: Output) -> tuple[int, int] | BaseException:
+        """(partition, offset) once acknowledged, retrying transient failures; the error if it can never be sent."""
+        attempt = 0
+        while True:
+            publisher = self.publisher
+            assert publisher is not None
+            try:
+                published = await publisher.publish([out])
+                acked = await asyncio.gather(*published.futures)
+                return published.offset_of(0, acked)
+            except asyncio.CancelledError:
+                raise
+            except UNSENDABLE as exc:
+                await self._renew_producer(publisher, exc)
+                return exc
+            except Exception as exc:
+                if isinstance(exc, OutOfOrderSequenceNumber):
+                    await self._renew_producer(publisher, exc)
+                attempt += 1
+                delay = self.backoff.delay(attempt)
+                log.warning("%s: produce failed (attempt %d), retrying in %.2fs: %r", self.stage, attempt, delay, exc)
+                await asyncio.sleep(delay)
+
+    async def _renew_producer(self, failed: BatchPublisher | None, error: BaseException) -> None:
+        """A fresh idempotent producer after a batch failed for good: aiokafka does not rewind its sequence
+        numbers then, so every later batch of that partition would fail with OutOfOrderSequenceNumber."""
+        if failed is None or failed is not self.publisher:
+            return  # already renewed since that batch was sent
+        log.warning("%s: replacing the producer after %r", self.stage, error)
+        producer = durable_producer(self.bootstrap, self.client_id)
+        await producer.start()
+        old, self.producer, self.publisher = self.producer, producer, BatchPublisher(producer)
+        if old is not None:  # its pending batches resolve or fail on their own; failed ones are re-sent
+            task = asyncio.create_task(old.stop(), name=f"{self.stage}-retire-producer")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    def _letter_of_output(self, out: Output, error: BaseException) -> Output:
+        """A dead letter for an output this stage could not produce (offset -1: not one of its inputs)."""
+        reason = "record_too_large" if isinstance(error, TOO_LARGE) else "record_refused"
+        message = ConsumerRecord(
+            topic=out.topic,
+            partition=-1 if out.partition is None else out.partition,
+            offset=-1,
+            timestamp=int(time.time() * 1000),
+            timestamp_type=0,
+            key=out.key,
+            value=out.value,
+            checksum=None,
+            serialized_key_size=len(out.key or b""),
+            serialized_value_size=len(out.value),
+            headers=tuple(out.headers or ()),
+        )
+        detail = f"{type(error).__name__}: {len(out.value)} bytes for {out.topic}"
+        letter = DeadLetter(message, InvalidEvent(reason, detail))
+        return Output(self.dlq, out.key, dead_letter_value(self.stage, letter), headers=out.headers)
 
     def _tally(
         self,
@@ -615,35 +873,47 @@ class StageRunner(Service):
         assert self.tallies is not None
         return [Output(self.tallies, self.stage.encode(), pack({**part, "at": at})) for part in parts.values()]
 
-    async def _handle(self, records: list[Record]) -> StepResult:
+    async def _handle(self, records: list[Record], owner: Ownership) -> StepResult:
         """Retry transient errors; on an unexpected error, handle one by one to isolate the culprit."""
+        carried: list[Output] = []  # outputs of parts delivered before a partial failure
         try:
-            return await self._with_retries(lambda: self.handler(records))
+            result = await self._with_retries(lambda: self.handler(records), owner, carried)
+            result.outputs.extend(carried)
+            return result
         except _Unexpected:
             pass
         result = StepResult()
         for record in records:
             try:
-                one = await self._with_retries(lambda r=record: self.handler([r]))
+                one = await self._with_retries(lambda r=record: self.handler([r]), owner, carried)
             except _Unexpected as wrapped:
                 sentry_sdk.capture_exception(wrapped.__cause__)
                 result.dead.append(DeadLetter(record.message, wrapped.__cause__ or wrapped))
                 continue
             result.outputs.extend(one.outputs)
             result.dead.extend(one.dead)
+        result.outputs.extend(carried)
         return result
 
-    async def _with_retries(self, call: Callable[[], Awaitable[StepResult]]) -> StepResult:
+    async def _with_retries(
+        self, call: Callable[[], Awaitable[StepResult]], owner: Ownership, carried: list[Output]
+    ) -> StepResult:
+        """Call until it succeeds, while `owner` holds the partitions; `_Revoked` once it does not."""
         attempt = 0
         while True:
+            if not owner.owned:
+                raise _Revoked(carried)
             attempt += 1
             try:
                 return await call()
             except TransientError as exc:
+                if isinstance(exc, HandledInPart):
+                    carried.extend(exc.outputs)
                 delay = self.backoff.delay(attempt, exc.retry_after)
                 self.metrics.retries.labels(self.stage).inc()
                 log.warning("%s: transient error (attempt %d), retrying in %.2fs: %s", self.stage, attempt, delay, exc)
-                await asyncio.sleep(delay)
+                if not await owner.sleep(delay):
+                    raise _Revoked(carried) from None
             except (InvalidEvent, PermanentSinkError):
                 raise _Unexpected() from None  # handlers dead-letter these themselves; a stray one is a bug
             except asyncio.CancelledError:
@@ -652,9 +922,8 @@ class StageRunner(Service):
                 log.exception("%s: unexpected error in handler", self.stage)
                 raise _Unexpected() from exc
 
-    async def _send(self, result: StepResult) -> Published:
-        """Hand outputs and dead letters to the producer; the futures resolve on the broker's ack."""
-        assert self.publisher is not None
+    def _records_of(self, result: StepResult) -> list[Output]:
+        """What a batch sends: its outputs, then its dead letters."""
         letters = [
             Output(
                 self.dlq,
@@ -664,7 +933,7 @@ class StageRunner(Service):
             )
             for letter in result.dead
         ]
-        return await self.publisher.publish([*result.outputs, *letters] if letters else result.outputs)
+        return [*result.outputs, *letters] if letters else list(result.outputs)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -778,6 +1047,34 @@ class PartitionWatchdog:
 
 class _Unexpected(Exception):
     """Internal: the handler failed in a way retrying the batch won't fix."""
+
+
+class UnsendableDeadLetter(HifiError):
+    """The DLQ topic refused even a truncated dead letter (its max.message.bytes is misconfigured)."""
+
+
+class _Revoked(Exception):
+    """Internal: the batch's partitions were revoked; `carried` already reached a destination."""
+
+    def __init__(self, carried: list[Output]) -> None:
+        super().__init__("partitions revoked")
+        self.carried = carried
+
+
+def truncated_letter(letter: Output, keep: int) -> Output:
+    """The dead letter with its original value cut to `keep` bytes, plus that value's size and sha256."""
+    fields = unpack(letter.value)
+    original = fields.get("original_value") or b""
+    fields.update(
+        original_value=original[:keep],
+        original_size=len(original),
+        original_sha256=hashlib.sha256(original).hexdigest(),
+        truncated=True,
+        error=str(fields.get("error", ""))[:200],
+    )
+    if keep == 0:
+        fields["original_headers"] = []
+    return Output(letter.topic, letter.key, pack(fields))
 
 
 def dead_letter_value(stage: str, letter: DeadLetter) -> bytes:

@@ -24,6 +24,7 @@ from shared.alerts import Alerter, OutageClock
 from shared.audit import receipt
 from shared.errors import (
     EventKeepsFailing,
+    HandledInPart,
     PartialDelivery,
     PermanentSinkError,
     SinkMisconfigured,
@@ -117,22 +118,30 @@ class SinkDelivery:
         """One request per source partition, concurrently: a device's events share a partition, so its
         order holds, and a sink's round trip no longer caps the sender at one batch at a time.
 
-        If some partitions fail transiently, the others stay delivered (marked in the ledger, their
-        receipts carried to the batch's eventual result) and the error is raised: the runner retries
-        the batch, and the ledger skips what was already delivered.
+        If some partitions fail transiently, the others stay delivered (marked in the ledger) and
+        `HandledInPart` carries their receipts to the runner, which publishes them even if the batch
+        is given up at a revocation; it retries the batch, and the ledger skips what was delivered.
         """
         groups: dict[int, list[Record]] = {}
         for record in todo:
             groups.setdefault(record.partition, []).append(record)
         outcomes = await asyncio.gather(*(self._deliver_group(g) for g in groups.values()), return_exceptions=True)
         failure: BaseException | None = None
+        delivered: list[Output] = []
         for outcome in outcomes:
             if isinstance(outcome, StepResult):
                 result.dead.extend(outcome.dead)
-                self.carried.extend(outcome.outputs)
+                delivered.extend(outcome.outputs)
             elif failure is None:
                 failure = outcome
-        if failure is not None:
+        if failure is None:
+            result.outputs.extend(delivered)
+        elif isinstance(failure, TransientError):
+            delivered.extend(self.carried)  # parts of the failed partitions that the sink acked
+            self.carried = []
+            raise HandledInPart(str(failure), delivered, failure.retry_after) from failure
+        else:
+            self.carried.extend(delivered)  # the runner re-handles one event at a time, whose result gets them
             raise failure
 
     async def _deliver_group(self, todo: list[Record]) -> StepResult:
@@ -174,7 +183,8 @@ class SinkDelivery:
 
     async def _delivered(self, records: list[Record], attempts: int, result: StepResult) -> None:
         acked = now_ms()
-        await self._mark_delivered(records)
+        # Shielded: a revocation that cancels the batch must not cancel the mark of what the sink acked.
+        await asyncio.shield(self._mark_delivered(records))
         self._record_lag(records, acked)
         for record in records:
             record.outcome = "delivered"
@@ -431,6 +441,9 @@ def build(ctx: ServiceContext) -> Any:
         source=ctx.topics.sink(ctx.sink),
         batch_max=sink_config.batch_max,
         states=[ledger],
+        # A request in flight at a revocation ends (acked: marked and published; failed: given up) before
+        # the handover, instead of being cancelled after the sink may have taken it.
+        revoke_grace_s=sink_config.timeout_s + 1.0,
     )
 
     runner.attach(ctx)

@@ -1,0 +1,353 @@
+"""StageRunner in-process against the real broker: ownership across rebalances, produce errors.
+
+Each runner is a real aiokafka member of a real consumer group; the faults are injected by the
+handler (a sink that answers 503 for a while) or by the topic (a `max.message.bytes` too small).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from yarl import URL
+
+from shared.codec import encode_event, unpack
+from shared.config import SinkConfig
+from shared.errors import TransientError
+from shared.event import Event
+from shared.local.kafka import LocalKafka
+from shared.metrics import StageMetrics
+from shared.retry import Backoff
+from shared.stage import Handler, Output, Record, StageRunner, StepResult
+
+pytestmark = pytest.mark.asyncio
+
+
+async def create_topic(bootstrap: str, name: str, partitions: int, **configs: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=configs)])
+    finally:
+        await admin.close()
+
+
+async def produce_events(
+    bootstrap: str, topic: str, count: int, devices: int = 16, payload: Callable[[int], dict[str, Any]] | None = None
+) -> list[str]:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, max_request_size=4_000_000
+    )
+    await producer.start()
+    ids = []
+    try:
+        futures = []
+        for n in range(count):
+            event = Event(
+                f"e{n}",
+                "play",
+                1.0,
+                "acme",
+                payload=payload(n) if payload else {},
+                device_id=f"d{n % devices}",
+                ingest_ts=time.time() * 1000,
+            )
+            ids.append(event.event_id)
+            futures.append(await producer.send(topic, encode_event(event), key=event.partition_key))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return ids
+
+
+def make_runner(bootstrap: str, group: str, name: str, source: str, handler: Handler, **options: Any) -> StageRunner:
+    host, port = bootstrap.split(":")
+    app = SimpleNamespace(
+        conf=SimpleNamespace(id=group, broker=[URL(f"kafka://{host}:{port}")], canonical_url=f"http://{name}")
+    )
+    return StageRunner(app, "test", handler, StageMetrics(), f"{source}.dlq", source, **options)
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def retries(runner: StageRunner) -> float:
+    return runner.metrics.total(runner.metrics.retries)
+
+
+class FlakySink:
+    """A destination that records every event it accepted, and answers 503 while `down`."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.received: collections.Counter[str] = collections.Counter()
+
+    async def handle(self, records: list[Record]) -> StepResult:
+        await asyncio.sleep(0.01)  # a round trip
+        if self.down:
+            raise TransientError("sink answered 503")
+        self.received.update(r.event.event_id for r in records)
+        return StepResult()
+
+
+@pytest.fixture
+async def runners() -> AsyncIterator[list[StageRunner]]:
+    started: list[StageRunner] = []
+    yield started
+    await asyncio.gather(*(r.stop() for r in started), return_exceptions=True)
+
+
+async def start(runners: list[StageRunner], runner: StageRunner) -> StageRunner:
+    runners.append(runner)
+    await runner.start()
+    return runner
+
+
+async def test_scale_out_during_sink_outage_delivers_once_and_rebalances_fast(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    """Issue 14's observation: two members retry through a sink outage, a third joins mid-outage.
+
+    The members holding batches must give them up when their partitions are revoked (not deliver them
+    after the group moved on), and must not stall the rebalance for its whole timeout.
+    """
+    source = f"{namespace}.sink"
+    await create_topic(kafka.bootstrap, source, 6)
+    sink = FlakySink()
+    rebalance_timeout_ms = 8_000
+    options = dict(batch_max=20, backoff=Backoff(0.05, 1.0), rebalance_timeout_ms=rebalance_timeout_ms)
+    group = f"{namespace}-sender"
+    first = await start(runners, make_runner(kafka.bootstrap, group, "a", source, sink.handle, **options))
+    second = await start(runners, make_runner(kafka.bootstrap, group, "b", source, sink.handle, **options))
+    await wait_for(lambda: first.joined and second.joined and not first.assigned & second.assigned, 30, "two members")
+    sink.down = True
+    ids = await produce_events(kafka.bootstrap, source, 300)
+    await wait_for(lambda: retries(first) >= 2 and retries(second) >= 2, 30, "both retrying a batch")
+    joining = time.monotonic()
+    third = await start(runners, make_runner(kafka.bootstrap, group, "c", source, sink.handle, **options))
+    await wait_for(lambda: third.joined, 30, "the third member's assignment")
+    rebalance_s = time.monotonic() - joining
+    await asyncio.sleep(max(0.0, rebalance_timeout_ms / 1000 + 4 - rebalance_s))  # past any eviction
+    sink.down = False
+    await wait_for(lambda: set(sink.received) >= set(ids), 60, "every event at the sink")
+    await asyncio.sleep(3.0)  # a stale member's late copy would land here
+    twice = {e: n for e, n in sink.received.items() if n > 1}
+    assert not twice, f"{len(twice)} events delivered more than once: {sorted(twice)[:10]}"
+    assert rebalance_s < rebalance_timeout_ms / 1000 / 2, f"the rebalance took {rebalance_s:.1f}s"
+
+
+async def read_all(bootstrap: str, topic: str, expect: int, timeout: float) -> list[Any]:
+    """Whatever the topic holds, read until `expect` records arrived or `timeout` passed."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, group_id=None
+    )
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while len(out) < expect and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            out.extend(m for records in batch.values() for m in records)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def committed(bootstrap: str, group: str, topic: str, partitions: int) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        offsets = [await consumer.committed(TopicPartition(topic, p)) for p in range(partitions)]
+    finally:
+        await consumer.stop()
+    return sum(o or 0 for o in offsets)
+
+
+async def test_output_too_large_for_its_topic_is_dead_lettered_and_the_partition_flows_on(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    """An output over the destination's max.message.bytes can never be produced: today the acker re-sends
+    its batch forever and the partition stalls. It must be dead-lettered (itself too large for the DLQ
+    topic, so stored truncated with its digest) and the events behind it must flow."""
+    source, out = f"{namespace}.in", f"{namespace}.out"
+    await create_topic(kafka.bootstrap, source, 2)
+    await create_topic(kafka.bootstrap, out, 2, **{"max.message.bytes": "4000"})
+    await create_topic(kafka.bootstrap, f"{source}.dlq", 1, **{"max.message.bytes": "3000"})
+    big = 7
+
+    async def relay(records: list[Record]) -> StepResult:
+        return StepResult(outputs=[Output(out, r.message.key, r.message.value) for r in records])
+
+    group = f"{namespace}-relay"
+    runner = await start(runners, make_runner(kafka.bootstrap, group, "a", source, relay, batch_max=5))
+    await wait_for(lambda: runner.joined, 30, "the assignment")
+    blob = {"blob": "x" * 6000}
+    ids = await produce_events(kafka.bootstrap, source, 40, devices=2, payload=lambda n: blob if n == big else {})
+    small = {i for i in ids if i != f"e{big}"}
+    relayed = await read_all(kafka.bootstrap, out, len(small), 30)
+    assert {unpack(m.value)["event_id"] for m in relayed} == small
+    letters = await read_all(kafka.bootstrap, f"{source}.dlq", 1, 30)
+    assert len(letters) == 1, letters
+    letter = unpack(letters[0].value)
+    assert letter["reason"] == "record_too_large" and letter["truncated"] is True
+    assert letter["original_size"] > 6000 and len(letter["original_value"]) < 3000
+    assert letter["original_sha256"]
+    deadline = time.monotonic() + 30
+    while await committed(kafka.bootstrap, group, source, 2) < len(ids):  # what the broker holds, not the runner
+        assert time.monotonic() < deadline, "the input was not committed to its end"
+        await asyncio.sleep(0.2)
+
+
+class DeviceOutageSink:
+    """A SinkSender (services/sender/sinks.py) that records what it accepted and answers 503 to any
+    request holding an event of a device in `down`: a batch spread over partitions is acked in part."""
+
+    def __init__(self, name: str) -> None:
+        self.config = SinkConfig(name, "test", {})
+        self.down: set[str] = set()
+        self.received: collections.Counter[str] = collections.Counter()
+
+    async def start(self) -> None:
+        pass
+
+    async def deliver_batch(self, events: list[Event]) -> None:
+        await asyncio.sleep(0.01)
+        if any(e.device_id in self.down for e in events):
+            raise TransientError("sink answered 503")
+        self.received.update(e.event_id for e in events)
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_sender_revoked_mid_retry_publishes_what_the_sink_acked_and_the_next_owner_skips_it(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner], tmp_path: Path
+) -> None:
+    """A sender whose batch was acked for some partitions and is retried for another loses its partitions:
+    the acked part's ledger marks (changelog) and receipts must be published before the handover, so the
+    next owner skips it, and the retried part must not be delivered by the old owner afterwards."""
+    from services.sender.app import SinkDelivery
+    from shared.alerts import Alerter
+    from shared.keywindow import RocksKeyWindow
+
+    partitions = 4
+    source, receipts = f"{namespace}.sink", f"{namespace}.receipts"
+    group = f"{namespace}-sender"
+    await create_topic(kafka.bootstrap, source, partitions)
+    await create_topic(kafka.bootstrap, receipts, 1)
+    await create_topic(kafka.bootstrap, f"{group}.ledger.changelog", partitions)
+    sink = DeviceOutageSink("hook")
+    rebalance_timeout_ms = 8_000
+
+    def sender(name: str) -> StageRunner:
+        ledger = RocksKeyWindow(
+            "ledger",
+            tmp_path / name,  # each worker its own store: only the changelog carries marks between them
+            changelog_topic=f"{group}.ledger.changelog",
+            bootstrap=kafka.bootstrap,
+            window_s=3600,
+            partitions=partitions,
+            group=group,
+        )
+        metrics = StageMetrics()
+        delivery = SinkDelivery(sink, ledger, metrics, Alerter("sender.hook"), False, receipts_topic=receipts)
+        return make_runner(
+            kafka.bootstrap,
+            group,
+            name,
+            source,
+            delivery.handle,
+            batch_max=200,
+            backoff=Backoff(0.05, 1.0),
+            rebalance_timeout_ms=rebalance_timeout_ms,
+            states=[ledger],
+        )
+
+    # d0 lives on partition 2, which the first member keeps (round robin over members a, b); the acked
+    # part includes partition 3 (d1, d3, d6), which moves: only the changelog tells its next owner.
+    sink.down = {"d0"}
+    ids = await produce_events(kafka.bootstrap, source, 120, devices=8)
+    first = await start(runners, sender("a"))  # its first fetch holds every partition
+    await wait_for(lambda: len(sink.received) > 0 and retries(first) >= 2, 30, "a partial delivery, then retries")
+    joining = time.monotonic()
+    second = await start(runners, sender("b"))
+    await wait_for(lambda: second.joined, 30, "the second member's assignment")
+    rebalance_s = time.monotonic() - joining
+    assert {tp.partition for tp in second.assigned} == {1, 3}, "the acked partition 3 must move"
+    await asyncio.sleep(max(0.0, rebalance_timeout_ms / 1000 + 4 - rebalance_s))  # past any eviction
+    sink.down = set()
+    await wait_for(lambda: set(sink.received) >= set(ids), 60, "every event at the sink")
+    await asyncio.sleep(3.0)  # a late copy would land here
+    twice = {e: n for e, n in sink.received.items() if n > 1}
+    assert not twice, f"{len(twice)} events delivered more than once: {sorted(twice)[:10]}"
+    records = await read_all(kafka.bootstrap, receipts, 10_000, 5)
+    receipted = collections.Counter(row[0] for r in records for row in unpack(r.value)["events"])
+    assert set(receipted) == set(ids), f"no receipt for {sorted(set(ids) - set(receipted))[:10]}"
+    assert rebalance_s < rebalance_timeout_ms / 1000 / 2, f"the rebalance took {rebalance_s:.1f}s"
+
+
+async def test_a_request_outlasting_the_revoke_grace_is_cancelled_not_delivered_late(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    """A destination call that hangs past `revoke_grace_s` at a revocation is cancelled: the group moves
+    on after the grace, and the stale member does not deliver when the call would have returned."""
+    source = f"{namespace}.sink"
+    await create_topic(kafka.bootstrap, source, 4)
+    received: collections.Counter[str] = collections.Counter()
+    hanging = asyncio.Event()
+    hang_s = 15.0
+
+    async def slow_sink(records: list[Record]) -> StepResult:
+        if not hanging.is_set():
+            hanging.set()
+            await asyncio.sleep(hang_s)  # a request the destination answers (and takes) only after 15 s
+        received.update(r.event.event_id for r in records)
+        return StepResult()
+
+    options = dict(batch_max=500, rebalance_timeout_ms=8_000, revoke_grace_s=2.0)
+    group = f"{namespace}-sender"
+    ids = await produce_events(kafka.bootstrap, source, 100)
+    await start(runners, make_runner(kafka.bootstrap, group, "a", source, slow_sink, **options))
+    await asyncio.wait_for(hanging.wait(), 30)
+    joining = time.monotonic()
+    second = await start(runners, make_runner(kafka.bootstrap, group, "b", source, slow_sink, **options))
+    await wait_for(lambda: second.joined, 30, "the second member's assignment")
+    rebalance_s = time.monotonic() - joining
+    await wait_for(lambda: set(received) >= set(ids), 60, "every event at the sink")
+    await asyncio.sleep(max(0.0, hang_s + 2 - (time.monotonic() - joining)))  # when the hung call would return
+    twice = {e: n for e, n in received.items() if n > 1}
+    assert not twice, f"{len(twice)} events delivered more than once: {sorted(twice)[:10]}"
+    assert rebalance_s < 6.0, f"the rebalance took {rebalance_s:.1f}s"
+
+
+async def test_sigterm_during_a_sink_outage_gives_the_batch_up_at_once_and_commits_none_of_it(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    """Without giving up, the stop waits out its 10 s bound on the retry loop."""
+    source = f"{namespace}.sink"
+    await create_topic(kafka.bootstrap, source, 2)
+    sink = FlakySink()
+    sink.down = True
+    await produce_events(kafka.bootstrap, source, 50)
+    group = f"{namespace}-sender"
+    runner = await start(runners, make_runner(kafka.bootstrap, group, "a", source, sink.handle))
+    await wait_for(lambda: retries(runner) >= 2, 30, "a batch retrying")
+    stopping = time.monotonic()
+    await runner.stop()
+    stop_s = time.monotonic() - stopping
+    assert stop_s < 5.0, f"stopping took {stop_s:.1f}s"
+    assert not sink.received
+    assert await committed(kafka.bootstrap, group, source, 2) == 0, "offsets of an undelivered batch committed"
