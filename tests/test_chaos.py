@@ -76,3 +76,65 @@ def test_the_sender_kill_window_runs_from_its_last_two_seconds_until_its_success
     assert kill.covers(101_500.0)  # sent before the kill, taken by a busy sink after it
     assert not kill.covers(97_999.0) and not kill.covers(102_001.0)
     assert Kill("sender.faulted", killed_ms=100_000.0).covers(150_000.0)  # not restarted yet
+
+
+async def test_two_rocksdb_workers_of_one_stage_on_one_machine_each_keep_their_own_store(
+    tmp_path, namespace, port_base, settings_for, start_pipeline
+):
+    """As each pod has its own volume: a worker that takes over the partitions of a stalled one must not
+    find that worker's RocksDB LOCK, and a restarted worker finds its own store again."""
+    import asyncio
+    import signal
+
+    from shared.local.traffic import EventFactory
+    from shared.local.webhook import WebhookReceiver
+    from tests.helpers import post, tenant_block, wait_for
+
+    hook = WebhookReceiver(port=port_base + 19)
+    await hook.start()
+    config = tmp_path / "hifi.yaml"
+    config.write_text(
+        "tenants:\n"
+        + tenant_block("acme", "k", ["hook"])
+        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{hook.port}/in"}}\n'
+        + "dedupe: {backend: rocksdb}\n"
+    )
+    settings = settings_for(config)
+    pipeline = await start_pipeline(settings)
+    try:
+        second = pipeline.add_worker("deduplicator")
+        await asyncio.to_thread(pipeline.wait_ready, 60.0, [second])
+        factory = EventFactory(producer_id=namespace, devices=12)
+        events = [factory.make() for _ in range(40)]
+        assert (await post(pipeline.collector_url, "k", events))[0] == 200
+        await wait_for(lambda: len(hook.received) >= 40, 60, "delivery through two deduplicators", pipeline)
+
+        # The first worker stalls holding its stores; the group gives its partitions to the second.
+        pipeline.signal("deduplicator", signal.SIGSTOP)
+        try:
+            more = [factory.make() for _ in range(40)]
+            assert (await post(pipeline.collector_url, "k", more))[0] == 200
+            worker = pipeline.services[second].process
+            assert worker is not None
+
+            def delivered_or_crashed() -> bool:
+                return len(hook.received) >= 80 or worker.poll() is not None
+
+            await wait_for(delivered_or_crashed, 90, "delivery by the second worker alone", pipeline)
+            assert worker.poll() is None, f"{second} exited with {worker.returncode}:\n{pipeline.tail(second)}"
+        finally:
+            pipeline.signal("deduplicator", signal.SIGCONT)
+        assert sorted(e["event_id"] for e in hook.received) == sorted(e["event_id"] for e in events + more)
+
+        stores = {label: pipeline.data_dir(label) for label in ("deduplicator", second)}
+        assert len(set(stores.values())) == 2, stores
+        for label, data_dir in stores.items():
+            found = await asyncio.to_thread(lambda d=data_dir: list(d.glob("tables/*hifi-deduplicator/dedupe-window")))
+            assert found, f"{label} keeps no store in {data_dir}"
+        # A restarted worker gets the same directory again (its volume), not a fresh one.
+        assert await asyncio.to_thread(pipeline.stop, second) == 0
+        pipeline.start(second)
+        assert pipeline.data_dir(second) == stores[second]
+        await asyncio.to_thread(pipeline.wait_ready, 60.0, [second])
+    finally:
+        await hook.stop()

@@ -59,12 +59,25 @@ class PipelineProcesses:
     def collector_url(self) -> str:
         return self.services["collector"].url("/v1/events")
 
+    def data_dir(self, label: str) -> Path:
+        """Where worker `label` keeps its RocksDB stores: its own, as each pod has its own volume, and the
+        same after a restart. The first worker of a service uses the configured directory; extra workers
+        (`add_worker`) get `workers/<label>` under it, since two processes cannot open one store (LOCK)."""
+        base = Path(self.settings.data_dir)
+        return base if "#" not in label else base / "workers" / label
+
     def start(self, label: str) -> None:
         svc = self.services[label]
         if svc.process is not None and svc.process.poll() is None:
             return
         svc.terminating = False
-        env = {**os.environ, **self.settings.as_env(), "HIFI_WEB_PORT": str(svc.port), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            **self.settings.as_env(),
+            "HIFI_DATA_DIR": str(self.data_dir(label)),
+            "HIFI_WEB_PORT": str(svc.port),
+            "PYTHONUNBUFFERED": "1",
+        }
         cmd = [sys.executable, "-m", "shared.cli", "run", svc.name] + (["--sink", svc.sink] if svc.sink else [])
         with open(svc.log_path, "ab") as log:
             svc.process = subprocess.Popen(
