@@ -22,6 +22,10 @@ async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0):
             "kill_window_first_copy_ms",
             "dead_lettered",
             "pills",
+            "dead_letters_expected",
+            "dead_letters_refused_missing",
+            "dead_letters_unexpected",
+            "dead_letters_unexpected_sample",
             "missing_sample",
             "missing_seen_in",
             "faulted_duplicates",
@@ -40,7 +44,8 @@ async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0):
     assert result["duplicates_unexplained"] == 0, detail
     if not result["sender_kills"]:
         assert result["duplicates"] == 0, detail
-    assert result["dead_lettered"] == result["pills"], detail
+    assert result["dead_lettered"] == result["dead_letters_expected"], detail
+    assert result["dead_letters_refused_missing"] == 0, detail
     return result
 
 

@@ -25,6 +25,7 @@ class ServiceProcess:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     terminating: bool = False
+    env: dict[str, str] = field(default_factory=dict)  # this worker's own additions (e.g. an injected fault)
 
     @property
     def label(self) -> str:
@@ -77,6 +78,7 @@ class PipelineProcesses:
             "HIFI_DATA_DIR": str(self.data_dir(label)),
             "HIFI_WEB_PORT": str(svc.port),
             "PYTHONUNBUFFERED": "1",
+            **svc.env,
         }
         cmd = [sys.executable, "-m", "shared.cli", "run", svc.name] + (["--sink", svc.sink] if svc.sink else [])
         with open(svc.log_path, "ab") as log:
@@ -84,13 +86,16 @@ class PipelineProcesses:
                 cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
 
-    def add_worker(self, label: str) -> str:
-        """One more process in the same consumer group as `label` (scale out); returns its label."""
+    def add_worker(self, label: str, env: dict[str, str] | None = None) -> str:
+        """One more process in the same consumer group as `label` (scale out), with its own data
+        directory and `env` added to its environment; returns its label."""
         base = self.services[label]
         n = sum(1 for other in self.services if other.split("#")[0] == label) + 1
         extra = f"{label}#{n}"
         port = self.port_base + 30 + len(self.services)
-        self.services[extra] = ServiceProcess(base.name, base.sink, port, self.log_dir / f"{extra}.log")
+        self.services[extra] = ServiceProcess(
+            base.name, base.sink, port, self.log_dir / f"{extra}.log", env=dict(env or {})
+        )
         self.start(extra)
         return extra
 
