@@ -143,3 +143,53 @@ async def test_two_rocksdb_workers_of_one_stage_on_one_machine_each_keep_their_o
         await asyncio.to_thread(pipeline.wait_ready, 60.0, [second])
     finally:
         await hook.stop()
+
+
+async def test_the_webhook_receiver_refuses_picked_events_and_fails_for_a_stretch(port_base):
+    import asyncio
+
+    import aiohttp
+
+    from shared.local.webhook import WebhookReceiver, one_in
+
+    refuse = one_in(10)
+    ids = [f"ev-{i}" for i in range(200)]
+    bad = [e for e in ids if refuse(e)]
+    assert 5 < len(bad) < 40 and bad == [e for e in ids if one_in(10)(e)]  # deterministic, about 1 in 10
+    receiver = WebhookReceiver(port=port_base + 18, reject_event=refuse)
+    await receiver.start()
+    url = f"http://127.0.0.1:{receiver.port}/in"
+    good = next(e for e in ids if not refuse(e))
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def post(event_ids: list[str]) -> int:
+                async with session.post(url, json={"events": [{"event_id": e} for e in event_ids]}) as resp:
+                    return resp.status
+
+            assert await post([good, bad[0]]) == 400  # the whole request, as a sink validating it would
+            assert await post([good]) == 200
+            outage = asyncio.create_task(receiver.fail_for(401, 0.5))
+            await asyncio.sleep(0.1)
+            assert await post([good]) == 401
+            await outage
+            assert await post([good]) == 200
+        assert [e["event_id"] for e in receiver.received] == [good, good]
+        assert receiver.rejected_requests == 1
+    finally:
+        await receiver.stop()
+
+
+async def test_a_redis_stream_sink_is_read_back_in_full_and_only_once(redis_client, redis_server, namespace):
+    from shared.local.chaos import RedisStreamTruth
+
+    stream = f"{namespace}:out"
+    for i in range(12_000):  # more than one XRANGE page
+        await redis_client.xadd(stream, {"data": json.dumps({"event_id": f"e{i}", "ingest_ts": 0.0})})
+    truth = RedisStreamTruth(redis_server.url, stream)
+    await truth.refresh()
+    await redis_client.xadd(stream, {"data": json.dumps({"event_id": "late", "ingest_ts": 0.0})})
+    await truth.refresh()
+    assert [e["event_id"] for e in truth.received] == [f"e{i}" for i in range(12_000)] + ["late"]
+    assert len(truth.arrival_ms) == len(truth.received) and truth.arrival_ms[0] > 1e12
+    await redis_client.delete(stream)

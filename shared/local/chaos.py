@@ -922,7 +922,11 @@ async def run_scenario(
     try:
         load = asyncio.create_task(run.load.run())
         await asyncio.sleep(2.0)
-        await scenario.fault(run)
+        try:
+            await scenario.fault(run)
+        except (TimeoutError, RuntimeError) as exc:  # a worker that never got ready: still count what arrived
+            run.clean_exit = False
+            run.notes.append(f"fault step failed: {type(exc).__name__}: {str(exc)[:2000]}")
         await asyncio.sleep(3.0)
         run.load.stop()
         await load
