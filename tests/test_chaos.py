@@ -10,8 +10,10 @@ import pytest
 from shared.local.chaos import SCENARIOS, Kill, run_scenario
 
 
-async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0):
-    result = await run_scenario(SCENARIOS[name], tmp_path / name, kafka, redis_server, rate=rate, port_base=port_base)
+async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0, sink_redis=None):
+    result = await run_scenario(
+        SCENARIOS[name], tmp_path / name, kafka, redis_server, rate=rate, port_base=port_base, sink_redis=sink_redis
+    )
     detail = {
         k: result.get(k)
         for k in (
@@ -73,6 +75,22 @@ async def test_poison_pills_are_dead_lettered_one_each(tmp_path, kafka, redis_se
 async def test_rolling_deploy_drains_and_exits_cleanly(tmp_path, kafka, redis_server, port_base):
     result = await run("rolling-deploy", tmp_path, kafka, redis_server, port_base)
     assert result["clean_exit"], result["notes"]
+
+
+@pytest.mark.chaos
+async def test_a_redis_stream_sink_killed_mid_pipeline_holds_every_event_once(tmp_path, kafka, redis_server, port_base):
+    from shared.local.redis import LocalRedis
+
+    sink_redis = LocalRedis(
+        url=f"redis://127.0.0.1:{port_base + 17}/0", data_dir=tmp_path / "sink-redis", persistent=True
+    )
+    try:
+        result = await run(
+            "redis-sink-kill", tmp_path, kafka, redis_server, port_base, rate=200.0, sink_redis=sink_redis
+        )
+        assert result["faulted_sink"] == "redis_stream" and result["faulted_delivered"] == result["accepted"], result
+    finally:
+        sink_redis.stop()
 
 
 def test_the_sender_kill_window_runs_from_its_last_two_seconds_until_its_successor_starts():
