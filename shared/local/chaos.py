@@ -326,9 +326,7 @@ dedupe: {{backend: {self.dedupe_backend}}}
                 await admin.create_topics([NewTopic(topic, 4, replication, topic_configs=configs)])
             finally:
                 await admin.close()
-            # A 3 s request timeout: a produce to the killed leader fails before the new leader is found,
-            # while the batch's other partitions succeed (the partial failure that must not re-send all).
-            line = f'{{type: kafka, topic: "{topic}", timeout_s: 3}}'
+            line = f'{{type: kafka, topic: "{topic}", timeout_s: 10}}'
             return line, KafkaTopicTruth(self.kafka.bootstrap, topic)
         if self.faulted_sink == "redis_stream":
             assert self.sink_redis is not None, "a Redis Stream sink needs its own Redis"
