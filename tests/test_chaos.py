@@ -10,8 +10,10 @@ import pytest
 from shared.local.chaos import SCENARIOS, Kill, run_scenario
 
 
-async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0):
-    result = await run_scenario(SCENARIOS[name], tmp_path / name, kafka, redis_server, rate=rate, port_base=port_base)
+async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0, sink_redis=None):
+    result = await run_scenario(
+        SCENARIOS[name], tmp_path / name, kafka, redis_server, rate=rate, port_base=port_base, sink_redis=sink_redis
+    )
     detail = {
         k: result.get(k)
         for k in (
@@ -22,6 +24,10 @@ async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0):
             "kill_window_first_copy_ms",
             "dead_lettered",
             "pills",
+            "dead_letters_expected",
+            "dead_letters_refused_missing",
+            "dead_letters_unexpected",
+            "dead_letters_unexpected_sample",
             "missing_sample",
             "missing_seen_in",
             "faulted_duplicates",
@@ -40,7 +46,8 @@ async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0):
     assert result["duplicates_unexplained"] == 0, detail
     if not result["sender_kills"]:
         assert result["duplicates"] == 0, detail
-    assert result["dead_lettered"] == result["pills"], detail
+    assert result["dead_lettered"] == result["dead_letters_expected"], detail
+    assert result["dead_letters_refused_missing"] == 0, detail
     return result
 
 
@@ -70,9 +77,137 @@ async def test_rolling_deploy_drains_and_exits_cleanly(tmp_path, kafka, redis_se
     assert result["clean_exit"], result["notes"]
 
 
+@pytest.mark.chaos
+async def test_a_redis_stream_sink_killed_mid_pipeline_holds_every_event_once(tmp_path, kafka, redis_server, port_base):
+    from shared.local.redis import LocalRedis
+
+    sink_redis = LocalRedis(
+        url=f"redis://127.0.0.1:{port_base + 17}/0", data_dir=tmp_path / "sink-redis", persistent=True
+    )
+    try:
+        result = await run(
+            "redis-sink-kill", tmp_path, kafka, redis_server, port_base, rate=200.0, sink_redis=sink_redis
+        )
+        assert result["faulted_sink"] == "redis_stream" and result["faulted_delivered"] == result["accepted"], result
+    finally:
+        sink_redis.stop()
+
+
 def test_the_sender_kill_window_runs_from_its_last_two_seconds_until_its_successor_starts():
     kill = Kill("sender.faulted", killed_ms=100_000.0, restarted_ms=102_000.0)
     assert kill.covers(98_000.0) and kill.covers(100_000.0)
     assert kill.covers(101_500.0)  # sent before the kill, taken by a busy sink after it
     assert not kill.covers(97_999.0) and not kill.covers(102_001.0)
     assert Kill("sender.faulted", killed_ms=100_000.0).covers(150_000.0)  # not restarted yet
+
+
+async def test_two_rocksdb_workers_of_one_stage_on_one_machine_each_keep_their_own_store(
+    tmp_path, namespace, port_base, settings_for, start_pipeline
+):
+    """As each pod has its own volume: a worker that takes over the partitions of a stalled one must not
+    find that worker's RocksDB LOCK, and a restarted worker finds its own store again."""
+    import asyncio
+    import signal
+
+    from shared.local.traffic import EventFactory
+    from shared.local.webhook import WebhookReceiver
+    from tests.helpers import post, tenant_block, wait_for
+
+    hook = WebhookReceiver(port=port_base + 19)
+    await hook.start()
+    config = tmp_path / "hifi.yaml"
+    config.write_text(
+        "tenants:\n"
+        + tenant_block("acme", "k", ["hook"])
+        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{hook.port}/in"}}\n'
+        + "dedupe: {backend: rocksdb}\n"
+    )
+    settings = settings_for(config)
+    pipeline = await start_pipeline(settings)
+    try:
+        second = pipeline.add_worker("deduplicator")
+        await asyncio.to_thread(pipeline.wait_ready, 60.0, [second])
+        factory = EventFactory(producer_id=namespace, devices=12)
+        events = [factory.make() for _ in range(40)]
+        assert (await post(pipeline.collector_url, "k", events))[0] == 200
+        await wait_for(lambda: len(hook.received) >= 40, 60, "delivery through two deduplicators", pipeline)
+
+        # The first worker stalls holding its stores; the group gives its partitions to the second.
+        pipeline.signal("deduplicator", signal.SIGSTOP)
+        try:
+            more = [factory.make() for _ in range(40)]
+            assert (await post(pipeline.collector_url, "k", more))[0] == 200
+            worker = pipeline.services[second].process
+            assert worker is not None
+
+            def delivered_or_crashed() -> bool:
+                return len(hook.received) >= 80 or worker.poll() is not None
+
+            await wait_for(delivered_or_crashed, 90, "delivery by the second worker alone", pipeline)
+            assert worker.poll() is None, f"{second} exited with {worker.returncode}:\n{pipeline.tail(second)}"
+        finally:
+            pipeline.signal("deduplicator", signal.SIGCONT)
+        assert sorted(e["event_id"] for e in hook.received) == sorted(e["event_id"] for e in events + more)
+
+        stores = {label: pipeline.data_dir(label) for label in ("deduplicator", second)}
+        assert len(set(stores.values())) == 2, stores
+        for label, data_dir in stores.items():
+            found = await asyncio.to_thread(lambda d=data_dir: list(d.glob("tables/*hifi-deduplicator/dedupe-window")))
+            assert found, f"{label} keeps no store in {data_dir}"
+        # A restarted worker gets the same directory again (its volume), not a fresh one.
+        assert await asyncio.to_thread(pipeline.stop, second) == 0
+        pipeline.start(second)
+        assert pipeline.data_dir(second) == stores[second]
+        await asyncio.to_thread(pipeline.wait_ready, 60.0, [second])
+    finally:
+        await hook.stop()
+
+
+async def test_the_webhook_receiver_refuses_picked_events_and_fails_for_a_stretch(port_base):
+    import asyncio
+
+    import aiohttp
+
+    from shared.local.webhook import WebhookReceiver, one_in
+
+    refuse = one_in(10)
+    ids = [f"ev-{i}" for i in range(200)]
+    bad = [e for e in ids if refuse(e)]
+    assert 5 < len(bad) < 40 and bad == [e for e in ids if one_in(10)(e)]  # deterministic, about 1 in 10
+    receiver = WebhookReceiver(port=port_base + 18, reject_event=refuse)
+    await receiver.start()
+    url = f"http://127.0.0.1:{receiver.port}/in"
+    good = next(e for e in ids if not refuse(e))
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def post(event_ids: list[str]) -> int:
+                async with session.post(url, json={"events": [{"event_id": e} for e in event_ids]}) as resp:
+                    return resp.status
+
+            assert await post([good, bad[0]]) == 400  # the whole request, as a sink validating it would
+            assert await post([good]) == 200
+            outage = asyncio.create_task(receiver.fail_for(401, 0.5))
+            await asyncio.sleep(0.1)
+            assert await post([good]) == 401
+            await outage
+            assert await post([good]) == 200
+        assert [e["event_id"] for e in receiver.received] == [good, good]
+        assert receiver.rejected_requests == 1
+    finally:
+        await receiver.stop()
+
+
+async def test_a_redis_stream_sink_is_read_back_in_full_and_only_once(redis_client, redis_server, namespace):
+    from shared.local.chaos import RedisStreamTruth
+
+    stream = f"{namespace}:out"
+    for i in range(12_000):  # more than one XRANGE page
+        await redis_client.xadd(stream, {"data": json.dumps({"event_id": f"e{i}", "ingest_ts": 0.0})})
+    truth = RedisStreamTruth(redis_server.url, stream)
+    await truth.refresh()
+    await redis_client.xadd(stream, {"data": json.dumps({"event_id": "late", "ingest_ts": 0.0})})
+    await truth.refresh()
+    assert [e["event_id"] for e in truth.received] == [f"e{i}" for i in range(12_000)] + ["late"]
+    assert len(truth.arrival_ms) == len(truth.received) and truth.arrival_ms[0] > 1e12
+    await redis_client.delete(stream)

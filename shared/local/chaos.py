@@ -1,8 +1,16 @@
 """`hifi chaos`: the real pipeline under steady load, a fault, and ground truth.
 
 Every event carries a producer id and sequence number; the load generator keeps the ids the
-collector accepted; two webhook sinks record what they acknowledged. A scenario passes only if
-every accepted event reached both sinks exactly once and the dead letters equal the poison pills.
+collector accepted; two sinks, `faulted` and `healthy`, are read back for what they hold: webhook
+receivers record what they acknowledged, a Kafka sink's topic is read with read_committed, a Redis
+Stream sink's stream with XRANGE. A scenario passes only if every accepted event reached both sinks
+exactly once (less the events a sink refuses on purpose) and the dead letters are exactly the poison
+pills and those refused events.
+
+Ports are parameters, with environment overrides for `hifi chaos` so parallel runs do not collide:
+HIFI_CHAOS_PORT_BASE (services and webhook sinks), HIFI_CHAOS_KAFKA_PORT (one node),
+HIFI_CHAOS_CLUSTER_PORT (three nodes), HIFI_CHAOS_REDIS_URL (dedupe and ledger) and
+HIFI_CHAOS_OWN_REDIS_URL (a Redis a scenario kills: the dedupe backend or the Redis Stream sink).
 """
 
 from __future__ import annotations
@@ -20,8 +28,11 @@ from typing import Any
 
 import aiohttp
 import msgpack
-from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+from redis.exceptions import RedisError
 
 from shared.config import Settings, hash_api_key
 from shared.dlq import DeadLetterQueues
@@ -29,11 +40,37 @@ from shared.local.kafka import KAFKA_VERSION, LocalKafka
 from shared.local.pipeline import PipelineProcesses
 from shared.local.redis import LocalRedis
 from shared.local.traffic import EventFactory
-from shared.local.webhook import WebhookReceiver
+from shared.local.webhook import WebhookReceiver, one_in
 from shared.topics import Topics
 
 API_KEY = "chaos-key"
 SLA_MS = 1000.0
+SINK_400_ONE_IN = 1000  # sink-4xx-mix: the faulted sink refuses one event id in this many with a 400
+
+# Loaded by every service process started with the `inject` directory on PYTHONPATH: a fault-injecting
+# wrapper around the real RocksDB restore (a long changelog, without waiting to write one).
+SLOW_RESTORE_HOOK = """
+import os
+
+_delay = float(os.environ.get("HIFI_CHAOS_SLOW_RESTORE_S") or 0)
+_times = [int(os.environ.get("HIFI_CHAOS_SLOW_RESTORE_TIMES") or 1)]
+if _delay:
+    import asyncio
+    import sys
+
+    from shared import keywindow
+
+    _restore = keywindow.RocksKeyWindow._restore
+
+    async def _slow_restore(self, partitions):
+        if _times[0] > 0:
+            _times[0] -= 1
+            print(f"chaos: restore of {partitions} slowed by {_delay}s", file=sys.stderr, flush=True)
+            await asyncio.sleep(_delay)
+        await _restore(self, partitions)
+
+    keywindow.RocksKeyWindow._restore = _slow_restore
+"""
 
 
 @dataclass
@@ -118,6 +155,96 @@ class Kill:
 
 
 @dataclass
+class WebhookTruth:
+    """What a webhook receiver acknowledged, as it arrived."""
+
+    receiver: WebhookReceiver
+
+    @property
+    def received(self) -> list[dict[str, Any]]:
+        return self.receiver.received
+
+    @property
+    def arrival_ms(self) -> list[float]:
+        return self.receiver.arrival_ms
+
+    async def refresh(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass
+class KafkaTopicTruth:
+    """A Kafka sink's topic read back with read_committed: arrival is the record's timestamp."""
+
+    bootstrap: str
+    topic: str
+    received: list[dict[str, Any]] = field(default_factory=list)
+    arrival_ms: list[float] = field(default_factory=list)
+    _consumer: AIOKafkaConsumer | None = None
+
+    async def refresh(self) -> None:
+        if self._consumer is None:
+            self._consumer = AIOKafkaConsumer(
+                self.topic,
+                bootstrap_servers=self.bootstrap,
+                group_id=None,
+                auto_offset_reset="earliest",
+                enable_auto_commit=False,
+                isolation_level="read_committed",
+            )
+            await self._consumer.start()
+        try:
+            while batch := await self._consumer.getmany(timeout_ms=500, max_records=5000):
+                for records in batch.values():
+                    for r in records:
+                        self.received.append(json.loads(r.value))
+                        self.arrival_ms.append(float(r.timestamp))
+        except KafkaError:
+            pass  # a broker down: read the rest on the next refresh
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+@dataclass
+class RedisStreamTruth:
+    """A Redis Stream sink's stream read back with XRANGE: arrival is the entry id's milliseconds."""
+
+    url: str
+    stream: str
+    received: list[dict[str, Any]] = field(default_factory=list)
+    arrival_ms: list[float] = field(default_factory=list)
+    _last_id: str = "-"
+
+    async def refresh(self) -> None:
+        client = aioredis.from_url(self.url, socket_timeout=5.0, socket_connect_timeout=2.0)
+        try:
+            while True:
+                start = self._last_id if self._last_id == "-" else f"({self._last_id}"
+                entries = await client.xrange(self.stream, min=start, count=5000)
+                if not entries:
+                    return
+                for entry_id, fields in entries:
+                    self._last_id = entry_id.decode()
+                    self.received.append(json.loads(fields[b"data"]))
+                    self.arrival_ms.append(float(self._last_id.split("-")[0]))
+        except (RedisError, OSError):
+            pass  # Redis down: read the rest on the next refresh
+        finally:
+            await client.aclose()
+
+    async def close(self) -> None:
+        pass
+
+
+SinkTruth = WebhookTruth | KafkaTopicTruth | RedisStreamTruth
+
+
+@dataclass
 class ChaosRun:
     workdir: Path
     kafka: LocalKafka
@@ -125,9 +252,12 @@ class ChaosRun:
     rate: float = 200.0
     port_base: int = 18500
     dedupe_backend: str = "rocksdb"
+    faulted_sink: str = "webhook"  # or "kafka" (a topic on this cluster), "redis_stream" (on sink_redis)
+    sink_redis: LocalRedis | None = None
     namespace: str = field(default_factory=lambda: f"chaos{uuid.uuid4().hex[:6]}")
     faulted: WebhookReceiver = field(init=False)
     healthy: WebhookReceiver = field(init=False)
+    sinks: dict[str, SinkTruth] = field(init=False)
     pipeline: PipelineProcesses = field(init=False)
     load: LoadGenerator = field(init=False)
     pills: int = 0
@@ -136,6 +266,9 @@ class ChaosRun:
     fault_start_ms: float = 0.0
     fault_end_ms: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # Events a sink refuses on purpose: expected in its dead letters, not at the sink.
+    refused_by_faulted: Callable[[str], bool] | None = None
+    inject_env: dict[str, str] = field(default_factory=dict)  # PYTHONPATH of the fault-injecting hooks
 
     @property
     def topics(self) -> Topics:
@@ -149,17 +282,19 @@ class ChaosRun:
         config = self.workdir / "hifi.yaml"
         self.workdir.mkdir(parents=True, exist_ok=True)
         geo = self._geo_db()
+        replication = 3 if self.kafka.nodes >= 3 else 1
+        faulted, truth = await self._faulted_sink(replication)
+        self.sinks = {"faulted": truth, "healthy": WebhookTruth(self.healthy)}
         config.write_text(f"""tenants:
   acme:
     api_keys: ["{hash_api_key(API_KEY)}"]
     sinks: [faulted, healthy]
 sinks:
-  faulted: {{type: webhook, url: "http://127.0.0.1:{self.faulted.port}/in", timeout_s: 10}}
+  faulted: {faulted}
   healthy: {{type: webhook, url: "http://127.0.0.1:{self.healthy.port}/in", timeout_s: 10}}
 dedupe: {{backend: {self.dedupe_backend}}}
 {f'enrich: {{geoip_db: "{geo}"}}' if geo else ""}
 """)
-        replication = 3 if self.kafka.nodes >= 3 else 1
         settings = Settings(
             config_path=str(config),
             broker=self.kafka.bootstrap,
@@ -172,9 +307,35 @@ dedupe: {{backend: {self.dedupe_backend}}}
             log_level=os.environ.get("HIFI_CHAOS_LOG_LEVEL", "warning"),
         )
         self.pipeline = PipelineProcesses(settings, self.workdir / "logs", port_base=self.port_base)
+        inject = self.workdir / "inject"
+        inject.mkdir(exist_ok=True)
+        (inject / "sitecustomize.py").write_text(SLOW_RESTORE_HOOK)
+        self.inject_env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))}
         self.pipeline.start_all()
         await asyncio.to_thread(self.pipeline.wait_ready, 120.0)
         self.load = LoadGenerator(self.pipeline.collector_url, self.rate)
+
+    async def _faulted_sink(self, replication: int) -> tuple[str, SinkTruth]:
+        """The faulted sink's config line and how to read back what it holds."""
+        if self.faulted_sink == "kafka":
+            topic = f"{self.namespace}.sink-out"
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka.bootstrap)
+            await admin.start()
+            try:
+                configs = {"min.insync.replicas": "2" if replication == 3 else "1"}
+                await admin.create_topics([NewTopic(topic, 4, replication, topic_configs=configs)])
+            finally:
+                await admin.close()
+            line = f'{{type: kafka, topic: "{topic}", timeout_s: 10}}'
+            return line, KafkaTopicTruth(self.kafka.bootstrap, topic)
+        if self.faulted_sink == "redis_stream":
+            assert self.sink_redis is not None, "a Redis Stream sink needs its own Redis"
+            self.sink_redis.ensure()
+            stream = f"{self.namespace}:out"
+            line = f'{{type: redis_stream, stream: "{stream}", url: "{self.sink_redis.url}", timeout_s: 10}}'
+            return line, RedisStreamTruth(self.sink_redis.url, stream)
+        url = f"http://127.0.0.1:{self.faulted.port}/in"
+        return f'{{type: webhook, url: "{url}", timeout_s: 10}}', WebhookTruth(self.faulted)
 
     def _geo_db(self) -> Path | None:
         try:
@@ -192,6 +353,8 @@ dedupe: {{backend: {self.dedupe_backend}}}
         await asyncio.to_thread(self.pipeline.stop_all, 30.0)
         await self.faulted.stop()
         await self.healthy.stop()
+        for truth in getattr(self, "sinks", {}).values():
+            await truth.close()
 
     # -- faults ------------------------------------------------------------------------------------
 
@@ -242,47 +405,83 @@ dedupe: {{backend: {self.dedupe_backend}}}
         self.pills += len(pills)
         return len(pills)
 
-    async def busiest_leader(self) -> int:
+    async def leaders(self, names: list[str] | None = None) -> dict[int, int]:
+        """Partitions led per broker node, over `names` (default: the pipeline topics)."""
         admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka.bootstrap)
         await admin.start()
         try:
-            names = [self.topics.raw, self.topics.enriched, self.topics.unique]
-            described = await admin.describe_topics(names)
+            described = await admin.describe_topics(
+                names or [self.topics.raw, self.topics.enriched, self.topics.unique]
+            )
         finally:
             await admin.close()
-        leaders: dict[int, int] = {}
+        leaders = {node.node_id: 0 for node in self.kafka.members}
         for topic in described:
             for part in topic["partitions"]:
                 leaders[part["leader"]] = leaders.get(part["leader"], 0) + 1
+        return leaders
+
+    async def busiest_leader(self, names: list[str] | None = None) -> int:
+        leaders = await self.leaders(names)
         return max(leaders, key=lambda n: leaders[n])
 
+    async def least_busy_leader(self) -> int:
+        leaders = await self.leaders()
+        return min(leaders, key=lambda n: leaders[n])
+
     # -- measuring ---------------------------------------------------------------------------------
+
+    def expected(self, name: str) -> set[str]:
+        """The accepted events sink `name` should hold: all but those it refuses on purpose."""
+        refused = self.refused_by_faulted if name == "faulted" else None
+        return {e for e in self.load.accepted if refused is None or not refused(e)}
 
     async def drain(self, timeout: float = 120.0) -> float:
         started = time.monotonic()
         while time.monotonic() - started < timeout:
-            want = self.load.accepted
-            if all(want <= {e["event_id"] for e in sink.received} for sink in (self.faulted, self.healthy)):
+            for truth in self.sinks.values():
+                await truth.refresh()
+            if all(self.expected(n) <= {e["event_id"] for e in t.received} for n, t in self.sinks.items()):
                 break
             await asyncio.sleep(0.5)
         await asyncio.sleep(3.0)  # anything delivered twice would arrive now
+        for truth in self.sinks.values():
+            await truth.refresh()
         return time.monotonic() - started
+
+    async def dead_letter_ids(self) -> dict[str, list[str]]:
+        """Per stage, the event ids of its dead letters (pills without one count as "?")."""
+        queues = DeadLetterQueues(self.kafka.bootstrap, self.topics, ["faulted", "healthy"])
+        out: dict[str, list[str]] = {}
+        for stage, count in (await queues.counts()).items():
+            if count:
+                letters = await queues.read(stage, limit=count)
+                out[stage] = [
+                    str(letter["original"].get("event_id", "?")) if isinstance(letter.get("original"), dict) else "?"
+                    for letter in letters
+                ]
+        return out
 
     async def report(self, scenario: str) -> dict[str, Any]:
         dlq = await DeadLetterQueues(self.kafka.bootstrap, self.topics, ["faulted", "healthy"]).counts()
         accepted = self.load.accepted
-        out: dict[str, Any] = {"scenario": scenario, "accepted": len(accepted), "resends": self.load.resends}
+        out: dict[str, Any] = {
+            "scenario": scenario,
+            "faulted_sink": self.faulted_sink,
+            "accepted": len(accepted),
+            "resends": self.load.resends,
+        }
         window_dupes = 0
         window_offsets: list[int] = []
         unexplained: set[str] = set()
-        for name, sink in (("faulted", self.faulted), ("healthy", self.healthy)):
+        for name, sink in self.sinks.items():
             counts: dict[str, int] = {}
             first_arrival: dict[str, float] = {}
             for e, arrived in zip(sink.received, sink.arrival_ms, strict=True):
                 counts[e["event_id"]] = counts.get(e["event_id"], 0) + 1
                 first_arrival.setdefault(e["event_id"], arrived)
             out[f"{name}_delivered"] = len(counts)
-            out[f"{name}_missing"] = len(accepted - set(counts))
+            out[f"{name}_missing"] = len(self.expected(name) - set(counts))
             out[f"{name}_duplicates"] = sum(n - 1 for n in counts.values())
             out[f"{name}_on_time_during_fault"] = self._on_time(sink)
             # The documented window: this sink's sender was killed -9 after the sink took a batch and
@@ -300,7 +499,8 @@ dedupe: {{backend: {self.dedupe_backend}}}
                 # sender had and did not write down; positive, a request it sent that the sink took late.
                 window_offsets.extend(round(first_arrival[event_id] - k.killed_ms) for k in covering)
         out["missing"] = out["faulted_missing"] + out["healthy_missing"]
-        missing = sorted(accepted - {e["event_id"] for e in self.faulted.received})
+        delivered = {name: {r["event_id"] for r in sink.received} for name, sink in self.sinks.items()}
+        missing = sorted({e for name in self.sinks for e in self.expected(name) - delivered[name]})
         if missing:
             out["missing_sample"] = missing[:10]
             out["missing_seen_in"] = await self.locate(set(missing))
@@ -318,13 +518,25 @@ dedupe: {{backend: {self.dedupe_backend}}}
             out["duplicates_arrivals"] = self._arrivals(sample)
         out["sender_kills"] = sum(1 for k in self.kills if k.label.startswith("sender."))
         out["dead_lettered"] = sum(dlq.values())
+        out["dead_lettered_by_stage"] = {stage: n for stage, n in dlq.items() if n}
         out["pills"] = self.pills
+        # Dead letters expected: the pills, and every accepted event the faulted sink refuses on purpose.
+        refused = accepted - self.expected("faulted")
+        out["dead_letters_expected"] = self.pills + len(refused)
+        letters = await self.dead_letter_ids() if out["dead_lettered"] or refused else {}
+        sender_letters = letters.get("sender.faulted", [])
+        out["dead_letters_refused_missing"] = len(refused - set(sender_letters))
+        unexpected = [e for e in sender_letters + letters.get("sender.healthy", []) if e not in refused]
+        out["dead_letters_unexpected"] = len(unexpected)
+        if unexpected:
+            out["dead_letters_unexpected_sample"] = unexpected[:5]
         out["recovery_s"] = self._recovery_s()
         out["clean_exit"] = self.clean_exit
         out["passed"] = (
             out["missing"] == 0
             and out["duplicates_unexplained"] == 0
-            and out["dead_lettered"] == self.pills
+            and out["dead_lettered"] == out["dead_letters_expected"]
+            and out["dead_letters_refused_missing"] == 0
             and self.clean_exit
         )
         out["notes"] = self.notes
@@ -343,7 +555,7 @@ dedupe: {{backend: {self.dedupe_backend}}}
         """Per sink, the arrival times (s after the fault started) of the copies of `event_ids`, and the kills."""
         start = self.fault_start_ms
         out: dict[str, list[float]] = {f"kill:{k.label}": [round((k.killed_ms - start) / 1000, 2)] for k in self.kills}
-        for name, sink in (("faulted", self.faulted), ("healthy", self.healthy)):
+        for name, sink in self.sinks.items():
             out[name] = sorted(
                 round((arrived - start) / 1000, 2)
                 for e, arrived in zip(sink.received, sink.arrival_ms, strict=True)
@@ -352,8 +564,6 @@ dedupe: {{backend: {self.dedupe_backend}}}
         return out
 
     async def _scan(self, event_ids: set[str]) -> dict[str, dict[str, int]]:
-        from aiokafka import AIOKafkaConsumer
-
         from shared.codec import unpack
 
         found: dict[str, dict[str, int]] = {}
@@ -382,7 +592,7 @@ dedupe: {{backend: {self.dedupe_backend}}}
             found[topic] = seen
         return found
 
-    def _on_time(self, sink: WebhookReceiver) -> float | None:
+    def _on_time(self, sink: SinkTruth) -> float | None:
         if not self.fault_start_ms:
             return None
         end = (self.fault_end_ms or time.time() * 1000) + 5_000
@@ -397,9 +607,10 @@ dedupe: {{backend: {self.dedupe_backend}}}
         """Seconds after the fault ended until the faulted sink had every event ingested before then."""
         if not self.fault_end_ms:
             return None
+        faulted = self.sinks["faulted"]
         arrivals = [
             arr
-            for e, arr in zip(self.faulted.received, self.faulted.arrival_ms, strict=True)
+            for e, arr in zip(faulted.received, faulted.arrival_ms, strict=True)
             if e["ingest_ts"] <= self.fault_end_ms
         ]
         return round(max(0.0, (max(arrivals) - self.fault_end_ms) / 1000), 2) if arrivals else None
@@ -530,6 +741,130 @@ async def scale_out_and_in(run: ChaosRun) -> None:
     run.mark_fault(False)
 
 
+# -- chaos v2 (issue 14): faults that combine ------------------------------------------------------
+
+
+async def outage_scale_out(run: ChaosRun) -> None:
+    """10. the faulted sink answers 503 for 60 s; 10 s in, its sender group scales 1 -> 3; after the
+    outage, back to 1. Evicted members must not deliver the batches they held."""
+    await asyncio.sleep(3.0)
+    run.mark_fault(True)
+    outage = asyncio.create_task(run.faulted.fail_for(503, 60.0))
+    await asyncio.sleep(10.0)
+    extras = [run.pipeline.add_worker("sender.faulted") for _ in range(2)]
+    await asyncio.to_thread(run.pipeline.wait_ready, 90.0, extras)
+    await outage
+    run.mark_fault(False)
+    await asyncio.sleep(15.0)
+    for extra in extras:
+        code = await asyncio.to_thread(run.pipeline.stop, extra, 30.0)
+        run.notes.append(f"{extra} exit {code}")
+
+
+async def outage_rolling_deploy(run: ChaosRun) -> None:
+    """11. the faulted sink answers 503 while every sender is restarted in turn (SIGTERM, start)."""
+    await asyncio.sleep(3.0)
+    run.mark_fault(True)
+    run.faulted.fail_status = 503
+    await asyncio.sleep(5.0)
+    for label in ("sender.faulted", "sender.healthy"):
+        started = time.monotonic()
+        code = await asyncio.to_thread(run.pipeline.stop, label, 30.0)
+        run.notes.append(f"{label} exit {code} in {time.monotonic() - started:.1f}s")
+        if code != 0:
+            run.clean_exit = False
+        run.pipeline.start(label)
+        await asyncio.to_thread(run.pipeline.wait_ready, 90.0, [label])
+        await asyncio.sleep(3.0)
+    await asyncio.sleep(5.0)
+    run.faulted.fail_status = None
+    run.mark_fault(False)
+
+
+async def long_restore(run: ChaosRun) -> None:
+    """12. a second deduplicator whose first restore (injected, 15 s) outlasts the 10 s session timeout,
+    then kill -9 of the first worker, restarted with the same slow first restore."""
+    slow = {**run.inject_env, "HIFI_CHAOS_SLOW_RESTORE_S": "15", "HIFI_CHAOS_SLOW_RESTORE_TIMES": "1"}
+    await asyncio.sleep(3.0)
+    run.mark_fault(True)
+    extra = run.pipeline.add_worker("deduplicator", env=slow)
+    await asyncio.sleep(20.0)  # not awaiting ready: a worker restoring is not ready, and that is the point
+    run.pipeline.services["deduplicator"].env.update(slow)
+    run.kill("deduplicator")
+    await asyncio.sleep(2.0)
+    run.pipeline.start("deduplicator")
+    await asyncio.to_thread(run.pipeline.wait_ready, 120.0, ["deduplicator", extra])
+    run.mark_fault(False)
+    await asyncio.sleep(5.0)
+    code = await asyncio.to_thread(run.pipeline.stop, extra, 30.0)
+    run.notes.append(f"{extra} exit {code}")
+
+
+async def kafka_sink_broker_kill(run: ChaosRun) -> None:
+    """13. kill -9 the broker leading most partitions of the Kafka sink's topic mid-batch; restart it
+    after 20 s (3-node cluster). Ground truth: the sink topic read with read_committed."""
+    await asyncio.sleep(5.0)
+    truth = run.sinks["faulted"]
+    assert isinstance(truth, KafkaTopicTruth)
+    node = await run.busiest_leader([truth.topic])
+    run.mark_fault(True)
+    await asyncio.to_thread(run.kafka.kill_node, node)
+    await asyncio.sleep(20.0)
+    await asyncio.to_thread(run.kafka.start_node, node)
+    run.mark_fault(False)
+    run.notes.append(f"killed broker node {node}, leading most of {truth.topic}")
+
+
+async def redis_sink_kill(run: ChaosRun) -> None:
+    """14. kill -9 the Redis under a Redis Stream sink mid-pipeline; restart it with its data (AOF,
+    fsync always) after 5 s. Ground truth: the stream read back."""
+    assert run.sink_redis is not None
+    for _ in range(2):
+        await asyncio.sleep(5.0)
+        run.mark_fault(True)
+        await asyncio.to_thread(run.sink_redis.kill)
+        await asyncio.sleep(5.0)
+        await asyncio.to_thread(run.sink_redis.ensure)
+    run.mark_fault(False)
+
+
+async def slow_isr_rebalance(run: ChaosRun) -> None:
+    """15. SIGSTOP the broker leading fewest pipeline partitions (a follower of the rest), so acks=all
+    produces stall, and rebalance the deduplicator and a sender meanwhile; SIGCONT after 20 s."""
+    node = await run.least_busy_leader()
+    await asyncio.sleep(3.0)
+    run.mark_fault(True)
+    pid = run.kafka.running_pids()[node]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(3.0)
+        extras = [run.pipeline.add_worker("deduplicator"), run.pipeline.add_worker("sender.faulted")]
+        await asyncio.sleep(17.0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    run.mark_fault(False)
+    await asyncio.to_thread(run.pipeline.wait_ready, 120.0, extras)
+    await asyncio.sleep(5.0)
+    for extra in extras:
+        code = await asyncio.to_thread(run.pipeline.stop, extra, 30.0)
+        run.notes.append(f"{extra} exit {code}")
+    run.notes.append(f"SIGSTOP broker node {node} for 20 s")
+
+
+async def sink_4xx_mix(run: ChaosRun) -> None:
+    """16. the faulted sink refuses one event in 1,000 (by event id) with a 400, and everything with a
+    401 for 10 s: the 400 events, and only they, are dead-lettered; the 401 stretch pauses the sink."""
+    refuse = one_in(SINK_400_ONE_IN)
+    run.faulted.reject_event = refuse
+    run.refused_by_faulted = refuse
+    await asyncio.sleep(8.0)
+    run.mark_fault(True)
+    await run.faulted.fail_for(401, 10.0)
+    run.mark_fault(False)
+    await asyncio.sleep(12.0)
+    run.notes.append(f"requests refused with 400: {run.faulted.rejected_requests}")
+
+
 @dataclass(frozen=True)
 class Scenario:
     number: int
@@ -537,7 +872,8 @@ class Scenario:
     fault: Callable[[ChaosRun], Awaitable[None]]
     nodes: int = 1
     dedupe_backend: str = "rocksdb"
-    own_redis: bool = False
+    own_redis: bool = False  # a Redis of its own, which the scenario kills
+    faulted_sink: str = "webhook"  # "kafka", or "redis_stream" (on the scenario's own Redis)
 
 
 SCENARIOS = {
@@ -552,6 +888,13 @@ SCENARIOS = {
         Scenario(7, "poison-pills", poison_pills),
         Scenario(8, "scale-stages", scale_out_and_in),
         Scenario(9, "rolling-deploy", rolling_deploy),
+        Scenario(10, "outage-scale-out", outage_scale_out),
+        Scenario(11, "outage-rolling-deploy", outage_rolling_deploy),
+        Scenario(12, "long-restore", long_restore),
+        Scenario(13, "kafka-sink-broker-kill", kafka_sink_broker_kill, nodes=3, faulted_sink="kafka"),
+        Scenario(14, "redis-sink-kill", redis_sink_kill, own_redis=True, faulted_sink="redis_stream"),
+        Scenario(15, "slow-isr-rebalance", slow_isr_rebalance, nodes=3),
+        Scenario(16, "sink-4xx-mix", sink_4xx_mix),
     )
 }
 
@@ -563,14 +906,28 @@ async def run_scenario(
     redis: LocalRedis,
     rate: float = 200.0,
     port_base: int = 18500,
+    sink_redis: LocalRedis | None = None,
 ) -> dict[str, Any]:
-    run = ChaosRun(workdir, kafka, redis, rate=rate, port_base=port_base, dedupe_backend=scenario.dedupe_backend)
+    run = ChaosRun(
+        workdir,
+        kafka,
+        redis,
+        rate=rate,
+        port_base=port_base,
+        dedupe_backend=scenario.dedupe_backend,
+        faulted_sink=scenario.faulted_sink,
+        sink_redis=sink_redis,
+    )
     await run.start()
     started = time.monotonic()
     try:
         load = asyncio.create_task(run.load.run())
         await asyncio.sleep(2.0)
-        await scenario.fault(run)
+        try:
+            await scenario.fault(run)
+        except (TimeoutError, RuntimeError) as exc:  # a worker that never got ready: still count what arrived
+            run.clean_exit = False
+            run.notes.append(f"fault step failed: {type(exc).__name__}: {str(exc)[:2000]}")
         await asyncio.sleep(3.0)
         run.load.stop()
         await load
@@ -587,7 +944,7 @@ async def run_scenario(
 
 def format_table(results: list[dict[str, Any]]) -> str:
     head = (
-        "| # | scenario | accepted | delivered (faulted / healthy) | missing | duplicates | dead-lettered / pills "
+        "| # | scenario | accepted | delivered (faulted / healthy) | missing | duplicates | dead-lettered / expected "
         "| recovery s | healthy on-time during fault | result |\n"
         "|---|---|---|---|---|---|---|---|---|---|\n"
     )
@@ -599,7 +956,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
             f"| {r['number']} | {r['scenario']} | {r['accepted']} "
             f"| {r['faulted_delivered']} / {r['healthy_delivered']} "
             f"| {r['missing']} | {r['duplicates']}{window} "
-            f"| {r['dead_lettered']} / {r['pills']} | {r['recovery_s']} "
+            f"| {r['dead_lettered']} / {r['dead_letters_expected']} | {r['recovery_s']} "
             f"| {'n/a' if on_time is None else f'{on_time * 100:.2f} %'} | {'pass' if r['passed'] else 'FAIL'} |"
         )
     return head + "\n".join(rows) + "\n"
@@ -630,30 +987,49 @@ def main(names: list[str], rate: float, json_out: str | None, doc: str | None = 
         chosen.append(SCENARIOS[name])
     results = []
     workroot = DEFAULT_HOME.parent / "chaos"
+    env = os.environ.get
+    port_base = int(env("HIFI_CHAOS_PORT_BASE", "18500"))
+    shared_redis_url = env("HIFI_CHAOS_REDIS_URL", "redis://127.0.0.1:6379/14")
+    own_redis_url = env("HIFI_CHAOS_OWN_REDIS_URL", "redis://127.0.0.1:16379/0")
     for scenario in chosen:
         kafka = LocalKafka(
             nodes=scenario.nodes,
-            port=39092 if scenario.nodes == 3 else 19192,
+            port=int(env("HIFI_CHAOS_CLUSTER_PORT", "39092"))
+            if scenario.nodes == 3
+            else int(env("HIFI_CHAOS_KAFKA_PORT", "19192")),
             data_root=workroot / f"kafka-{scenario.nodes}n",
             heap="384m",
         )
         kafka.wipe()
-        kafka.start()
-        redis = LocalRedis(
-            url="redis://127.0.0.1:16379/0" if scenario.own_redis else "redis://127.0.0.1:6379/14",
-            data_dir=workroot / "redis",
-            persistent=scenario.own_redis,
+        # The Redis a scenario kills is its own, persistent one: the dedupe backend, or the stream sink.
+        own = (
+            LocalRedis(url=own_redis_url, data_dir=workroot / "redis", persistent=True) if scenario.own_redis else None
         )
-        started_redis = redis.ensure()
+        if own is not None:
+            own.wipe_data()
+        sink_redis = own if scenario.faulted_sink == "redis_stream" else None
+        redis = (
+            own
+            if own is not None and sink_redis is None
+            else LocalRedis(url=shared_redis_url, data_dir=workroot / "redis")
+        )
+        started_redis = False
         try:
+            # Generous: formatting and starting three brokers on a loaded 2-core machine took over 90 s.
+            kafka.start(timeout=float(env("HIFI_CHAOS_KAFKA_START_S", "300")))
+            started_redis = redis.ensure()
             print(f"scenario {scenario.number} {scenario.name}: running ...", flush=True)
-            result = asyncio.run(run_scenario(scenario, workroot / scenario.name, kafka, redis, rate))
+            result = asyncio.run(
+                run_scenario(scenario, workroot / scenario.name, kafka, redis, rate, port_base, sink_redis)
+            )
             print(json.dumps(result), flush=True)
             results.append(result)
         finally:
             kafka.stop()
-            if started_redis or scenario.own_redis:
+            if started_redis or redis is own:
                 redis.stop()
+            if sink_redis is not None:
+                sink_redis.stop()
     table = format_table(results)
     print(table)
     if doc:

@@ -25,6 +25,7 @@ class ServiceProcess:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     terminating: bool = False
+    env: dict[str, str] = field(default_factory=dict)  # this worker's own additions (e.g. an injected fault)
 
     @property
     def label(self) -> str:
@@ -59,25 +60,42 @@ class PipelineProcesses:
     def collector_url(self) -> str:
         return self.services["collector"].url("/v1/events")
 
+    def data_dir(self, label: str) -> Path:
+        """Where worker `label` keeps its RocksDB stores: its own, as each pod has its own volume, and the
+        same after a restart. The first worker of a service uses the configured directory; extra workers
+        (`add_worker`) get `workers/<label>` under it, since two processes cannot open one store (LOCK)."""
+        base = Path(self.settings.data_dir)
+        return base if "#" not in label else base / "workers" / label
+
     def start(self, label: str) -> None:
         svc = self.services[label]
         if svc.process is not None and svc.process.poll() is None:
             return
         svc.terminating = False
-        env = {**os.environ, **self.settings.as_env(), "HIFI_WEB_PORT": str(svc.port), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            **self.settings.as_env(),
+            "HIFI_DATA_DIR": str(self.data_dir(label)),
+            "HIFI_WEB_PORT": str(svc.port),
+            "PYTHONUNBUFFERED": "1",
+            **svc.env,
+        }
         cmd = [sys.executable, "-m", "shared.cli", "run", svc.name] + (["--sink", svc.sink] if svc.sink else [])
         with open(svc.log_path, "ab") as log:
             svc.process = subprocess.Popen(
                 cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
 
-    def add_worker(self, label: str) -> str:
-        """One more process in the same consumer group as `label` (scale out); returns its label."""
+    def add_worker(self, label: str, env: dict[str, str] | None = None) -> str:
+        """One more process in the same consumer group as `label` (scale out), with its own data
+        directory and `env` added to its environment; returns its label."""
         base = self.services[label]
         n = sum(1 for other in self.services if other.split("#")[0] == label) + 1
         extra = f"{label}#{n}"
         port = self.port_base + 30 + len(self.services)
-        self.services[extra] = ServiceProcess(base.name, base.sink, port, self.log_dir / f"{extra}.log")
+        self.services[extra] = ServiceProcess(
+            base.name, base.sink, port, self.log_dir / f"{extra}.log", env=dict(env or {})
+        )
         self.start(extra)
         return extra
 

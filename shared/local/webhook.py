@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,8 +15,10 @@ from aiohttp import web
 
 @dataclass
 class WebhookReceiver:
-    """Fault knobs: `fail_status` (+ `retry_after`) answers an error instead of acking, `delay_s`
-    slows every batch, `slow_event_ids` slows only batches holding those events.
+    """Fault knobs: `fail_status` (+ `retry_after`) answers an error instead of acking (`fail_for` for a
+    timed stretch: a 503 outage, a 401 for a revoked credential), `delay_s` slows every batch,
+    `slow_event_ids` slows only batches holding those events, and `reject_event` answers
+    `reject_status` (400) to any request holding an event it picks, as a sink refusing one bad event.
 
     A batch counts as received only if the answer can still be sent: like a sink that commits in the
     same transaction it answers from, a batch whose sender vanished mid-request is not kept.
@@ -29,7 +33,10 @@ class WebhookReceiver:
     delay_s: float = 0.0
     slow_event_ids: set[str] = field(default_factory=set)
     slow_s: float = 5.0
+    reject_event: Callable[[str], bool] | None = None
+    reject_status: int = 400
     requests: int = 0
+    rejected_requests: int = 0
     dropped_batches: int = 0
     _runner: web.AppRunner | None = None
 
@@ -52,6 +59,11 @@ class WebhookReceiver:
             return web.json_response({"error": "injected"}, status=self.fail_status, headers=headers)
         body = await request.json()
         events = body["events"]
+        if self.reject_event is not None:
+            bad = [e["event_id"] for e in events if self.reject_event(e["event_id"])]
+            if bad:
+                self.rejected_requests += 1
+                return web.json_response({"error": "invalid event", "event_ids": bad}, status=self.reject_status)
         delay = self.delay_s
         if self.slow_event_ids and any(e["event_id"] in self.slow_event_ids for e in events):
             delay = max(delay, self.slow_s)
@@ -66,8 +78,21 @@ class WebhookReceiver:
             self.arrival_ms.append(now)
         return web.json_response({"ok": len(events)})
 
+    async def fail_for(self, status: int, seconds: float, retry_after: float | None = None) -> None:
+        """Answer `status` to every request for `seconds`, then ack again."""
+        self.fail_status, self.retry_after = status, retry_after
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.fail_status, self.retry_after = None, None
+
     def counts(self) -> Counter[str]:
         return Counter(e["idempotency_key"] for e in self.received)
+
+
+def one_in(n: int) -> Callable[[str], bool]:
+    """Picks about one event id in `n`, the same ones on every run and in every process (not `hash`)."""
+    return lambda event_id: zlib.crc32(event_id.encode()) % n == 0
 
 
 def serve_forever(host: str, port: int) -> None:
