@@ -65,7 +65,7 @@ from mode import Service
 
 from shared.app import durable_producer
 from shared.codec import decode_event, pack, unpack
-from shared.errors import HifiError, HandledInPart, InvalidEvent, PermanentSinkError, TransientError
+from shared.errors import HandledInPart, HifiError, InvalidEvent, PermanentSinkError, TransientError
 from shared.event import Event, now_ms
 from shared.metrics import StageMetrics
 from shared.publish import BatchPublisher, Output, Published
