@@ -60,16 +60,16 @@ if _delay:
 
     from shared import keywindow
 
-    _restore = keywindow.RocksKeyWindow._restore
+    _restore = keywindow.RocksKeyWindow.restore
 
-    async def _slow_restore(self, partitions):
+    async def _slow_restore(self, partitions, *args, **kwargs):
         if _times[0] > 0:
             _times[0] -= 1
             print(f"chaos: restore of {partitions} slowed by {_delay}s", file=sys.stderr, flush=True)
             await asyncio.sleep(_delay)
-        await _restore(self, partitions)
+        await _restore(self, partitions, *args, **kwargs)
 
-    keywindow.RocksKeyWindow._restore = _slow_restore
+    keywindow.RocksKeyWindow.restore = _slow_restore
 """
 
 
