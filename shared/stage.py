@@ -212,6 +212,7 @@ class StageRunner(Service):
         checkpoint_interval_s: float = 10.0,
         rebalance_timeout_ms: int = 30_000,
         revoke_grace_s: float = 5.0,
+        unfetched_after_s: float = 10.0,
     ) -> None:
         super().__init__()
         self.app = app
@@ -228,6 +229,8 @@ class StageRunner(Service):
         # How long a revocation waits for the batch in hand to give up (an attempt in flight finishes,
         # e.g. a sink request up to its timeout) before cancelling it: the group waits on this.
         self.revoke_grace_s = revoke_grace_s
+        # A partition read from for this long without one fetch answered gets its leader looked up again.
+        self.unfetched_after_s = unfetched_after_s
         self.backoff = backoff or Backoff()
         self.dlq = dlq
         self.source = source
@@ -247,6 +250,7 @@ class StageRunner(Service):
         self.done: dict[TopicPartition, int] = {}  # next offset after the last durable batch
         self.committed: dict[TopicPartition, int] = {}
         self.last_timestamp: dict[TopicPartition, float] = {}  # Kafka timestamp (ms) of the last event read
+        self.readable_since: dict[TopicPartition, float] = {}  # monotonic time a partition was resumed
         self.assigned: set[TopicPartition] = set()  # owned and restored: read from
         self.restoring: set[TopicPartition] = set()  # owned, paused until their state is restored
         self._restore_task: asyncio.Task[None] | None = None
@@ -330,6 +334,7 @@ class StageRunner(Service):
             asyncio.create_task(self._guard(self._consume()), name=f"{self.stage}-consume"),
             asyncio.create_task(self._guard(self._ack_in_order()), name=f"{self.stage}-acker"),
             asyncio.create_task(self._guard(self._commit_every()), name=f"{self.stage}-committer"),
+            asyncio.create_task(self._guard(self._refresh_stale_leaders()), name=f"{self.stage}-leaders"),
         ]
         if self.states:
             self._tasks.append(
@@ -407,6 +412,7 @@ class StageRunner(Service):
                 self.done.pop(tp, None)
                 self.committed.pop(tp, None)
                 self.last_timestamp.pop(tp, None)
+                self.readable_since.pop(tp, None)
             self.assigned -= set(revoked)
             for state in self.states:
                 state.revoke(sorted(tp.partition for tp in revoked if tp.topic == self.source))
@@ -462,6 +468,7 @@ class StageRunner(Service):
             self._restore_failed(mine, exc)
             return
         self.assigned = {tp for tp in assigned if tp.topic != self.source or not pending.get(tp.partition)}
+        self.readable_since.update((tp, time.monotonic()) for tp in self.assigned)
         self.restoring = {tp for tp in sources if pending[tp.partition]}
         for tp in sources:
             if not pending[tp.partition]:
@@ -500,6 +507,7 @@ class StageRunner(Service):
             self.consumer.seek(tp, committed)
         self.restoring.discard(tp)
         self.assigned.add(tp)
+        self.readable_since[tp] = time.monotonic()
         self.consumer.resume(tp)
         log.info("%s: partition %d restored, reading it", self.stage, tp.partition)
 
@@ -576,6 +584,41 @@ class StageRunner(Service):
                     self._handling = None
                 await self._in_flight.put(flight)
             waited = time.perf_counter()
+
+    async def _refresh_stale_leaders(self) -> None:
+        """Unstick partitions whose start position aiokafka keeps asking a broker that is no longer leader.
+
+        aiokafka 0.14 looks up a partition's position (ListOffsets, when the group committed none) at
+        the leader of its cached metadata and, answered NotLeaderForPartition, retries that broker every
+        100 ms without refreshing the metadata ("Failed fetch offsets from N"); it fetches nothing from
+        that broker meanwhile, so only the 5-minute metadata refresh ends it. A readable partition with
+        no fetch answered yet (no high watermark) for `unfetched_after_s` is in that state or its leader
+        is down: `end_offsets` asks the same leader, and on that error refreshes the metadata the
+        fetcher's next attempt then uses.
+        """
+        assert self.consumer is not None
+        while True:
+            await asyncio.sleep(self.unfetched_after_s / 2)
+            now = time.monotonic()
+            unfetched = [
+                tp
+                for tp, since in self.readable_since.items()
+                if tp in self.assigned and now - since > self.unfetched_after_s and self.consumer.highwater(tp) is None
+            ]
+            if not unfetched:
+                continue
+            log.warning(
+                "%s: partitions %s assigned %.0fs ago and not fetched yet; looking their leaders up again",
+                self.stage,
+                sorted(tp.partition for tp in unfetched),
+                self.unfetched_after_s,
+            )
+            for tp in unfetched:  # at most once per `unfetched_after_s` each
+                self.readable_since[tp] = now
+            try:
+                await self.consumer.end_offsets(unfetched)
+            except KafkaError as exc:  # the leader is down: the fetcher's own retries go on
+                log.warning("%s: looking up the leaders of %s failed: %r", self.stage, unfetched, exc)
 
     async def _ack_in_order(self) -> None:
         assert self._in_flight is not None
