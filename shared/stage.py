@@ -600,10 +600,11 @@ class StageRunner(Service):
         while True:
             await asyncio.sleep(self.unfetched_after_s / 2)
             now = time.monotonic()
+            owned = self.assigned & self.consumer.assignment()  # `highwater` asserts the consumer has it
             unfetched = [
                 tp
                 for tp, since in self.readable_since.items()
-                if tp in self.assigned and now - since > self.unfetched_after_s and self.consumer.highwater(tp) is None
+                if tp in owned and now - since > self.unfetched_after_s and self.consumer.highwater(tp) is None
             ]
             if not unfetched:
                 continue
