@@ -54,11 +54,13 @@ import sentry_sdk
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
     CorruptRecordException,
+    InvalidTimestampError,
     KafkaError,
     MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
     RecordListTooLargeError,
     RecordTooLargeError,
+    UnknownError,
 )
 from aiokafka.structs import ConsumerRecord
 from mode import Service
@@ -75,7 +77,10 @@ log = logging.getLogger(__name__)
 
 # Produce errors no retry can fix: a record or its batch over a size limit, or a record the broker refuses.
 TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
-UNSENDABLE = (*TOO_LARGE, CorruptRecordException)
+UNSENDABLE = (*TOO_LARGE, CorruptRecordException, InvalidTimestampError)
+# The broker's INVALID_RECORD (error 87) reaches aiokafka as UnknownError, which can also be transient:
+# unsendable once it persisted this many attempts, so a refused record never stalls its partition.
+UNKNOWN_ERROR_ATTEMPTS = 8
 
 
 @dataclass(slots=True)
@@ -584,6 +589,8 @@ class StageRunner(Service):
             flight = await self._in_flight.get()
             durable = await self._settle(flight)
             owner = flight.owner
+            if owner is not None and (flight.abandoned or not durable):
+                owner.ended = True  # a later batch of it must not mark offsets past this one's
             if durable and not flight.abandoned and (owner is None or not owner.ended):
                 self.done.update(flight.next_offsets)  # the commit point: everything below is durable
             produce.observe(time.perf_counter() - flight.sent_at)
@@ -690,6 +697,7 @@ class StageRunner(Service):
         pending = list(range(len(records)))  # indexes in `records` not acknowledged yet
         placed: dict[int, tuple[int, int]] = {}  # index -> (partition, offset) once acknowledged
         attempt = 0
+        unknown = 0  # attempts that failed with UnknownError (see UNKNOWN_ERROR_ATTEMPTS)
         error = flight.send_error
         published = flight.published
         sent_with = flight.sent_with
@@ -708,15 +716,18 @@ class StageRunner(Service):
                     break
                 pending = failed  # only these are re-sent: the others are in the log already
                 errors = [a for a in acks if isinstance(a, BaseException)]
-                error = next((e for e in errors if not isinstance(e, UNSENDABLE)), None)
+                unknown += any(isinstance(e, UnknownError) for e in errors)
+                error = next((e for e in errors if not unsendable(e, unknown)), None)
                 if error is None:
                     await self._renew_producer(sent_with, errors[0])
                     await self._dead_letter_unsendable(flight, pending, placed, errors[0])
                     break
-            elif isinstance(error, UNSENDABLE):
-                await self._renew_producer(sent_with, error)
-                await self._dead_letter_unsendable(flight, pending, placed, error)
-                break
+            else:
+                unknown += isinstance(error, UnknownError)
+                if unsendable(error, unknown):
+                    await self._renew_producer(sent_with, error)
+                    await self._dead_letter_unsendable(flight, pending, placed, error)
+                    break
             if isinstance(error, OutOfOrderSequenceNumber):
                 await self._renew_producer(sent_with, error)
             attempt += 1
@@ -782,6 +793,7 @@ class StageRunner(Service):
     async def _produce_alone(self, out: Output) -> tuple[int, int] | BaseException:
         """(partition, offset) once acknowledged, retrying transient failures; the error if it can never be sent."""
         attempt = 0
+        unknown = 0
         while True:
             publisher = self.publisher
             assert publisher is not None
@@ -791,10 +803,11 @@ class StageRunner(Service):
                 return published.offset_of(0, acked)
             except asyncio.CancelledError:
                 raise
-            except UNSENDABLE as exc:
-                await self._renew_producer(publisher, exc)
-                return exc
             except Exception as exc:
+                unknown += isinstance(exc, UnknownError)
+                if unsendable(exc, unknown):
+                    await self._renew_producer(publisher, exc)
+                    return exc
                 if isinstance(exc, OutOfOrderSequenceNumber):
                     await self._renew_producer(publisher, exc)
                 attempt += 1
@@ -1059,6 +1072,13 @@ class _Revoked(Exception):
     def __init__(self, carried: list[Output]) -> None:
         super().__init__("partitions revoked")
         self.carried = carried
+
+
+def unsendable(error: BaseException, unknown_attempts: int) -> bool:
+    """No retry can send the record: refused outright, or UnknownError for `UNKNOWN_ERROR_ATTEMPTS` attempts."""
+    return isinstance(error, UNSENDABLE) or (
+        isinstance(error, UnknownError) and unknown_attempts >= UNKNOWN_ERROR_ATTEMPTS
+    )
 
 
 def truncated_letter(letter: Output, keep: int) -> Output:

@@ -17,14 +17,17 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, UnknownError
 from yarl import URL
 
+import shared.stage as stage_module
 from shared.codec import encode_event, unpack
 from shared.config import SinkConfig
 from shared.errors import TransientError
 from shared.event import Event
 from shared.local.kafka import LocalKafka
 from shared.metrics import StageMetrics
+from shared.publish import BatchPublisher
 from shared.retry import Backoff
 from shared.stage import Handler, Output, Record, StageRunner, StepResult
 
@@ -41,7 +44,12 @@ async def create_topic(bootstrap: str, name: str, partitions: int, **configs: st
 
 
 async def produce_events(
-    bootstrap: str, topic: str, count: int, devices: int = 16, payload: Callable[[int], dict[str, Any]] | None = None
+    bootstrap: str,
+    topic: str,
+    count: int,
+    devices: int = 16,
+    payload: Callable[[int], dict[str, Any]] | None = None,
+    first: int = 0,
 ) -> list[str]:
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, max_request_size=4_000_000
@@ -50,7 +58,7 @@ async def produce_events(
     ids = []
     try:
         futures = []
-        for n in range(count):
+        for n in range(first, first + count):
             event = Event(
                 f"e{n}",
                 "play",
@@ -351,3 +359,96 @@ async def test_sigterm_during_a_sink_outage_gives_the_batch_up_at_once_and_commi
     assert stop_s < 5.0, f"stopping took {stop_s:.1f}s"
     assert not sink.received
     assert await committed(kafka.bootstrap, group, source, 2) == 0, "offsets of an undelivered batch committed"
+
+
+class FaultyPublisher(BatchPublisher):
+    """The real publisher, failing chosen `publish` calls: `fail(n, outputs)` returns the error for call n."""
+
+    def __init__(self, producer: Any, fail: Callable[[int, list[Output]], Exception | None]) -> None:
+        super().__init__(producer)
+        self.fail = fail
+        self.calls = 0
+
+    async def publish(self, outputs: Any) -> Any:
+        self.calls += 1
+        error = self.fail(self.calls, list(outputs))
+        if error is not None:
+            raise error
+        return await super().publish(outputs)
+
+
+def relay_to(out: str) -> Handler:
+    async def relay(records: list[Record]) -> StepResult:
+        return StepResult(outputs=[Output(out, r.message.key, r.message.value) for r in records])
+
+    return relay
+
+
+async def test_a_batch_given_up_at_a_stop_is_not_passed_by_the_done_offsets_of_later_batches(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding 1: batch N's publish fails and it waits out a long backoff; N+1 is acked; a SIGTERM
+    ends N's wait (given up). N+1's offsets must not be committed past N: N's outputs were never produced."""
+    source, out = f"{namespace}.in", f"{namespace}.out"
+    await create_topic(kafka.bootstrap, source, 1)
+    await create_topic(kafka.bootstrap, out, 1)
+    group = f"{namespace}-relay"
+    runner = make_runner(kafka.bootstrap, group, "a", source, relay_to(out), batch_max=5, backoff=Backoff(0.5, 1.0))
+    await start(runners, runner)
+    await wait_for(lambda: runner.joined, 30, "the assignment")
+    assert runner.producer is not None
+    batch_n = {f"e{n}".encode() for n in range(5, 10)}
+
+    def fail_batch_n(call: int, outputs: list[Output]) -> Exception | None:
+        return (
+            KafkaConnectionError("injected")
+            if any(unpack(o.value)["event_id"].encode() in batch_n for o in outputs)
+            else None
+        )
+
+    monkeypatch.setattr(stage_module, "BatchPublisher", lambda producer: FaultyPublisher(producer, fail_batch_n))
+    runner.publisher = FaultyPublisher(runner.producer, fail_batch_n)  # and every producer renewed later
+    ids = await produce_events(kafka.bootstrap, source, 5)
+    await wait_for(lambda: runner.metrics.total(runner.metrics.events_in) >= 5, 30, "the first batch")
+    ids += await produce_events(kafka.bootstrap, source, 5, first=5)  # batch N: its publish fails
+    await wait_for(lambda: retries(runner) >= 1, 30, "batch N retrying")
+    ids += await produce_events(kafka.bootstrap, source, 5, first=10)  # batch N+1: acked while N retries
+    relayed = await read_all(kafka.bootstrap, out, 10, 30)
+    assert len(relayed) == 10, "batch N+1 not relayed"
+    await runner.stop()
+    have = {unpack(m.value)["event_id"] for m in await read_all(kafka.bootstrap, out, len(ids), 5)}
+    done = await committed(kafka.bootstrap, group, source, 1)
+    missing = [i for i in ids[:done] if i not in have]
+    assert not missing, f"committed {done} but never produced {missing}"
+
+
+async def test_a_record_the_broker_answers_unknown_error_is_dead_lettered_after_a_bounded_number_of_attempts(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding 6: a broker INVALID_RECORD reaches aiokafka as UnknownError; retried forever, the
+    acker stalls the worker. After a bounded number of attempts the record is dead-lettered and the rest flows."""
+    source, out = f"{namespace}.in", f"{namespace}.out"
+    await create_topic(kafka.bootstrap, source, 1)
+    await create_topic(kafka.bootstrap, out, 1)
+    group = f"{namespace}-relay"
+    runner = make_runner(kafka.bootstrap, group, "a", source, relay_to(out), batch_max=5, backoff=Backoff(0.01, 0.05))
+    await start(runners, runner)
+    await wait_for(lambda: runner.joined, 30, "the assignment")
+    assert runner.producer is not None
+
+    def refuse_e3(call: int, outputs: list[Output]) -> Exception | None:
+        bad = any(o.topic == out and b"\xa8event_id\xa2e3" in o.value for o in outputs)
+        return UnknownError("injected INVALID_RECORD") if bad else None
+
+    monkeypatch.setattr(stage_module, "BatchPublisher", lambda producer: FaultyPublisher(producer, refuse_e3))
+    runner.publisher = FaultyPublisher(runner.producer, refuse_e3)  # and every producer renewed later
+    ids = await produce_events(kafka.bootstrap, source, 12)
+    await read_all(kafka.bootstrap, out, 11, 30)
+    letters = await read_all(kafka.bootstrap, f"{source}.dlq", 1, 30)
+    relayed = await read_all(kafka.bootstrap, out, 12, 2)  # a copy of e3 would show here
+    assert sorted(unpack(m.value)["event_id"] for m in relayed) == sorted(set(ids) - {"e3"})
+    assert len(letters) == 1 and unpack(letters[0].value)["reason"] == "record_refused"
+    deadline = time.monotonic() + 30
+    while await committed(kafka.bootstrap, group, source, 1) < len(ids):
+        assert time.monotonic() < deadline, "the input was not committed to its end"
+        await asyncio.sleep(0.2)
