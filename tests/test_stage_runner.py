@@ -231,7 +231,7 @@ class DeviceOutageSink:
     async def start(self) -> None:
         pass
 
-    async def deliver_batch(self, events: list[Event]) -> None:
+    async def deliver_batch(self, events: list[Event], source: Any = None) -> None:
         await asyncio.sleep(0.01)
         if any(e.device_id in self.down for e in events):
             raise TransientError("sink answered 503")
@@ -292,7 +292,7 @@ async def test_sender_revoked_mid_retry_publishes_what_the_sink_acked_and_the_ne
     await wait_for(lambda: len(sink.received) > 0 and retries(first) >= 2, 30, "a partial delivery, then retries")
     joining = time.monotonic()
     second = await start(runners, sender("b"))
-    await wait_for(lambda: second.joined, 30, "the second member's assignment")
+    await wait_for(lambda: second.joined and not second.restoring, 30, "the second member's assignment")
     rebalance_s = time.monotonic() - joining
     assert {tp.partition for tp in second.assigned} == {1, 3}, "the acked partition 3 must move"
     await asyncio.sleep(max(0.0, rebalance_timeout_ms / 1000 + 4 - rebalance_s))  # past any eviction
@@ -452,3 +452,77 @@ async def test_a_record_the_broker_answers_unknown_error_is_dead_lettered_after_
     while await committed(kafka.bootstrap, group, source, 1) < len(ids):
         assert time.monotonic() < deadline, "the input was not committed to its end"
         await asyncio.sleep(0.2)
+
+
+async def test_a_produce_stalled_across_a_revocation_still_lands_the_delivered_batchs_ledger_marks(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding 2: the sink acked a batch, then its publish (receipts, ledger changelog) stalls (an
+    acks=all stall) past the revoke grace. Cancelling it drops the ledger marks and the next owner delivers
+    the batch again; only the handler may be cancelled, and the revocation must still end within the
+    rebalance timeout."""
+    from services.sender.app import SinkDelivery
+    from shared.alerts import Alerter
+    from shared.keywindow import RocksKeyWindow
+
+    partitions = 4
+    source, receipts = f"{namespace}.sink", f"{namespace}.receipts"
+    group = f"{namespace}-sender"
+    changelog = f"{group}.ledger.changelog"
+    await create_topic(kafka.bootstrap, source, partitions)
+    await create_topic(kafka.bootstrap, receipts, 1)
+    await create_topic(kafka.bootstrap, changelog, partitions)
+    sink = DeviceOutageSink("hook")
+    rebalance_timeout_ms = 10_000
+    stalling: list[StageRunner] = []
+    stalled = asyncio.Event()
+
+    class StallingPublisher(BatchPublisher):
+        async def publish(self, outputs: Any) -> Any:
+            runner = stalling[0] if stalling else None
+            if runner is not None and not stalled.is_set() and any(o.topic == changelog for o in outputs):
+                stalled.set()
+                await runner._owner.revoked.wait()  # the produce is stuck until a rebalance starts...
+                await asyncio.sleep(3.0)  # ...and past the 1 s revoke grace
+            return await super().publish(outputs)
+
+    monkeypatch.setattr(stage_module, "BatchPublisher", StallingPublisher)
+
+    def sender(name: str) -> StageRunner:
+        ledger = RocksKeyWindow(
+            "ledger",
+            tmp_path / name,
+            changelog_topic=changelog,
+            bootstrap=kafka.bootstrap,
+            window_s=3600,
+            partitions=partitions,
+            group=group,
+        )
+        delivery = SinkDelivery(sink, ledger, StageMetrics(), Alerter("sender.hook"), False, receipts_topic=receipts)
+        return make_runner(
+            kafka.bootstrap,
+            group,
+            name,
+            source,
+            delivery.handle,
+            batch_max=200,
+            backoff=Backoff(0.05, 1.0),
+            rebalance_timeout_ms=rebalance_timeout_ms,
+            revoke_grace_s=1.0,
+            states=[ledger],
+        )
+
+    first = await start(runners, sender("a"))
+    stalling.append(first)
+    await wait_for(lambda: first.joined and not first.restoring, 30, "the first member's assignment")
+    ids = await produce_events(kafka.bootstrap, source, 120, devices=8)
+    await asyncio.wait_for(stalled.wait(), 30)
+    assert set(sink.received) == set(ids), "one batch of everything, acked by the sink"
+    joining = time.monotonic()
+    second = await start(runners, sender("b"))
+    await wait_for(lambda: second.joined and not second.restoring, 30, "the second member's assignment")
+    rebalance_s = time.monotonic() - joining
+    await asyncio.sleep(3.0)  # the second member would deliver its partitions again here
+    twice = {e: n for e, n in sink.received.items() if n > 1}
+    assert not twice, f"{len(twice)} events delivered more than once: {sorted(twice)[:10]}"
+    assert rebalance_s < rebalance_timeout_ms / 1000, f"the rebalance took {rebalance_s:.1f}s"
