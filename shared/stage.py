@@ -203,6 +203,7 @@ class InFlight:
     # Given up at a revocation: only work already done elsewhere (a sink's acked part: receipts, ledger
     # changelog) is published, its offsets are never marked done, and the next owner handles it again.
     abandoned: bool = False
+    inputs: list[Record] = field(default_factory=list)  # the decoded batch: a refused output's letter names its input
 
 
 class StageRunner(Service):
@@ -715,7 +716,7 @@ class StageRunner(Service):
             result.outputs.extend(state.changelog())
         if self.tallies is not None:
             result.outputs.extend(self._tally(messages, records, result))
-        flight = InFlight(next_offsets, result, outputs, producing, owner=owner)
+        flight = InFlight(next_offsets, result, outputs, producing, owner=owner, inputs=records)
         return await self._send_flight(flight)
 
     async def _abandon(
@@ -842,7 +843,7 @@ class StageRunner(Service):
             if not isinstance(sent, BaseException):
                 placed[index] = sent
                 continue
-            letter = out if out.topic == self.dlq else self._letter_of_output(out, sent)
+            letter = out if out.topic == self.dlq else self._letter_of_output(out, sent, flight.inputs)
             if out.topic != self.dlq:
                 reason = "record_too_large" if isinstance(sent, TOO_LARGE) else "record_refused"
                 log.error("%s: dead-lettered a %d-byte record for %s: %r", self.stage, len(out.value), out.topic, sent)
@@ -894,9 +895,20 @@ class StageRunner(Service):
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
 
-    def _letter_of_output(self, out: Output, error: BaseException) -> Output:
-        """A dead letter for an output this stage could not produce (offset -1: not one of its inputs)."""
+    def _letter_of_output(self, out: Output, error: BaseException, inputs: Sequence[Record] = ()) -> Output:
+        """A dead letter for an output this stage could not produce.
+
+        It names the input the output was made from (same event id), so a replay (`hifi dlq replay`) runs
+        that input through the stage again and carries `hifi-replay-of` = its topic:partition:offset, the
+        claim the deduplicator honours. An output of no input (a receipt, a tally) keeps itself, offset -1.
+        """
         reason = "record_too_large" if isinstance(error, TOO_LARGE) else "record_refused"
+        detail = f"{type(error).__name__}: {len(out.value)} bytes for {out.topic}"
+        source = self._input_of(out, inputs)
+        if source is not None:
+            letter = DeadLetter(source, InvalidEvent(reason, detail))
+            headers = list(source.headers or []) or None
+            return Output(self.dlq, source.key, dead_letter_value(self.stage, letter), headers=headers)
         message = ConsumerRecord(
             topic=out.topic,
             partition=-1 if out.partition is None else out.partition,
@@ -910,9 +922,19 @@ class StageRunner(Service):
             serialized_value_size=len(out.value),
             headers=tuple(out.headers or ()),
         )
-        detail = f"{type(error).__name__}: {len(out.value)} bytes for {out.topic}"
         letter = DeadLetter(message, InvalidEvent(reason, detail))
         return Output(self.dlq, out.key, dead_letter_value(self.stage, letter), headers=out.headers)
+
+    def _input_of(self, out: Output, inputs: Sequence[Record]) -> ConsumerRecord | None:  # type: ignore[type-arg]
+        """The input message whose event the output carries (rare path: decodes the output once)."""
+        if not inputs or out.topic in self._state_of_changelog or out.topic == self.tallies:
+            return None
+        try:
+            fields = unpack(out.value)
+        except Exception:  # not an event
+            return None
+        event_id = fields.get("event_id") if isinstance(fields, dict) else None
+        return next((r.message for r in inputs if r.event.event_id == event_id), None) if event_id else None
 
     def _tally(
         self,

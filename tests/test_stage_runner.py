@@ -526,3 +526,27 @@ async def test_a_produce_stalled_across_a_revocation_still_lands_the_delivered_b
     twice = {e: n for e, n in sink.received.items() if n > 1}
     assert not twice, f"{len(twice)} events delivered more than once: {sorted(twice)[:10]}"
     assert rebalance_s < rebalance_timeout_ms / 1000, f"the rebalance took {rebalance_s:.1f}s"
+
+
+async def test_a_dead_letter_of_a_refused_output_names_the_input_it_came_from(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    """From the DLQ review: the letter of an output the broker refused named topic=<output>, offset -1, so
+    a replay's `hifi-replay-of` matched no claim and the deduplicator dropped the replayed copy as its own
+    duplicate. It must name the source record (topic:partition:offset) the output was made from."""
+    from shared.dlq import REPLAY_OF, replay_headers
+
+    source, out = f"{namespace}.in", f"{namespace}.out"
+    await create_topic(kafka.bootstrap, source, 1)
+    await create_topic(kafka.bootstrap, out, 1, **{"max.message.bytes": "4000"})
+    await create_topic(kafka.bootstrap, f"{source}.dlq", 1)
+    runner = await start(runners, make_runner(kafka.bootstrap, f"{namespace}-relay", "a", source, relay_to(out)))
+    await wait_for(lambda: runner.joined, 30, "the assignment")
+    await produce_events(kafka.bootstrap, source, 6, payload=lambda n: {"blob": "x" * 6000} if n == 4 else {})
+    letters = await read_all(kafka.bootstrap, f"{source}.dlq", 1, 30)
+    assert len(letters) == 1
+    letter = unpack(letters[0].value)
+    assert (letter["topic"], letter["partition"], letter["offset"]) == (source, 0, 4)
+    assert letter["reason"] == "record_too_large"
+    assert unpack(letter["original_value"])["event_id"] == "e4"
+    assert dict(replay_headers(letter))[REPLAY_OF] == f"{source}:0:4".encode()
