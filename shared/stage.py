@@ -34,8 +34,11 @@ Ownership: a batch is handled, retried, marked done and committed only while the
 fetched under holds (`Ownership`; aiokafka rebalances eagerly, so every rebalance revokes every
 partition). The revoke callback ends retry sleeps at once; a batch between attempts is abandoned:
 only what already reached a destination (a sender's receipts and ledger changelog) is published, its
-offsets are never marked, and the next owner handles it again. An attempt still running after
-`revoke_grace_s` is cancelled, so the group never waits on a retry loop.
+offsets are never marked, and the next owner handles it again. A handler attempt still running after
+`revoke_grace_s` is cancelled, so the group never waits on a retry loop; a batch's publish is not
+(it may carry a sink's ledger marks), and a batch carrying a store's changelog is re-sent until durable
+even after its partitions moved. Every wait of the revoke callback shares one budget under
+`rebalance_timeout_ms`. A batch given up ends its assignment: no later batch of it is marked done.
 """
 
 from __future__ import annotations
@@ -272,7 +275,7 @@ class StageRunner(Service):
         self._batch_lock: asyncio.Lock | None = None
         self._owner = Ownership(0)  # replaced at every revocation: a fetch returned before it is dropped
         self._retiring: set[asyncio.Task[None]] = set()  # producers replaced by `_renew_producer`, closing
-        self._handling: asyncio.Task[InFlight] | None = None  # the batch in hand, cancelled if it outlasts a revoke
+        self._handling: asyncio.Task[StepResult] | None = None  # the handler in hand, cancelled if it outlasts a revoke
 
     def attach(self, ctx: Any) -> StageRunner:
         """Run with the app (as its dependency), and register the stage's views and watchdog."""
