@@ -422,3 +422,42 @@ async def test_a_restore_that_meets_a_broker_outage_is_retried_not_the_end_of_th
     finally:
         await worker.runner.stop()
         await producer.stop()
+
+
+class FlakyCatchUpWindow(RocksKeyWindow):
+    """`catch_up` fails as during a broker outage (its consumer cannot start), the first `failures` times."""
+
+    failures = 2
+
+    async def catch_up(self) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise KafkaConnectionError("injected: the broker is unreachable")
+        await super().catch_up()
+
+
+async def test_a_catch_up_that_meets_a_broker_outage_does_not_stop_the_worker(kafka, namespace, tmp_path, monkeypatch):
+    """Review finding 7: the checkpointer's catch_up raising a transient broker error SIGTERMed the worker
+    (via the loop guard); it is retried at the next checkpoint and the worker reads on."""
+    import shared.stage
+
+    signals: list[int] = []
+    monkeypatch.setattr(shared.stage.os, "kill", lambda pid, sig: signals.append(sig))
+    source = f"{namespace}.source"
+    await ensure_topics(kafka.bootstrap, [source, f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    worker = Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0)
+    worker.window.__class__ = FlakyCatchUpWindow
+    try:
+        await worker.runner.start()
+        await wait_for(lambda: worker.window.failures == 0 or signals, 30, "two failed catch-ups")
+        for i in range(20):
+            event = Event(event_id=f"e{i}", type="play", ts=time.time() * 1000, tenant="t", device_id=f"d{i}")
+            await producer.send_and_wait(source, encode_event(event), key=event.partition_key)
+        await wait_for(lambda: len(worker.handled) >= 20 or signals, 60, "every event handled")
+        assert not signals, "the worker stopped itself at a transient error"
+        await wait_for(worker.checkpointed, 10, "a checkpoint after the failed catch-ups")
+    finally:
+        await worker.runner.stop()
+        await producer.stop()
