@@ -255,7 +255,13 @@ class RocksKeyWindow:
         targets = {p: end for p, end in self.behind.items() if p in self.dbs and end > self.applied.get(p, 0)}
         self.behind = {}
         if targets:
-            await self._restore(sorted(targets), None, targets)
+            try:
+                await self._restore(sorted(targets), None, targets)
+            except BaseException:  # e.g. the broker unreachable: the gaps are still to catch up next time
+                for p, end in targets.items():
+                    if p in self.dbs:
+                        self.behind[p] = max(self.behind.get(p, 0), end)
+                raise
 
     async def _restore(
         self,
@@ -270,6 +276,9 @@ class RocksKeyWindow:
         the heartbeat. Cancelled (revoked mid-way), `applied` still names only what was applied.
         """
         started = time.monotonic()
+        # The stores as opened now: a partition revoked and opened again meanwhile has a new store, whose
+        # own restore applies the changelog; this pass must neither write into it nor move its `applied`.
+        dbs = {p: self.dbs.get(p) for p in partitions}
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None)
         await consumer.start()
         applied = 0
@@ -282,6 +291,8 @@ class RocksKeyWindow:
             starts = await consumer.beginning_offsets(tps)
             todo = {}
             for tp in tps:
+                if dbs[tp.partition] is None or self.dbs.get(tp.partition) is not dbs[tp.partition]:
+                    continue  # revoked (and perhaps opened again) since this pass started
                 start = max(self.applied[tp.partition], starts[tp])
                 if start < ends[tp]:
                     consumer.seek(tp, start)
@@ -294,8 +305,8 @@ class RocksKeyWindow:
             while todo:
                 fetched = await consumer.getmany(*todo, timeout_ms=1000)
                 for tp, records in fetched.items():
-                    db = self.dbs.get(tp.partition)
-                    if db is None:  # revoked while restoring: nothing more to apply
+                    db = dbs.get(tp.partition)
+                    if db is None or self.dbs.get(tp.partition) is not db:  # revoked while restoring: stop
                         todo.pop(tp, None)
                         continue
                     for record in records:

@@ -34,8 +34,11 @@ Ownership: a batch is handled, retried, marked done and committed only while the
 fetched under holds (`Ownership`; aiokafka rebalances eagerly, so every rebalance revokes every
 partition). The revoke callback ends retry sleeps at once; a batch between attempts is abandoned:
 only what already reached a destination (a sender's receipts and ledger changelog) is published, its
-offsets are never marked, and the next owner handles it again. An attempt still running after
-`revoke_grace_s` is cancelled, so the group never waits on a retry loop.
+offsets are never marked, and the next owner handles it again. A handler attempt still running after
+`revoke_grace_s` is cancelled, so the group never waits on a retry loop; a batch's publish is not
+(it may carry a sink's ledger marks), and a batch carrying a store's changelog is re-sent until durable
+even after its partitions moved. Every wait of the revoke callback shares one budget under
+`rebalance_timeout_ms`. A batch given up ends its assignment: no later batch of it is marked done.
 """
 
 from __future__ import annotations
@@ -54,11 +57,14 @@ import sentry_sdk
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
     CorruptRecordException,
+    InvalidTimestampError,
     KafkaError,
+    KafkaTimeoutError,
     MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
     RecordListTooLargeError,
     RecordTooLargeError,
+    UnknownError,
 )
 from aiokafka.structs import ConsumerRecord
 from mode import Service
@@ -75,7 +81,18 @@ log = logging.getLogger(__name__)
 
 # Produce errors no retry can fix: a record or its batch over a size limit, or a record the broker refuses.
 TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
-UNSENDABLE = (*TOO_LARGE, CorruptRecordException)
+UNSENDABLE = (*TOO_LARGE, CorruptRecordException, InvalidTimestampError)
+# The broker's INVALID_RECORD (error 87) reaches aiokafka as UnknownError, which can also be transient:
+# unsendable once it persisted this many attempts, so a refused record never stalls its partition.
+UNKNOWN_ERROR_ATTEMPTS = 8
+# A restore that meets a broker outage retries this many times (about a minute) before stopping the worker.
+RESTORE_ATTEMPTS = 10
+BROKER_BACKOFF = Backoff(0.5, 10.0)
+
+
+def transient(exc: BaseException) -> bool:
+    """A broker error that retrying can outlast (unreachable, timed out, leader moving)."""
+    return isinstance(exc, KafkaTimeoutError) or (isinstance(exc, KafkaError) and bool(exc.retriable))
 
 
 @dataclass(slots=True)
@@ -189,6 +206,7 @@ class InFlight:
     # Given up at a revocation: only work already done elsewhere (a sink's acked part: receipts, ledger
     # changelog) is published, its offsets are never marked done, and the next owner handles it again.
     abandoned: bool = False
+    inputs: list[Record] = field(default_factory=list)  # the decoded batch: a refused output's letter names its input
 
 
 class StageRunner(Service):
@@ -261,7 +279,7 @@ class StageRunner(Service):
         self._batch_lock: asyncio.Lock | None = None
         self._owner = Ownership(0)  # replaced at every revocation: a fetch returned before it is dropped
         self._retiring: set[asyncio.Task[None]] = set()  # producers replaced by `_renew_producer`, closing
-        self._handling: asyncio.Task[InFlight] | None = None  # the batch in hand, cancelled if it outlasts a revoke
+        self._handling: asyncio.Task[StepResult] | None = None  # the handler in hand, cancelled if it outlasts a revoke
 
     def attach(self, ctx: Any) -> StageRunner:
         """Run with the app (as its dependency), and register the stage's views and watchdog."""
@@ -386,25 +404,32 @@ class StageRunner(Service):
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Before partitions move: the batch in hand given up, every sent batch durable, done offsets committed.
 
-        Bounded throughout: the whole group waits on this callback, and a member that outlasts the
-        rebalance timeout is evicted, so work it finished afterwards would race the next owner's.
+        The whole group waits on this callback, and a member that outlasts the rebalance timeout is
+        evicted, so work it finished afterwards would race the next owner's: every wait comes out of one
+        budget below `rebalance_timeout_ms` (`_revoke_budget_s`), with the commit's share kept for last.
         """
         assert self._batch_lock is not None and self._in_flight is not None
+        budget_s, commit_s = self._revoke_budget_s()
+        deadline = time.monotonic() + budget_s
+
+        def left() -> float:  # for the waits before the commit
+            return max(0.0, deadline - commit_s - time.monotonic())
+
         self.joined = False
         owner = self._owner
         owner.revoked.set()  # retry loops give up between attempts; their backoff sleeps end now
-        locked = await self._take_batch_lock()
+        locked = await self._take_batch_lock(left)
         self._owner = Ownership(owner.generation + 1)  # fetches from here on are of the next assignment
         try:
             try:
-                await asyncio.wait_for(self._in_flight.join(), 20.0)
+                await asyncio.wait_for(self._in_flight.join(), left())
             except TimeoutError:
                 log.warning("%s: batches still in flight at a rebalance; their events are replayed", self.stage)
             try:
                 # Bounded: after the session expired, aiokafka's commit waits for a coordinator that the
                 # rebalance now waiting on this callback would find. The commit fails then anyway (the
                 # member is gone); the next owner replays from the last commit and the dedupe absorbs it.
-                await asyncio.wait_for(self._commit(), 5.0)
+                await asyncio.wait_for(self._commit(), max(0.5, deadline - time.monotonic()))
             except TimeoutError:
                 log.warning("%s: no commit before the rebalance (the group has moved on)", self.stage)
             owner.ended = True  # a batch of it that becomes durable later is the next owner's to redo
@@ -420,24 +445,32 @@ class StageRunner(Service):
             if locked:
                 self._batch_lock.release()
 
-    async def _take_batch_lock(self) -> bool:
-        """The batch lock within `revoke_grace_s`, cancelling the batch in hand if it holds on longer."""
+    def _revoke_budget_s(self) -> tuple[float, float]:
+        """(the revoke callback's whole budget, the commit's share of it): under the rebalance timeout with a
+        margin for the join round trips."""
+        timeout_s = self.rebalance_timeout_ms / 1000
+        budget_s = max(1.0, timeout_s - max(1.0, 0.15 * timeout_s))
+        return budget_s, min(5.0, 0.2 * budget_s)
+
+    async def _take_batch_lock(self, left: Callable[[], float]) -> bool:
+        """The batch lock within `revoke_grace_s` (and `left()`), cancelling the handler in hand if it holds on
+        longer; the batch's publish is not cancelled, it gets what is `left()` to finish."""
         assert self._batch_lock is not None
         try:
-            await asyncio.wait_for(self._batch_lock.acquire(), self.revoke_grace_s)
+            await asyncio.wait_for(self._batch_lock.acquire(), min(self.revoke_grace_s, left()))
             return True
         except TimeoutError:
             pass
         handling = self._handling
         if handling is not None:
-            # An attempt still in flight past the grace (a sink request): like a kill, what it delivered
-            # unmarked is delivered again by the next owner, with the same idempotency keys.
+            # A handler attempt still in flight past the grace (a sink request): like a kill, what it
+            # delivered unmarked is delivered again by the next owner, with the same idempotency keys.
             log.warning(
                 "%s: the batch in hand outlasted the revocation by %.0fs; cancelled", self.stage, self.revoke_grace_s
             )
             handling.cancel()
         try:
-            await asyncio.wait_for(self._batch_lock.acquire(), 5.0)
+            await asyncio.wait_for(self._batch_lock.acquire(), left())
             return True
         except TimeoutError:
             log.error("%s: the batch lock is still held; revoking without it", self.stage)
@@ -459,43 +492,69 @@ class StageRunner(Service):
                 offset = None
             if offset is not None:
                 self.committed[tp] = self.done[tp] = offset
-        try:
-            pending = {p: 0 for p in mine}
-            for state in self.states:
-                for p in state.open(mine):
-                    pending[p] += 1
-        except Exception as exc:
-            self._restore_failed(mine, exc)
-            return
-        self.assigned = {tp for tp in assigned if tp.topic != self.source or not pending.get(tp.partition)}
+        # Stateful partitions stay paused: their stores are opened (a RocksDB WAL replay after a kill -9)
+        # and restored by a task, while the worker heartbeats.
+        self.assigned = {tp for tp in assigned if tp.topic != self.source or not self.states}
+        self.restoring = set(sources) if self.states else set()
         self.readable_since.update((tp, time.monotonic()) for tp in self.assigned)
-        self.restoring = {tp for tp in sources if pending[tp.partition]}
-        for tp in sources:
-            if not pending[tp.partition]:
-                self.consumer.resume(tp)
         self.joined = True
         if self.restoring:
-            self._restore_task = asyncio.create_task(self._restore(pending), name=f"{self.stage}-restore")
-        log.info(
-            "%s: assigned partitions %s (restoring %s)", self.stage, mine, sorted(p for p in pending if pending[p])
-        )
+            self._restore_task = asyncio.create_task(self._restore(mine), name=f"{self.stage}-restore")
+        log.info("%s: assigned partitions %s", self.stage, mine)
 
-    async def _restore(self, pending: dict[int, int]) -> None:
-        """Restore every state of the partitions still pending (heartbeats go on); resume each when done."""
-        todo = sorted(p for p, n in pending.items() if n)
+    async def _restore(self, partitions: list[int]) -> None:
+        """Open and restore every state of these partitions (heartbeats go on); resume each when done.
 
-        def restored(partition: int) -> None:
-            pending[partition] -= 1
-            if pending[partition] == 0:
-                self._resume_restored(TopicPartition(self.source, partition))
-
+        A transient broker error is retried (`RESTORE_ATTEMPTS`, backoff with jitter) from where each
+        state got to; any other failure, or one that outlasts the retries, stops the worker.
+        """
+        pending = {p: 0 for p in partitions}
         try:
             for state in self.states:
-                await state.restore(todo, restored)
+                for p in state.open(partitions):
+                    pending[p] += 1
+        except Exception as exc:
+            self._restore_failed(partitions, exc)
+            return
+        for p in partitions:
+            if not pending[p]:
+                self._resume_restored(TopicPartition(self.source, p))
+        log.info("%s: restoring partitions %s", self.stage, sorted(p for p in pending if pending[p]))
+        try:
+            for state in self.states:
+                left = sorted(p for p, n in pending.items() if n)  # this state's share: opened by it, not restored
+                reported: set[int] = set()
+
+                def restored(partition: int, reported: set[int] = reported) -> None:
+                    reported.add(partition)
+                    pending[partition] -= 1
+                    if pending[partition] == 0:
+                        self._resume_restored(TopicPartition(self.source, partition))
+
+                await self._retry_transient(
+                    f"restore of {state.changelog_topic}",
+                    lambda s=state, todo=left, seen=reported: s.restore([p for p in todo if p not in seen], restored),
+                )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._restore_failed(todo, exc)
+            self._restore_failed(partitions, exc)
+
+    async def _retry_transient(self, what: str, call: Callable[[], Awaitable[None]]) -> None:
+        """`call()` until it succeeds, retrying transient broker errors with backoff and jitter up to
+        `RESTORE_ATTEMPTS` times; any other error, or the last transient one, is raised."""
+        attempt = 0
+        while True:
+            try:
+                await call()
+                return
+            except Exception as exc:
+                attempt += 1
+                if not transient(exc) or attempt >= RESTORE_ATTEMPTS:
+                    raise
+                delay = BROKER_BACKOFF.delay(attempt)
+                log.warning("%s: %s failed (attempt %d), retrying in %.1fs: %r", self.stage, what, attempt, delay, exc)
+                await asyncio.sleep(delay)
 
     def _resume_restored(self, tp: TopicPartition) -> None:
         """Read a restored partition from its committed offset, dropping anything fetched before."""
@@ -531,7 +590,14 @@ class StageRunner(Service):
         while True:
             await asyncio.sleep(self.checkpoint_interval_s)
             for state in self.states:
-                await state.catch_up()
+                try:
+                    await state.catch_up()
+                except Exception as exc:
+                    if not transient(exc):
+                        raise
+                    # The gap stays noted (`catch_up` keeps it) and the checkpoint stays before it: retried
+                    # at the next interval, so a broker outage costs a slower restore, not the worker.
+                    log.warning("%s: catch-up of %s failed: %r", self.stage, state.changelog_topic, exc)
                 state.checkpoint()
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -571,17 +637,7 @@ class StageRunner(Service):
                         continue
                 phase.observe(time.perf_counter() - waited)
                 self.metrics.batch_size.labels(self.stage).observe(len(messages))
-                self._handling = asyncio.create_task(self.process_batch(messages, owner), name=f"{self.stage}-batch")
-                try:
-                    flight = await self._handling
-                except asyncio.CancelledError:
-                    current = asyncio.current_task()
-                    if current is not None and current.cancelling():
-                        raise  # the loop itself is stopping
-                    log.warning("%s: dropped a batch of %d events cancelled by a revocation", self.stage, len(messages))
-                    continue
-                finally:
-                    self._handling = None
+                flight = await self.process_batch(messages, owner)
                 await self._in_flight.put(flight)
             waited = time.perf_counter()
 
@@ -628,6 +684,8 @@ class StageRunner(Service):
             flight = await self._in_flight.get()
             durable = await self._settle(flight)
             owner = flight.owner
+            if owner is not None and (flight.abandoned or not durable):
+                owner.ended = True  # a later batch of it must not mark offsets past this one's
             if durable and not flight.abandoned and (owner is None or not owner.ended):
                 self.done.update(flight.next_offsets)  # the commit point: everything below is durable
             produce.observe(time.perf_counter() - flight.sent_at)
@@ -680,10 +738,23 @@ class StageRunner(Service):
                 dead.append(DeadLetter(message, exc))
         self.metrics.events_in.labels(self.stage).inc(len(messages))
         handling = time.perf_counter()
+        carried: list[Output] = []  # outputs of what already reached a destination (a sink's acked part)
+        # Only the handler is cancellable at a revocation: what it sends afterwards (a sender's receipts and
+        # ledger changelog) records work already done elsewhere, and must land.
+        task = asyncio.create_task(self._handle(records, owner, carried), name=f"{self.stage}-handle")
+        self._handling = task
         try:
-            result = await self._handle(records, owner) if records else StepResult()
-        except _Revoked as revoked:
-            return await self._abandon(next_offsets, revoked.carried, owner)
+            result = await task
+        except _Revoked:
+            return await self._abandon(next_offsets, carried, owner)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not task.cancelled() or (current is not None and current.cancelling()):
+                raise  # the loop itself is stopping
+            log.warning("%s: a batch's handler was cancelled by a revocation", self.stage)
+            return await self._abandon(next_offsets, carried, owner)
+        finally:
+            self._handling = None
         producing = time.perf_counter()
         self.metrics.batch_phase.labels(self.stage, "handle").observe(producing - handling)
         result.dead.extend(dead)
@@ -692,7 +763,7 @@ class StageRunner(Service):
             result.outputs.extend(state.changelog())
         if self.tallies is not None:
             result.outputs.extend(self._tally(messages, records, result))
-        flight = InFlight(next_offsets, result, outputs, producing, owner=owner)
+        flight = InFlight(next_offsets, result, outputs, producing, owner=owner, inputs=records)
         return await self._send_flight(flight)
 
     async def _abandon(
@@ -734,6 +805,7 @@ class StageRunner(Service):
         pending = list(range(len(records)))  # indexes in `records` not acknowledged yet
         placed: dict[int, tuple[int, int]] = {}  # index -> (partition, offset) once acknowledged
         attempt = 0
+        unknown = 0  # attempts that failed with UnknownError (see UNKNOWN_ERROR_ATTEMPTS)
         error = flight.send_error
         published = flight.published
         sent_with = flight.sent_with
@@ -752,15 +824,18 @@ class StageRunner(Service):
                     break
                 pending = failed  # only these are re-sent: the others are in the log already
                 errors = [a for a in acks if isinstance(a, BaseException)]
-                error = next((e for e in errors if not isinstance(e, UNSENDABLE)), None)
+                unknown += any(isinstance(e, UnknownError) for e in errors)
+                error = next((e for e in errors if not unsendable(e, unknown)), None)
                 if error is None:
                     await self._renew_producer(sent_with, errors[0])
                     await self._dead_letter_unsendable(flight, pending, placed, errors[0])
                     break
-            elif isinstance(error, UNSENDABLE):
-                await self._renew_producer(sent_with, error)
-                await self._dead_letter_unsendable(flight, pending, placed, error)
-                break
+            else:
+                unknown += isinstance(error, UnknownError)
+                if unsendable(error, unknown):
+                    await self._renew_producer(sent_with, error)
+                    await self._dead_letter_unsendable(flight, pending, placed, error)
+                    break
             if isinstance(error, OutOfOrderSequenceNumber):
                 await self._renew_producer(sent_with, error)
             attempt += 1
@@ -769,8 +844,8 @@ class StageRunner(Service):
             delay = self.backoff.delay(attempt)
             self.metrics.retries.labels(self.stage).inc()
             log.warning("%s: produce failed (attempt %d), retrying in %.2fs: %r", self.stage, attempt, delay, error)
-            if flight.abandoned or owner is None:
-                await asyncio.sleep(delay)
+            if flight.abandoned or owner is None or self._carries_state(flight):
+                await asyncio.sleep(delay)  # work done elsewhere (ledger marks, receipts) lands even after a revoke
             elif not await owner.sleep(delay):
                 log.warning("%s: gave up re-sending a batch whose partitions were revoked", self.stage)
                 return False
@@ -796,6 +871,11 @@ class StageRunner(Service):
             self.metrics.dead_lettered.labels(self.stage, reason).inc()
         return True
 
+    def _carries_state(self, flight: InFlight) -> bool:
+        """The batch writes a store's changelog (a sender's ledger marks of what the sink acked): given up,
+        the next owner would restore without them and deliver again."""
+        return any(out.topic in self._state_of_changelog for out in flight.records)
+
     async def _dead_letter_unsendable(
         self, flight: InFlight, indexes: list[int], placed: dict[int, tuple[int, int]], error: BaseException
     ) -> None:
@@ -810,7 +890,7 @@ class StageRunner(Service):
             if not isinstance(sent, BaseException):
                 placed[index] = sent
                 continue
-            letter = out if out.topic == self.dlq else self._letter_of_output(out, sent)
+            letter = out if out.topic == self.dlq else self._letter_of_output(out, sent, flight.inputs)
             if out.topic != self.dlq:
                 reason = "record_too_large" if isinstance(sent, TOO_LARGE) else "record_refused"
                 log.error("%s: dead-lettered a %d-byte record for %s: %r", self.stage, len(out.value), out.topic, sent)
@@ -826,6 +906,7 @@ class StageRunner(Service):
     async def _produce_alone(self, out: Output) -> tuple[int, int] | BaseException:
         """(partition, offset) once acknowledged, retrying transient failures; the error if it can never be sent."""
         attempt = 0
+        unknown = 0
         while True:
             publisher = self.publisher
             assert publisher is not None
@@ -835,10 +916,11 @@ class StageRunner(Service):
                 return published.offset_of(0, acked)
             except asyncio.CancelledError:
                 raise
-            except UNSENDABLE as exc:
-                await self._renew_producer(publisher, exc)
-                return exc
             except Exception as exc:
+                unknown += isinstance(exc, UnknownError)
+                if unsendable(exc, unknown):
+                    await self._renew_producer(publisher, exc)
+                    return exc
                 if isinstance(exc, OutOfOrderSequenceNumber):
                     await self._renew_producer(publisher, exc)
                 attempt += 1
@@ -860,9 +942,20 @@ class StageRunner(Service):
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
 
-    def _letter_of_output(self, out: Output, error: BaseException) -> Output:
-        """A dead letter for an output this stage could not produce (offset -1: not one of its inputs)."""
+    def _letter_of_output(self, out: Output, error: BaseException, inputs: Sequence[Record] = ()) -> Output:
+        """A dead letter for an output this stage could not produce.
+
+        It names the input the output was made from (same event id), so a replay (`hifi dlq replay`) runs
+        that input through the stage again and carries `hifi-replay-of` = its topic:partition:offset, the
+        claim the deduplicator honours. An output of no input (a receipt, a tally) keeps itself, offset -1.
+        """
         reason = "record_too_large" if isinstance(error, TOO_LARGE) else "record_refused"
+        detail = f"{type(error).__name__}: {len(out.value)} bytes for {out.topic}"
+        source = self._input_of(out, inputs)
+        if source is not None:
+            letter = DeadLetter(source, InvalidEvent(reason, detail))
+            headers = list(source.headers or []) or None
+            return Output(self.dlq, source.key, dead_letter_value(self.stage, letter), headers=headers)
         message = ConsumerRecord(
             topic=out.topic,
             partition=-1 if out.partition is None else out.partition,
@@ -876,9 +969,19 @@ class StageRunner(Service):
             serialized_value_size=len(out.value),
             headers=tuple(out.headers or ()),
         )
-        detail = f"{type(error).__name__}: {len(out.value)} bytes for {out.topic}"
         letter = DeadLetter(message, InvalidEvent(reason, detail))
         return Output(self.dlq, out.key, dead_letter_value(self.stage, letter), headers=out.headers)
+
+    def _input_of(self, out: Output, inputs: Sequence[Record]) -> ConsumerRecord | None:  # type: ignore[type-arg]
+        """The input message whose event the output carries (rare path: decodes the output once)."""
+        if not inputs or out.topic in self._state_of_changelog or out.topic == self.tallies:
+            return None
+        try:
+            fields = unpack(out.value)
+        except Exception:  # not an event
+            return None
+        event_id = fields.get("event_id") if isinstance(fields, dict) else None
+        return next((r.message for r in inputs if r.event.event_id == event_id), None) if event_id else None
 
     def _tally(
         self,
@@ -917,9 +1020,14 @@ class StageRunner(Service):
         assert self.tallies is not None
         return [Output(self.tallies, self.stage.encode(), pack({**part, "at": at})) for part in parts.values()]
 
-    async def _handle(self, records: list[Record], owner: Ownership) -> StepResult:
-        """Retry transient errors; on an unexpected error, handle one by one to isolate the culprit."""
-        carried: list[Output] = []  # outputs of parts delivered before a partial failure
+    async def _handle(self, records: list[Record], owner: Ownership, carried: list[Output]) -> StepResult:
+        """Retry transient errors; on an unexpected error, handle one by one to isolate the culprit.
+
+        `carried` collects the outputs of what already reached a destination (parts delivered before a
+        partial failure, records handled one by one): a revocation publishes them with the batch given up.
+        """
+        if not records:
+            return StepResult()
         try:
             result = await self._with_retries(lambda: self.handler(records), owner, carried)
             result.outputs.extend(carried)
@@ -934,7 +1042,7 @@ class StageRunner(Service):
                 sentry_sdk.capture_exception(wrapped.__cause__)
                 result.dead.append(DeadLetter(record.message, wrapped.__cause__ or wrapped))
                 continue
-            result.outputs.extend(one.outputs)
+            carried.extend(one.outputs)  # its receipts survive a revocation during a later record's retry
             result.dead.extend(one.dead)
         result.outputs.extend(carried)
         return result
@@ -1103,6 +1211,13 @@ class _Revoked(Exception):
     def __init__(self, carried: list[Output]) -> None:
         super().__init__("partitions revoked")
         self.carried = carried
+
+
+def unsendable(error: BaseException, unknown_attempts: int) -> bool:
+    """No retry can send the record: refused outright, or UnknownError for `UNKNOWN_ERROR_ATTEMPTS` attempts."""
+    return isinstance(error, UNSENDABLE) or (
+        isinstance(error, UnknownError) and unknown_attempts >= UNKNOWN_ERROR_ATTEMPTS
+    )
 
 
 def truncated_letter(letter: Output, keep: int) -> Output:

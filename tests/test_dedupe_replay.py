@@ -222,3 +222,56 @@ async def run_batch(runner: StageRunner, messages: list[Any]) -> None:
     """One batch through the stage's commit sequence up to durability (no group, nothing committed)."""
     flight = await runner.process_batch(messages)
     await asyncio.wait_for(runner._settle(flight), 30.0)
+
+
+@pytest.mark.parametrize("backend", ["rocksdb", "redis"])
+async def test_the_replay_of_an_output_the_broker_refused_passes_the_deduplicator(
+    backend, kafka, redis_server, namespace, tmp_path
+):
+    """The deduplicator's output is over its topic's max.message.bytes: the runner dead-letters it after
+    the claim. The letter must name the input (enriched:partition:offset), or the replay's
+    `hifi-replay-of` matches no claim and the replayed copy is dropped as the event's own duplicate."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    bootstrap = kafka.bootstrap
+    topics = Topics(namespace)
+    for topic in (topics.enriched, topics.dlq("deduplicator")):
+        await kafka_create(bootstrap, topic)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topics.unique, PARTITIONS, 1, topic_configs={"max.message.bytes": "4000"})])
+    finally:
+        await admin.close()
+    window = make_window(backend, namespace, bootstrap, redis_server.url, tmp_path)
+    if isinstance(window, RocksKeyWindow):
+        await kafka_create(bootstrap, window.changelog_topic)
+        await window.assign(list(range(PARTITIONS)))
+    dedupe = DedupeWindow(window, StageMetrics(), topics.unique, Alerter("deduplicator"))
+    big = event(namespace, 0)
+    big.payload = {"blob": "x" * 6000}
+    runner = in_process_runner(bootstrap, topics, dedupe.handle, window)
+    producer = durable_producer(bootstrap)
+    await producer.start()
+    runner.publisher = BatchPublisher(producer)
+    runner.producer = producer
+    try:
+        await producer.send_and_wait(topics.enriched, encode_event(big), key=big.partition_key)
+        await run_batch(runner, await read(bootstrap, topics.enriched, expect=1))
+        assert len(await read(bootstrap, topics.dlq("deduplicator"), expect=1)) == 1
+        before = await ends(bootstrap, topics.enriched)
+        assert await DeadLetterQueues(bootstrap, topics, []).replay("deduplicator", rate=0) == 1
+        replayed = await read(bootstrap, topics.enriched, start=before, expect=1)
+        assert [decode_event(r.value).event_id for r in replayed] == [big.event_id]
+        flight = await runner.process_batch(replayed)  # what the deduplicator passes on (still too large)
+        passed = [decode_event(o.value).event_id for o in flight.result.outputs if o.topic == topics.unique]
+        assert passed == [big.event_id], "the replay was dropped as a copy of its own event"
+        await asyncio.wait_for(runner._settle(flight), 30.0)
+    finally:
+        if runner.producer is not producer and runner.producer is not None:
+            await runner.producer.stop()  # renewed after the refusal
+        await producer.stop()
+        if isinstance(window, RocksKeyWindow):
+            window.revoke(list(range(PARTITIONS)))
+        else:
+            await window.close()

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError
 
 from shared.codec import encode_event, pack
 from shared.event import Event
@@ -352,6 +353,111 @@ async def test_a_failed_restore_stops_the_worker_instead_of_reading_without_its_
         await asyncio.sleep(2.0)  # would it read anyway?
         assert worker.handled == []
         assert not worker.runner.ready()["joined"]
+    finally:
+        await worker.runner.stop()
+        await producer.stop()
+
+
+async def test_a_catch_up_racing_a_re_assignment_leaves_the_new_store_alone(kafka, namespace, tmp_path):
+    """Review finding 8: the partition is revoked and opened again while `catch_up` starts; the stale
+    catch-up must not write into the new store nor push its `applied` past its own restore."""
+    changelog = f"{namespace}.window.changelog"
+    await ensure_topics(kafka.bootstrap, [changelog], 1, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        window = RocksKeyWindow("w", tmp_path / "w", changelog, kafka.bootstrap, 600.0, 1, "g")
+        await window.assign([0])
+        await producer.send_and_wait(changelog, pack([["theirs", time.time() * 1000, "c2"]]), partition=0)
+        await window.claim(["mine"], ["c1"], [_anchor(0)])
+        for partition, offset in await _publish(producer, window.changelog()):
+            window.durable(partition, offset + 1)
+        assert window.behind == {0: 2}
+        catching_up = asyncio.create_task(window.catch_up())
+        await asyncio.sleep(0)  # it is starting its consumer
+        window.revoke([0])  # applied 0: the checkpoint stays before the other owner's record
+        assert window.open([0]) == [0]  # the new owner of the partition, not restored yet
+        await catching_up
+        assert window.applied[0] == 0, "the stale catch-up moved the new store's checkpoint"
+        assert await window.seen(["theirs"], [_anchor(0)]) == [False], "the stale catch-up wrote the new store"
+        window.revoke([0])
+    finally:
+        await producer.stop()
+
+
+class FlakyRestoreWindow(RocksKeyWindow):
+    """The real restore, failing the first `failures` times as a broker outage does."""
+
+    failures = 2
+
+    async def _restore(self, partitions: list[int], *args: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise KafkaConnectionError("injected: the broker is unreachable")
+        await super()._restore(partitions, *args)
+
+
+async def test_a_restore_that_meets_a_broker_outage_is_retried_not_the_end_of_the_worker(
+    kafka, namespace, tmp_path, monkeypatch
+):
+    """Review finding 7: a transient broker error during the restore SIGTERMed the worker; it is retried
+    with backoff, and the partitions are read once restored."""
+    import shared.stage
+
+    signals: list[int] = []
+    monkeypatch.setattr(shared.stage.os, "kill", lambda pid, sig: signals.append(sig))
+    source = f"{namespace}.source"
+    await ensure_topics(kafka.bootstrap, [source, f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    worker = Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0)
+    worker.window.__class__ = FlakyRestoreWindow
+    try:
+        for i in range(20):
+            event = Event(event_id=f"e{i}", type="play", ts=time.time() * 1000, tenant="t", device_id=f"d{i}")
+            await producer.send_and_wait(source, encode_event(event), key=event.partition_key)
+        await worker.runner.start()
+        await wait_for(lambda: len(worker.handled) >= 20 or signals, 60, "every event handled")
+        assert not signals, "the worker stopped itself at a transient error"
+    finally:
+        await worker.runner.stop()
+        await producer.stop()
+
+
+class FlakyCatchUpWindow(RocksKeyWindow):
+    """`catch_up` fails as during a broker outage (its consumer cannot start), the first `failures` times."""
+
+    failures = 2
+
+    async def catch_up(self) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise KafkaConnectionError("injected: the broker is unreachable")
+        await super().catch_up()
+
+
+async def test_a_catch_up_that_meets_a_broker_outage_does_not_stop_the_worker(kafka, namespace, tmp_path, monkeypatch):
+    """Review finding 7: the checkpointer's catch_up raising a transient broker error SIGTERMed the worker
+    (via the loop guard); it is retried at the next checkpoint and the worker reads on."""
+    import shared.stage
+
+    signals: list[int] = []
+    monkeypatch.setattr(shared.stage.os, "kill", lambda pid, sig: signals.append(sig))
+    source = f"{namespace}.source"
+    await ensure_topics(kafka.bootstrap, [source, f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    worker = Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0)
+    worker.window.__class__ = FlakyCatchUpWindow
+    try:
+        await worker.runner.start()
+        await wait_for(lambda: worker.window.failures == 0 or signals, 30, "two failed catch-ups")
+        for i in range(20):
+            event = Event(event_id=f"e{i}", type="play", ts=time.time() * 1000, tenant="t", device_id=f"d{i}")
+            await producer.send_and_wait(source, encode_event(event), key=event.partition_key)
+        await wait_for(lambda: len(worker.handled) >= 20 or signals, 60, "every event handled")
+        assert not signals, "the worker stopped itself at a transient error"
+        await wait_for(worker.checkpointed, 10, "a checkpoint after the failed catch-ups")
     finally:
         await worker.runner.stop()
         await producer.stop()

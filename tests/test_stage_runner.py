@@ -17,14 +17,17 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, UnknownError
 from yarl import URL
 
+import shared.stage as stage_module
 from shared.codec import encode_event, unpack
 from shared.config import SinkConfig
 from shared.errors import TransientError
 from shared.event import Event
 from shared.local.kafka import LocalKafka
 from shared.metrics import StageMetrics
+from shared.publish import BatchPublisher
 from shared.retry import Backoff
 from shared.stage import Handler, Output, Record, StageRunner, StepResult
 
@@ -41,7 +44,12 @@ async def create_topic(bootstrap: str, name: str, partitions: int, **configs: st
 
 
 async def produce_events(
-    bootstrap: str, topic: str, count: int, devices: int = 16, payload: Callable[[int], dict[str, Any]] | None = None
+    bootstrap: str,
+    topic: str,
+    count: int,
+    devices: int = 16,
+    payload: Callable[[int], dict[str, Any]] | None = None,
+    first: int = 0,
 ) -> list[str]:
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, max_request_size=4_000_000
@@ -50,7 +58,7 @@ async def produce_events(
     ids = []
     try:
         futures = []
-        for n in range(count):
+        for n in range(first, first + count):
             event = Event(
                 f"e{n}",
                 "play",
@@ -284,7 +292,7 @@ async def test_sender_revoked_mid_retry_publishes_what_the_sink_acked_and_the_ne
     await wait_for(lambda: len(sink.received) > 0 and retries(first) >= 2, 30, "a partial delivery, then retries")
     joining = time.monotonic()
     second = await start(runners, sender("b"))
-    await wait_for(lambda: second.joined, 30, "the second member's assignment")
+    await wait_for(lambda: second.joined and not second.restoring, 30, "the second member's assignment")
     rebalance_s = time.monotonic() - joining
     owned = second.assigned | second.restoring  # joined: its ledger may still be restoring
     assert {tp.partition for tp in owned} == {1, 3}, "the acked partition 3 must move"
@@ -334,21 +342,218 @@ async def test_a_request_outlasting_the_revoke_grace_is_cancelled_not_delivered_
     assert rebalance_s < 6.0, f"the rebalance took {rebalance_s:.1f}s"
 
 
-async def test_sigterm_during_a_sink_outage_gives_the_batch_up_at_once_and_commits_none_of_it(
+async def test_sigterm_during_a_sink_outage_gives_the_batch_up_at_once_and_commits_only_what_was_delivered(
     kafka: LocalKafka, namespace: str, runners: list[StageRunner]
 ) -> None:
-    """Without giving up, the stop waits out its 10 s bound on the retry loop."""
+    """A first batch is delivered, the sink goes down, a second batch retries; SIGTERM must end the retry at
+    once (not wait out the stop's 10 s bound), commit exactly the delivered batch (the periodic commit is
+    off: only the stop commits), and deliver nothing of the second."""
     source = f"{namespace}.sink"
     await create_topic(kafka.bootstrap, source, 2)
     sink = FlakySink()
-    sink.down = True
-    await produce_events(kafka.bootstrap, source, 50)
     group = f"{namespace}-sender"
-    runner = await start(runners, make_runner(kafka.bootstrap, group, "a", source, sink.handle))
-    await wait_for(lambda: retries(runner) >= 2, 30, "a batch retrying")
+    runner = await start(runners, make_runner(kafka.bootstrap, group, "a", source, sink.handle, commit_interval_s=600))
+    await wait_for(lambda: runner.joined, 30, "the assignment")
+    delivered = await produce_events(kafka.bootstrap, source, 25)
+    await wait_for(lambda: set(sink.received) == set(delivered), 30, "the first batch delivered")
+    await wait_for(lambda: sum(runner.done.values()) == 25, 30, "the first batch durable")
+    sink.down = True
+    await produce_events(kafka.bootstrap, source, 25, first=25)
+    await wait_for(lambda: retries(runner) >= 2, 30, "the second batch retrying")
     stopping = time.monotonic()
     await runner.stop()
     stop_s = time.monotonic() - stopping
     assert stop_s < 5.0, f"stopping took {stop_s:.1f}s"
-    assert not sink.received
-    assert await committed(kafka.bootstrap, group, source, 2) == 0, "offsets of an undelivered batch committed"
+    assert set(sink.received) == set(delivered), "the retried batch was delivered at the stop"
+    assert await committed(kafka.bootstrap, group, source, 2) == 25, "the stop must commit exactly the delivered batch"
+
+
+class FaultyPublisher(BatchPublisher):
+    """The real publisher, failing chosen `publish` calls: `fail(n, outputs)` returns the error for call n."""
+
+    def __init__(self, producer: Any, fail: Callable[[int, list[Output]], Exception | None]) -> None:
+        super().__init__(producer)
+        self.fail = fail
+        self.calls = 0
+
+    async def publish(self, outputs: Any) -> Any:
+        self.calls += 1
+        error = self.fail(self.calls, list(outputs))
+        if error is not None:
+            raise error
+        return await super().publish(outputs)
+
+
+def relay_to(out: str) -> Handler:
+    async def relay(records: list[Record]) -> StepResult:
+        return StepResult(outputs=[Output(out, r.message.key, r.message.value) for r in records])
+
+    return relay
+
+
+async def test_a_batch_given_up_at_a_stop_is_not_passed_by_the_done_offsets_of_later_batches(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding 1: batch N's publish fails and it waits out a long backoff; N+1 is acked; a SIGTERM
+    ends N's wait (given up). N+1's offsets must not be committed past N: N's outputs were never produced."""
+    source, out = f"{namespace}.in", f"{namespace}.out"
+    await create_topic(kafka.bootstrap, source, 1)
+    await create_topic(kafka.bootstrap, out, 1)
+    group = f"{namespace}-relay"
+    runner = make_runner(kafka.bootstrap, group, "a", source, relay_to(out), batch_max=5, backoff=Backoff(0.5, 1.0))
+    await start(runners, runner)
+    await wait_for(lambda: runner.joined, 30, "the assignment")
+    assert runner.producer is not None
+    batch_n = {f"e{n}".encode() for n in range(5, 10)}
+
+    def fail_batch_n(call: int, outputs: list[Output]) -> Exception | None:
+        return (
+            KafkaConnectionError("injected")
+            if any(unpack(o.value)["event_id"].encode() in batch_n for o in outputs)
+            else None
+        )
+
+    monkeypatch.setattr(stage_module, "BatchPublisher", lambda producer: FaultyPublisher(producer, fail_batch_n))
+    runner.publisher = FaultyPublisher(runner.producer, fail_batch_n)  # and every producer renewed later
+    ids = await produce_events(kafka.bootstrap, source, 5)
+    await wait_for(lambda: runner.metrics.total(runner.metrics.events_in) >= 5, 30, "the first batch")
+    ids += await produce_events(kafka.bootstrap, source, 5, first=5)  # batch N: its publish fails
+    await wait_for(lambda: retries(runner) >= 1, 30, "batch N retrying")
+    ids += await produce_events(kafka.bootstrap, source, 5, first=10)  # batch N+1: acked while N retries
+    relayed = await read_all(kafka.bootstrap, out, 10, 30)
+    assert len(relayed) == 10, "batch N+1 not relayed"
+    await runner.stop()
+    have = {unpack(m.value)["event_id"] for m in await read_all(kafka.bootstrap, out, len(ids), 5)}
+    done = await committed(kafka.bootstrap, group, source, 1)
+    missing = [i for i in ids[:done] if i not in have]
+    assert not missing, f"committed {done} but never produced {missing}"
+
+
+async def test_a_record_the_broker_answers_unknown_error_is_dead_lettered_after_a_bounded_number_of_attempts(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding 6: a broker INVALID_RECORD reaches aiokafka as UnknownError; retried forever, the
+    acker stalls the worker. After a bounded number of attempts the record is dead-lettered and the rest flows."""
+    source, out = f"{namespace}.in", f"{namespace}.out"
+    await create_topic(kafka.bootstrap, source, 1)
+    await create_topic(kafka.bootstrap, out, 1)
+    group = f"{namespace}-relay"
+    runner = make_runner(kafka.bootstrap, group, "a", source, relay_to(out), batch_max=5, backoff=Backoff(0.01, 0.05))
+    await start(runners, runner)
+    await wait_for(lambda: runner.joined, 30, "the assignment")
+    assert runner.producer is not None
+
+    def refuse_e3(call: int, outputs: list[Output]) -> Exception | None:
+        bad = any(o.topic == out and b"\xa8event_id\xa2e3" in o.value for o in outputs)
+        return UnknownError("injected INVALID_RECORD") if bad else None
+
+    monkeypatch.setattr(stage_module, "BatchPublisher", lambda producer: FaultyPublisher(producer, refuse_e3))
+    runner.publisher = FaultyPublisher(runner.producer, refuse_e3)  # and every producer renewed later
+    ids = await produce_events(kafka.bootstrap, source, 12)
+    await read_all(kafka.bootstrap, out, 11, 30)
+    letters = await read_all(kafka.bootstrap, f"{source}.dlq", 1, 30)
+    relayed = await read_all(kafka.bootstrap, out, 12, 2)  # a copy of e3 would show here
+    assert sorted(unpack(m.value)["event_id"] for m in relayed) == sorted(set(ids) - {"e3"})
+    assert len(letters) == 1 and unpack(letters[0].value)["reason"] == "record_refused"
+    deadline = time.monotonic() + 30
+    while await committed(kafka.bootstrap, group, source, 1) < len(ids):
+        assert time.monotonic() < deadline, "the input was not committed to its end"
+        await asyncio.sleep(0.2)
+
+
+async def test_a_produce_stalled_across_a_revocation_still_lands_the_delivered_batchs_ledger_marks(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding 2: the sink acked a batch, then its publish (receipts, ledger changelog) stalls (an
+    acks=all stall) past the revoke grace. Cancelling it drops the ledger marks and the next owner delivers
+    the batch again; only the handler may be cancelled, and the revocation must still end within the
+    rebalance timeout."""
+    from services.sender.app import SinkDelivery
+    from shared.alerts import Alerter
+    from shared.keywindow import RocksKeyWindow
+
+    partitions = 4
+    source, receipts = f"{namespace}.sink", f"{namespace}.receipts"
+    group = f"{namespace}-sender"
+    changelog = f"{group}.ledger.changelog"
+    await create_topic(kafka.bootstrap, source, partitions)
+    await create_topic(kafka.bootstrap, receipts, 1)
+    await create_topic(kafka.bootstrap, changelog, partitions)
+    sink = DeviceOutageSink("hook")
+    rebalance_timeout_ms = 10_000
+    stalling: list[StageRunner] = []
+    stalled = asyncio.Event()
+
+    class StallingPublisher(BatchPublisher):
+        async def publish(self, outputs: Any) -> Any:
+            runner = stalling[0] if stalling else None
+            if runner is not None and not stalled.is_set() and any(o.topic == changelog for o in outputs):
+                stalled.set()
+                await runner._owner.revoked.wait()  # the produce is stuck until a rebalance starts...
+                await asyncio.sleep(3.0)  # ...and past the 1 s revoke grace
+            return await super().publish(outputs)
+
+    monkeypatch.setattr(stage_module, "BatchPublisher", StallingPublisher)
+
+    def sender(name: str) -> StageRunner:
+        ledger = RocksKeyWindow(
+            "ledger",
+            tmp_path / name,
+            changelog_topic=changelog,
+            bootstrap=kafka.bootstrap,
+            window_s=3600,
+            partitions=partitions,
+            group=group,
+        )
+        delivery = SinkDelivery(sink, ledger, StageMetrics(), Alerter("sender.hook"), False, receipts_topic=receipts)
+        return make_runner(
+            kafka.bootstrap,
+            group,
+            name,
+            source,
+            delivery.handle,
+            batch_max=200,
+            backoff=Backoff(0.05, 1.0),
+            rebalance_timeout_ms=rebalance_timeout_ms,
+            revoke_grace_s=1.0,
+            states=[ledger],
+        )
+
+    first = await start(runners, sender("a"))
+    stalling.append(first)
+    await wait_for(lambda: first.joined and not first.restoring, 30, "the first member's assignment")
+    ids = await produce_events(kafka.bootstrap, source, 120, devices=8)
+    await asyncio.wait_for(stalled.wait(), 30)
+    assert set(sink.received) == set(ids), "one batch of everything, acked by the sink"
+    joining = time.monotonic()
+    second = await start(runners, sender("b"))
+    await wait_for(lambda: second.joined and not second.restoring, 30, "the second member's assignment")
+    rebalance_s = time.monotonic() - joining
+    await asyncio.sleep(3.0)  # the second member would deliver its partitions again here
+    twice = {e: n for e, n in sink.received.items() if n > 1}
+    assert not twice, f"{len(twice)} events delivered more than once: {sorted(twice)[:10]}"
+    assert rebalance_s < rebalance_timeout_ms / 1000, f"the rebalance took {rebalance_s:.1f}s"
+
+
+async def test_a_dead_letter_of_a_refused_output_names_the_input_it_came_from(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    """From the DLQ review: the letter of an output the broker refused named topic=<output>, offset -1, so
+    a replay's `hifi-replay-of` matched no claim and the deduplicator dropped the replayed copy as its own
+    duplicate. It must name the source record (topic:partition:offset) the output was made from."""
+    from shared.dlq import REPLAY_OF, replay_headers
+
+    source, out = f"{namespace}.in", f"{namespace}.out"
+    await create_topic(kafka.bootstrap, source, 1)
+    await create_topic(kafka.bootstrap, out, 1, **{"max.message.bytes": "4000"})
+    await create_topic(kafka.bootstrap, f"{source}.dlq", 1)
+    runner = await start(runners, make_runner(kafka.bootstrap, f"{namespace}-relay", "a", source, relay_to(out)))
+    await wait_for(lambda: runner.joined, 30, "the assignment")
+    await produce_events(kafka.bootstrap, source, 6, payload=lambda n: {"blob": "x" * 6000} if n == 4 else {})
+    letters = await read_all(kafka.bootstrap, f"{source}.dlq", 1, 30)
+    assert len(letters) == 1
+    letter = unpack(letters[0].value)
+    assert (letter["topic"], letter["partition"], letter["offset"]) == (source, 0, 4)
+    assert letter["reason"] == "record_too_large"
+    assert unpack(letter["original_value"])["event_id"] == "e4"
+    assert dict(replay_headers(letter))[REPLAY_OF] == f"{source}:0:4".encode()
