@@ -945,7 +945,7 @@ class StageRunner(Service):
     def _letter_of_output(self, out: Output, error: BaseException, inputs: Sequence[Record] = ()) -> Output:
         """A dead letter for an output this stage could not produce.
 
-        It names the input the output was made from (same event id), so a replay (`hifi dlq replay`) runs
+        It names the input the output was made from (same tenant and event id), so a replay (`hifi dlq replay`) runs
         that input through the stage again and carries `hifi-replay-of` = its topic:partition:offset, the
         claim the deduplicator honours. An output of no input (a receipt, a tally) keeps itself, offset -1.
         """
@@ -980,8 +980,13 @@ class StageRunner(Service):
             fields = unpack(out.value)
         except Exception:  # not an event
             return None
-        event_id = fields.get("event_id") if isinstance(fields, dict) else None
-        return next((r.message for r in inputs if r.event.event_id == event_id), None) if event_id else None
+        if not isinstance(fields, dict) or not fields.get("event_id"):
+            return None
+        # Tenant and id, as the deduplicator keys events: two tenants may use the same client-chosen id.
+        key = (fields.get("tenant"), fields["event_id"])
+        matches = [r for r in inputs if (r.event.tenant, r.event.event_id) == key]
+        passed = [r for r in matches if r.outcome == "out"]  # not a copy the stage dropped
+        return (passed or matches)[0].message if matches else None
 
     def _tally(
         self,

@@ -557,3 +557,30 @@ async def test_a_dead_letter_of_a_refused_output_names_the_input_it_came_from(
     assert letter["reason"] == "record_too_large"
     assert unpack(letter["original_value"])["event_id"] == "e4"
     assert dict(replay_headers(letter))[REPLAY_OF] == f"{source}:0:4".encode()
+
+
+async def test_a_refused_outputs_letter_names_its_own_input_when_another_tenant_shares_its_event_id(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    """From the second review: the input was found by event id alone, so when two tenants' events share
+    an id in one fetch, the letter of the refused one named the other's message: a replay re-sent the
+    wrong event and the refused one could never be replayed."""
+    source, out = f"{namespace}.in", f"{namespace}.out"
+    await create_topic(kafka.bootstrap, source, 1)
+    await create_topic(kafka.bootstrap, out, 1, **{"max.message.bytes": "4000"})
+    await create_topic(kafka.bootstrap, f"{source}.dlq", 1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", max_request_size=4_000_000)
+    await producer.start()
+    try:  # one batch, so one fetch holds both
+        small = Event("same-id", "play", 1.0, "acme", device_id="d1", ingest_ts=time.time() * 1000)
+        large = Event("same-id", "play", 1.0, "globex", {"blob": "x" * 6000}, "d1", ingest_ts=time.time() * 1000)
+        futures = [await producer.send(source, encode_event(e), key=b"d1") for e in (small, large)]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    runner = await start(runners, make_runner(kafka.bootstrap, f"{namespace}-relay", "a", source, relay_to(out)))
+    await wait_for(lambda: runner.joined, 30, "the assignment")
+    letters = await read_all(kafka.bootstrap, f"{source}.dlq", 1, 30)
+    letter = unpack(letters[0].value)
+    assert (letter["topic"], letter["offset"]) == (source, 1), letter
+    assert unpack(letter["original_value"])["tenant"] == "globex"
