@@ -229,12 +229,17 @@ class RocksKeyWindow:
     def open(self, partitions: list[int]) -> list[int]:
         """Open the stores of newly owned partitions (fast: no reading); return those that need a restore."""
         new = [p for p in partitions if p not in self.dbs]
+        opened = {p: self._open(p) for p in new}
+        applied = {}
         for p in new:
-            self.dbs[p] = self._open(p)
             try:
-                self.applied[p] = int(self._checkpoint_file(p).read_text())
+                applied[p] = int(self._checkpoint_file(p).read_text())
             except (FileNotFoundError, ValueError):
-                self.applied[p] = 0
+                applied[p] = 0
+        # Whole new dicts, not per-key writes: the runner calls this in a thread (a WAL replay can take a
+        # while) while the loop may iterate them (checkpoints, the table browser).
+        self.applied = {**self.applied, **applied}
+        self.dbs = {**self.dbs, **opened}
         return new
 
     async def restore(self, partitions: list[int], restored: Callable[[int], None] | None = None) -> None:
@@ -280,9 +285,9 @@ class RocksKeyWindow:
         # own restore applies the changelog; this pass must neither write into it nor move its `applied`.
         dbs = {p: self.dbs.get(p) for p in partitions}
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None)
-        await consumer.start()
         applied = 0
         try:
+            await consumer.start()  # inside: a start that fails (broker down) still closes what it opened
             tps = [TopicPartition(self.changelog_topic, p) for p in partitions]
             consumer.assign(tps)
             ends = await consumer.end_offsets(tps)

@@ -87,6 +87,10 @@ UNSENDABLE = (*TOO_LARGE, CorruptRecordException, InvalidTimestampError)
 UNKNOWN_ERROR_ATTEMPTS = 8
 # A restore that meets a broker outage retries this many times (about a minute) before stopping the worker.
 RESTORE_ATTEMPTS = 10
+# Re-sends of a revoked batch's store changelog (ledger marks of what a sink took) before the acker moves on;
+# with the 5 s backoff ceiling about half a minute, so a topic that refuses for good cannot wedge the worker.
+REVOKED_RESEND_ATTEMPTS = 12
+REVOKE_RESERVE_S = 3.0  # of the revoke budget, kept after a cancelled handler for its publish and the commit
 BROKER_BACKOFF = Backoff(0.5, 10.0)
 
 
@@ -421,8 +425,10 @@ class StageRunner(Service):
         locked = await self._take_batch_lock(left)
         self._owner = Ownership(owner.generation + 1)  # fetches from here on are of the next assignment
         try:
+            if not locked:
+                await self._flush_changelog(owner, left)
             try:
-                await asyncio.wait_for(self._in_flight.join(), left())
+                await asyncio.wait_for(self._in_flight.join(), max(0.5, left()))
             except TimeoutError:
                 log.warning("%s: batches still in flight at a rebalance; their events are replayed", self.stage)
             try:
@@ -445,6 +451,19 @@ class StageRunner(Service):
             if locked:
                 self._batch_lock.release()
 
+    async def _flush_changelog(self, owner: Ownership, left: Callable[[], float]) -> None:
+        """Revoking without the batch lock: send the stores' unsent changelog (ledger marks of what a sink took)
+        before `revoke` closes the stores and drops it; the next owner's restore or catch-up reads it."""
+        assert self._in_flight is not None
+        outputs = [out for state in self.states for out in state.changelog()]
+        if not outputs:
+            return
+        flight = InFlight({}, StepResult(outputs=outputs), 0, time.perf_counter(), owner=owner, abandoned=True)
+        try:
+            await asyncio.wait_for(self._in_flight.put(await self._send_flight(flight)), max(0.5, left()))
+        except TimeoutError:
+            log.error("%s: could not queue a revoked batch's changelog; the next owner may redeliver it", self.stage)
+
     def _revoke_budget_s(self) -> tuple[float, float]:
         """(the revoke callback's whole budget, the commit's share of it): under the rebalance timeout with a
         margin for the join round trips."""
@@ -457,7 +476,10 @@ class StageRunner(Service):
         longer; the batch's publish is not cancelled, it gets what is `left()` to finish."""
         assert self._batch_lock is not None
         try:
-            await asyncio.wait_for(self._batch_lock.acquire(), min(self.revoke_grace_s, left()))
+            # Floored: wait_for(..., 0) times out even on a free lock. The grace leaves a reserve, so that a
+            # cancelled handler's publish of what it delivered still fits in the budget.
+            grace = max(0.5, min(self.revoke_grace_s, left() - REVOKE_RESERVE_S))
+            await asyncio.wait_for(self._batch_lock.acquire(), grace)
             return True
         except TimeoutError:
             pass
@@ -470,7 +492,7 @@ class StageRunner(Service):
             )
             handling.cancel()
         try:
-            await asyncio.wait_for(self._batch_lock.acquire(), left())
+            await asyncio.wait_for(self._batch_lock.acquire(), max(0.5, left()))
             return True
         except TimeoutError:
             log.error("%s: the batch lock is still held; revoking without it", self.stage)
@@ -511,7 +533,7 @@ class StageRunner(Service):
         pending = {p: 0 for p in partitions}
         try:
             for state in self.states:
-                for p in state.open(partitions):
+                for p in await asyncio.to_thread(state.open, partitions):
                     pending[p] += 1
         except Exception as exc:
             self._restore_failed(partitions, exc)
@@ -806,6 +828,7 @@ class StageRunner(Service):
         placed: dict[int, tuple[int, int]] = {}  # index -> (partition, offset) once acknowledged
         attempt = 0
         unknown = 0  # attempts that failed with UnknownError (see UNKNOWN_ERROR_ATTEMPTS)
+        stripped = False  # revoked: only the store's changelog is still re-sent, the rest is the next owner's
         error = flight.send_error
         published = flight.published
         sent_with = flight.sent_with
@@ -844,7 +867,17 @@ class StageRunner(Service):
             delay = self.backoff.delay(attempt)
             self.metrics.retries.labels(self.stage).inc()
             log.warning("%s: produce failed (attempt %d), retrying in %.2fs: %r", self.stage, attempt, delay, error)
-            if flight.abandoned or owner is None or self._carries_state(flight):
+            if owner is not None and not owner.owned and not stripped and self._carries_state(flight):
+                # Revoked: the next owner redoes the batch, but it must find the ledger marks of what a sink
+                # took (its restore or catch-up reads them), so only the store's changelog is still sent.
+                stripped = True
+                pending = [i for i in pending if records[i].topic in self._state_of_changelog]
+                if not pending:
+                    return False
+            if flight.abandoned or owner is None or stripped:
+                if owner is not None and not owner.owned and attempt > REVOKED_RESEND_ATTEMPTS:
+                    log.error("%s: gave up re-sending a revoked batch's changelog: %r", self.stage, error)
+                    return False
                 await asyncio.sleep(delay)  # work done elsewhere (ledger marks, receipts) lands even after a revoke
             elif not await owner.sleep(delay):
                 log.warning("%s: gave up re-sending a batch whose partitions were revoked", self.stage)
@@ -865,6 +898,8 @@ class StageRunner(Service):
                 if state is not None and index in placed:
                     partition, offset = placed[index]
                     state.durable(partition, offset + 1)
+        if stripped:
+            return False
         self.metrics.events_out.labels(self.stage).inc(flight.outputs)
         for letter in flight.result.dead:
             reason = letter.error.reason if isinstance(letter.error, InvalidEvent) else type(letter.error).__name__
