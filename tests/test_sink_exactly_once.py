@@ -628,3 +628,41 @@ async def test_pipeline_kafka_sink_sender_killed_repeatedly_delivers_each_event_
     counts = Counter(r["event_id"] for r in got)
     assert set(counts) == set(sent), f"missing {len(set(sent) - set(counts))}"
     assert {k: n for k, n in counts.items() if n > 1} == {}
+
+
+async def make_topic(bootstrap: str, topic: str, config: dict[str, str] | None = None) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1, topic_configs=config or {})])
+    finally:
+        await admin.close()
+
+
+@pytest.mark.parametrize("big_at", [0, 3, 9])
+async def test_kafka_sink_transaction_with_a_refused_record_never_commits_past_it(
+    kafka, namespace, redis_server, big_at
+):
+    """The sink topic refuses one record (over its max.message.bytes): the transaction must not commit the
+    others with the offsets past it; the refused event ends in the sink or the dead letters, never nowhere."""
+    out, src, group = f"{namespace}.mirror", f"{namespace}.src", f"{namespace}-sender"
+    await make_source_topic(kafka.bootstrap, src)
+    await make_topic(kafka.bootstrap, out, {"max.message.bytes": "20000"})
+    batch = [
+        Event(f"e{i}", "play", 1.0, "acme", {"i": i, "pad": "x" * (30_000 if i == big_at else 10)}, device_id=f"d{i}")
+        for i in range(10)
+    ]
+    sink = KafkaSink(SinkConfig("m", "kafka", {"topic": out}, timeout_s=5), kafka.bootstrap, group)
+    await sink.start()
+    delivery = delivery_for(sink, redis_server.url, namespace)
+    records = [record_of(e, src, 0, i) for i, e in enumerate(batch)]
+    try:
+        result = await handle_like_runner(delivery, records, tries=10)
+    finally:
+        await sink.close()
+    got = Counter(r["event_id"] for r in await read_committed(kafka.bootstrap, out, 9))
+    dead = [letter.message.offset for letter in result.dead]
+    assert dead == [big_at], (dead, got)
+    assert got == Counter({f"e{i}": 1 for i in range(10) if i != big_at}), got
+    # the offsets committed in the transactions never pass the dead letter, which the runner still has to write
+    assert await committed_offset(kafka.bootstrap, group, TopicPartition(src, 0)) <= big_at

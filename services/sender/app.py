@@ -67,6 +67,7 @@ class SinkDelivery:
         self.suspect: dict[str, int] = {}
         self.max_attempts_per_event = sink.config.max_attempts_per_event
         self.carried: list[Output] = []  # receipts of partitions delivered while another one failed
+        self.groups: dict[tuple[str, int], list[Record]] = {}  # the records in hand, by source partition
         self.name = sink.config.name
         self.ledger = ledger
         self.metrics = metrics
@@ -149,6 +150,7 @@ class SinkDelivery:
         outlasted `max_attempts_per_event`, is bisected so only the events at fault dead-letter."""
         batch_id = todo[0].source
         attempts = self.attempts[batch_id] = self.attempts.get(batch_id, 0) + 1
+        self.groups[(todo[0].message.topic, todo[0].message.partition)] = todo
         result = StepResult()
         try:
             if max(self.suspect.get(self._key(r), 0) for r in todo) >= self.max_attempts_per_event:
@@ -265,7 +267,7 @@ class SinkDelivery:
             self.breaker.before_call()
         await self.throttle.wait_turn()
         first = todo[0].message
-        source = Source(first.topic, first.partition, [r.message.offset for r in todo])
+        source = Source(first.topic, first.partition, [r.message.offset for r in todo], self._commit_offset(todo))
         try:
             await self.sink.deliver_batch([r.event for r in todo], source)
         except CircuitOpen:
@@ -286,6 +288,15 @@ class SinkDelivery:
             self._sink_answered()  # the sink is up; it refused these events
             raise
         self._sink_answered()
+
+    def _commit_offset(self, part: list[Record]) -> int | None:
+        """Where a successor may start once `part` is delivered: the first record of its partition's batch
+        that is neither delivered nor in `part` (a dead letter is written by the runner after this batch)."""
+        first = part[0].message
+        group = self.groups.get((first.topic, first.partition), part)
+        in_part = {id(r) for r in part}
+        undone = [r.message.offset for r in group if r.outcome != "delivered" and id(r) not in in_part]
+        return min(undone) if undone else None
 
     def _sink_answered(self) -> None:
         self.breaker.on_success()

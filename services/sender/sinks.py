@@ -18,7 +18,14 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidMessageError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    UnsupportedForMessageFormatError,
+)
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
@@ -46,11 +53,26 @@ def idempotency_key(sink: str, event: Event) -> str:
 
 @dataclass(frozen=True)
 class Source:
-    """Where a batch was read: one source partition, and each event's offset in it (same order)."""
+    """Where a batch was read: one source partition, and each event's offset in it (same order).
+
+    `commit_offset`: where a successor may start once this part is delivered (the first offset of the
+    source batch still undelivered or not yet dead-lettered durably); None: past the last of `offsets`.
+    """
 
     topic: str
     partition: int
     offsets: list[int]
+    commit_offset: int | None = None
+
+
+# Produce errors no retry can cure: the record itself is at fault (too large, corrupt, wrong format).
+UNSENDABLE_RECORD = (
+    RecordTooLargeError,
+    MessageSizeTooLargeError,
+    InvalidMessageError,
+    CorruptRecordException,
+    UnsupportedForMessageFormatError,
+)
 
 
 class SinkSender(Protocol):
@@ -196,17 +218,37 @@ class KafkaSink:
                 return
             await producer.begin_transaction()
             futures = [await self._send(producer, event) for event in todo]
-            await producer.send_offsets_to_transaction({tp: max(source.offsets) + 1}, self.group_id)
+            # aiokafka does not abort a transaction whose produce failed: commit only if every record landed.
+            await asyncio.wait(futures)
+            errors = [f.exception() for f in futures]  # each retrieved: the later ones fail out of sequence
+            failed = next((e for e in errors if e is not None), None)
+            if failed is not None:
+                raise failed
+            commit_offset = max(source.offsets) + 1 if source.commit_offset is None else source.commit_offset
+            await producer.send_offsets_to_transaction({tp: max(commit_offset, first)}, self.group_id)
             await producer.commit_transaction()
-            await asyncio.gather(*futures)
+        except UNSENDABLE_RECORD as exc:
+            await self._abort(tp)
+            # The topic can never take this request's records: bisection isolates and dead-letters the culprit.
+            raise PermanentSinkError(f"kafka sink {self.config.name}: {self.topic} refused a record: {exc!r}") from exc
         except (TimeoutError, KafkaError) as exc:
-            # Outcome unknown (the commit may have landed): a fresh producer fences this one, completes its
-            # transaction either way, and re-reads the committed offset before the retry.
-            await self._drop_producer(tp)
+            # Outcome unknown (the commit may have landed): a fresh producer fences this one, aborts its open
+            # transaction (or completes one already committing), and re-reads the committed offset.
+            await self._abort(tp)
             raise TransientError(f"kafka sink {self.config.name}: transaction for {tp}: {exc!r}") from exc
         except BaseException:
             await self._drop_producer(tp)
             raise
+
+    async def _abort(self, tp: TopicPartition) -> None:
+        """Abort the open transaction if the producer still can, then drop the producer either way."""
+        producer = self.txn_producers.get(tp)
+        if producer is not None:
+            try:
+                await asyncio.wait_for(producer.abort_transaction(), self.config.timeout_s)
+            except (KafkaError, TimeoutError, AssertionError):
+                pass  # no open transaction, or the producer is broken: the next one fences and aborts it
+        await self._drop_producer(tp)
 
     async def _transactional_producer(self, tp: TopicPartition) -> AIOKafkaProducer:
         producer = self.txn_producers.get(tp)
