@@ -312,6 +312,7 @@ class RuledSink:
         self.refused: set[str] = set()
         self.poisoned: set[str] = set()
         self.status: int | None = None
+        self.fail_every: int | None = None  # 503 to every n-th request from the first: a flapping sink
         self.received: list[str] = []
         self.requests = 0
         self._runner: web.AppRunner | None = None
@@ -332,6 +333,8 @@ class RuledSink:
         ids = [e["event_id"] for e in (await request.json())["events"]]
         if self.status is not None:
             return web.json_response({"error": "injected"}, status=self.status)
+        if self.fail_every is not None and self.requests % self.fail_every == 1:
+            return web.json_response({"error": "flapping"}, status=503)
         if self.refused.intersection(ids):
             return web.json_response({"error": "invalid event"}, status=400)
         if self.poisoned.intersection(ids):
@@ -395,18 +398,58 @@ async def test_webhook_401_for_the_whole_sink_pages_and_dead_letters_nothing(rul
     assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(5)})
 
 
+@pytest.mark.parametrize("poisoned", [0, 1, 5, 11])
 async def test_webhook_503_that_follows_one_payload_dead_letters_it_after_bounded_attempts(
-    ruled_sink, redis_server, namespace
+    ruled_sink, redis_server, namespace, poisoned
 ):
-    ruled_sink.poisoned = {"e3"}
+    ruled_sink.poisoned = {f"e{poisoned}"}
     sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace, max_attempts=3)
     try:
-        result = await handle_like_runner(delivery, one_partition(10), tries=10)
+        result = await handle_like_runner(delivery, one_partition(12), tries=10)
     finally:
         await sink.close()
-    assert [letter.message.offset for letter in result.dead] == [3]
+    assert [letter.message.offset for letter in result.dead] == [poisoned]
     assert "503" in str(result.dead[0].error)
-    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(10) if i != 3})
+    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(12) if i != poisoned})
+
+
+async def test_webhook_sink_flapping_during_isolation_dead_letters_nothing(ruled_sink, redis_server, namespace):
+    """Down long enough that every event is a suspect, then up for every second request only: each leaf that
+    fails is the sink's fault, not its payload's, so nothing dead-letters."""
+    ruled_sink.status = 503
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace, max_attempts=3)
+    records = one_partition(16)
+    try:
+        for _ in range(5):  # past max_attempts_per_event: the next attempts are isolation rounds
+            with pytest.raises(TransientError):
+                await delivery.handle(records)
+        ruled_sink.status = None
+        ruled_sink.fail_every, ruled_sink.requests = 2, 0  # the round's first request fails, the next succeeds
+        result = await handle_like_runner(delivery, records, tries=30)
+    finally:
+        await sink.close()
+    assert result.dead == []
+    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(16)})
+
+
+async def test_webhook_sink_answering_400_to_everything_pages_and_dead_letters_nothing(
+    ruled_sink, redis_server, namespace
+):
+    """A sink that refuses every event (its schema changed) is misconfigured, not fed bad events."""
+    ruled_sink.status = 400
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace)
+    records = one_partition(8)
+    try:
+        with pytest.raises(TransientError, match="all 8 events refused"):
+            await delivery.handle(records)
+        assert delivery.breaker.state == "open"
+        assert "sink_misconfigured" in [a["name"] for a in delivery.alerter.fired]
+        ruled_sink.status = None
+        result = await handle_like_runner(delivery, records)
+    finally:
+        await sink.close()
+    assert result.dead == []
+    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(8)})
 
 
 async def test_webhook_outage_of_the_whole_sink_dead_letters_nothing(ruled_sink, redis_server, namespace):

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import sentry_sdk
@@ -68,6 +69,11 @@ class SinkDelivery:
         self.max_attempts_per_event = sink.config.max_attempts_per_event
         self.carried: list[Output] = []  # receipts of partitions delivered while another one failed
         self.groups: dict[tuple[str, int], list[Record]] = {}  # the records in hand, by source partition
+        # Dead letters of the batch in hand, by id of their message: kept across its retries, returned once
+        self.dead_letters: dict[int, DeadLetter] = {}
+        self.round_max_consecutive = self.max_attempts_per_event + 1  # in a row: the sink is down, not one event
+        self.round_max_s = max(30.0, 10 * sink.config.timeout_s)  # an isolation round's time bound
+        self.refuse_all_min = 4  # a round of at least this many events, all refused: the sink changed, page
         self.name = sink.config.name
         self.ledger = ledger
         self.metrics = metrics
@@ -90,6 +96,11 @@ class SinkDelivery:
         return f"{self.name}:{record.event.dedupe_key}"
 
     async def handle(self, records: list[Record]) -> StepResult:
+        in_batch = {id(r.message) for r in records}
+        # Dead letters of an earlier batch (given up at a revocation) belong to its next owner, not here.
+        self.dead_letters = {k: v for k, v in self.dead_letters.items() if k in in_batch}
+        held = [self.dead_letters[id(r.message)] for r in records if id(r.message) in self.dead_letters]
+        records = [r for r in records if id(r.message) not in self.dead_letters]
         seen = await self._ledger_seen(records)
         todo: list[Record] = []
         keys_in_batch: set[str] = set()
@@ -108,7 +119,12 @@ class SinkDelivery:
             todo.append(record)
         result = StepResult()
         if todo:
-            await self._deliver_by_partition(todo, result)
+            try:
+                await self._deliver_by_partition(todo, result)
+            finally:
+                self.groups.clear()
+        result.dead.extend(held)
+        result.dead.extend(self.dead_letters.pop(id(r.message)) for r in todo if id(r.message) in self.dead_letters)
         if dropped:
             result.outputs.extend(self._receipts(dropped, now_ms(), 0))
         result.outputs.extend(self.carried)
@@ -196,65 +212,84 @@ class SinkDelivery:
     async def _isolate(
         self, todo: list[Record], attempts: int, result: StepResult, refused: PermanentSinkError | None = None
     ) -> None:
-        """Bisect until the events at fault stand alone; deliver the rest. A 4xx event dead-letters; a
-        5xx/timeout one only if another part got through, else the sink is down and nothing does.
-        `refused`: the whole of `todo` was just refused, so start with its halves."""
-        through = _Round()
-        failed: list[tuple[Record, Exception]] = []
-        if refused is None:
-            await self._bisect(todo, attempts, result, through, failed)
-        elif len(todo) == 1:
-            failed.append((todo[0], refused))
-        else:
-            middle = len(todo) // 2
-            await self._bisect(todo[:middle], attempts, result, through, failed)
-            await self._bisect(todo[middle:], attempts, result, through, failed)
-        transient = [exc for _, exc in failed if isinstance(exc, TransientError)]
-        if transient and not through.successes:
-            raise transient[0]
-        for record, exc in failed:
-            error: Exception = exc
-            if isinstance(exc, TransientError):
-                error = EventKeepsFailing(exc, self.suspect.pop(self._key(record), 0) + 1)
-            log.warning("sender %s: dead-lettering %s: %s", self.name, record.event.event_id, error)
-            result.dead.append(DeadLetter(record.message, error, attempts))
+        """One isolation round: bisect breadth-first until the events at fault stand alone; deliver the rest.
 
-    async def _bisect(
-        self,
-        part: list[Record],
-        attempts: int,
-        result: StepResult,
-        through: _Round,
-        failed: list[tuple[Record, Exception]],
-    ) -> None:
-        error: Exception
-        try:
-            # Past the round's first request the breaker is not asked: the round is bounded (it stops after
-            # 3 failures without a success) and must isolate the culprit, not trip over it.
-            ask_breaker = through.requests == 0
-            through.requests += 1
-            await self._deliver_part(part, attempts, result, ask_breaker)
-            through.successes += 1
-            return
-        except (CircuitOpen, SinkThrottled, SinkMisconfigured):
-            raise  # about the sink, not this part
-        except PermanentSinkError as exc:
-            error = exc
-        except PartialDelivery as exc:
-            through.successes += 1
-            part = [r for r in part if r.outcome != "delivered"]
-            error = exc
-        except TransientError as exc:
-            through.failures += 1
-            if not through.successes and through.failures >= 3:
-                raise  # nothing gets through: the sink is down, not one event
-            error = exc
-        if len(part) == 1:
-            failed.append((part[0], error))
-            return
-        middle = len(part) // 2
-        await self._bisect(part[:middle], attempts, result, through, failed)
-        await self._bisect(part[middle:], attempts, result, through, failed)
+        A refused (4xx) event dead-letters alone. A 5xx/timeout one dead-letters only on evidence that it is
+        the payload: it failed alone twice with another request of the round succeeding in between, or
+        `max_attempts_per_event` times alone after the round's other parts got through. The sink is down
+        instead (the round raises, keeping what was delivered) if the whole and both halves failed, or
+        `round_max_consecutive` requests failed in a row. The round paces its requests after a failure
+        (honouring Retry-After), asks the breaker before its first, and is bounded in requests and time.
+        `refused`: the whole of `todo` was just refused, so start with its halves."""
+        rnd = _Round(started=time.monotonic(), max_requests=4 * len(todo) + 8)
+        refused_alone: list[tuple[Record, PermanentSinkError]] = []
+        leaves: dict[int, _Leaf] = {}  # events that failed alone transiently, by id
+        level: list[list[Record]] = [todo]
+        if refused is not None:
+            rnd.sink_answered()
+            level = _halves(todo) if len(todo) > 1 else []
+            if len(todo) == 1:
+                refused_alone.append((todo[0], refused))
+        while level:
+            next_level: list[list[Record]] = []
+            for index, whole_part in enumerate(level):
+                part = [r for r in whole_part if r.outcome != "delivered"]
+                if not part:
+                    continue
+                if rnd.requests >= rnd.max_requests or time.monotonic() - rnd.started > self.round_max_s:
+                    raise TransientError(f"sink {self.name}: isolation round bounded after {rnd.requests} requests")
+                await rnd.pause()
+                rnd.requests += 1
+                try:
+                    # The breaker is asked once per round: a culprit's failures inside it must not trip it
+                    # before its siblings get through; the round's own consecutive-failure bound stops it.
+                    await self._deliver_part(part, attempts, result, ask_breaker=rnd.requests == 1)
+                    rnd.sink_answered(success=True)
+                    continue
+                except (CircuitOpen, SinkThrottled, SinkMisconfigured):
+                    raise  # about the sink, not this part
+                except PartialDelivery:
+                    rnd.sink_answered(success=True)
+                    part = [r for r in part if r.outcome != "delivered"]
+                except PermanentSinkError as exc:
+                    rnd.sink_answered()
+                    if len(part) == 1:
+                        refused_alone.append((part[0], exc))
+                        continue
+                except TransientError as exc:
+                    rnd.failed(exc)
+                    if (not rnd.successes and rnd.failures >= 3) or rnd.consecutive >= self.round_max_consecutive:
+                        raise  # the sink is down or flapping, not one event: retry later, nothing dead-letters
+                    if len(part) == 1:
+                        leaf = leaves.setdefault(id(part[0]), _Leaf(part[0], rnd.successes))
+                        leaf.failures += 1
+                        siblings_pending = bool(next_level) or any(
+                            r.outcome != "delivered" for later in level[index + 1 :] for r in later
+                        )
+                        proven = leaf.failures >= 2 and rnd.successes > leaf.successes_at_first
+                        alone = leaf.failures >= self.max_attempts_per_event and rnd.successes and not siblings_pending
+                        if proven or alone:
+                            self._dead_letter(part[0], EventKeepsFailing(exc, leaf.failures), attempts)
+                        else:
+                            next_level.append(part)  # alone again, after its siblings
+                        continue
+                next_level.extend(_halves(part))
+            level = next_level
+        if refused_alone and not rnd.successes and len(refused_alone) == len(todo) >= self.refuse_all_min:
+            # Every event refused and none taken: the sink changed (schema, endpoint), the events did not.
+            if self.breaker.open_now():
+                self.circuit_gauge.labels(self.name).set(1)
+            self.alerter.fire("sink_misconfigured", f"sink {self.name} refuses every event", key=self.name)
+            raise SinkMisconfigured(f"sink {self.name}: all {len(todo)} events refused: {refused_alone[0][1]}")
+        for record, error in refused_alone:
+            self._dead_letter(record, error, attempts)
+
+    def _dead_letter(self, record: Record, error: Exception, attempts: int) -> None:
+        """Held until the batch's handling returns: a retry of the batch skips it and still reports it."""
+        log.warning("sender %s: dead-lettering %s: %s", self.name, record.event.event_id, error)
+        self.suspect.pop(self._key(record), None)
+        record.outcome = "dead_lettered"
+        self.dead_letters[id(record.message)] = DeadLetter(record.message, error, attempts)
 
     def _receipts(self, records: list[Record], acked: float, attempts: int) -> list[Output]:
         if self.receipts_topic is None:
@@ -404,9 +439,43 @@ class SinkDelivery:
 class _Round:
     """One isolation round's requests: any success shows the sink is up."""
 
+    started: float
+    max_requests: int
     requests: int = 0
     successes: int = 0
     failures: int = 0
+    consecutive: int = 0  # transient failures since the sink last answered
+    retry_after: float | None = None
+    backoff: Backoff = field(default_factory=lambda: Backoff(base_s=0.05, ceiling_s=2.0))
+
+    def sink_answered(self, success: bool = False) -> None:
+        self.consecutive = 0
+        self.retry_after = None
+        self.successes += success
+
+    def failed(self, exc: TransientError) -> None:
+        self.failures += 1
+        self.consecutive += 1
+        self.retry_after = exc.retry_after
+
+    async def pause(self) -> None:
+        """After a failure, wait (with jitter, at least Retry-After up to the ceiling) before the next request."""
+        if self.consecutive:
+            await asyncio.sleep(self.backoff.delay(self.consecutive, self.retry_after))
+
+
+@dataclass
+class _Leaf:
+    """An event that failed alone in a round: dead-lettered only on evidence that it is the payload."""
+
+    record: Record
+    successes_at_first: int
+    failures: int = 0
+
+
+def _halves(part: list[Record]) -> list[list[Record]]:
+    middle = len(part) // 2
+    return [part[:middle], part[middle:]]
 
 
 class SinkLifecycle(Service):
