@@ -212,6 +212,7 @@ class StageRunner(Service):
         checkpoint_interval_s: float = 10.0,
         rebalance_timeout_ms: int = 30_000,
         revoke_grace_s: float = 5.0,
+        commits_offsets: bool = True,
     ) -> None:
         super().__init__()
         self.app = app
@@ -228,6 +229,9 @@ class StageRunner(Service):
         # How long a revocation waits for the batch in hand to give up (an attempt in flight finishes,
         # e.g. a sink request up to its timeout) before cancelling it: the group waits on this.
         self.revoke_grace_s = revoke_grace_s
+        # False when the handler commits the group's offsets itself (a transactional Kafka sink, in its
+        # transactions): a plain commit landing after a pending transactional one would move the group back.
+        self.commits_offsets = commits_offsets
         self.backoff = backoff or Backoff()
         self.dlq = dlq
         self.source = source
@@ -596,7 +600,7 @@ class StageRunner(Service):
 
     async def _commit(self) -> None:
         """Commit what the acker marked done; a failed commit only means a replay, which is absorbed."""
-        if self.consumer is None:
+        if self.consumer is None or not self.commits_offsets:
             return
         owned = self.consumer.assignment()
         offsets = {tp: o for tp, o in self.done.items() if tp in owned and self.committed.get(tp) != o}

@@ -524,6 +524,9 @@ def build(ctx: ServiceContext) -> Any:
         # A request in flight at a revocation ends (acked: marked and published; failed: given up) before
         # the handover, instead of being cancelled after the sink may have taken it.
         revoke_grace_s=sink_config.timeout_s + 1.0,
+        # A transactional Kafka sink commits the input offsets in its transactions; a plain commit could
+        # land after a pending one and move the group back below what the sink delivered.
+        commits_offsets=not getattr(sink, "transactional", False),
     )
 
     runner.attach(ctx)
