@@ -73,11 +73,13 @@ class SinkMisconfigured(TransientError):
 
 class PartialDelivery(TransientError):
     """The sink acknowledged some records of a batch (`delivered`: their indexes) and not the rest: mark
-    the acknowledged ones delivered and retry only the others."""
+    the acknowledged ones delivered and retry only the others. `refused`: set when the sink refused one of
+    the others for good (e.g. a record over the topic's size limit): isolate it instead of retrying."""
 
-    def __init__(self, message: str, delivered: list[int]) -> None:
+    def __init__(self, message: str, delivered: list[int], refused: PermanentSinkError | None = None) -> None:
         super().__init__(message)
         self.delivered = delivered
+        self.refused = refused
 
 
 class EventKeepsFailing(HifiError):

@@ -709,3 +709,33 @@ async def test_kafka_sink_transaction_with_a_refused_record_never_commits_past_i
     assert got == Counter({f"e{i}": 1 for i in range(10) if i != big_at}), got
     # the offsets committed in the transactions never pass the dead letter, which the runner still has to write
     assert await committed_offset(kafka.bootstrap, group, TopicPartition(src, 0)) <= big_at
+
+
+async def test_kafka_sink_other_cluster_refused_record_dead_letters_and_the_producer_recovers(
+    kafka, namespace, redis_server
+):
+    """Another cluster, a real idempotent producer: the topic refuses one record (over max.message.bytes),
+    which breaks the producer's sequence for that partition. Only that record dead-letters; the rest of the
+    batch and the next batch are delivered once."""
+    out = f"{namespace}.mirror"
+    await make_topic(kafka.bootstrap, out, {"max.message.bytes": "20000"})
+    config = SinkConfig("m", "kafka", {"topic": out, "bootstrap": kafka.bootstrap, "transactional": False}, timeout_s=5)
+    sink = KafkaSink(config, "the-pipelines-own-cluster:9092", f"{namespace}-sender")
+    await sink.start()
+    delivery = delivery_for(sink, redis_server.url, namespace)
+    batch = [
+        Event(f"e{i}", "play", 1.0, "acme", {"i": i, "pad": "x" * (30_000 if i == 3 else 10)}, device_id="d")
+        for i in range(14)
+    ]
+    src = f"{namespace}.src"
+    try:
+        result = await handle_like_runner(delivery, [record_of(e, src, 0, i) for i, e in enumerate(batch[:10])], 10)
+        assert [letter.message.offset for letter in result.dead] == [3]
+        later = await handle_like_runner(
+            delivery, [record_of(e, src, 0, i) for i, e in enumerate(batch) if i >= 10], 10
+        )
+        assert later.dead == []
+    finally:
+        await sink.close()
+    got = Counter(r["event_id"] for r in await read_committed(kafka.bootstrap, out, 13))
+    assert got == Counter({f"e{i}": 1 for i in range(14) if i != 3}), got

@@ -176,6 +176,11 @@ class SinkDelivery:
                     await self._deliver_part(todo, attempts, result)
                 except PermanentSinkError as refused:
                     await self._isolate(todo, attempts, result, refused)
+                except PartialDelivery as partial:
+                    if partial.refused is None:
+                        raise
+                    rest = [r for r in todo if r.outcome != "delivered"]
+                    await self._isolate(rest, attempts, result, partial.refused)
         except TransientError as exc:
             if not isinstance(exc, CircuitOpen | SinkThrottled | SinkMisconfigured):  # could be the payload
                 if len(self.suspect) > 100_000:  # bound: entries of batches given away in a rebalance

@@ -165,6 +165,7 @@ class KafkaSink:
         self.admin: AIOKafkaAdminClient | None = None
         self.txn_producers: dict[TopicPartition, AIOKafkaProducer] = {}
         self.committed_at_fence: dict[TopicPartition, int] = {}  # group offset read after fencing
+        self.pending: dict[str, asyncio.Future[Any]] = {}  # per idempotency key: records sent, not yet settled
 
     async def start(self) -> None:
         self.producer = durable_producer(self.bootstrap, request_timeout_ms=int(self.config.timeout_s * 1000))
@@ -192,20 +193,61 @@ class KafkaSink:
         assert self.producer is not None
         futures: list[asyncio.Future[Any]] = []
         error: BaseException | None = None
-        try:
-            for event in events:
-                futures.append(await self._send(self.producer, event))
-        except KafkaError as exc:  # the rest was not even buffered; what was, may still be acked
-            error = exc
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
-        delivered = [i for i, outcome in enumerate(outcomes) if not isinstance(outcome, BaseException)]
-        failed = next((o for o in outcomes if isinstance(o, BaseException)), error)
+        for event in events:
+            key = idempotency_key(self.config.name, event)
+            earlier = self.pending.get(key)
+            if earlier is not None and (not earlier.done() or earlier.exception() is None):
+                futures.append(earlier)  # still in flight (or acked) from an attempt that was cut: no second copy
+                continue
+            try:
+                future = await self._send(self.producer, event)
+            except KafkaError as exc:  # the rest was not even buffered; what was, may still be acked
+                error = exc
+                break
+            self.pending[key] = future
+            futures.append(future)
+        if futures:
+            # Bounded: the producer's own retries end within its delivery timeout; past this, a future that is
+            # still open stays in `pending`, so the retry waits for it instead of sending another copy.
+            await asyncio.wait(futures, timeout=3 * self.config.timeout_s)
+        outcomes: list[BaseException | None] = []
+        for event, future in zip(events, futures, strict=False):
+            if not future.done():
+                outcomes.append(TimeoutError("no ack within the sink's bound"))
+                continue
+            outcomes.append(future.exception())
+            self.pending.pop(idempotency_key(self.config.name, event), None)
+        delivered = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        failed = next((o for o in outcomes if o is not None), error)
         if failed is None:
             return
         message = f"kafka sink {self.config.name}: {len(delivered)}/{len(events)} acknowledged: {failed!r}"
+        if any(isinstance(o, KafkaError) and not o.retriable for o in (*outcomes, error) if o is not None):
+            # Unretriable errors break the idempotent producer's sequence for the partition: later records
+            # would fail out of order forever. A fresh producer (new producer id) starts clean.
+            await self._renew_producer()
+        refused = next((o for o in (*outcomes, error) if isinstance(o, UNSENDABLE_RECORD)), None)
+        if refused is not None:
+            permanent = PermanentSinkError(f"kafka sink {self.config.name}: {self.topic} refused a record: {refused!r}")
+            if delivered:
+                raise PartialDelivery(message, delivered, permanent) from failed
+            raise permanent from failed
         if delivered:
             raise PartialDelivery(message, delivered) from failed
         raise TransientError(message) from failed
+
+    async def _renew_producer(self) -> None:
+        old, self.producer = (
+            self.producer,
+            durable_producer(self.bootstrap, request_timeout_ms=int(self.config.timeout_s * 1000)),
+        )
+        await self.producer.start()
+        self.pending = {k: f for k, f in self.pending.items() if f.done()}  # the old producer's are ending
+        if old is not None:
+            try:
+                await asyncio.wait_for(old.stop(), self.config.timeout_s)
+            except (KafkaError, TimeoutError):
+                pass  # its records are failed or sent; the new producer carries on
 
     async def _deliver_in_transaction(self, events: list[Event], source: Source) -> None:
         tp = TopicPartition(source.topic, source.partition)
