@@ -739,3 +739,21 @@ async def test_kafka_sink_other_cluster_refused_record_dead_letters_and_the_prod
         await sink.close()
     got = Counter(r["event_id"] for r in await read_committed(kafka.bootstrap, out, 13))
     assert got == Counter({f"e{i}": 1 for i in range(14) if i != 3}), got
+
+
+async def test_redis_stream_sink_out_of_memory_is_a_misconfigured_sink(redis_client, namespace):
+    """A Redis at maxmemory with noeviction refuses every append (OOM): page, never a silent retry."""
+    stream = f"{namespace}:oom"
+    sink = RedisStreamSink(SinkConfig("s", "redis_stream", {"stream": stream}), "redis://127.0.0.1:1/0")
+    sink.client = redis_client
+    policy = (await redis_client.config_get("maxmemory-policy"))["maxmemory-policy"]
+    await redis_client.config_set("maxmemory-policy", "noeviction")
+    await redis_client.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(SinkMisconfigured, match="OOM"):
+            await sink.deliver_batch(events(2))
+    finally:
+        await redis_client.config_set("maxmemory", "0")
+        await redis_client.config_set("maxmemory-policy", policy)
+    await sink.deliver_batch(events(2))
+    assert [r["event_id"] for r in await read_redis_stream(redis_client, stream)] == ["e0", "e1"]

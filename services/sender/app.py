@@ -97,6 +97,9 @@ class SinkDelivery:
 
     async def handle(self, records: list[Record]) -> StepResult:
         in_batch = {id(r.message) for r in records}
+        # Retry counts of earlier batches (given up, or re-keyed after a partial delivery) are stale.
+        sources = {r.source for r in records}
+        self.attempts = {k: v for k, v in self.attempts.items() if k in sources}
         # Dead letters of an earlier batch (given up at a revocation) belong to its next owner, not here.
         self.dead_letters = {k: v for k, v in self.dead_letters.items() if k in in_batch}
         held = [self.dead_letters[id(r.message)] for r in records if id(r.message) in self.dead_letters]

@@ -30,6 +30,7 @@ from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
     NoPermissionError,
+    OutOfMemoryError,
     RedisError,
     ResponseError,
 )
@@ -85,14 +86,16 @@ class SinkSender(Protocol):
     async def close(self) -> None: ...
 
 
-# Answers about the sink, not about the events: a bad credential or URL must not pour the stream into the DLQ.
-SINK_WIDE_STATUSES = frozenset({401, 403, 404, 407})
+# Answers about the sink, not about the events: a bad credential, URL, method or content type must not pour
+# the stream into the DLQ.
+SINK_WIDE_STATUSES = frozenset({401, 403, 404, 405, 407, 410, 415})
 
 
 class WebhookSink:
     """POST {"sink", "events": [...]} as JSON. 2xx is an ack; 408, 429 and 5xx are retried
-    (honouring Retry-After); 401/403/404/407 mean the sink is misconfigured (retried, paged); any other
-    4xx refuses the request's events."""
+    (honouring Retry-After); 401/403/404/405/407/410/415 mean the sink is misconfigured (retried, paged);
+    any other 4xx refuses the request's events. A request re-sent after a split carries a new batch
+    Idempotency-Key header (its events differ); each event's own `idempotency_key` never changes."""
 
     def __init__(self, config: SinkConfig) -> None:
         self.config = config
@@ -371,8 +374,8 @@ class RedisStreamSink:
         self.append_once = self.client.register_script(APPEND_ONCE)
 
     def marker_key(self, key: str) -> str:
-        # Marker and stream share a Redis Cluster slot, as one script needs: the stream's own hash tag, or
-        # its whole name as the tag.
+        # Named so marker and stream would share a Redis Cluster slot (the stream's own hash tag, or its
+        # whole name as the tag); the sink's client is not a cluster client, so this is only a naming rule.
         if _has_hash_tag(self.stream):
             return f"{self.stream}:idem:{key}"
         return f"{{{self.stream}}}:idem:{key}"
@@ -399,6 +402,9 @@ class RedisStreamSink:
                 await pipe.execute()
         except (AuthenticationError, AuthorizationError, NoPermissionError) as exc:
             raise SinkMisconfigured(f"redis stream {self.config.name}: {exc}") from exc
+        except OutOfMemoryError as exc:
+            # maxmemory reached under noeviction: every append fails until an operator adds memory or trims
+            raise SinkMisconfigured(f"redis stream {self.config.name}: OOM (maxmemory reached): {exc}") from exc
         except ResponseError as exc:
             if "WRONGTYPE" in str(exc):  # the stream's key holds something else: every append fails
                 raise SinkMisconfigured(f"redis stream {self.config.name}: {self.stream}: {exc}") from exc
