@@ -5,8 +5,10 @@ for the dedupe window) stops a replay from delivering twice.
 Per fetched batch: ledger check, then per source partition, concurrently: circuit breaker -> throttle
 -> deliver -> ledger mark. A refused request (4xx), or one whose 5xx/timeout outlasts
 `max_attempts_per_event`, is bisected so only the events at fault dead-letter.
-The only window in which a crash can still duplicate is between the sink's ack and the ledger mark; a
-transactional Kafka sink (offsets in the transaction) and a Redis Stream sink (per-key marker) close it.
+A crash can still duplicate between the sink's ack and the ledger mark being durable (with the RocksDB
+ledger: its changelog write). A transactional Kafka sink (offsets in the transaction, the runner commits
+none) and a Redis Stream sink (per-key marker) skip what they already took; docs/RELIABILITY.md lists
+what remains.
 """
 
 from __future__ import annotations

@@ -151,10 +151,12 @@ class KafkaSink:
     next offsets (`send_offsets_to_transaction`), so delivery and the input commit are one atomic step.
     Readers of the sink topic must use isolation_level=read_committed. aiokafka's TxnOffsetCommit is v0
     (no group generation, no KIP-447 fencing), so each source partition has its own transactional id
-    `<group>.<topic>.<partition>`: a new owner's producer fences the old one and completes its open
-    transaction, then the group's committed offset says which records that owner already delivered.
+    `<group>.<topic>.<partition>`: a new owner's producer fences the old one and aborts its open
+    transaction (or completes one already committing), then the group's committed offset says which
+    records that owner already delivered. A transaction commits only once every record in it was acked,
+    and only the offsets below the first event of the batch not yet delivered (`Source.commit_offset`).
     On another cluster: per-record acks; a partial failure raises PartialDelivery so only the
-    unacknowledged records are retried.
+    unacknowledged records are retried; an unretriable error renews the producer.
     """
 
     def __init__(self, config: SinkConfig, default_bootstrap: str, group_id: str | None = None) -> None:
@@ -308,7 +310,7 @@ class KafkaSink:
             request_timeout_ms=int(self.config.timeout_s * 1000),
         )
         try:
-            await producer.start()  # InitProducerId: fences an older owner, completes its open transaction
+            await producer.start()  # InitProducerId: fences an older owner, aborts its open transaction
             committed = await self.admin.list_consumer_group_offsets(self.group_id, partitions=[tp])
         except BaseException:
             await asyncio.wait_for(producer.stop(), 5.0)
