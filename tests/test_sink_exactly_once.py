@@ -757,3 +757,26 @@ async def test_redis_stream_sink_out_of_memory_is_a_misconfigured_sink(redis_cli
         await redis_client.config_set("maxmemory-policy", policy)
     await sink.deliver_batch(events(2))
     assert [r["event_id"] for r in await read_redis_stream(redis_client, stream)] == ["e0", "e1"]
+
+
+async def test_kafka_sink_closes_the_producer_of_a_source_partition_it_no_longer_delivers(kafka, namespace):
+    """The sink hears of no revocation: a partition's transactional producer (and its cached committed
+    offset) must not live on after the partition moved away."""
+    out, src, group = f"{namespace}.mirror", f"{namespace}.src", f"{namespace}-sender"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(src, num_partitions=2, replication_factor=1)])
+    finally:
+        await admin.close()
+    sink = KafkaSink(SinkConfig("m", "kafka", {"topic": out}), kafka.bootstrap, group)
+    await sink.start()
+    try:
+        batch = events(4)
+        await deliver_retrying(sink, batch[:2], Source(src, 0, [0, 1]))
+        sink.producer_idle_s = 0.0  # partition 0 is now idle
+        await deliver_retrying(sink, batch[2:], Source(src, 1, [0, 1]))
+        assert set(sink.txn_producers) == {TopicPartition(src, 1)}
+        assert set(sink.committed_at_fence) == {TopicPartition(src, 1)}
+    finally:
+        await sink.close()

@@ -171,6 +171,9 @@ class KafkaSink:
         self.txn_producers: dict[TopicPartition, AIOKafkaProducer] = {}
         self.committed_at_fence: dict[TopicPartition, int] = {}  # group offset read after fencing
         self.pending: dict[str, asyncio.Future[Any]] = {}  # per idempotency key: records sent, not yet settled
+        # The sink hears of no revocation: a source partition's producer unused this long is closed.
+        self.producer_idle_s = 300.0
+        self.used_at: dict[TopicPartition, float] = {}
 
     async def start(self) -> None:
         self.producer = durable_producer(self.bootstrap, request_timeout_ms=int(self.config.timeout_s * 1000))
@@ -181,6 +184,7 @@ class KafkaSink:
 
     async def deliver_batch(self, events: list[Event], source: Source | None = None) -> None:
         if self.transactional and source is not None:
+            await self._drop_idle_producers()
             await self._deliver_in_transaction(events, source)
         else:
             await self._deliver_acked(events)
@@ -256,6 +260,7 @@ class KafkaSink:
 
     async def _deliver_in_transaction(self, events: list[Event], source: Source) -> None:
         tp = TopicPartition(source.topic, source.partition)
+        self.used_at[tp] = time.monotonic()
         try:
             producer = await self._transactional_producer(tp)
             # Below the committed offset: a previous owner's transaction delivered them already.
@@ -319,6 +324,13 @@ class KafkaSink:
         self.committed_at_fence[tp] = meta.offset if meta is not None and meta.offset >= 0 else 0
         self.txn_producers[tp] = producer
         return producer
+
+    async def _drop_idle_producers(self) -> None:
+        """Close the producers of source partitions this worker no longer delivers (most likely revoked)."""
+        idle_since = time.monotonic() - self.producer_idle_s
+        for tp in [tp for tp, used in self.used_at.items() if used < idle_since]:
+            del self.used_at[tp]
+            await self._drop_producer(tp)
 
     async def _drop_producer(self, tp: TopicPartition) -> None:
         producer = self.txn_producers.pop(tp, None)
