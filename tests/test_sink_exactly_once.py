@@ -413,6 +413,20 @@ async def test_webhook_503_that_follows_one_payload_dead_letters_it_after_bounde
     assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(12) if i != poisoned})
 
 
+async def test_webhook_503_that_follows_two_payloads_in_opposite_halves_dead_letters_both(
+    ruled_sink, redis_server, namespace
+):
+    """Both halves fail, as in an outage: a later round must look deeper instead of stalling forever."""
+    ruled_sink.poisoned = {"e1", "e8"}
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace, max_attempts=2)
+    try:
+        result = await handle_like_runner(delivery, one_partition(12), tries=20)
+    finally:
+        await sink.close()
+    assert sorted(letter.message.offset for letter in result.dead) == [1, 8]
+    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(12) if i not in (1, 8)})
+
+
 async def test_webhook_sink_flapping_during_isolation_dead_letters_nothing(ruled_sink, redis_server, namespace):
     """Down long enough that every event is a suspect, then up for every second request only: each leaf that
     fails is the sink's fault, not its payload's, so nothing dead-letters."""

@@ -73,7 +73,10 @@ class SinkDelivery:
         self.groups: dict[tuple[str, int], list[Record]] = {}  # the records in hand, by source partition
         # Dead letters of the batch in hand, by id of their message: kept across its retries, returned once
         self.dead_letters: dict[int, DeadLetter] = {}
-        self.round_max_consecutive = self.max_attempts_per_event + 1  # in a row: the sink is down, not one event
+        # Failures in a row that end a round (the sink went down): room for two culprits' alone retries.
+        self.round_max_consecutive = self.max_attempts_per_event + 2
+        # Per event key: failed alone in rounds where the sink took other requests (evidence across rounds)
+        self.isolated: dict[str, int] = {}
         self.round_max_s = max(30.0, 10 * sink.config.timeout_s)  # an isolation round's time bound
         self.refuse_all_min = 4  # a round of at least this many events, all refused: the sink changed, page
         self.name = sink.config.name
@@ -174,8 +177,12 @@ class SinkDelivery:
         self.groups[(todo[0].message.topic, todo[0].message.partition)] = todo
         result = StepResult()
         try:
-            if max(self.suspect.get(self._key(r), 0) for r in todo) >= self.max_attempts_per_event:
-                await self._isolate(todo, attempts, result)
+            suspected = max(self.suspect.get(self._key(r), 0) for r in todo)
+            if suspected >= self.max_attempts_per_event:
+                # After `max_attempts_per_event` rounds that found an outage, rounds start with quarters:
+                # two culprits in opposite halves look like an outage from the top.
+                depth = min(1, suspected // self.max_attempts_per_event - 1)
+                await self._isolate(todo, attempts, result, depth=depth)
             else:
                 try:
                     await self._deliver_part(todo, attempts, result)
@@ -190,6 +197,7 @@ class SinkDelivery:
             if not isinstance(exc, CircuitOpen | SinkThrottled | SinkMisconfigured):  # could be the payload
                 if len(self.suspect) > 100_000:  # bound: entries of batches given away in a rebalance
                     self.suspect.clear()
+                    self.isolated.clear()
                 for record in todo:
                     if record.outcome != "delivered":
                         key = self._key(record)
@@ -217,24 +225,34 @@ class SinkDelivery:
         for record in records:
             record.outcome = "delivered"
             self.suspect.pop(self._key(record), None)
+            self.isolated.pop(self._key(record), None)
         result.outputs.extend(self._receipts(records, acked, attempts))
 
     async def _isolate(
-        self, todo: list[Record], attempts: int, result: StepResult, refused: PermanentSinkError | None = None
+        self,
+        todo: list[Record],
+        attempts: int,
+        result: StepResult,
+        refused: PermanentSinkError | None = None,
+        depth: int = 0,
     ) -> None:
         """One isolation round: bisect breadth-first until the events at fault stand alone; deliver the rest.
 
         A refused (4xx) event dead-letters alone. A 5xx/timeout one dead-letters only on evidence that it is
         the payload: it failed alone twice with another request of the round succeeding in between, or
-        `max_attempts_per_event` times alone after the round's other parts got through. The sink is down
-        instead (the round raises, keeping what was delivered) if the whole and both halves failed, or
-        `round_max_consecutive` requests failed in a row. The round paces its requests after a failure
-        (honouring Retry-After), asks the breaker before its first, and is bounded in requests and time.
-        `refused`: the whole of `todo` was just refused, so start with its halves."""
+        `max_attempts_per_event` times alone in rounds where the sink took other requests (counted across
+        rounds in `isolated`). The sink is down instead (the round raises, keeping what was delivered) if
+        every part of the first split failed, or `round_max_consecutive` requests failed in a row. The round
+        paces its requests after a failure (honouring Retry-After), asks the breaker before its first, and
+        is bounded in requests and time. `refused`: the whole of `todo` was just refused, so start with its
+        halves. `depth` 1: start with its quarters (the outage test is then: all four failed)."""
         rnd = _Round(started=time.monotonic(), max_requests=4 * len(todo) + 8)
         refused_alone: list[tuple[Record, PermanentSinkError]] = []
         leaves: dict[int, _Leaf] = {}  # events that failed alone transiently, by id
         level: list[list[Record]] = [todo]
+        for _ in range(2 * depth):
+            level = [half for part in level for half in (_halves(part) if len(part) > 1 else [part]) if half]
+        outage_after = 3 if len(level) == 1 else len(level)  # failures with no success: the sink is down
         if refused is not None:
             rnd.sink_answered()
             level = _halves(todo) if len(todo) > 1 else []
@@ -242,7 +260,7 @@ class SinkDelivery:
                 refused_alone.append((todo[0], refused))
         while level:
             next_level: list[list[Record]] = []
-            for index, whole_part in enumerate(level):
+            for whole_part in level:
                 part = [r for r in whole_part if r.outcome != "delivered"]
                 if not part:
                     continue
@@ -268,17 +286,18 @@ class SinkDelivery:
                         continue
                 except TransientError as exc:
                     rnd.failed(exc)
-                    if (not rnd.successes and rnd.failures >= 3) or rnd.consecutive >= self.round_max_consecutive:
+                    if (
+                        not rnd.successes and rnd.failures >= outage_after
+                    ) or rnd.consecutive >= self.round_max_consecutive:
                         raise  # the sink is down or flapping, not one event: retry later, nothing dead-letters
                     if len(part) == 1:
+                        key = self._key(part[0])
                         leaf = leaves.setdefault(id(part[0]), _Leaf(part[0], rnd.successes))
                         leaf.failures += 1
-                        siblings_pending = bool(next_level) or any(
-                            r.outcome != "delivered" for later in level[index + 1 :] for r in later
-                        )
+                        if rnd.successes:  # alone, in a round the sink took other requests of
+                            self.isolated[key] = self.isolated.get(key, 0) + 1
                         proven = leaf.failures >= 2 and rnd.successes > leaf.successes_at_first
-                        alone = leaf.failures >= self.max_attempts_per_event and rnd.successes and not siblings_pending
-                        if proven or alone:
+                        if proven or self.isolated.get(key, 0) >= self.max_attempts_per_event:
                             self._dead_letter(part[0], EventKeepsFailing(exc, leaf.failures), attempts)
                         else:
                             next_level.append(part)  # alone again, after its siblings
@@ -298,6 +317,7 @@ class SinkDelivery:
         """Held until the batch's handling returns: a retry of the batch skips it and still reports it."""
         log.warning("sender %s: dead-lettering %s: %s", self.name, record.event.event_id, error)
         self.suspect.pop(self._key(record), None)
+        self.isolated.pop(self._key(record), None)
         record.outcome = "dead_lettered"
         self.dead_letters[id(record.message)] = DeadLetter(record.message, error, attempts)
 
