@@ -53,7 +53,8 @@ class SinkThrottled(TransientError):
 
 
 class PermanentSinkError(HifiError):
-    """The sink refused the request for good (a 4xx other than 408/429 and the sink-wide 401/403/404/407):
+    """The sink refused the request for good (a 4xx other than 408/429 and the sink-wide ones, 401/403/404/405/
+    407/410/415):
     the sender isolates the events it is about and dead-letters only those."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
@@ -62,9 +63,9 @@ class PermanentSinkError(HifiError):
 
 
 class SinkMisconfigured(TransientError):
-    """The sink refuses every request (HTTP 401/403/404/407, a Redis auth error or a key of the wrong
-    type): not a fault of any event. Opens the circuit and pages; retried with backoff until fixed,
-    never dead-lettered. `status` is the HTTP status, if any."""
+    """The sink refuses every request (HTTP 401/403/404/405/407/410/415, a Redis auth error, OOM or a key of
+    the wrong type, or every event of an isolation round refused): not a fault of any event. Opens the
+    circuit and pages; retried with backoff until fixed, never dead-lettered. `status` is the HTTP status, if any."""
 
     def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(message, retry_after)
@@ -73,11 +74,13 @@ class SinkMisconfigured(TransientError):
 
 class PartialDelivery(TransientError):
     """The sink acknowledged some records of a batch (`delivered`: their indexes) and not the rest: mark
-    the acknowledged ones delivered and retry only the others."""
+    the acknowledged ones delivered and retry only the others. `refused`: set when the sink refused one of
+    the others for good (e.g. a record over the topic's size limit): isolate it instead of retrying."""
 
-    def __init__(self, message: str, delivered: list[int]) -> None:
+    def __init__(self, message: str, delivered: list[int], refused: PermanentSinkError | None = None) -> None:
         super().__init__(message)
         self.delivered = delivered
+        self.refused = refused
 
 
 class EventKeepsFailing(HifiError):

@@ -235,6 +235,7 @@ class StageRunner(Service):
         rebalance_timeout_ms: int = 30_000,
         revoke_grace_s: float = 5.0,
         unfetched_after_s: float = 10.0,
+        commits_offsets: bool = True,
     ) -> None:
         super().__init__()
         self.app = app
@@ -253,6 +254,9 @@ class StageRunner(Service):
         self.revoke_grace_s = revoke_grace_s
         # A partition read from for this long without one fetch answered gets its leader looked up again.
         self.unfetched_after_s = unfetched_after_s
+        # False when the handler commits the group's offsets itself (a transactional Kafka sink, in its
+        # transactions): a plain commit landing after a pending transactional one would move the group back.
+        self.commits_offsets = commits_offsets
         self.backoff = backoff or Backoff()
         self.dlq = dlq
         self.source = source
@@ -720,7 +724,7 @@ class StageRunner(Service):
 
     async def _commit(self) -> None:
         """Commit what the acker marked done; a failed commit only means a replay, which is absorbed."""
-        if self.consumer is None:
+        if self.consumer is None or not self.commits_offsets:
             return
         owned = self.consumer.assignment()
         offsets = {tp: o for tp, o in self.done.items() if tp in owned and self.committed.get(tp) != o}

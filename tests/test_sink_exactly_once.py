@@ -312,6 +312,7 @@ class RuledSink:
         self.refused: set[str] = set()
         self.poisoned: set[str] = set()
         self.status: int | None = None
+        self.fail_every: int | None = None  # 503 to every n-th request from the first: a flapping sink
         self.received: list[str] = []
         self.requests = 0
         self._runner: web.AppRunner | None = None
@@ -332,6 +333,8 @@ class RuledSink:
         ids = [e["event_id"] for e in (await request.json())["events"]]
         if self.status is not None:
             return web.json_response({"error": "injected"}, status=self.status)
+        if self.fail_every is not None and self.requests % self.fail_every == 1:
+            return web.json_response({"error": "flapping"}, status=503)
         if self.refused.intersection(ids):
             return web.json_response({"error": "invalid event"}, status=400)
         if self.poisoned.intersection(ids):
@@ -395,18 +398,72 @@ async def test_webhook_401_for_the_whole_sink_pages_and_dead_letters_nothing(rul
     assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(5)})
 
 
+@pytest.mark.parametrize("poisoned", [0, 1, 5, 11])
 async def test_webhook_503_that_follows_one_payload_dead_letters_it_after_bounded_attempts(
-    ruled_sink, redis_server, namespace
+    ruled_sink, redis_server, namespace, poisoned
 ):
-    ruled_sink.poisoned = {"e3"}
+    ruled_sink.poisoned = {f"e{poisoned}"}
     sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace, max_attempts=3)
     try:
-        result = await handle_like_runner(delivery, one_partition(10), tries=10)
+        result = await handle_like_runner(delivery, one_partition(12), tries=10)
     finally:
         await sink.close()
-    assert [letter.message.offset for letter in result.dead] == [3]
+    assert [letter.message.offset for letter in result.dead] == [poisoned]
     assert "503" in str(result.dead[0].error)
-    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(10) if i != 3})
+    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(12) if i != poisoned})
+
+
+async def test_webhook_503_that_follows_two_payloads_in_opposite_halves_dead_letters_both(
+    ruled_sink, redis_server, namespace
+):
+    """Both halves fail, as in an outage: a later round must look deeper instead of stalling forever."""
+    ruled_sink.poisoned = {"e1", "e8"}
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace, max_attempts=2)
+    try:
+        result = await handle_like_runner(delivery, one_partition(12), tries=20)
+    finally:
+        await sink.close()
+    assert sorted(letter.message.offset for letter in result.dead) == [1, 8]
+    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(12) if i not in (1, 8)})
+
+
+async def test_webhook_sink_flapping_during_isolation_dead_letters_nothing(ruled_sink, redis_server, namespace):
+    """Down long enough that every event is a suspect, then up for every second request only: each leaf that
+    fails is the sink's fault, not its payload's, so nothing dead-letters."""
+    ruled_sink.status = 503
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace, max_attempts=3)
+    records = one_partition(16)
+    try:
+        for _ in range(5):  # past max_attempts_per_event: the next attempts are isolation rounds
+            with pytest.raises(TransientError):
+                await delivery.handle(records)
+        ruled_sink.status = None
+        ruled_sink.fail_every, ruled_sink.requests = 2, 0  # the round's first request fails, the next succeeds
+        result = await handle_like_runner(delivery, records, tries=30)
+    finally:
+        await sink.close()
+    assert result.dead == []
+    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(16)})
+
+
+async def test_webhook_sink_answering_400_to_everything_pages_and_dead_letters_nothing(
+    ruled_sink, redis_server, namespace
+):
+    """A sink that refuses every event (its schema changed) is misconfigured, not fed bad events."""
+    ruled_sink.status = 400
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace)
+    records = one_partition(8)
+    try:
+        with pytest.raises(TransientError, match="all 8 events refused"):
+            await delivery.handle(records)
+        assert delivery.breaker.state == "open"
+        assert "sink_misconfigured" in [a["name"] for a in delivery.alerter.fired]
+        ruled_sink.status = None
+        result = await handle_like_runner(delivery, records)
+    finally:
+        await sink.close()
+    assert result.dead == []
+    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(8)})
 
 
 async def test_webhook_outage_of_the_whole_sink_dead_letters_nothing(ruled_sink, redis_server, namespace):
@@ -628,3 +685,112 @@ async def test_pipeline_kafka_sink_sender_killed_repeatedly_delivers_each_event_
     counts = Counter(r["event_id"] for r in got)
     assert set(counts) == set(sent), f"missing {len(set(sent) - set(counts))}"
     assert {k: n for k, n in counts.items() if n > 1} == {}
+
+
+async def make_topic(bootstrap: str, topic: str, config: dict[str, str] | None = None) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1, topic_configs=config or {})])
+    finally:
+        await admin.close()
+
+
+@pytest.mark.parametrize("big_at", [0, 3, 9])
+async def test_kafka_sink_transaction_with_a_refused_record_never_commits_past_it(
+    kafka, namespace, redis_server, big_at
+):
+    """The sink topic refuses one record (over its max.message.bytes): the transaction must not commit the
+    others with the offsets past it; the refused event ends in the sink or the dead letters, never nowhere."""
+    out, src, group = f"{namespace}.mirror", f"{namespace}.src", f"{namespace}-sender"
+    await make_source_topic(kafka.bootstrap, src)
+    await make_topic(kafka.bootstrap, out, {"max.message.bytes": "20000"})
+    batch = [
+        Event(f"e{i}", "play", 1.0, "acme", {"i": i, "pad": "x" * (30_000 if i == big_at else 10)}, device_id=f"d{i}")
+        for i in range(10)
+    ]
+    sink = KafkaSink(SinkConfig("m", "kafka", {"topic": out}, timeout_s=5), kafka.bootstrap, group)
+    await sink.start()
+    delivery = delivery_for(sink, redis_server.url, namespace)
+    records = [record_of(e, src, 0, i) for i, e in enumerate(batch)]
+    try:
+        result = await handle_like_runner(delivery, records, tries=10)
+    finally:
+        await sink.close()
+    got = Counter(r["event_id"] for r in await read_committed(kafka.bootstrap, out, 9))
+    dead = [letter.message.offset for letter in result.dead]
+    assert dead == [big_at], (dead, got)
+    assert got == Counter({f"e{i}": 1 for i in range(10) if i != big_at}), got
+    # the offsets committed in the transactions never pass the dead letter, which the runner still has to write
+    assert await committed_offset(kafka.bootstrap, group, TopicPartition(src, 0)) <= big_at
+
+
+async def test_kafka_sink_other_cluster_refused_record_dead_letters_and_the_producer_recovers(
+    kafka, namespace, redis_server
+):
+    """Another cluster, a real idempotent producer: the topic refuses one record (over max.message.bytes),
+    which breaks the producer's sequence for that partition. Only that record dead-letters; the rest of the
+    batch and the next batch are delivered once."""
+    out = f"{namespace}.mirror"
+    await make_topic(kafka.bootstrap, out, {"max.message.bytes": "20000"})
+    config = SinkConfig("m", "kafka", {"topic": out, "bootstrap": kafka.bootstrap, "transactional": False}, timeout_s=5)
+    sink = KafkaSink(config, "the-pipelines-own-cluster:9092", f"{namespace}-sender")
+    await sink.start()
+    delivery = delivery_for(sink, redis_server.url, namespace)
+    batch = [
+        Event(f"e{i}", "play", 1.0, "acme", {"i": i, "pad": "x" * (30_000 if i == 3 else 10)}, device_id="d")
+        for i in range(14)
+    ]
+    src = f"{namespace}.src"
+    try:
+        result = await handle_like_runner(delivery, [record_of(e, src, 0, i) for i, e in enumerate(batch[:10])], 10)
+        assert [letter.message.offset for letter in result.dead] == [3]
+        later = await handle_like_runner(
+            delivery, [record_of(e, src, 0, i) for i, e in enumerate(batch) if i >= 10], 10
+        )
+        assert later.dead == []
+    finally:
+        await sink.close()
+    got = Counter(r["event_id"] for r in await read_committed(kafka.bootstrap, out, 13))
+    assert got == Counter({f"e{i}": 1 for i in range(14) if i != 3}), got
+
+
+async def test_redis_stream_sink_out_of_memory_is_a_misconfigured_sink(redis_client, namespace):
+    """A Redis at maxmemory with noeviction refuses every append (OOM): page, never a silent retry."""
+    stream = f"{namespace}:oom"
+    sink = RedisStreamSink(SinkConfig("s", "redis_stream", {"stream": stream}), "redis://127.0.0.1:1/0")
+    sink.client = redis_client
+    policy = (await redis_client.config_get("maxmemory-policy"))["maxmemory-policy"]
+    await redis_client.config_set("maxmemory-policy", "noeviction")
+    await redis_client.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(SinkMisconfigured, match="OOM"):
+            await sink.deliver_batch(events(2))
+    finally:
+        await redis_client.config_set("maxmemory", "0")
+        await redis_client.config_set("maxmemory-policy", policy)
+    await sink.deliver_batch(events(2))
+    assert [r["event_id"] for r in await read_redis_stream(redis_client, stream)] == ["e0", "e1"]
+
+
+async def test_kafka_sink_closes_the_producer_of_a_source_partition_it_no_longer_delivers(kafka, namespace):
+    """The sink hears of no revocation: a partition's transactional producer (and its cached committed
+    offset) must not live on after the partition moved away."""
+    out, src, group = f"{namespace}.mirror", f"{namespace}.src", f"{namespace}-sender"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(src, num_partitions=2, replication_factor=1)])
+    finally:
+        await admin.close()
+    sink = KafkaSink(SinkConfig("m", "kafka", {"topic": out}), kafka.bootstrap, group)
+    await sink.start()
+    try:
+        batch = events(4)
+        await deliver_retrying(sink, batch[:2], Source(src, 0, [0, 1]))
+        sink.producer_idle_s = 0.0  # partition 0 is now idle
+        await deliver_retrying(sink, batch[2:], Source(src, 1, [0, 1]))
+        assert set(sink.txn_producers) == {TopicPartition(src, 1)}
+        assert set(sink.committed_at_fence) == {TopicPartition(src, 1)}
+    finally:
+        await sink.close()

@@ -30,6 +30,9 @@ def events(n, tenant="acme"):
         (401, None, SinkMisconfigured),
         (403, None, SinkMisconfigured),
         (404, None, SinkMisconfigured),
+        (405, None, SinkMisconfigured),
+        (410, None, SinkMisconfigured),
+        (415, None, SinkMisconfigured),
     ],
 )
 async def test_webhook_classifies_answers(status, retry_after, error, port_base):

@@ -5,15 +5,18 @@ for the dedupe window) stops a replay from delivering twice.
 Per fetched batch: ledger check, then per source partition, concurrently: circuit breaker -> throttle
 -> deliver -> ledger mark. A refused request (4xx), or one whose 5xx/timeout outlasts
 `max_attempts_per_event`, is bisected so only the events at fault dead-letter.
-The only window in which a crash can still duplicate is between the sink's ack and the ledger mark; a
-transactional Kafka sink (offsets in the transaction) and a Redis Stream sink (per-key marker) close it.
+A crash can still duplicate between the sink's ack and the ledger mark being durable (with the RocksDB
+ledger: its changelog write). A transactional Kafka sink (offsets in the transaction, the runner commits
+none) and a Redis Stream sink (per-key marker) skip what they already took; docs/RELIABILITY.md lists
+what remains.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import sentry_sdk
@@ -67,6 +70,15 @@ class SinkDelivery:
         self.suspect: dict[str, int] = {}
         self.max_attempts_per_event = sink.config.max_attempts_per_event
         self.carried: list[Output] = []  # receipts of partitions delivered while another one failed
+        self.groups: dict[tuple[str, int], list[Record]] = {}  # the records in hand, by source partition
+        # Dead letters of the batch in hand, by id of their message: kept across its retries, returned once
+        self.dead_letters: dict[int, DeadLetter] = {}
+        # Failures in a row that end a round (the sink went down): room for two culprits' alone retries.
+        self.round_max_consecutive = self.max_attempts_per_event + 2
+        # Per event key: failed alone in rounds where the sink took other requests (evidence across rounds)
+        self.isolated: dict[str, int] = {}
+        self.round_max_s = max(30.0, 10 * sink.config.timeout_s)  # an isolation round's time bound
+        self.refuse_all_min = 4  # a round of at least this many events, all refused: the sink changed, page
         self.name = sink.config.name
         self.ledger = ledger
         self.metrics = metrics
@@ -89,6 +101,14 @@ class SinkDelivery:
         return f"{self.name}:{record.event.dedupe_key}"
 
     async def handle(self, records: list[Record]) -> StepResult:
+        in_batch = {id(r.message) for r in records}
+        # Retry counts of earlier batches (given up, or re-keyed after a partial delivery) are stale.
+        sources = {r.source for r in records}
+        self.attempts = {k: v for k, v in self.attempts.items() if k in sources}
+        # Dead letters of an earlier batch (given up at a revocation) belong to its next owner, not here.
+        self.dead_letters = {k: v for k, v in self.dead_letters.items() if k in in_batch}
+        held = [self.dead_letters[id(r.message)] for r in records if id(r.message) in self.dead_letters]
+        records = [r for r in records if id(r.message) not in self.dead_letters]
         seen = await self._ledger_seen(records)
         todo: list[Record] = []
         keys_in_batch: set[str] = set()
@@ -107,7 +127,12 @@ class SinkDelivery:
             todo.append(record)
         result = StepResult()
         if todo:
-            await self._deliver_by_partition(todo, result)
+            try:
+                await self._deliver_by_partition(todo, result)
+            finally:
+                self.groups.clear()
+        result.dead.extend(held)
+        result.dead.extend(self.dead_letters.pop(id(r.message)) for r in todo if id(r.message) in self.dead_letters)
         if dropped:
             result.outputs.extend(self._receipts(dropped, now_ms(), 0))
         result.outputs.extend(self.carried)
@@ -149,19 +174,30 @@ class SinkDelivery:
         outlasted `max_attempts_per_event`, is bisected so only the events at fault dead-letter."""
         batch_id = todo[0].source
         attempts = self.attempts[batch_id] = self.attempts.get(batch_id, 0) + 1
+        self.groups[(todo[0].message.topic, todo[0].message.partition)] = todo
         result = StepResult()
         try:
-            if max(self.suspect.get(self._key(r), 0) for r in todo) >= self.max_attempts_per_event:
-                await self._isolate(todo, attempts, result)
+            suspected = max(self.suspect.get(self._key(r), 0) for r in todo)
+            if suspected >= self.max_attempts_per_event:
+                # After `max_attempts_per_event` rounds that found an outage, rounds start with quarters:
+                # two culprits in opposite halves look like an outage from the top.
+                depth = min(1, suspected // self.max_attempts_per_event - 1)
+                await self._isolate(todo, attempts, result, depth=depth)
             else:
                 try:
                     await self._deliver_part(todo, attempts, result)
                 except PermanentSinkError as refused:
                     await self._isolate(todo, attempts, result, refused)
+                except PartialDelivery as partial:
+                    if partial.refused is None:
+                        raise
+                    rest = [r for r in todo if r.outcome != "delivered"]
+                    await self._isolate(rest, attempts, result, partial.refused)
         except TransientError as exc:
             if not isinstance(exc, CircuitOpen | SinkThrottled | SinkMisconfigured):  # could be the payload
                 if len(self.suspect) > 100_000:  # bound: entries of batches given away in a rebalance
                     self.suspect.clear()
+                    self.isolated.clear()
                 for record in todo:
                     if record.outcome != "delivered":
                         key = self._key(record)
@@ -189,70 +225,101 @@ class SinkDelivery:
         for record in records:
             record.outcome = "delivered"
             self.suspect.pop(self._key(record), None)
+            self.isolated.pop(self._key(record), None)
         result.outputs.extend(self._receipts(records, acked, attempts))
 
     async def _isolate(
-        self, todo: list[Record], attempts: int, result: StepResult, refused: PermanentSinkError | None = None
-    ) -> None:
-        """Bisect until the events at fault stand alone; deliver the rest. A 4xx event dead-letters; a
-        5xx/timeout one only if another part got through, else the sink is down and nothing does.
-        `refused`: the whole of `todo` was just refused, so start with its halves."""
-        through = _Round()
-        failed: list[tuple[Record, Exception]] = []
-        if refused is None:
-            await self._bisect(todo, attempts, result, through, failed)
-        elif len(todo) == 1:
-            failed.append((todo[0], refused))
-        else:
-            middle = len(todo) // 2
-            await self._bisect(todo[:middle], attempts, result, through, failed)
-            await self._bisect(todo[middle:], attempts, result, through, failed)
-        transient = [exc for _, exc in failed if isinstance(exc, TransientError)]
-        if transient and not through.successes:
-            raise transient[0]
-        for record, exc in failed:
-            error: Exception = exc
-            if isinstance(exc, TransientError):
-                error = EventKeepsFailing(exc, self.suspect.pop(self._key(record), 0) + 1)
-            log.warning("sender %s: dead-lettering %s: %s", self.name, record.event.event_id, error)
-            result.dead.append(DeadLetter(record.message, error, attempts))
-
-    async def _bisect(
         self,
-        part: list[Record],
+        todo: list[Record],
         attempts: int,
         result: StepResult,
-        through: _Round,
-        failed: list[tuple[Record, Exception]],
+        refused: PermanentSinkError | None = None,
+        depth: int = 0,
     ) -> None:
-        error: Exception
-        try:
-            # Past the round's first request the breaker is not asked: the round is bounded (it stops after
-            # 3 failures without a success) and must isolate the culprit, not trip over it.
-            ask_breaker = through.requests == 0
-            through.requests += 1
-            await self._deliver_part(part, attempts, result, ask_breaker)
-            through.successes += 1
-            return
-        except (CircuitOpen, SinkThrottled, SinkMisconfigured):
-            raise  # about the sink, not this part
-        except PermanentSinkError as exc:
-            error = exc
-        except PartialDelivery as exc:
-            through.successes += 1
-            part = [r for r in part if r.outcome != "delivered"]
-            error = exc
-        except TransientError as exc:
-            through.failures += 1
-            if not through.successes and through.failures >= 3:
-                raise  # nothing gets through: the sink is down, not one event
-            error = exc
-        if len(part) == 1:
-            failed.append((part[0], error))
-            return
-        middle = len(part) // 2
-        await self._bisect(part[:middle], attempts, result, through, failed)
-        await self._bisect(part[middle:], attempts, result, through, failed)
+        """One isolation round: bisect breadth-first until the events at fault stand alone; deliver the rest.
+
+        A refused (4xx) event dead-letters alone. A 5xx/timeout one dead-letters only on evidence that it is
+        the payload: it failed alone twice with another request of the round succeeding in between, or
+        `max_attempts_per_event` times alone in rounds where the sink took other requests (counted across
+        rounds in `isolated`). The sink is down instead (the round raises, keeping what was delivered) if
+        every part of the first split failed, or `round_max_consecutive` requests failed in a row. The round
+        paces its requests after a failure (honouring Retry-After), asks the breaker before its first, and
+        is bounded in requests and time. `refused`: the whole of `todo` was just refused, so start with its
+        halves. `depth` 1: start with its quarters (the outage test is then: all four failed)."""
+        rnd = _Round(started=time.monotonic(), max_requests=4 * len(todo) + 8)
+        refused_alone: list[tuple[Record, PermanentSinkError]] = []
+        leaves: dict[int, _Leaf] = {}  # events that failed alone transiently, by id
+        level: list[list[Record]] = [todo]
+        for _ in range(2 * depth):
+            level = [half for part in level for half in (_halves(part) if len(part) > 1 else [part]) if half]
+        outage_after = 3 if len(level) == 1 else len(level)  # failures with no success: the sink is down
+        if refused is not None:
+            rnd.sink_answered()
+            level = _halves(todo) if len(todo) > 1 else []
+            if len(todo) == 1:
+                refused_alone.append((todo[0], refused))
+        while level:
+            next_level: list[list[Record]] = []
+            for whole_part in level:
+                part = [r for r in whole_part if r.outcome != "delivered"]
+                if not part:
+                    continue
+                if rnd.requests >= rnd.max_requests or time.monotonic() - rnd.started > self.round_max_s:
+                    raise TransientError(f"sink {self.name}: isolation round bounded after {rnd.requests} requests")
+                await rnd.pause()
+                rnd.requests += 1
+                try:
+                    # The breaker is asked once per round: a culprit's failures inside it must not trip it
+                    # before its siblings get through; the round's own consecutive-failure bound stops it.
+                    await self._deliver_part(part, attempts, result, ask_breaker=rnd.requests == 1)
+                    rnd.sink_answered(success=True)
+                    continue
+                except (CircuitOpen, SinkThrottled, SinkMisconfigured):
+                    raise  # about the sink, not this part
+                except PartialDelivery:
+                    rnd.sink_answered(success=True)
+                    part = [r for r in part if r.outcome != "delivered"]
+                except PermanentSinkError as exc:
+                    rnd.sink_answered()
+                    if len(part) == 1:
+                        refused_alone.append((part[0], exc))
+                        continue
+                except TransientError as exc:
+                    rnd.failed(exc)
+                    if (
+                        not rnd.successes and rnd.failures >= outage_after
+                    ) or rnd.consecutive >= self.round_max_consecutive:
+                        raise  # the sink is down or flapping, not one event: retry later, nothing dead-letters
+                    if len(part) == 1:
+                        key = self._key(part[0])
+                        leaf = leaves.setdefault(id(part[0]), _Leaf(part[0], rnd.successes))
+                        leaf.failures += 1
+                        if rnd.successes:  # alone, in a round the sink took other requests of
+                            self.isolated[key] = self.isolated.get(key, 0) + 1
+                        proven = leaf.failures >= 2 and rnd.successes > leaf.successes_at_first
+                        if proven or self.isolated.get(key, 0) >= self.max_attempts_per_event:
+                            self._dead_letter(part[0], EventKeepsFailing(exc, leaf.failures), attempts)
+                        else:
+                            next_level.append(part)  # alone again, after its siblings
+                        continue
+                next_level.extend(_halves(part))
+            level = next_level
+        if refused_alone and not rnd.successes and len(refused_alone) == len(todo) >= self.refuse_all_min:
+            # Every event refused and none taken: the sink changed (schema, endpoint), the events did not.
+            if self.breaker.open_now():
+                self.circuit_gauge.labels(self.name).set(1)
+            self.alerter.fire("sink_misconfigured", f"sink {self.name} refuses every event", key=self.name)
+            raise SinkMisconfigured(f"sink {self.name}: all {len(todo)} events refused: {refused_alone[0][1]}")
+        for record, error in refused_alone:
+            self._dead_letter(record, error, attempts)
+
+    def _dead_letter(self, record: Record, error: Exception, attempts: int) -> None:
+        """Held until the batch's handling returns: a retry of the batch skips it and still reports it."""
+        log.warning("sender %s: dead-lettering %s: %s", self.name, record.event.event_id, error)
+        self.suspect.pop(self._key(record), None)
+        self.isolated.pop(self._key(record), None)
+        record.outcome = "dead_lettered"
+        self.dead_letters[id(record.message)] = DeadLetter(record.message, error, attempts)
 
     def _receipts(self, records: list[Record], acked: float, attempts: int) -> list[Output]:
         if self.receipts_topic is None:
@@ -265,7 +332,7 @@ class SinkDelivery:
             self.breaker.before_call()
         await self.throttle.wait_turn()
         first = todo[0].message
-        source = Source(first.topic, first.partition, [r.message.offset for r in todo])
+        source = Source(first.topic, first.partition, [r.message.offset for r in todo], self._commit_offset(todo))
         try:
             await self.sink.deliver_batch([r.event for r in todo], source)
         except CircuitOpen:
@@ -286,6 +353,15 @@ class SinkDelivery:
             self._sink_answered()  # the sink is up; it refused these events
             raise
         self._sink_answered()
+
+    def _commit_offset(self, part: list[Record]) -> int | None:
+        """Where a successor may start once `part` is delivered: the first record of its partition's batch
+        that is neither delivered nor in `part` (a dead letter is written by the runner after this batch)."""
+        first = part[0].message
+        group = self.groups.get((first.topic, first.partition), part)
+        in_part = {id(r) for r in part}
+        undone = [r.message.offset for r in group if r.outcome != "delivered" and id(r) not in in_part]
+        return min(undone) if undone else None
 
     def _sink_answered(self) -> None:
         self.breaker.on_success()
@@ -393,9 +469,43 @@ class SinkDelivery:
 class _Round:
     """One isolation round's requests: any success shows the sink is up."""
 
+    started: float
+    max_requests: int
     requests: int = 0
     successes: int = 0
     failures: int = 0
+    consecutive: int = 0  # transient failures since the sink last answered
+    retry_after: float | None = None
+    backoff: Backoff = field(default_factory=lambda: Backoff(base_s=0.05, ceiling_s=2.0))
+
+    def sink_answered(self, success: bool = False) -> None:
+        self.consecutive = 0
+        self.retry_after = None
+        self.successes += success
+
+    def failed(self, exc: TransientError) -> None:
+        self.failures += 1
+        self.consecutive += 1
+        self.retry_after = exc.retry_after
+
+    async def pause(self) -> None:
+        """After a failure, wait (with jitter, at least Retry-After up to the ceiling) before the next request."""
+        if self.consecutive:
+            await asyncio.sleep(self.backoff.delay(self.consecutive, self.retry_after))
+
+
+@dataclass
+class _Leaf:
+    """An event that failed alone in a round: dead-lettered only on evidence that it is the payload."""
+
+    record: Record
+    successes_at_first: int
+    failures: int = 0
+
+
+def _halves(part: list[Record]) -> list[list[Record]]:
+    middle = len(part) // 2
+    return [part[:middle], part[middle:]]
 
 
 class SinkLifecycle(Service):
@@ -444,6 +554,9 @@ def build(ctx: ServiceContext) -> Any:
         # A request in flight at a revocation ends (acked: marked and published; failed: given up) before
         # the handover, instead of being cancelled after the sink may have taken it.
         revoke_grace_s=sink_config.timeout_s + 1.0,
+        # A transactional Kafka sink commits the input offsets in its transactions; a plain commit could
+        # land after a pending one and move the group back below what the sink delivered.
+        commits_offsets=not getattr(sink, "transactional", False),
     )
 
     runner.attach(ctx)

@@ -2,8 +2,9 @@
 
 Each sink also has its own process, consumer group and topic, so a slow or dead sink holds back
 only its own partitions; these two keep the sender from hammering a sink that is already failing. A sink-wide refusal
-(401/403/404/407) opens the circuit at once (`open_now`).
-At most one batch per sender is in flight (the agent runs with concurrency 1).
+(401/403/404/405/407/410/415) opens the circuit at once (`open_now`).
+One batch per sender is in hand at a time, but its source partitions are delivered concurrently, so several
+requests can be in flight at once; an isolation round asks the breaker only before its first request.
 """
 
 from __future__ import annotations

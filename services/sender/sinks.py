@@ -18,11 +18,19 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidMessageError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    UnsupportedForMessageFormatError,
+)
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
     NoPermissionError,
+    OutOfMemoryError,
     RedisError,
     ResponseError,
 )
@@ -46,11 +54,26 @@ def idempotency_key(sink: str, event: Event) -> str:
 
 @dataclass(frozen=True)
 class Source:
-    """Where a batch was read: one source partition, and each event's offset in it (same order)."""
+    """Where a batch was read: one source partition, and each event's offset in it (same order).
+
+    `commit_offset`: where a successor may start once this part is delivered (the first offset of the
+    source batch still undelivered or not yet dead-lettered durably); None: past the last of `offsets`.
+    """
 
     topic: str
     partition: int
     offsets: list[int]
+    commit_offset: int | None = None
+
+
+# Produce errors no retry can cure: the record itself is at fault (too large, corrupt, wrong format).
+UNSENDABLE_RECORD = (
+    RecordTooLargeError,
+    MessageSizeTooLargeError,
+    InvalidMessageError,
+    CorruptRecordException,
+    UnsupportedForMessageFormatError,
+)
 
 
 class SinkSender(Protocol):
@@ -63,14 +86,16 @@ class SinkSender(Protocol):
     async def close(self) -> None: ...
 
 
-# Answers about the sink, not about the events: a bad credential or URL must not pour the stream into the DLQ.
-SINK_WIDE_STATUSES = frozenset({401, 403, 404, 407})
+# Answers about the sink, not about the events: a bad credential, URL, method or content type must not pour
+# the stream into the DLQ.
+SINK_WIDE_STATUSES = frozenset({401, 403, 404, 405, 407, 410, 415})
 
 
 class WebhookSink:
     """POST {"sink", "events": [...]} as JSON. 2xx is an ack; 408, 429 and 5xx are retried
-    (honouring Retry-After); 401/403/404/407 mean the sink is misconfigured (retried, paged); any other
-    4xx refuses the request's events."""
+    (honouring Retry-After); 401/403/404/405/407/410/415 mean the sink is misconfigured (retried, paged);
+    any other 4xx refuses the request's events. A request re-sent after a split carries a new batch
+    Idempotency-Key header (its events differ); each event's own `idempotency_key` never changes."""
 
     def __init__(self, config: SinkConfig) -> None:
         self.config = config
@@ -126,10 +151,12 @@ class KafkaSink:
     next offsets (`send_offsets_to_transaction`), so delivery and the input commit are one atomic step.
     Readers of the sink topic must use isolation_level=read_committed. aiokafka's TxnOffsetCommit is v0
     (no group generation, no KIP-447 fencing), so each source partition has its own transactional id
-    `<group>.<topic>.<partition>`: a new owner's producer fences the old one and completes its open
-    transaction, then the group's committed offset says which records that owner already delivered.
+    `<group>.<topic>.<partition>`: a new owner's producer fences the old one and aborts its open
+    transaction (or completes one already committing), then the group's committed offset says which
+    records that owner already delivered. A transaction commits only once every record in it was acked,
+    and only the offsets below the first event of the batch not yet delivered (`Source.commit_offset`).
     On another cluster: per-record acks; a partial failure raises PartialDelivery so only the
-    unacknowledged records are retried.
+    unacknowledged records are retried; an unretriable error renews the producer.
     """
 
     def __init__(self, config: SinkConfig, default_bootstrap: str, group_id: str | None = None) -> None:
@@ -143,6 +170,10 @@ class KafkaSink:
         self.admin: AIOKafkaAdminClient | None = None
         self.txn_producers: dict[TopicPartition, AIOKafkaProducer] = {}
         self.committed_at_fence: dict[TopicPartition, int] = {}  # group offset read after fencing
+        self.pending: dict[str, asyncio.Future[Any]] = {}  # per idempotency key: records sent, not yet settled
+        # The sink hears of no revocation: a source partition's producer unused this long is closed.
+        self.producer_idle_s = 300.0
+        self.used_at: dict[TopicPartition, float] = {}
 
     async def start(self) -> None:
         self.producer = durable_producer(self.bootstrap, request_timeout_ms=int(self.config.timeout_s * 1000))
@@ -153,6 +184,7 @@ class KafkaSink:
 
     async def deliver_batch(self, events: list[Event], source: Source | None = None) -> None:
         if self.transactional and source is not None:
+            await self._drop_idle_producers()
             await self._deliver_in_transaction(events, source)
         else:
             await self._deliver_acked(events)
@@ -170,23 +202,65 @@ class KafkaSink:
         assert self.producer is not None
         futures: list[asyncio.Future[Any]] = []
         error: BaseException | None = None
-        try:
-            for event in events:
-                futures.append(await self._send(self.producer, event))
-        except KafkaError as exc:  # the rest was not even buffered; what was, may still be acked
-            error = exc
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
-        delivered = [i for i, outcome in enumerate(outcomes) if not isinstance(outcome, BaseException)]
-        failed = next((o for o in outcomes if isinstance(o, BaseException)), error)
+        for event in events:
+            key = idempotency_key(self.config.name, event)
+            earlier = self.pending.get(key)
+            if earlier is not None and (not earlier.done() or earlier.exception() is None):
+                futures.append(earlier)  # still in flight (or acked) from an attempt that was cut: no second copy
+                continue
+            try:
+                future = await self._send(self.producer, event)
+            except KafkaError as exc:  # the rest was not even buffered; what was, may still be acked
+                error = exc
+                break
+            self.pending[key] = future
+            futures.append(future)
+        if futures:
+            # Bounded: the producer's own retries end within its delivery timeout; past this, a future that is
+            # still open stays in `pending`, so the retry waits for it instead of sending another copy.
+            await asyncio.wait(futures, timeout=3 * self.config.timeout_s)
+        outcomes: list[BaseException | None] = []
+        for event, future in zip(events, futures, strict=False):
+            if not future.done():
+                outcomes.append(TimeoutError("no ack within the sink's bound"))
+                continue
+            outcomes.append(future.exception())
+            self.pending.pop(idempotency_key(self.config.name, event), None)
+        delivered = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        failed = next((o for o in outcomes if o is not None), error)
         if failed is None:
             return
         message = f"kafka sink {self.config.name}: {len(delivered)}/{len(events)} acknowledged: {failed!r}"
+        if any(isinstance(o, KafkaError) and not o.retriable for o in (*outcomes, error) if o is not None):
+            # Unretriable errors break the idempotent producer's sequence for the partition: later records
+            # would fail out of order forever. A fresh producer (new producer id) starts clean.
+            await self._renew_producer()
+        refused = next((o for o in (*outcomes, error) if isinstance(o, UNSENDABLE_RECORD)), None)
+        if refused is not None:
+            permanent = PermanentSinkError(f"kafka sink {self.config.name}: {self.topic} refused a record: {refused!r}")
+            if delivered:
+                raise PartialDelivery(message, delivered, permanent) from failed
+            raise permanent from failed
         if delivered:
             raise PartialDelivery(message, delivered) from failed
         raise TransientError(message) from failed
 
+    async def _renew_producer(self) -> None:
+        old, self.producer = (
+            self.producer,
+            durable_producer(self.bootstrap, request_timeout_ms=int(self.config.timeout_s * 1000)),
+        )
+        await self.producer.start()
+        self.pending = {k: f for k, f in self.pending.items() if f.done()}  # the old producer's are ending
+        if old is not None:
+            try:
+                await asyncio.wait_for(old.stop(), self.config.timeout_s)
+            except (KafkaError, TimeoutError):
+                pass  # its records are failed or sent; the new producer carries on
+
     async def _deliver_in_transaction(self, events: list[Event], source: Source) -> None:
         tp = TopicPartition(source.topic, source.partition)
+        self.used_at[tp] = time.monotonic()
         try:
             producer = await self._transactional_producer(tp)
             # Below the committed offset: a previous owner's transaction delivered them already.
@@ -196,17 +270,37 @@ class KafkaSink:
                 return
             await producer.begin_transaction()
             futures = [await self._send(producer, event) for event in todo]
-            await producer.send_offsets_to_transaction({tp: max(source.offsets) + 1}, self.group_id)
+            # aiokafka does not abort a transaction whose produce failed: commit only if every record landed.
+            await asyncio.wait(futures)
+            errors = [f.exception() for f in futures]  # each retrieved: the later ones fail out of sequence
+            failed = next((e for e in errors if e is not None), None)
+            if failed is not None:
+                raise failed
+            commit_offset = max(source.offsets) + 1 if source.commit_offset is None else source.commit_offset
+            await producer.send_offsets_to_transaction({tp: max(commit_offset, first)}, self.group_id)
             await producer.commit_transaction()
-            await asyncio.gather(*futures)
+        except UNSENDABLE_RECORD as exc:
+            await self._abort(tp)
+            # The topic can never take this request's records: bisection isolates and dead-letters the culprit.
+            raise PermanentSinkError(f"kafka sink {self.config.name}: {self.topic} refused a record: {exc!r}") from exc
         except (TimeoutError, KafkaError) as exc:
-            # Outcome unknown (the commit may have landed): a fresh producer fences this one, completes its
-            # transaction either way, and re-reads the committed offset before the retry.
-            await self._drop_producer(tp)
+            # Outcome unknown (the commit may have landed): a fresh producer fences this one, aborts its open
+            # transaction (or completes one already committing), and re-reads the committed offset.
+            await self._abort(tp)
             raise TransientError(f"kafka sink {self.config.name}: transaction for {tp}: {exc!r}") from exc
         except BaseException:
             await self._drop_producer(tp)
             raise
+
+    async def _abort(self, tp: TopicPartition) -> None:
+        """Abort the open transaction if the producer still can, then drop the producer either way."""
+        producer = self.txn_producers.get(tp)
+        if producer is not None:
+            try:
+                await asyncio.wait_for(producer.abort_transaction(), self.config.timeout_s)
+            except (KafkaError, TimeoutError, AssertionError):
+                pass  # no open transaction, or the producer is broken: the next one fences and aborts it
+        await self._drop_producer(tp)
 
     async def _transactional_producer(self, tp: TopicPartition) -> AIOKafkaProducer:
         producer = self.txn_producers.get(tp)
@@ -221,7 +315,7 @@ class KafkaSink:
             request_timeout_ms=int(self.config.timeout_s * 1000),
         )
         try:
-            await producer.start()  # InitProducerId: fences an older owner, completes its open transaction
+            await producer.start()  # InitProducerId: fences an older owner, aborts its open transaction
             committed = await self.admin.list_consumer_group_offsets(self.group_id, partitions=[tp])
         except BaseException:
             await asyncio.wait_for(producer.stop(), 5.0)
@@ -230,6 +324,13 @@ class KafkaSink:
         self.committed_at_fence[tp] = meta.offset if meta is not None and meta.offset >= 0 else 0
         self.txn_producers[tp] = producer
         return producer
+
+    async def _drop_idle_producers(self) -> None:
+        """Close the producers of source partitions this worker no longer delivers (most likely revoked)."""
+        idle_since = time.monotonic() - self.producer_idle_s
+        for tp in [tp for tp, used in self.used_at.items() if used < idle_since]:
+            del self.used_at[tp]
+            await self._drop_producer(tp)
 
     async def _drop_producer(self, tp: TopicPartition) -> None:
         producer = self.txn_producers.pop(tp, None)
@@ -287,8 +388,8 @@ class RedisStreamSink:
         self.append_once = self.client.register_script(APPEND_ONCE)
 
     def marker_key(self, key: str) -> str:
-        # Marker and stream share a Redis Cluster slot, as one script needs: the stream's own hash tag, or
-        # its whole name as the tag.
+        # Named so marker and stream would share a Redis Cluster slot (the stream's own hash tag, or its
+        # whole name as the tag); the sink's client is not a cluster client, so this is only a naming rule.
         if _has_hash_tag(self.stream):
             return f"{self.stream}:idem:{key}"
         return f"{{{self.stream}}}:idem:{key}"
@@ -315,6 +416,9 @@ class RedisStreamSink:
                 await pipe.execute()
         except (AuthenticationError, AuthorizationError, NoPermissionError) as exc:
             raise SinkMisconfigured(f"redis stream {self.config.name}: {exc}") from exc
+        except OutOfMemoryError as exc:
+            # maxmemory reached under noeviction: every append fails until an operator adds memory or trims
+            raise SinkMisconfigured(f"redis stream {self.config.name}: OOM (maxmemory reached): {exc}") from exc
         except ResponseError as exc:
             if "WRONGTYPE" in str(exc):  # the stream's key holds something else: every append fails
                 raise SinkMisconfigured(f"redis stream {self.config.name}: {self.stream}: {exc}") from exc
