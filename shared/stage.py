@@ -871,21 +871,21 @@ class StageRunner(Service):
             delay = self.backoff.delay(attempt)
             self.metrics.retries.labels(self.stage).inc()
             log.warning("%s: produce failed (attempt %d), retrying in %.2fs: %r", self.stage, attempt, delay, error)
-            if owner is not None and not owner.owned and not stripped and self._carries_state(flight):
-                # Revoked: the next owner redoes the batch, but it must find the ledger marks of what a sink
-                # took (its restore or catch-up reads them), so only the store's changelog is still sent.
-                stripped = True
-                pending = [i for i in pending if records[i].topic in self._state_of_changelog]
-                if not pending:
-                    return False
             if flight.abandoned or owner is None or stripped:
                 if owner is not None and not owner.owned and attempt > REVOKED_RESEND_ATTEMPTS:
                     log.error("%s: gave up re-sending a revoked batch's changelog: %r", self.stage, error)
                     return False
                 await asyncio.sleep(delay)  # work done elsewhere (ledger marks, receipts) lands even after a revoke
             elif not await owner.sleep(delay):
-                log.warning("%s: gave up re-sending a batch whose partitions were revoked", self.stage)
-                return False
+                if not self._carries_state(flight):
+                    log.warning("%s: gave up re-sending a batch whose partitions were revoked", self.stage)
+                    return False
+                # Revoked: the next owner redoes the batch, but it must find the ledger marks of what a sink
+                # took (its restore or catch-up reads them), so only the store's changelog is still sent.
+                stripped = True
+                pending = [i for i in pending if records[i].topic in self._state_of_changelog]
+                if not pending:
+                    return False
             sent_with = self.publisher
             assert sent_with is not None
             try:

@@ -584,3 +584,82 @@ async def test_a_refused_outputs_letter_names_its_own_input_when_another_tenant_
     letter = unpack(letters[0].value)
     assert (letter["topic"], letter["offset"]) == (source, 1), letter
     assert unpack(letter["original_value"])["tenant"] == "globex"
+
+
+async def test_a_revoked_batch_whose_outputs_keep_failing_lands_its_ledger_marks_and_frees_the_acker(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Second review, finding 3: a batch carrying a store's changelog was re-sent without end, even after its
+    partitions moved. When its other outputs can never land (here: the broker refuses the batch's receipts
+    for good), the acker was wedged behind it: nothing the worker handled afterwards was marked done or
+    committed, and its ledger marks never landed, so the next owner delivered the batch again. Revoked, only
+    the changelog must still be sent, and the acker must move on."""
+    from aiokafka.errors import TopicAuthorizationFailedError
+
+    from services.sender.app import SinkDelivery
+    from shared.alerts import Alerter
+    from shared.keywindow import RocksKeyWindow
+
+    partitions = 4
+    source, receipts = f"{namespace}.sink", f"{namespace}.receipts"
+    group = f"{namespace}-sender"
+    changelog = f"{group}.ledger.changelog"
+    await create_topic(kafka.bootstrap, source, partitions)
+    await create_topic(kafka.bootstrap, receipts, 1)
+    await create_topic(kafka.bootstrap, changelog, partitions)
+    sink = DeviceOutageSink("hook")
+    refused: set[str] = set()  # event ids whose receipts the broker refuses, for good
+
+    class RefusingPublisher(BatchPublisher):
+        async def publish(self, outputs: Any) -> Any:
+            for out in outputs:
+                if out.topic == receipts and {row[0] for row in unpack(out.value)["events"]} & refused:
+                    raise TopicAuthorizationFailedError()
+            return await super().publish(outputs)
+
+    monkeypatch.setattr(stage_module, "BatchPublisher", RefusingPublisher)
+
+    def sender(name: str) -> StageRunner:
+        ledger = RocksKeyWindow(
+            "ledger",
+            tmp_path / name,
+            changelog_topic=changelog,
+            bootstrap=kafka.bootstrap,
+            window_s=3600,
+            partitions=partitions,
+            group=group,
+        )
+        delivery = SinkDelivery(sink, ledger, StageMetrics(), Alerter("sender.hook"), False, receipts_topic=receipts)
+        return make_runner(
+            kafka.bootstrap,
+            group,
+            name,
+            source,
+            delivery.handle,
+            batch_max=200,
+            backoff=Backoff(0.05, 0.5),
+            rebalance_timeout_ms=10_000,
+            states=[ledger],
+        )
+
+    first = await start(runners, sender("a"))
+    await wait_for(lambda: first.joined and not first.restoring, 30, "the first member's assignment")
+    before = [f"e{n}" for n in range(80)]
+    refused.update(before)
+    await produce_events(kafka.bootstrap, source, 80, devices=8)
+    await wait_for(lambda: set(sink.received) >= set(before) and retries(first) >= 3, 30, "the refused publish")
+    second = await start(runners, sender("b"))
+    await wait_for(lambda: second.joined and not second.restoring and first.joined, 30, "both assignments")
+    after = await produce_events(kafka.bootstrap, source, 80, devices=8, first=80)
+    await wait_for(lambda: set(sink.received) >= set(after), 30, "the later events at the sink")
+    await asyncio.sleep(2.0)  # a copy of the refused batch would land here
+    twice = {e: n for e, n in sink.received.items() if n > 1}
+    assert not twice, f"{len(twice)} events delivered more than once: {sorted(twice)[:10]}"
+
+    async def all_committed() -> bool:
+        return await committed(kafka.bootstrap, group, source, partitions) == 160
+
+    deadline = time.monotonic() + 20
+    while not await all_committed():
+        assert time.monotonic() < deadline, "the group's offsets stopped short: an acker is wedged"
+        await asyncio.sleep(0.5)
