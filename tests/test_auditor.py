@@ -168,7 +168,6 @@ async def test_lag_and_counts_match_what_the_sink_received(
             await asyncio.sleep(0.1)
         real = lambda: [e for e in hook.received if not e.get("canary")]  # noqa: E731
         await wait_for(lambda: len(real()) >= 200, 60, "200 deliveries", pipeline)
-        canaries = [e for e in hook.received if e.get("canary")]
         await wait_for(lambda: len([e for e in hook.received if e.get("canary")]) >= 2, 20, "canaries", pipeline)
 
         def receipts_caught_up() -> bool:
@@ -192,10 +191,16 @@ async def test_lag_and_counts_match_what_the_sink_received(
         )
         assert metrics["lag_1m"]["max_ms"] >= truth_max - 2
         assert metrics["lag_1m"]["count"] == len(hook.received)
-        assert metrics["on_time_5m"] == 1.0 and metrics["lost"] == 0, metrics
+        # On time is the sink's truth, not a speed target: a loaded machine makes events late, and the
+        # auditor must say so. Receipts are stamped a little after the sink's answer, so an event that
+        # arrived just inside the SLA may count as late, never the other way round.
+        sla = metrics["sla_ms"]
+        on_time_truth = sum(lag <= sla for lag in truth) / len(truth)
+        on_time_clear = sum(lag <= sla - 50 for lag in truth) / len(truth)
+        assert on_time_clear - 1e-9 <= metrics["on_time_5m"] <= on_time_truth + 1e-9, (on_time_truth, metrics)
+        assert metrics["lost"] == 0, metrics
         await wait_for(lambda: audit_summary(pipeline)["buckets_settled"] >= 2, 30, "settled buckets", pipeline)
         assert audit_summary(pipeline)["lost_by_stage"] == {}
-        assert canaries is not None
         # The sink that drops canaries got none, yet their trip to its sender was measured.
         await wait_for(lambda: len(quiet.received) >= 200, 30, "the quiet sink", pipeline)
         assert not [e for e in quiet.received if e.get("canary")]

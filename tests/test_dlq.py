@@ -26,7 +26,7 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 async def test_a_refused_batch_is_dead_lettered_then_replayed_exactly_once(
     tmp_path, namespace, port_base, settings_for, start_pipeline, kafka
 ):
-    hook = WebhookReceiver(port=port_base + 19, fail_status=400)  # a permanent refusal
+    hook = WebhookReceiver(port=port_base + 19)
     await hook.start()
     config = tmp_path / "hifi.yaml"
     config.write_text(
@@ -39,16 +39,18 @@ async def test_a_refused_batch_is_dead_lettered_then_replayed_exactly_once(
     queues = DeadLetterQueues(kafka.bootstrap, Topics(namespace), ["hook"])
     try:
         factory = EventFactory(producer_id=namespace)
-        events = [factory.make() for _ in range(30)]
+        events = [factory.make() for _ in range(60)]
+        refused = {e["event_id"] for e in events[::2]}  # the sink refuses these for good (400), takes the others
+        hook.reject_event = refused.__contains__
         assert (await post(pipeline.collector_url, "k", events))[0] == 200
 
         async def all_dead() -> bool:
             return (await queues.counts())["sender.hook"] == 30
 
         await wait_for(all_dead, 60, "dead letters", pipeline)
-        assert hook.received == []
+        assert {e["event_id"] for e in hook.received} == {e["event_id"] for e in events} - refused
         letters = await queues.read("sender.hook", limit=30)
-        assert {letter["original"]["event_id"] for letter in letters} == {e["event_id"] for e in events}
+        assert {letter["original"]["event_id"] for letter in letters} == refused
         first = letters[0]
         assert first["error_class"] == "PermanentSinkError" and "HTTP 400" in first["error"]
         assert first["stage"] == "sender.hook" and first["attempts"] == 1
@@ -75,12 +77,12 @@ async def test_a_refused_batch_is_dead_lettered_then_replayed_exactly_once(
             replay_url = pipeline.services["sender.hook"].url("/dlq/replay?rate=0")
             async with session.post(replay_url, headers={"Authorization": "Bearer r-token"}) as resp:
                 assert resp.status == 401, "the read token cannot replay"
-            hook.fail_status = None  # the destination is fixed: replay
+            hook.reject_event = None  # the destination is fixed: replay
             async with session.post(replay_url, headers={"Authorization": "Bearer a-token"}) as resp:
                 assert resp.status == 200 and (await resp.json())["replayed"] == 30
-        await wait_for(lambda: len(hook.received) >= 30, 60, "replayed delivery", pipeline)
+        await wait_for(lambda: len(hook.received) >= 60, 60, "replayed delivery", pipeline)
         assert await queues.replay("sender.hook", rate=0) == 0, "a finished replay does not repeat"
         await asyncio.sleep(2.0)
-        assert sorted(hook.counts().values()) == [1] * 30
+        assert sorted(hook.counts().values()) == [1] * 60
     finally:
         await hook.stop()
