@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     chaos.add_argument(
         "scenario",
         nargs="+",
-        help="kill-stages, slow-then-kill, pause-stages, kill-broker, "
-        "restart-redis, sick-sink, poison-pills, scale-stages, rolling-deploy, or all",
+        help="scenario names (docs/RELIABILITY.md lists all 16: kill-stages ... rolling-deploy, outage-scale-out, "
+        "outage-rolling-deploy, long-restore, kafka-sink-broker-kill, redis-sink-kill, slow-isr-rebalance, "
+        "sink-4xx-mix), or all",
     )
     chaos.add_argument("--rate", type=float, default=200.0, help="events per second of steady load")
     chaos.add_argument("--json", dest="json_out", help="also write the results to this file")
