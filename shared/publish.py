@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import ProducerClosed
 from aiokafka.partitioner import murmur2
 
 
@@ -98,3 +99,17 @@ class BatchPublisher:
             # Kafka's default partitioner (Java's and aiokafka's): positive murmur2 of the key modulo the count.
             cached = self._partition_of[(key, count)] = (murmur2(key) & 0x7FFFFFFF) % count
         return cached
+
+
+async def retire(producer: AIOKafkaProducer) -> None:
+    """Stop a producer that is being replaced: what it holds is flushed, and nothing is left waiting forever.
+
+    aiokafka's `stop` flushes only the batches queued when it began, then stops the sender; a `send_batch`
+    that was waiting for its partition's previous batch to drain queues behind it, and its future never
+    resolves. Those batches never reached the wire (the sender was gone), so they are failed with
+    ProducerClosed, and whoever awaits them re-sends with the new producer.
+    """
+    try:
+        await producer.stop()
+    finally:
+        producer._message_accumulator.fail_all(ProducerClosed())  # no public API fails a closed producer's queue

@@ -74,7 +74,7 @@ from shared.codec import decode_event, pack, unpack
 from shared.errors import HandledInPart, HifiError, InvalidEvent, PermanentSinkError, TransientError
 from shared.event import Event, now_ms
 from shared.metrics import StageMetrics
-from shared.publish import BatchPublisher, Output, Published
+from shared.publish import BatchPublisher, Output, Published, retire
 from shared.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -976,8 +976,8 @@ class StageRunner(Service):
         producer = durable_producer(self.bootstrap, self.client_id)
         await producer.start()
         old, self.producer, self.publisher = self.producer, producer, BatchPublisher(producer)
-        if old is not None:  # its pending batches resolve or fail on their own; failed ones are re-sent
-            task = asyncio.create_task(old.stop(), name=f"{self.stage}-retire-producer")
+        if old is not None:  # its queued batches are flushed or failed (`retire`); failed ones are re-sent
+            task = asyncio.create_task(retire(old), name=f"{self.stage}-retire-producer")
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
 

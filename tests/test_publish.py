@@ -7,11 +7,13 @@ import asyncio
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import ProducerClosed
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.structs import RecordMetadata
 
 from shared.app import durable_producer
 from shared.local.kafka import LocalKafka
-from shared.publish import BatchPublisher, Output
+from shared.publish import BatchPublisher, Output, retire
 from shared.topics import ensure_topics
 
 
@@ -64,3 +66,35 @@ async def test_batch_publisher_matches_the_default_partitioner_keeps_order_and_r
         by_partition.setdefault(record.partition, []).append((int(call), int(seq)))
     for order in by_partition.values():
         assert order == sorted(order), "records of one partition came out of order"
+
+
+async def test_a_batch_queued_while_its_producer_closes_fails_instead_of_waiting_forever(
+    kafka: LocalKafka, namespace: str
+) -> None:
+    """aiokafka's `stop` flushes the batches queued when it began; a `send_batch` that was waiting for the
+    partition's previous batch to drain is queued after that, behind a sender already gone, and its future
+    never resolves. A stage renews its producer while other batches are being published (after a record the
+    broker refuses for good), so their acker waited forever: the partition stalled (a CI run, 2026-11-30).
+    `retire` must fail such a batch, so its acker re-sends it with the new producer."""
+    topic = f"{namespace}.retire"
+    await ensure_topics(kafka.bootstrap, [topic], 1, 1)
+    producer = durable_producer(kafka.bootstrap)
+    await producer.start()
+    publisher = BatchPublisher(producer)
+    await asyncio.gather(*(await publisher.publish([Output(topic, b"k", b"warm")])).futures)  # metadata known
+    # Many batches for one partition: each `send_batch` waits until the one before it drained, so some are
+    # still waiting when the producer is retired.
+    publishing = [asyncio.create_task(publisher.publish([Output(topic, b"k", b"x" * 200_000)])) for _ in range(30)]
+    await asyncio.sleep(0)
+    await retire(producer)
+    outcomes: list[object] = []
+    async with asyncio.timeout(20):  # before the fix a future never resolved, and this timed out
+        for task in publishing:
+            try:
+                futures = (await task).futures
+            except ProducerClosed as refused:  # refused at once: its caller re-sends with the new producer
+                outcomes.append(refused)
+                continue
+            outcomes.extend(await asyncio.gather(*futures, return_exceptions=True))
+    assert any(isinstance(o, ProducerClosed) for o in outcomes), "nothing was left behind: the race was not provoked"
+    assert all(isinstance(o, ProducerClosed | RecordMetadata) for o in outcomes), outcomes

@@ -39,6 +39,7 @@ from shared.app import durable_producer
 from shared.config import SinkConfig
 from shared.errors import PartialDelivery, PermanentSinkError, SinkMisconfigured, SinkThrottled, TransientError
 from shared.event import Event
+from shared.publish import retire
 
 
 def sink_record(sink: str, event: Event) -> dict[str, Any]:
@@ -246,15 +247,15 @@ class KafkaSink:
         raise TransientError(message) from failed
 
     async def _renew_producer(self) -> None:
-        old, self.producer = (
-            self.producer,
-            durable_producer(self.bootstrap, request_timeout_ms=int(self.config.timeout_s * 1000)),
-        )
-        await self.producer.start()
-        self.pending = {k: f for k, f in self.pending.items() if f.done()}  # the old producer's are ending
+        """Swap in a started producer, then retire the old one: its queued records are flushed (acked ones
+        stay in `pending`, so a retry waits for them rather than sending a second copy) and any it could no
+        longer send fail with ProducerClosed, so their events are retried."""
+        fresh = durable_producer(self.bootstrap, request_timeout_ms=int(self.config.timeout_s * 1000))
+        await fresh.start()
+        old, self.producer = self.producer, fresh
         if old is not None:
             try:
-                await asyncio.wait_for(old.stop(), self.config.timeout_s)
+                await asyncio.wait_for(retire(old), self.config.timeout_s)
             except (KafkaError, TimeoutError):
                 pass  # its records are failed or sent; the new producer carries on
 
@@ -329,7 +330,10 @@ class KafkaSink:
         """Close the producers of source partitions this worker no longer delivers (most likely revoked)."""
         idle_since = time.monotonic() - self.producer_idle_s
         for tp in [tp for tp, used in self.used_at.items() if used < idle_since]:
-            del self.used_at[tp]
+            used = self.used_at.get(tp)
+            if used is None or used >= idle_since:
+                continue  # delivered to again (or dropped) while an earlier producer was closing
+            self.used_at.pop(tp, None)
             await self._drop_producer(tp)
 
     async def _drop_producer(self, tp: TopicPartition) -> None:
@@ -337,7 +341,7 @@ class KafkaSink:
         self.committed_at_fence.pop(tp, None)
         if producer is not None:
             try:
-                await asyncio.wait_for(producer.stop(), 5.0)
+                await asyncio.wait_for(retire(producer), 5.0)
             except (KafkaError, TimeoutError):
                 pass  # fenced or unreachable: the next producer with this id completes its transaction
 
