@@ -9,7 +9,7 @@ run: install jars
 	$(BIN)/hifi up
 
 test: install jars
-	dev/test.sh -q
+	dev/test.sh -q -n 2 --dist loadgroup
 
 lint: install
 	$(BIN)/ruff check .

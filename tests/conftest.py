@@ -26,7 +26,21 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 TEST_KAFKA_PORT = int(os.environ.get("HIFI_TEST_KAFKA_PORT", "19092"))
 TEST_REDIS_URL = os.environ.get("HIFI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-_ports = itertools.count(int(os.environ.get("HIFI_TEST_PORT_BASE", "18100")), 20)
+# Under pytest-xdist (`make test` runs the files on several workers) each worker takes its own block of ports.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_ports = itertools.count(int(os.environ.get("HIFI_TEST_PORT_BASE", "18100")) + 4000 * _WORKER, 20)
+
+
+# `make test` spreads tests over pytest-xdist workers (--dist loadgroup). Tests that start a three-node
+# cluster share one group, so two such clusters (six brokers) never start at once on a two-core runner.
+XDIST_GROUPS = {"test_kafka_cluster.py": "three-node-cluster", "test_stale_leader.py": "three-node-cluster"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        group = XDIST_GROUPS.get(item.path.name)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

