@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import sentry_sdk
+from aiokafka import TopicPartition
 from mode import Service
 from prometheus_client import Gauge
 
@@ -73,6 +75,13 @@ class SinkDelivery:
         self.groups: dict[tuple[str, int], list[Record]] = {}  # the records in hand, by source partition
         # Dead letters of the batch in hand, by id of their message: kept across its retries, returned once
         self.dead_letters: dict[int, DeadLetter] = {}
+        # Dead letters not durable yet, per source partition: offset -> id of their message. Held across a
+        # batch's retries, or returned to the runner and not yet acknowledged by the broker: a transactional
+        # sink must not commit its source offset past one (a kill would lose the event).
+        self.unsettled: dict[tuple[str, int], dict[int, int]] = {}
+        # The runner's durable point per source partition (`StageRunner.done`, set by `build`): every dead
+        # letter below it is written. None (no runner): a returned dead letter stays unsettled.
+        self.durable_offset: Callable[[TopicPartition], int | None] = lambda tp: None
         # Failures in a row that end a round (the sink went down): room for two culprits' alone retries.
         self.round_max_consecutive = self.max_attempts_per_event + 2
         # Per event key: failed alone in rounds where the sink took other requests (evidence across rounds)
@@ -107,6 +116,7 @@ class SinkDelivery:
         self.attempts = {k: v for k, v in self.attempts.items() if k in sources}
         # Dead letters of an earlier batch (given up at a revocation) belong to its next owner, not here.
         self.dead_letters = {k: v for k, v in self.dead_letters.items() if k in in_batch}
+        self._forget_refetched(records, in_batch)
         held = [self.dead_letters[id(r.message)] for r in records if id(r.message) in self.dead_letters]
         records = [r for r in records if id(r.message) not in self.dead_letters]
         seen = await self._ledger_seen(records)
@@ -313,13 +323,42 @@ class SinkDelivery:
         for record, error in refused_alone:
             self._dead_letter(record, error, attempts)
 
+    def _forget_refetched(self, records: list[Record], in_batch: set[int]) -> None:
+        """Unsettled dead letters at or past a partition's first offset in this batch, of messages not in it,
+        were given up (a revocation, the runner's one-at-a-time retry): this batch reads them again."""
+        first: dict[tuple[str, int], int] = {}
+        for record in records:
+            tp = (record.message.topic, record.message.partition)
+            first[tp] = min(first.get(tp, record.message.offset), record.message.offset)
+        for tp, offset in first.items():
+            letters = self.unsettled.get(tp)
+            if letters:
+                for stale in [o for o, message in letters.items() if o >= offset and message not in in_batch]:
+                    del letters[stale]
+        if sum(len(letters) for letters in self.unsettled.values()) > 100_000:  # bound: partitions given away
+            self.unsettled = {tp: letters for tp, letters in self.unsettled.items() if tp in first}
+
+    def _unsettled_from(self, topic: str, partition: int) -> int | None:
+        """The lowest offset of the partition's dead letters not yet durable (held, or still being produced)."""
+        letters = self.unsettled.get((topic, partition))
+        if not letters:
+            return None
+        durable = self.durable_offset(TopicPartition(topic, partition))
+        if durable is not None:
+            for written in [o for o in letters if o < durable]:
+                del letters[written]
+        return min(letters) if letters else None
+
     def _dead_letter(self, record: Record, error: Exception, attempts: int) -> None:
-        """Held until the batch's handling returns: a retry of the batch skips it and still reports it."""
+        """Held until the batch's handling returns: a retry of the batch skips it and still reports it.
+        Unsettled until the runner's durable point passes it: no transaction commits its offset past it."""
         log.warning("sender %s: dead-lettering %s: %s", self.name, record.event.event_id, error)
         self.suspect.pop(self._key(record), None)
         self.isolated.pop(self._key(record), None)
         record.outcome = "dead_lettered"
         self.dead_letters[id(record.message)] = DeadLetter(record.message, error, attempts)
+        message = record.message
+        self.unsettled.setdefault((message.topic, message.partition), {})[message.offset] = id(message)
 
     def _receipts(self, records: list[Record], acked: float, attempts: int) -> list[Output]:
         if self.receipts_topic is None:
@@ -356,11 +395,16 @@ class SinkDelivery:
 
     def _commit_offset(self, part: list[Record]) -> int | None:
         """Where a successor may start once `part` is delivered: the first record of its partition's batch
-        that is neither delivered nor in `part` (a dead letter is written by the runner after this batch)."""
+        that is neither delivered nor in `part`, and no further than the partition's first dead letter that
+        is not durable yet (held across this batch's retries, or of an earlier batch the runner is still
+        producing: the runner writes dead letters after the batch, and pipelines batches)."""
         first = part[0].message
         group = self.groups.get((first.topic, first.partition), part)
         in_part = {id(r) for r in part}
         undone = [r.message.offset for r in group if r.outcome != "delivered" and id(r) not in in_part]
+        unsettled = self._unsettled_from(first.topic, first.partition)
+        if unsettled is not None:
+            undone.append(unsettled)
         return min(undone) if undone else None
 
     def _sink_answered(self) -> None:
@@ -559,6 +603,8 @@ def build(ctx: ServiceContext) -> Any:
         commits_offsets=not getattr(sink, "transactional", False),
     )
 
+    # A transactional sink commits no source offset past a dead letter the runner has not written yet.
+    delivery.durable_offset = runner.done.get
     runner.attach(ctx)
 
     # A dependency of the runner: open before its first batch, closed only after its last one.
