@@ -794,3 +794,20 @@ async def test_kafka_sink_closes_the_producer_of_a_source_partition_it_no_longer
         assert set(sink.committed_at_fence) == {TopicPartition(src, 1)}
     finally:
         await sink.close()
+
+
+@pytest.mark.parametrize("poisoned", [{2, 3}, {0, 1}, {5, 6, 7}])
+async def test_webhook_503_group_left_with_only_failing_payloads_dead_letters_them(
+    ruled_sink, redis_server, namespace, poisoned
+):
+    """The first isolation round delivers the good events and ends (failures in a row) before the culprits
+    are proven; the retries then hold only culprits, and no request of theirs succeeds. The sink took the
+    others since they started failing, so their alone failures still count: they dead-letter, no stall."""
+    ruled_sink.poisoned = {f"e{i}" for i in poisoned}
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace, max_attempts=3)
+    try:
+        result = await handle_like_runner(delivery, one_partition(8), tries=30)
+    finally:
+        await sink.close()
+    assert sorted(letter.message.offset for letter in result.dead) == sorted(poisoned)
+    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(8) if i not in poisoned})

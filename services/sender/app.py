@@ -84,8 +84,12 @@ class SinkDelivery:
         self.durable_offset: Callable[[TopicPartition], int | None] = lambda tp: None
         # Failures in a row that end a round (the sink went down): room for two culprits' alone retries.
         self.round_max_consecutive = self.max_attempts_per_event + 2
-        # Per event key: failed alone in rounds where the sink took other requests (evidence across rounds)
+        # Per event key: failed alone while the sink took other requests (evidence across rounds)
         self.isolated: dict[str, int] = {}
+        self.sink_successes = 0  # requests the sink accepted, ever: "the sink was seen up since"
+        # Per event key still failing: `sink_successes` when it first failed. A success since then means
+        # the sink is up for others, so its alone failures count even in a round with no success.
+        self.failing_since: dict[str, int] = {}
         self.round_max_s = max(30.0, 10 * sink.config.timeout_s)  # an isolation round's time bound
         self.refuse_all_min = 4  # a round of at least this many events, all refused: the sink changed, page
         self.name = sink.config.name
@@ -208,10 +212,12 @@ class SinkDelivery:
                 if len(self.suspect) > 100_000:  # bound: entries of batches given away in a rebalance
                     self.suspect.clear()
                     self.isolated.clear()
+                    self.failing_since.clear()
                 for record in todo:
                     if record.outcome != "delivered":
                         key = self._key(record)
                         self.suspect[key] = self.suspect.get(key, 0) + 1
+                        self.failing_since.setdefault(key, self.sink_successes)
             self.carried.extend(result.outputs)  # parts delivered before the failure stay delivered
             raise
         self.attempts.pop(batch_id, None)
@@ -236,6 +242,7 @@ class SinkDelivery:
             record.outcome = "delivered"
             self.suspect.pop(self._key(record), None)
             self.isolated.pop(self._key(record), None)
+            self.failing_since.pop(self._key(record), None)
         result.outputs.extend(self._receipts(records, acked, attempts))
 
     async def _isolate(
@@ -257,6 +264,8 @@ class SinkDelivery:
         is bounded in requests and time. `refused`: the whole of `todo` was just refused, so start with its
         halves. `depth` 1: start with its quarters (the outage test is then: all four failed)."""
         rnd = _Round(started=time.monotonic(), max_requests=4 * len(todo) + 8)
+        for record in todo:  # each of them failed (in the request that started the round, or before)
+            self.failing_since.setdefault(self._key(record), self.sink_successes)
         refused_alone: list[tuple[Record, PermanentSinkError]] = []
         leaves: dict[int, _Leaf] = {}  # events that failed alone transiently, by id
         level: list[list[Record]] = [todo]
@@ -296,21 +305,24 @@ class SinkDelivery:
                         continue
                 except TransientError as exc:
                     rnd.failed(exc)
+                    if len(part) == 1:
+                        key = self._key(part[0])
+                        leaf = leaves.setdefault(id(part[0]), _Leaf(part[0], rnd.successes))
+                        leaf.failures += 1
+                        # Alone, while the sink took other requests: in this round, or since the event began
+                        # failing (a group left with only culprits has no success in its own rounds).
+                        if rnd.successes or self.sink_successes > self.failing_since.get(key, self.sink_successes):
+                            self.isolated[key] = self.isolated.get(key, 0) + 1
+                        proven = leaf.failures >= 2 and rnd.successes > leaf.successes_at_first
+                        if proven or self.isolated.get(key, 0) >= self.max_attempts_per_event:
+                            self._dead_letter(part[0], EventKeepsFailing(exc, leaf.failures), attempts)
+                            continue
                     if (
                         not rnd.successes and rnd.failures >= outage_after
                     ) or rnd.consecutive >= self.round_max_consecutive:
                         raise  # the sink is down or flapping, not one event: retry later, nothing dead-letters
                     if len(part) == 1:
-                        key = self._key(part[0])
-                        leaf = leaves.setdefault(id(part[0]), _Leaf(part[0], rnd.successes))
-                        leaf.failures += 1
-                        if rnd.successes:  # alone, in a round the sink took other requests of
-                            self.isolated[key] = self.isolated.get(key, 0) + 1
-                        proven = leaf.failures >= 2 and rnd.successes > leaf.successes_at_first
-                        if proven or self.isolated.get(key, 0) >= self.max_attempts_per_event:
-                            self._dead_letter(part[0], EventKeepsFailing(exc, leaf.failures), attempts)
-                        else:
-                            next_level.append(part)  # alone again, after its siblings
+                        next_level.append(part)  # alone again, after its siblings
                         continue
                 next_level.extend(_halves(part))
             level = next_level
@@ -355,6 +367,7 @@ class SinkDelivery:
         log.warning("sender %s: dead-lettering %s: %s", self.name, record.event.event_id, error)
         self.suspect.pop(self._key(record), None)
         self.isolated.pop(self._key(record), None)
+        self.failing_since.pop(self._key(record), None)
         record.outcome = "dead_lettered"
         self.dead_letters[id(record.message)] = DeadLetter(record.message, error, attempts)
         message = record.message
@@ -391,6 +404,7 @@ class SinkDelivery:
         except PermanentSinkError:
             self._sink_answered()  # the sink is up; it refused these events
             raise
+        self.sink_successes += 1
         self._sink_answered()
 
     def _commit_offset(self, part: list[Record]) -> int | None:
