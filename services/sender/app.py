@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,7 +92,13 @@ class SinkDelivery:
         # the sink is up for others, so its alone failures count even in a round with no success.
         self.failing_since: dict[str, int] = {}
         self.round_max_s = max(30.0, 10 * sink.config.timeout_s)  # an isolation round's time bound
-        self.refuse_all_min = 4  # a round of at least this many events, all refused: the sink changed, page
+        # The sink's last answers across batches (True: a request accepted, False: an event refused alone): at
+        # least `refuse_all_min` refusals and no acceptance among them means the sink changed, not the events.
+        # Per accepted request, so a sink that starts refusing everything pages after at most 7 dead letters.
+        self.refuse_all_min = 4
+        self.answers: deque[bool] = deque(maxlen=2 * self.refuse_all_min)
+        self.refused: list[tuple[Record, PermanentSinkError, int]] = []  # refused alone in this batch's rounds
+        self.batch_accepted = 0  # requests of this batch the sink accepted: its refusals are the events' fault
         self.name = sink.config.name
         self.ledger = ledger
         self.metrics = metrics
@@ -140,6 +147,7 @@ class SinkDelivery:
             keys_in_batch.add(key)
             todo.append(record)
         result = StepResult()
+        self.refused, self.batch_accepted = [], 0
         if todo:
             try:
                 await self._deliver_by_partition(todo, result)
@@ -173,6 +181,9 @@ class SinkDelivery:
                 delivered.extend(outcome.outputs)
             elif failure is None:
                 failure = outcome
+        misconfigured = self._settle_refused()
+        if misconfigured is not None and failure is None:
+            failure = misconfigured
         if failure is None:
             result.outputs.extend(delivered)
         elif isinstance(failure, TransientError):
@@ -235,6 +246,8 @@ class SinkDelivery:
 
     async def _delivered(self, records: list[Record], attempts: int, result: StepResult) -> None:
         acked = now_ms()
+        self.answers.append(True)
+        self.batch_accepted += 1
         # Shielded: a revocation that cancels the batch must not cancel the mark of what the sink acked.
         await asyncio.shield(self._mark_delivered(records))
         self._record_lag(records, acked)
@@ -326,14 +339,28 @@ class SinkDelivery:
                         continue
                 next_level.extend(_halves(part))
             level = next_level
-        if refused_alone and not rnd.successes and len(refused_alone) == len(todo) >= self.refuse_all_min:
-            # Every event refused and none taken: the sink changed (schema, endpoint), the events did not.
+        # Dead-lettered or held once the whole batch is in: other partitions' acceptances are the evidence.
+        self.refused.extend((record, error, attempts) for record, error in refused_alone)
+
+    def _settle_refused(self) -> SinkMisconfigured | None:
+        """Dead-letter the events this batch's rounds found refused alone, unless the sink accepted no request
+        of this batch and its recent answers (with earlier batches') hold `refuse_all_min` refusals and no
+        acceptance: then the sink changed (schema, endpoint), the events did not; page, and hold them (the
+        returned error is raised)."""
+        refused, self.refused = self.refused, []
+        if not refused:
+            return None
+        self.answers.extend(False for _ in refused)
+        if not self.batch_accepted and not any(self.answers) and len(self.answers) >= self.refuse_all_min:
             if self.breaker.open_now():
                 self.circuit_gauge.labels(self.name).set(1)
             self.alerter.fire("sink_misconfigured", f"sink {self.name} refuses every event", key=self.name)
-            raise SinkMisconfigured(f"sink {self.name}: all {len(todo)} events refused: {refused_alone[0][1]}")
-        for record, error in refused_alone:
+            return SinkMisconfigured(
+                f"sink {self.name}: its last {len(self.answers)} answers refused every event: {refused[0][1]}"
+            )
+        for record, error, attempts in refused:
             self._dead_letter(record, error, attempts)
+        return None
 
     def _forget_refetched(self, records: list[Record], in_batch: set[int]) -> None:
         """Unsettled dead letters at or past a partition's first offset in this batch, of messages not in it,
