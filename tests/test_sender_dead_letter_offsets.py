@@ -71,3 +71,23 @@ async def test_kafka_sink_next_batch_never_commits_past_a_dead_letter_the_runner
     got = Counter(r["event_id"] for r in await read_committed(kafka.bootstrap, out, 9))
     assert dead == [3], dead
     assert got == Counter({f"e{i}": 1 for i in range(10) if i != 3}), got
+
+
+async def test_kafka_sink_commits_past_a_dead_letter_once_the_runner_wrote_it(kafka, namespace, redis_server):
+    """The cap lifts once the runner's durable point (`StageRunner.done`) passes the dead letter's batch."""
+    out, src, group = f"{namespace}.mirror", f"{namespace}.src", f"{namespace}-sender"
+    await make_source_topic(kafka.bootstrap, src)
+    await make_topic(kafka.bootstrap, out, {"max.message.bytes": "20000"})
+    records = [record_of(e, src, 0, i) for i, e in enumerate(padded(10, big={3}))]
+    sink = KafkaSink(SinkConfig("m", "kafka", {"topic": out}, timeout_s=5), kafka.bootstrap, group)
+    await sink.start()
+    delivery = delivery_for(sink, redis_server.url, namespace)
+    durable: dict[TopicPartition, int] = {}
+    delivery.durable_offset = durable.get
+    try:
+        await handle_like_runner(delivery, records[:5], tries=10)
+        durable[TopicPartition(src, 0)] = 5  # the runner's acker: batch 1, with e3's dead letter, is durable
+        await handle_like_runner(delivery, records[5:], tries=10)
+    finally:
+        await sink.close()
+    assert await committed_offset(kafka.bootstrap, group, TopicPartition(src, 0)) == 10

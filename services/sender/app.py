@@ -268,13 +268,14 @@ class SinkDelivery:
     ) -> None:
         """One isolation round: bisect breadth-first until the events at fault stand alone; deliver the rest.
 
-        A refused (4xx) event dead-letters alone. A 5xx/timeout one dead-letters only on evidence that it is
-        the payload: it failed alone twice with another request of the round succeeding in between, or
-        `max_attempts_per_event` times alone in rounds where the sink took other requests (counted across
-        rounds in `isolated`). The sink is down instead (the round raises, keeping what was delivered) if
-        every part of the first split failed, or `round_max_consecutive` requests failed in a row. The round
-        paces its requests after a failure (honouring Retry-After), asks the breaker before its first, and
-        is bounded in requests and time. `refused`: the whole of `todo` was just refused, so start with its
+        A refused (4xx) event dead-letters alone, once the batch is in (`_settle_refused`). A 5xx/timeout one
+        dead-letters only on evidence that it is the payload: it failed alone twice with another request of the
+        round succeeding in between, or `max_attempts_per_event` times alone while the sink took other
+        requests, in this round or since the event began failing (`isolated`, `failing_since`). The sink is
+        down instead (the round raises, keeping what was delivered) if every part of the first split failed,
+        or `round_max_consecutive` requests failed in a row. The round paces its requests after a failure
+        (honouring Retry-After), asks the breaker before its first, and is bounded in requests and time.
+        `refused`: the whole of `todo` was just refused, so start with its
         halves. `depth` 1: start with its quarters (the outage test is then: all four failed)."""
         rnd = _Round(started=time.monotonic(), max_requests=4 * len(todo) + 8)
         for record in todo:  # each of them failed (in the request that started the round, or before)
