@@ -319,6 +319,10 @@ class SinkDelivery:
                         continue
                 except TransientError as exc:
                     rnd.failed(exc)
+                    if (
+                        not rnd.successes and rnd.failures >= outage_after
+                    ) or rnd.consecutive >= self.round_max_consecutive:
+                        raise  # the sink is down or flapping, not one event: retry later, nothing dead-letters
                     if len(part) == 1:
                         key = self._key(part[0])
                         leaf = leaves.setdefault(id(part[0]), _Leaf(part[0], rnd.successes))
@@ -330,13 +334,8 @@ class SinkDelivery:
                         proven = leaf.failures >= 2 and rnd.successes > leaf.successes_at_first
                         if proven or self.isolated.get(key, 0) >= self.max_attempts_per_event:
                             self._dead_letter(part[0], EventKeepsFailing(exc, leaf.failures), attempts)
-                            continue
-                    if (
-                        not rnd.successes and rnd.failures >= outage_after
-                    ) or rnd.consecutive >= self.round_max_consecutive:
-                        raise  # the sink is down or flapping, not one event: retry later, nothing dead-letters
-                    if len(part) == 1:
-                        next_level.append(part)  # alone again, after its siblings
+                        else:
+                            next_level.append(part)  # alone again, after its siblings
                         continue
                 next_level.extend(_halves(part))
             level = next_level
