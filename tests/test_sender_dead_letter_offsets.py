@@ -6,15 +6,18 @@ from __future__ import annotations
 
 from collections import Counter
 
+from aiohttp import web
 from aiokafka import TopicPartition
 
-from services.sender.sinks import KafkaSink
+from services.sender.sinks import KafkaSink, Source, WebhookSink
 from shared.config import SinkConfig
 from shared.event import Event
 from shared.stage import Record
 from tests.test_sink_exactly_once import (
+    RuledSink,
     committed_offset,
     delivery_for,
+    events,
     handle_like_runner,
     make_source_topic,
     make_topic,
@@ -91,3 +94,60 @@ async def test_kafka_sink_commits_past_a_dead_letter_once_the_runner_wrote_it(ka
     finally:
         await sink.close()
     assert await committed_offset(kafka.bootstrap, group, TopicPartition(src, 0)) == 10
+
+
+class PoisonAndFlaky(RuledSink):
+    """e0 crashes the sink (503) whenever it is in a request; e7 fails with 503 until e0 was sent alone twice,
+    then once with 429 (a throttle that ends the isolation round while e0's dead letter is held)."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.poison_alone = 0
+        self.throttled = False
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        ids = [e["event_id"] for e in (await request.json())["events"]]
+        if ids == ["e0"]:
+            self.poison_alone += 1
+        if "e7" in ids and not self.throttled:
+            if self.poison_alone >= 2:
+                self.throttled = True
+                return web.json_response({"error": "slow down"}, status=429, headers={"Retry-After": "0"})
+            return web.json_response({"error": "flaky"}, status=503)
+        self.poisoned = {"e0"}
+        return await super()._handle(request)
+
+
+class CommitOffsets(WebhookSink):
+    """A real webhook sink that records where each accepted request says a successor may start."""
+
+    def __init__(self, config: SinkConfig) -> None:
+        super().__init__(config)
+        self.accepted: list[int] = []
+
+    async def deliver_batch(self, events: list[Event], source: Source | None = None) -> None:
+        await super().deliver_batch(events, source)
+        assert source is not None
+        self.accepted.append(max(source.offsets) + 1 if source.commit_offset is None else source.commit_offset)
+
+
+async def test_retry_never_commits_past_a_held_dead_letter(port_base, redis_server, namespace):
+    """e0 is dead-lettered mid-round and held; a 429 ends the round with e7 undelivered; the batch's retry
+    delivers e7. No accepted request may say a successor starts past e0: its letter is not written yet."""
+    ruled = PoisonAndFlaky(port_base + 33)
+    await ruled.start()
+    config = SinkConfig(
+        "hook", "webhook", {"url": f"http://127.0.0.1:{ruled.port}/hook"}, timeout_s=2, max_attempts_per_event=2
+    )
+    sink = CommitOffsets(config)
+    await sink.start()
+    delivery = delivery_for(sink, redis_server.url, namespace)
+    try:
+        result = await handle_like_runner(delivery, [record_of(e, "src", 0, i) for i, e in enumerate(events(8))])
+    finally:
+        await sink.close()
+        await ruled.stop()
+    assert ruled.throttled, "the 429 never came: the scenario did not hold a dead letter across a retry"
+    assert [letter.message.offset for letter in result.dead] == [0]
+    assert Counter(ruled.received) == Counter({f"e{i}": 1 for i in range(1, 8)})
+    assert max(sink.accepted) <= 0, sink.accepted
