@@ -454,7 +454,7 @@ async def test_webhook_sink_answering_400_to_everything_pages_and_dead_letters_n
     sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace)
     records = one_partition(8)
     try:
-        with pytest.raises(TransientError, match="all 8 events refused"):
+        with pytest.raises(TransientError, match="refused every event"):
             await delivery.handle(records)
         assert delivery.breaker.state == "open"
         assert "sink_misconfigured" in [a["name"] for a in delivery.alerter.fired]
@@ -794,3 +794,76 @@ async def test_kafka_sink_closes_the_producer_of_a_source_partition_it_no_longer
         assert set(sink.committed_at_fence) == {TopicPartition(src, 1)}
     finally:
         await sink.close()
+
+
+@pytest.mark.parametrize("poisoned", [{2, 3}, {0, 1}, {5, 6, 7}])
+async def test_webhook_503_group_left_with_only_failing_payloads_dead_letters_them(
+    ruled_sink, redis_server, namespace, poisoned
+):
+    """The first isolation round delivers the good events and ends (failures in a row) before the culprits
+    are proven; the retries then hold only culprits, and no request of theirs succeeds. The sink took the
+    others since they started failing, so their alone failures still count: they dead-letter, no stall."""
+    ruled_sink.poisoned = {f"e{i}" for i in poisoned}
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace, max_attempts=3)
+    try:
+        result = await handle_like_runner(delivery, one_partition(8), tries=30)
+    finally:
+        await sink.close()
+    assert sorted(letter.message.offset for letter in result.dead) == sorted(poisoned)
+    assert Counter(ruled_sink.received) == Counter({f"e{i}": 1 for i in range(8) if i not in poisoned})
+
+
+async def test_webhook_one_devices_four_refused_events_among_accepted_traffic_dead_letter(
+    ruled_sink, redis_server, namespace
+):
+    """A device's partition holds only its 4 bad events while the sink takes the batch's other partition:
+    the sink is fine, the events are not; they dead-letter instead of stalling their partition."""
+    bad = [record_of(e, "src", 0, i) for i, e in enumerate(events(4))]
+    good = [record_of(Event(f"g{i}", "play", 1.0, "acme", {}, device_id="d9"), "src", 1, i) for i in range(8)]
+    ruled_sink.refused = {"e0", "e1", "e2", "e3"}
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace)
+    try:
+        result = await handle_like_runner(delivery, good + bad, tries=5)
+    finally:
+        await sink.close()
+    assert sorted(letter.message.offset for letter in result.dead) == [0, 1, 2, 3]
+    assert Counter(ruled_sink.received) == Counter({f"g{i}": 1 for i in range(8)})
+    assert "sink_misconfigured" not in [a["name"] for a in delivery.alerter.fired]
+
+
+async def test_webhook_low_traffic_sink_refusing_everything_pages_and_holds(ruled_sink, redis_server, namespace):
+    """One event per batch, every one refused (the sink's schema changed): no batch has 4 events, yet the
+    sink's recent answers are all refusals; it must page and hold, not pour the stream into the DLQ."""
+    ruled_sink.status = 400
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace)
+    dead: list[int] = []
+    held = None
+    try:
+        for i, event in enumerate(events(8)):
+            try:
+                dead += [
+                    letter.message.offset for letter in (await delivery.handle([record_of(event, "src", 0, i)])).dead
+                ]
+            except TransientError as exc:
+                held = (i, exc)
+                break
+    finally:
+        await sink.close()
+    assert held is not None and "refuse" in str(held[1]), (dead, held)
+    assert len(dead) < delivery.refuse_all_min, dead
+    assert "sink_misconfigured" in [a["name"] for a in delivery.alerter.fired]
+
+
+async def test_webhook_healthy_sink_that_starts_refusing_everything_pages_at_once(ruled_sink, redis_server, namespace):
+    """The recent acceptances must not excuse a batch whose every event is refused: the answers window counts
+    an accepted request once, so 8 refusals outweigh it and the sink pages before dead-lettering them."""
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace)
+    records = one_partition(16)
+    try:
+        await handle_like_runner(delivery, records[:8])
+        ruled_sink.status = 400  # the sink's schema changed
+        with pytest.raises(TransientError, match="refused every event"):
+            await delivery.handle(records[8:])
+    finally:
+        await sink.close()
+    assert "sink_misconfigured" in [a["name"] for a in delivery.alerter.fired]

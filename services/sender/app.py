@@ -16,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import sentry_sdk
+from aiokafka import TopicPartition
 from mode import Service
 from prometheus_client import Gauge
 
@@ -73,12 +76,29 @@ class SinkDelivery:
         self.groups: dict[tuple[str, int], list[Record]] = {}  # the records in hand, by source partition
         # Dead letters of the batch in hand, by id of their message: kept across its retries, returned once
         self.dead_letters: dict[int, DeadLetter] = {}
+        # Dead letters not durable yet, per source partition: offset -> id of their message. Held across a
+        # batch's retries, or returned to the runner and not yet acknowledged by the broker: a transactional
+        # sink must not commit its source offset past one (a kill would lose the event).
+        self.unsettled: dict[tuple[str, int], dict[int, int]] = {}
+        # The runner's durable point per source partition (`StageRunner.done`, set by `build`): every dead
+        # letter below it is written. None (no runner): a returned dead letter stays unsettled.
+        self.durable_offset: Callable[[TopicPartition], int | None] = lambda tp: None
         # Failures in a row that end a round (the sink went down): room for two culprits' alone retries.
         self.round_max_consecutive = self.max_attempts_per_event + 2
-        # Per event key: failed alone in rounds where the sink took other requests (evidence across rounds)
+        # Per event key: failed alone while the sink took other requests (evidence across rounds)
         self.isolated: dict[str, int] = {}
+        self.sink_successes = 0  # requests the sink accepted, ever: "the sink was seen up since"
+        # Per event key still failing: `sink_successes` when it first failed. A success since then means
+        # the sink is up for others, so its alone failures count even in a round with no success.
+        self.failing_since: dict[str, int] = {}
         self.round_max_s = max(30.0, 10 * sink.config.timeout_s)  # an isolation round's time bound
-        self.refuse_all_min = 4  # a round of at least this many events, all refused: the sink changed, page
+        # The sink's last answers across batches (True: a request accepted, False: an event refused alone): at
+        # least `refuse_all_min` refusals and no acceptance among them means the sink changed, not the events.
+        # Per accepted request, so a sink that starts refusing everything pages after at most 7 dead letters.
+        self.refuse_all_min = 4
+        self.answers: deque[bool] = deque(maxlen=2 * self.refuse_all_min)
+        self.refused: list[tuple[Record, PermanentSinkError, int]] = []  # refused alone in this batch's rounds
+        self.batch_accepted = 0  # requests of this batch the sink accepted: its refusals are the events' fault
         self.name = sink.config.name
         self.ledger = ledger
         self.metrics = metrics
@@ -107,6 +127,7 @@ class SinkDelivery:
         self.attempts = {k: v for k, v in self.attempts.items() if k in sources}
         # Dead letters of an earlier batch (given up at a revocation) belong to its next owner, not here.
         self.dead_letters = {k: v for k, v in self.dead_letters.items() if k in in_batch}
+        self._forget_refetched(records, in_batch)
         held = [self.dead_letters[id(r.message)] for r in records if id(r.message) in self.dead_letters]
         records = [r for r in records if id(r.message) not in self.dead_letters]
         seen = await self._ledger_seen(records)
@@ -126,6 +147,7 @@ class SinkDelivery:
             keys_in_batch.add(key)
             todo.append(record)
         result = StepResult()
+        self.refused, self.batch_accepted = [], 0
         if todo:
             try:
                 await self._deliver_by_partition(todo, result)
@@ -159,6 +181,9 @@ class SinkDelivery:
                 delivered.extend(outcome.outputs)
             elif failure is None:
                 failure = outcome
+        misconfigured = self._settle_refused()
+        if misconfigured is not None and failure is None:
+            failure = misconfigured
         if failure is None:
             result.outputs.extend(delivered)
         elif isinstance(failure, TransientError):
@@ -198,10 +223,12 @@ class SinkDelivery:
                 if len(self.suspect) > 100_000:  # bound: entries of batches given away in a rebalance
                     self.suspect.clear()
                     self.isolated.clear()
+                    self.failing_since.clear()
                 for record in todo:
                     if record.outcome != "delivered":
                         key = self._key(record)
                         self.suspect[key] = self.suspect.get(key, 0) + 1
+                        self.failing_since.setdefault(key, self.sink_successes)
             self.carried.extend(result.outputs)  # parts delivered before the failure stay delivered
             raise
         self.attempts.pop(batch_id, None)
@@ -219,6 +246,8 @@ class SinkDelivery:
 
     async def _delivered(self, records: list[Record], attempts: int, result: StepResult) -> None:
         acked = now_ms()
+        self.answers.append(True)
+        self.batch_accepted += 1
         # Shielded: a revocation that cancels the batch must not cancel the mark of what the sink acked.
         await asyncio.shield(self._mark_delivered(records))
         self._record_lag(records, acked)
@@ -226,6 +255,7 @@ class SinkDelivery:
             record.outcome = "delivered"
             self.suspect.pop(self._key(record), None)
             self.isolated.pop(self._key(record), None)
+            self.failing_since.pop(self._key(record), None)
         result.outputs.extend(self._receipts(records, acked, attempts))
 
     async def _isolate(
@@ -238,15 +268,18 @@ class SinkDelivery:
     ) -> None:
         """One isolation round: bisect breadth-first until the events at fault stand alone; deliver the rest.
 
-        A refused (4xx) event dead-letters alone. A 5xx/timeout one dead-letters only on evidence that it is
-        the payload: it failed alone twice with another request of the round succeeding in between, or
-        `max_attempts_per_event` times alone in rounds where the sink took other requests (counted across
-        rounds in `isolated`). The sink is down instead (the round raises, keeping what was delivered) if
-        every part of the first split failed, or `round_max_consecutive` requests failed in a row. The round
-        paces its requests after a failure (honouring Retry-After), asks the breaker before its first, and
-        is bounded in requests and time. `refused`: the whole of `todo` was just refused, so start with its
+        A refused (4xx) event dead-letters alone, once the batch is in (`_settle_refused`). A 5xx/timeout one
+        dead-letters only on evidence that it is the payload: it failed alone twice with another request of the
+        round succeeding in between, or `max_attempts_per_event` times alone while the sink took other
+        requests, in this round or since the event began failing (`isolated`, `failing_since`). The sink is
+        down instead (the round raises, keeping what was delivered) if every part of the first split failed,
+        or `round_max_consecutive` requests failed in a row. The round paces its requests after a failure
+        (honouring Retry-After), asks the breaker before its first, and is bounded in requests and time.
+        `refused`: the whole of `todo` was just refused, so start with its
         halves. `depth` 1: start with its quarters (the outage test is then: all four failed)."""
         rnd = _Round(started=time.monotonic(), max_requests=4 * len(todo) + 8)
+        for record in todo:  # each of them failed (in the request that started the round, or before)
+            self.failing_since.setdefault(self._key(record), self.sink_successes)
         refused_alone: list[tuple[Record, PermanentSinkError]] = []
         leaves: dict[int, _Leaf] = {}  # events that failed alone transiently, by id
         level: list[list[Record]] = [todo]
@@ -294,7 +327,9 @@ class SinkDelivery:
                         key = self._key(part[0])
                         leaf = leaves.setdefault(id(part[0]), _Leaf(part[0], rnd.successes))
                         leaf.failures += 1
-                        if rnd.successes:  # alone, in a round the sink took other requests of
+                        # Alone, while the sink took other requests: in this round, or since the event began
+                        # failing (a group left with only culprits has no success in its own rounds).
+                        if rnd.successes or self.sink_successes > self.failing_since.get(key, self.sink_successes):
                             self.isolated[key] = self.isolated.get(key, 0) + 1
                         proven = leaf.failures >= 2 and rnd.successes > leaf.successes_at_first
                         if proven or self.isolated.get(key, 0) >= self.max_attempts_per_event:
@@ -304,22 +339,66 @@ class SinkDelivery:
                         continue
                 next_level.extend(_halves(part))
             level = next_level
-        if refused_alone and not rnd.successes and len(refused_alone) == len(todo) >= self.refuse_all_min:
-            # Every event refused and none taken: the sink changed (schema, endpoint), the events did not.
+        # Dead-lettered or held once the whole batch is in: other partitions' acceptances are the evidence.
+        self.refused.extend((record, error, attempts) for record, error in refused_alone)
+
+    def _settle_refused(self) -> SinkMisconfigured | None:
+        """Dead-letter the events this batch's rounds found refused alone, unless the sink accepted no request
+        of this batch and its recent answers (with earlier batches') hold `refuse_all_min` refusals and no
+        acceptance: then the sink changed (schema, endpoint), the events did not; page, and hold them (the
+        returned error is raised)."""
+        refused, self.refused = self.refused, []
+        if not refused:
+            return None
+        self.answers.extend(False for _ in refused)
+        if not self.batch_accepted and not any(self.answers) and len(self.answers) >= self.refuse_all_min:
             if self.breaker.open_now():
                 self.circuit_gauge.labels(self.name).set(1)
             self.alerter.fire("sink_misconfigured", f"sink {self.name} refuses every event", key=self.name)
-            raise SinkMisconfigured(f"sink {self.name}: all {len(todo)} events refused: {refused_alone[0][1]}")
-        for record, error in refused_alone:
+            return SinkMisconfigured(
+                f"sink {self.name}: its last {len(self.answers)} answers refused every event: {refused[0][1]}"
+            )
+        for record, error, attempts in refused:
             self._dead_letter(record, error, attempts)
+        return None
+
+    def _forget_refetched(self, records: list[Record], in_batch: set[int]) -> None:
+        """Unsettled dead letters at or past a partition's first offset in this batch, of messages not in it,
+        were given up (a revocation, the runner's one-at-a-time retry): this batch reads them again."""
+        first: dict[tuple[str, int], int] = {}
+        for record in records:
+            tp = (record.message.topic, record.message.partition)
+            first[tp] = min(first.get(tp, record.message.offset), record.message.offset)
+        for tp, offset in first.items():
+            letters = self.unsettled.get(tp)
+            if letters:
+                for stale in [o for o, message in letters.items() if o >= offset and message not in in_batch]:
+                    del letters[stale]
+        if sum(len(letters) for letters in self.unsettled.values()) > 100_000:  # bound: partitions given away
+            self.unsettled = {tp: letters for tp, letters in self.unsettled.items() if tp in first}
+
+    def _unsettled_from(self, topic: str, partition: int) -> int | None:
+        """The lowest offset of the partition's dead letters not yet durable (held, or still being produced)."""
+        letters = self.unsettled.get((topic, partition))
+        if not letters:
+            return None
+        durable = self.durable_offset(TopicPartition(topic, partition))
+        if durable is not None:
+            for written in [o for o in letters if o < durable]:
+                del letters[written]
+        return min(letters) if letters else None
 
     def _dead_letter(self, record: Record, error: Exception, attempts: int) -> None:
-        """Held until the batch's handling returns: a retry of the batch skips it and still reports it."""
+        """Held until the batch's handling returns: a retry of the batch skips it and still reports it.
+        Unsettled until the runner's durable point passes it: no transaction commits its offset past it."""
         log.warning("sender %s: dead-lettering %s: %s", self.name, record.event.event_id, error)
         self.suspect.pop(self._key(record), None)
         self.isolated.pop(self._key(record), None)
+        self.failing_since.pop(self._key(record), None)
         record.outcome = "dead_lettered"
         self.dead_letters[id(record.message)] = DeadLetter(record.message, error, attempts)
+        message = record.message
+        self.unsettled.setdefault((message.topic, message.partition), {})[message.offset] = id(message)
 
     def _receipts(self, records: list[Record], acked: float, attempts: int) -> list[Output]:
         if self.receipts_topic is None:
@@ -352,15 +431,21 @@ class SinkDelivery:
         except PermanentSinkError:
             self._sink_answered()  # the sink is up; it refused these events
             raise
+        self.sink_successes += 1
         self._sink_answered()
 
     def _commit_offset(self, part: list[Record]) -> int | None:
         """Where a successor may start once `part` is delivered: the first record of its partition's batch
-        that is neither delivered nor in `part` (a dead letter is written by the runner after this batch)."""
+        that is neither delivered nor in `part`, and no further than the partition's first dead letter that
+        is not durable yet (held across this batch's retries, or of an earlier batch the runner is still
+        producing: the runner writes dead letters after the batch, and pipelines batches)."""
         first = part[0].message
         group = self.groups.get((first.topic, first.partition), part)
         in_part = {id(r) for r in part}
         undone = [r.message.offset for r in group if r.outcome != "delivered" and id(r) not in in_part]
+        unsettled = self._unsettled_from(first.topic, first.partition)
+        if unsettled is not None:
+            undone.append(unsettled)
         return min(undone) if undone else None
 
     def _sink_answered(self) -> None:
@@ -559,6 +644,8 @@ def build(ctx: ServiceContext) -> Any:
         commits_offsets=not getattr(sink, "transactional", False),
     )
 
+    # A transactional sink commits no source offset past a dead letter the runner has not written yet.
+    delivery.durable_offset = runner.done.get
     runner.attach(ctx)
 
     # A dependency of the runner: open before its first batch, closed only after its last one.
