@@ -104,12 +104,12 @@ class BatchPublisher:
 async def retire(producer: AIOKafkaProducer) -> None:
     """Stop a producer that is being replaced: what it holds is flushed, and nothing is left waiting forever.
 
-    aiokafka's `stop` flushes only the batches queued when it began, then stops the sender; a `send_batch`
-    that was waiting for its partition's previous batch to drain queues behind it, and its future never
-    resolves. Those batches never reached the wire (the sender was gone), so they are failed with
-    ProducerClosed, and whoever awaits them re-sends with the new producer.
+    aiokafka's `stop` flushes only the batches queued when it began, then stops the sender, which waits for
+    its requests in flight; a `send_batch` that was waiting for its partition's previous batch to drain
+    queues behind it, and its future never resolves. Once `stop` has returned no request is in flight, so
+    what is left never reached the wire after its last attempt: it is failed with ProducerClosed, and
+    whoever awaits it re-sends with the new producer. Cancelled before that (a caller's timeout), nothing is
+    failed: a batch still on the wire may yet be acked, and failing it would send a second copy.
     """
-    try:
-        await producer.stop()
-    finally:
-        producer._message_accumulator.fail_all(ProducerClosed())  # no public API fails a closed producer's queue
+    await producer.stop()
+    producer._message_accumulator.fail_all(ProducerClosed())  # no public API fails a closed producer's queue

@@ -23,6 +23,7 @@ from aiokafka.errors import (
     InvalidMessageError,
     KafkaError,
     MessageSizeTooLargeError,
+    ProducerClosed,
     RecordTooLargeError,
     UnsupportedForMessageFormatError,
 )
@@ -175,6 +176,7 @@ class KafkaSink:
         # The sink hears of no revocation: a source partition's producer unused this long is closed.
         self.producer_idle_s = 300.0
         self.used_at: dict[TopicPartition, float] = {}
+        self.retiring: set[asyncio.Task[None]] = set()  # replaced producers, flushing their records
 
     async def start(self) -> None:
         self.producer = durable_producer(self.bootstrap, request_timeout_ms=int(self.config.timeout_s * 1000))
@@ -232,7 +234,11 @@ class KafkaSink:
         if failed is None:
             return
         message = f"kafka sink {self.config.name}: {len(delivered)}/{len(events)} acknowledged: {failed!r}"
-        if any(isinstance(o, KafkaError) and not o.retriable for o in (*outcomes, error) if o is not None):
+        if any(
+            isinstance(o, KafkaError) and not o.retriable and not isinstance(o, ProducerClosed)
+            for o in (*outcomes, error)
+            if o is not None
+        ):
             # Unretriable errors break the idempotent producer's sequence for the partition: later records
             # would fail out of order forever. A fresh producer (new producer id) starts clean.
             await self._renew_producer()
@@ -247,17 +253,16 @@ class KafkaSink:
         raise TransientError(message) from failed
 
     async def _renew_producer(self) -> None:
-        """Swap in a started producer, then retire the old one: its queued records are flushed (acked ones
-        stay in `pending`, so a retry waits for them rather than sending a second copy) and any it could no
-        longer send fail with ProducerClosed, so their events are retried."""
+        """Swap in a started producer, then retire the old one in the background: its queued records are
+        flushed and acked (a retry finds them in `pending` and waits rather than sending a second copy), and
+        those it could no longer send fail with ProducerClosed, so their events are retried."""
         fresh = durable_producer(self.bootstrap, request_timeout_ms=int(self.config.timeout_s * 1000))
         await fresh.start()
         old, self.producer = self.producer, fresh
         if old is not None:
-            try:
-                await asyncio.wait_for(retire(old), self.config.timeout_s)
-            except (KafkaError, TimeoutError):
-                pass  # its records are failed or sent; the new producer carries on
+            task = asyncio.create_task(retire(old), name=f"kafka-sink-{self.config.name}-retire-producer")
+            self.retiring.add(task)
+            task.add_done_callback(self.retiring.discard)
 
     async def _deliver_in_transaction(self, events: list[Event], source: Source) -> None:
         tp = TopicPartition(source.topic, source.partition)
@@ -350,6 +355,8 @@ class KafkaSink:
             await self._drop_producer(tp)
         if self.admin is not None:
             await self.admin.close()
+        if self.retiring:
+            await asyncio.wait(self.retiring, timeout=self.config.timeout_s)
         if self.producer is not None:
             await self.producer.stop()
 
