@@ -867,3 +867,108 @@ async def test_webhook_healthy_sink_that_starts_refusing_everything_pages_at_onc
     finally:
         await sink.close()
     assert "sink_misconfigured" in [a["name"] for a in delivery.alerter.fired]
+
+
+# -- review of issue 14, findings 1 and 5: a culprit with no later sink success; a good event in an outage ---
+
+
+def device_records(prefix: str, n: int, partition: int, first_offset: int = 0) -> list[Record]:
+    made = [Event(f"{prefix}{i}", "play", 1.0, "acme", {"i": i}, device_id=f"{prefix}-d{i}") for i in range(n)]
+    return [record_of(e, "src", partition, first_offset + i) for i, e in enumerate(made)]
+
+
+async def test_webhook_503_culprit_alone_on_a_quiet_sink_dead_letters_it(ruled_sink, redis_server, namespace):
+    """A low-traffic sink: after one good batch, a fetch holds only the culprit. No other request will ever
+    succeed, so every round looks like an outage unless the sender checks whether the sink is up."""
+    ruled_sink.poisoned = {"e0"}
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace, max_attempts=3)
+    try:
+        await handle_like_runner(delivery, device_records("g", 4, 0))
+        result = await handle_like_runner(delivery, [record_of(events(1)[0], "src", 0, 4)], tries=40)
+    finally:
+        await sink.close()
+    assert [letter.message.offset for letter in result.dead] == [4]
+    assert "503" in str(result.dead[0].error)
+    assert Counter(ruled_sink.received) == Counter({f"g{i}": 1 for i in range(4)})
+
+
+class SlowPoison(RuledSink):
+    """Answers a request holding e0 with 503 only after `delay_s`: another partition's 200 is handled first."""
+
+    def __init__(self, port: int, delay_s: float) -> None:
+        super().__init__(port)
+        self.delay_s = delay_s
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if "e0" in [e["event_id"] for e in (await request.json())["events"]]:
+            await asyncio.sleep(self.delay_s)
+        return await super()._handle(request)
+
+
+async def test_webhook_503_culprit_answered_after_its_good_sibling_partition_dead_letters_it(
+    port_base, redis_server, namespace
+):
+    """Partition 0 holds only the culprit, partition 1 good events whose 200 is handled before the culprit's
+    503: the sink's success came after the culprit was sent, so it is evidence, not "before it failed"."""
+    ruled = SlowPoison(port_base + 35, delay_s=0.2)
+    ruled.poisoned = {"e0"}
+    await ruled.start()
+    sink, delivery = await webhook_delivery(ruled, redis_server.url, namespace, max_attempts=3)
+    try:
+        batch = [record_of(events(1)[0], "src", 0, 0), *device_records("g", 8, 1)]
+        result = await handle_like_runner(delivery, batch, tries=40)
+    finally:
+        await sink.close()
+        await ruled.stop()
+    assert [(letter.message.partition, letter.message.offset) for letter in result.dead] == [(0, 0)]
+    assert Counter(ruled.received) == Counter({f"g{i}": 1 for i in range(8)})
+
+
+class BlipThenDown(RuledSink):
+    """While `blip`: a request holding e0 fails at once (503, a transient blip of the sink), any other is
+    answered 200 after `other_delay_s`, so e0's failure is handled before the other partition's success."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.blip = True
+        self.other_delay_s = 0.3
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if self.blip:
+            if "e0" in [e["event_id"] for e in (await request.json())["events"]]:
+                return web.json_response({"error": "blip"}, status=503)
+            await asyncio.sleep(self.other_delay_s)
+        return await super()._handle(request)
+
+
+async def test_webhook_good_event_that_failed_once_is_not_dead_lettered_in_a_later_outage(
+    port_base, redis_server, namespace
+):
+    """A good event fails once (a blip) while the sink takes another partition's request; then the whole sink
+    answers 503 for a long time. Its alone failures in the outage are the sink's, not its payload's."""
+    ruled = BlipThenDown(port_base + 37)
+    await ruled.start()
+    config = SinkConfig(
+        "hook", "webhook", {"url": f"http://127.0.0.1:{ruled.port}/hook"}, timeout_s=2, max_attempts_per_event=2
+    )
+    sink = WebhookSink(config)
+    await sink.start()
+    delivery = delivery_for(sink, redis_server.url, namespace)
+    batch = [record_of(events(1)[0], "src", 0, 0), *device_records("g", 8, 1)]
+    try:
+        with pytest.raises(TransientError):
+            await delivery.handle(batch)
+        assert Counter(ruled.received) == Counter({f"g{i}": 1 for i in range(8)}), "the good partition failed"
+        ruled.blip, ruled.status = False, 503  # the whole sink goes down
+        for _ in range(15):  # many isolation rounds of e0 alone, all in the outage
+            with pytest.raises(TransientError):
+                result = await delivery.handle(batch)
+                raise AssertionError(f"handled during the outage: dead letters {result.dead}")
+            await asyncio.sleep(0.01)
+        ruled.status = None
+        result = await handle_like_runner(delivery, batch, tries=10)
+    finally:
+        await sink.close()
+        await ruled.stop()
+    assert result.dead == []
+    assert Counter(ruled.received) == Counter({"e0": 1, **{f"g{i}": 1 for i in range(8)}})

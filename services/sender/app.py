@@ -87,10 +87,10 @@ class SinkDelivery:
         self.round_max_consecutive = self.max_attempts_per_event + 2
         # Per event key: failed alone while the sink took other requests (evidence across rounds)
         self.isolated: dict[str, int] = {}
-        self.sink_successes = 0  # requests the sink accepted, ever: "the sink was seen up since"
-        # Per event key still failing: `sink_successes` when it first failed. A success since then means
-        # the sink is up for others, so its alone failures count even in a round with no success.
-        self.failing_since: dict[str, int] = {}
+        self.sink_successes = 0  # requests (and probes) the sink accepted, ever: "the sink was seen up since"
+        # Per event key still failing: `sink_successes` when its last failed request was SENT. A success
+        # between two of its failures means the sink was up for others: an alone failure then counts.
+        self.last_failed_at: dict[str, int] = {}
         self.round_max_s = max(30.0, 10 * sink.config.timeout_s)  # an isolation round's time bound
         # The sink's last answers across batches (True: a request accepted, False: an event refused alone): at
         # least `refuse_all_min` refusals and no acceptance among them means the sink changed, not the events.
@@ -223,12 +223,11 @@ class SinkDelivery:
                 if len(self.suspect) > 100_000:  # bound: entries of batches given away in a rebalance
                     self.suspect.clear()
                     self.isolated.clear()
-                    self.failing_since.clear()
+                    self.last_failed_at.clear()
                 for record in todo:
                     if record.outcome != "delivered":
                         key = self._key(record)
                         self.suspect[key] = self.suspect.get(key, 0) + 1
-                        self.failing_since.setdefault(key, self.sink_successes)
             self.carried.extend(result.outputs)  # parts delivered before the failure stay delivered
             raise
         self.attempts.pop(batch_id, None)
@@ -255,7 +254,7 @@ class SinkDelivery:
             record.outcome = "delivered"
             self.suspect.pop(self._key(record), None)
             self.isolated.pop(self._key(record), None)
-            self.failing_since.pop(self._key(record), None)
+            self.last_failed_at.pop(self._key(record), None)
         result.outputs.extend(self._receipts(records, acked, attempts))
 
     async def _isolate(
@@ -270,16 +269,16 @@ class SinkDelivery:
 
         A refused (4xx) event dead-letters alone, once the batch is in (`_settle_refused`). A 5xx/timeout one
         dead-letters only on evidence that it is the payload: it failed alone twice with another request of the
-        round succeeding in between, or `max_attempts_per_event` times alone while the sink took other
-        requests, in this round or since the event began failing (`isolated`, `failing_since`). The sink is
-        down instead (the round raises, keeping what was delivered) if every part of the first split failed,
-        or `round_max_consecutive` requests failed in a row. The round paces its requests after a failure
+        round (or a probe) succeeding in between, or `max_attempts_per_event` times alone while the sink took
+        other requests: in this round, or between the event's previous failed request and this one
+        (`isolated`, `last_failed_at`). When every part of the first split failed, a probe carrying no event
+        asks the sink: up, the round goes on (the failures are the payloads'); down, it is an outage (the
+        round raises, keeping what was delivered, and the events' evidence is reset). A round also raises
+        after `round_max_consecutive` requests failed in a row. The round paces its requests after a failure
         (honouring Retry-After), asks the breaker before its first, and is bounded in requests and time.
         `refused`: the whole of `todo` was just refused, so start with its
         halves. `depth` 1: start with its quarters (the outage test is then: all four failed)."""
         rnd = _Round(started=time.monotonic(), max_requests=4 * len(todo) + 8)
-        for record in todo:  # each of them failed (in the request that started the round, or before)
-            self.failing_since.setdefault(self._key(record), self.sink_successes)
         refused_alone: list[tuple[Record, PermanentSinkError]] = []
         leaves: dict[int, _Leaf] = {}  # events that failed alone transiently, by id
         level: list[list[Record]] = [todo]
@@ -301,6 +300,7 @@ class SinkDelivery:
                     raise TransientError(f"sink {self.name}: isolation round bounded after {rnd.requests} requests")
                 await rnd.pause()
                 rnd.requests += 1
+                failed_before = self.last_failed_at.get(self._key(part[0])) if len(part) == 1 else None
                 try:
                     # The breaker is asked once per round: a culprit's failures inside it must not trip it
                     # before its siblings get through; the round's own consecutive-failure bound stops it.
@@ -319,28 +319,61 @@ class SinkDelivery:
                         continue
                 except TransientError as exc:
                     rnd.failed(exc)
-                    if (
-                        not rnd.successes and rnd.failures >= outage_after
-                    ) or rnd.consecutive >= self.round_max_consecutive:
-                        raise  # the sink is down or flapping, not one event: retry later, nothing dead-letters
+                    probed_up = False
+                    if not rnd.successes and rnd.failures >= outage_after:
+                        # No request of the round succeeded: down, or only culprits in hand (no sibling can
+                        # succeed). A probe with no event tells which.
+                        if not await self._sink_is_up():
+                            self._outage(todo)
+                            raise  # the sink is down, not one event: retry later, nothing dead-letters
+                        probed_up = True
+                    elif rnd.consecutive >= self.round_max_consecutive:
+                        raise  # the sink went down or flaps: retry later, nothing dead-letters
                     if len(part) == 1:
                         key = self._key(part[0])
                         leaf = leaves.setdefault(id(part[0]), _Leaf(part[0], rnd.successes))
                         leaf.failures += 1
-                        # Alone, while the sink took other requests: in this round, or since the event began
-                        # failing (a group left with only culprits has no success in its own rounds).
-                        if rnd.successes or self.sink_successes > self.failing_since.get(key, self.sink_successes):
+                        # Alone, while the sink took other requests: in this round, or between this event's
+                        # previous failed request and this one (a group left with only culprits).
+                        failed_at = self.last_failed_at.get(key)
+                        if rnd.successes or (
+                            failed_before is not None and failed_at is not None and failed_at > failed_before
+                        ):
                             self.isolated[key] = self.isolated.get(key, 0) + 1
                         proven = leaf.failures >= 2 and rnd.successes > leaf.successes_at_first
+                        if probed_up:  # after this failure's evidence: the probe succeeded after it
+                            rnd.sink_answered(success=True)
                         if proven or self.isolated.get(key, 0) >= self.max_attempts_per_event:
                             self._dead_letter(part[0], EventKeepsFailing(exc, leaf.failures), attempts)
                         else:
                             next_level.append(part)  # alone again, after its siblings
                         continue
+                    if probed_up:
+                        rnd.sink_answered(success=True)
                 next_level.extend(_halves(part))
             level = next_level
         # Dead-lettered or held once the whole batch is in: other partitions' acceptances are the evidence.
         self.refused.extend((record, error, attempts) for record, error in refused_alone)
+
+    async def _sink_is_up(self) -> bool:
+        """Probe the sink with no event: an answer counts as a sink success (evidence for the culprits)."""
+        probe = getattr(self.sink, "probe", None)
+        if probe is None:  # a sink that cannot be probed: a round of failures is taken for an outage
+            return False
+        try:
+            await probe()
+        except TransientError as exc:
+            log.info("sender %s: probe failed, the sink is down: %s", self.name, exc)
+            return False
+        self.sink_successes += 1
+        self._sink_answered()
+        return True
+
+    def _outage(self, todo: list[Record]) -> None:
+        """The round found the sink down: alone failures counted in it were the sink's, not the events'."""
+        for record in todo:
+            if record.outcome != "delivered":
+                self.isolated.pop(self._key(record), None)
 
     def _settle_refused(self) -> SinkMisconfigured | None:
         """Dead-letter the events this batch's rounds found refused alone, unless the sink accepted no request
@@ -394,7 +427,7 @@ class SinkDelivery:
         log.warning("sender %s: dead-lettering %s: %s", self.name, record.event.event_id, error)
         self.suspect.pop(self._key(record), None)
         self.isolated.pop(self._key(record), None)
-        self.failing_since.pop(self._key(record), None)
+        self.last_failed_at.pop(self._key(record), None)
         record.outcome = "dead_lettered"
         self.dead_letters[id(record.message)] = DeadLetter(record.message, error, attempts)
         message = record.message
@@ -410,6 +443,7 @@ class SinkDelivery:
         if ask_breaker:
             self.breaker.before_call()
         await self.throttle.wait_turn()
+        sent_at = self.sink_successes  # a success counted after this is evidence against these events
         first = todo[0].message
         source = Source(first.topic, first.partition, [r.message.offset for r in todo], self._commit_offset(todo))
         try:
@@ -424,7 +458,11 @@ class SinkDelivery:
         except TransientError as exc:
             if isinstance(exc, SinkThrottled):
                 self.throttle.on_throttled(exc.retry_after)
-            elif self.breaker.on_failure():
+                raise
+            for record in todo:  # could be the payload: when it was sent
+                if record.outcome != "delivered":
+                    self.last_failed_at[self._key(record)] = sent_at
+            if self.breaker.on_failure():
                 self.circuit_gauge.labels(self.name).set(1)
                 self.alerter.fire("circuit_opened", f"sink {self.name} failing: {exc}", key=self.name)
             raise

@@ -1,7 +1,9 @@
 """Sink types. Each `SinkSender.deliver_batch` returns only once the destination acknowledged the
 whole batch; otherwise it raises TransientError (retry), PartialDelivery (some records acknowledged:
 retry the rest), SinkMisconfigured (the whole sink refuses: page, retry) or PermanentSinkError (the
-request was refused: the sender isolates the bad events and dead-letters only those)."""
+request was refused: the sender isolates the bad events and dead-letters only those). `probe` carries no
+event: it returns if the destination answers at all, so the sender can tell a payload that keeps failing
+from a sink that is down."""
 
 from __future__ import annotations
 
@@ -85,6 +87,8 @@ class SinkSender(Protocol):
 
     async def deliver_batch(self, events: list[Event], source: Source | None = None) -> None: ...
 
+    async def probe(self) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -130,6 +134,20 @@ class WebhookSink:
         if status in SINK_WIDE_STATUSES:
             raise SinkMisconfigured(f"webhook {self.config.name}: HTTP {status} {text}", status, retry_after)
         raise PermanentSinkError(f"webhook {self.config.name}: HTTP {status} {text}", status)
+
+    async def probe(self) -> None:
+        """POST a request with no events: any answer but 408, 429 or 5xx means the sink is up."""
+        assert self.session is not None
+        body = json.dumps({"sink": self.config.name, "events": []}, separators=(",", ":"))
+        try:
+            async with self.session.post(
+                self.url, data=body, headers={"Content-Type": "application/json", **self.headers}
+            ) as resp:
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise TransientError(f"webhook {self.config.name} probe: {type(exc).__name__}: {exc}") from exc
+        if status in (408, 429) or status >= 500:
+            raise TransientError(f"webhook {self.config.name} probe: HTTP {status}")
 
     async def close(self) -> None:
         if self.session is not None:
@@ -350,6 +368,16 @@ class KafkaSink:
             except (KafkaError, TimeoutError):
                 pass  # fenced or unreachable: the next producer with this id completes its transaction
 
+    async def probe(self) -> None:
+        """Ask the cluster for its metadata: the brokers answer, and the sink topic exists."""
+        assert self.producer is not None
+        try:
+            metadata = await asyncio.wait_for(self.producer.client.fetch_all_metadata(), self.config.timeout_s)
+        except (KafkaError, TimeoutError) as exc:
+            raise TransientError(f"kafka sink {self.config.name} probe: {exc!r}") from exc
+        if metadata.partitions_for_topic(self.topic) is None:
+            raise TransientError(f"kafka sink {self.config.name} probe: no topic {self.topic}")
+
     async def close(self) -> None:
         for tp in list(self.txn_producers):
             await self._drop_producer(tp)
@@ -437,6 +465,12 @@ class RedisStreamSink:
         except (RedisError, OSError) as exc:
             raise TransientError(f"redis stream {self.config.name}: {exc!r}") from exc
 
+    async def probe(self) -> None:
+        try:
+            await self.client.ping()
+        except (RedisError, OSError) as exc:
+            raise TransientError(f"redis stream {self.config.name} probe: {exc!r}") from exc
+
     async def close(self) -> None:
         await self.client.aclose()
 
@@ -476,6 +510,10 @@ class FileSink:
             seq = len(list(self.dir.glob("events-*.jsonl"))) + 1
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
             os.replace(self.current, self.dir / f"events-{seq:08d}-{stamp}.jsonl")
+
+    async def probe(self) -> None:
+        if not await asyncio.to_thread(os.access, self.dir, os.W_OK):
+            raise TransientError(f"file sink {self.config.name} probe: {self.dir} is not writable")
 
     async def close(self) -> None:
         pass
