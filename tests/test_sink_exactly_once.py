@@ -364,6 +364,11 @@ async def webhook_delivery(ruled: RuledSink, redis_url: str, namespace: str, max
     return sink, delivery_for(sink, redis_url, namespace)
 
 
+async def start_again(sink: WebhookSink) -> WebhookSink:
+    await sink.start()
+    return sink
+
+
 def one_partition(n: int, topic: str = "src") -> list[Record]:
     return [record_of(e, topic, 0, i) for i, e in enumerate(events(n))]
 
@@ -851,7 +856,16 @@ async def test_webhook_low_traffic_sink_refusing_everything_pages_and_holds(rule
         await sink.close()
     assert held is not None and "refuse" in str(held[1]), (dead, held)
     assert len(dead) < delivery.refuse_all_min, dead
-    assert "sink_misconfigured" in [a["name"] for a in delivery.alerter.fired]
+    sink = await start_again(sink)
+    try:  # the runner keeps retrying the held batch: one page for the episode, not one per retry
+        for _ in range(10):
+            with pytest.raises(TransientError):
+                await delivery.handle([record_of(events(8)[held[0]], "src", 0, held[0])])
+            await asyncio.sleep(0.06)  # past the test breaker's reset: each retry reaches the sink
+    finally:
+        await sink.close()
+    assert [a["name"] for a in delivery.alerter.fired].count("sink_misconfigured") == 1, delivery.alerter.fired
+    assert delivery.breaker.state != "closed"
 
 
 async def test_webhook_healthy_sink_that_starts_refusing_everything_pages_at_once(ruled_sink, redis_server, namespace):
@@ -972,3 +986,36 @@ async def test_webhook_good_event_that_failed_once_is_not_dead_lettered_in_a_lat
         await ruled.stop()
     assert result.dead == []
     assert Counter(ruled.received) == Counter({"e0": 1, **{f"g{i}": 1 for i in range(8)}})
+
+
+# -- review of issue 14, finding 2: one device's burst of refused events on a healthy sink ---------------
+
+
+async def test_webhook_one_devices_burst_of_eight_refused_events_dead_letters_them_without_paging(
+    ruled_sink, redis_server, namespace
+):
+    """A healthy sink, then one fetch of 8 events from ONE device that it refuses (a buggy device): the
+    refusals all come from one device, so the events are at fault, not the sink. Before, the batch was held
+    as a "misconfigured" sink forever and `sink_misconfigured` re-fired on every retry."""
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace)
+    burst = [record_of(Event(f"b{i}", "play", 1.0, "acme", {}, device_id="broken"), "src", 1, i) for i in range(8)]
+    ruled_sink.refused = {f"b{i}" for i in range(8)}
+    try:
+        await handle_like_runner(delivery, device_records("g", 20, 0))
+        result = None
+        deadline = time.monotonic() + 10
+        while result is None and time.monotonic() < deadline:
+            try:
+                result = await delivery.handle(burst)
+            except TransientError as exc:
+                await asyncio.sleep(min(exc.retry_after or 0.01, 0.1))
+        assert result is not None, f"held for 10 s; alerts: {[a['name'] for a in delivery.alerter.fired]}"
+        after = await handle_like_runner(delivery, device_records("h", 5, 0, first_offset=20), tries=10)
+    finally:
+        await sink.close()
+    assert sorted(letter.message.offset for letter in result.dead) == list(range(8))
+    assert after.dead == []
+    assert Counter(ruled_sink.received) == Counter(
+        {**{f"g{i}": 1 for i in range(20)}, **{f"h{i}": 1 for i in range(5)}}
+    )
+    assert [a["name"] for a in delivery.alerter.fired].count("sink_misconfigured") <= 1

@@ -92,11 +92,16 @@ class SinkDelivery:
         # between two of its failures means the sink was up for others: an alone failure then counts.
         self.last_failed_at: dict[str, int] = {}
         self.round_max_s = max(30.0, 10 * sink.config.timeout_s)  # an isolation round's time bound
-        # The sink's last answers across batches (True: a request accepted, False: an event refused alone): at
-        # least `refuse_all_min` refusals and no acceptance among them means the sink changed, not the events.
-        # Per accepted request, so a sink that starts refusing everything pages after at most 7 dead letters.
+        # The sink's last answers across batches (None: a request accepted; else (event key, partition key) of
+        # an event refused alone, once per event, not per retry): at least `refuse_all_min` refusals from 2
+        # devices or more and no acceptance among them means the sink changed, not the events (one device's
+        # burst of bad events is its own). Per accepted request, so a sink that starts refusing everything
+        # pages after at most 7 dead letters.
         self.refuse_all_min = 4
-        self.answers: deque[bool] = deque(maxlen=2 * self.refuse_all_min)
+        self.answers: deque[tuple[str, bytes] | None] = deque(maxlen=2 * self.refuse_all_min)
+        # Set while the refusal guard holds a batch (the sink refuses every event): only an accepted request
+        # clears it, so a refusal or a probe answered meanwhile does not close the breaker or resolve the page.
+        self.refusing_all = False
         self.refused: list[tuple[Record, PermanentSinkError, int]] = []  # refused alone in this batch's rounds
         self.batch_accepted = 0  # requests of this batch the sink accepted: its refusals are the events' fault
         self.name = sink.config.name
@@ -181,8 +186,8 @@ class SinkDelivery:
                 delivered.extend(outcome.outputs)
             elif failure is None:
                 failure = outcome
-        misconfigured = self._settle_refused()
-        if misconfigured is not None and failure is None:
+        misconfigured = self._settle_refused(held_anyway=failure is not None)
+        if misconfigured is not None:
             failure = misconfigured
         if failure is None:
             result.outputs.extend(delivered)
@@ -245,7 +250,7 @@ class SinkDelivery:
 
     async def _delivered(self, records: list[Record], attempts: int, result: StepResult) -> None:
         acked = now_ms()
-        self.answers.append(True)
+        self.answers.append(None)
         self.batch_accepted += 1
         # Shielded: a revocation that cancels the batch must not cancel the mark of what the sink acked.
         await asyncio.shield(self._mark_delivered(records))
@@ -375,22 +380,36 @@ class SinkDelivery:
             if record.outcome != "delivered":
                 self.isolated.pop(self._key(record), None)
 
-    def _settle_refused(self) -> SinkMisconfigured | None:
+    def _settle_refused(self, held_anyway: bool = False) -> SinkMisconfigured | None:
         """Dead-letter the events this batch's rounds found refused alone, unless the sink accepted no request
-        of this batch and its recent answers (with earlier batches') hold `refuse_all_min` refusals and no
-        acceptance: then the sink changed (schema, endpoint), the events did not; page, and hold them (the
-        returned error is raised)."""
+        of this batch and its recent answers (with earlier batches') hold `refuse_all_min` refusals, from two
+        devices or more, and no acceptance: then the sink changed (schema, endpoint), the events did not; page,
+        open the circuit and hold them (the returned error is raised). `held_anyway`: another partition failed
+        and the batch is retried whole: the guard holds the refused events without paging on a maybe."""
         refused, self.refused = self.refused, []
         if not refused:
             return None
-        self.answers.extend(False for _ in refused)
-        if not self.batch_accepted and not any(self.answers) and len(self.answers) >= self.refuse_all_min:
+        counted = {answer[0] for answer in self.answers if answer is not None}
+        for record, _, _ in refused:  # a held event refused again on a retry is no new answer
+            if self._key(record) not in counted:
+                self.answers.append((self._key(record), record.event.partition_key))
+        recent = list(self.answers)
+        if (
+            not self.batch_accepted
+            and None not in recent
+            and len(recent) >= self.refuse_all_min
+            and len({answer[1] for answer in recent if answer is not None}) >= 2
+        ):
+            held = SinkMisconfigured(
+                f"sink {self.name}: its last {len(recent)} answers refused every event: {refused[0][1]}"
+            )
+            if held_anyway:
+                return None  # retried with the failed partition; this guard decides again then
+            self.refusing_all = True
             if self.breaker.open_now():
                 self.circuit_gauge.labels(self.name).set(1)
             self.alerter.fire("sink_misconfigured", f"sink {self.name} refuses every event", key=self.name)
-            return SinkMisconfigured(
-                f"sink {self.name}: its last {len(self.answers)} answers refused every event: {refused[0][1]}"
-            )
+            return held
         for record, error, attempts in refused:
             self._dead_letter(record, error, attempts)
         return None
@@ -470,6 +489,7 @@ class SinkDelivery:
             self._sink_answered()  # the sink is up; it refused these events
             raise
         self.sink_successes += 1
+        self.refusing_all = False
         self._sink_answered()
 
     def _commit_offset(self, part: list[Record]) -> int | None:
@@ -487,6 +507,8 @@ class SinkDelivery:
         return min(undone) if undone else None
 
     def _sink_answered(self) -> None:
+        if self.refusing_all:  # it answers, but refuses everything: still paged, circuit still open
+            return
         self.breaker.on_success()
         self.throttle.on_success()
         self.circuit_gauge.labels(self.name).set(0)
