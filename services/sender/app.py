@@ -668,6 +668,11 @@ class SinkLifecycle(Service):
 
 
 def build(ctx: ServiceContext) -> Any:
+    return build_sender(ctx)[0]
+
+
+def build_sender(ctx: ServiceContext) -> tuple[Any, SinkDelivery, StageRunner]:
+    """The sender's app, with its delivery and runner wired together (tests drive the two directly)."""
     assert ctx.sink is not None
     sink_config = ctx.config.sinks[ctx.sink]
     port = BASE_WEB_PORT + list(ctx.config.sinks).index(ctx.sink)
@@ -713,4 +718,4 @@ def build(ctx: ServiceContext) -> Any:
     browser = TableBrowser(app, ctx.settings, {"delivered-ledger": ledger}, {"sink-state": delivery.state_rows})
     add_table_views(app, browser)
     add_common_views(app, stage, ctx.metrics, delivery.stats, ctx.settings, ready=runner.ready)
-    return app
+    return app, delivery, runner
