@@ -236,6 +236,7 @@ class StageRunner(Service):
         revoke_grace_s: float = 5.0,
         unfetched_after_s: float = 10.0,
         commits_offsets: bool = True,
+        hold_dead_letters: Callable[[list[ConsumerRecord]], None] | None = None,  # type: ignore[type-arg]
     ) -> None:
         super().__init__()
         self.app = app
@@ -257,6 +258,9 @@ class StageRunner(Service):
         # False when the handler commits the group's offsets itself (a transactional Kafka sink, in its
         # transactions): a plain commit landing after a pending transactional one would move the group back.
         self.commits_offsets = commits_offsets
+        # Told of the inputs the runner dead-letters itself, before the handler sees the rest: a handler that
+        # commits offsets itself must not commit past them before they are durable (`done`).
+        self.hold_dead_letters = hold_dead_letters
         self.backoff = backoff or Backoff()
         self.dlq = dlq
         self.source = source
@@ -762,6 +766,8 @@ class StageRunner(Service):
                 records.append(Record(decode_event(message.value), message))
             except InvalidEvent as exc:
                 dead.append(DeadLetter(message, exc))
+        if dead and self.hold_dead_letters is not None:
+            self.hold_dead_letters([letter.message for letter in dead])
         self.metrics.events_in.labels(self.stage).inc(len(messages))
         handling = time.perf_counter()
         carried: list[Output] = []  # outputs of what already reached a destination (a sink's acked part)
@@ -1085,6 +1091,8 @@ class StageRunner(Service):
             except _Unexpected as wrapped:
                 sentry_sdk.capture_exception(wrapped.__cause__)
                 result.dead.append(DeadLetter(record.message, wrapped.__cause__ or wrapped))
+                if self.hold_dead_letters is not None:
+                    self.hold_dead_letters([record.message])
                 continue
             carried.extend(one.outputs)  # its receipts survive a revocation during a later record's retry
             result.dead.extend(one.dead)

@@ -4,15 +4,27 @@ the runner and not yet acknowledged): a kill then loses the event, in neither th
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
+import pytest
 from aiohttp import web
 from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
 
+from services.sender.app import SinkDelivery, build_sender
 from services.sender.sinks import KafkaSink, Source, WebhookSink
-from shared.config import SinkConfig
+from shared.app import durable_producer
+from shared.codec import encode_event
+from shared.config import HifiConfig, Settings, SinkConfig, hash_api_key
 from shared.event import Event
-from shared.stage import Record
+from shared.publish import BatchPublisher
+from shared.service import ServiceContext
+from shared.stage import Record, StageRunner
 from tests.test_sink_exactly_once import (
     RuledSink,
     committed_offset,
@@ -151,3 +163,90 @@ async def test_retry_never_commits_past_a_held_dead_letter(port_base, redis_serv
     assert [letter.message.offset for letter in result.dead] == [0]
     assert Counter(ruled.received) == Counter({f"e{i}": 1 for i in range(1, 8)})
     assert max(sink.accepted) <= 0, sink.accepted
+
+
+# -- review of issue 14, finding 3: dead letters the runner makes itself --------------------------------
+
+
+@contextlib.asynccontextmanager
+async def built_sender(
+    bootstrap: str, redis_url: str, namespace: str, data_dir: Path
+) -> AsyncIterator[tuple[SinkDelivery, StageRunner, str, str]]:
+    """The sender as `build` wires it (a transactional Kafka sink), driven through the runner's batch path
+    with no group and no acker: a batch's dead letters are produced, never acknowledged unless settled."""
+    config = HifiConfig.parse(
+        {
+            "tenants": {"acme": {"api_keys": [hash_api_key("k")]}},
+            "dedupe": {"backend": "redis"},
+            "sinks": {"m": {"type": "kafka", "topic": f"{namespace}.mirror", "timeout_s": 5}},
+        }
+    )
+    settings = Settings(broker=bootstrap, redis_url=redis_url, namespace=namespace, data_dir=str(data_dir))
+    ctx = ServiceContext("sender", settings, config, sink="m")
+    _, delivery, runner = build_sender(ctx)
+    src, group = ctx.topics.sink("m"), str(ctx.app.conf.id)
+    await make_source_topic(bootstrap, src)
+    await make_topic(bootstrap, f"{namespace}.mirror", {"max.message.bytes": "20000"})
+    await make_topic(bootstrap, ctx.topics.dlq("sender.m"))
+    producer = durable_producer(bootstrap)
+    await producer.start()
+    runner.producer, runner.publisher = producer, BatchPublisher(producer)
+    await delivery.sink.start()
+    try:
+        yield delivery, runner, src, group
+    finally:
+        await delivery.sink.close()
+        await producer.stop()
+        await delivery.ledger.close()
+
+
+def messages_of(src: str, undecodable: set[int]) -> list[ConsumerRecord]:  # type: ignore[type-arg]
+    def value(i: int) -> bytes:
+        return b"\xc1 not msgpack" if i in undecodable else encode_event(events(10)[i])
+
+    return [ConsumerRecord(src, 0, i, 0, 0, None, value(i), None, 0, 0, []) for i in range(10)]
+
+
+def fail_unexpectedly_on(sink: Any, event_id: str) -> None:
+    """A bug in the sink for one event (not a sink error): the runner isolates it one at a time."""
+    deliver = sink.deliver_batch
+
+    async def deliver_batch(batch: list[Event], source: Source | None = None) -> None:
+        if any(e.event_id == event_id for e in batch):
+            raise RuntimeError(f"injected: a bug on {event_id}")
+        await deliver(batch, source)
+
+    sink.deliver_batch = deliver_batch
+
+
+@pytest.mark.parametrize("fault", ["undecodable", "unexpected"])
+async def test_kafka_sink_never_commits_past_a_dead_letter_the_runner_made_itself(
+    kafka, namespace, redis_server, tmp_path, fault
+):
+    """Offset 3 is dead-lettered by the runner (undecodable bytes, or a handler bug isolated one at a time),
+    not by the handler; its letter is produced but never acknowledged (the acker is stopped, then a kill).
+    No transaction may commit the source offset past 3, or the event is in neither the sink nor the DLQ."""
+    async with built_sender(kafka.bootstrap, redis_server.url, namespace, tmp_path) as (delivery, runner, src, group):
+        if fault == "unexpected":
+            fail_unexpectedly_on(delivery.sink, "e3")
+        messages = messages_of(src, undecodable={3} if fault == "undecodable" else set())
+        first = await runner.process_batch(messages[:5])
+        assert [letter.message.offset for letter in first.result.dead] == [3]
+        await runner.process_batch(messages[5:])
+    assert await committed_offset(kafka.bootstrap, group, TopicPartition(src, 0)) <= 3
+
+
+async def test_kafka_sink_commits_past_a_dead_letter_once_the_built_runner_made_it_durable(
+    kafka, namespace, redis_server, tmp_path
+):
+    """`build` hands the runner's durable point to the delivery: once the acker settled the batch holding the
+    letter, the next transaction commits past it. Without that wiring the group stays at the letter forever."""
+    async with built_sender(kafka.bootstrap, redis_server.url, namespace, tmp_path) as (_, runner, src, group):
+        messages = messages_of(src, undecodable=set())
+        messages[3] = ConsumerRecord(src, 0, 3, 0, 0, None, encode_event(padded(4, big={3})[3]), None, 0, 0, [])
+        first = await runner.process_batch(messages[:5])  # e3 is over the sink topic's limit: the handler's letter
+        assert [letter.message.offset for letter in first.result.dead] == [3]
+        assert await asyncio.wait_for(runner._settle(first), 30.0)
+        runner.done.update(first.next_offsets)  # what the acker does once the batch is durable
+        await runner.process_batch(messages[5:])
+    assert await committed_offset(kafka.bootstrap, group, TopicPartition(src, 0)) == 10

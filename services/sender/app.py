@@ -23,6 +23,7 @@ from typing import Any
 
 import sentry_sdk
 from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
 from mode import Service
 from prometheus_client import Gauge
 
@@ -83,6 +84,9 @@ class SinkDelivery:
         # The runner's durable point per source partition (`StageRunner.done`, set by `build`): every dead
         # letter below it is written. None (no runner): a returned dead letter stays unsettled.
         self.durable_offset: Callable[[TopicPartition], int | None] = lambda tp: None
+        # Ids of the messages the runner dead-lettered itself (`hold_dead_letters`): not in the handler's
+        # batch, yet not given up either, so a refetch check must not forget them.
+        self.runner_letters: set[int] = set()
         # Failures in a row that end a round (the sink went down): room for two culprits' alone retries.
         self.round_max_consecutive = self.max_attempts_per_event + 2
         # Per event key: failed alone while the sink took other requests (evidence across rounds)
@@ -414,6 +418,13 @@ class SinkDelivery:
             self._dead_letter(record, error, attempts)
         return None
 
+    def hold_dead_letters(self, messages: list[ConsumerRecord]) -> None:  # type: ignore[type-arg]
+        """The runner dead-letters these itself (undecodable, or failing unexpectedly alone): unsettled until
+        its durable point passes them, like the handler's own dead letters."""
+        for message in messages:
+            self.unsettled.setdefault((message.topic, message.partition), {})[message.offset] = id(message)
+            self.runner_letters.add(id(message))
+
     def _forget_refetched(self, records: list[Record], in_batch: set[int]) -> None:
         """Unsettled dead letters at or past a partition's first offset in this batch, of messages not in it,
         were given up (a revocation, the runner's one-at-a-time retry): this batch reads them again."""
@@ -424,10 +435,15 @@ class SinkDelivery:
         for tp, offset in first.items():
             letters = self.unsettled.get(tp)
             if letters:
-                for stale in [o for o, message in letters.items() if o >= offset and message not in in_batch]:
+                for stale in [
+                    o
+                    for o, message in letters.items()
+                    if o >= offset and message not in in_batch and message not in self.runner_letters
+                ]:
                     del letters[stale]
         if sum(len(letters) for letters in self.unsettled.values()) > 100_000:  # bound: partitions given away
             self.unsettled = {tp: letters for tp, letters in self.unsettled.items() if tp in first}
+            self.runner_letters &= {m for letters in self.unsettled.values() for m in letters.values()}
 
     def _unsettled_from(self, topic: str, partition: int) -> int | None:
         """The lowest offset of the partition's dead letters not yet durable (held, or still being produced)."""
@@ -437,7 +453,7 @@ class SinkDelivery:
         durable = self.durable_offset(TopicPartition(topic, partition))
         if durable is not None:
             for written in [o for o in letters if o < durable]:
-                del letters[written]
+                self.runner_letters.discard(letters.pop(written))
         return min(letters) if letters else None
 
     def _dead_letter(self, record: Record, error: Exception, attempts: int) -> None:
@@ -707,6 +723,7 @@ def build_sender(ctx: ServiceContext) -> tuple[Any, SinkDelivery, StageRunner]:
         # A transactional Kafka sink commits the input offsets in its transactions; a plain commit could
         # land after a pending one and move the group back below what the sink delivered.
         commits_offsets=not getattr(sink, "transactional", False),
+        hold_dead_letters=delivery.hold_dead_letters,
     )
 
     # A transactional sink commits no source offset past a dead letter the runner has not written yet.
