@@ -64,8 +64,9 @@ class PermanentSinkError(HifiError):
 
 class SinkMisconfigured(TransientError):
     """The sink refuses every request (HTTP 401/403/404/405/407/410/415, a Redis auth error, OOM or a key of
-    the wrong type, or recent answers that refused every event, see `SinkDelivery.answers`): not a fault of any
-    event. Opens the circuit and pages; retried with backoff until fixed, never dead-lettered. `status` is the
+    the wrong type, or recent answers that refused every event from two devices or more, see
+    `SinkDelivery.answers`): not a fault of any event. Opens the circuit and pages (once per episode: only an
+    accepted request closes it again); retried with backoff until fixed, never dead-lettered. `status` is the
     HTTP status, if any."""
 
     def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:

@@ -806,8 +806,9 @@ async def test_webhook_503_group_left_with_only_failing_payloads_dead_letters_th
     ruled_sink, redis_server, namespace, poisoned
 ):
     """The first isolation round delivers the good events and ends (failures in a row) before the culprits
-    are proven; the retries then hold only culprits, and no request of theirs succeeds. The sink took the
-    others since they started failing, so their alone failures still count: they dead-letter, no stall."""
+    are proven; the retries then hold only culprits, and no request of theirs succeeds. A probe with no event
+    shows the sink is up, so their alone failures count: they dead-letter, no stall. (A group that never had
+    a good sibling: `test_webhook_503_culprit_alone_on_a_quiet_sink_dead_letters_it` and the next one.)"""
     ruled_sink.poisoned = {f"e{i}" for i in poisoned}
     sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace, max_attempts=3)
     try:

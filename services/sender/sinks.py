@@ -174,7 +174,9 @@ class KafkaSink:
     `<group>.<topic>.<partition>`: a new owner's producer fences the old one and aborts its open
     transaction (or completes one already committing), then the group's committed offset says which
     records that owner already delivered. A transaction commits only once every record in it was acked,
-    and only the offsets below the first event of the batch not yet delivered (`Source.commit_offset`).
+    and only the offsets below the first event of the batch not yet delivered and below the partition's
+    lowest dead letter not yet durable (`Source.commit_offset`, set by `SinkDelivery`): a kill must not
+    leave an event in neither the sink nor the DLQ.
     On another cluster: per-record acks; a partial failure raises PartialDelivery so only the
     unacknowledged records are retried; an unretriable error renews the producer.
     """
