@@ -1020,3 +1020,21 @@ async def test_webhook_one_devices_burst_of_eight_refused_events_dead_letters_th
         {**{f"g{i}": 1 for i in range(20)}, **{f"h{i}": 1 for i in range(5)}}
     )
     assert [a["name"] for a in delivery.alerter.fired].count("sink_misconfigured") <= 1
+
+
+async def test_webhook_refusal_guard_does_not_page_for_a_batch_retried_because_another_partition_failed(
+    ruled_sink, redis_server, namespace
+):
+    """The guard's error is discarded when another partition failed (the batch is retried whole): it must not
+    page or open the circuit for a decision it did not act on."""
+    ruled_sink.refused = {f"b{i}" for i in range(4)}
+    ruled_sink.poisoned = {"e0"}
+    refused = [record_of(Event(f"b{i}", "play", 1.0, "acme", {}, device_id=f"b-d{i}"), "src", 0, i) for i in range(4)]
+    sink, delivery = await webhook_delivery(ruled_sink, redis_server.url, namespace)
+    try:
+        with pytest.raises(TransientError, match="503"):
+            await delivery.handle([*refused, record_of(events(1)[0], "src", 1, 0)])
+    finally:
+        await sink.close()
+    assert "sink_misconfigured" not in [a["name"] for a in delivery.alerter.fired]
+    assert delivery.breaker.state == "closed"
