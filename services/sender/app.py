@@ -414,6 +414,9 @@ class SinkDelivery:
                 self.circuit_gauge.labels(self.name).set(1)
             self.alerter.fire("sink_misconfigured", f"sink {self.name} refuses every event", key=self.name)
             return held
+        if self.refusing_all:  # the refusals are the events' fault again: the sink answers, the episode ends
+            self.refusing_all = False
+            self._sink_answered()
         for record, error, attempts in refused:
             self._dead_letter(record, error, attempts)
         return None
