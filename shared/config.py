@@ -304,6 +304,8 @@ class Settings:
     read_token: str | None = None  # HIFI_READ_TOKEN: bearer token for /stats and table views
     admin_token: str | None = None  # HIFI_ADMIN_TOKEN: bearer token for admin actions (also reads)
     redact_fields: str = ""  # HIFI_REDACT_FIELDS: payload fields masked in views, comma-separated
+    # This worker's stable name (the StatefulSet pod name, or `hifi up`'s label): its static group membership.
+    worker_id: str | None = None  # HIFI_WORKER_ID
 
     ENV = {
         "config_path": "HIFI_CONFIG",
@@ -325,6 +327,7 @@ class Settings:
         "read_token": "HIFI_READ_TOKEN",
         "admin_token": "HIFI_ADMIN_TOKEN",
         "redact_fields": "HIFI_REDACT_FIELDS",
+        "worker_id": "HIFI_WORKER_ID",
     }
 
     @classmethod

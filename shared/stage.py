@@ -236,6 +236,7 @@ class StageRunner(Service):
         revoke_grace_s: float = 5.0,
         unfetched_after_s: float = 10.0,
         commits_offsets: bool = True,
+        group_instance_id: str | None = None,
     ) -> None:
         super().__init__()
         self.app = app
@@ -257,6 +258,10 @@ class StageRunner(Service):
         # False when the handler commits the group's offsets itself (a transactional Kafka sink, in its
         # transactions): a plain commit landing after a pending transactional one would move the group back.
         self.commits_offsets = commits_offsets
+        # Static membership (KIP-345): a worker back under the same name within the session timeout gets
+        # its partitions again without a rebalance; None joins as a dynamic member.
+        self.group_instance_id = group_instance_id
+        self.revocations = 0  # rebalances this worker took part in since it started (for /ready and tests)
         self.backoff = backoff or Backoff()
         self.dlq = dlq
         self.source = source
@@ -301,6 +306,8 @@ class StageRunner(Service):
         self.checkpoint_interval_s = ctx.settings.table_checkpoint_s
         self.tallies = ctx.topics.tallies
         self.bucket_s = audit.bucket_s
+        if self.group_instance_id is None and ctx.settings.worker_id:
+            self.group_instance_id = ctx.settings.worker_id
         alerter = Alerter(self.stage)
         self.broker_outage = OutageClock(alerter, "broker_unreachable", "the Kafka broker", audit.outage_alert_after_s)
         self.watchdog = PartitionWatchdog(self, self.metrics, alerter, audit.stuck_after_s)
@@ -326,6 +333,8 @@ class StageRunner(Service):
             "joined": self.joined and not self.restoring,
             "partitions": sorted(tp.partition for tp in self.assigned),
             "restoring": sorted(tp.partition for tp in self.restoring),
+            "group_instance_id": self.group_instance_id,
+            "revocations": self.revocations,
         }
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -339,6 +348,7 @@ class StageRunner(Service):
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=self.group,
+            group_instance_id=self.group_instance_id,
             client_id=self.client_id,
             enable_auto_commit=False,  # the acker decides what is done; `_commit` commits it
             auto_offset_reset="earliest",  # a new group, or offsets deleted by retention: start at the log start
@@ -387,7 +397,9 @@ class StageRunner(Service):
             task.cancel()
         if self._retiring:
             await asyncio.wait(self._retiring, timeout=3.0)
-        for client in (self.consumer, self.producer):  # the consumer leaves the group: its partitions move at once
+        # A dynamic member leaves the group (its partitions move at once); a static one sends no LeaveGroup
+        # and keeps them until it is back or its session times out (aiokafka's `_maybe_leave_group`).
+        for client in (self.consumer, self.producer):
             if client is not None:
                 try:
                     await asyncio.wait_for(client.stop(), 3.0)
@@ -424,6 +436,7 @@ class StageRunner(Service):
             return max(0.0, deadline - commit_s - time.monotonic())
 
         self.joined = False
+        self.revocations += bool(revoked)  # aiokafka calls this before the first join too, with nothing
         owner = self._owner
         owner.revoked.set()  # retry loops give up between attempts; their backoff sleeps end now
         locked = await self._take_batch_lock(left)
