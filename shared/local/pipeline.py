@@ -49,6 +49,7 @@ class ServiceProcess:
     restarts: int = 0  # by the supervisor
     restarted_at: collections.deque[float] = field(default_factory=collections.deque)  # monotonic, last minute
     last_exit: int | None = None  # the return code of the process the supervisor replaced last
+    restarted_wall_ms: float = 0.0  # when the supervisor last started it (wall clock, for chaos reports)
     gave_up: bool = False  # too many restarts in a minute: left down
 
     @property
@@ -167,6 +168,7 @@ class PipelineProcesses:
                         del due[label]
                         svc.last_exit = proc.returncode
                         self._start(label)
+                        svc.restarted_wall_ms = time.time() * 1000
                         svc.restarts += 1
                         svc.restarted_at.append(now)
 
