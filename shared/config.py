@@ -306,6 +306,8 @@ class Settings:
     redact_fields: str = ""  # HIFI_REDACT_FIELDS: payload fields masked in views, comma-separated
     # This worker's stable name (the StatefulSet pod name, or `hifi up`'s label): its static group membership.
     worker_id: str | None = None  # HIFI_WORKER_ID
+    # How long the group waits for a silent member: a static one's partitions stay with it that long.
+    session_timeout_s: float = 10.0  # HIFI_SESSION_TIMEOUT_S: within the broker's group.min/max.session.timeout.ms
 
     ENV = {
         "config_path": "HIFI_CONFIG",
@@ -328,6 +330,7 @@ class Settings:
         "admin_token": "HIFI_ADMIN_TOKEN",
         "redact_fields": "HIFI_REDACT_FIELDS",
         "worker_id": "HIFI_WORKER_ID",
+        "session_timeout_s": "HIFI_SESSION_TIMEOUT_S",
     }
 
     @classmethod
@@ -344,7 +347,7 @@ class Settings:
                     values[f.name] = int(raw)
                 except ValueError:
                     raise ConfigError(var, f"must be an integer, got {raw!r}") from None
-            elif f.name in ("shutdown_grace_s", "table_checkpoint_s"):
+            elif f.name in ("shutdown_grace_s", "table_checkpoint_s", "session_timeout_s"):
                 try:
                     values[f.name] = float(raw)
                 except ValueError:

@@ -308,6 +308,7 @@ class StageRunner(Service):
         self.bucket_s = audit.bucket_s
         if self.group_instance_id is None and ctx.settings.worker_id:
             self.group_instance_id = ctx.settings.worker_id
+        self.session_timeout_ms = int(ctx.settings.session_timeout_s * 1000)
         alerter = Alerter(self.stage)
         self.broker_outage = OutageClock(alerter, "broker_unreachable", "the Kafka broker", audit.outage_alert_after_s)
         self.watchdog = PartitionWatchdog(self, self.metrics, alerter, audit.stuck_after_s)
@@ -353,7 +354,8 @@ class StageRunner(Service):
             enable_auto_commit=False,  # the acker decides what is done; `_commit` commits it
             auto_offset_reset="earliest",  # a new group, or offsets deleted by retention: start at the log start
             max_poll_records=self.batch_max,
-            # Rejoin in seconds after a restart (the broker's default session is 45 s).
+            # A dead member's partitions wait this long (the broker's default session is 45 s); a static
+            # member restarted sooner takes them back at once.
             session_timeout_ms=self.session_timeout_ms,
             heartbeat_interval_ms=min(1_000, self.session_timeout_ms // 3),
             rebalance_timeout_ms=self.rebalance_timeout_ms,

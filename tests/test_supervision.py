@@ -12,6 +12,7 @@ from typing import Any
 
 from shared.local.pipeline import PipelineProcesses
 from shared.local.traffic import EventFactory
+from shared.local.up import status_line
 from shared.local.webhook import WebhookReceiver
 from tests.helpers import post, tenant_block, wait_for
 
@@ -72,7 +73,7 @@ async def test_a_stage_killed_9_is_restarted_by_the_supervisor_and_its_peer_is_n
         await asyncio.sleep(2.0)  # a late copy would land here
         assert pipeline.services["enricher"].process.pid != old_pid  # type: ignore[union-attr]
         assert pipeline.services["enricher"].last_exit == -9
-        assert "enricher x1 (exit -9)" in pipeline.restarts()
+        assert "restarts enricher x1 (exit -9)" in status_line(pipeline, 1.0)  # `hifi up`'s live line
         after = readiness(pipeline, peer)
         assert after["revocations"] == before["revocations"], "the restart rebalanced the peer"
         assert readiness(pipeline, "enricher")["partitions"] == held
