@@ -308,6 +308,10 @@ class Settings:
     worker_id: str | None = None  # HIFI_WORKER_ID
     # How long the group waits for a silent member: a static one's partitions stay with it that long.
     session_timeout_s: float = 10.0  # HIFI_SESSION_TIMEOUT_S: within the broker's group.min/max.session.timeout.ms
+    # After a SIGTERM's drain, a static member leaves its group ("yes": its partitions move at once), or keeps
+    # them for its restart ("no": nothing to restore elsewhere, but they wait for it). "auto": stateless
+    # stages leave, stages with RocksDB state stay (a takeover would restore their store from the changelog).
+    leave_group_on_stop: str = "auto"  # HIFI_LEAVE_GROUP_ON_STOP: auto, yes or no
 
     ENV = {
         "config_path": "HIFI_CONFIG",
@@ -331,6 +335,7 @@ class Settings:
         "redact_fields": "HIFI_REDACT_FIELDS",
         "worker_id": "HIFI_WORKER_ID",
         "session_timeout_s": "HIFI_SESSION_TIMEOUT_S",
+        "leave_group_on_stop": "HIFI_LEAVE_GROUP_ON_STOP",
     }
 
     @classmethod
@@ -352,6 +357,8 @@ class Settings:
                     values[f.name] = float(raw)
                 except ValueError:
                     raise ConfigError(var, f"must be a number of seconds, got {raw!r}") from None
+            elif f.name == "leave_group_on_stop" and raw not in ("auto", "yes", "no"):
+                raise ConfigError(var, f"must be auto, yes or no, got {raw!r}")
             else:
                 values[f.name] = raw
         return cls(**values)

@@ -73,6 +73,7 @@ from shared.app import durable_producer
 from shared.codec import decode_event, pack, unpack
 from shared.errors import HandledInPart, HifiError, InvalidEvent, PermanentSinkError, TransientError
 from shared.event import Event, now_ms
+from shared.membership import MemberRemovalFailed, remove_static_members
 from shared.metrics import StageMetrics
 from shared.publish import BatchPublisher, Output, Published, retire
 from shared.retry import Backoff
@@ -237,6 +238,7 @@ class StageRunner(Service):
         unfetched_after_s: float = 10.0,
         commits_offsets: bool = True,
         group_instance_id: str | None = None,
+        leave_group_on_stop: bool | None = None,
     ) -> None:
         super().__init__()
         self.app = app
@@ -261,6 +263,9 @@ class StageRunner(Service):
         # Static membership (KIP-345): a worker back under the same name within the session timeout gets
         # its partitions again without a rebalance; None joins as a dynamic member.
         self.group_instance_id = group_instance_id
+        # A static member removes itself after its drain (partitions move at once) or keeps them for its
+        # restart; None: only a stage without state leaves (a takeover would restore the store elsewhere).
+        self.leave_group_on_stop = leave_group_on_stop
         self.revocations = 0  # rebalances this worker took part in since it started (for /ready and tests)
         self.backoff = backoff or Backoff()
         self.dlq = dlq
@@ -309,6 +314,8 @@ class StageRunner(Service):
         if self.group_instance_id is None and ctx.settings.worker_id:
             self.group_instance_id = ctx.settings.worker_id
         self.session_timeout_ms = int(ctx.settings.session_timeout_s * 1000)
+        if self.leave_group_on_stop is None and ctx.settings.leave_group_on_stop != "auto":
+            self.leave_group_on_stop = ctx.settings.leave_group_on_stop == "yes"
         alerter = Alerter(self.stage)
         self.broker_outage = OutageClock(alerter, "broker_unreachable", "the Kafka broker", audit.outage_alert_after_s)
         self.watchdog = PartitionWatchdog(self, self.metrics, alerter, audit.stuck_after_s)
@@ -381,7 +388,7 @@ class StageRunner(Service):
 
     async def on_stop(self) -> None:
         """SIGTERM: finish the batch in hand (give it up if it is retrying), wait for the broker's acks,
-        commit, leave the group."""
+        commit, leave the group (a static member only per `leave_group_on_stop`)."""
         self._stopping = True
         self._owner.revoked.set()  # a batch retrying through an outage publishes what it delivered and stops
         held = sorted(tp.partition for tp in self.assigned | self.restoring if tp.topic == self.source)
@@ -399,8 +406,8 @@ class StageRunner(Service):
             task.cancel()
         if self._retiring:
             await asyncio.wait(self._retiring, timeout=3.0)
-        # A dynamic member leaves the group (its partitions move at once); a static one sends no LeaveGroup
-        # and keeps them until it is back or its session times out (aiokafka's `_maybe_leave_group`).
+        # A dynamic member leaves the group here (its partitions move at once); a static one sends no
+        # LeaveGroup (aiokafka's `_maybe_leave_group`): `_leave_as_static_member` decides.
         for client in (self.consumer, self.producer):
             if client is not None:
                 try:
@@ -409,6 +416,18 @@ class StageRunner(Service):
                     log.warning("%s: a Kafka client did not close within 3 s", self.stage)
         for state in self.states:
             state.revoke(held)
+        await self._leave_as_static_member()
+
+    async def _leave_as_static_member(self) -> None:
+        """After the drain: a static member that is not keeping its partitions for its restart removes itself."""
+        leaves = self.leave_group_on_stop if self.leave_group_on_stop is not None else not self.states
+        if self.group_instance_id is None or not leaves:
+            return
+        try:
+            await asyncio.wait_for(remove_static_members(self.bootstrap, self.group, [self.group_instance_id]), 3.0)
+            log.info("%s: left group %s as %s", self.stage, self.group, self.group_instance_id)
+        except (TimeoutError, KafkaError, MemberRemovalFailed) as exc:
+            log.warning("%s: could not leave the group (%r): its partitions wait out its session", self.stage, exc)
 
     async def _guard(self, loop: Awaitable[None]) -> None:
         """A loop that dies would leave the worker in its group reading nothing: fail loudly, drain, exit."""

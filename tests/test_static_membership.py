@@ -26,7 +26,17 @@ async def test_a_worker_restarted_under_its_name_takes_its_partitions_back_witho
     group = f"{namespace}-static"
     options = dict(batch_max=50, session_timeout_ms=10_000)
     first = await start(
-        runners, make_runner(kafka.bootstrap, group, "a", source, sink.handle, group_instance_id="w-1", **options)
+        runners,
+        make_runner(
+            kafka.bootstrap,
+            group,
+            "a",
+            source,
+            sink.handle,
+            group_instance_id="w-1",
+            leave_group_on_stop=False,
+            **options,
+        ),
     )
     second = await start(
         runners, make_runner(kafka.bootstrap, group, "b", source, sink.handle, group_instance_id="w-2", **options)
@@ -71,7 +81,17 @@ async def test_a_static_member_removed_after_its_stop_hands_its_partitions_over_
     group = f"{namespace}-leave"
     options = dict(batch_max=50, session_timeout_ms=10_000)
     first = await start(
-        runners, make_runner(kafka.bootstrap, group, "a", source, sink.handle, group_instance_id="w-1", **options)
+        runners,
+        make_runner(
+            kafka.bootstrap,
+            group,
+            "a",
+            source,
+            sink.handle,
+            group_instance_id="w-1",
+            leave_group_on_stop=False,
+            **options,
+        ),
     )
     second = await start(
         runners, make_runner(kafka.bootstrap, group, "b", source, sink.handle, group_instance_id="w-2", **options)
@@ -97,3 +117,45 @@ async def test_a_static_member_removed_after_its_stop_hands_its_partitions_over_
     assert moved_s < 5.0, f"the partitions moved {moved_s:.1f}s after the stop (the session is 10 s)"
     with pytest.raises(MemberRemovalFailed):
         await remove_static_members(kafka.bootstrap, group, ["w-1"])  # already gone: refused, typed
+
+
+@pytest.mark.parametrize("leaves", [True, False], ids=["leaves", "keeps-its-partitions"])
+async def test_a_static_member_stopped_leaves_or_keeps_its_partitions_as_configured(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner], leaves: bool
+) -> None:
+    source = f"{namespace}.stop"
+    await create_topic(kafka.bootstrap, source, 4)
+    sink = FlakySink()
+    group = f"{namespace}-stop"
+    options = dict(batch_max=50, session_timeout_ms=10_000)
+    first = await start(
+        runners,
+        make_runner(
+            kafka.bootstrap,
+            group,
+            "a",
+            source,
+            sink.handle,
+            group_instance_id="w-1",
+            leave_group_on_stop=leaves,
+            **options,
+        ),
+    )
+    second = await start(
+        runners, make_runner(kafka.bootstrap, group, "b", source, sink.handle, group_instance_id="w-2", **options)
+    )
+    await wait_for(
+        lambda: (
+            first.joined
+            and second.joined
+            and len(first.assigned | second.assigned) == 4
+            and not first.assigned & second.assigned
+        ),
+        30,
+        "two members sharing the partitions",
+    )
+    held = len(second.assigned)
+    await first.stop()
+    runners.remove(first)
+    await asyncio.sleep(4.0)  # well past a rebalance after a leave, well within the 10 s session
+    assert len(second.assigned) == (4 if leaves else held)
