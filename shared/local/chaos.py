@@ -524,6 +524,8 @@ dedupe: {{backend: {self.dedupe_backend}}}
         out["missing"] = out["faulted_missing"] + out["healthy_missing"]
         # The healthy sink measures what a fault costs the pipeline (the faulted one may be down on purpose).
         out["late_event_seconds"] = out["healthy_late_event_seconds"]
+        # On time before the fault: far below 100 % means the machine, not the fault, made events late.
+        out["on_time_before_fault"] = self._on_time_before_fault(self.sinks["healthy"])
         out["on_time"] = out["healthy_on_time"]
         out["kills"] = len(self.kills)
         delivered = {name: {r["event_id"] for r in sink.received} for name, sink in self.sinks.items()}
@@ -627,6 +629,14 @@ dedupe: {{backend: {self.dedupe_backend}}}
             arr - e["ingest_ts"]
             for e, arr in zip(sink.received, sink.arrival_ms, strict=True)
             if self.fault_start_ms <= e["ingest_ts"] <= end
+        ]
+        return round(sum(1 for lag in lags if lag <= SLA_MS) / len(lags), 5) if lags else None
+
+    def _on_time_before_fault(self, sink: SinkTruth) -> float | None:
+        lags = [
+            arr - e["ingest_ts"]
+            for e, arr in zip(sink.received, sink.arrival_ms, strict=True)
+            if e["ingest_ts"] < self.fault_start_ms
         ]
         return round(sum(1 for lag in lags if lag <= SLA_MS) / len(lags), 5) if lags else None
 
@@ -773,7 +783,7 @@ async def scale_out_and_in(run: ChaosRun) -> None:
         extra = run.pipeline.add_worker(label)
         await asyncio.to_thread(run.pipeline.wait_ready, 90.0, [extra])
         await asyncio.sleep(4.0)
-        code = await asyncio.to_thread(run.pipeline.stop, extra, 30.0)
+        code = await asyncio.to_thread(run.pipeline.remove_worker, extra, 30.0)
         run.notes.append(f"{extra} exit {code}")
     run.mark_fault(False)
 
@@ -794,7 +804,7 @@ async def outage_scale_out(run: ChaosRun) -> None:
     run.mark_fault(False)
     await asyncio.sleep(15.0)
     for extra in extras:
-        code = await asyncio.to_thread(run.pipeline.stop, extra, 30.0)
+        code = await asyncio.to_thread(run.pipeline.remove_worker, extra, 30.0)
         run.notes.append(f"{extra} exit {code}")
 
 
@@ -883,7 +893,7 @@ async def slow_isr_rebalance(run: ChaosRun) -> None:
     await asyncio.to_thread(run.pipeline.wait_ready, 120.0, extras)
     await asyncio.sleep(5.0)
     for extra in extras:
-        code = await asyncio.to_thread(run.pipeline.stop, extra, 30.0)
+        code = await asyncio.to_thread(run.pipeline.remove_worker, extra, 30.0)
         run.notes.append(f"{extra} exit {code}")
     run.notes.append(f"SIGSTOP broker node {node} for 20 s")
 

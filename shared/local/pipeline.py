@@ -139,6 +139,27 @@ class PipelineProcesses:
         self.start(extra)
         return extra
 
+    def group(self, label: str) -> str:
+        """The consumer group of worker `label`'s service (as `create_app` names it)."""
+        from shared.topics import Topics
+
+        svc = self.services[label]
+        return Topics(self.settings.namespace).group(f"hifi-sender-{svc.sink}" if svc.sink else f"hifi-{svc.name}")
+
+    def remove_worker(self, label: str, timeout: float = 30.0) -> int | None:
+        """Scale in: stop worker `label` for good and take its static membership out of its group, so its
+        partitions move now instead of after its session timeout (a stateful worker keeps them on SIGTERM)."""
+        import asyncio
+
+        from shared.membership import MemberRemovalFailed, remove_static_members
+
+        code = self.stop(label, timeout)
+        try:
+            asyncio.run(remove_static_members(self.settings.broker, self.group(label), [self.worker_id(label)]))
+        except MemberRemovalFailed:
+            pass  # it left by itself (a stateless stage leaves after its drain)
+        return code
+
     def start_all(self) -> None:
         for label in self.services:
             self.start(label)
