@@ -37,7 +37,9 @@ async def test_a_stage_killed_9_is_restarted_by_the_supervisor_and_its_peer_is_n
         + tenant_block("acme", "key-acme", ["hook"])
         + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{hook.port}/in"}}\n'
     )
-    pipeline = await start_pipeline(settings_for(config), supervise=True)
+    # A session longer than a restart on a loaded machine (5 to 10 s seen at load 20): past it, the group
+    # rebalances by design, static or not.
+    pipeline = await start_pipeline(settings_for(config, session_timeout_s=30.0), supervise=True)
     peer = pipeline.add_worker("enricher")
     await asyncio.to_thread(pipeline.wait_ready, 120.0, [peer])
     factory = EventFactory(producer_id=f"{namespace}-acme")
@@ -75,7 +77,7 @@ async def test_a_stage_killed_9_is_restarted_by_the_supervisor_and_its_peer_is_n
         assert pipeline.services["enricher"].last_exit == -9
         assert "restarts enricher x1 (exit -9)" in status_line(pipeline, 1.0)  # `hifi up`'s live line
         after = readiness(pipeline, peer)
-        assert after["revocations"] == before["revocations"], "the restart rebalanced the peer"
+        assert after["revocations"] == before["revocations"], f"the restart rebalanced the peer (back in {back_s:.1f}s)"
         assert readiness(pipeline, "enricher")["partitions"] == held
         counts = Counter(e["event_id"] for e in hook.received)
         assert set(counts) == set(sent)

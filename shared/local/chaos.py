@@ -675,6 +675,26 @@ async def kill_restart_single(run: ChaosRun) -> None:
     run.mark_fault(False)
 
 
+async def rolling_deploy_two_workers(run: ChaosRun) -> None:
+    """18. two workers per consumer stage, then a rolling deploy of every worker, one at a time (SIGTERM,
+    start under the same name, ready), as a StatefulSet rollout with maxUnavailable 1 does."""
+    stages = ("enricher", "deduplicator", "router", "sender.faulted", "sender.healthy")
+    extras = [run.pipeline.add_worker(label) for label in stages]
+    await asyncio.to_thread(run.pipeline.wait_ready, 120.0, extras)
+    await asyncio.sleep(3.0)  # the rebalances of the scale-out are not the deploy's
+    run.mark_fault(True)
+    for label in [w for pair in zip(extras, stages, strict=True) for w in pair]:  # highest ordinal first
+        started = time.monotonic()
+        code = await asyncio.to_thread(run.pipeline.stop, label, 30.0)
+        run.pipeline.start(label)
+        await asyncio.to_thread(run.pipeline.wait_ready, 90.0, [label])
+        run.notes.append(f"{label} exit {code}, ready again {time.monotonic() - started:.1f}s after SIGTERM")
+        if code != 0:
+            run.clean_exit = False
+        await asyncio.sleep(1.0)
+    run.mark_fault(False)
+
+
 async def slow_message_then_kill(run: ChaosRun) -> None:
     """2. a slow message at the sink, then kill -9 of the sender waiting on it."""
     slow = run.load.factory.make()
@@ -945,6 +965,7 @@ SCENARIOS = {
         Scenario(15, "slow-isr-rebalance", slow_isr_rebalance, nodes=3),
         Scenario(16, "sink-4xx-mix", sink_4xx_mix, refuse_one_in=SINK_400_ONE_IN),
         Scenario(17, "kill-restart-single", kill_restart_single, supervise=True),
+        Scenario(18, "rolling-deploy-2", rolling_deploy_two_workers),
     )
 }
 
