@@ -196,6 +196,8 @@ def test_consumers_roll_one_pod_at_a_time_under_their_pod_name_as_static_member(
         c = container(stateful)
         worker_id = next(e for e in c["env"] if e["name"] == "HIFI_WORKER_ID")
         assert worker_id["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, name
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert Settings.from_env(env).session_timeout_s == 10.0 and env["HIFI_LEAVE_GROUP_ON_STOP"] == "auto"
         assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
     collector = container(by_kind(docs, "Deployment")["collector"])
     assert not any(e["name"] == "HIFI_WORKER_ID" for e in collector["env"]), "not a consumer: no static member"
@@ -216,6 +218,8 @@ def test_consumers_roll_one_pod_at_a_time_under_their_pod_name_as_static_member(
         ({"shutdownGraceSeconds": "soon"}, "shutdownGraceSeconds"),
         ({"redis": {"url": "http://redis"}}, "url"),
         ({"colour": "blue"}, "colour"),
+        ({"membership": {"leaveGroupOnStop": "sometimes"}}, "leaveGroupOnStop"),
+        ({"membership": {"sessionTimeoutSeconds": 1}}, "sessionTimeoutSeconds"),
     ],
 )
 def test_the_schema_rejects_bad_values(values, where):

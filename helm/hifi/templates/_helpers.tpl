@@ -89,6 +89,8 @@ spec:
         {{- if .static }}
         - name: HIFI_WORKER_ID  # the StatefulSet pod name: its consumers' group_instance_id (static membership)
           valueFrom: {fieldRef: {fieldPath: metadata.name}}
+        - {name: HIFI_SESSION_TIMEOUT_S, value: {{ $root.Values.membership.sessionTimeoutSeconds | quote }}}
+        - {name: HIFI_LEAVE_GROUP_ON_STOP, value: {{ $root.Values.membership.leaveGroupOnStop | quote }}}
         {{- end }}
         {{- include "hifi.secretEnv" $root | nindent 8 }}
       {{- with $root.Values.secrets.extraEnvFrom }}
