@@ -304,6 +304,14 @@ class Settings:
     read_token: str | None = None  # HIFI_READ_TOKEN: bearer token for /stats and table views
     admin_token: str | None = None  # HIFI_ADMIN_TOKEN: bearer token for admin actions (also reads)
     redact_fields: str = ""  # HIFI_REDACT_FIELDS: payload fields masked in views, comma-separated
+    # This worker's stable name (the StatefulSet pod name, or `hifi up`'s label): its static group membership.
+    worker_id: str | None = None  # HIFI_WORKER_ID
+    # How long the group waits for a silent member: a static one's partitions stay with it that long.
+    session_timeout_s: float = 10.0  # HIFI_SESSION_TIMEOUT_S: within the broker's group.min/max.session.timeout.ms
+    # After a SIGTERM's drain, a static member leaves its group ("yes": its partitions move at once), or keeps
+    # them for its restart ("no": nothing to restore elsewhere, but they wait for it). "auto": stateless
+    # stages leave, stages with RocksDB state stay (a takeover would restore their store from the changelog).
+    leave_group_on_stop: str = "auto"  # HIFI_LEAVE_GROUP_ON_STOP: auto, yes or no
 
     ENV = {
         "config_path": "HIFI_CONFIG",
@@ -325,6 +333,9 @@ class Settings:
         "read_token": "HIFI_READ_TOKEN",
         "admin_token": "HIFI_ADMIN_TOKEN",
         "redact_fields": "HIFI_REDACT_FIELDS",
+        "worker_id": "HIFI_WORKER_ID",
+        "session_timeout_s": "HIFI_SESSION_TIMEOUT_S",
+        "leave_group_on_stop": "HIFI_LEAVE_GROUP_ON_STOP",
     }
 
     @classmethod
@@ -341,11 +352,13 @@ class Settings:
                     values[f.name] = int(raw)
                 except ValueError:
                     raise ConfigError(var, f"must be an integer, got {raw!r}") from None
-            elif f.name in ("shutdown_grace_s", "table_checkpoint_s"):
+            elif f.name in ("shutdown_grace_s", "table_checkpoint_s", "session_timeout_s"):
                 try:
                     values[f.name] = float(raw)
                 except ValueError:
                     raise ConfigError(var, f"must be a number of seconds, got {raw!r}") from None
+            elif f.name == "leave_group_on_stop" and raw not in ("auto", "yes", "no"):
+                raise ConfigError(var, f"must be auto, yes or no, got {raw!r}")
             else:
                 values[f.name] = raw
         return cls(**values)

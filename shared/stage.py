@@ -73,6 +73,7 @@ from shared.app import durable_producer
 from shared.codec import decode_event, pack, unpack
 from shared.errors import HandledInPart, HifiError, InvalidEvent, PermanentSinkError, TransientError
 from shared.event import Event, now_ms
+from shared.membership import MemberRemovalFailed, remove_static_members
 from shared.metrics import StageMetrics
 from shared.publish import BatchPublisher, Output, Published, retire
 from shared.retry import Backoff
@@ -237,6 +238,8 @@ class StageRunner(Service):
         unfetched_after_s: float = 10.0,
         commits_offsets: bool = True,
         hold_dead_letters: Callable[[list[ConsumerRecord]], None] | None = None,  # type: ignore[type-arg]
+        group_instance_id: str | None = None,
+        leave_group_on_stop: bool | None = None,
     ) -> None:
         super().__init__()
         self.app = app
@@ -261,6 +264,13 @@ class StageRunner(Service):
         # Told of the inputs the runner dead-letters itself, before the handler sees the rest: a handler that
         # commits offsets itself must not commit past them before they are durable (`done`).
         self.hold_dead_letters = hold_dead_letters
+        # Static membership (KIP-345): a worker back under the same name within the session timeout gets
+        # its partitions again without a rebalance; None joins as a dynamic member.
+        self.group_instance_id = group_instance_id
+        # A static member removes itself after its drain (partitions move at once) or keeps them for its
+        # restart; None: only a stage without state leaves (a takeover would restore the store elsewhere).
+        self.leave_group_on_stop = leave_group_on_stop
+        self.revocations = 0  # rebalances this worker took part in since it started (for /ready and tests)
         self.backoff = backoff or Backoff()
         self.dlq = dlq
         self.source = source
@@ -305,6 +315,11 @@ class StageRunner(Service):
         self.checkpoint_interval_s = ctx.settings.table_checkpoint_s
         self.tallies = ctx.topics.tallies
         self.bucket_s = audit.bucket_s
+        if self.group_instance_id is None and ctx.settings.worker_id:
+            self.group_instance_id = ctx.settings.worker_id
+        self.session_timeout_ms = int(ctx.settings.session_timeout_s * 1000)
+        if self.leave_group_on_stop is None and ctx.settings.leave_group_on_stop != "auto":
+            self.leave_group_on_stop = ctx.settings.leave_group_on_stop == "yes"
         alerter = Alerter(self.stage)
         self.broker_outage = OutageClock(alerter, "broker_unreachable", "the Kafka broker", audit.outage_alert_after_s)
         self.watchdog = PartitionWatchdog(self, self.metrics, alerter, audit.stuck_after_s)
@@ -330,6 +345,8 @@ class StageRunner(Service):
             "joined": self.joined and not self.restoring,
             "partitions": sorted(tp.partition for tp in self.assigned),
             "restoring": sorted(tp.partition for tp in self.restoring),
+            "group_instance_id": self.group_instance_id,
+            "revocations": self.revocations,
         }
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -343,11 +360,13 @@ class StageRunner(Service):
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=self.group,
+            group_instance_id=self.group_instance_id,
             client_id=self.client_id,
             enable_auto_commit=False,  # the acker decides what is done; `_commit` commits it
             auto_offset_reset="earliest",  # a new group, or offsets deleted by retention: start at the log start
             max_poll_records=self.batch_max,
-            # Rejoin in seconds after a restart (the broker's default session is 45 s).
+            # A dead member's partitions wait this long (the broker's default session is 45 s); a static
+            # member restarted sooner takes them back at once.
             session_timeout_ms=self.session_timeout_ms,
             heartbeat_interval_ms=min(1_000, self.session_timeout_ms // 3),
             rebalance_timeout_ms=self.rebalance_timeout_ms,
@@ -373,7 +392,7 @@ class StageRunner(Service):
 
     async def on_stop(self) -> None:
         """SIGTERM: finish the batch in hand (give it up if it is retrying), wait for the broker's acks,
-        commit, leave the group."""
+        commit, leave the group (a static member only per `leave_group_on_stop`)."""
         self._stopping = True
         self._owner.revoked.set()  # a batch retrying through an outage publishes what it delivered and stops
         held = sorted(tp.partition for tp in self.assigned | self.restoring if tp.topic == self.source)
@@ -391,7 +410,9 @@ class StageRunner(Service):
             task.cancel()
         if self._retiring:
             await asyncio.wait(self._retiring, timeout=3.0)
-        for client in (self.consumer, self.producer):  # the consumer leaves the group: its partitions move at once
+        # A dynamic member leaves the group here (its partitions move at once); a static one sends no
+        # LeaveGroup (aiokafka's `_maybe_leave_group`): `_leave_as_static_member` decides.
+        for client in (self.consumer, self.producer):
             if client is not None:
                 try:
                     await asyncio.wait_for(client.stop(), 3.0)
@@ -399,6 +420,18 @@ class StageRunner(Service):
                     log.warning("%s: a Kafka client did not close within 3 s", self.stage)
         for state in self.states:
             state.revoke(held)
+        await self._leave_as_static_member()
+
+    async def _leave_as_static_member(self) -> None:
+        """After the drain: a static member that is not keeping its partitions for its restart removes itself."""
+        leaves = self.leave_group_on_stop if self.leave_group_on_stop is not None else not self.states
+        if self.group_instance_id is None or not leaves:
+            return
+        try:
+            await asyncio.wait_for(remove_static_members(self.bootstrap, self.group, [self.group_instance_id]), 3.0)
+            log.info("%s: left group %s as %s", self.stage, self.group, self.group_instance_id)
+        except (TimeoutError, KafkaError, MemberRemovalFailed) as exc:
+            log.warning("%s: could not leave the group (%r): its partitions wait out its session", self.stage, exc)
 
     async def _guard(self, loop: Awaitable[None]) -> None:
         """A loop that dies would leave the worker in its group reading nothing: fail loudly, drain, exit."""
@@ -428,6 +461,7 @@ class StageRunner(Service):
             return max(0.0, deadline - commit_s - time.monotonic())
 
         self.joined = False
+        self.revocations += bool(revoked)  # aiokafka calls this before the first join too, with nothing
         owner = self._owner
         owner.revoked.set()  # retry loops give up between attempts; their backoff sleeps end now
         locked = await self._take_batch_lock(left)

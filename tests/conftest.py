@@ -106,10 +106,12 @@ def start_pipeline(port_base: int, tmp_path: Path):
 
     started: list[PipelineProcesses] = []
 
-    async def start(settings: Settings, auditor: bool = False) -> PipelineProcesses:
+    async def start(settings: Settings, auditor: bool = False, supervise: bool = False) -> PipelineProcesses:
         import asyncio
 
-        pipeline = PipelineProcesses(settings, tmp_path / "logs", port_base=port_base, auditor=auditor)
+        pipeline = PipelineProcesses(
+            settings, tmp_path / "logs", port_base=port_base, auditor=auditor, supervise=supervise
+        )
         started.append(pipeline)
         pipeline.start_all()
         await asyncio.to_thread(pipeline.wait_ready, 120.0)

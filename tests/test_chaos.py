@@ -55,6 +55,18 @@ async def test_kill_minus_9_each_stage_loses_and_duplicates_nothing(tmp_path, ka
     await run("kill-stages", tmp_path, kafka, redis_server, port_base)
 
 
+async def test_a_single_worker_killed_9_and_restarted_by_its_supervisor_costs_seconds_not_a_session(
+    tmp_path, kafka, redis_server, port_base
+):
+    """Issue 15: each consumer stage's only worker killed -9 and restarted at once. Without static membership
+    the new process waited out the dead member's 10 s session before it got any partition."""
+    result = await run("kill-restart-single", tmp_path, kafka, redis_server, port_base)
+    assert result["kills"] == 4
+    per_kill = result["late_event_seconds"] / result["kills"]
+    print(f"late_event_seconds {result['late_event_seconds']} ({per_kill:.2f} per kill), on time {result['on_time']}")
+    assert per_kill <= 6.0, f"{per_kill:.1f} s of late traffic per kill (limit 3 s; 6 s allows for a loaded machine)"
+
+
 async def test_slow_message_then_kill_of_its_worker_is_still_delivered(tmp_path, kafka, redis_server, port_base):
     result = await run("slow-then-kill", tmp_path, kafka, redis_server, port_base)
     assert "slow event" in result["notes"][0]

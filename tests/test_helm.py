@@ -17,6 +17,7 @@ from shared.config import HifiConfig, Settings, hash_api_key
 
 CHART = Path(__file__).resolve().parents[1] / "helm" / "hifi"
 PRIMITIVES = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object, "datetime": str}
+CONSUMERS = {"enricher", "deduplicator", "router"}  # with one sender per sink: the consumer-group workers
 CRDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
 
 THREE_SINKS_CONFIG = {
@@ -99,12 +100,17 @@ def test_default_values_render_every_service_with_probes_resources_and_config():
     check_objects(docs)
     deployments, statefulsets = by_kind(docs, "Deployment"), by_kind(docs, "StatefulSet")
     workloads = {**deployments, **statefulsets}
-    assert set(deployments) == {"collector", "enricher", "router", "auditor"}
+    assert set(deployments) == {"collector", "auditor"}
+    # Every consumer is a StatefulSet (its pod name is its static group membership, issue 15).
+    assert set(statefulsets) == CONSUMERS | {"sender-webhook"}
     # The RocksDB dedupe window and delivered ledger keep their volumes: a restart replays only the changelog's tail.
-    assert set(statefulsets) == {"deduplicator", "sender-webhook"}
-    for stateful in statefulsets.values():
+    for name in ("deduplicator", "sender-webhook"):
+        stateful = statefulsets[name]
         assert stateful["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
         assert not any(v["name"] == "data" for v in stateful["spec"]["template"]["spec"]["volumes"])
+    for name in ("enricher", "router"):
+        assert "volumeClaimTemplates" not in statefulsets[name]["spec"], "no state: no volume"
+    for stateful in statefulsets.values():
         assert by_kind(docs, "Service")[stateful["spec"]["serviceName"].removeprefix("demo-hifi-")]
     for name, workload in workloads.items():
         c = container(workload)
@@ -121,10 +127,8 @@ def test_default_values_render_every_service_with_probes_resources_and_config():
         assert spec["topologySpreadConstraints"] and spec["securityContext"]["runAsNonRoot"]
     assert set(by_kind(docs, "PodDisruptionBudget")) == set(workloads)
     hpas = by_kind(docs, "HorizontalPodAutoscaler")
-    assert (
-        set(hpas) == set(workloads) - {"auditor"}
-        and hpas["deduplicator"]["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
-        and hpas["sender-webhook"]["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+    assert set(hpas) == set(workloads) - {"auditor"} and all(
+        hpas[n]["spec"]["scaleTargetRef"]["kind"] == "StatefulSet" for n in statefulsets
     )
     assert all(h["spec"]["maxReplicas"] <= 12 for h in hpas.values()), "never more replicas than partitions"
     job = by_kind(docs, "Job")["topics"]
@@ -152,12 +156,12 @@ def test_config_from_a_secret_keeps_it_out_of_configmaps():
 def test_three_sinks_with_redis_dedupe():
     docs = render(THREE_SINKS)
     check_objects(docs)
-    deployments = by_kind(docs, "Deployment")
-    senders = {n: d for n, d in deployments.items() if n.startswith("sender-")}
+    deployments, statefulsets = by_kind(docs, "Deployment"), by_kind(docs, "StatefulSet")
+    senders = {n: d for n, d in statefulsets.items() if n.startswith("sender-")}
     assert set(senders) == {"sender-hook", "sender-lake", "sender-stream"}, "exactly one sender per sink"
     for name, sender in senders.items():
         assert container(sender)["args"] == ["sender", "--sink", name.removeprefix("sender-")]
-    assert "deduplicator" in deployments and not by_kind(docs, "StatefulSet"), "Redis dedupe needs no volume"
+    assert not any("volumeClaimTemplates" in s["spec"] for s in statefulsets.values()), "Redis dedupe needs no volume"
     env = container(deployments["collector"])["env"]
     secret_refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
     assert secret_refs["SENTRY_DSN"] == {"name": "hifi-secrets", "key": "dsn"}
@@ -168,14 +172,37 @@ def test_three_sinks_with_redis_dedupe():
         n.startswith("sender") for n in by_kind(docs, "HorizontalPodAutoscaler")
     )
     assert scaled["sender-lake"]["spec"]["triggers"][0]["metadata"]["consumerGroup"] == "hifi-sender-lake"
-    assert scaled["sender-lake"]["spec"]["scaleTargetRef"]["kind"] == "Deployment"  # Redis ledger: no volume
-    assert set(by_kind(docs, "ServiceMonitor")) == set(deployments)
-    assert {n for n in by_kind(docs, "Service") if n.endswith("-metrics")} == {f"{n}-metrics" for n in deployments}
+    assert scaled["sender-lake"]["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"  # a stable name, no volume
+    workloads = {**deployments, **statefulsets}
+    assert set(by_kind(docs, "ServiceMonitor")) == set(workloads)
+    assert {n for n in by_kind(docs, "Service") if n.endswith("-metrics")} == {f"{n}-metrics" for n in workloads}
     assert by_kind(docs, "Ingress")["collector"]["spec"]["rules"][0]["http"]["paths"][0]["path"] == "/v1/events"
     assert (
         HifiConfig.parse(yaml.safe_load(by_kind(docs, "ConfigMap")["config"]["data"]["hifi.yaml"])).dedupe.backend
         == "redis"
     )
+
+
+@pytest.mark.parametrize("values", [{}, THREE_SINKS], ids=["rocksdb", "redis-three-sinks"])
+def test_consumers_roll_one_pod_at_a_time_under_their_pod_name_as_static_member(values):
+    """Issue 15: a restarted pod rejoins under its own name (no rebalance), one pod of a stage is down at a
+    time, a pod counts as ready only once assigned and restored (/ready), and the collector drains first."""
+    docs = render(values)
+    statefulsets = by_kind(docs, "StatefulSet")
+    assert CONSUMERS <= set(statefulsets) and any(n.startswith("sender-") for n in statefulsets)
+    for name, stateful in statefulsets.items():
+        strategy = stateful["spec"]["updateStrategy"]
+        assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"partition": 0, "maxUnavailable": 1}}, name
+        c = container(stateful)
+        worker_id = next(e for e in c["env"] if e["name"] == "HIFI_WORKER_ID")
+        assert worker_id["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, name
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert Settings.from_env(env).session_timeout_s == 10.0 and env["HIFI_LEAVE_GROUP_ON_STOP"] == "auto"
+        assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    collector = container(by_kind(docs, "Deployment")["collector"])
+    assert not any(e["name"] == "HIFI_WORKER_ID" for e in collector["env"]), "not a consumer: no static member"
+    # Endpoints drop the pod before it stops taking requests: no client sees a refused connection mid-rollout.
+    assert collector["lifecycle"]["preStop"]["exec"]["command"][:2] == ["sleep", "5"]
 
 
 @pytest.mark.parametrize(
@@ -191,6 +218,8 @@ def test_three_sinks_with_redis_dedupe():
         ({"shutdownGraceSeconds": "soon"}, "shutdownGraceSeconds"),
         ({"redis": {"url": "http://redis"}}, "url"),
         ({"colour": "blue"}, "colour"),
+        ({"membership": {"leaveGroupOnStop": "sometimes"}}, "leaveGroupOnStop"),
+        ({"membership": {"sessionTimeoutSeconds": 1}}, "sessionTimeoutSeconds"),
     ],
 )
 def test_the_schema_rejects_bad_values(values, where):

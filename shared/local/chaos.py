@@ -269,6 +269,7 @@ class ChaosRun:
     # Events a sink refuses on purpose: expected in its dead letters, not at the sink.
     refused_by_faulted: Callable[[str], bool] | None = None
     inject_env: dict[str, str] = field(default_factory=dict)  # PYTHONPATH of the fault-injecting hooks
+    supervise: bool = False  # a worker that dies is restarted at once by PipelineProcesses, as Kubernetes does
 
     @property
     def topics(self) -> Topics:
@@ -306,7 +307,9 @@ dedupe: {{backend: {self.dedupe_backend}}}
             min_insync=2 if replication == 3 else 1,
             log_level=os.environ.get("HIFI_CHAOS_LOG_LEVEL", "warning"),
         )
-        self.pipeline = PipelineProcesses(settings, self.workdir / "logs", port_base=self.port_base)
+        self.pipeline = PipelineProcesses(
+            settings, self.workdir / "logs", port_base=self.port_base, supervise=self.supervise
+        )
         inject = self.workdir / "inject"
         inject.mkdir(exist_ok=True)
         (inject / "sitecustomize.py").write_text(SLOW_RESTORE_HOOK)
@@ -374,6 +377,19 @@ dedupe: {{backend: {self.dedupe_backend}}}
                 kill.restarted_ms = time.time() * 1000
         self.pipeline.start(label)
         await asyncio.to_thread(self.pipeline.wait_ready, 90.0, [label])
+
+    async def crash(self, label: str, timeout: float = 90.0) -> None:
+        """kill -9 under supervision: wait until the supervisor has restarted the worker and it is ready."""
+        svc = self.pipeline.services[label]
+        restarts = svc.restarts
+        self.kill(label)
+        deadline = time.monotonic() + timeout
+        while svc.restarts == restarts:
+            if time.monotonic() > deadline or svc.gave_up:
+                raise TimeoutError(f"the supervisor did not restart {label}")
+            await asyncio.sleep(0.05)
+        self.kills[-1].restarted_ms = svc.restarted_wall_ms
+        await asyncio.to_thread(self.pipeline.wait_ready, timeout, [label])
 
     async def kill_and_restart(self, label: str, down_s: float = 2.0) -> None:
         self.kill(label)
@@ -477,14 +493,21 @@ dedupe: {{backend: {self.dedupe_backend}}}
         for name, sink in self.sinks.items():
             counts: dict[str, int] = {}
             first_arrival: dict[str, float] = {}
+            ingest_ms: dict[str, float] = {}
             for e, arrived in zip(sink.received, sink.arrival_ms, strict=True):
                 counts[e["event_id"]] = counts.get(e["event_id"], 0) + 1
                 first_arrival.setdefault(e["event_id"], arrived)
+                ingest_ms.setdefault(e["event_id"], e["ingest_ts"])
             out[f"{name}_delivered"] = len(counts)
             out[f"{name}_missing"] = len(self.expected(name) - set(counts))
             out[f"{name}_duplicates"] = sum(n - 1 for n in counts.values())
             out[f"{name}_on_time_during_fault"] = self._on_time(sink)
             out[f"{name}_p99_lag_during_fault_ms"] = self._p99_lag_ms(sink)
+            # Late: first copy more than the SLA after ingest, over the whole run; in seconds of offered load.
+            late = sum(1 for e, at in first_arrival.items() if at - ingest_ms[e] > SLA_MS) if counts else 0
+            out[f"{name}_late_events"] = late
+            out[f"{name}_late_event_seconds"] = round(late / self.rate, 2)
+            out[f"{name}_on_time"] = round(1 - late / len(counts), 5) if counts else None
             # The documented window: this sink's sender was killed -9 after the sink took a batch and
             # before the ledger write, so its successor delivered the batch again.
             kills = [k for k in self.kills if k.label == f"sender.{name}"]
@@ -500,6 +523,12 @@ dedupe: {{backend: {self.dedupe_backend}}}
                 # sender had and did not write down; positive, a request it sent that the sink took late.
                 window_offsets.extend(round(first_arrival[event_id] - k.killed_ms) for k in covering)
         out["missing"] = out["faulted_missing"] + out["healthy_missing"]
+        # The healthy sink measures what a fault costs the pipeline (the faulted one may be down on purpose).
+        out["late_event_seconds"] = out["healthy_late_event_seconds"]
+        # On time before the fault: far below 100 % means the machine, not the fault, made events late.
+        out["on_time_before_fault"] = self._on_time_before_fault(self.sinks["healthy"])
+        out["on_time"] = out["healthy_on_time"]
+        out["kills"] = len(self.kills)
         delivered = {name: {r["event_id"] for r in sink.received} for name, sink in self.sinks.items()}
         missing = sorted({e for name in self.sinks for e in self.expected(name) - delivered[name]})
         if missing:
@@ -612,6 +641,14 @@ dedupe: {{backend: {self.dedupe_backend}}}
         lags = sorted(self._lags_during_fault(sink))
         return round(lags[min(len(lags) - 1, int(len(lags) * 0.99))]) if lags else None
 
+    def _on_time_before_fault(self, sink: SinkTruth) -> float | None:
+        lags = [
+            arr - e["ingest_ts"]
+            for e, arr in zip(sink.received, sink.arrival_ms, strict=True)
+            if e["ingest_ts"] < self.fault_start_ms
+        ]
+        return round(sum(1 for lag in lags if lag <= SLA_MS) / len(lags), 5) if lags else None
+
     def _recovery_s(self) -> float | None:
         """Seconds after the fault ended until the faulted sink had every event ingested before then."""
         if not self.fault_end_ms:
@@ -634,6 +671,36 @@ async def kill_each_stage(run: ChaosRun) -> None:
     for label in ("collector", "enricher", "deduplicator", "router", "sender.faulted"):
         await asyncio.sleep(3.0)
         await run.kill_and_restart(label)
+    run.mark_fault(False)
+
+
+async def kill_restart_single(run: ChaosRun) -> None:
+    """17. kill -9 of each consumer stage's single worker, restarted at once by its supervisor (as Kubernetes
+    does): with static membership it takes its partitions back without waiting out its old session."""
+    run.mark_fault(True)
+    for label in ("enricher", "deduplicator", "router", "sender.healthy"):
+        await asyncio.sleep(4.0)
+        await run.crash(label)
+    run.mark_fault(False)
+
+
+async def rolling_deploy_two_workers(run: ChaosRun) -> None:
+    """18. two workers per consumer stage, then a rolling deploy of every worker, one at a time (SIGTERM,
+    start under the same name, ready), as a StatefulSet rollout with maxUnavailable 1 does."""
+    stages = ("enricher", "deduplicator", "router", "sender.faulted", "sender.healthy")
+    extras = [run.pipeline.add_worker(label) for label in stages]
+    await asyncio.to_thread(run.pipeline.wait_ready, 120.0, extras)
+    await asyncio.sleep(3.0)  # the rebalances of the scale-out are not the deploy's
+    run.mark_fault(True)
+    for label in [w for pair in zip(extras, stages, strict=True) for w in pair]:  # highest ordinal first
+        started = time.monotonic()
+        code = await asyncio.to_thread(run.pipeline.stop, label, 30.0)
+        run.pipeline.start(label)
+        await asyncio.to_thread(run.pipeline.wait_ready, 90.0, [label])
+        run.notes.append(f"{label} exit {code}, ready again {time.monotonic() - started:.1f}s after SIGTERM")
+        if code != 0:
+            run.clean_exit = False
+        await asyncio.sleep(1.0)
     run.mark_fault(False)
 
 
@@ -745,7 +812,7 @@ async def scale_out_and_in(run: ChaosRun) -> None:
         extra = run.pipeline.add_worker(label)
         await asyncio.to_thread(run.pipeline.wait_ready, 90.0, [extra])
         await asyncio.sleep(4.0)
-        code = await asyncio.to_thread(run.pipeline.stop, extra, 30.0)
+        code = await asyncio.to_thread(run.pipeline.remove_worker, extra, 30.0)
         run.notes.append(f"{extra} exit {code}")
     run.mark_fault(False)
 
@@ -766,7 +833,7 @@ async def outage_scale_out(run: ChaosRun) -> None:
     run.mark_fault(False)
     await asyncio.sleep(15.0)
     for extra in extras:
-        code = await asyncio.to_thread(run.pipeline.stop, extra, 30.0)
+        code = await asyncio.to_thread(run.pipeline.remove_worker, extra, 30.0)
         run.notes.append(f"{extra} exit {code}")
 
 
@@ -855,7 +922,7 @@ async def slow_isr_rebalance(run: ChaosRun) -> None:
     await asyncio.to_thread(run.pipeline.wait_ready, 120.0, extras)
     await asyncio.sleep(5.0)
     for extra in extras:
-        code = await asyncio.to_thread(run.pipeline.stop, extra, 30.0)
+        code = await asyncio.to_thread(run.pipeline.remove_worker, extra, 30.0)
         run.notes.append(f"{extra} exit {code}")
     run.notes.append(f"SIGSTOP broker node {node} for 20 s")
 
@@ -884,6 +951,7 @@ class Scenario:
     # The faulted webhook answers 400 to about one event id in this many, from before the load's first
     # event (set by the fault step, an event sent in the first seconds was delivered yet expected refused).
     refuse_one_in: int | None = None
+    supervise: bool = False  # workers that die are restarted by the supervisor, not by the scenario
 
 
 SCENARIOS = {
@@ -905,6 +973,8 @@ SCENARIOS = {
         Scenario(14, "redis-sink-kill", redis_sink_kill, own_redis=True, faulted_sink="redis_stream"),
         Scenario(15, "slow-isr-rebalance", slow_isr_rebalance, nodes=3),
         Scenario(16, "sink-4xx-mix", sink_4xx_mix, refuse_one_in=SINK_400_ONE_IN),
+        Scenario(17, "kill-restart-single", kill_restart_single, supervise=True),
+        Scenario(18, "rolling-deploy-2", rolling_deploy_two_workers),
     )
 }
 
@@ -927,6 +997,7 @@ async def run_scenario(
         dedupe_backend=scenario.dedupe_backend,
         faulted_sink=scenario.faulted_sink,
         sink_redis=sink_redis,
+        supervise=scenario.supervise,
     )
     await run.start()
     if scenario.refuse_one_in:
@@ -957,8 +1028,8 @@ async def run_scenario(
 def format_table(results: list[dict[str, Any]]) -> str:
     head = (
         "| # | scenario | accepted | delivered (faulted / healthy) | missing | duplicates | dead-lettered / expected "
-        "| recovery s | healthy on-time during fault | result |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "| recovery s | healthy on-time during fault | late s (healthy, whole run) | result |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for r in results:
@@ -969,7 +1040,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
             f"| {r['faulted_delivered']} / {r['healthy_delivered']} "
             f"| {r['missing']} | {r['duplicates']}{window} "
             f"| {r['dead_lettered']} / {r['dead_letters_expected']} | {r['recovery_s']} "
-            f"| {'n/a' if on_time is None else f'{on_time * 100:.2f} %'} | {'pass' if r['passed'] else 'FAIL'} |"
+            f"| {'n/a' if on_time is None else f'{on_time * 100:.2f} %'} | {r.get('late_event_seconds', 'n/a')} "
+            f"| {'pass' if r['passed'] else 'FAIL'} |"
         )
     return head + "\n".join(rows) + "\n"
 

@@ -156,6 +156,8 @@ class LocalKafka:
             "share.coordinator.state.topic.min.isr": min_isr,
             # Tests and `hifi up` want a consumer group formed at once, not after 3 s.
             "group.initial.rebalance.delay.ms": 0,
+            # Lets HIFI_SESSION_TIMEOUT_S go down to 3 s locally (the broker's default floor is 6 s).
+            "group.min.session.timeout.ms": 3000,
             "auto.create.topics.enable": "true",
             "log.retention.hours": 24,
             "log.segment.bytes": 64 * 1024 * 1024,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -15,6 +18,23 @@ from pathlib import Path
 from shared.config import HifiConfig, Settings
 
 PIPELINE = ("collector", "enricher", "deduplicator", "router")
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How the supervisor restarts a worker that died, as Kubernetes restarts a crashed container: at once
+    the first time, then with doubled, jittered delays up to `ceiling_s`; more than `max_per_minute`
+    deaths in a minute and it gives up (a crash loop is a bug to see, not to hide)."""
+
+    first_delay_s: float = 0.0
+    backoff_s: float = 1.0
+    ceiling_s: float = 30.0
+    max_per_minute: int = 5
+
+    def delay(self, recent_restarts: int) -> float:
+        if recent_restarts == 0:
+            return self.first_delay_s
+        return min(self.ceiling_s, self.backoff_s * 2 ** (recent_restarts - 1)) * random.uniform(0.8, 1.2)
 
 
 @dataclass
@@ -26,6 +46,11 @@ class ServiceProcess:
     process: subprocess.Popen[bytes] | None = None
     terminating: bool = False
     env: dict[str, str] = field(default_factory=dict)  # this worker's own additions (e.g. an injected fault)
+    restarts: int = 0  # by the supervisor
+    restarted_at: collections.deque[float] = field(default_factory=collections.deque)  # monotonic, last minute
+    last_exit: int | None = None  # the return code of the process the supervisor replaced last
+    restarted_wall_ms: float = 0.0  # when the supervisor last started it (wall clock, for chaos reports)
+    gave_up: bool = False  # too many restarts in a minute: left down
 
     @property
     def label(self) -> str:
@@ -42,8 +67,13 @@ class PipelineProcesses:
     port_base: int = 8080
     services: dict[str, ServiceProcess] = field(default_factory=dict)
     auditor: bool = False  # the auditor injects canaries, which tests counting exact deliveries do not want
+    supervise: bool = False  # restart a worker that exits without being stopped (`hifi up`, chaos); tests opt in
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
 
     def __post_init__(self) -> None:
+        self._lock = threading.RLock()  # the supervisor thread and the caller both start processes
+        self._closing = threading.Event()
+        self._supervisor: threading.Thread | None = None
         config = HifiConfig.load(self.settings.config_path)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for i, name in enumerate(PIPELINE):
@@ -67,7 +97,16 @@ class PipelineProcesses:
         base = Path(self.settings.data_dir)
         return base if "#" not in label else base / "workers" / label
 
+    @staticmethod
+    def worker_id(label: str) -> str:
+        """The worker's stable name, its consumers' `group_instance_id`: `enricher`, `enricher-2`, `sender.hook`."""
+        return label.replace("#", "-")
+
     def start(self, label: str) -> None:
+        with self._lock:
+            self._start(label)
+
+    def _start(self, label: str) -> None:
         svc = self.services[label]
         if svc.process is not None and svc.process.poll() is None:
             return
@@ -75,6 +114,7 @@ class PipelineProcesses:
         env = {
             **os.environ,
             **self.settings.as_env(),
+            "HIFI_WORKER_ID": self.worker_id(label),
             "HIFI_DATA_DIR": str(self.data_dir(label)),
             "HIFI_WEB_PORT": str(svc.port),
             "PYTHONUNBUFFERED": "1",
@@ -99,9 +139,68 @@ class PipelineProcesses:
         self.start(extra)
         return extra
 
+    def group(self, label: str) -> str:
+        """The consumer group of worker `label`'s service (as `create_app` names it)."""
+        from shared.topics import Topics
+
+        svc = self.services[label]
+        return Topics(self.settings.namespace).group(f"hifi-sender-{svc.sink}" if svc.sink else f"hifi-{svc.name}")
+
+    def remove_worker(self, label: str, timeout: float = 30.0) -> int | None:
+        """Scale in: stop worker `label` for good and take its static membership out of its group, so its
+        partitions move now instead of after its session timeout (a stateful worker keeps them on SIGTERM)."""
+        import asyncio
+
+        from shared.membership import MemberRemovalFailed, remove_static_members
+
+        code = self.stop(label, timeout)
+        try:
+            asyncio.run(remove_static_members(self.settings.broker, self.group(label), [self.worker_id(label)]))
+        except MemberRemovalFailed:
+            pass  # it left by itself (a stateless stage leaves after its drain)
+        return code
+
     def start_all(self) -> None:
         for label in self.services:
             self.start(label)
+        if self.supervise and self._supervisor is None:
+            self._supervisor = threading.Thread(target=self._supervise, name="hifi-supervisor", daemon=True)
+            self._supervisor.start()
+
+    def _supervise(self) -> None:
+        """Restart every worker that exited without being stopped (`stop`, SIGTERM through `signal`)."""
+        due: dict[str, float] = {}  # label -> monotonic time of its planned restart
+        while not self._closing.wait(0.05):
+            now = time.monotonic()
+            with self._lock:
+                for label, svc in list(self.services.items()):
+                    proc = svc.process
+                    if proc is None or proc.poll() is None or svc.terminating or svc.gave_up:
+                        due.pop(label, None)
+                        continue
+                    while svc.restarted_at and now - svc.restarted_at[0] > 60.0:
+                        svc.restarted_at.popleft()
+                    if label not in due:
+                        if len(svc.restarted_at) >= self.restart_policy.max_per_minute:
+                            svc.gave_up = True
+                            continue
+                        due[label] = now + self.restart_policy.delay(len(svc.restarted_at))
+                    if now >= due[label]:
+                        del due[label]
+                        svc.last_exit = proc.returncode
+                        self._start(label)
+                        svc.restarted_wall_ms = time.time() * 1000
+                        svc.restarts += 1
+                        svc.restarted_at.append(now)
+
+    def restarts(self) -> str:
+        """For the live line: which workers the supervisor restarted, and how the last one had exited."""
+        shown = [
+            f"{label} x{svc.restarts} (exit {svc.last_exit}){' GAVE UP' if svc.gave_up else ''}"
+            for label, svc in self.services.items()
+            if svc.restarts or svc.gave_up
+        ]
+        return "restarts " + ", ".join(shown) if shown else ""
 
     def ready(self, label: str) -> bool:
         svc = self.services[label]
@@ -117,7 +216,8 @@ class PipelineProcesses:
         while waiting:
             for label in list(waiting):
                 svc = self.services[label]
-                if svc.process is not None and svc.process.poll() is not None:
+                exited = svc.process is not None and svc.process.poll() is not None
+                if exited and (not self.supervise or svc.gave_up or svc.terminating):
                     raise RuntimeError(f"{label} exited with {svc.process.returncode}:\n{self.tail(label)}")
                 if self.ready(label):
                     waiting.remove(label)
@@ -131,8 +231,8 @@ class PipelineProcesses:
     def signal(self, label: str, sig: int) -> None:
         svc = self.services[label]
         if svc.process is not None and svc.process.poll() is None:
+            svc.terminating = svc.terminating or sig == signal.SIGTERM  # before the exit the supervisor would see
             os.kill(svc.process.pid, sig)
-            svc.terminating = svc.terminating or sig == signal.SIGTERM
 
     def stop(self, label: str, timeout: float = 30.0) -> int | None:
         svc = self.services[label]
@@ -151,13 +251,16 @@ class PipelineProcesses:
         return proc.returncode
 
     def kill(self, label: str) -> None:
-        """kill -9: no drain, no commit, no leaving the group."""
+        """kill -9: no drain, no commit, no leaving the group. Under supervision it is a crash: restarted."""
         svc = self.services[label]
         if svc.process is not None and svc.process.poll() is None:
             svc.process.kill()
             svc.process.wait()
 
     def stop_all(self, timeout: float = 30.0) -> dict[str, int | None]:
+        self._closing.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
         # Front to back, so each stage can drain what the previous one passed on.
         for label in self.services:
             self.signal(label, signal.SIGTERM)

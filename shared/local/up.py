@@ -60,7 +60,8 @@ def up(config_path: str | None, rate: float, duration: float) -> None:
     settings = Settings(
         config_path=config_path, broker=kafka.bootstrap, redis_url=redis.url, data_dir=str(DEMO_DIR / "data")
     )
-    pipeline = PipelineProcesses(settings, DEMO_DIR / "logs", auditor=True)
+    # Supervised like pods: a worker that dies is restarted (at once, then with backoff) under its name.
+    pipeline = PipelineProcesses(settings, DEMO_DIR / "logs", auditor=True, supervise=True)
     pipeline.start_all()
     stop = asyncio.Event()
 
@@ -151,4 +152,7 @@ def status_line(pipeline: PipelineProcesses, elapsed: float) -> str:
     if audit:
         lost = sum(audit.get("lost_by_stage", {}).values())
         parts.append(f"audit: {audit.get('buckets_settled', 0)} buckets settled, lost {lost}")
+    restarts = pipeline.restarts()
+    if restarts:
+        parts.append(restarts)
     return " | ".join(parts)

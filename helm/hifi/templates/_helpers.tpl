@@ -30,6 +30,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{/* The pod template every stage shares. Arguments: root, component, args, stage (its values). */}}
+{{/* A consumer stage rolls one pod at a time (highest ordinal first); with static membership the pod
+returns under its name and takes its partitions back without a rebalance. */}}
+{{- define "hifi.workerUpdateStrategy" -}}
+updateStrategy:
+  type: RollingUpdate
+  rollingUpdate: {partition: 0, maxUnavailable: {{ .Values.podDisruptionBudget.maxUnavailable }}}
+{{- end -}}
+
 {{- define "hifi.podTemplate" -}}
 {{- $root := .root -}}
 metadata:
@@ -78,6 +86,12 @@ spec:
         - {name: HIFI_SHUTDOWN_GRACE_S, value: {{ $root.Values.shutdownGraceSeconds | quote }}}
         - {name: HIFI_LOG_LEVEL, value: {{ $root.Values.logLevel | quote }}}
         - {name: HIFI_ENV, value: {{ $root.Values.environment | quote }}}
+        {{- if .static }}
+        - name: HIFI_WORKER_ID  # the StatefulSet pod name: its consumers' group_instance_id (static membership)
+          valueFrom: {fieldRef: {fieldPath: metadata.name}}
+        - {name: HIFI_SESSION_TIMEOUT_S, value: {{ $root.Values.membership.sessionTimeoutSeconds | quote }}}
+        - {name: HIFI_LEAVE_GROUP_ON_STOP, value: {{ $root.Values.membership.leaveGroupOnStop | quote }}}
+        {{- end }}
         {{- include "hifi.secretEnv" $root | nindent 8 }}
       {{- with $root.Values.secrets.extraEnvFrom }}
       envFrom:
@@ -87,10 +101,16 @@ spec:
         httpGet: {path: /health, port: web}
         periodSeconds: 10
         failureThreshold: 6
+      # Ready = joined its group and restored every owned partition's state: a rollout waits for it.
       readinessProbe:
         httpGet: {path: /ready, port: web}
-        periodSeconds: 5
+        periodSeconds: 2
         failureThreshold: 3
+      {{- if eq .component "collector" }}
+      lifecycle:  # drain: endpoints drop the pod before SIGTERM, so no request is refused mid-rollout
+        preStop:
+          exec: {command: [sleep, "5"]}
+      {{- end }}
       resources:
         {{- toYaml .stage.resources | nindent 8 }}
       securityContext:

@@ -1,0 +1,161 @@
+"""Static group membership against the real broker: a worker back under its name takes its partitions back
+without a rebalance, so its peers go on reading (issue 15)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from shared.local.kafka import LocalKafka
+from shared.membership import MemberRemovalFailed, remove_static_members
+from shared.stage import StageRunner
+from tests.test_stage_runner import FlakySink, create_topic, make_runner, produce_events, runners, start, wait_for
+
+pytestmark = pytest.mark.asyncio
+__all__ = ["runners"]  # the fixture, imported for this module's tests
+
+
+async def test_a_worker_restarted_under_its_name_takes_its_partitions_back_without_a_rebalance(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    source = f"{namespace}.static"
+    await create_topic(kafka.bootstrap, source, 6)
+    sink = FlakySink()
+    group = f"{namespace}-static"
+    options = dict(batch_max=50, session_timeout_ms=10_000)
+    first = await start(
+        runners,
+        make_runner(
+            kafka.bootstrap,
+            group,
+            "a",
+            source,
+            sink.handle,
+            group_instance_id="w-1",
+            leave_group_on_stop=False,
+            **options,
+        ),
+    )
+    second = await start(
+        runners, make_runner(kafka.bootstrap, group, "b", source, sink.handle, group_instance_id="w-2", **options)
+    )
+    await wait_for(
+        lambda: (
+            first.joined
+            and second.joined
+            and len(first.assigned | second.assigned) == 6
+            and not first.assigned & second.assigned
+        ),
+        30,
+        "two members sharing the partitions",
+    )
+    ids = await produce_events(kafka.bootstrap, source, 200)
+    await wait_for(lambda: set(sink.received) >= set(ids), 30, "the first events at the sink")
+    held = {tp.partition for tp in first.assigned}
+    revocations = second.revocations
+    await first.stop()  # a static member sends no LeaveGroup: the group does not move
+    runners.remove(first)
+    restarted_at = time.monotonic()
+    again = await start(
+        runners, make_runner(kafka.bootstrap, group, "a2", source, sink.handle, group_instance_id="w-1", **options)
+    )
+    await wait_for(lambda: again.joined, 30, "the restarted worker's assignment")
+    back_s = time.monotonic() - restarted_at
+    more = await produce_events(kafka.bootstrap, source, 200, first=200)
+    await wait_for(lambda: set(sink.received) >= set(more), 30, "every event after the restart")
+    await asyncio.sleep(1.0)  # a rebalance started by the rejoin would revoke here
+    assert second.revocations == revocations, "the other member was revoked: the restart rebalanced the group"
+    assert {tp.partition for tp in again.assigned} == held
+    assert back_s < 5.0, f"the restarted worker waited {back_s:.1f}s for its partitions"
+
+
+async def test_a_static_member_removed_after_its_stop_hands_its_partitions_over_at_once(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    """Scale-in: a static member sends no LeaveGroup, so without a removal its partitions wait out its session."""
+    source = f"{namespace}.leave"
+    await create_topic(kafka.bootstrap, source, 6)
+    sink = FlakySink()
+    group = f"{namespace}-leave"
+    options = dict(batch_max=50, session_timeout_ms=10_000)
+    first = await start(
+        runners,
+        make_runner(
+            kafka.bootstrap,
+            group,
+            "a",
+            source,
+            sink.handle,
+            group_instance_id="w-1",
+            leave_group_on_stop=False,
+            **options,
+        ),
+    )
+    second = await start(
+        runners, make_runner(kafka.bootstrap, group, "b", source, sink.handle, group_instance_id="w-2", **options)
+    )
+    await wait_for(
+        lambda: (
+            first.joined
+            and second.joined
+            and len(first.assigned | second.assigned) == 6
+            and not first.assigned & second.assigned
+        ),
+        30,
+        "two members sharing the partitions",
+    )
+    await first.stop()
+    runners.remove(first)
+    stopped_at = time.monotonic()
+    await remove_static_members(kafka.bootstrap, group, ["w-1"])
+    await wait_for(lambda: second.joined and len(second.assigned) == 6, 30, "every partition at the other member")
+    moved_s = time.monotonic() - stopped_at
+    ids = await produce_events(kafka.bootstrap, source, 100)
+    await wait_for(lambda: set(sink.received) >= set(ids), 30, "every event")
+    assert moved_s < 5.0, f"the partitions moved {moved_s:.1f}s after the stop (the session is 10 s)"
+    with pytest.raises(MemberRemovalFailed):
+        await remove_static_members(kafka.bootstrap, group, ["w-1"])  # already gone: refused, typed
+
+
+@pytest.mark.parametrize("leaves", [True, False], ids=["leaves", "keeps-its-partitions"])
+async def test_a_static_member_stopped_leaves_or_keeps_its_partitions_as_configured(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner], leaves: bool
+) -> None:
+    source = f"{namespace}.stop"
+    await create_topic(kafka.bootstrap, source, 4)
+    sink = FlakySink()
+    group = f"{namespace}-stop"
+    options = dict(batch_max=50, session_timeout_ms=10_000)
+    first = await start(
+        runners,
+        make_runner(
+            kafka.bootstrap,
+            group,
+            "a",
+            source,
+            sink.handle,
+            group_instance_id="w-1",
+            leave_group_on_stop=leaves,
+            **options,
+        ),
+    )
+    second = await start(
+        runners, make_runner(kafka.bootstrap, group, "b", source, sink.handle, group_instance_id="w-2", **options)
+    )
+    await wait_for(
+        lambda: (
+            first.joined
+            and second.joined
+            and len(first.assigned | second.assigned) == 4
+            and not first.assigned & second.assigned
+        ),
+        30,
+        "two members sharing the partitions",
+    )
+    held = len(second.assigned)
+    await first.stop()
+    runners.remove(first)
+    await asyncio.sleep(4.0)  # well past a rebalance after a leave, well within the 10 s session
+    assert len(second.assigned) == (4 if leaves else held)
