@@ -55,6 +55,7 @@ async def test_kill_minus_9_each_stage_loses_and_duplicates_nothing(tmp_path, ka
     await run("kill-stages", tmp_path, kafka, redis_server, port_base)
 
 
+@pytest.mark.chaos  # a speed limit: make chaos measures it; make test proves the mechanism (test_static_membership.py)
 async def test_a_single_worker_killed_9_and_restarted_by_its_supervisor_costs_seconds_not_a_session(
     tmp_path, kafka, redis_server, port_base
 ):
