@@ -34,7 +34,7 @@ async def test_bench_run_of_the_production_shape_measures_every_event_at_every_s
     assert result["offered"] == 1240
     assert set(result["sinks"]) == {"hook", "files"}
     for sink in result["sinks"].values():  # ground truth at each sink, not one sink standing for both
-        assert sink["delivered"] == 1200 and sink["missing"] == 0
+        assert sink["delivered"] == 1200 and sink["missing"] == 0 and sink["unacknowledged"] == 0
     if system == "hifi":
         assert result["duplicates"] == 0  # dedupe dropped the re-sends
     else:
