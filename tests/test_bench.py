@@ -8,6 +8,7 @@ import pytest
 from shared.local import bench
 from shared.local.bench import (
     SHAPES,
+    SLA_MS,
     BenchEnv,
     BenchSink,
     cpu_seconds,
@@ -40,7 +41,12 @@ async def test_bench_run_of_the_production_shape_measures_every_event_at_every_s
     else:
         assert result["duplicates"] == 40 * 2 and result["dedupes"] is False  # passed through to both sinks
     assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"] <= result["p999_ms"] <= result["max_ms"]
-    assert 0 < result["on_time_ratio"] <= 1
+    # On a loaded machine a short run may be all late: check the share agrees with the latencies instead.
+    assert 0 <= result["on_time_ratio"] <= 1
+    if result["p50_ms"] < SLA_MS * 0.99:
+        assert result["on_time_ratio"] >= 0.5
+    elif result["p50_ms"] > SLA_MS * 1.01:
+        assert result["on_time_ratio"] <= 0.5
     assert "collector" in result["cpu_s_per_1k"] and any(k.startswith("kafka") for k in result["cpu_s_per_1k"])
     assert result["cpu_s_per_1k_total"] > result["cpu_s_per_1k"]["collector"] > 0
     assert all(v > 0 for v in result["peak_rss_mib"].values())
