@@ -85,6 +85,16 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--json", dest="json_out", help="write the results to this file")
     bench.add_argument("--dedupe", choices=["rocksdb", "redis"], default="rocksdb", help="dedupe/ledger backend")
     bench.add_argument("--doc", help="rewrite the results section of this markdown file (docs/BENCHMARKS.md)")
+    bench.add_argument(
+        "--shape",
+        choices=["production", "minimal"],
+        default="production",
+        help="production: 2 tenants x (webhook + file sink), auditor and canaries, 200 devices, 5 %% re-sends, "
+        "0.5-1 KB events; minimal: 1 tenant, 1 webhook, no auditor",
+    )
+    bench.add_argument("--kafka-port", type=int, default=19292, help="the bench's own broker")
+    bench.add_argument("--redis-url", default="redis://127.0.0.1:6391/0", help="the bench's own Redis")
+    bench.add_argument("--port-base", type=int, default=18700, help="services listen on this port and up (+99)")
 
     sub.add_parser("topics", help="create every topic of the config (idempotent; the Helm chart's pre-install job)")
 
@@ -158,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
                 args.dedupe,
                 args.refine,
                 args.warmup,
+                args.shape,
+                args.kafka_port,
+                args.redis_url,
+                args.port_base,
             )
         except KeyboardInterrupt:
             print("bench interrupted: its pipeline, broker and Redis are stopped; nothing was written", file=sys.stderr)

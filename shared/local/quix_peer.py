@@ -2,15 +2,17 @@
 
 Run by the bench in its own virtualenv (quixstreams pins versions Hifi's own dependencies conflict
 with), so this file imports nothing from Hifi. Same topics and hops as Hifi after the collector:
-raw -> enrich (ua-parser) -> dedupe by event_id (Quix state, RocksDB) -> route -> webhook sink.
+raw -> enrich (ua-parser) -> dedupe by event_id (Quix state, RocksDB) -> route -> webhook sink, and
+with FILE_PATH also -> a JSON-lines file sink (fsynced per batch, like Hifi's), stage `deliver-files`.
 Quix sinks write at each checkpoint, so the commit interval is set low (0.1 s) in the peer's favour.
 
-usage: python quix_peer.py STAGE NAMESPACE BOOTSTRAP SINK_URL STATE_DIR
+usage: python quix_peer.py STAGE NAMESPACE BOOTSTRAP SINK_URL STATE_DIR [FILE_PATH]
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -69,7 +71,21 @@ class WebhookSink(BatchingSink):
             resp.read()
 
 
-def main(stage: str, namespace: str, bootstrap: str, sink_url: str, state_dir: str) -> None:
+class FileSink(BatchingSink):
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    def write(self, batch: SinkBatch) -> None:
+        lines = "".join(json.dumps(msgpack.unpackb(item.value), separators=(",", ":")) + "\n" for item in batch)
+        with open(self.path, "ab") as fh:
+            fh.write(lines.encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def main(stage: str, namespace: str, bootstrap: str, sink_url: str, state_dir: str, file_path: str = "") -> None:
     app = Application(
         broker_address=bootstrap,
         consumer_group=f"{namespace}-quix-{stage}",
@@ -85,6 +101,7 @@ def main(stage: str, namespace: str, bootstrap: str, sink_url: str, state_dir: s
         "dedupe": ("hifi.enriched", "hifi.unique"),
         "route": ("hifi.unique", "hifi.sink.hook"),
         "deliver": ("hifi.sink.hook", None),
+        "deliver-files": ("hifi.sink.files", None),
     }
     source, target = hops[stage]
     topic = app.topic(f"{namespace}.{source}", value_deserializer="bytes", key_deserializer="bytes")
@@ -95,7 +112,11 @@ def main(stage: str, namespace: str, bootstrap: str, sink_url: str, state_dir: s
         sdf = sdf.filter(dedupe, stateful=True).apply(stamp("deduplicator"))
     elif stage == "route":
         sdf = sdf.apply(stamp("router"))
-    if target is None:
+        if file_path:  # every tenant is subscribed to both sinks
+            sdf.to_topic(app.topic(f"{namespace}.hifi.sink.files", value_serializer="bytes", key_serializer="bytes"))
+    if stage == "deliver-files":
+        sdf.sink(FileSink(file_path))
+    elif target is None:
         sdf.sink(WebhookSink(sink_url))
     else:
         sdf.to_topic(app.topic(f"{namespace}.{target}", value_serializer="bytes", key_serializer="bytes"))
@@ -103,4 +124,4 @@ def main(stage: str, namespace: str, bootstrap: str, sink_url: str, state_dir: s
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:7])
