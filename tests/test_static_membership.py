@@ -157,8 +157,14 @@ async def test_a_static_member_stopped_leaves_or_keeps_its_partitions_as_configu
     held = len(second.assigned)
     await first.stop()
     runners.remove(first)
+    stopped_at = time.monotonic()
     await asyncio.sleep(4.0)  # well past a rebalance after a leave, well within the 10 s session
     assert len(second.assigned) == (4 if leaves else held)
+    if not leaves:  # what keeping costs when the member does not come back: its partitions wait out the session
+        await wait_for(lambda: len(second.assigned) == 4, 30, "the session to expire and the partitions to move")
+        stalled_s = time.monotonic() - stopped_at
+        print(f"a static member that kept its partitions and did not return stalled them {stalled_s:.1f}s")
+        assert 9.0 <= stalled_s < 20.0, f"stalled {stalled_s:.1f}s with a 10 s session"
 
 
 async def test_two_live_workers_under_one_instance_id_one_stops_and_the_sink_sees_no_duplicates(
