@@ -121,3 +121,35 @@ async def test_auto_leave_on_sigterm_a_stateless_stage_leaves_and_a_stateful_one
     await asyncio.sleep(2.0)  # a leave by the deduplicator would have moved its partitions by now, as the enricher's
     assert held(peers["deduplicator"]) == kept, "the stateful stage left: its partitions will be restored elsewhere"
     print(f"the enricher's partitions moved {moved_s:.1f}s after its stop (session 30 s)")
+
+
+async def test_a_second_process_under_a_workers_name_makes_one_of_them_exit_78(
+    tmp_path, port_base, settings_for, start_pipeline
+):
+    """Review finding 4 on real processes: a copied HIFI_WORKER_ID. One of the two exits non-zero (so a
+    supervisor or Kubernetes sees it), the other keeps reading every partition."""
+    from shared.stage import EXIT_INSTANCE_ID_TAKEN
+
+    config = tmp_path / "hifi.yaml"
+    config.write_text(
+        "tenants:\n"
+        + tenant_block("acme", "key-acme", ["hook"])
+        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{port_base + 19}/in"}}\n'
+    )
+    pipeline = await start_pipeline(settings_for(config))
+    twin = pipeline.add_worker("enricher", env={"HIFI_WORKER_ID": pipeline.worker_id("enricher")})
+    pair = [pipeline.services["enricher"], pipeline.services[twin]]
+
+    def exited() -> list[int]:
+        return [svc.process.returncode for svc in pair if svc.process and svc.process.poll() is not None]
+
+    await wait_for(lambda: exited(), 60, "one of the two enrichers under one name to exit", pipeline)
+    assert exited() == [EXIT_INSTANCE_ID_TAKEN]
+    survivor = next(label for label in ("enricher", twin) if pipeline.services[label].process.poll() is None)
+    await wait_for(lambda: pipeline.ready(survivor), 30, "the other one ready", pipeline)
+    await wait_for(lambda: len(readiness(pipeline, survivor)["partitions"]) == 4, 30, "every partition", pipeline)
+    await asyncio.sleep(3.0)  # the stopped one neither rejoined nor removed the name: nothing moves
+    assert len(readiness(pipeline, survivor)["partitions"]) == 4 and exited() == [EXIT_INSTANCE_ID_TAKEN]
+    for svc in pair:  # the fixture's clean-stop check is for the survivor; the 78 was the point
+        if svc.process is not None and svc.process.poll() is not None:
+            svc.process = None
