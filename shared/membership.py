@@ -1,14 +1,22 @@
-"""Removing a static group member (KIP-345) that will not come back: a static member sends no
-LeaveGroup when it closes (aiokafka skips it when `group_instance_id` is set), so its partitions would
-wait out its session. aiokafka has no `remove_members_from_consumer_group`; this is its request, LeaveGroup
-v3 by `group.instance.id`, as Kafka's own AdminClient sends it."""
+"""Static group membership (KIP-345) where aiokafka 0.14 stops short.
+
+Removing a static member that will not come back: a static member sends no LeaveGroup when it closes
+(aiokafka skips it when `group_instance_id` is set), so its partitions would wait out its session. aiokafka
+has no `remove_members_from_consumer_group`; this is its request, LeaveGroup v3 by `group.instance.id`, as
+Kafka's own AdminClient sends it.
+
+Finding who holds an instance id: aiokafka's heartbeat (v0/v1) carries no instance id, so a member displaced
+by another live process with the same id is told UnknownMemberId (not FencedInstanceId, which aiokafka does
+not know either) and rejoins, displacing the other in turn. DescribeGroups v4 names each member's instance id,
+which tells a displaced member from one whose session merely expired.
+"""
 
 from __future__ import annotations
 
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import for_code
+from aiokafka.errors import BrokerResponseError, for_code, kafka_errors
 from aiokafka.protocol.api import Request, RequestStruct, Response
-from aiokafka.protocol.types import Array, Int16, Int32, Schema, String
+from aiokafka.protocol.types import Array, Boolean, Bytes, Int16, Int32, Schema, String
 
 from shared.errors import HifiError
 
@@ -47,6 +55,94 @@ class RemoveStaticMembers(Request[LeaveGroupRequest_v3]):
 
     def build(self, request_struct_class: type[LeaveGroupRequest_v3]) -> LeaveGroupRequest_v3:
         return request_struct_class(self.group, [(UNKNOWN_MEMBER_ID, i) for i in self.instance_ids])
+
+
+class FencedInstanceIdError(BrokerResponseError):
+    """Error 82: another member joined with this `group.instance.id` (aiokafka 0.14 reports UnknownError)."""
+
+    errno = 82
+    message = "FENCED_INSTANCE_ID"
+    description = "another consumer with the same group.instance.id has registered with a different member.id"
+
+
+kafka_errors.setdefault(FencedInstanceIdError.errno, FencedInstanceIdError)  # so aiokafka's errors name it
+
+
+def fenced(error: BaseException) -> bool:
+    """A Kafka error that says this member's instance id was taken (aiokafka wraps JoinGroup's and SyncGroup's)."""
+    return isinstance(error, FencedInstanceIdError) or FencedInstanceIdError.__name__ in str(error)
+
+
+class InstanceIdTaken(HifiError):
+    """Another live process is a member of the group under this worker's `group.instance.id`: two workers
+    configured with one id (a copied HIFI_WORKER_ID, two pods with one name). Both would read the same
+    partitions, so this one stops."""
+
+    def __init__(self, group: str, instance_id: str, evidence: str) -> None:
+        super().__init__(f"group {group!r}: instance id {instance_id!r} is taken by another live member ({evidence})")
+        self.group, self.instance_id, self.evidence = group, instance_id, evidence
+
+
+class DescribeGroupsResponse_v4(Response):
+    API_KEY = 15
+    API_VERSION = 4
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        (
+            "groups",
+            Array(
+                ("error_code", Int16),
+                ("group", String("utf-8")),
+                ("state", String("utf-8")),
+                ("protocol_type", String("utf-8")),
+                ("protocol", String("utf-8")),
+                (
+                    "members",
+                    Array(
+                        ("member_id", String("utf-8")),
+                        ("group_instance_id", String("utf-8")),
+                        ("client_id", String("utf-8")),
+                        ("client_host", String("utf-8")),
+                        ("member_metadata", Bytes),
+                        ("member_assignment", Bytes),
+                    ),
+                ),
+                ("authorized_operations", Int32),
+            ),
+        ),
+    )
+
+
+class DescribeGroupsRequest_v4(RequestStruct):
+    API_KEY = 15
+    API_VERSION = 4
+    RESPONSE_TYPE = DescribeGroupsResponse_v4
+    SCHEMA = Schema(("groups", Array(String("utf-8"))), ("include_authorized_operations", Boolean))
+
+
+class DescribeGroupMembers(Request[DescribeGroupsRequest_v4]):
+    API_KEY = 15
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+
+    def build(self, request_struct_class: type[DescribeGroupsRequest_v4]) -> DescribeGroupsRequest_v4:
+        return request_struct_class([self.group], False)
+
+
+async def members_with_instance_id(bootstrap: str, group: str, instance_id: str) -> list[str]:
+    """The member ids the coordinator holds under `instance_id` in `group` now (none, or one)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        coordinator = await admin.find_coordinator(group)
+        response = await admin._send_request(DescribeGroupMembers(group), coordinator)
+    finally:
+        await admin.close()
+    (code, _group, _state, _type, _protocol, members, _ops) = response.groups[0]
+    if code:
+        raise for_code(code)(f"describing group {group!r}")
+    return [member_id for member_id, held_by, *_ in members if held_by == instance_id]
 
 
 class MemberRemovalFailed(HifiError):

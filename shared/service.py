@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,8 @@ def prepare(name: str, settings: Settings, sink: str | None = None) -> tuple[Ser
 def run(name: str, settings: Settings, sink: str | None = None) -> None:
     import faust
 
+    from shared.stage import requested_exit_code
+
     class GracefulWorker(faust.Worker):
         """SIGTERM drains in-flight work, commits and leaves the group; past the grace period the
         process exits anyway. That is safe: nothing was committed past what is durable downstream."""
@@ -135,7 +138,12 @@ def run(name: str, settings: Settings, sink: str | None = None) -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     log.info("starting %s with settings %s", name, settings)
     worker = GracefulWorker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False)
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    finally:
+        # A stage that stopped on a fault (its instance id taken) exits non-zero, after the drain.
+        if code := requested_exit_code():
+            sys.exit(code)
 
 
 def _grace_expired(grace_s: float) -> None:

@@ -73,12 +73,35 @@ from shared.app import durable_producer
 from shared.codec import decode_event, pack, unpack
 from shared.errors import HandledInPart, HifiError, InvalidEvent, PermanentSinkError, TransientError
 from shared.event import Event, now_ms
-from shared.membership import MemberRemovalFailed, remove_static_members
+from shared.membership import (
+    UNKNOWN_MEMBER_ID,
+    InstanceIdTaken,
+    MemberRemovalFailed,
+    fenced,
+    members_with_instance_id,
+    remove_static_members,
+)
 from shared.metrics import StageMetrics
 from shared.publish import BatchPublisher, Output, Published, retire
 from shared.retry import Backoff
 
 log = logging.getLogger(__name__)
+
+EXIT_INSTANCE_ID_TAKEN = 78  # EX_CONFIG: two workers configured with one id; restarting one does not fix it
+_requested_exit_code = 0
+
+
+def request_exit(code: int) -> None:
+    """Drain and exit the worker process with `code` (non-zero: its supervisor or Kubernetes sees a failure)."""
+    global _requested_exit_code
+    _requested_exit_code = _requested_exit_code or code
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def requested_exit_code() -> int:
+    """The exit code a stage asked for (`request_exit`), 0 if none: `shared.service.run` exits with it."""
+    return _requested_exit_code
+
 
 # Produce errors no retry can fix: a record or its batch over a size limit, or a record the broker refuses.
 TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
@@ -271,6 +294,11 @@ class StageRunner(Service):
         # restart; None: only a stage without state leaves (a takeover would restore the store elsewhere).
         self.leave_group_on_stop = leave_group_on_stop
         self.revocations = 0  # rebalances this worker took part in since it started (for /ready and tests)
+        self.fenced: InstanceIdTaken | None = None  # another live process took this worker's instance id
+        self.request_shutdown: Callable[[int], None] = request_exit  # tests replace it (no SIGTERM to pytest)
+        self._member_id = UNKNOWN_MEMBER_ID  # the coordinator's id for this member at its last assignment
+        self._rejoin_held: asyncio.Future[None] | None = None  # a fenced member's rejoin, held until it stops
+        self._rejoin_released = asyncio.Event()
         self.backoff = backoff or Backoff()
         self.dlq = dlq
         self.source = source
@@ -403,13 +431,15 @@ class StageRunner(Service):
                 await asyncio.wait_for(asyncio.shield(consume), 10.0)
             if self._in_flight is not None:
                 await asyncio.wait_for(self._in_flight.join(), 8.0)
-            await asyncio.wait_for(self._commit(), 3.0)
+            if self.fenced is None:  # a fenced member's partitions are the other process's to commit
+                await asyncio.wait_for(self._commit(), 3.0)
         except TimeoutError:  # e.g. the broker is down: nothing more can become durable anyway
             log.warning("%s: shutdown before every batch was durable and committed; the rest is replayed", self.stage)
         for task in self._tasks:
             task.cancel()
         if self._retiring:
             await asyncio.wait(self._retiring, timeout=3.0)
+        await self._release_held_rejoin()
         # A dynamic member leaves the group here (its partitions move at once); a static one sends no
         # LeaveGroup (aiokafka's `_maybe_leave_group`): `_leave_as_static_member` decides.
         for client in (self.consumer, self.producer):
@@ -425,13 +455,60 @@ class StageRunner(Service):
     async def _leave_as_static_member(self) -> None:
         """After the drain: a static member that is not keeping its partitions for its restart removes itself."""
         leaves = self.leave_group_on_stop if self.leave_group_on_stop is not None else not self.states
-        if self.group_instance_id is None or not leaves:
-            return
+        if self.group_instance_id is None or not leaves or self.fenced is not None:
+            return  # a fenced member's removal would remove the live process now holding its id
         try:
             await asyncio.wait_for(remove_static_members(self.bootstrap, self.group, [self.group_instance_id]), 3.0)
             log.info("%s: left group %s as %s", self.stage, self.group, self.group_instance_id)
         except (TimeoutError, KafkaError, MemberRemovalFailed) as exc:
             log.warning("%s: could not leave the group (%r): its partitions wait out its session", self.stage, exc)
+
+    def _coordinator_member_id(self) -> str:
+        # aiokafka exposes neither the member id nor its reset on UnknownMemberId: read its coordinator's.
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        return str(getattr(coordinator, "member_id", UNKNOWN_MEMBER_ID) or UNKNOWN_MEMBER_ID)
+
+    async def _hold_rejoin_if_instance_id_taken(self) -> None:
+        """Between a revocation and the rejoin: a static member whose id aiokafka reset (told UnknownMemberId,
+        its heartbeat carries no instance id) rejoins next under its instance id. If another live member holds
+        that id, the rejoin would displace it and it would displace this one back, both reading the same
+        partitions for ever: stop instead, and hold the rejoin back until the worker has stopped."""
+        previous = self._member_id
+        if self.group_instance_id is None or previous == UNKNOWN_MEMBER_ID or self.fenced is not None:
+            return  # dynamic, not joined yet, or already stopping
+        if self._coordinator_member_id() != UNKNOWN_MEMBER_ID:
+            return  # a plain rebalance: the coordinator still knows this member
+        try:
+            holders = await asyncio.wait_for(
+                members_with_instance_id(self.bootstrap, self.group, self.group_instance_id), 5.0
+            )
+        except (TimeoutError, KafkaError) as exc:  # unknown: rejoin as before rather than stop on a doubt
+            log.warning("%s: could not look up who holds %s (%r); rejoining", self.stage, self.group_instance_id, exc)
+            return
+        others = [member for member in holders if member != previous]
+        if not others:
+            return  # its session expired (nobody holds the id) or only its generation was stale: rejoin
+        self._fence(InstanceIdTaken(self.group, self.group_instance_id, f"member {others[0]}, this one was {previous}"))
+        self._rejoin_held = asyncio.get_running_loop().create_future()
+        try:
+            await self._rejoin_held  # cancelled by `on_stop`: aiokafka's coordinator task ends without a JoinGroup
+        finally:
+            self._rejoin_released.set()
+
+    def _fence(self, taken: InstanceIdTaken) -> None:
+        """Stop reading at once and ask for the process to exit non-zero (the other process keeps the id)."""
+        if self.fenced is not None:
+            return
+        self.fenced = taken
+        self._stopping = True  # `_consume` fetches nothing more
+        log.critical("%s: %s; stopping (exit %d)", self.stage, taken, EXIT_INSTANCE_ID_TAKEN)
+        sentry_sdk.capture_exception(taken)
+        self.request_shutdown(EXIT_INSTANCE_ID_TAKEN)
+
+    async def _release_held_rejoin(self) -> None:
+        if self._rejoin_held is not None and not self._rejoin_held.done():
+            self._rejoin_held.cancel()
+            await self._rejoin_released.wait()  # the coordinator task has ended: closing the consumer won't wait
 
     async def _guard(self, loop: Awaitable[None]) -> None:
         """A loop that dies would leave the worker in its group reading nothing: fail loudly, drain, exit."""
@@ -562,6 +639,7 @@ class StageRunner(Service):
         self.restoring = set(sources) if self.states else set()
         self.readable_since.update((tp, time.monotonic()) for tp in self.assigned)
         self.joined = True
+        self._member_id = self._coordinator_member_id()
         if self.restoring:
             self._restore_task = asyncio.create_task(self._restore(mine), name=f"{self.stage}-restore")
         log.info("%s: assigned partitions %s", self.stage, mine)
@@ -676,6 +754,9 @@ class StageRunner(Service):
             try:
                 fetched = await self.consumer.getmany(timeout_ms=100, max_records=self.batch_max)
             except KafkaError as exc:  # e.g. a fatal fetch error; the fetcher itself rides out outages
+                if self.group_instance_id is not None and fenced(exc):  # error 82 from a JoinGroup or SyncGroup
+                    self._fence(InstanceIdTaken(self.group, self.group_instance_id, repr(exc)))
+                    break
                 log.warning("%s: fetch failed: %r", self.stage, exc)
                 await asyncio.sleep(1.0)
                 continue
@@ -1181,6 +1262,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         await self.runner._cancel_restore()
         await self.runner._on_revoked(revoked)
+        await self.runner._hold_rejoin_if_instance_id_taken()
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self.runner._on_assigned(assigned)

@@ -100,16 +100,14 @@ def test_default_values_render_every_service_with_probes_resources_and_config():
     check_objects(docs)
     deployments, statefulsets = by_kind(docs, "Deployment"), by_kind(docs, "StatefulSet")
     workloads = {**deployments, **statefulsets}
-    assert set(deployments) == {"collector", "auditor"}
-    # Every consumer is a StatefulSet (its pod name is its static group membership, issue 15).
-    assert set(statefulsets) == CONSUMERS | {"sender-webhook"}
+    # Only the stages with RocksDB state are StatefulSets (a volume per pod); the rest surge a new pod first.
+    assert set(deployments) == {"collector", "auditor", "enricher", "router"}
+    assert set(statefulsets) == {"deduplicator", "sender-webhook"}
     # The RocksDB dedupe window and delivered ledger keep their volumes: a restart replays only the changelog's tail.
     for name in ("deduplicator", "sender-webhook"):
         stateful = statefulsets[name]
         assert stateful["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
         assert not any(v["name"] == "data" for v in stateful["spec"]["template"]["spec"]["volumes"])
-    for name in ("enricher", "router"):
-        assert "volumeClaimTemplates" not in statefulsets[name]["spec"], "no state: no volume"
     for stateful in statefulsets.values():
         assert by_kind(docs, "Service")[stateful["spec"]["serviceName"].removeprefix("demo-hifi-")]
     for name, workload in workloads.items():
@@ -127,9 +125,11 @@ def test_default_values_render_every_service_with_probes_resources_and_config():
         assert spec["topologySpreadConstraints"] and spec["securityContext"]["runAsNonRoot"]
     assert set(by_kind(docs, "PodDisruptionBudget")) == set(workloads)
     hpas = by_kind(docs, "HorizontalPodAutoscaler")
-    assert set(hpas) == set(workloads) - {"auditor"} and all(
-        hpas[n]["spec"]["scaleTargetRef"]["kind"] == "StatefulSet" for n in statefulsets
-    )
+    assert set(hpas) == set(workloads) - {"auditor"}
+    for name, hpa in hpas.items():
+        assert hpa["spec"]["scaleTargetRef"]["kind"] == workloads[name]["kind"], name
+        assert "replicas" not in workloads[name]["spec"], f"{name}: the HPA owns the count, an upgrade would reset it"
+    assert workloads["auditor"]["spec"]["replicas"] == 1
     assert all(h["spec"]["maxReplicas"] <= 12 for h in hpas.values()), "never more replicas than partitions"
     job = by_kind(docs, "Job")["topics"]
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
@@ -157,11 +157,12 @@ def test_three_sinks_with_redis_dedupe():
     docs = render(THREE_SINKS)
     check_objects(docs)
     deployments, statefulsets = by_kind(docs, "Deployment"), by_kind(docs, "StatefulSet")
-    senders = {n: d for n, d in statefulsets.items() if n.startswith("sender-")}
+    assert not statefulsets, "with Redis for the window and the ledger no stage carries state: Deployments"
+    senders = {n: d for n, d in deployments.items() if n.startswith("sender-")}
     assert set(senders) == {"sender-hook", "sender-lake", "sender-stream"}, "exactly one sender per sink"
     for name, sender in senders.items():
         assert container(sender)["args"] == ["sender", "--sink", name.removeprefix("sender-")]
-    assert not any("volumeClaimTemplates" in s["spec"] for s in statefulsets.values()), "Redis dedupe needs no volume"
+        assert "replicas" not in sender["spec"], f"{name}: KEDA owns the count"
     env = container(deployments["collector"])["env"]
     secret_refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
     assert secret_refs["SENTRY_DSN"] == {"name": "hifi-secrets", "key": "dsn"}
@@ -172,7 +173,7 @@ def test_three_sinks_with_redis_dedupe():
         n.startswith("sender") for n in by_kind(docs, "HorizontalPodAutoscaler")
     )
     assert scaled["sender-lake"]["spec"]["triggers"][0]["metadata"]["consumerGroup"] == "hifi-sender-lake"
-    assert scaled["sender-lake"]["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"  # a stable name, no volume
+    assert scaled["sender-lake"]["spec"]["scaleTargetRef"]["kind"] == "Deployment"
     workloads = {**deployments, **statefulsets}
     assert set(by_kind(docs, "ServiceMonitor")) == set(workloads)
     assert {n for n in by_kind(docs, "Service") if n.endswith("-metrics")} == {f"{n}-metrics" for n in workloads}
@@ -185,24 +186,45 @@ def test_three_sinks_with_redis_dedupe():
 
 @pytest.mark.parametrize("values", [{}, THREE_SINKS], ids=["rocksdb", "redis-three-sinks"])
 def test_consumers_roll_one_pod_at_a_time_under_their_pod_name_as_static_member(values):
-    """Issue 15: a restarted pod rejoins under its own name (no rebalance), one pod of a stage is down at a
-    time, a pod counts as ready only once assigned and restored (/ready), and the collector drains first."""
-    docs = render(values)
-    statefulsets = by_kind(docs, "StatefulSet")
-    assert CONSUMERS <= set(statefulsets) and any(n.startswith("sender-") for n in statefulsets)
-    for name, stateful in statefulsets.items():
-        strategy = stateful["spec"]["updateStrategy"]
-        assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"partition": 0, "maxUnavailable": 1}}, name
-        c = container(stateful)
+    """Issue 15: a pod (or a container the kubelet restarted, which keeps its pod's name) rejoins under its own
+    name; a stateful stage rolls one pod at a time onto its volume, a stateless one surges a new pod first; a
+    pod counts as ready only once assigned and restored (/ready), and the collector drains first."""
+    docs = render({**values, "membership": {"sessionTimeoutSeconds": 7, "leaveGroupOnStop": "auto"}})
+    workloads = {**by_kind(docs, "Deployment"), **by_kind(docs, "StatefulSet")}
+    consumers = {n: w for n, w in workloads.items() if n in CONSUMERS or n.startswith("sender-")}
+    assert CONSUMERS <= set(consumers) and any(n.startswith("sender-") for n in consumers)
+    for name, workload in consumers.items():
+        if workload["kind"] == "StatefulSet":
+            strategy = workload["spec"]["updateStrategy"]
+            assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"partition": 0, "maxUnavailable": 1}}, name
+        else:
+            strategy = workload["spec"]["strategy"]
+            assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}, name
+        c = container(workload)
         worker_id = next(e for e in c["env"] if e["name"] == "HIFI_WORKER_ID")
         assert worker_id["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, name
         env = {e["name"]: e.get("value") for e in c["env"]}
-        assert Settings.from_env(env).session_timeout_s == 10.0 and env["HIFI_LEAVE_GROUP_ON_STOP"] == "auto"
+        assert Settings.from_env(env).session_timeout_s == 7.0, name  # the chart's value reaches the worker
+        # An autoscaled stateful stage leaves on SIGTERM, or each scale-in would stall its partitions a session.
+        leaves = "yes" if workload["kind"] == "StatefulSet" else "auto"
+        assert env["HIFI_LEAVE_GROUP_ON_STOP"] == leaves, name
         assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
     collector = container(by_kind(docs, "Deployment")["collector"])
     assert not any(e["name"] == "HIFI_WORKER_ID" for e in collector["env"]), "not a consumer: no static member"
     # Endpoints drop the pod before it stops taking requests: no client sees a refused connection mid-rollout.
     assert collector["lifecycle"]["preStop"]["exec"]["command"][:2] == ["sleep", "5"]
+
+
+def test_a_stateful_stage_with_a_fixed_count_keeps_its_partitions_on_sigterm():
+    """Without an autoscaler nothing scales a stateful stage in, so `auto` keeps its partitions for the restart."""
+    docs = render({"stages": {"deduplicator": {"autoscaling": {"enabled": False}, "replicas": 3}}})
+    dedupe = by_kind(docs, "StatefulSet")["deduplicator"]
+    env = {e["name"]: e.get("value") for e in container(dedupe)["env"]}
+    assert env["HIFI_LEAVE_GROUP_ON_STOP"] == "auto" and dedupe["spec"]["replicas"] == 3
+    assert "deduplicator" not in by_kind(docs, "HorizontalPodAutoscaler")
+    forced = render({"membership": {"leaveGroupOnStop": "no"}})  # an explicit choice is kept
+    env = {e["name"]: e.get("value") for e in container(by_kind(forced, "StatefulSet")["deduplicator"])["env"]}
+    assert env["HIFI_LEAVE_GROUP_ON_STOP"] == "no"
 
 
 @pytest.mark.parametrize(

@@ -157,5 +157,49 @@ async def test_a_static_member_stopped_leaves_or_keeps_its_partitions_as_configu
     held = len(second.assigned)
     await first.stop()
     runners.remove(first)
+    stopped_at = time.monotonic()
     await asyncio.sleep(4.0)  # well past a rebalance after a leave, well within the 10 s session
     assert len(second.assigned) == (4 if leaves else held)
+    if not leaves:  # what keeping costs when the member does not come back: its partitions wait out the session
+        await wait_for(lambda: len(second.assigned) == 4, 30, "the session to expire and the partitions to move")
+        stalled_s = time.monotonic() - stopped_at
+        print(f"a static member that kept its partitions and did not return stalled them {stalled_s:.1f}s")
+        assert 9.0 <= stalled_s < 20.0, f"stalled {stalled_s:.1f}s with a 10 s session"
+
+
+async def test_two_live_workers_under_one_instance_id_one_stops_and_the_sink_sees_no_duplicates(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    """Review finding 4: aiokafka's v0/v1 heartbeat carries no instance id, so a displaced static member is told
+    UnknownMemberId, rejoins under the same id and displaces the other: both fetch and deliver, for ever."""
+    source = f"{namespace}.twins"
+    await create_topic(kafka.bootstrap, source, 6)
+    sink = FlakySink()
+    group = f"{namespace}-twins"
+    options = dict(batch_max=50, session_timeout_ms=10_000, group_instance_id="w-1")
+    shutdowns: dict[str, int] = {}
+    first = make_runner(kafka.bootstrap, group, "a", source, sink.handle, **options)
+    first.request_shutdown = lambda code: shutdowns.setdefault("a", code)
+    await start(runners, first)
+    await wait_for(lambda: first.joined and len(first.assigned) == 6, 30, "the first worker's assignment")
+    ids = await produce_events(kafka.bootstrap, source, 200)
+    await wait_for(lambda: set(sink.received) >= set(ids), 30, "the first events at the sink")
+    second = make_runner(kafka.bootstrap, group, "b", source, sink.handle, **options)
+    second.request_shutdown = lambda code: shutdowns.setdefault("b", code)
+    await start(runners, second)
+    await wait_for(lambda: bool(shutdowns), 15, "one of the two workers to give its instance id up")
+    assert len(shutdowns) == 1 and next(iter(shutdowns.values())) != 0, shutdowns
+    stopped = first if "a" in shutdowns else second
+    survivor = second if stopped is first else first
+    assert stopped.fenced is not None and survivor.fenced is None
+    await wait_for(lambda: survivor.joined and len(survivor.assigned) == 6, 30, "every partition at the survivor")
+    revocations = survivor.revocations
+    await asyncio.wait_for(stopped.stop(), 20.0)  # what its SIGTERM does: no rejoin, no removal of the id
+    runners.remove(stopped)
+    more = await produce_events(kafka.bootstrap, source, 600, first=200)
+    await wait_for(lambda: set(sink.received) >= set(more), 30, "every event after the fence")
+    await asyncio.sleep(3.0)  # a second deliverer would land its copies here (several heartbeats)
+    assert not shutdowns.keys() - {"a" if stopped is first else "b"}, f"both stopped: {shutdowns}"
+    assert survivor.revocations == revocations and len(survivor.assigned) == 6, "the stopped worker displaced it"
+    duplicated = [e for e, n in sink.received.items() if n > 1 and e in set(more)]
+    assert not duplicated, f"{len(duplicated)} events delivered twice after the fence"

@@ -85,3 +85,71 @@ async def test_a_stage_killed_9_is_restarted_by_the_supervisor_and_its_peer_is_n
         print(f"enricher back and ready {back_s:.1f}s after the kill")
     finally:
         await hook.stop()
+
+
+async def test_auto_leave_on_sigterm_a_stateless_stage_leaves_and_a_stateful_one_keeps_its_partitions(
+    tmp_path, port_base, settings_for, start_pipeline
+):
+    """`HIFI_LEAVE_GROUP_ON_STOP=auto` through Settings and `StageRunner.attach` on real workers: the enricher
+    (no state) hands its partitions over at once after its drain, the deduplicator (RocksDB) keeps them for
+    its restart, for the session (30 s here)."""
+    config = tmp_path / "hifi.yaml"
+    config.write_text(
+        "tenants:\n"
+        + tenant_block("acme", "key-acme", ["hook"])
+        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{port_base + 19}/in"}}\n'
+        + "dedupe: {backend: rocksdb}\n"
+    )
+    settings = settings_for(config, session_timeout_s=30.0)
+    assert settings.leave_group_on_stop == "auto"
+    pipeline = await start_pipeline(settings)
+    peers = {stage: pipeline.add_worker(stage) for stage in ("enricher", "deduplicator")}
+    await asyncio.to_thread(pipeline.wait_ready, 120.0, list(peers.values()))
+
+    def held(label: str) -> list[int]:
+        return list(readiness(pipeline, label).get("partitions", []))
+
+    await wait_for(
+        lambda: all(held(stage) and held(peer) for stage, peer in peers.items()), 60, "both workers of each", pipeline
+    )
+    kept = held(peers["deduplicator"])
+    for stage in peers:
+        assert await asyncio.to_thread(pipeline.stop, stage) == 0
+    stopped_at = time.monotonic()
+    await wait_for(lambda: len(held(peers["enricher"])) == 4, 15, "the enricher's partitions at its peer", pipeline)
+    moved_s = time.monotonic() - stopped_at
+    await asyncio.sleep(2.0)  # a leave by the deduplicator would have moved its partitions by now, as the enricher's
+    assert held(peers["deduplicator"]) == kept, "the stateful stage left: its partitions will be restored elsewhere"
+    print(f"the enricher's partitions moved {moved_s:.1f}s after its stop (session 30 s)")
+
+
+async def test_a_second_process_under_a_workers_name_makes_one_of_them_exit_78(
+    tmp_path, port_base, settings_for, start_pipeline
+):
+    """Review finding 4 on real processes: a copied HIFI_WORKER_ID. One of the two exits non-zero (so a
+    supervisor or Kubernetes sees it), the other keeps reading every partition."""
+    from shared.stage import EXIT_INSTANCE_ID_TAKEN
+
+    config = tmp_path / "hifi.yaml"
+    config.write_text(
+        "tenants:\n"
+        + tenant_block("acme", "key-acme", ["hook"])
+        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{port_base + 19}/in"}}\n'
+    )
+    pipeline = await start_pipeline(settings_for(config))
+    twin = pipeline.add_worker("enricher", env={"HIFI_WORKER_ID": pipeline.worker_id("enricher")})
+    pair = [pipeline.services["enricher"], pipeline.services[twin]]
+
+    def exited() -> list[int]:
+        return [svc.process.returncode for svc in pair if svc.process and svc.process.poll() is not None]
+
+    await wait_for(lambda: exited(), 60, "one of the two enrichers under one name to exit", pipeline)
+    assert exited() == [EXIT_INSTANCE_ID_TAKEN]
+    survivor = next(label for label in ("enricher", twin) if pipeline.services[label].process.poll() is None)
+    await wait_for(lambda: pipeline.ready(survivor), 30, "the other one ready", pipeline)
+    await wait_for(lambda: len(readiness(pipeline, survivor)["partitions"]) == 4, 30, "every partition", pipeline)
+    await asyncio.sleep(3.0)  # the stopped one neither rejoined nor removed the name: nothing moves
+    assert len(readiness(pipeline, survivor)["partitions"]) == 4 and exited() == [EXIT_INSTANCE_ID_TAKEN]
+    for svc in pair:  # the fixture's clean-stop check is for the survivor; the 78 was the point
+        if svc.process is not None and svc.process.poll() is not None:
+            svc.process = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import random
@@ -23,18 +22,25 @@ PIPELINE = ("collector", "enricher", "deduplicator", "router")
 @dataclass(frozen=True)
 class RestartPolicy:
     """How the supervisor restarts a worker that died, as Kubernetes restarts a crashed container: at once
-    the first time, then with doubled, jittered delays up to `ceiling_s`; more than `max_per_minute`
-    deaths in a minute and it gives up (a crash loop is a bug to see, not to hide)."""
+    the first time, then with doubled, jittered delays up to `ceiling_s`. Crashes count while they are
+    consecutive: a worker that stayed up `reset_after_s` starts over. After `max_consecutive` restarts in a
+    row it gives up (a crash loop is a bug to see, not to hide)."""
 
     first_delay_s: float = 0.0
     backoff_s: float = 1.0
     ceiling_s: float = 30.0
-    max_per_minute: int = 5
+    reset_after_s: float = 600.0  # Kubernetes resets its CrashLoopBackOff after ten minutes up
+    max_consecutive: int = 10
 
-    def delay(self, recent_restarts: int) -> float:
-        if recent_restarts == 0:
-            return self.first_delay_s
-        return min(self.ceiling_s, self.backoff_s * 2 ** (recent_restarts - 1)) * random.uniform(0.8, 1.2)
+    def after_exit(self, crashes: int, uptime_s: float) -> tuple[int, float | None]:
+        """A worker that had `crashes` consecutive crashes died after `uptime_s`: its new count, and the delay
+        before its restart (None: give up)."""
+        crashes = 1 if uptime_s >= self.reset_after_s else crashes + 1
+        if crashes > self.max_consecutive:
+            return crashes, None
+        if crashes == 1:
+            return crashes, self.first_delay_s
+        return crashes, min(self.ceiling_s, self.backoff_s * 2 ** (crashes - 2) * random.uniform(0.8, 1.2))
 
 
 @dataclass
@@ -47,10 +53,11 @@ class ServiceProcess:
     terminating: bool = False
     env: dict[str, str] = field(default_factory=dict)  # this worker's own additions (e.g. an injected fault)
     restarts: int = 0  # by the supervisor
-    restarted_at: collections.deque[float] = field(default_factory=collections.deque)  # monotonic, last minute
-    last_exit: int | None = None  # the return code of the process the supervisor replaced last
+    crashes: int = 0  # consecutive: deaths with less than the policy's `reset_after_s` up in between
+    started_at: float = 0.0  # monotonic
+    last_exit: int | None = None  # the return code of the process the supervisor replaced (or gave up on) last
     restarted_wall_ms: float = 0.0  # when the supervisor last started it (wall clock, for chaos reports)
-    gave_up: bool = False  # too many restarts in a minute: left down
+    gave_up: bool = False  # crashed `max_consecutive` times in a row: left down
 
     @property
     def label(self) -> str:
@@ -111,6 +118,7 @@ class PipelineProcesses:
         if svc.process is not None and svc.process.poll() is None:
             return
         svc.terminating = False
+        svc.started_at = time.monotonic()
         env = {
             **os.environ,
             **self.settings.as_env(),
@@ -178,25 +186,24 @@ class PipelineProcesses:
                     if proc is None or proc.poll() is None or svc.terminating or svc.gave_up:
                         due.pop(label, None)
                         continue
-                    while svc.restarted_at and now - svc.restarted_at[0] > 60.0:
-                        svc.restarted_at.popleft()
                     if label not in due:
-                        if len(svc.restarted_at) >= self.restart_policy.max_per_minute:
-                            svc.gave_up = True
+                        svc.crashes, delay = self.restart_policy.after_exit(svc.crashes, now - svc.started_at)
+                        if delay is None:
+                            svc.gave_up, svc.last_exit = True, proc.returncode
                             continue
-                        due[label] = now + self.restart_policy.delay(len(svc.restarted_at))
+                        due[label] = now + delay
                     if now >= due[label]:
                         del due[label]
                         svc.last_exit = proc.returncode
                         self._start(label)
                         svc.restarted_wall_ms = time.time() * 1000
                         svc.restarts += 1
-                        svc.restarted_at.append(now)
 
     def restarts(self) -> str:
         """For the live line: which workers the supervisor restarted, and how the last one had exited."""
         shown = [
-            f"{label} x{svc.restarts} (exit {svc.last_exit}){' GAVE UP' if svc.gave_up else ''}"
+            f"{label} x{svc.restarts} (exit {svc.last_exit})"
+            + (f" GAVE UP after {svc.crashes} crashes in a row" if svc.gave_up else "")
             for label, svc in self.services.items()
             if svc.restarts or svc.gave_up
         ]
@@ -230,19 +237,22 @@ class PipelineProcesses:
 
     def signal(self, label: str, sig: int) -> None:
         svc = self.services[label]
-        if svc.process is not None and svc.process.poll() is None:
+        with self._lock:  # the supervisor restarts under it: the process signalled is the one it will not replace
             svc.terminating = svc.terminating or sig == signal.SIGTERM  # before the exit the supervisor would see
-            os.kill(svc.process.pid, sig)
+            if svc.process is not None and svc.process.poll() is None:
+                os.kill(svc.process.pid, sig)
 
     def stop(self, label: str, timeout: float = 30.0) -> int | None:
         svc = self.services[label]
-        proc = svc.process
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            if not svc.terminating:  # a second SIGTERM makes the worker skip its drain
+        with self._lock:  # marked before the check: a worker that crashed just now is not restarted after this
+            proc = svc.process
+            if proc is None:
+                return None
+            asked = svc.terminating
+            svc.terminating = True
+            if proc.poll() is None and not asked:  # a second SIGTERM makes the worker skip its drain
                 proc.send_signal(signal.SIGTERM)
-                svc.terminating = True
+        if proc.poll() is None:
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -29,14 +29,81 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end -}}
 
-{{/* The pod template every stage shares. Arguments: root, component, args, stage (its values). */}}
-{{/* A consumer stage rolls one pod at a time (highest ordinal first); with static membership the pod
-returns under its name and takes its partitions back without a rebalance. */}}
-{{- define "hifi.workerUpdateStrategy" -}}
-updateStrategy:
-  type: RollingUpdate
-  rollingUpdate: {partition: 0, maxUnavailable: {{ .Values.podDisruptionBudget.maxUnavailable }}}
+{{/* Whether an autoscaler (an HPA, or KEDA for a sender) owns a workload's replica count. */}}
+{{- define "hifi.autoscaled" -}}
+{{- if or .stage.autoscaling.enabled (and .sink .root.Values.keda.enabled) }}true{{ end -}}
 {{- end -}}
+
+{{/* A consumer stage's workload. Arguments: root, component, args, stage, persistent (it carries RocksDB
+state: a StatefulSet with a volume per pod, rolled one pod at a time onto it), sink. A stateless stage is a
+Deployment that surges a new pod before it stops an old one. Either way HIFI_WORKER_ID is the pod name, so a
+container the kubelet restarts rejoins as the same static member. */}}
+{{- define "hifi.consumer" -}}
+{{- $root := .root -}}
+{{- $autoscaled := include "hifi.autoscaled" . -}}
+{{- /* An autoscaled stateful stage leaves its group on SIGTERM: a pod scaled in never comes back, and its
+partitions would wait out its session; a rolling restart then rebalances and restores instead. */ -}}
+{{- $leave := $root.Values.membership.leaveGroupOnStop -}}
+{{- if and .persistent $autoscaled (eq $leave "auto") }}{{ $leave = "yes" }}{{ end -}}
+apiVersion: apps/v1
+kind: {{ ternary "StatefulSet" "Deployment" .persistent }}
+metadata:
+  name: {{ include "hifi.fullname" $root }}-{{ .component }}
+  labels:
+    {{- include "hifi.labels" . | nindent 4 }}
+    {{- with .sink }}
+    hifi.dev/sink: {{ . }}
+    {{- end }}
+spec:
+  {{- if not $autoscaled }}
+  replicas: {{ .stage.replicas }}
+  {{- end }}
+  selector:
+    matchLabels:
+      {{- include "hifi.selector" . | nindent 6 }}
+  {{- if .persistent }}
+  serviceName: {{ include "hifi.fullname" $root }}-{{ .component }}
+  podManagementPolicy: Parallel
+  updateStrategy:
+    type: RollingUpdate
+    rollingUpdate: {partition: 0, maxUnavailable: {{ $root.Values.podDisruptionBudget.maxUnavailable }}}
+  {{- else }}
+  strategy:
+    type: RollingUpdate
+    rollingUpdate: {maxUnavailable: 0, maxSurge: 1}
+  {{- end }}
+  template:
+    {{- include "hifi.podTemplate" (dict "root" $root "component" .component "args" .args "stage" .stage "persistent" .persistent "static" true "leave" $leave) | nindent 4 }}
+  {{- if .persistent }}
+  volumeClaimTemplates:
+    - metadata:
+        name: data
+      spec:
+        accessModes: [ReadWriteOnce]
+        {{- with .stage.persistence.storageClass }}
+        storageClassName: {{ . }}
+        {{- end }}
+        resources:
+          requests:
+            storage: {{ .stage.persistence.size }}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "hifi.fullname" $root }}-{{ .component }}
+  labels:
+    {{- include "hifi.labels" . | nindent 4 }}
+spec:
+  clusterIP: None
+  selector:
+    {{- include "hifi.selector" . | nindent 4 }}
+  ports:
+    - {name: web, port: {{ .stage.webPort }}, targetPort: web}
+  {{- end }}
+{{- end -}}
+
+{{/* The pod template every stage shares. Arguments: root, component, args, stage (its values), persistent,
+static (a consumer: HIFI_WORKER_ID and membership settings), leave (its HIFI_LEAVE_GROUP_ON_STOP). */}}
 
 {{- define "hifi.podTemplate" -}}
 {{- $root := .root -}}
@@ -87,10 +154,10 @@ spec:
         - {name: HIFI_LOG_LEVEL, value: {{ $root.Values.logLevel | quote }}}
         - {name: HIFI_ENV, value: {{ $root.Values.environment | quote }}}
         {{- if .static }}
-        - name: HIFI_WORKER_ID  # the StatefulSet pod name: its consumers' group_instance_id (static membership)
+        - name: HIFI_WORKER_ID  # the pod name: its consumers' group_instance_id (static membership)
           valueFrom: {fieldRef: {fieldPath: metadata.name}}
         - {name: HIFI_SESSION_TIMEOUT_S, value: {{ $root.Values.membership.sessionTimeoutSeconds | quote }}}
-        - {name: HIFI_LEAVE_GROUP_ON_STOP, value: {{ $root.Values.membership.leaveGroupOnStop | quote }}}
+        - {name: HIFI_LEAVE_GROUP_ON_STOP, value: {{ .leave | quote }}}
         {{- end }}
         {{- include "hifi.secretEnv" $root | nindent 8 }}
       {{- with $root.Values.secrets.extraEnvFrom }}
