@@ -11,6 +11,7 @@ from pathlib import Path
 
 from shared.config import Settings
 from shared.local.pipeline import PipelineProcesses, RestartPolicy
+from shared.stage import EXIT_INSTANCE_ID_TAKEN
 from tests.helpers import tenant_block
 
 
@@ -105,3 +106,11 @@ def test_the_live_line_says_the_supervisor_gave_up(tmp_path: Path) -> None:
         assert "router x3 (exit 3) GAVE UP after 4 crashes in a row" in pipeline.restarts()
     finally:
         pipeline.stop_all(timeout=5.0)
+
+
+def test_a_worker_that_found_its_name_taken_is_not_restarted() -> None:
+    """Exit 78: another live process holds its group.instance.id; restarting it would displace that one again
+    (the two took turns until the crash bound, a duplicate window each time)."""
+    policy = RestartPolicy()
+    assert policy.after_exit(0, 1.0, EXIT_INSTANCE_ID_TAKEN)[1] is None
+    assert policy.after_exit(0, 1.0, -9)[1] == policy.first_delay_s

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.config import HifiConfig, Settings
+from shared.stage import EXIT_INSTANCE_ID_TAKEN
 
 PIPELINE = ("collector", "enricher", "deduplicator", "router")
 
@@ -32,10 +33,12 @@ class RestartPolicy:
     reset_after_s: float = 600.0  # Kubernetes resets its CrashLoopBackOff after ten minutes up
     max_consecutive: int = 10
 
-    def after_exit(self, crashes: int, uptime_s: float) -> tuple[int, float | None]:
-        """A worker that had `crashes` consecutive crashes died after `uptime_s`: its new count, and the delay
-        before its restart (None: give up)."""
+    def after_exit(self, crashes: int, uptime_s: float, code: int | None = None) -> tuple[int, float | None]:
+        """A worker that had `crashes` consecutive crashes died after `uptime_s` with exit `code`: its new
+        count, and the delay before its restart (None: give up)."""
         crashes = 1 if uptime_s >= self.reset_after_s else crashes + 1
+        if code == EXIT_INSTANCE_ID_TAKEN:
+            return crashes, None  # another live process holds its name: a restart would only displace it again
         if crashes > self.max_consecutive:
             return crashes, None
         if crashes == 1:
@@ -187,7 +190,9 @@ class PipelineProcesses:
                         due.pop(label, None)
                         continue
                     if label not in due:
-                        svc.crashes, delay = self.restart_policy.after_exit(svc.crashes, now - svc.started_at)
+                        svc.crashes, delay = self.restart_policy.after_exit(
+                            svc.crashes, now - svc.started_at, proc.returncode
+                        )
                         if delay is None:
                             svc.gave_up, svc.last_exit = True, proc.returncode
                             continue
