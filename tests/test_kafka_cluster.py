@@ -15,7 +15,7 @@ from shared.topics import ensure_topics
 async def test_three_node_cluster(tmp_path):
     cluster = LocalKafka(nodes=3, port=29092, data_root=tmp_path / "k3", heap="384m")
     try:
-        seconds = await asyncio.to_thread(cluster.start, 180.0)  # three JVMs on a busy two-core runner
+        await asyncio.to_thread(cluster.start, 180.0)  # three JVMs on a busy two-core runner
         assert len(cluster.running_pids()) == 3
         await ensure_topics(cluster.bootstrap, ["rf3"], partitions=3, replication=3, min_insync=2)
         admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap)
@@ -23,7 +23,6 @@ async def test_three_node_cluster(tmp_path):
         described = await admin.describe_topics(["rf3"])
         await admin.close()
         assert all(len(p["replicas"]) == 3 for p in described[0]["partitions"])
-        assert seconds < 90
 
         producer = AIOKafkaProducer(bootstrap_servers=cluster.bootstrap, acks="all", enable_idempotence=True)
         await producer.start()

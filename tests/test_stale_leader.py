@@ -37,7 +37,11 @@ def cluster() -> Iterator[LocalKafka]:
     """Three nodes of our own: the test moves a partition's leader, which one node cannot."""
     nodes = LocalKafka(nodes=3, port=CLUSTER_PORT, data_root=DEFAULT_HOME / f"test-3n-{CLUSTER_PORT}", heap="384m")
     started_here = not nodes.running_pids()
-    nodes.start(timeout=180.0)  # three JVMs on a busy two-core runner
+    try:
+        nodes.start(timeout=180.0)  # three JVMs on a busy two-core runner
+    except BaseException:
+        nodes.stop()  # nodes that did start would hold the ports of the next run's cluster
+        raise
     yield nodes
     if started_here:
         nodes.stop()
