@@ -148,5 +148,7 @@ def run(name: str, settings: Settings, sink: str | None = None) -> None:
 
 def _grace_expired(grace_s: float) -> None:
     log.error("shutdown did not finish within %.0fs; exiting, uncommitted work will be replayed", grace_s)
+    from shared.stage import requested_exit_code
+
     logging.shutdown()
-    os._exit(75)
+    os._exit(requested_exit_code() or 75)  # a worker that found its name taken still says so (78), not 75

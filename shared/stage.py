@@ -621,6 +621,9 @@ class StageRunner(Service):
         """Return quickly: aiokafka sends no heartbeats while this runs. Partitions with state stay
         paused while it is restored in the background, and resume at their committed offset."""
         assert self.consumer is not None
+        # Before any await: a failure below must not leave the previous generation's id here, which the
+        # instance-id check would then take for another process holding this worker's name.
+        self._member_id = self._coordinator_member_id()
         sources = sorted((tp for tp in assigned if tp.topic == self.source), key=lambda tp: tp.partition)
         if self.states:
             self.consumer.pause(*sources)  # before any await: nothing of theirs is fetched until restored
@@ -639,7 +642,6 @@ class StageRunner(Service):
         self.restoring = set(sources) if self.states else set()
         self.readable_since.update((tp, time.monotonic()) for tp in self.assigned)
         self.joined = True
-        self._member_id = self._coordinator_member_id()
         if self.restoring:
             self._restore_task = asyncio.create_task(self._restore(mine), name=f"{self.stage}-restore")
         log.info("%s: assigned partitions %s", self.stage, mine)

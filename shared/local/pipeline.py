@@ -113,7 +113,10 @@ class PipelineProcesses:
         return label.replace("#", "-")
 
     def start(self, label: str) -> None:
+        """Start (or restart by hand) a worker; supervision resumes for it, with a fresh crash count."""
         with self._lock:
+            svc = self.services[label]
+            svc.gave_up, svc.crashes = False, 0
             self._start(label)
 
     def _start(self, label: str) -> None:
