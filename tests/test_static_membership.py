@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,45 @@ from tests.test_stage_runner import FlakySink, create_topic, make_runner, produc
 
 pytestmark = pytest.mark.asyncio
 __all__ = ["runners"]  # the fixture, imported for this module's tests
+STATIC_OPTIONS: dict[str, Any] = dict(batch_max=50, session_timeout_ms=10_000)
+
+
+async def two_static_members(
+    kafka: LocalKafka,
+    runners: list[StageRunner],
+    group: str,
+    source: str,
+    sink: FlakySink,
+    partitions: int,
+    first_leaves_on_stop: bool,
+) -> tuple[StageRunner, StageRunner]:
+    """Members "w-1" and "w-2" of one group, sharing the source's partitions; how "w-1" stops is configured."""
+    first = make_runner(
+        kafka.bootstrap,
+        group,
+        "a",
+        source,
+        sink.handle,
+        group_instance_id="w-1",
+        leave_group_on_stop=first_leaves_on_stop,
+        **STATIC_OPTIONS,
+    )
+    await start(runners, first)
+    second = await start(
+        runners,
+        make_runner(kafka.bootstrap, group, "b", source, sink.handle, group_instance_id="w-2", **STATIC_OPTIONS),
+    )
+    await wait_for(
+        lambda: (
+            first.joined
+            and second.joined
+            and len(first.assigned | second.assigned) == partitions
+            and not first.assigned & second.assigned
+        ),
+        30,
+        "two members sharing the partitions",
+    )
+    return first, second
 
 
 async def test_a_worker_restarted_under_its_name_takes_its_partitions_back_without_a_rebalance(
@@ -24,33 +64,7 @@ async def test_a_worker_restarted_under_its_name_takes_its_partitions_back_witho
     await create_topic(kafka.bootstrap, source, 6)
     sink = FlakySink()
     group = f"{namespace}-static"
-    options = dict(batch_max=50, session_timeout_ms=10_000)
-    first = await start(
-        runners,
-        make_runner(
-            kafka.bootstrap,
-            group,
-            "a",
-            source,
-            sink.handle,
-            group_instance_id="w-1",
-            leave_group_on_stop=False,
-            **options,
-        ),
-    )
-    second = await start(
-        runners, make_runner(kafka.bootstrap, group, "b", source, sink.handle, group_instance_id="w-2", **options)
-    )
-    await wait_for(
-        lambda: (
-            first.joined
-            and second.joined
-            and len(first.assigned | second.assigned) == 6
-            and not first.assigned & second.assigned
-        ),
-        30,
-        "two members sharing the partitions",
-    )
+    first, second = await two_static_members(kafka, runners, group, source, sink, 6, False)
     ids = await produce_events(kafka.bootstrap, source, 200)
     await wait_for(lambda: set(sink.received) >= set(ids), 30, "the first events at the sink")
     held = {tp.partition for tp in first.assigned}
@@ -59,7 +73,8 @@ async def test_a_worker_restarted_under_its_name_takes_its_partitions_back_witho
     runners.remove(first)
     restarted_at = time.monotonic()
     again = await start(
-        runners, make_runner(kafka.bootstrap, group, "a2", source, sink.handle, group_instance_id="w-1", **options)
+        runners,
+        make_runner(kafka.bootstrap, group, "a2", source, sink.handle, group_instance_id="w-1", **STATIC_OPTIONS),
     )
     await wait_for(lambda: again.joined, 30, "the restarted worker's assignment")
     back_s = time.monotonic() - restarted_at
@@ -79,33 +94,7 @@ async def test_a_static_member_removed_after_its_stop_hands_its_partitions_over_
     await create_topic(kafka.bootstrap, source, 6)
     sink = FlakySink()
     group = f"{namespace}-leave"
-    options = dict(batch_max=50, session_timeout_ms=10_000)
-    first = await start(
-        runners,
-        make_runner(
-            kafka.bootstrap,
-            group,
-            "a",
-            source,
-            sink.handle,
-            group_instance_id="w-1",
-            leave_group_on_stop=False,
-            **options,
-        ),
-    )
-    second = await start(
-        runners, make_runner(kafka.bootstrap, group, "b", source, sink.handle, group_instance_id="w-2", **options)
-    )
-    await wait_for(
-        lambda: (
-            first.joined
-            and second.joined
-            and len(first.assigned | second.assigned) == 6
-            and not first.assigned & second.assigned
-        ),
-        30,
-        "two members sharing the partitions",
-    )
+    first, second = await two_static_members(kafka, runners, group, source, sink, 6, False)
     await first.stop()
     runners.remove(first)
     stopped_at = time.monotonic()
@@ -127,33 +116,7 @@ async def test_a_static_member_stopped_leaves_or_keeps_its_partitions_as_configu
     await create_topic(kafka.bootstrap, source, 4)
     sink = FlakySink()
     group = f"{namespace}-stop"
-    options = dict(batch_max=50, session_timeout_ms=10_000)
-    first = await start(
-        runners,
-        make_runner(
-            kafka.bootstrap,
-            group,
-            "a",
-            source,
-            sink.handle,
-            group_instance_id="w-1",
-            leave_group_on_stop=leaves,
-            **options,
-        ),
-    )
-    second = await start(
-        runners, make_runner(kafka.bootstrap, group, "b", source, sink.handle, group_instance_id="w-2", **options)
-    )
-    await wait_for(
-        lambda: (
-            first.joined
-            and second.joined
-            and len(first.assigned | second.assigned) == 4
-            and not first.assigned & second.assigned
-        ),
-        30,
-        "two members sharing the partitions",
-    )
+    first, second = await two_static_members(kafka, runners, group, source, sink, 4, leaves)
     held = len(second.assigned)
     await first.stop()
     runners.remove(first)
@@ -176,7 +139,7 @@ async def test_two_live_workers_under_one_instance_id_one_stops_and_the_sink_see
     await create_topic(kafka.bootstrap, source, 6)
     sink = FlakySink()
     group = f"{namespace}-twins"
-    options = dict(batch_max=50, session_timeout_ms=10_000, group_instance_id="w-1")
+    options = dict(STATIC_OPTIONS, group_instance_id="w-1")
     shutdowns: dict[str, int] = {}
     first = make_runner(kafka.bootstrap, group, "a", source, sink.handle, **options)
     first.request_shutdown = lambda code: shutdowns.setdefault("a", code)
