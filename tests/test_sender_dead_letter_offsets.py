@@ -62,18 +62,26 @@ async def continue_from_the_group(
     return [letter.message.offset for letter in result.dead] if result is not None else []
 
 
+async def sink_with_e3_too_large(
+    kafka: Any, redis_server: Any, namespace: str, out: str, src: str, group: str
+) -> tuple[list[Any], KafkaSink, Any]:
+    """Ten records of source partition 0, e3 over the sink topic's max.message.bytes; a started transactional
+    Kafka sink and its SinkDelivery."""
+    await make_source_topic(kafka.bootstrap, src)
+    await make_topic(kafka.bootstrap, out, {"max.message.bytes": "20000"})
+    records = [record_of(e, src, 0, i) for i, e in enumerate(padded(10, big={3}))]
+    sink = KafkaSink(SinkConfig("m", "kafka", {"topic": out}, timeout_s=5), kafka.bootstrap, group)
+    await sink.start()
+    return records, sink, delivery_for(sink, redis_server.url, namespace)
+
+
 async def test_kafka_sink_next_batch_never_commits_past_a_dead_letter_the_runner_has_not_written(
     kafka, namespace, redis_server
 ):
     """Batch 1 dead-letters e3 (too large for the sink topic); the runner pipelines, so batch 2 is delivered
     before batch 1's dead letter is acknowledged. Killed then: e3 must still reach the DLQ or the sink."""
     out, src, group = f"{namespace}.mirror", f"{namespace}.src", f"{namespace}-sender"
-    await make_source_topic(kafka.bootstrap, src)
-    await make_topic(kafka.bootstrap, out, {"max.message.bytes": "20000"})
-    records = [record_of(e, src, 0, i) for i, e in enumerate(padded(10, big={3}))]
-    sink = KafkaSink(SinkConfig("m", "kafka", {"topic": out}, timeout_s=5), kafka.bootstrap, group)
-    await sink.start()
-    delivery = delivery_for(sink, redis_server.url, namespace)
+    records, sink, delivery = await sink_with_e3_too_large(kafka, redis_server, namespace, out, src, group)
     try:
         first = await handle_like_runner(delivery, records[:5], tries=10)
         assert [letter.message.offset for letter in first.dead] == [3]
@@ -91,12 +99,7 @@ async def test_kafka_sink_next_batch_never_commits_past_a_dead_letter_the_runner
 async def test_kafka_sink_commits_past_a_dead_letter_once_the_runner_wrote_it(kafka, namespace, redis_server):
     """The cap lifts once the runner's durable point (`StageRunner.done`) passes the dead letter's batch."""
     out, src, group = f"{namespace}.mirror", f"{namespace}.src", f"{namespace}-sender"
-    await make_source_topic(kafka.bootstrap, src)
-    await make_topic(kafka.bootstrap, out, {"max.message.bytes": "20000"})
-    records = [record_of(e, src, 0, i) for i, e in enumerate(padded(10, big={3}))]
-    sink = KafkaSink(SinkConfig("m", "kafka", {"topic": out}, timeout_s=5), kafka.bootstrap, group)
-    await sink.start()
-    delivery = delivery_for(sink, redis_server.url, namespace)
+    records, sink, delivery = await sink_with_e3_too_large(kafka, redis_server, namespace, out, src, group)
     durable: dict[TopicPartition, int] = {}
     delivery.durable_offset = durable.get
     try:
