@@ -48,6 +48,10 @@ def kafka() -> Iterator[LocalKafka]:
     """`make test` starts this broker before pytest and stops it after; run alone, pytest does both."""
     cluster = LocalKafka(nodes=1, port=TEST_KAFKA_PORT, data_root=DEFAULT_HOME / f"test-{TEST_KAFKA_PORT}")
     started_here = not cluster.running_pids()
+    if started_here and "PYTEST_XDIST_WORKER" in os.environ:
+        # Each xdist worker runs this fixture: two would race to start one broker, and the first to finish
+        # would stop it under the other. dev/test.sh (make test) starts it once before pytest.
+        pytest.fail(f"no broker on port {TEST_KAFKA_PORT}: with -n, start it first (dev/test.sh does)", pytrace=False)
     cluster.start()
     yield cluster
     if started_here:
@@ -57,6 +61,8 @@ def kafka() -> Iterator[LocalKafka]:
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[LocalRedis]:
     server = LocalRedis(url=TEST_REDIS_URL)
+    if "PYTEST_XDIST_WORKER" in os.environ and not server.answering():
+        pytest.fail(f"no Redis at {TEST_REDIS_URL}: with -n, start it first (dev/test.sh does)", pytrace=False)
     started = server.ensure()
     yield server
     if started:
