@@ -1,5 +1,5 @@
-"""The registry of services: name -> build function. `hifi run NAME` looks it up here; adding a
-stage means one entry, not a copy of a service."""
+"""The registry of services: name -> build function, handed to `shared.service.run` by `services.cli`.
+The layout (topics, groups, ports) is in `shared.pipeline`; adding a stage means an entry in each."""
 
 from __future__ import annotations
 
@@ -12,14 +12,13 @@ from services.deduplicator.app import build as build_deduplicator
 from services.enricher.app import build as build_enricher
 from services.router.app import build as build_router
 from services.sender.app import build as build_sender
+from shared import pipeline
 
 SERVICES: dict[str, Callable[[Any], Any]] = {
-    "collector": build_collector,
-    "enricher": build_enricher,
-    "deduplicator": build_deduplicator,
-    "router": build_router,
-    "sender": build_sender,
-    "auditor": build_auditor,
+    pipeline.COLLECTOR.name: build_collector,
+    pipeline.ENRICHER.name: build_enricher,
+    pipeline.DEDUPLICATOR.name: build_deduplicator,
+    pipeline.ROUTER.name: build_router,
+    pipeline.SENDER.name: build_sender,
+    pipeline.AUDITOR.name: build_auditor,
 }
-
-PIPELINE = ("collector", "enricher", "deduplicator", "router", "sender", "auditor")

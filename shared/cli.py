@@ -1,14 +1,22 @@
-"""The `hifi` command line: the broker, the services, the whole pipeline, and test traffic."""
+"""The `hifi` command line: the broker, the services, the whole pipeline, and test traffic.
+
+`hifi` is `services.cli:main`, which passes the app's registry of services in; this module does not
+know the services, so `run` works only with a registry.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from shared.config import Settings, hash_api_key
 
+if TYPE_CHECKING:
+    from shared.service import Registry
 
-def main(argv: list[str] | None = None) -> None:
+
+def main(argv: list[str] | None = None, services: Registry | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hifi", description="Lossless, low-latency event streams")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -124,7 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "run":
         from shared.service import run as run_service
 
-        run_service(args.service, Settings.from_env(), args.sink)
+        if services is None:
+            raise SystemExit("`run` needs the app's services: use `hifi run` or `python -m services.cli run`")
+        run_service(services, args.service, Settings.from_env(), args.sink)
     elif args.command == "up":
         from shared.local.up import up as run_up
 

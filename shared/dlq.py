@@ -18,6 +18,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from shared import pipeline
 from shared.app import durable_producer
 from shared.codec import unpack
 from shared.errors import HifiError, InvalidEvent
@@ -46,15 +47,18 @@ def replay_of(headers: Sequence[tuple[str, bytes]] | None) -> str | None:
 
 
 def stage_input(topics: Topics, stage: str, sinks: list[str]) -> str:
-    inputs = {"enricher": topics.raw, "deduplicator": topics.enriched, "router": topics.unique}
-    inputs.update({f"sender.{s}": topics.sink(s) for s in sinks})
-    if stage not in inputs:
-        raise UnknownStage(f"unknown stage {stage!r}; stages with dead letters: {', '.join(inputs)}")
-    return inputs[stage]
+    """The topic the stage labelled `stage` consumes, where its dead letters are replayed to."""
+    labels = stages(sinks)
+    if stage not in labels:
+        raise UnknownStage(f"unknown stage {stage!r}; stages with dead letters: {', '.join(labels)}")
+    spec, sink = pipeline.parse_label(stage)
+    source = spec.source_topic(sink)
+    assert source is not None  # a stage with dead letters consumes a topic
+    return topics.name(source)
 
 
 def stages(sinks: list[str]) -> list[str]:
-    return ["enricher", "deduplicator", "router"] + [f"sender.{s}" for s in sinks]
+    return pipeline.dead_letter_stages(sinks)
 
 
 @dataclass

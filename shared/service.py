@@ -3,6 +3,9 @@
 parse settings and config -> logging and Sentry -> metrics -> create topics -> build the service's
 Faust app -> run the worker, whose signal handler only requests shutdown (SIGTERM drains, commits,
 leaves the group).
+
+The app hands in its registry (name -> build function, `services.registry.SERVICES`): the library
+never imports the app.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared import pipeline
 from shared.app import HifiApp, create_app
 from shared.config import HifiConfig, Settings
 from shared.keywindow import KeyWindow, RedisKeyWindow, RocksKeyWindow
@@ -24,6 +29,9 @@ from shared.sentry import init_sentry
 from shared.topics import Topics, ensure_topics
 
 log = logging.getLogger(__name__)
+
+Registry = Mapping[str, Callable[["ServiceContext"], HifiApp]]
+"""Service name -> the function that builds its Faust app; the app (services/) defines it."""
 
 
 @dataclass
@@ -41,6 +49,19 @@ class ServiceContext:
     @property
     def topics(self) -> Topics:
         return Topics(self.settings.namespace)
+
+    @property
+    def spec(self) -> pipeline.StageSpec:
+        """This service's place in the pipeline: its source, outputs, group and port."""
+        return pipeline.stage(self.name)
+
+    @property
+    def source_topic(self) -> str:
+        """The topic this service consumes, under the namespace."""
+        source = self.spec.source_topic(self.sink)
+        if source is None:
+            raise ValueError(f"{self.name} consumes no topic")
+        return self.topics.name(source)
 
     def key_window(self, name: str) -> KeyWindow:
         """The dedupe window or delivered ledger on the configured backend: Redis, or RocksDB stores."""
@@ -62,27 +83,31 @@ class ServiceContext:
         self.partitioned.append(window)
         return window
 
-    def create_app(self, app_id: str, web_port: int, **overrides: Any) -> HifiApp:
-        self.app = create_app(self.topics.group(app_id), self.settings, web_port, **overrides)
+    def create_app(self, **overrides: Any) -> HifiApp:
+        """The service's Faust app, its id (consumer group) and default web port from its StageSpec."""
+        spec = self.spec
+        group = self.topics.group(spec.group(self.sink))
+        self.app = create_app(group, self.settings, spec.port(list(self.config.sinks), self.sink), **overrides)
         return self.app
 
 
-def prepare(name: str, settings: Settings, sink: str | None = None) -> tuple[ServiceContext, HifiApp]:
-    from services.registry import SERVICES
-
-    if name not in SERVICES:
-        raise SystemExit(f"unknown service {name!r}; choose from {', '.join(SERVICES)}")
+def prepare(
+    services: Registry, name: str, settings: Settings, sink: str | None = None
+) -> tuple[ServiceContext, HifiApp]:
+    if name not in services:
+        raise SystemExit(f"unknown service {name!r}; choose from {', '.join(services)}")
     config = HifiConfig.load(settings.config_path)
-    if name == "sender":
+    spec = pipeline.stage(name)
+    if spec.per_sink:
         if sink is None:
-            raise SystemExit("the sender needs --sink NAME (one sender process per sink)")
+            raise SystemExit(f"the {name} needs --sink NAME (one {name} process per sink)")
         if sink not in config.sinks:
             raise SystemExit(f"unknown sink {sink!r}; the config has {', '.join(config.sinks)}")
     logging.basicConfig(
         level=settings.log_level.upper(),
         format=f"%(asctime)s %(levelname)s [{name}{'.' + sink if sink else ''}] %(name)s: %(message)s",
     )
-    init_sentry(settings.sentry_dsn, name if sink is None else f"sender.{sink}", settings.environment)
+    init_sentry(settings.sentry_dsn, spec.label(sink) if spec.per_sink else name, settings.environment)
     asyncio.run(
         ensure_topics(
             settings.broker,
@@ -93,7 +118,7 @@ def prepare(name: str, settings: Settings, sink: str | None = None) -> tuple[Ser
         )
     )
     ctx = ServiceContext(name, settings, config, sink)
-    app = SERVICES[name](ctx)
+    app = services[name](ctx)
     # A window's changelog has the source topic's partition count (entry and event share a partition)
     # and keeps the window plus an hour (`changelog_retention_s`): older entries are expired anyway.
     for window in ctx.partitioned:
@@ -110,7 +135,7 @@ def prepare(name: str, settings: Settings, sink: str | None = None) -> tuple[Ser
     return ctx, app
 
 
-def run(name: str, settings: Settings, sink: str | None = None) -> None:
+def run(services: Registry, name: str, settings: Settings, sink: str | None = None) -> None:
     import faust
 
     from shared.stage import requested_exit_code
@@ -131,7 +156,7 @@ def run(name: str, settings: Settings, sink: str | None = None) -> None:
             timer.start()
             super()._on_sigterm()
 
-    _, app = prepare(name, settings, sink)
+    _, app = prepare(services, name, settings, sink)
     # uvloop: the same asyncio API, a faster loop (Faust's consumer thread gets one too).
     import uvloop
 

@@ -1,4 +1,4 @@
-"""Topic names, in pipeline order, and idempotent creation at service start.
+"""Topic names (from the layout in shared.pipeline) under a namespace, and idempotent creation at service start.
 
 A namespace (HIFI_NAMESPACE) prefixes every topic and consumer group, so several Hifi
 installations (staging and production, or parallel test runs) can share one Kafka cluster.
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
+from shared import pipeline
+
 log = logging.getLogger(__name__)
 
 
@@ -20,52 +22,55 @@ log = logging.getLogger(__name__)
 class Topics:
     namespace: str = ""
 
-    def _name(self, name: str) -> str:
+    def name(self, name: str) -> str:
+        """A topic name (from shared.pipeline) under this namespace."""
         return f"{self.namespace}.{name}" if self.namespace else name
 
     @property
     def raw(self) -> str:
         """collector -> enricher, keyed by device/session."""
-        return self._name("hifi.raw")
+        return self.name(pipeline.RAW)
 
     @property
     def enriched(self) -> str:
         """enricher -> deduplicator."""
-        return self._name("hifi.enriched")
+        return self.name(pipeline.ENRICHED)
 
     @property
     def unique(self) -> str:
         """deduplicator -> router."""
-        return self._name("hifi.unique")
+        return self.name(pipeline.UNIQUE)
 
     def sink(self, sink: str) -> str:
         """router -> the sender of one sink."""
-        return self._name(f"hifi.sink.{sink}")
+        return self.name(pipeline.sink_topic(sink))
 
     def dlq(self, stage: str) -> str:
         """Dead letters of one stage, or of one sink's sender (stage `sender.<sink>`)."""
-        return self._name(f"hifi.dlq.{stage}")
+        return self.name(pipeline.dlq_topic(stage))
 
     @property
     def tallies(self) -> str:
         """Every stage -> auditor: counts per tenant, event-time bucket and outcome."""
-        return self._name("hifi.audit.tallies")
+        return self.name(pipeline.TALLIES)
 
     @property
     def receipts(self) -> str:
         """Senders -> auditor: one receipt per event a sink acknowledged."""
-        return self._name("hifi.audit.receipts")
+        return self.name(pipeline.RECEIPTS)
 
     def group(self, app_id: str) -> str:
         """Consumer group (and Faust app id) of a service."""
-        return self._name(app_id)
+        return self.name(app_id)
+
+    def stage_group(self, label: str) -> str:
+        """Consumer group of the stage labelled `label` (`enricher`, `sender.hook`)."""
+        return self.name(pipeline.group_of(label))
 
     def all(self, sinks: list[str]) -> list[str]:
-        stages = ["enricher", "deduplicator", "router"] + [f"sender.{s}" for s in sinks]
         return (
-            [self.raw, self.enriched, self.unique]
-            + [self.sink(s) for s in sinks]
-            + [self.dlq(s) for s in stages]
+            [self.name(t) for t in pipeline.event_topics(sinks)]
+            + [self.dlq(s) for s in pipeline.dead_letter_stages(sinks)]
             + [self.tallies, self.receipts]
         )
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from services.registry import SERVICES
+from shared import pipeline
 from shared.cli import main as cli_main
 from shared.config import HifiConfig, Settings
 
@@ -47,8 +48,20 @@ def test_compose_settings_are_settings_the_code_reads():
             continue
         for var in svc["environment"]:
             assert var in known, f"{name}: {var} is not read by shared.config.Settings"
-        ports = {int(svc["environment"]["HIFI_WEB_PORT"])}
-        assert len(ports) == 1
+
+
+def test_compose_services_run_the_stages_of_the_pipeline_definition_on_their_ports():
+    sinks = list(HifiConfig.load(ROOT / "config" / "hifi.yaml").sinks)
+    stages = []
+    for name, svc in load_compose()["services"].items():
+        if svc.get("build") != ".":
+            continue
+        stage, *rest = svc["command"]
+        sink = rest[1] if rest[:1] == ["--sink"] else None
+        spec = pipeline.stage(stage)
+        assert int(svc["environment"]["HIFI_WEB_PORT"]) == spec.port(sinks, sink), name
+        stages.append(stage)
+    assert set(stages) == {s.name for s in pipeline.STAGES}
 
 
 def test_compose_ports_are_unique_and_the_image_entrypoint_is_the_cli():

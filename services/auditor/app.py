@@ -38,7 +38,6 @@ from .ledger import LossLedger, LossReport, SinkSLI, burn_rate
 
 log = logging.getLogger(__name__)
 
-WEB_PORT = 6090
 STATIC = Path(__file__).parent / "static"
 LOOKBACK_S = 3600.0
 
@@ -210,11 +209,10 @@ class Auditor:
 
     async def committed_offsets(self, stage: str) -> dict[TopicPartition, int]:
         """The offsets the stage's consumer group committed, per partition."""
-        group = "hifi-" + stage.replace(".", "-")  # the app id each service's build() gives its group
         admin = AIOKafkaAdminClient(bootstrap_servers=self.ctx.settings.broker, request_timeout_ms=5000)
         await admin.start()
         try:
-            committed = await admin.list_consumer_group_offsets(self.topics.group(group))
+            committed = await admin.list_consumer_group_offsets(self.topics.stage_group(stage))
         finally:
             await admin.close()
         return {tp: meta.offset for tp, meta in committed.items() if meta is not None and meta.offset >= 0}
@@ -227,11 +225,10 @@ class Auditor:
             topic = stage_input(self.topics, stage, list(self.config.sinks))
         except UnknownStage:
             return 0
-        group = "hifi-" + stage.replace(".", "-")  # the app id each service's build() gives its group
         admin = AIOKafkaAdminClient(bootstrap_servers=self.ctx.settings.broker, request_timeout_ms=5000)
         await admin.start()
         try:
-            committed = await admin.list_consumer_group_offsets(self.topics.group(group))
+            committed = await admin.list_consumer_group_offsets(self.topics.stage_group(stage))
             described = await admin.describe_topics([topic])
         finally:
             await admin.close()
@@ -438,7 +435,7 @@ class AuditReader(Service):
 
 
 def build(ctx: ServiceContext) -> Any:
-    app = ctx.create_app("hifi-auditor", WEB_PORT)
+    app = ctx.create_app()
     alerter = Alerter("auditor")
     auditor = Auditor(ctx, alerter)
     app.add_dependency(AuditReader(auditor))

@@ -28,12 +28,17 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-ACCEPTING = ("collector", "canary")
-STAGES = ("enricher", "deduplicator", "router")
+from shared import pipeline
+
+COLLECTOR = pipeline.COLLECTOR.name
+ACCEPTING = (COLLECTOR, "canary")
+HOPS = tuple(s.name for s in pipeline.HOPS)  # each tallies what it read, passed on and dead-lettered
+DEDUPLICATOR, ROUTER = pipeline.DEDUPLICATOR.name, pipeline.ROUTER.name  # they drop duplicates, unrouted events
 DELIVERED = ("delivered", "skipped", "canary_dropped")
 
 
@@ -258,19 +263,16 @@ class LossLedger:
             return []
         c = bucket.counts
         accepted = sum(c[s]["accepted"] for s in ACCEPTING)
-        stage_in = {s: sum(c[s].values()) for s in STAGES}
-        upstream_dlq = c["enricher"]["dlq"] + c["deduplicator"]["dlq"] + c["router"]["dlq"]
+        upstream_dlq = sum(c[s]["dlq"] for s in HOPS)
         found = []
         for sink in self.subscribers(tenant):
-            sender = f"sender.{sink}"
+            sender = pipeline.SENDER.label(sink)
             delivered = sum(c[sender][o] for o in DELIVERED)
-            accounted = delivered + c[sender]["dlq"] + upstream_dlq + c["deduplicator"]["dup"] + c["router"]["unrouted"]
+            accounted = delivered + c[sender]["dlq"] + upstream_dlq + c[DEDUPLICATOR]["dup"] + c[ROUTER]["unrouted"]
             key = (tenant, sink, bucket_start)
-            hops = [
-                ("collector", accepted, "enricher", stage_in["enricher"]),
-                ("enricher", c["enricher"]["out"], "deduplicator", stage_in["deduplicator"]),
-                ("deduplicator", c["deduplicator"]["out"], "router", stage_in["router"]),
-                ("router", c["router"]["out"], sender, sum(c[sender].values())),
+            path = [*HOPS, sender]
+            hops = [(COLLECTOR, accepted, path[0], sum(c[path[0]].values()))] + [
+                (up, c[up]["out"], down, sum(c[down].values())) for up, down in pairwise(path)
             ]
             # Per hop, so copies a replay added at one hop cannot hide events missing at another.
             short = [(up, passed, down, read) for up, passed, down, read in hops if read < passed]

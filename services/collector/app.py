@@ -28,7 +28,6 @@ from shared.web import add_common_views
 
 log = logging.getLogger(__name__)
 
-WEB_PORT = 8080
 JSON_TYPES = ("application/json",)
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 PRODUCE_TIMEOUT_S = 10.0
@@ -219,7 +218,7 @@ def _reject_constant(name: str) -> None:
 
 
 def build(ctx: ServiceContext) -> Any:
-    app = ctx.create_app("hifi-collector", WEB_PORT)
+    app = ctx.create_app()
     collector = Collector(ctx)
     max_body = ctx.config.limits.max_body_bytes
 

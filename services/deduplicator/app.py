@@ -25,8 +25,6 @@ from shared.stage import Output, Record, StageRunner, StepResult
 from shared.tables import TableBrowser, add_table_views
 from shared.web import add_common_views
 
-WEB_PORT = 6068
-
 
 class DedupeWindow:
     def __init__(
@@ -72,7 +70,7 @@ class DedupeWindow:
 
 
 def build(ctx: ServiceContext) -> Any:
-    app = ctx.create_app("hifi-deduplicator", WEB_PORT)
+    app = ctx.create_app()
     conf = ctx.config.dedupe
     window = ctx.key_window("dedupe-window")
     dedupe = DedupeWindow(
@@ -89,7 +87,7 @@ def build(ctx: ServiceContext) -> Any:
         dedupe.handle,
         ctx.metrics,
         ctx.topics.dlq("deduplicator"),
-        source=ctx.topics.enriched,
+        source=ctx.source_topic,
         states=[window],
     )
 

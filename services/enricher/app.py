@@ -17,8 +17,6 @@ from shared.service import ServiceContext
 from shared.stage import Output, Record, StageRunner, StepResult
 from shared.web import add_common_views
 
-WEB_PORT = 6067
-
 
 @lru_cache(maxsize=4096)
 def user_agent_fields(ua: str) -> dict[str, Any]:
@@ -100,7 +98,7 @@ class Enricher:
 
 
 def build(ctx: ServiceContext) -> Any:
-    app = ctx.create_app("hifi-enricher", WEB_PORT)
+    app = ctx.create_app()
     enricher = Enricher(ctx.config, ctx.topics.enriched)
     runner = StageRunner(
         app,
@@ -108,7 +106,7 @@ def build(ctx: ServiceContext) -> Any:
         enricher.handle,
         ctx.metrics,
         ctx.topics.dlq("enricher"),
-        source=ctx.topics.raw,
+        source=ctx.source_topic,
         max_message_bytes=ctx.config.limits.max_event_bytes * 4,  # the collector admits at most max_event_bytes
     )
 

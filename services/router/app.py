@@ -15,8 +15,6 @@ from shared.stage import DeadLetter, Output, Record, StageRunner, StepResult
 from shared.topics import Topics
 from shared.web import add_common_views
 
-WEB_PORT = 6069
-
 
 class Router:
     def __init__(self, config: HifiConfig, topics: Topics, unrouted: Counter) -> None:
@@ -44,12 +42,12 @@ class Router:
 
 
 def build(ctx: ServiceContext) -> Any:
-    app = ctx.create_app("hifi-router", WEB_PORT)
+    app = ctx.create_app()
     unrouted = Counter(
         "hifi_events_unrouted", "Events of tenants with no subscribed sink", ["tenant"], registry=ctx.metrics.registry
     )
     router = Router(ctx.config, ctx.topics, unrouted)
-    runner = StageRunner(app, "router", router.handle, ctx.metrics, ctx.topics.dlq("router"), source=ctx.topics.unique)
+    runner = StageRunner(app, "router", router.handle, ctx.metrics, ctx.topics.dlq("router"), source=ctx.source_topic)
 
     runner.attach(ctx)
 

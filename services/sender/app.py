@@ -27,6 +27,7 @@ from aiokafka.structs import ConsumerRecord
 from mode import Service
 from prometheus_client import Gauge
 
+from shared import pipeline
 from shared.alerts import Alerter, OutageClock
 from shared.audit import receipt
 from shared.errors import (
@@ -52,8 +53,7 @@ from .sinks import SinkSender, Source, make_sink
 
 log = logging.getLogger(__name__)
 
-BASE_WEB_PORT = 6070
-STAGES = ("collector", "enricher", "deduplicator", "router")
+HOPS = tuple(s.name for s in pipeline.HOPS)  # the stamps an event gathers between collector and sender
 
 
 class SinkDelivery:
@@ -119,7 +119,7 @@ class SinkDelivery:
         self.breaker = CircuitBreaker()
         self.throttle = Throttle()
         self.lag = LagWindow()
-        self.stage_lag = {stage: LagWindow() for stage in (*STAGES[1:], "sender")}
+        self.stage_lag = {stage: LagWindow() for stage in (*HOPS, pipeline.SENDER.name)}
         self.skipped = 0
         self.drop_canaries = bool(sink.config.options.get("drop_canaries", False))
         self.circuit_gauge = Gauge(
@@ -584,14 +584,14 @@ class SinkDelivery:
                 lags.append(int(lag))
                 end_to_end.observe(lag / 1000)
             stamps = event.stages
-            previous = stamps.get("collector")
-            for stage in STAGES[1:]:
+            previous = stamps.get(pipeline.COLLECTOR.name)
+            for stage in HOPS:
                 at = stamps.get(stage)
                 if previous is not None and at is not None:
                     stage_lags[stage].append(int(at - previous))
                 previous = at if at is not None else previous
             if previous is not None:
-                stage_lags["sender"].append(int(acked - previous))
+                stage_lags[pipeline.SENDER.name].append(int(acked - previous))
         self.lag.record_many(lags)
         for stage, values in stage_lags.items():
             self.stage_lag[stage].record_many(values)
@@ -694,14 +694,13 @@ def build_sender(ctx: ServiceContext) -> tuple[Any, SinkDelivery, StageRunner]:
     """The sender's app, with its delivery and runner wired together (tests drive the two directly)."""
     assert ctx.sink is not None
     sink_config = ctx.config.sinks[ctx.sink]
-    port = BASE_WEB_PORT + list(ctx.config.sinks).index(ctx.sink)
-    app = ctx.create_app(f"hifi-sender-{ctx.sink}", port)
+    app = ctx.create_app()
     sink = make_sink(
         sink_config, ctx.settings.broker, ctx.settings.redis_url, str(app.conf.id), ctx.config.dedupe.window_s
     )
     dedupe = ctx.config.dedupe
     ledger = ctx.key_window("delivered-ledger")
-    stage = f"sender.{ctx.sink}"
+    stage = ctx.spec.label(ctx.sink)
     delivery = SinkDelivery(
         sink,
         ledger,
@@ -717,7 +716,7 @@ def build_sender(ctx: ServiceContext) -> tuple[Any, SinkDelivery, StageRunner]:
         delivery.handle,
         ctx.metrics,
         ctx.topics.dlq(stage),
-        source=ctx.topics.sink(ctx.sink),
+        source=ctx.source_topic,
         batch_max=sink_config.batch_max,
         states=[ledger],
         # A request in flight at a revocation ends (acked: marked and published; failed: given up) before

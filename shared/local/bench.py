@@ -33,6 +33,7 @@ import aiohttp
 from aiohttp import web
 from hdrh.histogram import HdrHistogram
 
+from shared import pipeline as layout
 from shared.config import HifiConfig, Settings, hash_api_key
 from shared.local.kafka import DEFAULT_HOME, KAFKA_VERSION, LocalKafka
 from shared.local.pipeline import PipelineProcesses
@@ -118,7 +119,7 @@ class SinkTruth:
     def record(self, events: list[dict[str, Any]], now: float) -> None:
         seen = self.seen
         latencies: list[int] = []
-        lags: dict[str, list[int]] = {stage: [] for stage in (*STAGES, "sender")}
+        lags: dict[str, list[int]] = {stage: [] for stage in (*STAGES, layout.SENDER.name)}
         for event in events:
             if event.get("canary"):  # the auditor's, not the client's: counted by the auditor, not here
                 continue
@@ -130,14 +131,14 @@ class SinkTruth:
             latencies.append(int(latency))
             self.on_time += latency <= SLA_MS
             stamps = event.get("stages") or {}
-            previous = stamps.get("collector")
+            previous = stamps.get(layout.COLLECTOR.name)
             for stage in STAGES:
                 at = stamps.get(stage)
                 if previous is not None and at is not None:
                     lags[stage].append(int(at - previous))
                     previous = at
             if previous is not None:
-                lags["sender"].append(int(now - previous))
+                lags[layout.SENDER.name].append(int(now - previous))
         record_counts(self.histogram, latencies, 600_000)  # the sink shares the CPU it measures
         for stage, values in lags.items():
             if values:
@@ -213,7 +214,7 @@ class FileTail(SinkTruth):
             self.record([json.loads(line) for line in complete.split(b"\n")], time.time() * 1000)
 
 
-STAGES = ("enricher", "deduplicator", "router")
+STAGES = tuple(s.name for s in layout.HOPS)  # the stamps an event gathers between collector and sender
 
 
 USER_AGENTS = (
@@ -448,9 +449,9 @@ async def run_once(
     if system == "hifi":
         pipeline.start_all()
     else:
-        pipeline.start("collector")
+        pipeline.start(layout.COLLECTOR.name)
     try:
-        await asyncio.to_thread(pipeline.wait_ready, 120.0, None if system == "hifi" else ["collector"])
+        await asyncio.to_thread(pipeline.wait_ready, 120.0, None if system == "hifi" else [layout.COLLECTOR.name])
     except BaseException:  # one service failed to start: stop the others, or they keep their ports
         await asyncio.to_thread(pipeline.stop_all, 30.0)
         raise

@@ -34,6 +34,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
+from shared import pipeline as layout
 from shared.config import Settings, hash_api_key
 from shared.dlq import DeadLetterQueues
 from shared.local.kafka import KAFKA_VERSION, LocalKafka
@@ -598,7 +599,7 @@ dedupe: {{backend: {self.dedupe_backend}}}
 
         found: dict[str, dict[str, int]] = {}
         topics = self.topics
-        for topic in (topics.raw, topics.enriched, topics.unique, topics.sink("faulted"), topics.sink("healthy")):
+        for topic in (topics.name(t) for t in layout.event_topics(["faulted", "healthy"])):
             consumer = AIOKafkaConsumer(
                 topic, bootstrap_servers=self.kafka.bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
             )
@@ -664,11 +665,15 @@ dedupe: {{backend: {self.dedupe_backend}}}
 
 # -- scenarios ---------------------------------------------------------------------------------------
 
+EVENT_PATH = tuple(s.label() for s in layout.EVENT_PATH)  # collector .. router, in order
+HOPS = tuple(s.label() for s in layout.HOPS)  # the consumer stages before the senders
+FAULTED, HEALTHY = layout.SENDER.label("faulted"), layout.SENDER.label("healthy")  # the run's two sinks
+
 
 async def kill_each_stage(run: ChaosRun) -> None:
     """1. kill -9 each stage in turn mid-stream, then restart it."""
     run.mark_fault(True)
-    for label in ("collector", "enricher", "deduplicator", "router", "sender.faulted"):
+    for label in (*EVENT_PATH, FAULTED):
         await asyncio.sleep(3.0)
         await run.kill_and_restart(label)
     run.mark_fault(False)
@@ -678,7 +683,7 @@ async def kill_restart_single(run: ChaosRun) -> None:
     """17. kill -9 of each consumer stage's single worker, restarted at once by its supervisor (as Kubernetes
     does): with static membership it takes its partitions back without waiting out its old session."""
     run.mark_fault(True)
-    for label in ("enricher", "deduplicator", "router", "sender.healthy"):
+    for label in (*HOPS, HEALTHY):
         await asyncio.sleep(4.0)
         await run.crash(label)
     run.mark_fault(False)
@@ -687,7 +692,7 @@ async def kill_restart_single(run: ChaosRun) -> None:
 async def rolling_deploy_two_workers(run: ChaosRun) -> None:
     """18. two workers per consumer stage, then a rolling deploy of every worker, one at a time (SIGTERM,
     start under the same name, ready), as a StatefulSet rollout with maxUnavailable 1 does."""
-    stages = ("enricher", "deduplicator", "router", "sender.faulted", "sender.healthy")
+    stages = (*HOPS, FAULTED, HEALTHY)
     extras = [run.pipeline.add_worker(label) for label in stages]
     await asyncio.to_thread(run.pipeline.wait_ready, 120.0, extras)
     await asyncio.sleep(3.0)  # the rebalances of the scale-out are not the deploy's
@@ -730,7 +735,7 @@ async def slow_message_then_kill(run: ChaosRun) -> None:
 async def rolling_deploy(run: ChaosRun) -> None:
     """9. a rolling deploy: SIGTERM each stage in turn (it drains and commits), then start it again."""
     run.mark_fault(True)
-    for label in ("collector", "enricher", "deduplicator", "router", "sender.faulted", "sender.healthy"):
+    for label in (*EVENT_PATH, FAULTED, HEALTHY):
         await asyncio.sleep(2.0)
         started = time.monotonic()
         code = await asyncio.to_thread(run.pipeline.stop, label, 30.0)
@@ -808,7 +813,7 @@ async def poison_pills(run: ChaosRun) -> None:
 async def scale_out_and_in(run: ChaosRun) -> None:
     """8. scale each stage from 1 to 2 workers and back during load."""
     run.mark_fault(True)
-    for label in ("enricher", "deduplicator", "router", "sender.faulted"):
+    for label in (*HOPS, FAULTED):
         extra = run.pipeline.add_worker(label)
         await asyncio.to_thread(run.pipeline.wait_ready, 90.0, [extra])
         await asyncio.sleep(4.0)

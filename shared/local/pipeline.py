@@ -14,10 +14,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared import pipeline
 from shared.config import HifiConfig, Settings
 from shared.stage import EXIT_INSTANCE_ID_TAKEN
-
-PIPELINE = ("collector", "enricher", "deduplicator", "router")
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ class ServiceProcess:
 
     @property
     def label(self) -> str:
-        return f"sender.{self.sink}" if self.sink else self.name
+        return pipeline.stage(self.name).label(self.sink)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -86,19 +85,17 @@ class PipelineProcesses:
         self._supervisor: threading.Thread | None = None
         config = HifiConfig.load(self.settings.config_path)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for i, name in enumerate(PIPELINE):
-            self.services[name] = ServiceProcess(name, None, self.port_base + i, self.log_dir / f"{name}.log")
-        if self.auditor:
-            self.services["auditor"] = ServiceProcess("auditor", None, self.port_base + 9, self.log_dir / "auditor.log")
-        for i, sink in enumerate(config.sinks):
-            label = f"sender.{sink}"
-            self.services[label] = ServiceProcess(
-                "sender", sink, self.port_base + 10 + i, self.log_dir / f"{label}.log"
-            )
+        sinks = list(config.sinks)
+        specs = [*pipeline.EVENT_PATH, *([pipeline.AUDITOR] if self.auditor else []), pipeline.SENDER]
+        for spec in specs:
+            for sink in sinks if spec.per_sink else [None]:
+                label = spec.label(sink)
+                port = spec.local_port(self.port_base, sinks, sink)
+                self.services[label] = ServiceProcess(spec.name, sink, port, self.log_dir / f"{label}.log")
 
     @property
     def collector_url(self) -> str:
-        return self.services["collector"].url("/v1/events")
+        return self.services[pipeline.COLLECTOR.name].url("/v1/events")
 
     def data_dir(self, label: str) -> Path:
         """Where worker `label` keeps its RocksDB stores: its own, as each pod has its own volume, and the
@@ -134,7 +131,7 @@ class PipelineProcesses:
             "PYTHONUNBUFFERED": "1",
             **svc.env,
         }
-        cmd = [sys.executable, "-m", "shared.cli", "run", svc.name] + (["--sink", svc.sink] if svc.sink else [])
+        cmd = [sys.executable, "-m", "services.cli", "run", svc.name] + (["--sink", svc.sink] if svc.sink else [])
         with open(svc.log_path, "ab") as log:
             svc.process = subprocess.Popen(
                 cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
@@ -158,7 +155,7 @@ class PipelineProcesses:
         from shared.topics import Topics
 
         svc = self.services[label]
-        return Topics(self.settings.namespace).group(f"hifi-sender-{svc.sink}" if svc.sink else f"hifi-{svc.name}")
+        return Topics(self.settings.namespace).group(pipeline.stage(svc.name).group(svc.sink))
 
     def remove_worker(self, label: str, timeout: float = 30.0) -> int | None:
         """Scale in: stop worker `label` for good and take its static membership out of its group, so its

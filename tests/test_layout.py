@@ -1,0 +1,90 @@
+"""The code's layering: the runtime library (shared/) never imports the app (services/)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imported_modules(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):  # walks function bodies too: a lazy import is still an import
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def test_the_library_never_imports_the_app():
+    sources = sorted((ROOT / "shared").rglob("*.py"))
+    assert len(sources) > 10  # the walk found the library
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in sources
+        for line, module in _imported_modules(path)
+        if module == "services" or module.startswith("services.")
+    ]
+    assert offenders == []
+
+
+def test_the_pipeline_definition_keeps_the_deployed_names():
+    """Groups, topics and ports are what installations already run with: renaming a group drops its offsets."""
+    from shared import pipeline
+    from shared.dlq import stage_input
+    from shared.topics import Topics
+
+    sinks = ["hook", "files"]
+    assert [s.group("hook" if s.per_sink else None) for s in pipeline.STAGES] == [
+        "hifi-collector",
+        "hifi-enricher",
+        "hifi-deduplicator",
+        "hifi-router",
+        "hifi-sender-hook",
+        "hifi-auditor",
+    ]
+    assert [pipeline.stage(n).port(sinks) for n in ("collector", "enricher", "deduplicator", "router", "auditor")] == [
+        8080,
+        6067,
+        6068,
+        6069,
+        6090,
+    ]
+    assert pipeline.SENDER.port(sinks, "files") == 6071
+    topics = Topics("ns")
+    assert topics.stage_group("sender.files") == "ns.hifi-sender-files"
+    assert pipeline.dead_letter_stages(sinks) == ["enricher", "deduplicator", "router", "sender.hook", "sender.files"]
+    assert [stage_input(topics, s, sinks) for s in pipeline.dead_letter_stages(sinks)] == [
+        "ns.hifi.raw",
+        "ns.hifi.enriched",
+        "ns.hifi.unique",
+        "ns.hifi.sink.hook",
+        "ns.hifi.sink.files",
+    ]
+    assert topics.all(sinks) == [
+        f"ns.{t}"
+        for t in (
+            "hifi.raw",
+            "hifi.enriched",
+            "hifi.unique",
+            "hifi.sink.hook",
+            "hifi.sink.files",
+            "hifi.dlq.enricher",
+            "hifi.dlq.deduplicator",
+            "hifi.dlq.router",
+            "hifi.dlq.sender.hook",
+            "hifi.dlq.sender.files",
+            "hifi.audit.tallies",
+            "hifi.audit.receipts",
+        )
+    ]
+
+
+def test_every_registered_service_has_a_place_in_the_pipeline():
+    from services.registry import SERVICES
+    from shared import pipeline
+
+    assert list(SERVICES) == [s.name for s in pipeline.STAGES]
