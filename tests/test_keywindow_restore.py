@@ -4,8 +4,10 @@ cover only what the store applied (issue 14, items 2 and 3). Real broker, real R
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +18,7 @@ from aiokafka.errors import KafkaConnectionError
 from shared.codec import encode_event, pack
 from shared.event import Event
 from shared.keywindow import RocksKeyWindow
+from shared.local.kafka import LocalKafka
 from shared.metrics import StageMetrics
 from shared.publish import Output
 from shared.stage import Record, StageRunner, StepResult
@@ -324,6 +327,33 @@ async def test_a_revocation_during_a_restore_cancels_it_and_nothing_is_handled_t
         await producer.stop()
 
 
+@contextlib.asynccontextmanager
+async def restoring_worker(
+    kafka: LocalKafka, namespace: str, tmp_path: Path, monkeypatch: Any, window_class: type[RocksKeyWindow]
+) -> AsyncIterator[tuple[Worker, list[int]]]:
+    """A started worker whose window restores as `window_class` does, 20 events in its source; the signals
+    it sends itself are recorded instead of delivered to pytest."""
+    import shared.stage
+
+    signals: list[int] = []
+    monkeypatch.setattr(shared.stage.os, "kill", lambda pid, sig: signals.append(sig))
+    source = f"{namespace}.source"
+    await ensure_topics(kafka.bootstrap, [source, f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    worker = Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0)
+    worker.window.__class__ = window_class
+    try:
+        for i in range(20):
+            event = Event(event_id=f"e{i}", type="play", ts=time.time() * 1000, tenant="t", device_id=f"d{i}")
+            await producer.send_and_wait(source, encode_event(event), key=event.partition_key)
+        await worker.runner.start()
+        yield worker, signals
+    finally:
+        await worker.runner.stop()
+        await producer.stop()
+
+
 class BrokenRestoreWindow(RocksKeyWindow):
     async def _restore(self, partitions: list[int], *args: Any) -> None:
         raise OSError("injected: the changelog cannot be read")
@@ -334,28 +364,11 @@ async def test_a_failed_restore_stops_the_worker_instead_of_reading_without_its_
 ):
     """Reading on without the window would pass duplicates: the worker asks itself to stop (SIGTERM,
     recorded here instead of delivered to pytest) and never resumes the partitions."""
-    import shared.stage
-
-    signals: list[int] = []
-    monkeypatch.setattr(shared.stage.os, "kill", lambda pid, sig: signals.append(sig))
-    source = f"{namespace}.source"
-    await ensure_topics(kafka.bootstrap, [source, f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True)
-    await producer.start()
-    worker = Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0)
-    worker.window.__class__ = BrokenRestoreWindow
-    try:
-        for i in range(20):
-            event = Event(event_id=f"e{i}", type="play", ts=time.time() * 1000, tenant="t", device_id=f"d{i}")
-            await producer.send_and_wait(source, encode_event(event), key=event.partition_key)
-        await worker.runner.start()
+    async with restoring_worker(kafka, namespace, tmp_path, monkeypatch, BrokenRestoreWindow) as (worker, signals):
         await wait_for(lambda: signals, 30, "the worker stops itself")
         await asyncio.sleep(2.0)  # would it read anyway?
         assert worker.handled == []
         assert not worker.runner.ready()["joined"]
-    finally:
-        await worker.runner.stop()
-        await producer.stop()
 
 
 async def test_a_catch_up_racing_a_re_assignment_leaves_the_new_store_alone(kafka, namespace, tmp_path):
@@ -402,26 +415,9 @@ async def test_a_restore_that_meets_a_broker_outage_is_retried_not_the_end_of_th
 ):
     """Review finding 7: a transient broker error during the restore SIGTERMed the worker; it is retried
     with backoff, and the partitions are read once restored."""
-    import shared.stage
-
-    signals: list[int] = []
-    monkeypatch.setattr(shared.stage.os, "kill", lambda pid, sig: signals.append(sig))
-    source = f"{namespace}.source"
-    await ensure_topics(kafka.bootstrap, [source, f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True)
-    await producer.start()
-    worker = Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0)
-    worker.window.__class__ = FlakyRestoreWindow
-    try:
-        for i in range(20):
-            event = Event(event_id=f"e{i}", type="play", ts=time.time() * 1000, tenant="t", device_id=f"d{i}")
-            await producer.send_and_wait(source, encode_event(event), key=event.partition_key)
-        await worker.runner.start()
+    async with restoring_worker(kafka, namespace, tmp_path, monkeypatch, FlakyRestoreWindow) as (worker, signals):
         await wait_for(lambda: len(worker.handled) >= 20 or signals, 60, "every event handled")
         assert not signals, "the worker stopped itself at a transient error"
-    finally:
-        await worker.runner.stop()
-        await producer.stop()
 
 
 class FlakyCatchUpWindow(RocksKeyWindow):

@@ -84,6 +84,36 @@ def make_runner(bootstrap: str, group: str, name: str, source: str, handler: Han
     return StageRunner(app, "test", handler, StageMetrics(), f"{source}.dlq", source, **options)
 
 
+def ledgered_sender(
+    bootstrap: str,
+    store: Path,
+    group: str,
+    source: str,
+    sink: Any,
+    changelog: str,
+    receipts: str,
+    partitions: int,
+    name: str,
+    **options: Any,
+) -> StageRunner:
+    """A sender worker with a RocksDB ledger in its own `store`: only the changelog carries marks between workers."""
+    from services.sender.app import SinkDelivery
+    from shared.alerts import Alerter
+    from shared.keywindow import RocksKeyWindow
+
+    ledger = RocksKeyWindow(
+        "ledger",
+        store,
+        changelog_topic=changelog,
+        bootstrap=bootstrap,
+        window_s=3600,
+        partitions=partitions,
+        group=group,
+    )
+    delivery = SinkDelivery(sink, ledger, StageMetrics(), Alerter("sender.hook"), False, receipts_topic=receipts)
+    return make_runner(bootstrap, group, name, source, delivery.handle, batch_max=200, states=[ledger], **options)
+
+
 async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -247,10 +277,6 @@ async def test_sender_revoked_mid_retry_publishes_what_the_sink_acked_and_the_ne
     """A sender whose batch was acked for some partitions and is retried for another loses its partitions:
     the acked part's ledger marks (changelog) and receipts must be published before the handover, so the
     next owner skips it, and the retried part must not be delivered by the old owner afterwards."""
-    from services.sender.app import SinkDelivery
-    from shared.alerts import Alerter
-    from shared.keywindow import RocksKeyWindow
-
     partitions = 4
     source, receipts = f"{namespace}.sink", f"{namespace}.receipts"
     group = f"{namespace}-sender"
@@ -261,27 +287,18 @@ async def test_sender_revoked_mid_retry_publishes_what_the_sink_acked_and_the_ne
     rebalance_timeout_ms = 8_000
 
     def sender(name: str) -> StageRunner:
-        ledger = RocksKeyWindow(
-            "ledger",
-            tmp_path / name,  # each worker its own store: only the changelog carries marks between them
-            changelog_topic=f"{group}.ledger.changelog",
-            bootstrap=kafka.bootstrap,
-            window_s=3600,
-            partitions=partitions,
-            group=group,
-        )
-        metrics = StageMetrics()
-        delivery = SinkDelivery(sink, ledger, metrics, Alerter("sender.hook"), False, receipts_topic=receipts)
-        return make_runner(
+        return ledgered_sender(
             kafka.bootstrap,
+            tmp_path / name,
             group,
-            name,
             source,
-            delivery.handle,
-            batch_max=200,
+            sink,
+            f"{group}.ledger.changelog",
+            receipts,
+            partitions,
+            name,
             backoff=Backoff(0.05, 1.0),
             rebalance_timeout_ms=rebalance_timeout_ms,
-            states=[ledger],
         )
 
     # d0 lives on partition 2, which the first member keeps (round robin over members a, b); the acked
@@ -468,10 +485,6 @@ async def test_a_produce_stalled_across_a_revocation_still_lands_the_delivered_b
     acks=all stall) past the revoke grace. Cancelling it drops the ledger marks and the next owner delivers
     the batch again; only the handler may be cancelled, and the revocation must still end within the
     rebalance timeout."""
-    from services.sender.app import SinkDelivery
-    from shared.alerts import Alerter
-    from shared.keywindow import RocksKeyWindow
-
     partitions = 4
     source, receipts = f"{namespace}.sink", f"{namespace}.receipts"
     group = f"{namespace}-sender"
@@ -496,27 +509,19 @@ async def test_a_produce_stalled_across_a_revocation_still_lands_the_delivered_b
     monkeypatch.setattr(stage_module, "BatchPublisher", StallingPublisher)
 
     def sender(name: str) -> StageRunner:
-        ledger = RocksKeyWindow(
-            "ledger",
-            tmp_path / name,
-            changelog_topic=changelog,
-            bootstrap=kafka.bootstrap,
-            window_s=3600,
-            partitions=partitions,
-            group=group,
-        )
-        delivery = SinkDelivery(sink, ledger, StageMetrics(), Alerter("sender.hook"), False, receipts_topic=receipts)
-        return make_runner(
+        return ledgered_sender(
             kafka.bootstrap,
+            tmp_path / name,
             group,
-            name,
             source,
-            delivery.handle,
-            batch_max=200,
+            sink,
+            changelog,
+            receipts,
+            partitions,
+            name,
             backoff=Backoff(0.05, 1.0),
             rebalance_timeout_ms=rebalance_timeout_ms,
             revoke_grace_s=1.0,
-            states=[ledger],
         )
 
     first = await start(runners, sender("a"))
@@ -596,10 +601,6 @@ async def test_a_revoked_batch_whose_outputs_keep_failing_lands_its_ledger_marks
     the changelog must still be sent, and the acker must move on."""
     from aiokafka.errors import TopicAuthorizationFailedError
 
-    from services.sender.app import SinkDelivery
-    from shared.alerts import Alerter
-    from shared.keywindow import RocksKeyWindow
-
     partitions = 4
     source, receipts = f"{namespace}.sink", f"{namespace}.receipts"
     group = f"{namespace}-sender"
@@ -620,26 +621,18 @@ async def test_a_revoked_batch_whose_outputs_keep_failing_lands_its_ledger_marks
     monkeypatch.setattr(stage_module, "BatchPublisher", RefusingPublisher)
 
     def sender(name: str) -> StageRunner:
-        ledger = RocksKeyWindow(
-            "ledger",
-            tmp_path / name,
-            changelog_topic=changelog,
-            bootstrap=kafka.bootstrap,
-            window_s=3600,
-            partitions=partitions,
-            group=group,
-        )
-        delivery = SinkDelivery(sink, ledger, StageMetrics(), Alerter("sender.hook"), False, receipts_topic=receipts)
-        return make_runner(
+        return ledgered_sender(
             kafka.bootstrap,
+            tmp_path / name,
             group,
-            name,
             source,
-            delivery.handle,
-            batch_max=200,
+            sink,
+            changelog,
+            receipts,
+            partitions,
+            name,
             backoff=Backoff(0.05, 0.5),
             rebalance_timeout_ms=10_000,
-            states=[ledger],
         )
 
     first = await start(runners, sender("a"))
