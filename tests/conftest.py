@@ -28,7 +28,20 @@ TEST_KAFKA_PORT = int(os.environ.get("HIFI_TEST_KAFKA_PORT", "19092"))
 TEST_REDIS_URL = os.environ.get("HIFI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 # Under pytest-xdist (`make test` runs the files on several workers) each worker takes its own block of ports.
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-_ports = itertools.count(int(os.environ.get("HIFI_TEST_PORT_BASE", "18100")) + 4000 * _WORKER, 20)
+# Ports the suite's own brokers hold (clients, then controllers at +1000): test_stale_leader and
+# test_kafka_cluster start three-node clusters at 27092 and 29092. All of them sit below the kernel's
+# ephemeral range (32768 and up), where an outgoing connection can take a port before a broker binds it.
+_RESERVED_PORTS = {port + offset for port in (TEST_KAFKA_PORT, 27092, 29092) for offset in (0, 1, 2, 1000, 1001, 1002)}
+
+
+def _port_blocks(start: int, size: int = 20) -> Iterator[int]:
+    """Blocks of `size` ports from `start`, skipping any block that holds a broker's port."""
+    for base in itertools.count(start, size):
+        if not any(base <= port < base + size for port in _RESERVED_PORTS):
+            yield base
+
+
+_ports = _port_blocks(int(os.environ.get("HIFI_TEST_PORT_BASE", "18100")) + 4000 * _WORKER)
 
 
 # `make test` spreads tests over pytest-xdist workers (--dist loadgroup). Tests that start a three-node

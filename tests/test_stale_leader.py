@@ -29,7 +29,7 @@ from tests.test_stage_runner import FlakySink, make_runner, wait_for
 
 pytestmark = pytest.mark.asyncio
 
-CLUSTER_PORT = int(os.environ.get("HIFI_TEST_CLUSTER_PORT", "39092"))
+CLUSTER_PORT = int(os.environ.get("HIFI_TEST_CLUSTER_PORT", "27092"))
 
 
 @pytest.fixture(scope="module")

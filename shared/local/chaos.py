@@ -1083,7 +1083,7 @@ def main(names: list[str], rate: float, json_out: str | None, doc: str | None = 
     for scenario in chosen:
         kafka = LocalKafka(
             nodes=scenario.nodes,
-            port=int(env("HIFI_CHAOS_CLUSTER_PORT", "39092"))
+            port=int(env("HIFI_CHAOS_CLUSTER_PORT", "25092"))
             if scenario.nodes == 3
             else int(env("HIFI_CHAOS_KAFKA_PORT", "19192")),
             data_root=workroot / f"kafka-{scenario.nodes}n",

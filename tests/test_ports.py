@@ -1,0 +1,37 @@
+"""Fixed ports the tests and chaos bind sit below the kernel's ephemeral range.
+
+A broker port inside that range can be taken by any outgoing connection a moment before the broker
+binds it: CI once failed on "Socket server failed to bind to 127.0.0.1:40092" (a controller port).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+from shared.local import chaos
+from tests import conftest, test_kafka_cluster, test_stale_leader
+
+
+def _ephemeral_floor() -> int:
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    return int(ranges.read_text().split()[0]) if ranges.exists() else 32768
+
+
+def test_fixed_broker_ports_sit_below_the_ephemeral_range():
+    floor = min(_ephemeral_floor(), 32768)
+    chaos_defaults = [int(port) for port in re.findall(r'"HIFI_CHAOS_\w*PORT\w*", "(\d+)"', inspect.getsource(chaos))]
+    assert len(chaos_defaults) >= 3  # the port base, one node, three nodes
+    cluster_ports = [int(port) for port in re.findall(r"port=(\d+)", inspect.getsource(test_kafka_cluster))]
+    clients = [conftest.TEST_KAFKA_PORT, test_stale_leader.CLUSTER_PORT, *cluster_ports, *chaos_defaults]
+    # A broker's controller listens at +1000, and three nodes take three consecutive ports.
+    highest = max(clients) + 1000 + 2
+    assert highest < floor, f"a broker port reaches {highest}, inside the ephemeral range from {floor}"
+
+
+def test_port_blocks_never_hand_out_a_broker_port():
+    blocks = conftest._port_blocks(18100)
+    handed = [next(blocks) for _ in range(400)]
+    assert all(not (base <= port < base + 20) for base in handed for port in conftest._RESERVED_PORTS)
+    assert 19080 not in handed and 19100 in handed  # the block that held 19092 was skipped
