@@ -1,13 +1,16 @@
-"""The `hifi` command line: the broker, the services, the whole pipeline, and test traffic.
+"""The `hifi` command line of the runtime: run a service, create topics, dead letters, key hashes.
 
 `hifi` is `services.cli:main`, which passes the app's registry of services in; this module does not
-know the services, so `run` works only with a registry.
+know the services, so `run` works only with a registry. Development commands (a local broker, the
+whole pipeline, chaos, the bench) come from the `hifi-devtools` distribution through the
+`hifi.commands` entry points, so the runtime image does not carry them.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 from shared.config import Settings, hash_api_key
@@ -15,41 +18,16 @@ from shared.config import Settings, hash_api_key
 if TYPE_CHECKING:
     from shared.service import Registry
 
+COMMAND_PLUGINS = "hifi.commands"
+
 
 def main(argv: list[str] | None = None, services: Registry | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hifi", description="Lossless, low-latency event streams")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    kafka = sub.add_parser("kafka", help="run a real Apache Kafka (KRaft) broker from the Maven jars")
-    kafka.add_argument("action", choices=["start", "stop", "status", "wipe"])
-    kafka.add_argument("--nodes", type=int, choices=[1, 3], default=1)
-    kafka.add_argument("--port", type=int, default=9092)
-    kafka.add_argument("--data-dir", default=None, help="default: .cache/kafka/data-<nodes>n-<port>")
-
     run = sub.add_parser("run", help="run one service in this process")
     run.add_argument("service")
     run.add_argument("--sink", help="for the sender: which sink this process delivers to")
-
-    up = sub.add_parser("up", help="broker, Redis, every service, a demo sink and demo traffic")
-    up.add_argument("--config", default=None, help="default: a generated demo config under var/demo")
-    up.add_argument("--rate", type=float, default=200.0, help="demo events per second (0 = none)")
-    up.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0 = Ctrl-C)")
-
-    send = sub.add_parser("send", help="post events to the collector, from a file or generated")
-    send.add_argument("--url", default="http://127.0.0.1:8080/v1/events")
-    send.add_argument("--api-key", required=True)
-    send.add_argument("--file", help="JSON lines (one event per line) or a JSON list; '-' for stdin")
-    send.add_argument("--count", type=int, default=100, help="generated events (without --file)")
-    send.add_argument("--batch", type=int, default=20)
-    send.add_argument("--rate", type=float, default=0.0, help="events per second (0 = as fast as possible)")
-
-    redis = sub.add_parser("redis", help="start a local redis-server unless one answers; stop the one started")
-    redis.add_argument("action", choices=["start", "stop"])
-    redis.add_argument("--url", default="redis://127.0.0.1:6379/0")
-
-    demo_sink = sub.add_parser("demo-sink", help="a webhook destination that counts what it receives")
-    demo_sink.add_argument("--host", default="0.0.0.0")
-    demo_sink.add_argument("--port", type=int, default=8800)
 
     dlq = sub.add_parser("dlq", help="inspect and replay dead letters (uses HIFI_BROKER, HIFI_CONFIG, ...)")
     dlq.add_argument("action", choices=["list", "show", "replay"])
@@ -57,136 +35,24 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
     dlq.add_argument("--limit", type=int, default=None)
     dlq.add_argument("--rate", type=float, default=100.0, help="replayed letters per second (0 = unlimited)")
 
-    chaos = sub.add_parser("chaos", help="fault scenarios on the real pipeline with ground truth")
-    chaos.add_argument(
-        "scenario",
-        nargs="+",
-        help="scenario names (docs/RELIABILITY.md lists all 18: kill-stages ... rolling-deploy, outage-scale-out, "
-        "outage-rolling-deploy, long-restore, kafka-sink-broker-kill, redis-sink-kill, slow-isr-rebalance, "
-        "sink-4xx-mix, kill-restart-single, rolling-deploy-2), or all",
-    )
-    chaos.add_argument("--rate", type=float, default=200.0, help="events per second of steady load")
-    chaos.add_argument("--json", dest="json_out", help="also write the results to this file")
-    chaos.add_argument("--doc", help="rewrite the results table in this markdown file (docs/RELIABILITY.md)")
-
-    bench = sub.add_parser("bench", help="open-loop benchmark of the whole pipeline (and the raw-relay limit)")
-    bench.add_argument("--rate", type=float, action="append", help="events/s (repeat for several; default 2000)")
-    bench.add_argument(
-        "--step",
-        action="store_true",
-        help="rates 500, 1k, 2k, 5k, 10k, 20k, 50k until one fails, then bisect (--refine)",
-    )
-    bench.add_argument(
-        "--warmup", type=float, default=20.0, help="seconds of unreported load to warm the fresh broker (0: none)"
-    )
-    bench.add_argument(
-        "--refine", type=int, default=2, help="with --step: bisection runs between the last pass and the first fail"
-    )
-    bench.add_argument("--duration", type=float, default=60.0, help="seconds per rate")
-    bench.add_argument("--batch", type=int, default=20, help="events per HTTP request")
-    bench.add_argument(
-        "--system",
-        action="append",
-        choices=["hifi", "raw", "quix"],
-        help="hifi (default), raw (aiokafka relays: the limit), quix (the Quix Streams peer)",
-    )
-    bench.add_argument("--json", dest="json_out", help="write the results to this file")
-    bench.add_argument("--dedupe", choices=["rocksdb", "redis"], default="rocksdb", help="dedupe/ledger backend")
-    bench.add_argument("--doc", help="rewrite the results section of this markdown file (docs/BENCHMARKS.md)")
-    bench.add_argument(
-        "--shape",
-        choices=["production", "minimal"],
-        default="production",
-        help="production: 2 tenants x (webhook + file sink), auditor and canaries, 200 devices, 5 %% re-sends, "
-        "0.5-1 KB events; minimal: 1 tenant, 1 webhook, no auditor",
-    )
-    bench.add_argument("--kafka-port", type=int, default=19292, help="the bench's own broker")
-    bench.add_argument("--redis-url", default="redis://127.0.0.1:6391/0", help="the bench's own Redis")
-    bench.add_argument("--port-base", type=int, default=18700, help="services listen on this port and up (+99)")
-
     sub.add_parser("topics", help="create every topic of the config (idempotent; the Helm chart's pre-install job)")
 
     key = sub.add_parser("hash-key", help="print the hash of an API key, for the config's api_keys")
     key.add_argument("key")
 
+    handlers = _command_plugins(sub)
+
     args = parser.parse_args(argv)
-    if args.command == "kafka":
-        from pathlib import Path
-
-        from shared.local.kafka import LocalKafka
-
-        cluster = LocalKafka(nodes=args.nodes, port=args.port, data_root=Path(args.data_dir) if args.data_dir else None)
-        if args.action == "start":
-            seconds = cluster.start()
-            print(f"kafka {cluster.nodes} node(s) ready at {cluster.bootstrap} in {seconds:.1f}s")
-        elif args.action == "stop":
-            cluster.stop()
-            print("kafka stopped")
-        elif args.action == "wipe":
-            cluster.wipe()
-            print(f"kafka stopped and {cluster.root} removed")
-        else:
-            pids = cluster.running_pids()
-            print(f"kafka at {cluster.bootstrap}: " + (f"running {pids}" if pids else "not running"))
-            sys.exit(0 if len(pids) == cluster.nodes else 1)
+    if args.command in handlers:
+        handlers[args.command](args)
     elif args.command == "run":
         from shared.service import run as run_service
 
         if services is None:
             raise SystemExit("`run` needs the app's services: use `hifi run` or `python -m services.cli run`")
         run_service(services, args.service, Settings.from_env(), args.sink)
-    elif args.command == "up":
-        from shared.local.up import up as run_up
-
-        run_up(args.config, args.rate, args.duration)
-    elif args.command == "send":
-        from shared.local.traffic import send as run_send
-
-        run_send(args.url, args.api_key, args.file, args.count, args.batch, args.rate)
-    elif args.command == "redis":
-        from shared.local.redis import LocalRedis
-
-        server = LocalRedis(url=args.url)
-        if args.action == "start":
-            print(f"redis: {'started' if server.ensure() else 'already answering'} at {server.url}")
-        else:
-            server.stop()
-            print("redis: stopped (if this project had started it)")
-    elif args.command == "demo-sink":
-        from shared.local.webhook import serve_forever
-
-        serve_forever(args.host, args.port)
-    elif args.command == "chaos":
-        from shared.local.chaos import main as run_chaos
-
-        sys.exit(run_chaos(args.scenario, args.rate, args.json_out, args.doc))
     elif args.command == "dlq":
         run_dlq(args)
-    elif args.command == "bench":
-        from shared.local.bench import main as run_bench
-
-        rates = [500, 1000, 2000, 5000, 10000, 20000, 50000] if args.step else (args.rate or [2000.0])
-        try:
-            code = run_bench(
-                rates,
-                args.duration,
-                args.batch,
-                args.system or ["hifi"],
-                args.step,
-                args.json_out,
-                args.doc,
-                args.dedupe,
-                args.refine,
-                args.warmup,
-                args.shape,
-                args.kafka_port,
-                args.redis_url,
-                args.port_base,
-            )
-        except KeyboardInterrupt:
-            print("bench interrupted: its pipeline, broker and Redis are stopped; nothing was written", file=sys.stderr)
-            code = 130
-        sys.exit(code)
     elif args.command == "topics":
         import asyncio
 
@@ -201,6 +67,19 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
         print(f"{len(names)} topics present at {settings.broker}")
     elif args.command == "hash-key":
         print(hash_api_key(args.key))
+
+
+def _command_plugins(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], None]]:
+    """Subcommands other distributions add (the dev tools: `up`, `kafka`, `chaos`, `bench`, ...).
+
+    Each entry point of the group is a function that adds its subparsers and returns their handlers by
+    command name. The runtime image installs none, so its `hifi` has only the commands a pod or an
+    operator runs.
+    """
+    handlers: dict[str, Callable[[argparse.Namespace], None]] = {}
+    for entry in entry_points(group=COMMAND_PLUGINS):
+        handlers.update(entry.load()(sub))
+    return handlers
 
 
 def run_dlq(args: argparse.Namespace) -> None:

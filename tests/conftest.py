@@ -15,9 +15,9 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import settings
 
+from devtools.kafka import DEFAULT_HOME, LocalKafka
+from devtools.redis import LocalRedis
 from shared.config import Settings
-from shared.local.kafka import DEFAULT_HOME, LocalKafka
-from shared.local.redis import LocalRedis
 
 # `make fuzz` runs the property tests with many more examples (HYPOTHESIS_PROFILE=fuzz).
 settings.register_profile("default", deadline=None)
@@ -121,7 +121,7 @@ def settings_for(kafka: LocalKafka, redis_server: LocalRedis, namespace: str, tm
 @pytest.fixture
 def start_pipeline(port_base: int, tmp_path: Path):
     """Start every service of a config as its own process; stop them all (SIGTERM) after the test."""
-    from shared.local.pipeline import PipelineProcesses
+    from devtools.pipeline import PipelineProcesses
 
     started: list[PipelineProcesses] = []
 

@@ -15,9 +15,9 @@ from typing import Any
 import aiohttp
 from aiokafka import AIOKafkaProducer
 
-from shared.local.kafka import LocalKafka
-from shared.local.traffic import EventFactory
-from shared.local.webhook import WebhookReceiver
+from devtools.kafka import LocalKafka
+from devtools.traffic import EventFactory
+from devtools.webhook import WebhookReceiver
 from shared.topics import Topics
 from tests.helpers import SentryReceiver, post, tenant_block, wait_for
 from tests.test_auditor import audit_summary

@@ -13,9 +13,9 @@ from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from hypothesis import given
 from hypothesis import strategies as st
 
+from devtools.traffic import EventFactory
+from devtools.webhook import WebhookReceiver
 from services.auditor.ledger import LossLedger, OffsetRanges
-from shared.local.traffic import EventFactory
-from shared.local.webhook import WebhookReceiver
 from shared.topics import Topics
 from tests.helpers import SentryReceiver, post, tenant_block, wait_for
 

@@ -18,11 +18,11 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from devtools.pipeline import PipelineProcesses
 from shared.app import durable_producer
 from shared.audit import accepted_tally, bucket_of
 from shared.codec import pack
 from shared.event import now_ms
-from shared.local.pipeline import PipelineProcesses
 from shared.topics import Topics
 from tests.helpers import tenant_block, wait_for
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared.local import bench
-from shared.local.bench import (
+from devtools import bench
+from devtools.bench import (
     SHAPES,
     SLA_MS,
     BenchEnv,

@@ -1,4 +1,4 @@
-"""Faults on the real pipeline, with ground truth (see shared/local/chaos.py). `make test` runs these;
+"""Faults on the real pipeline, with ground truth (see devtools/chaos.py). `make test` runs these;
 `make chaos` runs the whole matrix including broker and Redis faults."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from shared.local.chaos import SCENARIOS, Kill, run_scenario
+from devtools.chaos import SCENARIOS, Kill, run_scenario
 
 
 async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0, sink_redis=None):
@@ -95,7 +95,7 @@ async def test_rolling_deploy_drains_and_exits_cleanly(tmp_path, kafka, redis_se
 
 @pytest.mark.chaos
 async def test_a_redis_stream_sink_killed_mid_pipeline_holds_every_event_once(tmp_path, kafka, redis_server, port_base):
-    from shared.local.redis import LocalRedis
+    from devtools.redis import LocalRedis
 
     sink_redis = LocalRedis(
         url=f"redis://127.0.0.1:{port_base + 17}/0", data_dir=tmp_path / "sink-redis", persistent=True
@@ -125,8 +125,8 @@ async def test_two_rocksdb_workers_of_one_stage_on_one_machine_each_keep_their_o
     import asyncio
     import signal
 
-    from shared.local.traffic import EventFactory
-    from shared.local.webhook import WebhookReceiver
+    from devtools.traffic import EventFactory
+    from devtools.webhook import WebhookReceiver
     from tests.helpers import post, tenant_block, wait_for
 
     hook = WebhookReceiver(port=port_base + 19)
@@ -184,7 +184,7 @@ async def test_the_webhook_receiver_refuses_picked_events_and_fails_for_a_stretc
 
     import aiohttp
 
-    from shared.local.webhook import WebhookReceiver, one_in
+    from devtools.webhook import WebhookReceiver, one_in
 
     refuse = one_in(10)
     ids = [f"ev-{i}" for i in range(200)]
@@ -215,7 +215,7 @@ async def test_the_webhook_receiver_refuses_picked_events_and_fails_for_a_stretc
 
 
 async def test_a_redis_stream_sink_is_read_back_in_full_and_only_once(redis_client, redis_server, namespace):
-    from shared.local.chaos import RedisStreamTruth
+    from devtools.chaos import RedisStreamTruth
 
     stream = f"{namespace}:out"
     for i in range(12_000):  # more than one XRANGE page

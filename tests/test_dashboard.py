@@ -17,8 +17,8 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from shared.local.traffic import EventFactory
-from shared.local.webhook import WebhookReceiver
+from devtools.traffic import EventFactory
+from devtools.webhook import WebhookReceiver
 from tests.helpers import post, tenant_block, wait_for
 from tests.test_auditor import audit_summary
 

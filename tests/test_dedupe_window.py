@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from shared.local.traffic import EventFactory
-from shared.local.webhook import WebhookReceiver
+from devtools.traffic import EventFactory
+from devtools.webhook import WebhookReceiver
 from tests.helpers import post, tenant_block, wait_for
 
 WINDOW_S = 3

@@ -10,9 +10,9 @@ import sys
 
 import aiohttp
 
+from devtools.traffic import EventFactory
+from devtools.webhook import WebhookReceiver
 from shared.dlq import DeadLetterQueues
-from shared.local.traffic import EventFactory
-from shared.local.webhook import WebhookReceiver
 from shared.topics import Topics
 from tests.helpers import post, tenant_block, wait_for
 

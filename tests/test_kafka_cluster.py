@@ -8,7 +8,7 @@ import asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from shared.local.kafka import LocalKafka
+from devtools.kafka import LocalKafka
 from shared.topics import ensure_topics
 
 

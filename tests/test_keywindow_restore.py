@@ -15,10 +15,10 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
+from devtools.kafka import LocalKafka
 from shared.codec import encode_event, pack
 from shared.event import Event
 from shared.keywindow import RocksKeyWindow
-from shared.local.kafka import LocalKafka
 from shared.metrics import StageMetrics
 from shared.publish import Output
 from shared.stage import Record, StageRunner, StepResult

@@ -1,8 +1,11 @@
-"""The code's layering: the runtime library (shared/) never imports the app (services/)."""
+"""The code's layering: the library (shared/) never imports the app (services/); neither imports the dev tools."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +32,53 @@ def test_the_library_never_imports_the_app():
         if module == "services" or module.startswith("services.")
     ]
     assert offenders == []
+
+
+def test_the_runtime_never_imports_the_dev_tools():
+    sources = sorted((ROOT / "shared").rglob("*.py")) + sorted((ROOT / "services").rglob("*.py"))
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in sources
+        for line, module in _imported_modules(path)
+        if module == "devtools" or module.startswith("devtools.")
+    ]
+    assert offenders == []
+
+
+def test_the_runtime_wheel_carries_no_dev_tools(tmp_path):
+    """The image installs this wheel: the dev tools (a local broker, chaos, bench) stay out of it."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("hifi-*.whl")
+    top_level = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {"shared", "services"} <= top_level
+    assert "devtools" not in top_level and "tests" not in top_level
+
+
+def test_the_dev_commands_reach_hifi_through_the_entry_point():
+    """`hifi up`, `hifi kafka` ... come from the hifi-devtools distribution, not from the runtime's parser."""
+    from importlib.metadata import entry_points
+
+    from shared.cli import COMMAND_PLUGINS
+
+    (entry,) = entry_points(group=COMMAND_PLUGINS)
+    assert entry.value == "devtools.cli:register" and entry.dist is not None and entry.dist.name == "hifi-devtools"
+    runtime_cli = (ROOT / "shared" / "cli.py").read_text()
+    assert 'add_parser("kafka"' not in runtime_cli and 'add_parser("up"' not in runtime_cli
 
 
 def test_the_pipeline_definition_keeps_the_deployed_names():

@@ -10,8 +10,8 @@ import msgpack
 from mmdb_writer import MMDBWriter
 from netaddr import IPSet
 
-from shared.local.traffic import EventFactory
-from shared.local.webhook import WebhookReceiver
+from devtools.traffic import EventFactory
+from devtools.webhook import WebhookReceiver
 from tests.helpers import (
     post,
     read_file_sink,

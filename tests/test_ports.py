@@ -10,7 +10,7 @@ import inspect
 import re
 from pathlib import Path
 
-from shared.local import chaos
+from devtools import chaos
 from tests import conftest, test_kafka_cluster, test_stale_leader
 
 

@@ -11,8 +11,8 @@ from aiokafka.errors import ProducerClosed
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import RecordMetadata
 
+from devtools.kafka import LocalKafka
 from shared.app import durable_producer
-from shared.local.kafka import LocalKafka
 from shared.publish import BatchPublisher, Output, retire
 from shared.topics import ensure_topics
 

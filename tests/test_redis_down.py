@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
-from shared.local.redis import LocalRedis
-from shared.local.traffic import EventFactory
-from shared.local.webhook import WebhookReceiver
+from devtools.redis import LocalRedis
+from devtools.traffic import EventFactory
+from devtools.webhook import WebhookReceiver
 from tests.helpers import SentryReceiver, post, tenant_block, wait_for
 
 

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from devtools.pipeline import PipelineProcesses, RestartPolicy
 from shared.config import Settings
-from shared.local.pipeline import PipelineProcesses, RestartPolicy
 from shared.stage import EXIT_INSTANCE_ID_TAKEN
 from tests.helpers import tenant_block
 

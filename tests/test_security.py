@@ -11,9 +11,9 @@ import time
 
 import aiohttp
 
+from devtools.traffic import EventFactory
+from devtools.webhook import WebhookReceiver
 from shared.config import RateLimit, Settings, hash_api_key
-from shared.local.traffic import EventFactory
-from shared.local.webhook import WebhookReceiver
 from shared.ratelimit import TenantRateLimiter
 from shared.sentry import scrub
 from tests.helpers import post, tenant_block, wait_for

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
+from devtools.kafka import LocalKafka
+from devtools.redis import LocalRedis
 from services.sender.app import SinkDelivery
 from services.sender.sinks import KafkaSink
 from shared.alerts import Alerter
 from shared.config import SinkConfig
 from shared.keywindow import RedisKeyWindow
-from shared.local.kafka import LocalKafka
-from shared.local.redis import LocalRedis
 from shared.metrics import StageMetrics
 from shared.retry import Backoff
 from tests.test_sink_exactly_once import committed_offset, read_committed

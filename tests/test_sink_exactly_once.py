@@ -18,6 +18,9 @@ from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 from aiokafka.structs import ConsumerRecord
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from devtools.kafka import LocalKafka
+from devtools.redis import LocalRedis
+from devtools.traffic import EventFactory
 from services.sender.app import SinkDelivery
 from services.sender.breaker import CircuitBreaker
 from services.sender.sinks import KafkaSink, RedisStreamSink, Source, WebhookSink
@@ -27,9 +30,6 @@ from shared.dlq import DeadLetterQueues
 from shared.errors import ConfigError, PermanentSinkError, SinkMisconfigured, TransientError
 from shared.event import Event
 from shared.keywindow import RedisKeyWindow
-from shared.local.kafka import LocalKafka
-from shared.local.redis import LocalRedis
-from shared.local.traffic import EventFactory
 from shared.metrics import StageMetrics
 from shared.stage import Record, StepResult
 from shared.topics import Topics, ensure_topics

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
+from devtools.webhook import WebhookReceiver
 from services.sender.sinks import FileSink, KafkaSink, RedisStreamSink, WebhookSink
 from shared.config import SinkConfig
 from shared.errors import PermanentSinkError, SinkMisconfigured, TransientError
 from shared.event import Event
-from shared.local.webhook import WebhookReceiver
 from tests.helpers import read_file_sink, read_kafka_topic, read_redis_stream
 
 

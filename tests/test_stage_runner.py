@@ -21,11 +21,11 @@ from aiokafka.errors import KafkaConnectionError, UnknownError
 from yarl import URL
 
 import shared.stage as stage_module
+from devtools.kafka import LocalKafka
 from shared.codec import encode_event, unpack
 from shared.config import SinkConfig
 from shared.errors import TransientError
 from shared.event import Event
-from shared.local.kafka import LocalKafka
 from shared.metrics import StageMetrics
 from shared.publish import BatchPublisher
 from shared.retry import Backoff

@@ -21,9 +21,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.protocol.admin import AlterPartitionReassignmentsRequest
 
+from devtools.kafka import DEFAULT_HOME, LocalKafka
 from shared.codec import encode_event
 from shared.event import Event
-from shared.local.kafka import DEFAULT_HOME, LocalKafka
 from shared.stage import StageRunner
 from tests.test_stage_runner import FlakySink, make_runner, wait_for
 

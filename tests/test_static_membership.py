@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shared.local.kafka import LocalKafka
+from devtools.kafka import LocalKafka
 from shared.membership import MemberRemovalFailed, remove_static_members
 from shared.stage import StageRunner
 from tests.test_stage_runner import FlakySink, create_topic, make_runner, produce_events, runners, start, wait_for

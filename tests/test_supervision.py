@@ -10,10 +10,10 @@ import urllib.request
 from collections import Counter
 from typing import Any
 
-from shared.local.pipeline import PipelineProcesses
-from shared.local.traffic import EventFactory
-from shared.local.up import status_line
-from shared.local.webhook import WebhookReceiver
+from devtools.pipeline import PipelineProcesses
+from devtools.traffic import EventFactory
+from devtools.up import status_line
+from devtools.webhook import WebhookReceiver
 from tests.helpers import post, tenant_block, wait_for
 
 

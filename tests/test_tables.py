@@ -9,8 +9,8 @@ from typing import Any
 import aiohttp
 from aiokafka.partitioner import murmur2
 
-from shared.local.traffic import EventFactory
-from shared.local.webhook import WebhookReceiver
+from devtools.traffic import EventFactory
+from devtools.webhook import WebhookReceiver
 from tests.helpers import post, tenant_block, wait_for
 
 

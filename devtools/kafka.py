@@ -19,7 +19,7 @@ from pathlib import Path
 
 from shared.errors import HifiError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 POM = REPO_ROOT / "dev" / "kafka" / "pom.xml"
 DEFAULT_HOME = REPO_ROOT / ".cache" / "kafka"
 KAFKA_VERSION = "4.4.0"

@@ -33,11 +33,11 @@ import aiohttp
 from aiohttp import web
 from hdrh.histogram import HdrHistogram
 
+from devtools.kafka import DEFAULT_HOME, KAFKA_VERSION, LocalKafka
+from devtools.pipeline import PipelineProcesses
+from devtools.redis import LocalRedis
 from shared import pipeline as layout
 from shared.config import HifiConfig, Settings, hash_api_key
-from shared.local.kafka import DEFAULT_HOME, KAFKA_VERSION, LocalKafka
-from shared.local.pipeline import PipelineProcesses
-from shared.local.redis import LocalRedis
 from shared.metrics import record_counts
 
 API_KEY = "bench-key"
@@ -331,59 +331,6 @@ async def open_loop(
     return Load(accepted, offered + resent, resent, len(accepted) / elapsed if elapsed else 0.0)
 
 
-RELAY = """
-import asyncio, json, os, signal, sys, aiohttp
-from aiokafka import AIOKafkaConsumer
-from shared.app import durable_producer  # the stages' producer settings, and below their batching
-from shared.publish import BatchPublisher, Output
-async def main(source, target, group, bootstrap):
-    # target: an http(s) URL (POST the batch), file:PATH (append JSON lines, fsync), or topics, comma-separated
-    consumer = AIOKafkaConsumer(source, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
-                                auto_offset_reset="earliest", fetch_max_wait_ms=10, max_poll_records=500)
-    await consumer.start()
-    producer = session = path = None
-    if target.startswith("http"):
-        session = aiohttp.ClientSession()
-    elif target.startswith("file:"):
-        path = target[5:]
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    else:
-        producer = durable_producer(bootstrap)
-        await producer.start()
-        publisher = BatchPublisher(producer)
-        topics = target.split(",")
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    import msgpack
-    def append(data):
-        with open(path, "ab") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    while not stop.is_set():
-        batch = await consumer.getmany(timeout_ms=100, max_records=500)
-        records = [r for rs in batch.values() for r in rs]
-        if not records:
-            continue
-        if session is not None:
-            events = [msgpack.unpackb(r.value) for r in records]
-            async with session.post(target, json={"events": events}) as resp:
-                await resp.read()
-        elif path is not None:
-            lines = "".join(json.dumps(msgpack.unpackb(r.value), separators=(",", ":")) + "\\n" for r in records)
-            await asyncio.to_thread(append, lines.encode())
-        else:
-            outputs = [Output(topic, r.key, r.value) for topic in topics for r in records]
-            published = await publisher.publish(outputs)
-            await asyncio.gather(*published.futures)
-        await consumer.commit()
-    await consumer.stop()
-    if producer: await producer.stop()
-    if session: await session.close()
-asyncio.run(main(*sys.argv[1:5]))
-"""
-
-
 @dataclass
 class BenchEnv:
     kafka: LocalKafka
@@ -670,7 +617,9 @@ def spawn_quix(
 
 
 def spawn_relay(source: str, target: str, group: str, bootstrap: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", RELAY, source, target, group, bootstrap], stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "devtools.relay", source, target, group, bootstrap], stdin=subprocess.DEVNULL
+    )
 
 
 def _redis_pid(redis: LocalRedis) -> int | None:

@@ -11,12 +11,12 @@ from typing import Any
 
 import aiohttp
 
+from devtools.kafka import REPO_ROOT, LocalKafka
+from devtools.pipeline import PipelineProcesses
+from devtools.redis import LocalRedis
+from devtools.traffic import EventFactory, post_batch
+from devtools.webhook import WebhookReceiver
 from shared.config import Settings, hash_api_key
-from shared.local.kafka import REPO_ROOT, LocalKafka
-from shared.local.pipeline import PipelineProcesses
-from shared.local.redis import LocalRedis
-from shared.local.traffic import EventFactory, post_batch
-from shared.local.webhook import WebhookReceiver
 
 DEMO_DIR = REPO_ROOT / "var" / "demo"
 DEMO_KEYS = {"acme": "demo-key-acme", "globex": "demo-key-globex"}

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from devtools.kafka import REPO_ROOT
 from shared.errors import HifiError
-from shared.local.kafka import REPO_ROOT
 
 
 class RedisLaunchError(HifiError):

@@ -34,14 +34,14 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
+from devtools.kafka import KAFKA_VERSION, LocalKafka
+from devtools.pipeline import PipelineProcesses
+from devtools.redis import LocalRedis
+from devtools.traffic import EventFactory
+from devtools.webhook import WebhookReceiver, one_in
 from shared import pipeline as layout
 from shared.config import Settings, hash_api_key
 from shared.dlq import DeadLetterQueues
-from shared.local.kafka import KAFKA_VERSION, LocalKafka
-from shared.local.pipeline import PipelineProcesses
-from shared.local.redis import LocalRedis
-from shared.local.traffic import EventFactory
-from shared.local.webhook import WebhookReceiver, one_in
 from shared.topics import Topics
 
 API_KEY = "chaos-key"
@@ -1067,7 +1067,7 @@ def write_doc(doc: Path, table: str, command: str) -> None:
 
 
 def main(names: list[str], rate: float, json_out: str | None, doc: str | None = None) -> int:
-    from shared.local.kafka import DEFAULT_HOME
+    from devtools.kafka import DEFAULT_HOME
 
     chosen = list(SCENARIOS.values()) if names == ["all"] else []
     for name in names if names != ["all"] else []:
