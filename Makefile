@@ -3,13 +3,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 KAFKA_JAR := .cache/kafka/libs/kafka_2.13-4.4.0.jar
 
-.PHONY: run test lint format fuzz chaos bench clean system-deps install jars
+.PHONY: run test quick lint format fuzz chaos bench clean system-deps install jars
 
 run: install jars
 	$(BIN)/hifi up
 
 test: install jars
 	dev/test.sh -q -n 2 --dist loadgroup
+
+# The inner loop: everything but the multi-process suites (make test runs those too).
+quick: install jars
+	dev/test.sh -q -n 2 --dist loadgroup -m "not slow and not chaos"
 
 lint: install
 	$(BIN)/ruff check .

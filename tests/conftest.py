@@ -49,11 +49,26 @@ _ports = _port_blocks(int(os.environ.get("HIFI_TEST_PORT_BASE", "18100")) + 4000
 XDIST_GROUPS = {"test_kafka_cluster.py": "three-node-cluster", "test_stale_leader.py": "three-node-cluster"}
 
 
+# The multi-process suites: whole pipelines of processes, three-node clusters, the bench, a browser.
+# `make test` runs them; `make quick` (pytest -m "not slow and not chaos") is the inner loop without them.
+SLOW_FILES = {
+    "test_bench.py",
+    "test_chaos.py",
+    "test_dashboard.py",
+    "test_kafka_cluster.py",
+    "test_stale_leader.py",
+    "test_supervision.py",
+    "test_restart_policy.py",
+}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         group = XDIST_GROUPS.get(item.path.name)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+        if item.path.name in SLOW_FILES or "start_pipeline" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

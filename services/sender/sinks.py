@@ -514,11 +514,16 @@ class FileSink:
             os.replace(self.current, self.dir / f"events-{seq:08d}-{stamp}.jsonl")
 
     async def probe(self) -> None:
-        if not await asyncio.to_thread(os.access, self.dir, os.W_OK):
-            raise TransientError(f"file sink {self.config.name} probe: {self.dir} is not writable")
+        # As root, os.access says a plain file is writable: the directory must also still be one.
+        if not await asyncio.to_thread(_writable_dir, self.dir):
+            raise TransientError(f"file sink {self.config.name} probe: {self.dir} is not a writable directory")
 
     async def close(self) -> None:
         pass
+
+
+def _writable_dir(path: Path) -> bool:
+    return path.is_dir() and os.access(path, os.W_OK)
 
 
 def make_sink(
