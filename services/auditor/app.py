@@ -359,6 +359,7 @@ class Auditor:
             ],
             "overdue": [r.to_json() for r in ledger.reports.values() if r.status == "overdue"],
             "lost_by_stage": ledger.lost_by_stage(),
+            "filtered": ledger.filtered(),
             "surplus": sum(ledger.surplus.values()),
             "offset_gaps": sorted(self.offset_gaps.values(), key=lambda g: (g["stage"], g["topic"], g["first"])),
             "stage_totals": {stage: dict(outcomes) for stage, outcomes in sorted(ledger.totals.items())},
