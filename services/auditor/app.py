@@ -358,6 +358,7 @@ class Auditor:
                 r.to_json() for r in sorted(ledger.reports.values(), key=lambda r: r.bucket) if r.status == "lost"
             ],
             "overdue": [r.to_json() for r in ledger.reports.values() if r.status == "overdue"],
+            "unconfirmed": [r.to_json() for r in ledger.pending() if r.status == "unconfirmed"],
             "lost_by_stage": ledger.lost_by_stage(),
             "filtered": ledger.filtered(),
             "surplus": sum(ledger.surplus.values()),
