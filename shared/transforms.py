@@ -28,6 +28,8 @@ IDENTIFIERS = ("device_id", "session_id")  # top-level fields a transform may ha
 OPS = ("rename", "drop", "keep", "add", "hash", "mask_ip", "mask_email")
 
 Path = tuple[str, ...]
+V4_MASK = (1 << 32) - (1 << 8)  # keeps the /24
+V6_MASK = (1 << 128) - (1 << 80)  # keeps the /48
 
 
 class Secrets:
@@ -68,8 +70,9 @@ def mask_ip(value: Any) -> str | None:
         return None
     if address.version == 6 and address.ipv4_mapped is not None:  # its /48 would be `::`, telling nothing
         address = address.ipv4_mapped
-    prefix = 24 if address.version == 4 else 48
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
+    if address.version == 4:  # masking the integer is a quarter of the cost of building an ip_network
+        return str(ipaddress.IPv4Address(int(address) & V4_MASK))
+    return str(ipaddress.IPv6Address(int(address) & V6_MASK))
 
 
 def mask_email(value: Any) -> str | None:
