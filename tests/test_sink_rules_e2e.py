@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import os
+import subprocess
+import sys
 import time
 import urllib.request
 from collections import Counter
@@ -157,3 +160,20 @@ audit: {{bucket_s: 2, settle_s: 3, canary_interval_s: 0, dlq_check_s: 1}}
         await asyncio.to_thread(pipeline.stop_all)
         await analytics.stop()
         await crm.stop()
+
+
+def test_the_router_refuses_to_start_without_a_tenants_hashing_secret(tmp_path, settings_for, monkeypatch):
+    monkeypatch.delenv("HIFI_TEST_PII_ACME", raising=False)
+    config = tmp_path / "hifi.yaml"
+    config.write_text(
+        "tenants:\n"
+        + tenant_block("acme", KEYS["acme"], ["analytics"])
+        + "    pii_secret_env: HIFI_TEST_PII_ACME\n"
+        + 'sinks:\n  analytics: {type: webhook, url: "http://127.0.0.1:9/in", transform: [{hash: payload.email}]}\n'
+    )
+    env = {**os.environ, **settings_for(config).as_env()}
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "run", "router"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert "config: tenants.acme.pii_secret_env: environment variable HIFI_TEST_PII_ACME is not set" in done.stderr

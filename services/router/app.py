@@ -71,6 +71,10 @@ class Router:
 
 
 def build(ctx: ServiceContext) -> Any:
+    config = ctx.config
+    hashing = {t.name for t in config.tenants.values() if any(config.sinks[s].rules.transform.hashes for s in t.sinks)}
+    secret_envs = {t.name: t.pii_secret_env for t in config.tenants.values() if t.pii_secret_env}
+    secrets = Secrets.from_env(secret_envs, os.environ, hashing)  # a missing secret stops the router at start
     app = ctx.create_app()
     unrouted = Counter(
         "hifi_events_unrouted", "Events of tenants with no subscribed sink", ["tenant"], registry=ctx.metrics.registry
@@ -81,10 +85,6 @@ def build(ctx: ServiceContext) -> Any:
         ["sink", "tenant", "type", "reason"],
         registry=ctx.metrics.registry,
     )
-    config = ctx.config
-    hashing = {t.name for t in config.tenants.values() if any(config.sinks[s].rules.transform.hashes for s in t.sinks)}
-    secret_envs = {t.name: t.pii_secret_env for t in config.tenants.values() if t.pii_secret_env}
-    secrets = Secrets.from_env(secret_envs, os.environ, hashing)  # a missing secret stops the router at start
     router = Router(config, ctx.topics, unrouted, filtered, secrets)
     runner = StageRunner(app, "router", router.handle, ctx.metrics, ctx.topics.dlq("router"), source=ctx.source_topic)
 
