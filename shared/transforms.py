@@ -155,10 +155,13 @@ def _replace(paths: list[Path], fn: Callable[[Any], Any] | None) -> Step:
 def _keep(paths: list[Path]) -> Step:
     tree: dict[str, Any] = {}
     for path in paths:
-        node = tree
+        node: Any = tree
         for name in path[:-1]:
             node = node.setdefault(name, {})
-        node[path[-1]] = True  # the whole field
+            if node is True:  # an ancestor is kept whole (payload.user covers payload.user.id)
+                break
+        else:
+            node[path[-1]] = True  # the whole field, whatever narrower paths said
 
     def prune(value: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
         out = {}
@@ -372,10 +375,10 @@ class SinkRules:
 
     filter: Filter = field(default_factory=Filter)
     transform: Transform = field(default_factory=Transform)
+    filters: bool = field(init=False)  # any filter or consent rule: computed once, read per event
 
-    @property
-    def filters(self) -> bool:
-        return self.filter != Filter()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "filters", self.filter != Filter())
 
     @classmethod
     def parse(cls, spec: dict[str, Any], where: str, tenants: set[str]) -> SinkRules:

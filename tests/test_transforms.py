@@ -8,12 +8,14 @@ import hmac
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.auditor.ledger import LossLedger
 from shared.audit import filtered_outcome
 from shared.config import HifiConfig, hash_api_key
 from shared.errors import ConfigError, InvalidEvent
-from shared.event import EventValidator, Limits
+from shared.event import Event, EventValidator, Limits
 from shared.transforms import Secrets, SinkRules, mask_email, mask_ip, parse_transform
 
 KEY = b"tenant-secret"
@@ -62,6 +64,8 @@ def test_keep_leaves_only_the_named_fields_in_every_section():
     assert out["context"] == {}
     assert out["enrichment"] == {"geo": {"country": "NL"}}
     assert (out["event_id"], out["tenant"], out["type"], out["device_id"]) == ("e1", "acme", "play", "dev-1")
+    both_orders = [["payload.user", "payload.user.id"], ["payload.user.id", "payload.user"]]
+    assert [apply([{"keep": paths}])["payload"] for paths in both_orders] == [{"user": {"id": 7, "name": "Al"}}] * 2
 
 
 def test_add_sets_constants():
@@ -233,3 +237,36 @@ def test_ledger_counts_filtered_per_sink_never_as_lost():
     assert [(r.sink, r.lost) for r in reports] == [("files", 1)], "files expected 9 (1 filtered) and got 8"
     assert reports[0].detail == "router passed on 9, sender.files read 8"
     assert ledger.filtered() == {"hook": {"acme": 4}, "files": {"acme": 1}}
+
+
+FIELDS = st.sampled_from(
+    [
+        "payload.email",
+        "payload.user.id",
+        "payload.user",
+        "payload.new.deep",
+        "context.ip",
+        "enrichment.geo",
+        "device_id",
+    ]
+)
+SECTION_FIELDS = FIELDS.filter(lambda f: f != "device_id")
+STEPS = st.one_of(
+    st.builds(lambda a, b: {"rename": {a: b}}, SECTION_FIELDS, SECTION_FIELDS),
+    st.builds(lambda fs: {"drop": fs}, st.lists(FIELDS, min_size=1, max_size=3)),
+    st.builds(lambda fs: {"keep": fs}, st.lists(SECTION_FIELDS, min_size=1, max_size=3)),
+    st.builds(lambda f: {"add": {f: "const"}}, SECTION_FIELDS),
+    st.builds(lambda fs: {"hash": fs}, st.lists(FIELDS, min_size=1, max_size=3)),
+    st.builds(lambda fs: {"mask_ip": fs}, st.lists(FIELDS, min_size=1, max_size=3)),
+    st.builds(lambda fs: {"mask_email": fs}, st.lists(FIELDS, min_size=1, max_size=3)),
+)
+
+
+@given(st.lists(STEPS, min_size=1, max_size=6))
+def test_any_transform_keeps_the_keyed_fields_and_the_input_and_stays_a_valid_event(steps: list[dict[str, Any]]):
+    out = apply(steps)  # also asserts the input is unchanged
+    keyed = ("event_id", "tenant", "type", "ts", "ingest_ts", "stages")
+    assert {k: out[k] for k in keyed} == {k: wire()[k] for k in keyed}
+    event = Event.from_wire(out)
+    assert event.dedupe_key == "acme:e1"
+    assert apply(steps) == out, "deterministic: a replayed batch writes the same fields"
