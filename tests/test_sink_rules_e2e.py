@@ -14,7 +14,11 @@ import urllib.request
 from collections import Counter
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer
+
+from shared.codec import unpack
 from shared.local.webhook import WebhookReceiver
+from shared.topics import Topics
 from tests.helpers import post, tenant_block, wait_for
 from tests.test_auditor import audit_summary
 
@@ -48,13 +52,28 @@ def mac(tenant: str, value: str) -> str:
     return hmac.new(SECRETS[tenant].encode(), value.encode(), hashlib.sha256).hexdigest()
 
 
+async def read_sink_topic(bootstrap: str, topic: str, expect: int) -> list[dict[str, Any]]:
+    """What the router wrote to a sink's topic (msgpack events), once `expect` records are in."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    await consumer.start()
+    out: list[dict[str, Any]] = []
+    try:
+        deadline = time.monotonic() + 30
+        while len(out) < expect and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                out.extend(unpack(r.value) for r in records)
+    finally:
+        await consumer.stop()
+    return out
+
+
 def router_metrics(pipeline: Any) -> str:
     with urllib.request.urlopen(pipeline.services["router"].url("/metrics"), timeout=5) as resp:
         return resp.read().decode()
 
 
 async def test_each_sink_gets_what_its_filter_and_consent_let_through_transformed(
-    tmp_path, namespace, port_base, settings_for, start_pipeline, monkeypatch
+    tmp_path, namespace, port_base, settings_for, start_pipeline, monkeypatch, kafka
 ):
     analytics = WebhookReceiver(port=port_base + 19)
     crm = WebhookReceiver(port=port_base + 18)
@@ -152,6 +171,13 @@ audit: {{bucket_s: 2, settle_s: 3, canary_interval_s: 0, dlq_check_s: 1}}
             assert out["payload"] == {"email": "u***@example.com", "tier": "gold"}, out
             assert "context" not in out and out["device_id"] == f"device-{i % 5}"
             assert out["consent"] == list(CONSENTS[i % 4])
+
+        # What a sink may not see never entered its topic (nor, so, its sender or dead letters).
+        for sink in want:
+            topic = Topics(namespace).sink(sink)
+            in_topic = await read_sink_topic(kafka.bootstrap, topic, len(want[sink]))
+            assert {(r["tenant"], r["event_id"]) for r in in_topic} == want[sink]
+            assert not any("@example.com" in str(r) and "***@" not in str(r) for r in in_topic), sink
 
         metrics = "\n".join(line for line in router_metrics(pipeline).splitlines() if "filtered" in line)
         assert 'hifi_events_filtered_total{reason="consent",sink="crm",tenant="acme",type="play"}' in metrics, metrics
