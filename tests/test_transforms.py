@@ -270,3 +270,47 @@ def test_any_transform_keeps_the_keyed_fields_and_the_input_and_stays_a_valid_ev
     event = Event.from_wire(out)
     assert event.dedupe_key == "acme:e1"
     assert apply(steps) == out, "deterministic: a replayed batch writes the same fields"
+
+
+# -- the router's fan-out ------------------------------------------------------------------------
+
+
+async def test_the_router_filters_per_sink_lets_canaries_through_and_bounds_type_labels(monkeypatch):
+    from prometheus_client import CollectorRegistry, Counter
+
+    from services.router import app as router_app
+    from shared.codec import unpack
+    from shared.stage import Record
+    from shared.topics import Topics
+
+    monkeypatch.setattr(router_app, "MAX_TYPE_LABELS", 2)
+    config = HifiConfig.parse(
+        {
+            "tenants": {"acme": {"api_keys": [hash_api_key("k")], "sinks": ["all", "plays"], "pii_secret_env": "X"}},
+            "sinks": {
+                "all": {"type": "webhook", "url": "http://x/in"},
+                "plays": {
+                    "type": "webhook",
+                    "url": "http://x/in",
+                    "filter": {"types": ["play"]},
+                    "transform": [{"hash": "device_id"}],
+                },
+            },
+        }
+    )
+    registry = CollectorRegistry()
+    filtered = Counter("f", "", ["sink", "tenant", "type", "reason"], registry=registry)
+    unrouted = Counter("u", "", ["tenant"], registry=registry)
+    router = router_app.Router(config, Topics(""), unrouted, filtered, Secrets({"acme": KEY}))
+    types = ["play", "seek", "pause", "skip", "play"]
+    events = [Event.from_wire(wire(event_id=f"e{i}", type=t)) for i, t in enumerate(types)]
+    events.append(Event.from_wire(wire(event_id="canary-1", type="hifi.canary", canary=True)))
+    records = [Record(e, None) for e in events]  # type: ignore[arg-type]
+    result = await router.handle(records)
+    assert [r.outcome for r in records] == ["out", *[filtered_outcome(["plays"])] * 3, "out", "out"]
+    plays = [unpack(o.value) for o in result.outputs if o.topic == Topics("").sink("plays")]
+    assert [e["event_id"] for e in plays] == ["e0", "e4", "canary-1"]
+    assert {e["device_id"] for e in plays} == {hmac.new(KEY, b"dev-1", hashlib.sha256).hexdigest()}
+    assert all(unpack(o.value)["device_id"] == "dev-1" for o in result.outputs if o.topic == Topics("").sink("all"))
+    labels = {s.labels["type"] for m in registry.collect() if m.name == "f" for s in m.samples}
+    assert labels == {"seek", "pause", "(other)"}

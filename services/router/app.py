@@ -23,6 +23,8 @@ from shared.topics import Topics
 from shared.transforms import Secrets
 from shared.web import add_common_views
 
+MAX_TYPE_LABELS = 200  # distinct event types labelling hifi_events_filtered (Prometheus series stay bounded)
+
 
 class Router:
     def __init__(
@@ -33,6 +35,15 @@ class Router:
         self.unrouted = unrouted
         self.filtered = filtered
         self.secrets = secrets
+        self.type_labels: set[str] = set()
+
+    def _type_label(self, type_: str) -> str:
+        """Client-chosen types, bounded: past MAX_TYPE_LABELS distinct ones, the rest count as `(other)`."""
+        if type_ not in self.type_labels:
+            if len(self.type_labels) >= MAX_TYPE_LABELS:
+                return "(other)"
+            self.type_labels.add(type_)
+        return type_
 
     async def handle(self, records: list[Record]) -> StepResult:
         result = StepResult()
@@ -56,7 +67,7 @@ class Router:
                     reason = rules.filter.rejects(event.tenant, event.type, event.consent, wire)
                     if reason is not None:
                         dropped.append(sink)
-                        self.filtered.labels(sink, event.tenant, event.type, reason).inc()
+                        self.filtered.labels(sink, event.tenant, self._type_label(event.type), reason).inc()
                         continue
                 transform = rules.transform
                 if transform.steps:
