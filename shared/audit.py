@@ -9,7 +9,8 @@ A **receipt** lists the events one sender batch delivered: `[event_id, tenant, i
 canary]` plus the sink and the acknowledgement time, from which the auditor measures lag and the
 on-time SLI.
 
-Outcomes: accepted, out, dup, dlq, unrouted, delivered, skipped, canary_dropped.
+Outcomes: accepted, out, dup, dlq, unrouted, delivered, skipped, canary_dropped, and the router's
+`filtered:<sink>,<sink>`: routed, but those sinks' filters or consent took it out (`filtered_outcome`).
 Buckets are event time: `ingest_ts` rounded down to `bucket_s` seconds (epoch seconds).
 """
 
@@ -19,6 +20,18 @@ from typing import Any
 
 from shared.codec import pack
 from shared.event import now_ms
+
+FILTERED = "filtered:"
+
+
+def filtered_outcome(sinks: list[str]) -> str:
+    """The router's outcome for an event that some of its tenant's sinks filtered out (sink names have no ',')."""
+    return FILTERED + ",".join(sorted(sinks))
+
+
+def filtered_sinks(outcome: str) -> frozenset[str]:
+    """The sinks a router outcome filtered the event from (none for any other outcome)."""
+    return frozenset(outcome[len(FILTERED) :].split(",")) if outcome.startswith(FILTERED) else frozenset()
 
 
 def bucket_of(at_ms: float, bucket_s: int) -> int:

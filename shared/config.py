@@ -18,6 +18,7 @@ import yaml
 
 from shared.errors import ConfigError
 from shared.event import Limits
+from shared.transforms import SinkRules
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SINK_TYPES = ("webhook", "kafka", "redis_stream", "file")
@@ -40,6 +41,8 @@ class SinkConfig:
     # A 5xx/timeout that follows one payload: after this many failed attempts its request is bisected and
     # the event that keeps failing while the others get through is dead-lettered.
     max_attempts_per_event: int = 10
+    # What this sink takes and sees (filter, consent, transform), applied by the router (shared/transforms.py).
+    rules: SinkRules = field(default_factory=SinkRules)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class TenantConfig:
     rate_limit: RateLimit | None = None
     # Overrides the sinks' SLA for this tenant's events (None: each sink's own).
     sla_ms: float | None = None
+    # The key of sinks' `hash` transforms for this tenant's events is read from this environment variable.
+    pii_secret_env: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,7 @@ class HifiConfig:
         root = _map(data, "(root)")
         _only(root, "(root)", {"tenants", "sinks", "dedupe", "enrich", "limits", "audit"})
         sinks = {}
+        tenant_names = set(_map(root.get("tenants"), "tenants", required=True))
         for name, raw in _map(root.get("sinks"), "sinks", required=True).items():
             where = f"sinks.{name}"
             _name(name, where)
@@ -136,14 +142,19 @@ class HifiConfig:
             timeout_s = _num(spec.pop("timeout_s", 10.0), f"{where}.timeout_s", 0.1, 300)
             sla_ms = _num(spec.pop("sla_ms", 1000.0), f"{where}.sla_ms", 1, 86_400_000)
             max_attempts = _int(spec.pop("max_attempts_per_event", 10), f"{where}.max_attempts_per_event", 1, 1000)
+            rules = SinkRules.parse(spec, where, tenant_names)
             options = _sink_options(kind, spec, where, base_dir)
-            sinks[name] = SinkConfig(name, kind, options, batch_max, timeout_s, sla_ms, max_attempts)
+            sinks[name] = SinkConfig(name, kind, options, batch_max, timeout_s, sla_ms, max_attempts, rules)
         tenants = {}
         for name, raw in _map(root.get("tenants"), "tenants", required=True).items():
             where = f"tenants.{name}"
             _name(name, where)
             spec = _map(raw, where, required=True)
-            _only(spec, where, {"api_keys", "sinks", "metadata", "signing_secret_env", "rate_limit", "sla_ms"})
+            _only(
+                spec,
+                where,
+                {"api_keys", "sinks", "metadata", "signing_secret_env", "rate_limit", "sla_ms", "pii_secret_env"},
+            )
             keys = spec.get("api_keys")
             if not isinstance(keys, list) or not keys:
                 raise ConfigError(f"{where}.api_keys", "must be a non-empty list of 'sha256:<hex>' hashes")
@@ -170,7 +181,15 @@ class HifiConfig:
                 burst = _int(raw_limit.get("burst", max(1, int(rate))), f"{where}.rate_limit.burst", 1, 10**8)
                 limit = RateLimit(rate, burst)
             tenant_sla = _num(spec["sla_ms"], f"{where}.sla_ms", 1, 86_400_000) if "sla_ms" in spec else None
-            tenants[name] = TenantConfig(name, tuple(keys), tuple(subs), dict(metadata), secret_env, limit, tenant_sla)
+            pii_env = spec.get("pii_secret_env")
+            if pii_env is not None and (not isinstance(pii_env, str) or not re.fullmatch(r"[A-Z_][A-Z0-9_]*", pii_env)):
+                raise ConfigError(f"{where}.pii_secret_env", "must be the NAME of an environment variable")
+            if pii_env is None and any(sinks[s].rules.transform.hashes for s in subs):
+                hashing = next(s for s in subs if sinks[s].rules.transform.hashes)
+                raise ConfigError(f"{where}.pii_secret_env", f"required: sink {hashing!r} hashes fields")
+            tenants[name] = TenantConfig(
+                name, tuple(keys), tuple(subs), dict(metadata), secret_env, limit, tenant_sla, pii_env
+            )
         seen: dict[str, str] = {}
         for tenant in tenants.values():
             for key in tenant.api_key_hashes:

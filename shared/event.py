@@ -48,6 +48,8 @@ class Event:
     ingest_ts: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
     canary: bool = False
+    # Consent categories the client declared (e.g. analytics, ads): a sink may require some.
+    consent: list[str] = field(default_factory=list)
 
     @property
     def dedupe_key(self) -> str:
@@ -86,6 +88,8 @@ class Event:
             wire["enrichment"] = self.enrichment
         if self.canary:
             wire["canary"] = True
+        if self.consent:
+            wire["consent"] = self.consent
         return wire
 
     @classmethod
@@ -107,6 +111,7 @@ class Event:
                 ingest_ts=float(data.get("ingest_ts", 0.0)),
                 stages=_opt_map(data, "stages"),
                 canary=bool(data.get("canary", False)),
+                consent=_opt_strings(data, "consent"),
             )
         except KeyError as exc:
             raise InvalidEvent("missing_field", str(exc), event_id=str(data.get("event_id"))) from None
@@ -118,6 +123,15 @@ def _req_str(data: dict[str, Any], name: str) -> str:
     value = data[name]
     if not isinstance(value, str) or not value:
         raise TypeError(f"{name} must be a non-empty string")
+    return value
+
+
+def _opt_strings(data: dict[str, Any], name: str) -> list[str]:
+    value = data.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{name} must be a list of strings")
     return value
 
 
@@ -133,7 +147,8 @@ def _opt_map(data: dict[str, Any], name: str) -> dict[str, Any]:
 class EventValidator:
     """Turns one client-supplied item into an Event, or raises InvalidEvent with a machine reason."""
 
-    CLIENT_FIELDS = frozenset({"event_id", "type", "ts", "payload", "device_id", "session_id", "context"})
+    CLIENT_FIELDS = frozenset({"event_id", "type", "ts", "payload", "device_id", "session_id", "context", "consent"})
+    MAX_CONSENT = 32  # categories per event
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
@@ -176,6 +191,15 @@ class EventValidator:
         context = item.get("context", {}) or {}
         if not isinstance(context, dict):
             raise InvalidEvent("wrong_type", "context must be an object", event_id)
+        consent = item.get("consent") or []
+        if (
+            not isinstance(consent, list)
+            or len(consent) > self.MAX_CONSENT
+            or not all(isinstance(c, str) and 0 < len(c) <= lim.max_id_chars for c in consent)
+        ):
+            raise InvalidEvent(
+                "wrong_type", f"consent must be a list of <= {self.MAX_CONSENT} category names", event_id
+            )
         self._check_value(payload, 1, event_id)
         self._check_value(context, 1, event_id)
         encoded_size = len(msgpack.packb(item, use_bin_type=True))  # safe now: every value was checked
@@ -190,6 +214,7 @@ class EventValidator:
             device_id=item.get("device_id"),
             session_id=item.get("session_id"),
             context=context,
+            consent=consent,
         )
 
     def _check_value(self, value: Any, depth: int, event_id: str | None) -> None:

@@ -129,8 +129,8 @@ class Record:
 
     event: Event
     message: ConsumerRecord  # type: ignore[type-arg]
-    # What the stage did with it, for the loss ledger: out (passed on), dup, unrouted, delivered,
-    # skipped (already delivered), canary_dropped. Dead letters are counted by the runner.
+    # What the stage did with it, for the loss ledger: out (passed on), dup, unrouted, filtered:<sinks>
+    # (shared.audit), delivered, skipped (already delivered), canary_dropped. Dead letters: the runner.
     outcome: str = "out"
 
     @property

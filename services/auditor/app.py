@@ -358,7 +358,9 @@ class Auditor:
                 r.to_json() for r in sorted(ledger.reports.values(), key=lambda r: r.bucket) if r.status == "lost"
             ],
             "overdue": [r.to_json() for r in ledger.reports.values() if r.status == "overdue"],
+            "unconfirmed": [r.to_json() for r in ledger.pending() if r.status == "unconfirmed"],
             "lost_by_stage": ledger.lost_by_stage(),
+            "filtered": ledger.filtered(),
             "surplus": sum(ledger.surplus.values()),
             "offset_gaps": sorted(self.offset_gaps.values(), key=lambda g: (g["stage"], g["topic"], g["first"])),
             "stage_totals": {stage: dict(outcomes) for stage, outcomes in sorted(ledger.totals.items())},

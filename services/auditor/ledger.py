@@ -6,7 +6,10 @@ can be tested without a broker.
 Reconciliation of one (tenant, 10 s event-time bucket), per sink the tenant subscribes to, once the
 bucket has settled (its end + `settle_s`):
 
-    accepted = delivered + deduplicated + dead-lettered (any stage) + unrouted
+    accepted = delivered + deduplicated + dead-lettered (any stage) + unrouted + filtered (this sink)
+
+The router passes an event on to a sink unless that sink's filter took it out (`filtered:<sinks>`
+outcomes, shared.audit.filtered_outcome): the router->sender hop expects the rest.
 
 `delivered` counts sink acknowledgements, events the delivered ledger had already seen (their
 first delivery's tally was lost in a crash) and canaries a sink drops. Each hop is also checked on
@@ -34,12 +37,25 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 
 from shared import pipeline
+from shared.audit import filtered_sinks
 
 COLLECTOR = pipeline.COLLECTOR.name
 ACCEPTING = (COLLECTOR, "canary")
 HOPS = tuple(s.name for s in pipeline.HOPS)  # each tallies what it read, passed on and dead-lettered
 DEDUPLICATOR, ROUTER = pipeline.DEDUPLICATOR.name, pipeline.ROUTER.name  # they drop duplicates, unrouted events
 DELIVERED = ("delivered", "skipped", "canary_dropped")
+
+
+def routed_to(router_counts: dict[str, int], sink: str) -> tuple[int, int]:
+    """(filtered out for `sink`, passed on to `sink`) among what the router tallied as routed."""
+    filtered, passed = 0, router_counts.get("out", 0)
+    for outcome, n in router_counts.items():
+        sinks = filtered_sinks(outcome)
+        if sink in sinks:
+            filtered += n
+        elif sinks:
+            passed += n
+    return filtered, passed
 
 
 class SlidingHdr:
@@ -268,11 +284,15 @@ class LossLedger:
         for sink in self.subscribers(tenant):
             sender = pipeline.SENDER.label(sink)
             delivered = sum(c[sender][o] for o in DELIVERED)
-            accounted = delivered + c[sender]["dlq"] + upstream_dlq + c[DEDUPLICATOR]["dup"] + c[ROUTER]["unrouted"]
+            filtered, routed = routed_to(c[ROUTER], sink)
+            accounted = (
+                delivered + c[sender]["dlq"] + upstream_dlq + c[DEDUPLICATOR]["dup"] + c[ROUTER]["unrouted"] + filtered
+            )
             key = (tenant, sink, bucket_start)
             path = [*HOPS, sender]
             hops = [(COLLECTOR, accepted, path[0], sum(c[path[0]].values()))] + [
-                (up, c[up]["out"], down, sum(c[down].values())) for up, down in pairwise(path)
+                (up, routed if up == ROUTER else c[up]["out"], down, sum(c[down].values()))
+                for up, down in pairwise(path)
             ]
             # Per hop, so copies a replay added at one hop cannot hide events missing at another.
             short = [(up, passed, down, read) for up, passed, down, read in hops if read < passed]
@@ -298,6 +318,15 @@ class LossLedger:
             self.reports[key] = report
             found.append(report)
         return found
+
+    def filtered(self) -> dict[str, dict[str, int]]:
+        """Events each sink's filter took out, per sink and tenant (every bucket still held)."""
+        out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for (tenant, _), bucket in self.buckets.items():
+            for outcome, n in bucket.counts[ROUTER].items():
+                for sink in filtered_sinks(outcome):
+                    out[sink][tenant] += n
+        return {sink: dict(tenants) for sink, tenants in out.items()}
 
     def pending(self) -> list[LossReport]:
         """Shortfalls not yet confirmed as loss."""

@@ -1,26 +1,49 @@
 """router: unique -> one topic per sink. Each event is written once to every sink its tenant
-subscribes to; an event of a tenant with no subscriptions is counted, not forwarded."""
+subscribes to; an event of a tenant with no subscriptions is counted, not forwarded.
+
+Per sink, the router applies the sink's rules (shared/transforms.py): an event its filter or consent
+rule takes out never enters the sink's topic (counted `filtered`); a transformed copy is what enters it,
+so the sink's topic, sender and dead letters hold only what the sink may see. Canaries skip filters.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prometheus_client import Counter
 
-from shared.codec import encode_event
+from shared.audit import filtered_outcome
+from shared.codec import pack
 from shared.config import HifiConfig
 from shared.errors import InvalidEvent
 from shared.service import ServiceContext
 from shared.stage import DeadLetter, Output, Record, StageRunner, StepResult
 from shared.topics import Topics
+from shared.transforms import Secrets
 from shared.web import add_common_views
+
+MAX_TYPE_LABELS = 200  # distinct event types labelling hifi_events_filtered (Prometheus series stay bounded)
 
 
 class Router:
-    def __init__(self, config: HifiConfig, topics: Topics, unrouted: Counter) -> None:
+    def __init__(
+        self, config: HifiConfig, topics: Topics, unrouted: Counter, filtered: Counter, secrets: Secrets
+    ) -> None:
         self.config = config
         self.topics = topics
         self.unrouted = unrouted
+        self.filtered = filtered
+        self.secrets = secrets
+        self.type_labels: set[str] = set()
+
+    def _type_label(self, type_: str) -> str:
+        """Client-chosen types, bounded: past MAX_TYPE_LABELS distinct ones, the rest count as `(other)`."""
+        if type_ not in self.type_labels:
+            if len(self.type_labels) >= MAX_TYPE_LABELS:
+                return "(other)"
+            self.type_labels.add(type_)
+        return type_
 
     async def handle(self, records: list[Record]) -> StepResult:
         result = StepResult()
@@ -35,18 +58,45 @@ class Router:
                 self.unrouted.labels(event.tenant).inc()
                 continue
             event.stamp("router")
-            value = encode_event(event)
+            wire = event.to_wire()
+            value: bytes | None = None  # the untransformed encoding, shared by sinks without transforms
+            dropped: list[str] = []
             for sink in sinks:
-                result.outputs.append(Output(self.topics.sink(sink), event.partition_key, value))
+                rules = self.config.sinks[sink].rules
+                if rules.filters and not event.canary:
+                    reason = rules.filter.rejects(event.tenant, event.type, event.consent, wire)
+                    if reason is not None:
+                        dropped.append(sink)
+                        self.filtered.labels(sink, event.tenant, self._type_label(event.type), reason).inc()
+                        continue
+                transform = rules.transform
+                if transform.steps:
+                    key = self.secrets.key(event.tenant) if transform.hashes else b""
+                    out = pack(transform.apply(wire, key))
+                else:
+                    out = value = value if value is not None else pack(wire)
+                result.outputs.append(Output(self.topics.sink(sink), event.partition_key, out))
+            if dropped:
+                record.outcome = filtered_outcome(dropped)
         return result
 
 
 def build(ctx: ServiceContext) -> Any:
+    config = ctx.config
+    hashing = {t.name for t in config.tenants.values() if any(config.sinks[s].rules.transform.hashes for s in t.sinks)}
+    secret_envs = {t.name: t.pii_secret_env for t in config.tenants.values() if t.pii_secret_env}
+    secrets = Secrets.from_env(secret_envs, os.environ, hashing)  # a missing secret stops the router at start
     app = ctx.create_app()
     unrouted = Counter(
         "hifi_events_unrouted", "Events of tenants with no subscribed sink", ["tenant"], registry=ctx.metrics.registry
     )
-    router = Router(ctx.config, ctx.topics, unrouted)
+    filtered = Counter(
+        "hifi_events_filtered",
+        "Events a sink's filter or consent rule kept from it",
+        ["sink", "tenant", "type", "reason"],
+        registry=ctx.metrics.registry,
+    )
+    router = Router(config, ctx.topics, unrouted, filtered, secrets)
     runner = StageRunner(app, "router", router.handle, ctx.metrics, ctx.topics.dlq("router"), source=ctx.source_topic)
 
     runner.attach(ctx)
@@ -57,6 +107,7 @@ def build(ctx: ServiceContext) -> Any:
             "in": m.total(m.events_in),
             "out": m.total(m.events_out),
             "unrouted": m.total(unrouted),
+            "filtered": m.total(filtered),
             "dead_lettered": m.total(m.dead_lettered),
             "subscriptions": {t.name: list(t.sinks) for t in ctx.config.tenants.values()},
         }
