@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -89,6 +90,7 @@ async def settled(auditor: AuditorOnly, events: int) -> dict[str, Any]:
     return auditor.summary()
 
 
+@pytest.mark.slow  # over 10 s: `make quick` leaves it to `make test`
 async def test_a_resent_tally_that_lands_after_later_tallies_still_counts(
     tmp_path, namespace, port_base, kafka, settings_for
 ):
@@ -122,6 +124,7 @@ async def test_a_resent_tally_that_lands_after_later_tallies_still_counts(
     assert summary["lost_by_stage"] == {} and summary["replayed_offsets_ignored"] == 0
 
 
+@pytest.mark.slow  # over 10 s: `make quick` leaves it to `make test`
 async def test_a_surplus_does_not_mask_a_loss_in_the_same_bucket(tmp_path, namespace, port_base, kafka, settings_for):
     config = tmp_path / "hifi.yaml"
     write_config(config)
@@ -152,6 +155,7 @@ async def test_a_surplus_does_not_mask_a_loss_in_the_same_bucket(tmp_path, names
     assert summary["surplus"] == 2, "the two copies are still reported as surplus"
 
 
+@pytest.mark.slow  # over 10 s: `make quick` leaves it to `make test`
 async def test_offsets_a_stage_skipped_are_reported_even_when_copies_balance_the_bucket(
     tmp_path, namespace, port_base, kafka, settings_for
 ):

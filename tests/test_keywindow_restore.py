@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
@@ -129,6 +130,7 @@ async def test_periodic_checkpoint_covers_only_applied_records_and_is_atomic(kaf
         await producer.stop()
 
 
+@pytest.mark.slow  # over 10 s: `make quick` leaves it to `make test`
 async def test_restore_speed(kafka, namespace, tmp_path):
     """Restore throughput from a changelog of 200 records x 1,000 entries (what a deduplicator writes
     in 200 batches): printed, and bounded loosely so a pathological slowdown fails."""
@@ -225,6 +227,7 @@ class Worker:
         return StepResult()
 
 
+@pytest.mark.slow  # over 10 s: `make quick` leaves it to `make test`
 async def test_a_restore_longer_than_the_session_does_not_evict_the_member(kafka, namespace, tmp_path):
     """Worker B joins and its restore takes 9 s, longer than the 6 s session. Today the restore runs in
     the assignment callback, where aiokafka sends no heartbeats: B is evicted mid-restore, A takes B's
@@ -278,6 +281,7 @@ async def test_a_restore_longer_than_the_session_does_not_evict_the_member(kafka
         await producer.stop()
 
 
+@pytest.mark.slow  # over 10 s: `make quick` leaves it to `make test`
 async def test_a_revocation_during_a_restore_cancels_it_and_nothing_is_handled_twice(kafka, namespace, tmp_path):
     """B is still restoring (a 20 s injected delay) when C joins: the rebalance revokes B's partitions
     mid-restore. The restore is cancelled at once (the group does not wait for it), B restores again

@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,6 +47,7 @@ def test_the_runtime_never_imports_the_dev_tools():
     assert offenders == []
 
 
+@pytest.mark.slow  # over 10 s: `make quick` leaves it to `make test`
 def test_the_runtime_wheel_carries_no_dev_tools(tmp_path):
     """The image installs this wheel: the dev tools (a local broker, chaos, bench) stay out of it."""
     subprocess.run(

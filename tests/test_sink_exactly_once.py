@@ -553,6 +553,7 @@ async def test_pipeline_sink_4xx_mix_dead_letters_only_refused_events(
     assert {letter["error_class"] for letter in letters} == {"PermanentSinkError"}
 
 
+@pytest.mark.slow  # over 10 s: `make quick` leaves it to `make test`
 async def test_redis_stream_sink_server_killed_mid_pipeline_appends_each_event_once(tmp_path, port_base):
     """redis-sink-kill: the Redis under a Redis Stream sink is killed -9 (append-only file, fsync always)
     while batches are being appended, and restarted; the sender retries each batch until it is acked."""

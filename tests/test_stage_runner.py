@@ -154,6 +154,7 @@ async def start(runners: list[StageRunner], runner: StageRunner) -> StageRunner:
     return runner
 
 
+@pytest.mark.slow  # over 10 s: `make quick` leaves it to `make test`
 async def test_scale_out_during_sink_outage_delivers_once_and_rebalances_fast(
     kafka: LocalKafka, namespace: str, runners: list[StageRunner]
 ) -> None:
@@ -271,6 +272,7 @@ class DeviceOutageSink:
         pass
 
 
+@pytest.mark.slow  # over 10 s: `make quick` leaves it to `make test`
 async def test_sender_revoked_mid_retry_publishes_what_the_sink_acked_and_the_next_owner_skips_it(
     kafka: LocalKafka, namespace: str, runners: list[StageRunner], tmp_path: Path
 ) -> None:
@@ -325,6 +327,7 @@ async def test_sender_revoked_mid_retry_publishes_what_the_sink_acked_and_the_ne
     assert rebalance_s < rebalance_timeout_ms / 1000 / 2, f"the rebalance took {rebalance_s:.1f}s"
 
 
+@pytest.mark.slow  # over 10 s: `make quick` leaves it to `make test`
 async def test_a_request_outlasting_the_revoke_grace_is_cancelled_not_delivered_late(
     kafka: LocalKafka, namespace: str, runners: list[StageRunner]
 ) -> None:
