@@ -248,3 +248,14 @@ def test_the_schema_rejects_bad_values(values, where):
     with helm.Chart.load(str(CHART)) as chart, pytest.raises(helm.HelmError) as err:
         chart.validate_schema(values)
     assert where in str(err.value)
+
+
+def test_the_charts_stages_and_ports_are_the_pipeline_definitions():
+    """values.yaml names each stage and its web port for the chart; they must be shared/pipeline.py's."""
+    from shared import pipeline
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert list(values["stages"]) == [spec.name for spec in pipeline.STAGES]
+    for spec in pipeline.STAGES:
+        # A per-sink stage runs one pod per sink, each alone on its pod's network: the first sink's port.
+        assert values["stages"][spec.name]["webPort"] == spec.web_port, spec.name
