@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
     redis.add_argument("action", choices=["start", "stop"])
     redis.add_argument("--url", default="redis://127.0.0.1:6379/0")
 
+    postgres = sub.add_parser("postgres", help="start a local PostgreSQL unless one answers; stop the one started")
+    postgres.add_argument("action", choices=["start", "stop", "wipe"])
+    postgres.add_argument("--port", type=int, default=5432)
+    postgres.add_argument("--data-dir", default=None, help="default .cache/postgres (a pg-<port> dir under it)")
+
     demo_sink = sub.add_parser("demo-sink", help="a webhook destination that counts what it receives")
     demo_sink.add_argument("--host", default="0.0.0.0")
     demo_sink.add_argument("--port", type=int, default=8800)
@@ -152,6 +157,20 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
         else:
             server.stop()
             print("redis: stopped (if this project had started it)")
+    elif args.command == "postgres":
+        from pathlib import Path
+
+        from shared.local.postgres import LocalPostgres
+
+        pg = LocalPostgres(port=args.port) if args.data_dir is None else LocalPostgres(args.port, Path(args.data_dir))
+        if args.action == "start":
+            print(f"postgres: {'started' if pg.ensure() else 'already answering'} at {pg.dsn}")
+        elif args.action == "stop":
+            pg.stop()
+            print("postgres: stopped (if this project had started it)")
+        else:
+            pg.wipe()
+            print(f"postgres: stopped and wiped {pg.data_dir}")
     elif args.command == "demo-sink":
         from shared.local.webhook import serve_forever
 
