@@ -20,7 +20,7 @@ from shared.errors import ConfigError
 from shared.event import Limits
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-SINK_TYPES = ("webhook", "kafka", "redis_stream", "file")
+SINK_TYPES = ("webhook", "kafka", "redis_stream", "file", "postgres")
 DEDUPE_BACKENDS = ("rocksdb", "redis")
 
 
@@ -218,12 +218,19 @@ class HifiConfig:
 
 
 def _sink_options(kind: str, spec: dict[str, Any], where: str, base_dir: Path | None) -> dict[str, Any]:
-    required = {"webhook": {"url"}, "kafka": {"topic"}, "redis_stream": {"stream"}, "file": {"path"}}[kind]
+    required = {
+        "webhook": {"url"},
+        "kafka": {"topic"},
+        "redis_stream": {"stream"},
+        "file": {"path"},
+        "postgres": {"dsn_env", "table"},
+    }[kind]
     optional = {
         "webhook": {"headers"},
         "kafka": {"bootstrap", "transactional"},
         "redis_stream": {"url", "maxlen", "dedupe_window_s"},
         "file": {"rotate_bytes"},
+        "postgres": set(),
     }[kind]
     _only(spec, where, required | optional | {"drop_canaries"})
     for name in sorted(required):
@@ -240,7 +247,22 @@ def _sink_options(kind: str, spec: dict[str, Any], where: str, base_dir: Path | 
         spec["dedupe_window_s"] = _num(spec["dedupe_window_s"], f"{where}.dedupe_window_s", 1, 365 * 86_400)
     if kind == "kafka" and not isinstance(spec.get("transactional", True), bool):
         raise ConfigError(f"{where}.transactional", "must be true or false")
+    if kind == "postgres":
+        _postgres_options(spec, where)
     return spec
+
+
+# --- PostgreSQL sink (issue 19) ---
+ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+PG_TABLE_RE = re.compile(r"^(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,62}$")
+
+
+def _postgres_options(spec: dict[str, Any], where: str) -> None:
+    """`dsn_env` names the environment variable holding the DSN (a secret); `table` is `[schema.]name`."""
+    if not ENV_NAME_RE.match(spec["dsn_env"]):
+        raise ConfigError(f"{where}.dsn_env", "must be the NAME of an environment variable (the DSN is a secret)")
+    if not PG_TABLE_RE.match(spec["table"]):
+        raise ConfigError(f"{where}.table", "must be [schema.]name in lower case letters, digits and _")
 
 
 def _path(value: str, base_dir: Path | None) -> Path:

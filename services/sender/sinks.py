@@ -537,4 +537,8 @@ def make_sink(
         return RedisStreamSink(config, redis_url, dedupe_window_s)
     if config.type == "file":
         return FileSink(config)
+    if config.type == "postgres":
+        from .postgres import PostgresSink  # imports this module
+
+        return PostgresSink(config)
     raise ValueError(f"unknown sink type {config.type}")
