@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
     chaos.add_argument(
         "scenario",
         nargs="+",
-        help="scenario names (docs/RELIABILITY.md lists all 18: kill-stages ... rolling-deploy, outage-scale-out, "
+        help="scenario names (docs/RELIABILITY.md lists all 19: kill-stages ... rolling-deploy, outage-scale-out, "
         "outage-rolling-deploy, long-restore, kafka-sink-broker-kill, redis-sink-kill, slow-isr-rebalance, "
-        "sink-4xx-mix, kill-restart-single, rolling-deploy-2), or all",
+        "sink-4xx-mix, kill-restart-single, rolling-deploy-2, postgres-sink-kill), or all",
     )
     chaos.add_argument("--rate", type=float, default=200.0, help="events per second of steady load")
     chaos.add_argument("--json", dest="json_out", help="also write the results to this file")
