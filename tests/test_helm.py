@@ -248,3 +248,24 @@ def test_the_schema_rejects_bad_values(values, where):
     with helm.Chart.load(str(CHART)) as chart, pytest.raises(helm.HelmError) as err:
         chart.validate_schema(values)
     assert where in str(err.value)
+
+
+def test_postgres_sink_dsn_comes_from_a_secret_on_its_sender_only():
+    config = {
+        "tenants": {"acme": {"api_keys": [hash_api_key("a")], "sinks": ["db"]}},
+        "sinks": {"db": {"type": "postgres", "dsn_env": "HIFI_PG_DSN", "table": "events"}},
+    }
+    docs = render(
+        {
+            "config": yaml.safe_dump(config),
+            "secrets": {"sinkEnv": {"HIFI_PG_DSN": {"secret": "hifi-postgres", "key": "dsn"}}},
+        }
+    )
+    check_objects(docs)
+    workloads = {**by_kind(docs, "Deployment"), **by_kind(docs, "StatefulSet")}
+    env = {n: {e["name"]: e for e in container(w)["env"]} for n, w in workloads.items()}
+    assert env["sender-db"]["HIFI_PG_DSN"]["valueFrom"] == {"secretKeyRef": {"name": "hifi-postgres", "key": "dsn"}}
+    assert not [n for n, e in env.items() if n != "sender-db" and "HIFI_PG_DSN" in e], "the DSN reaches its sender only"
+    assert "postgresql://" not in yaml.safe_dump(docs)
+    with pytest.raises(Exception, match="sinkEnv"):
+        render({"secrets": {"sinkEnv": {"HIFI_PG_DSN": {"secret": "hifi-postgres"}}}})

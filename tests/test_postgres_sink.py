@@ -5,6 +5,8 @@ and a row Postgres refuses dead-lettered alone."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -20,7 +22,7 @@ from shared.config import HifiConfig, SinkConfig
 from shared.dlq import DeadLetterQueues
 from shared.errors import ConfigError, PermanentSinkError, SinkMisconfigured, TransientError
 from shared.event import Event
-from shared.local.postgres import LocalPostgres
+from shared.local.postgres import LocalPostgres, local_postgres_for
 from shared.local.traffic import EventFactory
 from shared.topics import Topics
 from tests.helpers import post, tenant_block, wait_for
@@ -75,8 +77,6 @@ async def test_postgres_sink_writes_rows_in_the_documented_schema(pg_sink, pg_ds
     assert second["ts"].timestamp() * 1000 == pytest.approx(1_700_000_000_001.0)
     assert second["received_at"].timestamp() == pytest.approx(1.7e9)
     assert second["delivered_at"] is not None
-    import json
-
     assert json.loads(second["payload"]) == {"i": 1}
     assert json.loads(second["enrichment"]) == {"geo": {"country": "NL"}}
 
@@ -139,8 +139,6 @@ async def test_postgres_sink_server_restarted_and_killed_mid_stream_writes_each_
     own.wipe()
     own.ensure()
     config = SinkConfig("pg", "postgres", {"dsn_env": DSN_ENV, "table": "restarts"}, timeout_s=2)
-    import os
-
     os.environ[DSN_ENV] = own.dsn
     sink = PostgresSink(config)
     done = asyncio.Event()
@@ -234,3 +232,16 @@ async def test_pipeline_postgres_sink_restart_mid_stream_and_a_bad_row(
 
 async def count_ge(count: Any, n: int) -> bool:
     return await count() >= n
+
+
+def test_hifi_up_starts_the_postgres_a_sink_needs_and_only_a_local_one(monkeypatch):
+    sink = SinkConfig("db", "postgres", {"dsn_env": "HIFI_UP_PG_DSN", "table": "events"})
+    monkeypatch.delenv("HIFI_UP_PG_DSN", raising=False)
+    server = local_postgres_for(sink)
+    assert server is not None and server.port == 5432
+    assert os.environ["HIFI_UP_PG_DSN"] == server.dsn, "the services inherit the DSN of the server started"
+    monkeypatch.setenv("HIFI_UP_PG_DSN", "postgresql://app:pw@localhost:15499/app")
+    assert local_postgres_for(sink).port == 15499
+    monkeypatch.setenv("HIFI_UP_PG_DSN", "postgresql://app:pw@db.example.com/app")
+    assert local_postgres_for(sink) is None
+    assert local_postgres_for(SinkConfig("f", "file", {"path": "x"})) is None

@@ -16,7 +16,9 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
+from shared.config import SinkConfig
 from shared.errors import HifiError
 from shared.local.kafka import REPO_ROOT
 
@@ -193,3 +195,19 @@ class LocalPostgres:
     def wipe(self) -> None:
         self.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def local_postgres_for(sink: SinkConfig) -> LocalPostgres | None:
+    """The local server a Postgres sink needs under `hifi up`: the one its DSN points at (on this machine),
+    or, with `dsn_env` unset, a new one on 5432 whose DSN is put in that variable for the services."""
+    if sink.type != "postgres":
+        return None
+    dsn = os.environ.get(sink.options["dsn_env"])
+    if not dsn:
+        server = LocalPostgres()
+        os.environ[sink.options["dsn_env"]] = server.dsn  # inherited by the services started next
+        return server
+    url = urlparse(dsn)
+    if url.hostname not in ("127.0.0.1", "localhost"):
+        return None  # a remote database is not ours to start
+    return LocalPostgres(port=url.port or DEFAULT_PORT)
