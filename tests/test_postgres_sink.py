@@ -81,6 +81,24 @@ async def test_postgres_sink_writes_rows_in_the_documented_schema(pg_sink, pg_ds
     assert json.loads(second["enrichment"]) == {"geo": {"country": "NL"}}
 
 
+async def test_postgres_sink_workers_creating_the_table_at_once_refuse_no_event(pg_dsn):
+    """Several sender workers' first batches race to create the table: Postgres answers one of two
+    concurrent CREATE TABLE IF NOT EXISTS with a unique violation (23505), which must not dead-letter."""
+    for _ in range(5):
+        table = f"race_{uuid.uuid4().hex[:10]}"
+        sinks = [PostgresSink(SinkConfig("pg", "postgres", {"dsn_env": DSN_ENV, "table": table})) for _ in range(6)]
+        try:
+            outcomes = await asyncio.gather(
+                *(sink.deliver_batch(events(1, prefix=f"w{i}-")) for i, sink in enumerate(sinks)),
+                return_exceptions=True,
+            )
+        finally:
+            for sink in sinks:
+                await sink.close()
+        assert outcomes == [None] * 6, outcomes
+        assert len(await rows(pg_dsn, table)) == 6
+
+
 async def test_postgres_sink_redelivered_batch_adds_no_rows(pg_sink, pg_dsn, table):
     """The sender's kill window: a batch committed in Postgres whose offsets were never committed is
     delivered again, whole or overlapping a later one."""

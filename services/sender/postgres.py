@@ -107,9 +107,23 @@ class PostgresSink:
                     timeout=self.config.timeout_s,
                 )
             if not self.table_ready:
-                await self.pool.execute(TABLE_SCHEMA.format(table=self.table))
+                await self._create_table(self.pool)
                 self.table_ready = True
             return self.pool
+
+    async def _create_table(self, pool: asyncpg.Pool) -> None:
+        """CREATE TABLE IF NOT EXISTS is not safe against itself: of two at once, one fails with a unique
+        violation (23505) on pg_type. An advisory lock per table name makes the workers take turns; and no
+        error here is the events' fault, so none is a PermanentSinkError."""
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"hifi.sink.{self.table}")
+                await conn.execute(TABLE_SCHEMA.format(table=self.table))
+        except asyncpg.PostgresError as exc:
+            error = self._classify(exc)
+            if isinstance(error, PermanentSinkError):
+                raise TransientError(str(error)) from exc
+            raise error from exc
 
     def _rows(self, events: list[Event]) -> list[list[Any]]:
         columns: list[list[Any]] = [[] for _ in range(11)]
