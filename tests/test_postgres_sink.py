@@ -26,6 +26,7 @@ from shared.local.postgres import LocalPostgres, local_postgres_for
 from shared.local.traffic import EventFactory
 from shared.topics import Topics
 from tests.helpers import post, tenant_block, wait_for
+from tests.test_auditor import audit_summary
 
 DSN_ENV = "HIFI_TEST_PG_DSN"
 
@@ -209,8 +210,10 @@ async def test_pipeline_postgres_sink_restart_mid_stream_and_a_bad_row(
         "tenants:\n"
         + tenant_block("acme", "k", ["db"])
         + f"sinks:\n  db: {{type: postgres, dsn_env: {DSN_ENV}, table: {table}, timeout_s: 2}}\n"
+        # Buckets settle well after the restart's retries: a late delivery is not a loss.
+        + "audit: {bucket_s: 2, settle_s: 20, canary_interval_s: 2, dlq_check_s: 1}\n"
     )
-    pipeline = await start_pipeline(settings_for(config))
+    pipeline = await start_pipeline(settings_for(config), auditor=True)
     queues = DeadLetterQueues(kafka.bootstrap, Topics(namespace), ["db"])
     factory = EventFactory(producer_id=namespace)
     first = [factory.make() for _ in range(200)]
@@ -219,7 +222,7 @@ async def test_pipeline_postgres_sink_restart_mid_stream_and_a_bad_row(
     bad = first[60]["event_id"]
 
     async def count() -> int:
-        return len(await rows(pg_dsn, table)) if await table_exists() else 0
+        return len([r for r in await rows(pg_dsn, table) if not r["canary"]]) if await table_exists() else 0
 
     async def table_exists() -> bool:
         conn = await asyncpg.connect(pg_dsn)
@@ -242,10 +245,17 @@ async def test_pipeline_postgres_sink_restart_mid_stream_and_a_bad_row(
     await wait_for(one_dead, 30, "the refused event dead-lettered", pipeline)
     await asyncio.sleep(2.0)  # a duplicate or a stray dead letter would arrive right behind
     letters = await queues.read("sender.db", limit=10)
-    got = Counter(r["event_id"] for r in await rows(pg_dsn, table))
+    table_rows = await rows(pg_dsn, table)
+    got = Counter(r["event_id"] for r in table_rows if not r["canary"])
     assert got == Counter(e["event_id"] for e in first + second if e["event_id"] != bad)
     assert [letter["original"]["event_id"] for letter in letters] == [bad]
     assert "SQLSTATE 22" in str(letters[0])
+    # The auditor counts the refused event as dead-lettered, never as lost; its canaries reach the table too.
+    await wait_for(lambda: audit_summary(pipeline)["buckets_settled"] >= 2, 60, "settled buckets", pipeline)
+    summary = audit_summary(pipeline)
+    assert summary["lost_by_stage"] == {}, summary
+    assert summary["sinks"]["db"]["acme"]["lost"] == 0, summary["sinks"]["db"]
+    assert any(r["canary"] for r in table_rows)
 
 
 async def count_ge(count: Any, n: int) -> bool:

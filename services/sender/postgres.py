@@ -23,7 +23,8 @@ from shared.event import Event
 from .sinks import Source, idempotency_key
 
 # The documented schema (README "PostgreSQL sink"). Times are timestamptz; `ts` is the client's clock,
-# `received_at` the collector's, `delivered_at` the first successful insert.
+# `received_at` the collector's, `delivered_at` the first successful insert; `canary`: the auditor's probe
+# events (filter them out, or set the sink's `drop_canaries: true`).
 TABLE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS {table} (
     idempotency_key text PRIMARY KEY,
@@ -37,16 +38,18 @@ CREATE TABLE IF NOT EXISTS {table} (
     session_id      text,
     payload         jsonb NOT NULL,
     context         jsonb NOT NULL,
-    enrichment      jsonb NOT NULL
+    enrichment      jsonb NOT NULL,
+    canary          boolean NOT NULL DEFAULT false
 )
 """
 
 INSERT_ONCE = """
 INSERT INTO {table} (idempotency_key, event_id, tenant, type, ts, received_at, device_id, session_id,
-                     payload, context, enrichment)
-SELECT k, e, tn, ty, ts, ra, d, s, p::jsonb, c::jsonb, en::jsonb
+                     payload, context, enrichment, canary)
+SELECT k, e, tn, ty, ts, ra, d, s, p::jsonb, c::jsonb, en::jsonb, ca
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
-            $7::text[], $8::text[], $9::text[], $10::text[], $11::text[]) AS u(k, e, tn, ty, ts, ra, d, s, p, c, en)
+            $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::boolean[])
+     AS u(k, e, tn, ty, ts, ra, d, s, p, c, en, ca)
 ON CONFLICT (idempotency_key) DO NOTHING
 """
 
@@ -126,7 +129,7 @@ class PostgresSink:
             raise error from exc
 
     def _rows(self, events: list[Event]) -> list[list[Any]]:
-        columns: list[list[Any]] = [[] for _ in range(11)]
+        columns: list[list[Any]] = [[] for _ in range(12)]
         for event in events:
             try:
                 row = (
@@ -141,6 +144,7 @@ class PostgresSink:
                     _json(event.payload),
                     _json(event.context),
                     _json(event.enrichment),
+                    event.canary,
                 )
             except (ValueError, OverflowError, OSError, TypeError) as exc:  # a ts no timestamptz can hold
                 raise PermanentSinkError(
