@@ -266,7 +266,8 @@ class PostgresTableTruth:
                 return
             rows = await conn.fetch(
                 f"SELECT event_id, extract(epoch FROM received_at) * 1000 AS ingest_ts,"
-                f" extract(epoch FROM delivered_at) * 1000 AS delivered_ms FROM {self.table} ORDER BY delivered_at"
+                f" extract(epoch FROM delivered_at) * 1000 AS delivered_ms FROM {self.table} WHERE NOT canary"
+                " ORDER BY delivered_at"
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             return
