@@ -29,6 +29,8 @@ from tests.helpers import post, tenant_block, wait_for
 from tests.test_auditor import audit_summary
 
 DSN_ENV = "HIFI_TEST_PG_DSN"
+# One xdist worker runs them all: the pipeline test restarts the session's Postgres under the others' feet.
+pytestmark = pytest.mark.xdist_group("postgres-session-server")
 
 
 def events(n: int, prefix: str = "e", tenant: str = "acme") -> list[Event]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -33,7 +34,11 @@ class PostgresLaunchError(HifiError):
 
 def _bin_dir() -> Path:
     """Where initdb and postgres live: Debian's versioned dir (newest first), else PATH."""
-    for found in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]), reverse=True):
+
+    def version(path: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", path.split("/")[-2]))
+
+    for found in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True):
         if os.path.exists(os.path.join(found, "initdb")):
             return Path(found)
     initdb = shutil.which("initdb")
