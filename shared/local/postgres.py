@@ -200,6 +200,7 @@ class LocalPostgres:
     def wipe(self) -> None:
         self.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+        self.log_file.unlink(missing_ok=True)
 
 
 def local_postgres_for(sink: SinkConfig) -> LocalPostgres | None:
