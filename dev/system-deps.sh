@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the system packages Hifi needs when they are missing: Java 17+ and Maven (to fetch and run
-# Apache Kafka from Maven Central), redis-server, and chromium + chromium-driver (the dashboard test).
+# Apache Kafka from Maven Central), redis-server, postgresql, and chromium + chromium-driver (the dashboard test).
 # Uses apt-get (Debian/Ubuntu) as root or via sudo.
 set -euo pipefail
 missing=()
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# the Postgres sink's tests and `hifi up` run Debian's server (binaries under /usr/lib/postgresql/<ver>/bin)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing+=(postgresql)
 # headless Chromium drives the dashboard test
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)

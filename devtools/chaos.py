@@ -3,14 +3,15 @@
 Every event carries a producer id and sequence number; the load generator keeps the ids the
 collector accepted; two sinks, `faulted` and `healthy`, are read back for what they hold: webhook
 receivers record what they acknowledged, a Kafka sink's topic is read with read_committed, a Redis
-Stream sink's stream with XRANGE. A scenario passes only if every accepted event reached both sinks
-exactly once (less the events a sink refuses on purpose) and the dead letters are exactly the poison
-pills and those refused events.
+Stream sink's stream with XRANGE, a Postgres sink's table with SELECT. A scenario passes only if every
+accepted event reached both sinks exactly once (less the events a sink refuses on purpose) and the dead
+letters are exactly the poison pills and those refused events.
 
 Ports are parameters, with environment overrides for `hifi chaos` so parallel runs do not collide:
 HIFI_CHAOS_PORT_BASE (services and webhook sinks), HIFI_CHAOS_KAFKA_PORT (one node),
 HIFI_CHAOS_CLUSTER_PORT (three nodes), HIFI_CHAOS_REDIS_URL (dedupe and ledger) and
-HIFI_CHAOS_OWN_REDIS_URL (a Redis a scenario kills: the dedupe backend or the Redis Stream sink).
+HIFI_CHAOS_OWN_REDIS_URL (a Redis a scenario kills: the dedupe backend or the Redis Stream sink),
+HIFI_CHAOS_POSTGRES_PORT (the Postgres under the Postgres sink).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from redis.exceptions import RedisError
 
 from devtools.kafka import KAFKA_VERSION, LocalKafka
 from devtools.pipeline import PipelineProcesses
+from devtools.postgres import LocalPostgres
 from devtools.redis import LocalRedis
 from devtools.traffic import EventFactory
 from devtools.webhook import WebhookReceiver, one_in
@@ -242,7 +244,44 @@ class RedisStreamTruth:
         pass
 
 
-SinkTruth = WebhookTruth | KafkaTopicTruth | RedisStreamTruth
+@dataclass
+class PostgresTableTruth:
+    """A Postgres sink's table read back whole: one row per idempotency key, so a copy the sink wrote twice
+    would have to carry another key; arrival is the row's `delivered_at`."""
+
+    dsn: str
+    table: str
+    received: list[dict[str, Any]] = field(default_factory=list)
+    arrival_ms: list[float] = field(default_factory=list)
+
+    async def refresh(self) -> None:
+        import asyncpg
+
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=5.0)
+        except (OSError, TimeoutError, asyncpg.PostgresError):
+            return  # Postgres down: read it all on the next refresh
+        try:
+            if await conn.fetchval("SELECT to_regclass($1)", self.table) is None:
+                return
+            rows = await conn.fetch(
+                f"SELECT event_id, extract(epoch FROM received_at) * 1000 AS ingest_ts,"
+                f" extract(epoch FROM delivered_at) * 1000 AS delivered_ms FROM {self.table} WHERE NOT canary"
+                " ORDER BY delivered_at"
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return
+        finally:
+            await conn.close()
+        self.received = [{"event_id": r["event_id"], "ingest_ts": float(r["ingest_ts"] or 0)} for r in rows]
+        self.arrival_ms = [float(r["delivered_ms"]) for r in rows]
+
+    async def close(self) -> None:
+        pass
+
+
+SinkTruth = WebhookTruth | KafkaTopicTruth | RedisStreamTruth | PostgresTableTruth
+PG_DSN_ENV = "HIFI_CHAOS_PG_DSN"  # the senders' environment carries the Postgres sink's DSN under this name
 
 
 @dataclass
@@ -253,8 +292,9 @@ class ChaosRun:
     rate: float = 200.0
     port_base: int = 18500
     dedupe_backend: str = "rocksdb"
-    faulted_sink: str = "webhook"  # or "kafka" (a topic on this cluster), "redis_stream" (on sink_redis)
+    faulted_sink: str = "webhook"  # or "kafka" (this cluster), "redis_stream" (sink_redis), "postgres" (sink_postgres)
     sink_redis: LocalRedis | None = None
+    sink_postgres: LocalPostgres | None = None
     namespace: str = field(default_factory=lambda: f"chaos{uuid.uuid4().hex[:6]}")
     faulted: WebhookReceiver = field(init=False)
     healthy: WebhookReceiver = field(init=False)
@@ -338,6 +378,13 @@ dedupe: {{backend: {self.dedupe_backend}}}
             stream = f"{self.namespace}:out"
             line = f'{{type: redis_stream, stream: "{stream}", url: "{self.sink_redis.url}", timeout_s: 10}}'
             return line, RedisStreamTruth(self.sink_redis.url, stream)
+        if self.faulted_sink == "postgres":
+            assert self.sink_postgres is not None, "a Postgres sink needs its own Postgres"
+            self.sink_postgres.ensure()
+            os.environ[PG_DSN_ENV] = self.sink_postgres.dsn  # inherited by the services started next
+            table = f"{self.namespace}_out"
+            line = f"{{type: postgres, dsn_env: {PG_DSN_ENV}, table: {table}, timeout_s: 10}}"
+            return line, PostgresTableTruth(self.sink_postgres.dsn, table)
         url = f"http://127.0.0.1:{self.faulted.port}/in"
         return f'{{type: webhook, url: "{url}", timeout_s: 10}}', WebhookTruth(self.faulted)
 
@@ -909,6 +956,21 @@ async def redis_sink_kill(run: ChaosRun) -> None:
     run.mark_fault(False)
 
 
+async def postgres_sink_kill(run: ChaosRun) -> None:
+    """19. under load, kill -9 the Postgres sink's sender and restart Postgres (fast shutdown) while its
+    successor starts; then kill -9 Postgres itself and the sender again. Ground truth: the table's rows."""
+    assert run.sink_postgres is not None
+    run.mark_fault(True)
+    for kill_server in (False, True):
+        await asyncio.sleep(5.0)
+        run.kill(FAULTED)
+        await asyncio.to_thread(run.sink_postgres.kill if kill_server else run.sink_postgres.stop)
+        await asyncio.sleep(3.0)
+        await asyncio.to_thread(run.sink_postgres.ensure)
+        await run.restart(FAULTED)
+    run.mark_fault(False)
+
+
 async def slow_isr_rebalance(run: ChaosRun) -> None:
     """15. SIGSTOP the broker leading fewest pipeline partitions (a follower of the rest), so acks=all
     produces stall, and rebalance the deduplicator and a sender meanwhile; SIGCONT after 20 s."""
@@ -952,7 +1014,7 @@ class Scenario:
     nodes: int = 1
     dedupe_backend: str = "rocksdb"
     own_redis: bool = False  # a Redis of its own, which the scenario kills
-    faulted_sink: str = "webhook"  # "kafka", or "redis_stream" (on the scenario's own Redis)
+    faulted_sink: str = "webhook"  # "kafka", "redis_stream" (on the scenario's own Redis), "postgres" (its own)
     # The faulted webhook answers 400 to about one event id in this many, from before the load's first
     # event (set by the fault step, an event sent in the first seconds was delivered yet expected refused).
     refuse_one_in: int | None = None
@@ -980,6 +1042,7 @@ SCENARIOS = {
         Scenario(16, "sink-4xx-mix", sink_4xx_mix, refuse_one_in=SINK_400_ONE_IN),
         Scenario(17, "kill-restart-single", kill_restart_single, supervise=True),
         Scenario(18, "rolling-deploy-2", rolling_deploy_two_workers),
+        Scenario(19, "postgres-sink-kill", postgres_sink_kill, faulted_sink="postgres"),
     )
 }
 
@@ -992,6 +1055,7 @@ async def run_scenario(
     rate: float = 200.0,
     port_base: int = 18500,
     sink_redis: LocalRedis | None = None,
+    sink_postgres: LocalPostgres | None = None,
 ) -> dict[str, Any]:
     run = ChaosRun(
         workdir,
@@ -1002,6 +1066,7 @@ async def run_scenario(
         dedupe_backend=scenario.dedupe_backend,
         faulted_sink=scenario.faulted_sink,
         sink_redis=sink_redis,
+        sink_postgres=sink_postgres,
         supervise=scenario.supervise,
     )
     await run.start()
@@ -1097,6 +1162,13 @@ def main(names: list[str], rate: float, json_out: str | None, doc: str | None = 
         if own is not None:
             own.wipe_data()
         sink_redis = own if scenario.faulted_sink == "redis_stream" else None
+        sink_postgres = (
+            LocalPostgres(port=int(env("HIFI_CHAOS_POSTGRES_PORT", "15433")), data_root=workroot / "postgres")
+            if scenario.faulted_sink == "postgres"
+            else None
+        )
+        if sink_postgres is not None:
+            sink_postgres.wipe()
         redis = (
             own
             if own is not None and sink_redis is None
@@ -1109,7 +1181,9 @@ def main(names: list[str], rate: float, json_out: str | None, doc: str | None = 
             started_redis = redis.ensure()
             print(f"scenario {scenario.number} {scenario.name}: running ...", flush=True)
             result = asyncio.run(
-                run_scenario(scenario, workroot / scenario.name, kafka, redis, rate, port_base, sink_redis)
+                run_scenario(
+                    scenario, workroot / scenario.name, kafka, redis, rate, port_base, sink_redis, sink_postgres
+                )
             )
             print(json.dumps(result), flush=True)
             results.append(result)
@@ -1119,6 +1193,8 @@ def main(names: list[str], rate: float, json_out: str | None, doc: str | None = 
                 redis.stop()
             if sink_redis is not None:
                 sink_redis.stop()
+            if sink_postgres is not None:
+                sink_postgres.stop()
     table = format_table(results)
     print(table)
     if doc:

@@ -39,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     redis.add_argument("action", choices=["start", "stop"])
     redis.add_argument("--url", default="redis://127.0.0.1:6379/0")
 
+    postgres = sub.add_parser("postgres", help="start a local PostgreSQL unless one answers; stop the one started")
+    postgres.add_argument("action", choices=["start", "stop", "wipe"])
+    postgres.add_argument("--port", type=int, default=5432)
+    postgres.add_argument("--data-dir", default=None, help="default .cache/postgres (a pg-<port> dir under it)")
+
     demo_sink = sub.add_parser("demo-sink", help="a webhook destination that counts what it receives")
     demo_sink.add_argument("--host", default="0.0.0.0")
     demo_sink.add_argument("--port", type=int, default=8800)
@@ -47,9 +52,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     chaos.add_argument(
         "scenario",
         nargs="+",
-        help="scenario names (docs/RELIABILITY.md lists all 18: kill-stages ... rolling-deploy, outage-scale-out, "
+        help="scenario names (docs/RELIABILITY.md lists all 19: kill-stages ... rolling-deploy, outage-scale-out, "
         "outage-rolling-deploy, long-restore, kafka-sink-broker-kill, redis-sink-kill, slow-isr-rebalance, "
-        "sink-4xx-mix, kill-restart-single, rolling-deploy-2), or all",
+        "sink-4xx-mix, kill-restart-single, rolling-deploy-2, postgres-sink-kill), or all",
     )
     chaos.add_argument("--rate", type=float, default=200.0, help="events per second of steady load")
     chaos.add_argument("--json", dest="json_out", help="also write the results to this file")
@@ -95,6 +100,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Handler]:
         "up": _up,
         "send": _send,
         "redis": _redis,
+        "postgres": _postgres,
         "demo-sink": _demo_sink,
         "chaos": _chaos,
         "bench": _bench,
@@ -141,6 +147,20 @@ def _redis(args: argparse.Namespace) -> None:
     else:
         server.stop()
         print("redis: stopped (if this project had started it)")
+
+
+def _postgres(args: argparse.Namespace) -> None:
+    from devtools.postgres import LocalPostgres
+
+    pg = LocalPostgres(port=args.port) if args.data_dir is None else LocalPostgres(args.port, Path(args.data_dir))
+    if args.action == "start":
+        print(f"postgres: {'started' if pg.ensure() else 'already answering'} at {pg.dsn}")
+    elif args.action == "stop":
+        pg.stop()
+        print("postgres: stopped (if this project had started it)")
+    else:
+        pg.wipe()
+        print(f"postgres: stopped and wiped {pg.data_dir}")
 
 
 def _demo_sink(args: argparse.Namespace) -> None:

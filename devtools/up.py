@@ -13,10 +13,11 @@ import aiohttp
 
 from devtools.kafka import REPO_ROOT, LocalKafka
 from devtools.pipeline import PipelineProcesses
+from devtools.postgres import local_postgres_for
 from devtools.redis import LocalRedis
 from devtools.traffic import EventFactory, post_batch
 from devtools.webhook import WebhookReceiver
-from shared.config import Settings, hash_api_key
+from shared.config import HifiConfig, Settings, hash_api_key
 
 DEMO_DIR = REPO_ROOT / "var" / "demo"
 DEMO_KEYS = {"acme": "demo-key-acme", "globex": "demo-key-globex"}
@@ -57,6 +58,10 @@ def up(config_path: str | None, rate: float, duration: float) -> None:
     if config_path is None:
         config_path = str(DEMO_DIR / "hifi.yaml")
         write_demo_config(Path(config_path), webhook.port)
+    postgres = [local_postgres_for(sink) for sink in HifiConfig.load(config_path).sinks.values()]
+    started_postgres = [pg for pg in postgres if pg is not None and pg.ensure()]
+    for pg in started_postgres:
+        print(f"postgres: started at {pg.dsn}", flush=True)
     settings = Settings(
         config_path=config_path, broker=kafka.bootstrap, redis_url=redis.url, data_dir=str(DEMO_DIR / "data")
     )
@@ -104,6 +109,8 @@ def up(config_path: str | None, rate: float, duration: float) -> None:
             print(f"services exited with {bad}")
         if started_redis:
             redis.stop()
+        for pg in started_postgres:
+            pg.stop()
         if not kafka_was_running:
             kafka.stop()
         print("stopped.")

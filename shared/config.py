@@ -21,7 +21,7 @@ from shared.event import Limits
 from shared.transforms import SinkRules
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-SINK_TYPES = ("webhook", "kafka", "redis_stream", "file")
+SINK_TYPES = ("webhook", "kafka", "redis_stream", "file", "postgres")
 DEDUPE_BACKENDS = ("rocksdb", "redis")
 
 
@@ -237,12 +237,19 @@ class HifiConfig:
 
 
 def _sink_options(kind: str, spec: dict[str, Any], where: str, base_dir: Path | None) -> dict[str, Any]:
-    required = {"webhook": {"url"}, "kafka": {"topic"}, "redis_stream": {"stream"}, "file": {"path"}}[kind]
+    required = {
+        "webhook": {"url"},
+        "kafka": {"topic"},
+        "redis_stream": {"stream"},
+        "file": {"path"},
+        "postgres": {"dsn_env", "table"},
+    }[kind]
     optional = {
-        "webhook": {"headers"},
+        "webhook": {"headers", *WEBHOOK_SECRET_OPTIONS},
         "kafka": {"bootstrap", "transactional"},
         "redis_stream": {"url", "maxlen", "dedupe_window_s"},
         "file": {"rotate_bytes"},
+        "postgres": set(),
     }[kind]
     _only(spec, where, required | optional | {"drop_canaries"})
     for name in sorted(required):
@@ -259,7 +266,68 @@ def _sink_options(kind: str, spec: dict[str, Any], where: str, base_dir: Path | 
         spec["dedupe_window_s"] = _num(spec["dedupe_window_s"], f"{where}.dedupe_window_s", 1, 365 * 86_400)
     if kind == "kafka" and not isinstance(spec.get("transactional", True), bool):
         raise ConfigError(f"{where}.transactional", "must be true or false")
+    if kind == "postgres":
+        _postgres_options(spec, where)
+    if kind == "webhook":
+        _webhook_secret_options(spec, where)
     return spec
+
+
+# --- Webhook signing and auth (issue 19): the config names environment variables, never the secrets ---
+WEBHOOK_SECRET_OPTIONS = ("signing_secret_env", "headers_env", "auth")
+WEBHOOK_AUTH = {"bearer": {"token_env"}, "basic": {"username", "username_env", "password_env"}}
+
+
+def _env_name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not ENV_NAME_RE.match(value):
+        raise ConfigError(where, "must be the NAME of an environment variable (the secret stays out of the file)")
+    return value
+
+
+def _webhook_secret_options(spec: dict[str, Any], where: str) -> None:
+    """`signing_secret_env`: one name, or two during a rotation (both sign); `headers_env`: header -> name;
+    `auth`: {type: bearer, token_env} or {type: basic, username | username_env, password_env}."""
+    if "signing_secret_env" in spec:
+        names = spec["signing_secret_env"]
+        names = [names] if isinstance(names, str) else names
+        if not isinstance(names, list) or not 1 <= len(names) <= 2:
+            raise ConfigError(f"{where}.signing_secret_env", "one variable name, or a list of two during a rotation")
+        spec["signing_secret_env"] = [_env_name(n, f"{where}.signing_secret_env[{i}]") for i, n in enumerate(names)]
+    if "headers_env" in spec:
+        headers = _map(spec["headers_env"], f"{where}.headers_env")
+        for header, name in headers.items():
+            if not isinstance(header, str) or not re.fullmatch(r"[A-Za-z0-9-]+", header):
+                raise ConfigError(f"{where}.headers_env", f"{header!r} is not an HTTP header name")
+            _env_name(name, f"{where}.headers_env.{header}")
+    if "auth" in spec:
+        auth = _map(spec["auth"], f"{where}.auth", required=True)
+        kind = auth.get("type")
+        if kind not in WEBHOOK_AUTH:
+            raise ConfigError(f"{where}.auth.type", f"must be one of {', '.join(WEBHOOK_AUTH)}")
+        _only(auth, f"{where}.auth", {"type"} | WEBHOOK_AUTH[kind])
+        if kind == "bearer":
+            _env_name(auth.get("token_env"), f"{where}.auth.token_env")
+        else:
+            _env_name(auth.get("password_env"), f"{where}.auth.password_env")
+            if ("username" in auth) == ("username_env" in auth):
+                raise ConfigError(f"{where}.auth", "basic auth needs username or username_env (one of them)")
+            if "username_env" in auth:
+                _env_name(auth["username_env"], f"{where}.auth.username_env")
+            elif not isinstance(auth["username"], str) or ":" in auth["username"]:
+                raise ConfigError(f"{where}.auth.username", "must be a string without ':'")
+
+
+# --- PostgreSQL sink (issue 19) ---
+ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+PG_TABLE_RE = re.compile(r"^(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,62}$")
+
+
+def _postgres_options(spec: dict[str, Any], where: str) -> None:
+    """`dsn_env` names the environment variable holding the DSN (a secret); `table` is `[schema.]name`."""
+    if not ENV_NAME_RE.match(spec["dsn_env"]):
+        raise ConfigError(f"{where}.dsn_env", "must be the NAME of an environment variable (the DSN is a secret)")
+    if not PG_TABLE_RE.match(spec["table"]):
+        raise ConfigError(f"{where}.table", "must be [schema.]name in lower case letters, digits and _")
 
 
 def _path(value: str, base_dir: Path | None) -> Path:

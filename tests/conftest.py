@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from hypothesis import settings
 
 from devtools.kafka import DEFAULT_HOME, LocalKafka
+from devtools.postgres import LocalPostgres
 from devtools.redis import LocalRedis
 from shared.config import Settings
 
@@ -26,6 +27,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 TEST_KAFKA_PORT = int(os.environ.get("HIFI_TEST_KAFKA_PORT", "19092"))
 TEST_REDIS_URL = os.environ.get("HIFI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TEST_POSTGRES_PORT = int(os.environ.get("HIFI_TEST_POSTGRES_PORT", "15432"))
 # Under pytest-xdist (`make test` runs the files on several workers) each worker takes its own block of ports.
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
 # Ports the suite's own brokers hold (clients, then controllers at +1000): test_stale_leader and
@@ -91,6 +93,19 @@ def redis_server() -> Iterator[LocalRedis]:
     server = LocalRedis(url=TEST_REDIS_URL)
     if "PYTEST_XDIST_WORKER" in os.environ and not server.answering():
         pytest.fail(f"no Redis at {TEST_REDIS_URL}: with -n, start it first (dev/test.sh does)", pytrace=False)
+    started = server.ensure()
+    yield server
+    if started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[LocalPostgres]:
+    server = LocalPostgres(port=TEST_POSTGRES_PORT)
+    if "PYTEST_XDIST_WORKER" in os.environ and not server.answering():
+        pytest.fail(
+            f"no PostgreSQL on port {TEST_POSTGRES_PORT}: with -n, start it first (dev/test.sh does)", pytrace=False
+        )
     started = server.ensure()
     yield server
     if started:

@@ -10,9 +10,16 @@ import pytest
 from devtools.chaos import SCENARIOS, Kill, run_scenario
 
 
-async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0, sink_redis=None):
+async def run(name, tmp_path, kafka, redis_server, port_base, rate=150.0, sink_redis=None, sink_postgres=None):
     result = await run_scenario(
-        SCENARIOS[name], tmp_path / name, kafka, redis_server, rate=rate, port_base=port_base, sink_redis=sink_redis
+        SCENARIOS[name],
+        tmp_path / name,
+        kafka,
+        redis_server,
+        rate=rate,
+        port_base=port_base,
+        sink_redis=sink_redis,
+        sink_postgres=sink_postgres,
     )
     detail = {
         k: result.get(k)
@@ -107,6 +114,24 @@ async def test_a_redis_stream_sink_killed_mid_pipeline_holds_every_event_once(tm
         assert result["faulted_sink"] == "redis_stream" and result["faulted_delivered"] == result["accepted"], result
     finally:
         sink_redis.stop()
+
+
+@pytest.mark.chaos
+async def test_a_postgres_sink_whose_sender_and_server_are_killed_holds_every_event_once(
+    tmp_path, kafka, redis_server, port_base
+):
+    from devtools.postgres import LocalPostgres
+
+    sink_postgres = LocalPostgres(port=port_base + 18)  # under .cache: the postgres user cannot enter tmp_path
+    sink_postgres.wipe()
+    try:
+        result = await run(
+            "postgres-sink-kill", tmp_path, kafka, redis_server, port_base, rate=200.0, sink_postgres=sink_postgres
+        )
+        assert result["faulted_sink"] == "postgres" and result["faulted_delivered"] == result["accepted"], result
+        assert result["faulted_duplicates"] == 0 and result["sender_kills"] == 2, result
+    finally:
+        sink_postgres.wipe()
 
 
 def test_the_sender_kill_window_runs_from_its_last_two_seconds_until_its_successor_starts():

@@ -259,3 +259,24 @@ def test_the_charts_stages_and_ports_are_the_pipeline_definitions():
     for spec in pipeline.STAGES:
         # A per-sink stage runs one pod per sink, each alone on its pod's network: the first sink's port.
         assert values["stages"][spec.name]["webPort"] == spec.web_port, spec.name
+
+
+def test_postgres_sink_dsn_comes_from_a_secret_on_its_sender_only():
+    config = {
+        "tenants": {"acme": {"api_keys": [hash_api_key("a")], "sinks": ["db"]}},
+        "sinks": {"db": {"type": "postgres", "dsn_env": "HIFI_PG_DSN", "table": "events"}},
+    }
+    docs = render(
+        {
+            "config": yaml.safe_dump(config),
+            "secrets": {"sinkEnv": {"HIFI_PG_DSN": {"secret": "hifi-postgres", "key": "dsn"}}},
+        }
+    )
+    check_objects(docs)
+    workloads = {**by_kind(docs, "Deployment"), **by_kind(docs, "StatefulSet")}
+    env = {n: {e["name"]: e for e in container(w)["env"]} for n, w in workloads.items()}
+    assert env["sender-db"]["HIFI_PG_DSN"]["valueFrom"] == {"secretKeyRef": {"name": "hifi-postgres", "key": "dsn"}}
+    assert not [n for n, e in env.items() if n != "sender-db" and "HIFI_PG_DSN" in e], "the DSN reaches its sender only"
+    assert "postgresql://" not in yaml.safe_dump(docs)
+    with pytest.raises(Exception, match="sinkEnv"):
+        render({"secrets": {"sinkEnv": {"HIFI_PG_DSN": {"secret": "hifi-postgres"}}}})

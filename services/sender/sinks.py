@@ -8,6 +8,7 @@ from a sink that is down."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -40,9 +41,17 @@ from redis.exceptions import (
 
 from shared.app import durable_producer
 from shared.config import SinkConfig
-from shared.errors import PartialDelivery, PermanentSinkError, SinkMisconfigured, SinkThrottled, TransientError
+from shared.errors import (
+    ConfigError,
+    PartialDelivery,
+    PermanentSinkError,
+    SinkMisconfigured,
+    SinkThrottled,
+    TransientError,
+)
 from shared.event import Event
 from shared.publish import retire
+from shared.webhook_signing import parse_secret, sign_headers
 
 
 def sink_record(sink: str, event: Event) -> dict[str, Any]:
@@ -101,13 +110,21 @@ class WebhookSink:
     """POST {"sink", "events": [...]} as JSON. 2xx is an ack; 408, 429 and 5xx are retried
     (honouring Retry-After); 401/403/404/405/407/410/415 mean the sink is misconfigured (retried, paged);
     any other 4xx refuses the request's events. A request re-sent after a split carries a new batch
-    Idempotency-Key header (its events differ); each event's own `idempotency_key` never changes."""
+    Idempotency-Key header (its events differ); each event's own `idempotency_key` never changes.
+    With `signing_secret_env`, each request is signed per Standard Webhooks (`shared/webhook_signing.py`):
+    `webhook-id` is `msg_` + the batch key (the same on a retry of the same batch). `headers_env` and `auth`
+    add headers from secrets."""
 
     def __init__(self, config: SinkConfig) -> None:
         self.config = config
         self.url = config.options["url"]
-        self.headers = dict(config.options.get("headers") or {})
+        self.headers = {**(config.options.get("headers") or {}), **webhook_secret_headers(config)}
+        self.signing_keys = webhook_signing_keys(config)
         self.session: aiohttp.ClientSession | None = None
+
+    def _signed(self, msg_id: str, body: str) -> dict[str, str]:
+        """Standard Webhooks headers for this attempt (a fresh timestamp; the same id on every retry)."""
+        return sign_headers(self.signing_keys, msg_id, body.encode()) if self.signing_keys else {}
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.timeout_s))
@@ -117,7 +134,12 @@ class WebhookSink:
         records = [sink_record(self.config.name, e) for e in events]
         batch_key = hashlib.sha256("\n".join(r["idempotency_key"] for r in records).encode()).hexdigest()
         body = json.dumps({"sink": self.config.name, "events": records}, separators=(",", ":"))
-        headers = {"Content-Type": "application/json", "Idempotency-Key": batch_key, **self.headers}
+        headers = {
+            "Content-Type": "application/json",
+            "Idempotency-Key": batch_key,
+            **self.headers,
+            **self._signed(f"msg_{batch_key[:32]}", body),
+        }
         try:
             async with self.session.post(self.url, data=body, headers=headers) as resp:
                 status = resp.status
@@ -140,9 +162,8 @@ class WebhookSink:
         assert self.session is not None
         body = json.dumps({"sink": self.config.name, "events": []}, separators=(",", ":"))
         try:
-            async with self.session.post(
-                self.url, data=body, headers={"Content-Type": "application/json", **self.headers}
-            ) as resp:
+            probe_headers = {"Content-Type": "application/json", **self.headers, **self._signed("msg_probe", body)}
+            async with self.session.post(self.url, data=body, headers=probe_headers) as resp:
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransientError(f"webhook {self.config.name} probe: {type(exc).__name__}: {exc}") from exc
@@ -152,6 +173,41 @@ class WebhookSink:
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
+
+
+def _secret_env(config: SinkConfig, name: str, field: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise ConfigError(f"sinks.{config.name}.{field}", f"environment variable {name} is not set")
+    return value
+
+
+def webhook_signing_keys(config: SinkConfig) -> list[bytes]:
+    """The keys of `signing_secret_env` (new first, then the one being retired), checked at start-up."""
+    keys = []
+    for i, name in enumerate(config.options.get("signing_secret_env") or []):
+        field = f"signing_secret_env[{i}]"
+        try:
+            keys.append(parse_secret(_secret_env(config, name, field)))
+        except ValueError as exc:
+            raise ConfigError(f"sinks.{config.name}.{field}", f"environment variable {name}: {exc}") from None
+    return keys
+
+
+def webhook_secret_headers(config: SinkConfig) -> dict[str, str]:
+    """`headers_env` and `auth`, read from the environment at start-up: a missing variable names its field."""
+    headers = {
+        header: _secret_env(config, name, f"headers_env.{header}")
+        for header, name in (config.options.get("headers_env") or {}).items()
+    }
+    auth = config.options.get("auth")
+    if auth and auth["type"] == "bearer":
+        headers["Authorization"] = "Bearer " + _secret_env(config, auth["token_env"], "auth.token_env")
+    elif auth:
+        user = auth.get("username") or _secret_env(config, auth.get("username_env", ""), "auth.username_env")
+        password = _secret_env(config, auth["password_env"], "auth.password_env")
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    return headers
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -542,4 +598,8 @@ def make_sink(
         return RedisStreamSink(config, redis_url, dedupe_window_s)
     if config.type == "file":
         return FileSink(config)
+    if config.type == "postgres":
+        from .postgres import PostgresSink  # imports this module
+
+        return PostgresSink(config)
     raise ValueError(f"unknown sink type {config.type}")

@@ -29,6 +29,18 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end -}}
 
+{{/* Sink credentials (issue 19): each environment variable a sink names (`dsn_env`, webhook signing secrets,
+auth tokens) from a key of a Secret; set on the sender pods only. */}}
+{{- define "hifi.sinkEnv" -}}
+{{- range $name, $ref := .Values.secrets.sinkEnv }}
+- name: {{ $name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $ref.secret }}
+      key: {{ $ref.key }}
+{{- end }}
+{{- end -}}
+
 {{/* Whether an autoscaler (an HPA, or KEDA for a sender) owns a workload's replica count. */}}
 {{- define "hifi.autoscaled" -}}
 {{- if or .stage.autoscaling.enabled (and .sink .root.Values.keda.enabled) }}true{{ end -}}
@@ -73,7 +85,7 @@ spec:
     rollingUpdate: {maxUnavailable: 0, maxSurge: 1}
   {{- end }}
   template:
-    {{- include "hifi.podTemplate" (dict "root" $root "component" .component "args" .args "stage" .stage "persistent" .persistent "static" true "leave" $leave) | nindent 4 }}
+    {{- include "hifi.podTemplate" (dict "root" $root "component" .component "args" .args "stage" .stage "persistent" .persistent "static" true "leave" $leave "sink" .sink) | nindent 4 }}
   {{- if .persistent }}
   volumeClaimTemplates:
     - metadata:
@@ -103,7 +115,8 @@ spec:
 {{- end -}}
 
 {{/* The pod template every stage shares. Arguments: root, component, args, stage (its values), persistent,
-static (a consumer: HIFI_WORKER_ID and membership settings), leave (its HIFI_LEAVE_GROUP_ON_STOP). */}}
+static (a consumer: HIFI_WORKER_ID and membership settings), leave (its HIFI_LEAVE_GROUP_ON_STOP), sink (a
+sender: its sink secrets, `secrets.sinkEnv`). */}}
 
 {{- define "hifi.podTemplate" -}}
 {{- $root := .root -}}
@@ -160,6 +173,9 @@ spec:
         - {name: HIFI_LEAVE_GROUP_ON_STOP, value: {{ .leave | quote }}}
         {{- end }}
         {{- include "hifi.secretEnv" $root | nindent 8 }}
+        {{- if .sink }}
+        {{- include "hifi.sinkEnv" $root | nindent 8 }}
+        {{- end }}
       {{- with $root.Values.secrets.extraEnvFrom }}
       envFrom:
         {{- toYaml . | nindent 8 }}
