@@ -47,6 +47,20 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
     redis.add_argument("action", choices=["start", "stop"])
     redis.add_argument("--url", default="redis://127.0.0.1:6379/0")
 
+    s3 = sub.add_parser(
+        "s3", help="start a local s3proxy (filesystem backend) unless one answers; stop the one started"
+    )
+    s3.add_argument("action", choices=["start", "stop"])
+    s3.add_argument("--port", type=int, default=9000)
+
+    replay = sub.add_parser("replay", help="re-deliver a time range of the S3 archive to one sink (HIFI_* env)")
+    replay.add_argument("--tenant", required=True)
+    replay.add_argument("--since", required=True, help="ISO 8601 UTC time (or epoch seconds), inclusive")
+    replay.add_argument("--until", required=True, help="ISO 8601 UTC time (or epoch seconds), exclusive")
+    replay.add_argument("--to-sink", required=True, dest="to_sink")
+    replay.add_argument("--rate", type=float, default=0.0, help="events per second (0 = unlimited)")
+    replay.add_argument("--force", action="store_true", help="re-send events the sink's ledger already has")
+
     demo_sink = sub.add_parser("demo-sink", help="a webhook destination that counts what it receives")
     demo_sink.add_argument("--host", default="0.0.0.0")
     demo_sink.add_argument("--port", type=int, default=8800)
@@ -152,6 +166,17 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
         else:
             server.stop()
             print("redis: stopped (if this project had started it)")
+    elif args.command == "s3":
+        from shared.local.s3 import LocalS3
+
+        s3_server = LocalS3(port=args.port)
+        if args.action == "start":
+            print(f"s3: {'started' if s3_server.ensure() else 'already answering'} at {s3_server.endpoint}")
+        else:
+            s3_server.stop()
+            print("s3: stopped (if this project had started it)")
+    elif args.command == "replay":
+        run_replay(args)
     elif args.command == "demo-sink":
         from shared.local.webhook import serve_forever
 
@@ -201,6 +226,22 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
         print(f"{len(names)} topics present at {settings.broker}")
     elif args.command == "hash-key":
         print(hash_api_key(args.key))
+
+
+def run_replay(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from shared.config import HifiConfig
+    from shared.replay import ReplayError, parse_time, replay
+
+    settings = Settings.from_env()
+    config = HifiConfig.load(settings.config_path)
+    try:
+        since, until = parse_time(args.since), parse_time(args.until)
+        report = asyncio.run(replay(settings, config, args.tenant, since, until, args.to_sink, args.rate, args.force))
+    except ReplayError as exc:
+        raise SystemExit(f"replay: {exc}") from None
+    print(f"replayed {report.events} events of {args.tenant} from {report.objects} archive objects to {args.to_sink}")
 
 
 def run_dlq(args: argparse.Namespace) -> None:

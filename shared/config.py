@@ -20,7 +20,9 @@ from shared.errors import ConfigError
 from shared.event import Limits
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-SINK_TYPES = ("webhook", "kafka", "redis_stream", "file")
+SINK_TYPES = ("webhook", "kafka", "redis_stream", "file", "s3_archive")
+# An archive sink takes every tenant's events (README "Archive and replay"); tenants do not list it.
+ARCHIVE_SINK_TYPES = ("s3_archive",)
 DEDUPE_BACKENDS = ("rocksdb", "redis")
 
 
@@ -105,8 +107,14 @@ class HifiConfig:
         return self.sinks[sink].sla_ms if sink in self.sinks else 1000.0
 
     def subscribers(self, tenant: str) -> tuple[str, ...]:
+        """The sinks a tenant's events go to: its own list, then every archive sink."""
         found = self.tenants.get(tenant)
-        return found.sinks if found else ()
+        if found is None:
+            return ()
+        return found.sinks + tuple(s for s in self.archive_sinks() if s not in found.sinks)
+
+    def archive_sinks(self) -> tuple[str, ...]:
+        return tuple(name for name, sink in self.sinks.items() if sink.type in ARCHIVE_SINK_TYPES)
 
     @classmethod
     def load(cls, path: str | Path) -> HifiConfig:
@@ -218,8 +226,15 @@ class HifiConfig:
 
 
 def _sink_options(kind: str, spec: dict[str, Any], where: str, base_dir: Path | None) -> dict[str, Any]:
-    required = {"webhook": {"url"}, "kafka": {"topic"}, "redis_stream": {"stream"}, "file": {"path"}}[kind]
+    required = {
+        "webhook": {"url"},
+        "kafka": {"topic"},
+        "redis_stream": {"stream"},
+        "file": {"path"},
+        "s3_archive": {"bucket"},
+    }[kind]
     optional = {
+        "s3_archive": {"endpoint", "region", "prefix", "access_key_env", "secret_key_env"},
         "webhook": {"headers"},
         "kafka": {"bootstrap", "transactional"},
         "redis_stream": {"url", "maxlen", "dedupe_window_s"},
@@ -240,6 +255,10 @@ def _sink_options(kind: str, spec: dict[str, Any], where: str, base_dir: Path | 
         spec["dedupe_window_s"] = _num(spec["dedupe_window_s"], f"{where}.dedupe_window_s", 1, 365 * 86_400)
     if kind == "kafka" and not isinstance(spec.get("transactional", True), bool):
         raise ConfigError(f"{where}.transactional", "must be true or false")
+    if kind == "s3_archive":
+        for name in ("access_key_env", "secret_key_env"):
+            if name in spec and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", str(spec[name])):
+                raise ConfigError(f"{where}.{name}", "must be the NAME of an environment variable")
     return spec
 
 

@@ -18,6 +18,7 @@ from hypothesis import settings
 from shared.config import Settings
 from shared.local.kafka import DEFAULT_HOME, LocalKafka
 from shared.local.redis import LocalRedis
+from shared.local.s3 import LocalS3
 
 # `make fuzz` runs the property tests with many more examples (HYPOTHESIS_PROFILE=fuzz).
 settings.register_profile("default", deadline=None)
@@ -26,6 +27,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 TEST_KAFKA_PORT = int(os.environ.get("HIFI_TEST_KAFKA_PORT", "19092"))
 TEST_REDIS_URL = os.environ.get("HIFI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TEST_S3_PORT = int(os.environ.get("HIFI_TEST_S3_PORT", "19594"))
 # Under pytest-xdist (`make test` runs the files on several workers) each worker takes its own block of ports.
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
 # Ports the suite's own brokers hold (clients, then controllers at +1000): test_stale_leader and
@@ -76,6 +78,18 @@ def redis_server() -> Iterator[LocalRedis]:
     server = LocalRedis(url=TEST_REDIS_URL)
     if "PYTEST_XDIST_WORKER" in os.environ and not server.answering():
         pytest.fail(f"no Redis at {TEST_REDIS_URL}: with -n, start it first (dev/test.sh does)", pytrace=False)
+    started = server.ensure()
+    yield server
+    if started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[LocalS3]:
+    """A real S3 API (s3proxy, filesystem backend); each test uses its own bucket."""
+    server = LocalS3(port=TEST_S3_PORT)
+    if "PYTEST_XDIST_WORKER" in os.environ and not server.answering():
+        pytest.fail(f"no s3proxy on port {TEST_S3_PORT}: with -n, start it first (dev/test.sh does)", pytrace=False)
     started = server.ensure()
     yield server
     if started:

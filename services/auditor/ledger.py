@@ -40,6 +40,8 @@ ACCEPTING = (COLLECTOR, "canary")
 HOPS = tuple(s.name for s in pipeline.HOPS)  # each tallies what it read, passed on and dead-lettered
 DEDUPLICATOR, ROUTER = pipeline.DEDUPLICATOR.name, pipeline.ROUTER.name  # they drop duplicates, unrouted events
 DELIVERED = ("delivered", "skipped", "canary_dropped")
+# `hifi replay` traffic in a sender's input: counted apart (totals), never in the live reconciliation.
+REPLAYED = ("replayed", "replay_skipped")
 
 
 class SlidingHdr:
@@ -272,7 +274,8 @@ class LossLedger:
             key = (tenant, sink, bucket_start)
             path = [*HOPS, sender]
             hops = [(COLLECTOR, accepted, path[0], sum(c[path[0]].values()))] + [
-                (up, c[up]["out"], down, sum(c[down].values())) for up, down in pairwise(path)
+                (up, c[up]["out"], down, sum(n for o, n in c[down].items() if o not in REPLAYED))
+                for up, down in pairwise(path)
             ]
             # Per hop, so copies a replay added at one hop cannot hide events missing at another.
             short = [(up, passed, down, read) for up, passed, down, read in hops if read < passed]

@@ -537,4 +537,8 @@ def make_sink(
         return RedisStreamSink(config, redis_url, dedupe_window_s)
     if config.type == "file":
         return FileSink(config)
+    if config.type == "s3_archive":
+        from .archive import ArchiveSink
+
+        return ArchiveSink(config)
     raise ValueError(f"unknown sink type {config.type}")
