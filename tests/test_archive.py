@@ -236,3 +236,28 @@ async def test_replay_reaches_a_sink_added_later_once_skips_a_sink_that_has_them
     summary = audit(pipeline)
     assert summary["lost_by_stage"] == {}, summary["lost_by_stage"]
     assert not summary["surplus"], summary["surplus"]
+
+
+def test_ledger_keeps_replayed_events_out_of_the_live_reconciliation():
+    """Replays in a sender's input neither count as deliveries nor hide the events its live input lost."""
+    from services.auditor.ledger import LossLedger
+
+    def tally(stage: str, first: int, runs: list[list[Any]]) -> dict[str, Any]:
+        return {"stage": stage, "topic": f"in.{stage}", "partition": 0, "first": first, "runs": runs}
+
+    ledger = LossLedger(lambda tenant: ("hook",), bucket_s=10, settle_s=30)
+    ledger.add_tally({"stage": "collector", "runs": [["acme", 0, "accepted", 10]]})
+    for stage in ("enricher", "deduplicator", "router"):
+        ledger.add_tally(tally(stage, 0, [["acme", 0, "out", 10]]))
+    # the sender's live input lost 2; 5 replayed events (3 new to the sink, 2 it had) came after them
+    ledger.add_tally(
+        tally(
+            "sender.hook",
+            0,
+            [["acme", 0, "delivered", 8], ["acme", 0, "replayed", 3], ["acme", 0, "replay_skipped", 2]],
+        )
+    )
+    (report,) = ledger.reconcile("acme", 0)
+    assert (report.lost, report.stage, report.detail) == (2, "sender.hook", "router passed on 10, sender.hook read 8")
+    assert ledger.totals["sender.hook"]["replayed"] == 3
+    assert not ledger.surplus
