@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from shared.errors import HifiError
 from shared.local.kafka import REPO_ROOT
@@ -139,3 +140,25 @@ class LocalS3:
                 pass
         self.pid_file.unlink(missing_ok=True)
         self.process = None
+
+
+def start_for_archive(config_path: str) -> LocalS3 | None:
+    """For `hifi up`: the config's first s3_archive sink on a local endpoint gets a local s3proxy (its bucket
+    created, the local credentials exported to the services unless set). Returns the server this started."""
+    from shared.config import HifiConfig
+
+    config = HifiConfig.load(config_path)
+    archives = config.archive_sinks()
+    if not archives:
+        return None
+    options = config.sinks[archives[0]].options
+    endpoint = urlparse(options.get("endpoint") or "")
+    if endpoint.hostname not in ("127.0.0.1", "localhost") or endpoint.port is None:
+        return None
+    server = LocalS3(port=endpoint.port)
+    started = server.ensure()
+    server.create_bucket(options["bucket"])
+    os.environ.setdefault(options.get("access_key_env", "HIFI_ARCHIVE_ACCESS_KEY_ID"), LOCAL_ACCESS_KEY)
+    os.environ.setdefault(options.get("secret_key_env", "HIFI_ARCHIVE_SECRET_ACCESS_KEY"), LOCAL_SECRET_KEY)
+    print(f"s3: {'started' if started else 'using the one'} at {server.endpoint} (bucket {options['bucket']})")
+    return server if started else None

@@ -15,6 +15,7 @@ from shared.config import Settings, hash_api_key
 from shared.local.kafka import REPO_ROOT, LocalKafka
 from shared.local.pipeline import PipelineProcesses
 from shared.local.redis import LocalRedis
+from shared.local.s3 import start_for_archive
 from shared.local.traffic import EventFactory, post_batch
 from shared.local.webhook import WebhookReceiver
 
@@ -60,6 +61,7 @@ def up(config_path: str | None, rate: float, duration: float) -> None:
     settings = Settings(
         config_path=config_path, broker=kafka.bootstrap, redis_url=redis.url, data_dir=str(DEMO_DIR / "data")
     )
+    s3 = start_for_archive(config_path)  # an s3_archive sink with a local endpoint: s3proxy, if none answers
     # Supervised like pods: a worker that dies is restarted (at once, then with backoff) under its name.
     pipeline = PipelineProcesses(settings, DEMO_DIR / "logs", auditor=True, supervise=True)
     pipeline.start_all()
@@ -104,6 +106,8 @@ def up(config_path: str | None, rate: float, duration: float) -> None:
             print(f"services exited with {bad}")
         if started_redis:
             redis.stop()
+        if s3 is not None:
+            s3.stop()
         if not kafka_was_running:
             kafka.stop()
         print("stopped.")
