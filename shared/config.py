@@ -42,6 +42,8 @@ class SinkConfig:
     # A 5xx/timeout that follows one payload: after this many failed attempts its request is bisected and
     # the event that keeps failing while the others get through is dead-lettered.
     max_attempts_per_event: int = 10
+    # The sender fetches on this long while a batch is short of batch_max (an archive: fewer, larger objects).
+    linger_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -144,8 +146,9 @@ class HifiConfig:
             timeout_s = _num(spec.pop("timeout_s", 10.0), f"{where}.timeout_s", 0.1, 300)
             sla_ms = _num(spec.pop("sla_ms", 1000.0), f"{where}.sla_ms", 1, 86_400_000)
             max_attempts = _int(spec.pop("max_attempts_per_event", 10), f"{where}.max_attempts_per_event", 1, 1000)
+            linger_s = _num(spec.pop("linger_s", 0.0), f"{where}.linger_s", 0, 600)
             options = _sink_options(kind, spec, where, base_dir)
-            sinks[name] = SinkConfig(name, kind, options, batch_max, timeout_s, sla_ms, max_attempts)
+            sinks[name] = SinkConfig(name, kind, options, batch_max, timeout_s, sla_ms, max_attempts, linger_s)
         tenants = {}
         for name, raw in _map(root.get("tenants"), "tenants", required=True).items():
             where = f"tenants.{name}"

@@ -93,25 +93,28 @@ async def test_archive_bad_credentials_page_as_misconfigured(s3_server, bucket, 
 # -- on the real pipeline ------------------------------------------------------------------------------------
 
 
-def write_config(path: Path, s3: LocalS3, bucket: str, files: dict[str, Path], subscribed: list[str]) -> None:
+def write_config(
+    path: Path, s3: LocalS3, bucket: str, files: dict[str, Path], subscribed: list[str], batching: str = "batch_max: 25"
+) -> None:
     sinks = "".join(f'  {name}: {{type: file, path: "{d}"}}\n' for name, d in files.items())
     path.write_text(
         "tenants:\n"
         + tenant_block("acme", "key-acme", subscribed)
         + "sinks:\n"
         + sinks
-        + f'  archive: {{type: s3_archive, bucket: "{bucket}", endpoint: "{s3.endpoint}", batch_max: 25}}\n'
+        + f'  archive: {{type: s3_archive, bucket: "{bucket}", endpoint: "{s3.endpoint}", {batching}}}\n'
         + "audit: {bucket_s: 1, settle_s: 3, canary_interval_s: 1, dlq_check_s: 1}\n"
     )
 
 
-async def send(pipeline: Any, factory: EventFactory, n: int) -> list[str]:
+async def send(pipeline: Any, factory: EventFactory, n: int, pause_s: float = 0.0) -> list[str]:
     ids: list[str] = []
     for _ in range(n // 20):
         batch = [factory.make() for _ in range(20)]
         status, _ = await post(pipeline.collector_url, "key-acme", batch)
         assert status == 200
         ids += [e["event_id"] for e in batch]
+        await asyncio.sleep(pause_s)
     return ids
 
 
@@ -178,17 +181,21 @@ async def test_replay_reaches_a_sink_added_later_once_skips_a_sink_that_has_them
 ):
     config_path = tmp_path / "hifi.yaml"
     files = {"old": tmp_path / "old"}
-    write_config(config_path, s3_server, bucket, files, ["old"])
+    # The archive's sender fetches on for 4 s while its batch is short: five posts 0.5 s apart make one or two
+    # batches, so at most two objects per source partition (4), not one per post and partition (15 measured).
+    write_config(config_path, s3_server, bucket, files, ["old"], "batch_max: 5000, linger_s: 4")
     settings = settings_for(config_path)
     since = datetime.now(UTC) - timedelta(minutes=1)
     pipeline = await start_pipeline(settings)
-    ids = await send(pipeline, EventFactory(producer_id=f"{bucket}-r"), 100)
+    ids = await send(pipeline, EventFactory(producer_id=f"{bucket}-r"), 100, pause_s=0.5)
     archive = archive_config(s3_server, bucket)
 
     async def all_archived() -> bool:
         return len({e.event_id for e in await archived(archive)} & set(ids)) == len(ids)
 
     await wait_for(all_archived, 90, "every event archived", pipeline)
+    objects = [m for m in await obstore.list(make_store(archive)).collect_async() if parse_key(m["path"])]
+    assert len(objects) <= 2 * settings.partitions, [m["path"] for m in objects]
     await wait_for(lambda: len(customer_ids(files["old"])) >= len(ids), 30, "the old sink", pipeline)
     await asyncio.to_thread(pipeline.stop_all)
 

@@ -748,6 +748,7 @@ def build_sender(ctx: ServiceContext) -> tuple[Any, SinkDelivery, StageRunner]:
         ctx.topics.dlq(stage),
         source=ctx.source_topic,
         batch_max=sink_config.batch_max,
+        batch_linger_s=sink_config.linger_s,
         states=[ledger],
         # A request in flight at a revocation ends (acked: marked and published; failed: given up) before
         # the handover, instead of being cancelled after the sink may have taken it.

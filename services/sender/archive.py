@@ -6,8 +6,9 @@ finished object (S3 makes it visible whole or not at all) and `deliver_batch` re
 was acknowledged, so the sender marks its ledger and commits the input offsets only once the archive holds the
 batch. A crash between the PUTs and the commit re-reads the batch: before writing, the sink lists the
 objects of the batch's (tenant, hour, source partition) and skips every offset one of them covers, so the
-retry never archives an event twice, whatever batch boundaries the re-read has. Batches are the sender's
-(`batch_max`, default 200; set it higher, e.g. 5000, for fewer, larger objects).
+retry never archives an event twice, whatever batch boundaries the re-read has. Batches are the sender's:
+`batch_max` events, fetched for up to `linger_s` (e.g. 5000 and 60: one object per tenant, hour and source
+partition a minute at most); nothing is committed before its object is in.
 """
 
 from __future__ import annotations
