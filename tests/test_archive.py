@@ -268,3 +268,24 @@ def test_ledger_keeps_replayed_events_out_of_the_live_reconciliation():
     assert (report.lost, report.stage, report.detail) == (2, "sender.hook", "router passed on 10, sender.hook read 8")
     assert ledger.totals["sender.hook"]["replayed"] == 3
     assert not ledger.surplus
+
+
+async def test_replay_refuses_what_it_cannot_do(tmp_path, s3_server, bucket, settings_for):
+    from shared.config import HifiConfig
+    from shared.replay import ReplayError, parse_time, replay
+
+    config_path = tmp_path / "hifi.yaml"
+    write_config(config_path, s3_server, bucket, {"files": tmp_path / "files"}, ["files"])
+    config, settings = HifiConfig.load(config_path), settings_for(config_path)
+    assert config.subscribers("acme") == ("files", "archive")  # every tenant's events reach the archive
+    since, until = parse_time("2026-11-30T07:00"), parse_time("1796025600")
+    assert since == datetime(2026, 11, 30, 7, tzinfo=UTC) and until == since + timedelta(hours=1)
+    for sink, start, end, reason in [
+        ("nope", since, until, "unknown sink"),
+        ("archive", since, until, "the archive itself"),
+        ("files", until, since, "empty range"),
+    ]:
+        with pytest.raises(ReplayError, match=reason):
+            await replay(settings, config, "acme", start, end, sink)
+    with pytest.raises(ReplayError, match="not a time"):
+        parse_time("yesterday")
