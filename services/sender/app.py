@@ -9,6 +9,8 @@ A crash can still duplicate between the sink's ack and the ledger mark being dur
 ledger: its changelog write). A transactional Kafka sink (offsets in the transaction, the runner commits
 none) and a Redis Stream sink (per-key marker) skip what they already took; docs/RELIABILITY.md lists
 what remains.
+Messages `hifi replay` produced (header `hifi-replay`, shared/replay.py) go the same way, with `force` past
+the ledger; they are tallied `replayed` / `replay_skipped` and send no receipts, so the live ledger ignores them.
 """
 
 from __future__ import annotations
