@@ -2,6 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 KAFKA_JAR := .cache/kafka/libs/kafka_2.13-4.4.0.jar
+S3PROXY_JAR := .cache/s3/s3proxy.jar
 
 .PHONY: run test quick lint format fuzz chaos bench clean system-deps install jars
 
@@ -34,7 +35,12 @@ $(VENV)/.installed: pyproject.toml devtools/pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]" -e ./devtools
 	touch $@
 
-jars: $(KAFKA_JAR)
+jars: $(KAFKA_JAR) $(S3PROXY_JAR)
+
+# s3proxy: the archive's S3 API server in tests and `hifi up` (filesystem backend)
+$(S3PROXY_JAR): dev/s3/pom.xml
+	mvn -q -B -f dev/s3/pom.xml dependency:copy -DoutputDirectory=$(CURDIR)/.cache/s3
+	touch $@
 
 $(KAFKA_JAR): dev/kafka/pom.xml
 	mvn -q -B -f dev/kafka/pom.xml dependency:copy-dependencies -DoutputDirectory=$(CURDIR)/.cache/kafka/libs

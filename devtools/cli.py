@@ -44,6 +44,12 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     postgres.add_argument("--port", type=int, default=5432)
     postgres.add_argument("--data-dir", default=None, help="default .cache/postgres (a pg-<port> dir under it)")
 
+    s3 = sub.add_parser(
+        "s3", help="start a local s3proxy (filesystem backend) unless one answers; stop the one started"
+    )
+    s3.add_argument("action", choices=["start", "stop"])
+    s3.add_argument("--port", type=int, default=9000)
+
     demo_sink = sub.add_parser("demo-sink", help="a webhook destination that counts what it receives")
     demo_sink.add_argument("--host", default="0.0.0.0")
     demo_sink.add_argument("--port", type=int, default=8800)
@@ -101,6 +107,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Handler]:
         "send": _send,
         "redis": _redis,
         "postgres": _postgres,
+        "s3": _s3,
         "demo-sink": _demo_sink,
         "chaos": _chaos,
         "bench": _bench,
@@ -161,6 +168,17 @@ def _postgres(args: argparse.Namespace) -> None:
     else:
         pg.wipe()
         print(f"postgres: stopped and wiped {pg.data_dir}")
+
+
+def _s3(args: argparse.Namespace) -> None:
+    from devtools.s3 import LocalS3
+
+    server = LocalS3(port=args.port)
+    if args.action == "start":
+        print(f"s3: {'started' if server.ensure() else 'already answering'} at {server.endpoint}")
+    else:
+        server.stop()
+        print("s3: stopped (if this project had started it)")
 
 
 def _demo_sink(args: argparse.Namespace) -> None:

@@ -15,6 +15,7 @@ from devtools.kafka import REPO_ROOT, LocalKafka
 from devtools.pipeline import PipelineProcesses
 from devtools.postgres import local_postgres_for
 from devtools.redis import LocalRedis
+from devtools.s3 import start_for_archive
 from devtools.traffic import EventFactory, post_batch
 from devtools.webhook import WebhookReceiver
 from shared.config import HifiConfig, Settings, hash_api_key
@@ -65,6 +66,7 @@ def up(config_path: str | None, rate: float, duration: float) -> None:
     settings = Settings(
         config_path=config_path, broker=kafka.bootstrap, redis_url=redis.url, data_dir=str(DEMO_DIR / "data")
     )
+    s3 = start_for_archive(config_path)  # an s3_archive sink with a local endpoint: s3proxy, if none answers
     # Supervised like pods: a worker that dies is restarted (at once, then with backoff) under its name.
     pipeline = PipelineProcesses(settings, DEMO_DIR / "logs", auditor=True, supervise=True)
     pipeline.start_all()
@@ -111,6 +113,8 @@ def up(config_path: str | None, rate: float, duration: float) -> None:
             redis.stop()
         for pg in started_postgres:
             pg.stop()
+        if s3 is not None:
+            s3.stop()
         if not kafka_was_running:
             kafka.stop()
         print("stopped.")

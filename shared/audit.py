@@ -9,8 +9,9 @@ A **receipt** lists the events one sender batch delivered: `[event_id, tenant, i
 canary]` plus the sink and the acknowledgement time, from which the auditor measures lag and the
 on-time SLI.
 
-Outcomes: accepted, out, dup, dlq, unrouted, delivered, skipped, canary_dropped, and the router's
-`filtered:<sink>,<sink>`: routed, but those sinks' filters or consent took it out (`filtered_outcome`).
+Outcomes: accepted, out, dup, dlq, unrouted, delivered, skipped, canary_dropped; the router's
+`filtered:<sink>,<sink>`: routed, but those sinks' filters or consent took it out (`filtered_outcome`);
+and for `hifi replay` traffic replayed / replay_skipped (kept out of the live loss ledger).
 Buckets are event time: `ingest_ts` rounded down to `bucket_s` seconds (epoch seconds).
 """
 

@@ -29,6 +29,14 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
     run.add_argument("service")
     run.add_argument("--sink", help="for the sender: which sink this process delivers to")
 
+    replay = sub.add_parser("replay", help="re-deliver a time range of the S3 archive to one sink (HIFI_* env)")
+    replay.add_argument("--tenant", required=True)
+    replay.add_argument("--since", required=True, help="ISO 8601 UTC time (or epoch seconds), inclusive")
+    replay.add_argument("--until", required=True, help="ISO 8601 UTC time (or epoch seconds), exclusive")
+    replay.add_argument("--to-sink", required=True, dest="to_sink")
+    replay.add_argument("--rate", type=float, default=0.0, help="events per second (0 = unlimited)")
+    replay.add_argument("--force", action="store_true", help="re-send events the sink's ledger already has")
+
     dlq = sub.add_parser("dlq", help="inspect and replay dead letters (uses HIFI_BROKER, HIFI_CONFIG, ...)")
     dlq.add_argument("action", choices=["list", "show", "replay"])
     dlq.add_argument("stage", nargs="?", help="enricher, deduplicator, router or sender.<sink>")
@@ -51,6 +59,8 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
         if services is None:
             raise SystemExit("`run` needs the app's services: use `hifi run` or `python -m services.cli run`")
         run_service(services, args.service, Settings.from_env(), args.sink)
+    elif args.command == "replay":
+        run_replay(args)
     elif args.command == "dlq":
         run_dlq(args)
     elif args.command == "topics":
@@ -80,6 +90,22 @@ def _command_plugins(sub: argparse._SubParsersAction) -> dict[str, Callable[[arg
     for entry in entry_points(group=COMMAND_PLUGINS):
         handlers.update(entry.load()(sub))
     return handlers
+
+
+def run_replay(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from shared.config import HifiConfig
+    from shared.replay import ReplayError, parse_time, replay
+
+    settings = Settings.from_env()
+    config = HifiConfig.load(settings.config_path)
+    try:
+        since, until = parse_time(args.since), parse_time(args.until)
+        report = asyncio.run(replay(settings, config, args.tenant, since, until, args.to_sink, args.rate, args.force))
+    except ReplayError as exc:
+        raise SystemExit(f"replay: {exc}") from None
+    print(f"replayed {report.events} events of {args.tenant} from {report.objects} archive objects to {args.to_sink}")
 
 
 def run_dlq(args: argparse.Namespace) -> None:

@@ -21,7 +21,9 @@ from shared.event import Limits
 from shared.transforms import SinkRules
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-SINK_TYPES = ("webhook", "kafka", "redis_stream", "file", "postgres")
+SINK_TYPES = ("webhook", "kafka", "redis_stream", "file", "postgres", "s3_archive")
+# An archive sink takes every tenant's events (README "Archive and replay"); tenants do not list it.
+ARCHIVE_SINK_TYPES = ("s3_archive",)
 DEDUPE_BACKENDS = ("rocksdb", "redis")
 
 
@@ -43,6 +45,8 @@ class SinkConfig:
     max_attempts_per_event: int = 10
     # What this sink takes and sees (filter, consent, transform), applied by the router (shared/transforms.py).
     rules: SinkRules = field(default_factory=SinkRules)
+    # The sender fetches on this long while a batch is short of batch_max (an archive: fewer, larger objects).
+    linger_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -110,8 +114,14 @@ class HifiConfig:
         return self.sinks[sink].sla_ms if sink in self.sinks else 1000.0
 
     def subscribers(self, tenant: str) -> tuple[str, ...]:
+        """The sinks a tenant's events go to: its own list, then every archive sink."""
         found = self.tenants.get(tenant)
-        return found.sinks if found else ()
+        if found is None:
+            return ()
+        return found.sinks + tuple(s for s in self.archive_sinks() if s not in found.sinks)
+
+    def archive_sinks(self) -> tuple[str, ...]:
+        return tuple(name for name, sink in self.sinks.items() if sink.type in ARCHIVE_SINK_TYPES)
 
     @classmethod
     def load(cls, path: str | Path) -> HifiConfig:
@@ -143,8 +153,9 @@ class HifiConfig:
             sla_ms = _num(spec.pop("sla_ms", 1000.0), f"{where}.sla_ms", 1, 86_400_000)
             max_attempts = _int(spec.pop("max_attempts_per_event", 10), f"{where}.max_attempts_per_event", 1, 1000)
             rules = SinkRules.parse(spec, where, tenant_names)
+            linger_s = _num(spec.pop("linger_s", 0.0), f"{where}.linger_s", 0, 600)
             options = _sink_options(kind, spec, where, base_dir)
-            sinks[name] = SinkConfig(name, kind, options, batch_max, timeout_s, sla_ms, max_attempts, rules)
+            sinks[name] = SinkConfig(name, kind, options, batch_max, timeout_s, sla_ms, max_attempts, rules, linger_s)
         tenants = {}
         for name, raw in _map(root.get("tenants"), "tenants", required=True).items():
             where = f"tenants.{name}"
@@ -243,8 +254,10 @@ def _sink_options(kind: str, spec: dict[str, Any], where: str, base_dir: Path | 
         "redis_stream": {"stream"},
         "file": {"path"},
         "postgres": {"dsn_env", "table"},
+        "s3_archive": {"bucket"},
     }[kind]
     optional = {
+        "s3_archive": {"endpoint", "region", "prefix", "access_key_env", "secret_key_env"},
         "webhook": {"headers", *WEBHOOK_SECRET_OPTIONS},
         "kafka": {"bootstrap", "transactional"},
         "redis_stream": {"url", "maxlen", "dedupe_window_s"},
@@ -270,6 +283,10 @@ def _sink_options(kind: str, spec: dict[str, Any], where: str, base_dir: Path | 
         _postgres_options(spec, where)
     if kind == "webhook":
         _webhook_secret_options(spec, where)
+    if kind == "s3_archive":
+        for name in ("access_key_env", "secret_key_env"):
+            if name in spec and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", str(spec[name])):
+                raise ConfigError(f"{where}.{name}", "must be the NAME of an environment variable")
     return spec
 
 

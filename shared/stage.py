@@ -130,7 +130,8 @@ class Record:
     event: Event
     message: ConsumerRecord  # type: ignore[type-arg]
     # What the stage did with it, for the loss ledger: out (passed on), dup, unrouted, filtered:<sinks>
-    # (shared.audit), delivered, skipped (already delivered), canary_dropped. Dead letters: the runner.
+    # (shared.audit), delivered, skipped (already delivered), canary_dropped, replayed / replay_skipped
+    # (`hifi replay`). Dead letters: the runner.
     outcome: str = "out"
 
     @property
@@ -263,6 +264,7 @@ class StageRunner(Service):
         hold_dead_letters: Callable[[list[ConsumerRecord]], None] | None = None,  # type: ignore[type-arg]
         group_instance_id: str | None = None,
         leave_group_on_stop: bool | None = None,
+        batch_linger_s: float = 0.0,
     ) -> None:
         super().__init__()
         self.app = app
@@ -293,6 +295,9 @@ class StageRunner(Service):
         # A static member removes itself after its drain (partitions move at once) or keeps them for its
         # restart; None: only a stage without state leaves (a takeover would restore the store elsewhere).
         self.leave_group_on_stop = leave_group_on_stop
+        # Fetch on for up to this long while a batch is short of `batch_max` (an archive wants few, large
+        # objects); 0: hand each fetch over at once. Nothing is acked before its batch is handled.
+        self.batch_linger_s = batch_linger_s
         self.revocations = 0  # rebalances this worker took part in since it started (for /ready and tests)
         self.fenced: InstanceIdTaken | None = None  # another live process took this worker's instance id
         self.request_shutdown: Callable[[int], None] = request_exit  # tests replace it (no SIGTERM to pytest)
@@ -766,6 +771,10 @@ class StageRunner(Service):
             messages = [m for batch in fetched.values() for m in batch]
             if not messages:
                 continue
+            if self.batch_linger_s > 0:
+                fetched, messages, owner = await self._linger(fetched, messages, owner)
+                if not messages:
+                    continue
             async with self._batch_lock:
                 if not owner.owned:
                     # Revoked after this fetch returned: the new assignment restarts every partition at
@@ -787,6 +796,35 @@ class StageRunner(Service):
                 flight = await self.process_batch(messages, owner)
                 await self._in_flight.put(flight)
             waited = time.perf_counter()
+
+    async def _linger(
+        self,
+        fetched: dict[TopicPartition, list[ConsumerRecord]],  # type: ignore[type-arg]
+        messages: list[ConsumerRecord],  # type: ignore[type-arg]
+        owner: Any,
+    ) -> tuple[dict[TopicPartition, list[ConsumerRecord]], list[ConsumerRecord], Any]:  # type: ignore[type-arg]
+        """Fetch on until `batch_max` events or `batch_linger_s` passed (or a stop). A rebalance meanwhile
+        drops what the old assignment fetched: its new owners read it again from the committed offsets."""
+        assert self.consumer is not None
+        deadline = time.monotonic() + self.batch_linger_s
+        fetched = {tp: list(batch) for tp, batch in fetched.items()}
+        while not self._stopping and len(messages) < self.batch_max:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            try:
+                more = await self.consumer.getmany(
+                    timeout_ms=min(100, left_ms), max_records=self.batch_max - len(messages)
+                )
+            except KafkaError as exc:  # the batch in hand goes on; the main loop meets the error next
+                log.warning("%s: fetch while lingering failed: %r", self.stage, exc)
+                break
+            if self._owner is not owner:
+                owner, fetched, messages = self._owner, {}, []
+            for tp, batch in more.items():
+                fetched.setdefault(tp, []).extend(batch)
+            messages = [m for batch in fetched.values() for m in batch]
+        return fetched, messages, owner
 
     async def _refresh_stale_leaders(self) -> None:
         """Unstick partitions whose start position aiokafka keeps asking a broker that is no longer leader.

@@ -18,6 +18,7 @@ from hypothesis import settings
 from devtools.kafka import DEFAULT_HOME, LocalKafka
 from devtools.postgres import LocalPostgres
 from devtools.redis import LocalRedis
+from devtools.s3 import LocalS3
 from shared.config import Settings
 
 # `make fuzz` runs the property tests with many more examples (HYPOTHESIS_PROFILE=fuzz).
@@ -28,12 +29,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 TEST_KAFKA_PORT = int(os.environ.get("HIFI_TEST_KAFKA_PORT", "19092"))
 TEST_REDIS_URL = os.environ.get("HIFI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 TEST_POSTGRES_PORT = int(os.environ.get("HIFI_TEST_POSTGRES_PORT", "15432"))
+TEST_S3_PORT = int(os.environ.get("HIFI_TEST_S3_PORT", "19594"))
 # Under pytest-xdist (`make test` runs the files on several workers) each worker takes its own block of ports.
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
 # Ports the suite's own brokers hold (clients, then controllers at +1000): test_stale_leader and
 # test_kafka_cluster start three-node clusters at 27092 and 29092. All of them sit below the kernel's
 # ephemeral range (32768 and up), where an outgoing connection can take a port before a broker binds it.
-_RESERVED_PORTS = {port + offset for port in (TEST_KAFKA_PORT, 27092, 29092) for offset in (0, 1, 2, 1000, 1001, 1002)}
+_RESERVED_PORTS = {
+    port + offset for port in (TEST_KAFKA_PORT, 27092, 29092) for offset in (0, 1, 2, 1000, 1001, 1002)
+} | {TEST_S3_PORT}
 
 
 def _port_blocks(start: int, size: int = 20) -> Iterator[int]:
@@ -106,6 +110,18 @@ def postgres_server() -> Iterator[LocalPostgres]:
         pytest.fail(
             f"no PostgreSQL on port {TEST_POSTGRES_PORT}: with -n, start it first (dev/test.sh does)", pytrace=False
         )
+    started = server.ensure()
+    yield server
+    if started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[LocalS3]:
+    """A real S3 API (s3proxy, filesystem backend); each test uses its own bucket."""
+    server = LocalS3(port=TEST_S3_PORT)
+    if "PYTEST_XDIST_WORKER" in os.environ and not server.answering():
+        pytest.fail(f"no s3proxy on port {TEST_S3_PORT}: with -n, start it first (dev/test.sh does)", pytrace=False)
     started = server.ensure()
     yield server
     if started:

@@ -280,3 +280,18 @@ def test_postgres_sink_dsn_comes_from_a_secret_on_its_sender_only():
     assert "postgresql://" not in yaml.safe_dump(docs)
     with pytest.raises(Exception, match="sinkEnv"):
         render({"secrets": {"sinkEnv": {"HIFI_PG_DSN": {"secret": "hifi-postgres"}}}})
+
+
+def test_archive_credentials_come_from_the_secret():
+    config = {
+        **THREE_SINKS_CONFIG,
+        "sinks": {**THREE_SINKS_CONFIG["sinks"], "archive": {"type": "s3_archive", "bucket": "events"}},
+    }
+    secrets = {**THREE_SINKS["secrets"], "archiveAccessKeyIdKey": "s3-id", "archiveSecretAccessKeyKey": "s3-secret"}
+    docs = render({**THREE_SINKS, "config": yaml.safe_dump(config), "secrets": secrets})
+    check_objects(docs)
+    sender = by_kind(docs, "Deployment")["sender-archive"]
+    env = container(sender)["env"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
+    assert refs["HIFI_ARCHIVE_ACCESS_KEY_ID"] == {"name": "hifi-secrets", "key": "s3-id"}
+    assert refs["HIFI_ARCHIVE_SECRET_ACCESS_KEY"] == {"name": "hifi-secrets", "key": "s3-secret"}

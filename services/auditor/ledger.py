@@ -44,6 +44,13 @@ ACCEPTING = (COLLECTOR, "canary")
 HOPS = tuple(s.name for s in pipeline.HOPS)  # each tallies what it read, passed on and dead-lettered
 DEDUPLICATOR, ROUTER = pipeline.DEDUPLICATOR.name, pipeline.ROUTER.name  # they drop duplicates, unrouted events
 DELIVERED = ("delivered", "skipped", "canary_dropped")
+# `hifi replay` traffic in a sender's input: counted apart (totals), never in the live reconciliation.
+REPLAYED = ("replayed", "replay_skipped")
+
+
+def live_reads(counts: dict[str, int]) -> int:
+    """A stage's reads of live traffic: `hifi replay` traffic is counted apart (REPLAYED)."""
+    return sum(n for outcome, n in counts.items() if outcome not in REPLAYED)
 
 
 def routed_to(router_counts: dict[str, int], sink: str) -> tuple[int, int]:
@@ -291,7 +298,12 @@ class LossLedger:
             key = (tenant, sink, bucket_start)
             path = [*HOPS, sender]
             hops = [(COLLECTOR, accepted, path[0], sum(c[path[0]].values()))] + [
-                (up, routed if up == ROUTER else c[up]["out"], down, sum(c[down].values()))
+                (
+                    up,
+                    routed if up == ROUTER else c[up]["out"],
+                    down,
+                    sum(n for o, n in c[down].items() if o not in REPLAYED),
+                )
                 for up, down in pairwise(path)
             ]
             # Per hop, so copies a replay added at one hop cannot hide events missing at another.

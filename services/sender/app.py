@@ -9,6 +9,8 @@ A crash can still duplicate between the sink's ack and the ledger mark being dur
 ledger: its changelog write). A transactional Kafka sink (offsets in the transaction, the runner commits
 none) and a Redis Stream sink (per-key marker) skip what they already took; docs/RELIABILITY.md lists
 what remains.
+Messages `hifi replay` produced (header `hifi-replay`, shared/replay.py) go the same way, with `force` past
+the ledger; they are tallied `replayed` / `replay_skipped` and send no receipts, so the live ledger ignores them.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ import sentry_sdk
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 from mode import Service
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from shared import pipeline
 from shared.alerts import Alerter, OutageClock
+from shared.archive import REPLAY_FORCE, replay_mode
 from shared.audit import receipt
 from shared.errors import (
     EventKeepsFailing,
@@ -122,6 +125,14 @@ class SinkDelivery:
         self.stage_lag = {stage: LagWindow() for stage in (*HOPS, pipeline.SENDER.name)}
         self.skipped = 0
         self.drop_canaries = bool(sink.config.options.get("drop_canaries", False))
+        # `hifi replay` traffic (header REPLAY_HEADER): counted apart, no receipts, no lag samples
+        self.replayed = Counter(
+            "hifi_replayed_events",
+            "Events re-delivered by `hifi replay`, by outcome",
+            ["sink", "outcome"],
+            registry=metrics.registry,
+        )
+        self.replay_of: dict[int, str] = {}  # id(message) -> replay mode, for the batch in hand
         self.circuit_gauge = Gauge(
             "hifi_sink_circuit_open", "1 while the sink's circuit breaker is open", ["sink"], registry=metrics.registry
         )
@@ -139,7 +150,10 @@ class SinkDelivery:
         self._forget_refetched(records, in_batch)
         held = [self.dead_letters[id(r.message)] for r in records if id(r.message) in self.dead_letters]
         records = [r for r in records if id(r.message) not in self.dead_letters]
+        self.replay_of = {id(r.message): mode for r in records if (mode := replay_mode(r.message.headers))}
         seen = await self._ledger_seen(records)
+        # --force: the ledger's "already delivered" is overruled (the delivery still marks it)
+        seen = [s and self.replay_of.get(id(r.message)) != REPLAY_FORCE for r, s in zip(records, seen, strict=True)]
         todo: list[Record] = []
         keys_in_batch: set[str] = set()
         dropped: list[Record] = []
@@ -168,7 +182,22 @@ class SinkDelivery:
             result.outputs.extend(self._receipts(dropped, now_ms(), 0))
         result.outputs.extend(self.carried)
         self.carried = []
+        if self.replay_of:
+            self._count_replayed(records)
         return result
+
+    def _count_replayed(self, records: list[Record]) -> None:
+        """Replayed events get their own outcomes in the tallies: the auditor keeps them out of the live ledger."""
+        for record in records:
+            if id(record.message) not in self.replay_of:
+                continue
+            if record.outcome == "delivered":
+                record.outcome = "replayed"
+            elif record.outcome == "skipped":
+                record.outcome = "replay_skipped"
+            else:
+                continue
+            self.replayed.labels(self.name, record.outcome).inc()
 
     async def _deliver_by_partition(self, todo: list[Record], result: StepResult) -> None:
         """One request per source partition, concurrently: a device's events share a partition, so its
@@ -258,7 +287,7 @@ class SinkDelivery:
         self.batch_accepted += 1
         # Shielded: a revocation that cancels the batch must not cancel the mark of what the sink acked.
         await asyncio.shield(self._mark_delivered(records))
-        self._record_lag(records, acked)
+        self._record_lag([r for r in records if id(r.message) not in self.replay_of], acked)
         for record in records:
             record.outcome = "delivered"
             self.suspect.pop(self._key(record), None)
@@ -473,6 +502,9 @@ class SinkDelivery:
 
     def _receipts(self, records: list[Record], acked: float, attempts: int) -> list[Output]:
         if self.receipts_topic is None:
+            return []
+        records = [r for r in records if id(r.message) not in self.replay_of]  # no SLI sample for a replay
+        if not records:
             return []
         rows = [[r.event.event_id, r.event.tenant, r.event.ingest_ts, attempts, r.event.canary] for r in records]
         return [Output(self.receipts_topic, self.name.encode(), receipt(self.name, acked, rows))]
@@ -718,6 +750,7 @@ def build_sender(ctx: ServiceContext) -> tuple[Any, SinkDelivery, StageRunner]:
         ctx.topics.dlq(stage),
         source=ctx.source_topic,
         batch_max=sink_config.batch_max,
+        batch_linger_s=sink_config.linger_s,
         states=[ledger],
         # A request in flight at a revocation ends (acked: marked and published; failed: given up) before
         # the handover, instead of being cancelled after the sink may have taken it.

@@ -602,4 +602,8 @@ def make_sink(
         from .postgres import PostgresSink  # imports this module
 
         return PostgresSink(config)
+    if config.type == "s3_archive":
+        from .archive import ArchiveSink
+
+        return ArchiveSink(config)
     raise ValueError(f"unknown sink type {config.type}")

@@ -18,7 +18,7 @@ app.kubernetes.io/component: {{ .component }}
 
 {{- define "hifi.secretEnv" -}}
 {{- $s := .Values.secrets -}}
-{{- range $pair := list (list "SENTRY_DSN" $s.sentryDsnKey) (list "HIFI_READ_TOKEN" $s.readTokenKey) (list "HIFI_ADMIN_TOKEN" $s.adminTokenKey) (list "HIFI_REDIS_URL" $s.redisUrlKey) }}
+{{- range $pair := list (list "SENTRY_DSN" $s.sentryDsnKey) (list "HIFI_READ_TOKEN" $s.readTokenKey) (list "HIFI_ADMIN_TOKEN" $s.adminTokenKey) (list "HIFI_REDIS_URL" $s.redisUrlKey) (list "HIFI_ARCHIVE_ACCESS_KEY_ID" $s.archiveAccessKeyIdKey) (list "HIFI_ARCHIVE_SECRET_ACCESS_KEY" $s.archiveSecretAccessKeyKey) }}
 {{- if and $s.existingSecret (index $pair 1) }}
 - name: {{ index $pair 0 }}
   valueFrom:

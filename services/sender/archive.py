@@ -1,0 +1,116 @@
+"""The S3 archive sink (type `s3_archive`): every tenant's events, after dedupe, as gzip JSON lines objects
+partitioned by tenant and hour (layout in shared/archive.py).
+
+It is a sender like any other, so the StageRunner's contract holds: a batch's objects are each one PUT of the
+finished object (S3 makes it visible whole or not at all) and `deliver_batch` returns only after every PUT
+was acknowledged, so the sender marks its ledger and commits the input offsets only once the archive holds the
+batch. A crash between the PUTs and the commit re-reads the batch: before writing, the sink lists the
+objects of the batch's (tenant, hour, source partition) and skips every offset one of them covers, so the
+retry never archives an event twice, whatever batch boundaries the re-read has. Batches are the sender's:
+`batch_max` events, fetched for up to `linger_s` (e.g. 5000 and 60: one object per tenant, hour and source
+partition a minute at most); nothing is committed before its object is in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import defaultdict
+from datetime import datetime
+
+import obstore
+from obstore.exceptions import BaseError, PermissionDeniedError, UnauthenticatedError
+from obstore.store import S3Store
+
+from shared.archive import (
+    ObjectRange,
+    covered,
+    encode_object,
+    hour_of,
+    hour_prefix,
+    make_store,
+    object_key,
+    parse_key,
+)
+from shared.config import SinkConfig
+from shared.errors import SinkMisconfigured, TransientError
+from shared.event import Event
+
+from .sinks import SINK_WIDE_STATUSES, Source
+
+log = logging.getLogger(__name__)
+
+
+# obstore reports most S3 refusals as GenericError; the status in its message says whose fault it is
+STATUS = re.compile(r"status code: (\d{3})")
+
+
+def classify(sink: str, exc: Exception) -> TransientError:
+    """A bad credential, signature or missing bucket refuses every request (page); anything else is retried."""
+    found = STATUS.search(str(exc))
+    status = int(found[1]) if found else None
+    message = f"archive {sink}: {type(exc).__name__}: {str(exc)[:500]}"
+    if (
+        isinstance(exc, (PermissionDeniedError, UnauthenticatedError, FileNotFoundError))
+        or status in SINK_WIDE_STATUSES
+    ):
+        return SinkMisconfigured(message, status)
+    return TransientError(message)
+
+
+class ArchiveSink:
+    def __init__(self, config: SinkConfig) -> None:
+        self.config = config
+        self.prefix = config.options.get("prefix", "")
+        self.store: S3Store | None = None
+        self.objects_written = 0
+        self.events_skipped = 0  # already in an object: a batch re-read after a crash
+        # Test hook (tests/test_archive.py): exit like kill -9 right after this many PUTs, before any commit.
+        crash_after = os.environ.get("HIFI_TEST_ARCHIVE_CRASH_AFTER_PUTS")
+        self.crash_after_puts = int(crash_after) if crash_after else None
+
+    async def start(self) -> None:
+        self.store = make_store(self.config)
+
+    async def deliver_batch(self, events: list[Event], source: Source | None = None) -> None:
+        assert self.store is not None
+        if source is None:
+            raise TransientError(f"archive {self.config.name}: a batch without source offsets cannot be named")
+        groups: dict[tuple[str, datetime], list[tuple[int, Event]]] = defaultdict(list)
+        for event, offset in zip(events, source.offsets, strict=True):
+            if not event.canary:  # canaries trace the pipeline; the archive keeps customers' events only
+                groups[(event.tenant, hour_of(event.ingest_ts))].append((offset, event))
+        try:
+            for (tenant, hour), members in groups.items():
+                existing = await self._objects(tenant, hour, source)
+                todo = [(o, e) for o, e in members if not covered(existing, source.topic, source.partition, o)]
+                self.events_skipped += len(members) - len(todo)
+                if not todo:
+                    continue
+                key = object_key(self.prefix, tenant, hour, source.topic, source.partition, todo[0][0], todo[-1][0])
+                # One PUT of the finished object: S3 never shows a partial one.
+                await obstore.put_async(self.store, key, encode_object([e for _, e in todo]), use_multipart=False)
+                self.objects_written += 1
+                if self.crash_after_puts is not None and self.objects_written >= self.crash_after_puts:
+                    log.warning("archive %s: test hook: exiting after %d PUTs", self.config.name, self.objects_written)
+                    os._exit(137)
+        except (BaseError, OSError) as exc:
+            raise classify(self.config.name, exc) from exc
+
+    async def _objects(self, tenant: str, hour: datetime, source: Source) -> list[ObjectRange]:
+        assert self.store is not None
+        # obstore's prefix matches whole path segments: list the hour, keep this source partition's objects
+        listed = await obstore.list(self.store, prefix=hour_prefix(self.prefix, tenant, hour)).collect_async()
+        ranges = (parse_key(meta["path"]) for meta in listed)
+        return [r for r in ranges if r is not None and r.topic == source.topic and r.partition == source.partition]
+
+    async def probe(self) -> None:
+        assert self.store is not None
+        try:
+            await obstore.list(self.store, prefix=self.prefix, chunk_size=1).collect_async()
+        except (BaseError, OSError) as exc:
+            raise TransientError(f"archive {self.config.name} probe: {type(exc).__name__}: {exc}") from exc
+
+    async def close(self) -> None:
+        pass

@@ -1,0 +1,122 @@
+"""The S3 archive's layout: where an object goes, what it holds, and how to read a time range back.
+
+Objects: `<prefix>tenant=<T>/dt=<YYYY-MM-DD>/hour=<HH>/<topic>-<partition>-<first>-<last>.jsonl.gz`, gzip JSON
+lines of `Event.to_wire()`, hour = the event's ingest time (UTC). `first`/`last` are the source offsets (in the
+archive sink's input topic) of the first and last event in the object, zero-padded so names sort by offset.
+A name is a function of the offsets, so a batch re-uploaded after a crash overwrites its object, and a writer
+skips offsets an object already covers (`covered`). The sink writer lives in services/sender/archive.py;
+`hifi replay` (shared/replay.py) reads ranges back.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from obstore.store import S3Store
+
+from shared.config import SinkConfig
+from shared.errors import HifiError
+from shared.event import Event
+
+OFFSET_DIGITS = 20
+# Marks a message `hifi replay` produced into a sink's input topic: b"1" (the ledger decides) or b"force".
+REPLAY_HEADER = "hifi-replay"
+REPLAY_ONCE, REPLAY_FORCE = "once", "force"
+OBJECT_NAME = re.compile(r"^(?P<topic>.+)-(?P<partition>\d+)-(?P<first>\d{20})-(?P<last>\d{20})\.jsonl\.gz$")
+
+
+class ArchiveConfigError(HifiError):
+    """The archive sink's options cannot make an S3 client (a missing credential variable)."""
+
+
+@dataclass(frozen=True)
+class ObjectRange:
+    key: str
+    topic: str
+    partition: int
+    first: int
+    last: int
+
+
+def replay_mode(headers: Any) -> str | None:
+    """REPLAY_ONCE or REPLAY_FORCE for a message `hifi replay` produced, else None (live traffic)."""
+    for name, value in headers or ():
+        if name == REPLAY_HEADER:
+            return REPLAY_FORCE if value == REPLAY_FORCE.encode() else REPLAY_ONCE
+    return None
+
+
+def hour_of(ingest_ts_ms: float) -> datetime:
+    return datetime.fromtimestamp(ingest_ts_ms / 1000, UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def hour_prefix(prefix: str, tenant: str, hour: datetime) -> str:
+    return f"{prefix}tenant={tenant}/dt={hour:%Y-%m-%d}/hour={hour:%H}/"
+
+
+def object_key(prefix: str, tenant: str, hour: datetime, topic: str, partition: int, first: int, last: int) -> str:
+    name = f"{topic}-{partition}-{first:0{OFFSET_DIGITS}d}-{last:0{OFFSET_DIGITS}d}.jsonl.gz"
+    return hour_prefix(prefix, tenant, hour) + name
+
+
+def parse_key(key: str) -> ObjectRange | None:
+    match = OBJECT_NAME.match(key.rsplit("/", 1)[-1])
+    if match is None:
+        return None
+    return ObjectRange(key, match["topic"], int(match["partition"]), int(match["first"]), int(match["last"]))
+
+
+def covered(objects: Iterable[ObjectRange], topic: str, partition: int, offset: int) -> bool:
+    """Whether an object already holds this source offset's event (a re-upload after a crash)."""
+    return any(o.topic == topic and o.partition == partition and o.first <= offset <= o.last for o in objects)
+
+
+def encode_object(events: list[Event]) -> bytes:
+    lines = "".join(json.dumps(e.to_wire(), separators=(",", ":")) + "\n" for e in events)
+    # mtime=0: the same events give the same bytes, so a re-upload is byte-identical
+    return gzip.compress(lines.encode(), compresslevel=6, mtime=0)
+
+
+def decode_object(data: bytes) -> list[Event]:
+    return [Event.from_wire(json.loads(line)) for line in gzip.decompress(data).splitlines() if line.strip()]
+
+
+def hours_between(since: datetime, until: datetime) -> list[datetime]:
+    """Every hour that can hold an event in [since, until)."""
+    hour = since.replace(minute=0, second=0, microsecond=0)
+    hours = []
+    while hour < until:
+        hours.append(hour)
+        hour += timedelta(hours=1)
+    return hours
+
+
+def make_store(config: SinkConfig) -> S3Store:
+    """The S3 client of an `s3_archive` sink; credentials come from the environment variables it names."""
+    options: dict[str, Any] = config.options
+    key_env = options.get("access_key_env", "HIFI_ARCHIVE_ACCESS_KEY_ID")
+    secret_env = options.get("secret_key_env", "HIFI_ARCHIVE_SECRET_ACCESS_KEY")
+    access_key, secret_key = os.environ.get(key_env), os.environ.get(secret_env)
+    if not access_key or not secret_key:
+        raise ArchiveConfigError(f"archive sink {config.name}: set {key_env} and {secret_env}")
+    endpoint = options.get("endpoint")
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        kwargs["endpoint"] = endpoint
+        kwargs["allow_http"] = endpoint.startswith("http://")
+        kwargs["virtual_hosted_style_request"] = False
+    return S3Store(
+        options["bucket"],
+        access_key_id=access_key,
+        secret_access_key=secret_key,
+        region=options.get("region", "us-east-1"),
+        timeout=f"{int(config.timeout_s)}s",
+        **kwargs,
+    )
