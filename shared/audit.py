@@ -9,7 +9,7 @@ A **receipt** lists the events one sender batch delivered: `[event_id, tenant, i
 canary]` plus the sink and the acknowledgement time, from which the auditor measures lag and the
 on-time SLI.
 
-Outcomes: accepted, out, dup, dlq, unrouted, delivered, skipped, canary_dropped.
+Outcomes: accepted, out, dup, dlq, unrouted, delivered, skipped, canary_dropped, quarantined.
 Buckets are event time: `ingest_ts` rounded down to `bucket_s` seconds (epoch seconds).
 """
 

@@ -18,6 +18,7 @@ import yaml
 
 from shared.errors import ConfigError
 from shared.event import Limits
+from shared.schemas import TenantSchemas, parse_tenant_schemas
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SINK_TYPES = ("webhook", "kafka", "redis_stream", "file")
@@ -59,6 +60,8 @@ class TenantConfig:
     rate_limit: RateLimit | None = None
     # Overrides the sinks' SLA for this tenant's events (None: each sink's own).
     sla_ms: float | None = None
+    # Data contract (issue 18): JSON Schemas per event type, enforce or warn; None: no validation.
+    schemas: TenantSchemas | None = None
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,9 @@ class HifiConfig:
             where = f"tenants.{name}"
             _name(name, where)
             spec = _map(raw, where, required=True)
-            _only(spec, where, {"api_keys", "sinks", "metadata", "signing_secret_env", "rate_limit", "sla_ms"})
+            _only(
+                spec, where, {"api_keys", "sinks", "metadata", "signing_secret_env", "rate_limit", "sla_ms", "schemas"}
+            )
             keys = spec.get("api_keys")
             if not isinstance(keys, list) or not keys:
                 raise ConfigError(f"{where}.api_keys", "must be a non-empty list of 'sha256:<hex>' hashes")
@@ -170,7 +175,10 @@ class HifiConfig:
                 burst = _int(raw_limit.get("burst", max(1, int(rate))), f"{where}.rate_limit.burst", 1, 10**8)
                 limit = RateLimit(rate, burst)
             tenant_sla = _num(spec["sla_ms"], f"{where}.sla_ms", 1, 86_400_000) if "sla_ms" in spec else None
-            tenants[name] = TenantConfig(name, tuple(keys), tuple(subs), dict(metadata), secret_env, limit, tenant_sla)
+            schemas = parse_tenant_schemas(spec["schemas"], f"{where}.schemas", base_dir) if "schemas" in spec else None
+            tenants[name] = TenantConfig(
+                name, tuple(keys), tuple(subs), dict(metadata), secret_env, limit, tenant_sla, schemas
+            )
         seen: dict[str, str] = {}
         for tenant in tenants.values():
             for key in tenant.api_key_hashes:

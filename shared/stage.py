@@ -130,7 +130,7 @@ class Record:
     event: Event
     message: ConsumerRecord  # type: ignore[type-arg]
     # What the stage did with it, for the loss ledger: out (passed on), dup, unrouted, delivered,
-    # skipped (already delivered), canary_dropped. Dead letters are counted by the runner.
+    # skipped (already delivered), canary_dropped, quarantined. Dead letters are counted by the runner.
     outcome: str = "out"
 
     @property

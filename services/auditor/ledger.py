@@ -6,7 +6,7 @@ can be tested without a broker.
 Reconciliation of one (tenant, 10 s event-time bucket), per sink the tenant subscribes to, once the
 bucket has settled (its end + `settle_s`):
 
-    accepted = delivered + deduplicated + dead-lettered (any stage) + unrouted
+    accepted = delivered + deduplicated + dead-lettered (any stage) + unrouted + quarantined
 
 `delivered` counts sink acknowledgements, events the delivered ledger had already seen (their
 first delivery's tally was lost in a crash) and canaries a sink drops. Each hop is also checked on
@@ -36,10 +36,11 @@ from hdrh.histogram import HdrHistogram
 from shared import pipeline
 
 COLLECTOR = pipeline.COLLECTOR.name
-ACCEPTING = (COLLECTOR, "canary")
+ACCEPTING = (COLLECTOR, "canary", "replay")  # replay: failed events re-submitted (shared/quarantine.py)
 HOPS = tuple(s.name for s in pipeline.HOPS)  # each tallies what it read, passed on and dead-lettered
 DEDUPLICATOR, ROUTER = pipeline.DEDUPLICATOR.name, pipeline.ROUTER.name  # they drop duplicates, unrouted events
 DELIVERED = ("delivered", "skipped", "canary_dropped")
+QUARANTINED = "quarantined"  # the deduplicator's: events that broke their tenant's schema (issue 18)
 
 
 class SlidingHdr:
@@ -269,6 +270,7 @@ class LossLedger:
             sender = pipeline.SENDER.label(sink)
             delivered = sum(c[sender][o] for o in DELIVERED)
             accounted = delivered + c[sender]["dlq"] + upstream_dlq + c[DEDUPLICATOR]["dup"] + c[ROUTER]["unrouted"]
+            accounted += c[DEDUPLICATOR][QUARANTINED]
             key = (tenant, sink, bucket_start)
             path = [*HOPS, sender]
             hops = [(COLLECTOR, accepted, path[0], sum(c[path[0]].values()))] + [
