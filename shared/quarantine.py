@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import CollectorRegistry, Counter
 
 from shared.app import durable_producer
@@ -197,13 +198,16 @@ class FailedEvents:
 
     async def _scan(self, tenant: str) -> AsyncIterator[tuple[int, int, dict[str, Any]]]:
         topic = self.topic(tenant)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
+        await admin.start()
+        try:
+            described = await admin.describe_topics([topic])
+        finally:
+            await admin.close()
+        partitions = [p["partition"] for t in described if not t["error_code"] for p in t["partitions"]]
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None)
         await consumer.start()
         try:
-            partitions = consumer.partitions_for_topic(topic) or set()
-            if not partitions:
-                await consumer.client.force_metadata_update()  # a topic the client has not looked up yet
-                partitions = consumer.partitions_for_topic(topic) or set()
             tps = [TopicPartition(topic, p) for p in sorted(partitions)]
             if not tps:
                 return
