@@ -9,7 +9,8 @@ A **receipt** lists the events one sender batch delivered: `[event_id, tenant, i
 canary]` plus the sink and the acknowledgement time, from which the auditor measures lag and the
 on-time SLI.
 
-Outcomes: accepted, out, dup, dlq, unrouted, delivered, skipped, canary_dropped; the router's
+Outcomes: accepted, out, dup, dlq, unrouted, delivered, skipped, canary_dropped, quarantined (the deduplicator's:
+broke the tenant's schema); the router's
 `filtered:<sink>,<sink>`: routed, but those sinks' filters or consent took it out (`filtered_outcome`);
 and for `hifi replay` traffic replayed / replay_skipped (kept out of the live loss ledger).
 Buckets are event time: `ingest_ts` rounded down to `bucket_s` seconds (epoch seconds).

@@ -43,6 +43,14 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
     dlq.add_argument("--limit", type=int, default=None)
     dlq.add_argument("--rate", type=float, default=100.0, help="replayed letters per second (0 = unlimited)")
 
+    failed = sub.add_parser("failed", help="list, show and replay events quarantined for breaking a schema")
+    failed.add_argument("action", choices=["list", "show", "replay"])
+    failed.add_argument("--tenant", required=True)
+    failed.add_argument("--type", dest="event_type", default=None, help="only events of this type")
+    failed.add_argument("--event-id", default=None, help="show: only this event")
+    failed.add_argument("--limit", type=int, default=None)
+    failed.add_argument("--rate", type=float, default=100.0, help="replayed events per second (0 = unlimited)")
+
     sub.add_parser("topics", help="create every topic of the config (idempotent; the Helm chart's pre-install job)")
 
     key = sub.add_parser("hash-key", help="print the hash of an API key, for the config's api_keys")
@@ -63,6 +71,8 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
         run_replay(args)
     elif args.command == "dlq":
         run_dlq(args)
+    elif args.command == "failed":
+        run_failed(args)
     elif args.command == "topics":
         import asyncio
 
@@ -70,7 +80,8 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
         from shared.topics import Topics, ensure_topics
 
         settings = Settings.from_env()
-        names = Topics(settings.namespace).all(list(HifiConfig.load(settings.config_path).sinks))
+        config = HifiConfig.load(settings.config_path)
+        names = Topics(settings.namespace).all(list(config.sinks), list(config.tenants))
         asyncio.run(
             ensure_topics(settings.broker, names, settings.partitions, settings.replication, settings.min_insync)
         )
@@ -133,6 +144,38 @@ def run_dlq(args: argparse.Namespace) -> None:
             done = asyncio.run(queues.replay(args.stage, args.rate, args.limit))
             print(f"replayed {done} dead letters of {args.stage}")
     except UnknownStage as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def run_failed(args: argparse.Namespace) -> None:
+    import asyncio
+    import json
+
+    from shared.config import HifiConfig
+    from shared.quarantine import FailedEvents, UnknownTenant
+    from shared.topics import Topics
+
+    settings = Settings.from_env()
+    config = HifiConfig.load(settings.config_path)
+    failed = FailedEvents(settings.broker, Topics(settings.namespace), list(config.tenants), config.audit.bucket_s)
+    try:
+        if args.action == "list":
+            counts = asyncio.run(failed.counts(args.tenant))
+            print(f"{sum(counts.values())} failed events in {failed.topic(args.tenant)}")
+            for event_type, count in sorted(counts.items()):
+                if args.event_type is None or event_type == args.event_type:
+                    print(f"  {event_type:<32} {count:>8}")
+            for record in asyncio.run(failed.read(args.tenant, args.event_type, args.limit or 20)):
+                rules = sorted({v["rule"] for v in record.get("violations", [])})
+                print(f"  {record.get('event_id')}  {record.get('type')}  {','.join(rules)}")
+        elif args.action == "show":
+            records = asyncio.run(failed.read(args.tenant, args.event_type, args.limit or 20, args.event_id))
+            for record in records:
+                print(json.dumps(record, default=str))
+        else:
+            done = asyncio.run(failed.replay(args.tenant, args.event_type, args.rate, args.limit))
+            print(f"replayed {done} failed events of {args.tenant} to {failed.topics.raw}")
+    except UnknownTenant as exc:
         raise SystemExit(str(exc)) from None
 
 

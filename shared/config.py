@@ -18,6 +18,7 @@ import yaml
 
 from shared.errors import ConfigError
 from shared.event import Limits
+from shared.schemas import TenantSchemas, parse_tenant_schemas
 from shared.transforms import SinkRules
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -68,6 +69,8 @@ class TenantConfig:
     sla_ms: float | None = None
     # The key of sinks' `hash` transforms for this tenant's events is read from this environment variable.
     pii_secret_env: str | None = None
+    # Data contract (issue 18): JSON Schemas per event type, enforce or warn; None: no validation.
+    schemas: TenantSchemas | None = None
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,16 @@ class HifiConfig:
             _only(
                 spec,
                 where,
-                {"api_keys", "sinks", "metadata", "signing_secret_env", "rate_limit", "sla_ms", "pii_secret_env"},
+                {
+                    "api_keys",
+                    "sinks",
+                    "metadata",
+                    "signing_secret_env",
+                    "rate_limit",
+                    "sla_ms",
+                    "pii_secret_env",
+                    "schemas",
+                },
             )
             keys = spec.get("api_keys")
             if not isinstance(keys, list) or not keys:
@@ -198,8 +210,9 @@ class HifiConfig:
             if pii_env is None and any(sinks[s].rules.transform.hashes for s in subs):
                 hashing = next(s for s in subs if sinks[s].rules.transform.hashes)
                 raise ConfigError(f"{where}.pii_secret_env", f"required: sink {hashing!r} hashes fields")
+            schemas = parse_tenant_schemas(spec["schemas"], f"{where}.schemas", base_dir) if "schemas" in spec else None
             tenants[name] = TenantConfig(
-                name, tuple(keys), tuple(subs), dict(metadata), secret_env, limit, tenant_sla, pii_env
+                name, tuple(keys), tuple(subs), dict(metadata), secret_env, limit, tenant_sla, pii_env, schemas
             )
         seen: dict[str, str] = {}
         for tenant in tenants.values():

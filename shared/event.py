@@ -50,6 +50,10 @@ class Event:
     canary: bool = False
     # Consent categories the client declared (e.g. analytics, ads): a sink may require some.
     consent: list[str] = field(default_factory=list)
+    # Which version of its type's schema the client says it follows (shared/schemas.py); None: unversioned.
+    schema_version: str | None = None
+    # Set in a `warn` tenant when the event broke its schema: delivered, flagged with every violation.
+    schema_violations: list[dict[str, str]] | None = None
 
     @property
     def dedupe_key(self) -> str:
@@ -90,6 +94,10 @@ class Event:
             wire["canary"] = True
         if self.consent:
             wire["consent"] = self.consent
+        if self.schema_version is not None:
+            wire["schema_version"] = self.schema_version
+        if self.schema_violations is not None:
+            wire["schema_violations"] = self.schema_violations
         return wire
 
     @classmethod
@@ -112,6 +120,8 @@ class Event:
                 stages=_opt_map(data, "stages"),
                 canary=bool(data.get("canary", False)),
                 consent=_opt_strings(data, "consent"),
+                schema_version=_opt_str(data, "schema_version"),
+                schema_violations=data.get("schema_violations"),
             )
         except KeyError as exc:
             raise InvalidEvent("missing_field", str(exc), event_id=str(data.get("event_id"))) from None
@@ -135,6 +145,13 @@ def _opt_strings(data: dict[str, Any], name: str) -> list[str]:
     return value
 
 
+def _opt_str(data: dict[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be a string")
+    return value
+
+
 def _opt_map(data: dict[str, Any], name: str) -> dict[str, Any]:
     value = data.get(name)
     if value is None:
@@ -147,7 +164,9 @@ def _opt_map(data: dict[str, Any], name: str) -> dict[str, Any]:
 class EventValidator:
     """Turns one client-supplied item into an Event, or raises InvalidEvent with a machine reason."""
 
-    CLIENT_FIELDS = frozenset({"event_id", "type", "ts", "payload", "device_id", "session_id", "context", "consent"})
+    CLIENT_FIELDS = frozenset(
+        {"event_id", "type", "ts", "payload", "device_id", "session_id", "context", "consent", "schema_version"}
+    )
     MAX_CONSENT = 32  # categories per event
 
     def __init__(self, limits: Limits) -> None:
@@ -181,6 +200,13 @@ class EventValidator:
             value = item.get(name)
             if value is not None and (not isinstance(value, str) or len(value) > lim.max_id_chars):
                 raise InvalidEvent("wrong_type", f"{name} must be a string of <= {lim.max_id_chars} chars", event_id)
+        version = item.get("schema_version")
+        if version is not None:
+            if isinstance(version, bool) or not isinstance(version, str | int) or not str(version).strip():
+                raise InvalidEvent("wrong_type", "schema_version must be a non-empty string or an integer", event_id)
+            version = str(version)
+            if len(version) > lim.max_id_chars:
+                raise InvalidEvent("string_too_long", f"schema_version > {lim.max_id_chars} chars", event_id)
         payload = item.get("payload", {})
         if payload is None:
             payload = {}
@@ -215,6 +241,7 @@ class EventValidator:
             session_id=item.get("session_id"),
             context=context,
             consent=consent,
+            schema_version=version,
         )
 
     def _check_value(self, value: Any, depth: int, event_id: str | None) -> None:

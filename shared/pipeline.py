@@ -15,6 +15,7 @@ ENRICHED = "hifi.enriched"
 UNIQUE = "hifi.unique"
 SINK_PREFIX = "hifi.sink."  # + sink name: the router's output, one topic per sink
 DLQ_PREFIX = "hifi.dlq."  # + stage label (`enricher`, `sender.hook`)
+FAILED_PREFIX = "hifi.failed."  # + tenant: events quarantined for breaking the tenant's schemas
 TALLIES = "hifi.audit.tallies"
 RECEIPTS = "hifi.audit.receipts"
 
@@ -25,6 +26,10 @@ def sink_topic(sink: str) -> str:
 
 def dlq_topic(label: str) -> str:
     return DLQ_PREFIX + label
+
+
+def failed_topic(tenant: str) -> str:
+    return FAILED_PREFIX + tenant
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,8 @@ class StageSpec:
 
 COLLECTOR = StageSpec("collector", None, (RAW, TALLIES), 8080, 0)
 ENRICHER = StageSpec("enricher", RAW, (ENRICHED, TALLIES), 6067, 1, dead_letters=True)
-DEDUPLICATOR = StageSpec("deduplicator", ENRICHED, (UNIQUE, TALLIES), 6068, 2, dead_letters=True)
+# The deduplicator also validates tenants' schemas (only unique events), quarantining to FAILED_PREFIX + tenant.
+DEDUPLICATOR = StageSpec("deduplicator", ENRICHED, (UNIQUE, FAILED_PREFIX, TALLIES), 6068, 2, dead_letters=True)
 ROUTER = StageSpec("router", UNIQUE, (SINK_PREFIX, TALLIES), 6069, 3, dead_letters=True)
 SENDER = StageSpec("sender", SINK_PREFIX, (TALLIES, RECEIPTS), 6070, 10, dead_letters=True, per_sink=True)
 AUDITOR = StageSpec("auditor", TALLIES, (), 6090, 9)

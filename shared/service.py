@@ -111,7 +111,7 @@ def prepare(
     asyncio.run(
         ensure_topics(
             settings.broker,
-            Topics(settings.namespace).all(list(config.sinks)),
+            Topics(settings.namespace).all(list(config.sinks), list(config.tenants)),
             settings.partitions,
             settings.replication,
             settings.min_insync,

@@ -129,9 +129,9 @@ class Record:
 
     event: Event
     message: ConsumerRecord  # type: ignore[type-arg]
-    # What the stage did with it, for the loss ledger: out (passed on), dup, unrouted, filtered:<sinks>
-    # (shared.audit), delivered, skipped (already delivered), canary_dropped, replayed / replay_skipped
-    # (`hifi replay`). Dead letters: the runner.
+    # What the stage did with it, for the loss ledger: out (passed on), dup, quarantined, unrouted,
+    # filtered:<sinks> (shared.audit), delivered, skipped (already delivered), canary_dropped, replayed /
+    # replay_skipped (`hifi replay`). Dead letters: the runner.
     outcome: str = "out"
 
     @property

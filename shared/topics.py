@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -49,6 +50,10 @@ class Topics:
         """Dead letters of one stage, or of one sink's sender (stage `sender.<sink>`)."""
         return self.name(pipeline.dlq_topic(stage))
 
+    def failed(self, tenant: str) -> str:
+        """Events of one tenant quarantined for breaking its schemas (deduplicator -> `hifi failed`)."""
+        return self.name(pipeline.failed_topic(tenant))
+
     @property
     def tallies(self) -> str:
         """Every stage -> auditor: counts per tenant, event-time bucket and outcome."""
@@ -67,11 +72,13 @@ class Topics:
         """Consumer group of the stage labelled `label` (`enricher`, `sender.hook`)."""
         return self.name(pipeline.group_of(label))
 
-    def all(self, sinks: list[str]) -> list[str]:
+    def all(self, sinks: list[str], tenants: Sequence[str] = ()) -> list[str]:
+        """Every topic of a config; `tenants` adds each tenant's failed-events topic."""
         return (
             [self.name(t) for t in pipeline.event_topics(sinks)]
             + [self.dlq(s) for s in pipeline.dead_letter_stages(sinks)]
             + [self.tallies, self.receipts]
+            + [self.failed(t) for t in tenants]
         )
 
 

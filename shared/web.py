@@ -104,3 +104,32 @@ def add_dlq_views(app: Any, stage: str, queues: Any, settings: Settings) -> None
             limit = int(request.query["limit"]) if "limit" in request.query else None
             replayed = await queues.replay(stage, rate, limit)
             return self.json({"stage": stage, "replayed": replayed})
+
+
+def add_failed_views(app: Any, failed: Any, settings: Settings) -> None:
+    """GET /failed?tenant=T[&type=X][&limit=N] (read token): a tenant's quarantined events, redacted.
+
+    The event's payload and context are masked like every view (HIFI_REDACT_FIELDS), and so are the
+    violations' messages, which quote the offending value."""
+    fields = {f.strip() for f in settings.redact_fields.split(",") if f.strip()}
+
+    @app.page("/failed")
+    async def failed_list(self: web.View, request: web.Request) -> web.Response:
+        refused = denied(self, request, settings)
+        if refused is not None:
+            return refused
+        tenant = request.query.get("tenant", "")
+        if tenant not in failed.tenants:
+            return self.json({"error": "unknown_tenant", "detail": f"tenants: {', '.join(failed.tenants)}"}, status=404)
+        try:
+            limit = max(1, min(int(request.query.get("limit", "50")), 500))
+        except ValueError:
+            return self.json({"error": "bad_limit", "detail": "limit must be an integer"}, status=400)
+        records = await failed.read(tenant, request.query.get("type") or None, limit)
+        for record in records:
+            record["event"] = redact(record.get("event"), fields)
+            if fields:
+                for violation in record.get("violations", []):
+                    if any(f"/{name}" in violation.get("pointer", "") for name in fields):
+                        violation["message"] = "[redacted]"
+        return self.json({"tenant": tenant, "counts": await failed.counts(tenant), "failed": records})

@@ -7,6 +7,7 @@ Reconciliation of one (tenant, 10 s event-time bucket), per sink the tenant subs
 bucket has settled (its end + `settle_s`):
 
     accepted = delivered + deduplicated + dead-lettered (any stage) + unrouted + filtered (this sink)
+               + quarantined
 
 The router passes an event on to a sink unless that sink's filter took it out (`filtered:<sinks>`
 outcomes, shared.audit.filtered_outcome): the router->sender hop expects the rest.
@@ -40,7 +41,7 @@ from shared import pipeline
 from shared.audit import filtered_sinks
 
 COLLECTOR = pipeline.COLLECTOR.name
-ACCEPTING = (COLLECTOR, "canary")
+ACCEPTING = (COLLECTOR, "canary", "replay")  # replay: failed events re-submitted (shared/quarantine.py)
 HOPS = tuple(s.name for s in pipeline.HOPS)  # each tallies what it read, passed on and dead-lettered
 DEDUPLICATOR, ROUTER = pipeline.DEDUPLICATOR.name, pipeline.ROUTER.name  # they drop duplicates, unrouted events
 DELIVERED = ("delivered", "skipped", "canary_dropped")
@@ -63,6 +64,9 @@ def routed_to(router_counts: dict[str, int], sink: str) -> tuple[int, int]:
         elif sinks:
             passed += n
     return filtered, passed
+
+
+QUARANTINED = "quarantined"  # the deduplicator's: events that broke their tenant's schema (issue 18)
 
 
 class SlidingHdr:
@@ -295,6 +299,7 @@ class LossLedger:
             accounted = (
                 delivered + c[sender]["dlq"] + upstream_dlq + c[DEDUPLICATOR]["dup"] + c[ROUTER]["unrouted"] + filtered
             )
+            accounted += c[DEDUPLICATOR][QUARANTINED]
             key = (tenant, sink, bucket_start)
             path = [*HOPS, sender]
             hops = [(COLLECTOR, accepted, path[0], sum(c[path[0]].values()))] + [

@@ -6,6 +6,10 @@ same letter twice delivers it once. Releasing the claim when dead-lettering woul
 dead-letter path (handler failures, refused produces) to reach the window, and a second replay
 would pass again.
 
+Schemas: an event passed as new is then checked against its tenant's schemas (shared/quarantine.py):
+here re-sends are already gone, and the claim a quarantined event made is known, so its replay can take
+it over. An `enforce` tenant's violating event is quarantined to `hifi.failed.<tenant>`.
+
 Backends: RocksDB stores with a changelog (default; partition-local, so the input stays partitioned by the
 event's key and every copy of an event meets in one partition) or Redis (SET NX GET PX, one
 pipelined round trip per fetched batch).
@@ -20,10 +24,11 @@ from shared.codec import encode_event
 from shared.dlq import replay_of
 from shared.errors import TransientError
 from shared.keywindow import KeyWindow
+from shared.quarantine import QUARANTINED, FailedEvents, SchemaGate
 from shared.service import ServiceContext
 from shared.stage import Output, Record, StageRunner, StepResult
 from shared.tables import TableBrowser, add_table_views
-from shared.web import add_common_views
+from shared.web import add_common_views, add_failed_views
 
 
 class DedupeWindow:
@@ -35,8 +40,10 @@ class DedupeWindow:
         alerter: Alerter,
         pass_through: bool = False,
         alert_after_s: float = 30.0,
+        gate: SchemaGate | None = None,
     ) -> None:
         self.window = window
+        self.gate = gate
         self.output_topic = output_topic
         self.metrics = metrics
         self.pass_through = pass_through
@@ -61,6 +68,11 @@ class DedupeWindow:
         result = StepResult()
         for record, is_new in zip(records, fresh, strict=True):
             if is_new:
+                failed = self.gate.check(record.event, record.source) if self.gate is not None else None
+                if failed is not None:
+                    record.outcome = QUARANTINED
+                    result.outputs.append(failed)
+                    continue
                 record.event.stamp("deduplicator")
                 result.outputs.append(Output(self.output_topic, record.event.partition_key, encode_event(record.event)))
             else:
@@ -80,6 +92,7 @@ def build(ctx: ServiceContext) -> Any:
         Alerter("deduplicator"),
         pass_through=conf.on_redis_down == "pass-through",
         alert_after_s=ctx.config.audit.outage_alert_after_s,
+        gate=SchemaGate(ctx.config, ctx.topics, ctx.metrics.registry),
     )
     runner = StageRunner(
         app,
@@ -94,6 +107,8 @@ def build(ctx: ServiceContext) -> Any:
     runner.attach(ctx)
 
     add_table_views(app, TableBrowser(app, ctx.settings, {"dedupe-window": window}))
+    failed = FailedEvents(ctx.settings.broker, ctx.topics, list(ctx.config.tenants), ctx.config.audit.bucket_s)
+    add_failed_views(app, failed, ctx.settings)
 
     def stats() -> dict[str, Any]:
         m = ctx.metrics
@@ -101,6 +116,7 @@ def build(ctx: ServiceContext) -> Any:
             "in": m.total(m.events_in),
             "out": m.total(m.events_out),
             "duplicates": m.total(m.duplicates),
+            "quarantined": m.total(dedupe.gate.quarantined) if dedupe.gate is not None else 0,
             "dead_lettered": m.total(m.dead_lettered),
             "backend": conf.backend,
             "passed_unchecked": dedupe.passed_unchecked,

@@ -12,6 +12,7 @@ from ua_parser import parse as parse_user_agent
 
 from shared.codec import encode_event
 from shared.config import HifiConfig
+from shared.dlq import REPLAY_OF, replay_of
 from shared.event import Event
 from shared.service import ServiceContext
 from shared.stage import Output, Record, StageRunner, StepResult
@@ -93,7 +94,11 @@ class Enricher:
         result = StepResult()
         for record in records:
             self.enrich(record.event)
-            result.outputs.append(Output(self.output_topic, record.event.partition_key, encode_event(record.event)))
+            # A replay names the claim it takes over at the deduplicator (shared/quarantine.py): pass it on.
+            claim = replay_of(record.message.headers)
+            headers = [(REPLAY_OF, claim.encode())] if claim is not None else None
+            event = record.event
+            result.outputs.append(Output(self.output_topic, event.partition_key, encode_event(event), headers=headers))
         return result
 
 

@@ -1,0 +1,235 @@
+"""Failed events: quarantine what breaks a tenant's schemas, list and show it, replay it after a fix.
+
+The deduplicator checks each event it passes as new (so SDK re-sends are never validated twice) with
+`SchemaGate`. An `enforce` tenant's violating event goes to `hifi.failed.<tenant>` as a failed record
+(below) instead of downstream, and is tallied `quarantined`, which the auditor counts as accounted for,
+never as lost. A `warn` tenant's goes on, with `schema_violations` in its envelope.
+
+A failed record (msgpack): `event` (the event as the client sent it), `tenant`, `type`, `event_id`,
+`schema` (the schema's name, None for an unknown type), `violations` ([{pointer, rule, message}]),
+`received_ts` (the collector's ingest time), `quarantined_ts`, `partition_key`, and `claim`: the
+deduplicator input message that claimed the event id.
+
+Replay re-submits each original event at the front door (`hifi.raw`, the collector's output) with a
+fresh ingest time, the header `hifi-replay-of: <claim>`, and an `accepted` tally (stage `replay`) so the
+auditor's ledger balances. The enricher passes the header on; the deduplicator lets the replay take
+over the claim of its quarantined copy, so it passes once, and a second replay of the same record finds
+the claim taken and is dropped as a duplicate. The claim lives for `dedupe.window_s`: replay within it.
+The HTTP API cannot carry the claim (a replay through it would be dropped as a duplicate of its own
+quarantined copy), so replay does not use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter as Tally
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from prometheus_client import CollectorRegistry, Counter
+
+from shared.app import durable_producer
+from shared.audit import accepted_tally, bucket_of
+from shared.codec import encode_event, pack, unpack
+from shared.config import HifiConfig
+from shared.dlq import REPLAY_OF
+from shared.errors import HifiError, InvalidEvent
+from shared.event import Event, now_ms
+from shared.publish import Output
+from shared.schemas import Violation, client_view
+from shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+QUARANTINED = "quarantined"  # the tally outcome
+REPLAY_STAGE = "replay"  # the `accepted` tallies of replayed events
+UNKNOWN_TYPE_LABEL = "(unknown)"  # metric label of types no schema names: clients choose them, so unbounded
+
+
+class UnknownTenant(HifiError):
+    pass
+
+
+class SchemaGate:
+    """Checks events against their tenant's schemas; counts per tenant, type and rule in /metrics."""
+
+    def __init__(self, config: HifiConfig, topics: Topics, registry: CollectorRegistry) -> None:
+        self.config = config
+        self.topics = topics
+        self.quarantined = Counter(
+            "hifi_events_quarantined",
+            "Events quarantined to hifi.failed.<tenant> for breaking the tenant's schemas",
+            ["tenant", "type"],
+            registry=registry,
+        )
+        self.violations = Counter(
+            "hifi_schema_violations",
+            "Schema violations found (mode enforce: quarantined; warn: delivered flagged)",
+            ["tenant", "type", "rule", "mode"],
+            registry=registry,
+        )
+
+    def check(self, event: Event, claim: str) -> Output | None:
+        """None: the event goes on (valid, allowed, or flagged in warn mode); else its failed record."""
+        tenant = self.config.tenants.get(event.tenant)
+        contract = tenant.schemas if tenant is not None else None
+        if contract is None or event.canary:  # canaries probe delivery, not contracts
+            return None
+        try:
+            schema, found = contract.check(event)
+        except Exception as exc:  # a validator bug must not crash the worker nor pass the event unchecked
+            schema, found = None, [Violation("", "validator_error", f"{type(exc).__name__}: {exc}"[:300])]
+        if not found:
+            return None
+        type_label = event.type if schema is not None else UNKNOWN_TYPE_LABEL
+        for violation in found:
+            self.violations.labels(event.tenant, type_label, violation.rule, contract.mode).inc()
+        if contract.mode == "warn":
+            event.schema_violations = [v.to_wire() for v in found]
+            return None
+        self.quarantined.labels(event.tenant, type_label).inc()
+        record = {
+            "tenant": event.tenant,
+            "type": event.type,
+            "event_id": event.event_id,
+            "event": client_view(event),
+            "schema": schema,
+            "violations": [v.to_wire() for v in found],
+            "received_ts": event.ingest_ts,
+            "quarantined_ts": now_ms(),
+            "partition_key": event.partition_key.decode(),
+            "claim": claim,
+        }
+        return Output(self.topics.failed(event.tenant), event.partition_key, pack(record))
+
+
+def replayed_event(record: dict[str, Any]) -> Event:
+    """The original event of a failed record, with a fresh ingest time (its lag and ledger bucket start now)."""
+    original = record["event"]
+    return Event(
+        event_id=original["event_id"],
+        type=original["type"],
+        ts=float(original["ts"]),
+        tenant=record["tenant"],
+        payload=original.get("payload") or {},
+        device_id=original.get("device_id"),
+        session_id=original.get("session_id"),
+        context=original.get("context") or {},
+        schema_version=original.get("schema_version"),
+        ingest_ts=now_ms(),
+    )
+
+
+@dataclass
+class FailedEvents:
+    """Read and replay one tenant's quarantined events (`hifi failed`, the failed-events web view)."""
+
+    bootstrap: str
+    topics: Topics
+    tenants: list[str]
+    bucket_s: int = 10  # the auditor's `audit.bucket_s`: replayed events' accepted tallies use its buckets
+
+    def topic(self, tenant: str) -> str:
+        if tenant not in self.tenants:
+            raise UnknownTenant(f"unknown tenant {tenant!r}; tenants: {', '.join(self.tenants)}")
+        return self.topics.failed(tenant)
+
+    async def read(
+        self, tenant: str, event_type: str | None = None, limit: int | None = 100, event_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Failed records up to the topic's end when called, oldest first, filtered by type or event id."""
+        found: list[dict[str, Any]] = []
+        async for partition, offset, record in self._scan(tenant):
+            if event_type is not None and record.get("type") != event_type:
+                continue
+            if event_id is not None and record.get("event_id") != event_id:
+                continue
+            found.append({"partition": partition, "offset": offset, **record})
+            if limit is not None and len(found) >= limit:
+                break
+        return found
+
+    async def counts(self, tenant: str) -> dict[str, int]:
+        """Failed records per event type."""
+        per_type: Tally[str] = Tally()
+        async for _, _, record in self._scan(tenant):
+            per_type[str(record.get("type"))] += 1
+        return dict(per_type)
+
+    async def replay(
+        self, tenant: str, event_type: str | None = None, rate: float = 100.0, limit: int | None = None
+    ) -> int:
+        """Re-submit the original events at the front door; a record replayed before is dropped downstream."""
+        producer = durable_producer(self.bootstrap)
+        await producer.start()
+        replayed = 0
+        started = time.monotonic()
+        buckets: Tally[int] = Tally()
+        try:
+            pending = []
+            async for _, _, record in self._scan(tenant):
+                if "error" in record or (event_type is not None and record.get("type") != event_type):
+                    continue
+                if limit is not None and replayed >= limit:
+                    break
+                event = replayed_event(record)
+                headers = [(REPLAY_OF, str(record["claim"]).encode())]
+                pending.append(
+                    await producer.send(self.topics.raw, encode_event(event), key=event.partition_key, headers=headers)
+                )
+                buckets[bucket_of(event.ingest_ts, self.bucket_s)] += 1
+                replayed += 1
+                if rate > 0:
+                    await asyncio.sleep(max(0.0, started + replayed / rate - time.monotonic()))
+            await asyncio.gather(*pending)
+            # Only once the events are durable: a tally for an event never sent would read as loss.
+            for bucket, count in buckets.items():
+                await producer.send_and_wait(
+                    self.topics.tallies, accepted_tally(REPLAY_STAGE, tenant, bucket, count), key=b"replay"
+                )
+        finally:
+            await producer.stop()
+        return replayed
+
+    async def _scan(self, tenant: str) -> AsyncIterator[tuple[int, int, dict[str, Any]]]:
+        topic = self.topic(tenant)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
+        await admin.start()
+        try:
+            described = await admin.describe_topics([topic])
+        finally:
+            await admin.close()
+        partitions = [p["partition"] for t in described if not t["error_code"] for p in t["partitions"]]
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None)
+        await consumer.start()
+        try:
+            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            if not tps:
+                return
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            left = {tp for tp in tps if ends[tp] > 0}
+            for tp in tps:
+                if tp in left and await consumer.position(tp) >= ends[tp]:
+                    left.discard(tp)
+            while left:
+                batch = await consumer.getmany(*left, timeout_ms=1000)
+                for tp, messages in batch.items():
+                    for message in messages:
+                        if message.offset >= ends[tp]:
+                            break
+                        try:
+                            record = unpack(message.value)
+                        except InvalidEvent as exc:
+                            record = {"error": f"unreadable failed record: {exc}"}
+                        yield tp.partition, message.offset, record
+                    if await consumer.position(tp) >= ends[tp]:
+                        left.discard(tp)
+        finally:
+            await consumer.stop()
