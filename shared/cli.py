@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
     dlq.add_argument("--limit", type=int, default=None)
     dlq.add_argument("--rate", type=float, default=100.0, help="replayed letters per second (0 = unlimited)")
 
+    trace = sub.add_parser("trace", help="where is my event? its path through every stage and sink (HIFI_REDIS_URL)")
+    trace.add_argument("event_id")
+    trace.add_argument("--tenant", default=None, help="only this tenant's event of that id")
+    trace.add_argument("--json", action="store_true", help="the trace as JSON")
+
     chaos = sub.add_parser("chaos", help="fault scenarios on the real pipeline with ground truth")
     chaos.add_argument(
         "scenario",
@@ -162,6 +167,8 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
         sys.exit(run_chaos(args.scenario, args.rate, args.json_out, args.doc))
     elif args.command == "dlq":
         run_dlq(args)
+    elif args.command == "trace":
+        sys.exit(run_trace(args))
     elif args.command == "bench":
         from shared.local.bench import main as run_bench
 
@@ -201,6 +208,31 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
         print(f"{len(names)} topics present at {settings.broker}")
     elif args.command == "hash-key":
         print(hash_api_key(args.key))
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    """Print the event's path; exit 1 if no stage has said anything about it (within the retention)."""
+    import asyncio
+    import json
+
+    from shared.errors import TransientError
+    from shared.trace import TraceIndex, render
+
+    settings = Settings.from_env()
+
+    async def lookup() -> dict[str, object]:
+        index = TraceIndex(settings.redis_url, settings.namespace)
+        try:
+            return await index.lookup(args.event_id, args.tenant)
+        finally:
+            await index.close()
+
+    try:
+        found = asyncio.run(lookup())
+    except TransientError as exc:
+        raise SystemExit(f"hifi trace: {exc}") from None
+    print(json.dumps(found, indent=2) if args.json else render(found))
+    return 0 if found["found"] else 1
 
 
 def run_dlq(args: argparse.Namespace) -> None:

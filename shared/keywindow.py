@@ -57,6 +57,11 @@ class KeyWindow(Protocol):
         """For each key: True if it was marked within the window."""
         ...
 
+    async def holders(self, keys: Sequence[str], anchors: Sequence[Any]) -> list[str | None]:
+        """For each key: the claim holding it (the `topic:partition:offset` of the message that claimed
+        it), or None; for `hifi trace`, which names the first copy of a dropped duplicate."""
+        ...
+
     async def mark(self, keys: Sequence[str], anchors: Sequence[Any]) -> None:
         """Remember keys for the window."""
         ...
@@ -125,6 +130,13 @@ class RedisKeyWindow:
         except (RedisError, OSError) as exc:
             raise TransientError(f"redis unavailable: {exc}") from exc
         return [v is not None for v in values]
+
+    async def holders(self, keys: Sequence[str], anchors: Sequence[Any]) -> list[str | None]:
+        try:
+            values = await self.client.mget([self._k(k) for k in keys]) if keys else []
+        except (RedisError, OSError) as exc:
+            raise TransientError(f"redis unavailable: {exc}") from exc
+        return [v.decode(errors="replace") if v is not None else None for v in values]
 
     async def mark(self, keys: Sequence[str], anchors: Sequence[Any]) -> None:
         ttl = int(self.window_s * 1000)
@@ -450,6 +462,13 @@ class RocksKeyWindow:
             self._live(self._db(anchor)[1].get(key.encode()), now) is not None
             for key, anchor in zip(keys, anchors, strict=True)
         ]
+
+    async def holders(self, keys: Sequence[str], anchors: Sequence[Any]) -> list[str | None]:
+        now = time.time() * 1000
+        entries = [
+            self._live(self._db(anchor)[1].get(key.encode()), now) for key, anchor in zip(keys, anchors, strict=True)
+        ]
+        return [str(entry[1]) if entry is not None else None for entry in entries]
 
     async def mark(self, keys: Sequence[str], anchors: Sequence[Any]) -> None:
         now = time.time() * 1000

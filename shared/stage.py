@@ -84,6 +84,7 @@ from shared.membership import (
 from shared.metrics import StageMetrics
 from shared.publish import BatchPublisher, Output, Published, retire
 from shared.retry import Backoff
+from shared.trace import PASSED
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ class Record:
     # What the stage did with it, for the loss ledger: out (passed on), dup, unrouted, delivered,
     # skipped (already delivered), canary_dropped. Dead letters are counted by the runner.
     outcome: str = "out"
+    # What `hifi trace` should know about an event the stage did not pass on (dedupe: the claim's holder).
+    note: dict[str, Any] | None = None
 
     @property
     def source(self) -> str:
@@ -1158,7 +1161,7 @@ class StageRunner(Service):
     ) -> list[Output]:
         """Per source partition: runs of [tenant, bucket, outcome, count] in offset order."""
         by_message = {id(r.message): r for r in records}
-        dead = {id(letter.message) for letter in result.dead}
+        dead = {id(letter.message): letter for letter in result.dead}
         parts: dict[tuple[str, int], dict[str, Any]] = {}
         for msg in messages:
             record = by_message.get(id(msg))
@@ -1183,6 +1186,9 @@ class StageRunner(Service):
                 runs[-1][3] += 1
             else:
                 runs.append([tenant, bucket, outcome, 1])
+            if record is not None and outcome not in PASSED:  # for `hifi trace` (shared/trace.py)
+                note = trace_note(record, dead.get(id(msg)))
+                part.setdefault("events", []).append([msg.offset, record.event.event_id, outcome, tenant, note])
         at = now_ms()
         assert self.tallies is not None
         return [Output(self.tallies, self.stage.encode(), pack({**part, "at": at})) for part in parts.values()]
@@ -1404,6 +1410,18 @@ def truncated_letter(letter: Output, keep: int) -> Output:
     if keep == 0:
         fields["original_headers"] = []
     return Output(letter.topic, letter.key, pack(fields))
+
+
+def trace_note(record: Record, letter: DeadLetter | None) -> dict[str, Any]:
+    """What a tally says about one event the stage did not pass on: the stage's note, its stamps so far,
+    and for a dead letter why."""
+    note = {**(record.note or {}), "ingest_ts": record.event.ingest_ts, "stages": record.event.stages}
+    if letter is not None:
+        error = letter.error
+        note["reason"] = error.reason if isinstance(error, InvalidEvent) else type(error).__name__
+        note["error"] = str(error)[:300]
+        note["attempts"] = letter.attempts
+    return note
 
 
 def dead_letter_value(stage: str, letter: DeadLetter) -> bytes:
