@@ -186,7 +186,7 @@ async def search_in_dashboard(pipeline: Any, duplicate: str, refused: str) -> No
     browser = await asyncio.to_thread(chromium)
     try:
         url = pipeline.services["auditor"].url("/dashboard")
-        await asyncio.to_thread(browser.get, url)
+        await asyncio.to_thread(browser.get, pipeline.services["auditor"].url("/health"))  # same origin, no prompt
         browser.execute_script("sessionStorage.setItem('hifiToken', arguments[0])", TOKEN)
         await asyncio.to_thread(browser.get, url)
         for event_id in (duplicate, refused):
