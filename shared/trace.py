@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from shared import pipeline
 from shared.codec import pack, unpack
 from shared.errors import TransientError
+from shared.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class TraceIndex:
         self.pending: dict[str, dict[str, bytes]] = {}
         self.written = 0
         self.dropped = 0  # facts given up while Redis was away and the buffer was full
+        self.backoff = Backoff(base_s=0.5, ceiling_s=30.0)
+        self.failures = 0
+        self.retry_at = 0.0  # monotonic: while Redis fails, the auditor's reading does not wait on it
         self._warned_at = 0.0
 
     def key(self, event_id: str) -> str:
@@ -122,6 +126,8 @@ class TraceIndex:
         if not self.pending or self.ttl_ms <= 0:
             self.pending = {}
             return 0
+        if time.monotonic() < self.retry_at:
+            return 0
         batch, self.pending = self.pending, {}
         try:
             async with self.client.pipeline(transaction=False) as pipe:
@@ -136,11 +142,14 @@ class TraceIndex:
                         self.pending.setdefault(event_id, {}).setdefault(field, value)
                     else:
                         self.dropped += 1
+            self.failures += 1
             now = time.monotonic()
+            self.retry_at = now + self.backoff.delay(self.failures)
             if now - self._warned_at > 10:
                 self._warned_at = now
                 log.warning("trace index: Redis write failed, %d events buffered: %r", len(self.pending), exc)
             return 0
+        self.failures = 0
         self.written += len(batch)
         return len(batch)
 

@@ -15,9 +15,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from selenium.webdriver.common.by import By
 
+from shared.audit import accepted_tally, receipt
 from shared.codec import unpack
 from shared.topics import Topics
 from shared.trace import TraceIndex, render
@@ -214,3 +216,59 @@ async def search_in_dashboard(pipeline: Any, duplicate: str, refused: str) -> No
                 assert "dead-lettered" in steps["acme/sink/hook"] and "400" in steps["acme/sink/hook"]
     finally:
         await asyncio.to_thread(browser.quit)
+
+
+async def test_trace_index_reads_back_what_tallies_and_receipts_say(redis_server, namespace):
+    """Facts in the formats the stages write; a stage's new outcome shows by its name until OUTCOMES names it."""
+    index = TraceIndex(redis_server.url, namespace, ttl_s=120)
+    try:
+        index.add_tally(
+            unpack(
+                accepted_tally(
+                    "collector", "acme", 0, 1, {"topic": "raw", "ingest_ts": 1000.0, "events": [["e1", 2, 7]]}
+                )
+            )
+        )
+        stages = {"router": 1030.0, "collector": 1001.0, "enricher": 1010.0, "deduplicator": 1020.0}
+        index.add_receipt(
+            unpack(receipt("hook", 1100.0, [["e1", "acme", 1000.0, 2, False]], [["hook:acme:e1", stages, "s:1:4"]]))
+        )
+        tally = {"stage": "filter", "topic": "unique", "partition": 1, "first": 9, "runs": [], "at": 1050.0}
+        index.add_tally({**tally, "events": [[9, "e1", "filtered", "acme", {"rule": "no-bots"}]]})
+        assert await index.flush() == 1
+        found = await index.lookup("e1")
+        path = found["tenants"]["acme"]
+        assert path["accepted"] == {"ingest_ts": 1000.0, "topic": "raw", "partition": 2, "offset": 7}
+        assert list(path["stages"]) == ["collector", "enricher", "deduplicator", "router"]  # pipeline order
+        assert path["sinks"]["hook"] == {
+            "status": "delivered",
+            "acked_ts": 1100.0,
+            "attempts": 2,
+            "idempotency_key": "hook:acme:e1",
+            "source": "s:1:4",
+        }
+        (step,) = path["dropped"]
+        assert step["text"] == "filtered" and step["rule"] == "no-bots" and step["source"] == "unique:1:9"
+        assert "filtered" in render(found) and "attempts 2" in render(found)
+        assert (await index.lookup("e1", tenant="globex"))["found"] is False
+        assert 0 < await index.client.pttl(index.key("e1")) <= 120_000
+        print(f"\ntrace index: {await index.client.memory_usage(index.key('e1'))} bytes for an event with 4 facts")
+    finally:
+        await index.close()
+
+
+async def test_trace_index_keeps_facts_while_redis_is_away(redis_server, namespace):
+    """A Redis outage neither stalls the auditor (it backs off) nor loses the facts it buffered (bounded)."""
+    index = TraceIndex("redis://127.0.0.1:1/0", namespace, ttl_s=60, max_pending=2)
+    try:
+        for event_id in ("a", "b", "c"):
+            index.add_receipt(unpack(receipt("hook", 5.0, [[event_id, "acme", 1.0, 1, False]], [["k", {}, "s:0:0"]])))
+        assert index.dropped == 2 and len(index.pending) == 2  # bounded: both facts of the third event
+        assert await index.flush() == 0 and len(index.pending) == 2 and index.retry_at > time.monotonic() - 1
+        assert await index.flush() == 0  # backing off: no second wait on a dead Redis
+        await index.client.aclose()
+        index.client = aioredis.from_url(redis_server.url)
+        index.retry_at = 0.0
+        assert await index.flush() == 2 and (await index.lookup("a"))["found"]
+    finally:
+        await index.close()
