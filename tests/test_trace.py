@@ -154,6 +154,7 @@ async def test_trace_delivered_duplicate_and_dead_lettered(
         answer = await index.lookup("ok-1", tenant="acme")
         took_ms = (time.perf_counter() - started) * 1000
         print(f"\ntrace of an event from the last hour: {took_ms:.1f} ms\n{render(answer)}")
+        print(shown.stdout, render(await index.lookup("copy-1")), sep="\n")
 
         # The auditor's endpoint is token-protected like /audit and gives the same path.
         assert trace_api(pipeline, "ok-1", token=None)[0] == 401
