@@ -87,7 +87,7 @@ class TraceIndex:
             for event_id, partition, offset in accepted["events"]:
                 self._put(
                     event_id,
-                    f"accepted|{tenant}",
+                    f"accepted|{tenant}|{partition}:{offset}",  # each copy: a re-sent event is accepted again
                     {
                         "kind": "accepted",
                         "tenant": tenant,
@@ -169,8 +169,11 @@ class TraceIndex:
                 continue
             path = tenants.setdefault(fact["tenant"], {"accepted": None, "stages": {}, "sinks": {}, "dropped": []})
             kind = fact["kind"]
-            if kind == "accepted":
-                path["accepted"] = {k: fact[k] for k in ("ingest_ts", "topic", "partition", "offset")}
+            if kind == "accepted":  # the first copy's, whose path the stamps show; later copies counted
+                copies = (path["accepted"] or {}).get("copies", 0) + 1
+                if path["accepted"] is None or fact["ingest_ts"] < path["accepted"]["ingest_ts"]:
+                    path["accepted"] = {k: fact[k] for k in ("ingest_ts", "topic", "partition", "offset")}
+                path["accepted"]["copies"] = copies
             elif kind == "path":
                 path["stages"] = fact["stages"]
             elif kind == "sink":
@@ -190,7 +193,7 @@ class TraceIndex:
                 sorted(path["stages"].items(), key=lambda kv: (_rank(kv[0]), kv[1]))  # pipeline order
             )
             if path["accepted"] is None and "collector" in path["stages"]:
-                path["accepted"] = {"ingest_ts": path["stages"]["collector"]}
+                path["accepted"] = {"ingest_ts": path["stages"]["collector"], "copies": 1}
             path["dropped"].sort(key=lambda d: d["at"] or 0)
             path["sinks"] = dict(sorted(path["sinks"].items()))
         return {"event_id": event_id, "found": bool(tenants), "tenants": dict(sorted(tenants.items()))}
@@ -240,9 +243,11 @@ def render(trace: dict[str, Any]) -> str:
         start = accepted.get("ingest_ts")
 
         def since(ms: float | None, start: float | None = start) -> str:
-            return f"{_clock(ms)}  (+{ms - start:.0f} ms)" if ms and start else _clock(ms)
+            return f"{_clock(ms)}  ({ms - start:+.0f} ms)" if ms and start else _clock(ms)
 
         where = f"  -> {accepted['topic']}[{accepted['partition']}]@{accepted['offset']}" if "topic" in accepted else ""
+        if accepted.get("copies", 1) > 1:
+            where += f"  ({accepted['copies']} copies accepted; the path is the first's)"
         lines.append(f"  accepted by the collector  {_clock(start)}{where}")
         for stage, at in path["stages"].items():
             if stage != pipeline.COLLECTOR.name:
@@ -263,6 +268,6 @@ def render(trace: dict[str, Any]) -> str:
             else:
                 line = f"  sink {sink:<20} {since(step['at'])}  {step['text']} at {step['stage']}"
                 if step["outcome"] == "dlq":
-                    line += f" after {step.get('attempts')} attempts: {step.get('reason')}: {step.get('error')}"
+                    line += f" (attempts {step.get('attempts')}): {step.get('reason')}: {step.get('error')}"
                 lines.append(line)
     return "\n".join(lines)

@@ -132,6 +132,9 @@ async def test_trace_delivered_duplicate_and_dead_lettered(
         assert dropped["ingest_ts"] > first["ingest_ts"]  # the dropped copy is the later one
         assert dropped["source"] != dropped["first_copy"]
         assert [e["event_id"] for e in hook.received].count("copy-1") == 1
+        # Its path is the first copy's, timed from the first acceptance; the later copy is counted.
+        assert copy["accepted"]["copies"] == 2
+        assert 0 <= copy["stages"]["collector"] - copy["accepted"]["ingest_ts"] < 1000
 
         refused = await traced("refused-1", "sink:hook", "sink:files")
         assert refused["sinks"]["files"]["status"] == "delivered"
@@ -239,7 +242,7 @@ async def test_trace_index_reads_back_what_tallies_and_receipts_say(redis_server
         assert await index.flush() == 1
         found = await index.lookup("e1")
         path = found["tenants"]["acme"]
-        assert path["accepted"] == {"ingest_ts": 1000.0, "topic": "raw", "partition": 2, "offset": 7}
+        assert path["accepted"] == {"ingest_ts": 1000.0, "topic": "raw", "partition": 2, "offset": 7, "copies": 1}
         assert list(path["stages"]) == ["collector", "enricher", "deduplicator", "router"]  # pipeline order
         assert path["sinks"]["hook"] == {
             "status": "delivered",
