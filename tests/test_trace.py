@@ -21,6 +21,7 @@ from selenium.webdriver.common.by import By
 
 from shared.audit import accepted_tally, receipt
 from shared.codec import unpack
+from shared.keywindow import RedisKeyWindow
 from shared.topics import Topics
 from shared.trace import TraceIndex, render
 from tests.helpers import post, tenant_block, wait_for
@@ -276,3 +277,18 @@ async def test_trace_index_keeps_facts_while_redis_is_away(redis_server, namespa
         assert await index.flush() == 2 and (await index.lookup("a"))["found"]
     finally:
         await index.close()
+
+
+async def test_redis_window_names_the_claim_holder_without_another_round_trip(redis_server, namespace):
+    window = RedisKeyWindow(redis_server.url, f"hifi:{namespace}:trace-test:", 60)
+    try:
+        assert await window.claim(["acme:e1"], ["enriched:0:5"], [None]) == [True]
+        assert await window.claim(["acme:e1"], ["enriched:0:9"], [None]) == [False]
+        await window.client.aclose()  # what claim saw is enough: no connection needed
+        window.client = aioredis.from_url("redis://127.0.0.1:1/0")
+        assert await window.holders(["acme:e1"], [None]) == ["enriched:0:5"]
+        window.client = aioredis.from_url(redis_server.url)
+        window._holders = {}
+        assert await window.holders(["acme:e1", "acme:e2"], [None, None]) == ["enriched:0:5", None]  # asked
+    finally:
+        await window.close()
