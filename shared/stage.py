@@ -1159,7 +1159,8 @@ class StageRunner(Service):
         records: list[Record],
         result: StepResult,
     ) -> list[Output]:
-        """Per source partition: runs of [tenant, bucket, outcome, count] in offset order."""
+        """Per source partition: runs of [tenant, bucket, outcome, count] in offset order, and the events
+        it did not pass on (`events`, for `hifi trace`: they are few, and the auditor indexes them)."""
         by_message = {id(r.message): r for r in records}
         dead = {id(letter.message): letter for letter in result.dead}
         parts: dict[tuple[str, int], dict[str, Any]] = {}

@@ -155,6 +155,7 @@ class Collector:
             future = await producer.send(self.raw_topic, event.partition_key, encode_event(event), None, None, None)
             pending.append((index, event, future))
         unavailable = 0
+        written: list[list[Any]] = []  # [event_id, partition, offset] of each accepted event, for `hifi trace`
         if pending:
             done = (
                 await asyncio.wait_for(
@@ -163,7 +164,6 @@ class Collector:
                 if pending
                 else []
             )
-            written: list[list[Any]] = []  # [event_id, partition, offset], for `hifi trace`
             for (index, event, _), outcome in zip(pending, done, strict=True):
                 if isinstance(outcome, BaseException):
                     unavailable += 1
