@@ -7,7 +7,11 @@ collector (HTTP, no source offsets) and the auditor's canaries tally `accepted` 
 
 A **receipt** lists the events one sender batch delivered: `[event_id, tenant, ingest_ts, attempts,
 canary]` plus the sink and the acknowledgement time, from which the auditor measures lag and the
-on-time SLI.
+on-time SLI. Its `trace` holds, per event in the same order, `[idempotency_key, stages, source]` (the
+stage timestamps and the sink topic's `topic:partition:offset`), for `hifi trace` (shared/trace.py).
+
+A stage's tally also lists the events it did not pass on (`events`: `[offset, event_id, outcome,
+tenant, note]`), and the collector's names where each accepted event was written (`accepted`).
 
 Outcomes: accepted, out, dup, dlq, unrouted, delivered, skipped, canary_dropped, quarantined (the deduplicator's:
 broke the tenant's schema); the router's
@@ -40,10 +44,17 @@ def bucket_of(at_ms: float, bucket_s: int) -> int:
     return int(at_ms // 1000 // bucket_s * bucket_s)
 
 
-def accepted_tally(stage: str, tenant: str, bucket: int, count: int) -> bytes:
-    return pack({"stage": stage, "runs": [[tenant, bucket, "accepted", count]], "at": now_ms()})
+def accepted_tally(stage: str, tenant: str, bucket: int, count: int, accepted: dict[str, Any] | None = None) -> bytes:
+    """`accepted`: {topic, ingest_ts, events: [[event_id, partition, offset]]}, where each was written."""
+    tally: dict[str, Any] = {"stage": stage, "runs": [[tenant, bucket, "accepted", count]], "at": now_ms()}
+    if accepted is not None:
+        tally["accepted"] = accepted
+    return pack(tally)
 
 
-def receipt(sink: str, delivered_ts: float, rows: list[list[Any]]) -> bytes:
-    """rows: [event_id, tenant, ingest_ts, attempts, canary]."""
-    return pack({"sink": sink, "delivered_ts": delivered_ts, "events": rows})
+def receipt(sink: str, delivered_ts: float, rows: list[list[Any]], trace: list[list[Any]] | None = None) -> bytes:
+    """rows: [event_id, tenant, ingest_ts, attempts, canary]; trace: [idempotency_key, stages, source] each."""
+    value: dict[str, Any] = {"sink": sink, "delivered_ts": delivered_ts, "events": rows}
+    if trace is not None:
+        value["trace"] = trace
+    return pack(value)

@@ -9,6 +9,7 @@ whole pipeline, chaos, the bench) come from the `hifi-devtools` distribution thr
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
@@ -51,6 +52,11 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
     failed.add_argument("--limit", type=int, default=None)
     failed.add_argument("--rate", type=float, default=100.0, help="replayed events per second (0 = unlimited)")
 
+    trace = sub.add_parser("trace", help="where is my event? its path through every stage and sink (HIFI_REDIS_URL)")
+    trace.add_argument("event_id")
+    trace.add_argument("--tenant", default=None, help="only this tenant's event of that id")
+    trace.add_argument("--json", action="store_true", help="the trace as JSON")
+
     sub.add_parser("topics", help="create every topic of the config (idempotent; the Helm chart's pre-install job)")
 
     key = sub.add_parser("hash-key", help="print the hash of an API key, for the config's api_keys")
@@ -73,6 +79,8 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
         run_dlq(args)
     elif args.command == "failed":
         run_failed(args)
+    elif args.command == "trace":
+        sys.exit(run_trace(args))
     elif args.command == "topics":
         import asyncio
 
@@ -117,6 +125,31 @@ def run_replay(args: argparse.Namespace) -> None:
     except ReplayError as exc:
         raise SystemExit(f"replay: {exc}") from None
     print(f"replayed {report.events} events of {args.tenant} from {report.objects} archive objects to {args.to_sink}")
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    """Print the event's path; exit 1 if no stage has said anything about it (within the retention)."""
+    import asyncio
+    import json
+
+    from shared.errors import TransientError
+    from shared.trace import TraceIndex, render
+
+    settings = Settings.from_env()
+
+    async def lookup() -> dict[str, object]:
+        index = TraceIndex(settings.redis_url, settings.namespace)
+        try:
+            return await index.lookup(args.event_id, args.tenant)
+        finally:
+            await index.close()
+
+    try:
+        found = asyncio.run(lookup())
+    except TransientError as exc:
+        raise SystemExit(f"hifi trace: {exc}") from None
+    print(json.dumps(found, indent=2) if args.json else render(found))
+    return 0 if found["found"] else 1
 
 
 def run_dlq(args: argparse.Namespace) -> None:

@@ -94,6 +94,7 @@ class AuditConfig:
     stuck_after_s: float = 60.0  # a partition with lag whose committed offset has not moved this long
     dlq_check_s: float = 10.0  # how often DLQ sizes are read; any growth pages once per episode
     outage_alert_after_s: float = 30.0  # Redis or the broker failing this long pages
+    trace_ttl_s: float = 3600.0  # how long `hifi trace` finds an event (its Redis index); 0: no index
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,7 @@ class HifiConfig:
             "stuck_after_s": (1, 86_400),
             "dlq_check_s": (0.5, 3600),
             "outage_alert_after_s": (0, 86_400),
+            "trace_ttl_s": (0, 30 * 86_400),
         }
         audit_values: dict[str, Any] = {k: _num(v, f"audit.{k}", *audit_bounds[k]) for k, v in audit_raw.items()}
         if "bucket_s" in audit_values:

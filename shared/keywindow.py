@@ -57,6 +57,11 @@ class KeyWindow(Protocol):
         """For each key: True if it was marked within the window."""
         ...
 
+    async def holders(self, keys: Sequence[str], anchors: Sequence[Any]) -> list[str | None]:
+        """For each key: the claim holding it (the `topic:partition:offset` of the message that claimed
+        it), or None; for `hifi trace`, which names the first copy of a dropped duplicate."""
+        ...
+
     async def mark(self, keys: Sequence[str], anchors: Sequence[Any]) -> None:
         """Remember keys for the window."""
         ...
@@ -89,6 +94,7 @@ class RedisKeyWindow:
         self.prefix = prefix
         self.window_s = window_s
         self._inherit = self.client.register_script(INHERIT_CLAIM)
+        self._holders: dict[str, str] = {}  # key -> the claim the last `claim` found holding it (a copy's)
 
     def _k(self, key: str) -> str:
         return f"{self.prefix}{key}"
@@ -114,6 +120,11 @@ class RedisKeyWindow:
             raise TransientError(f"redis unavailable: {exc}") from exc
         except RedisError as exc:
             raise TransientError(f"redis error: {exc}") from exc
+        self._holders = {
+            key: old.decode(errors="replace")
+            for key, old, heir_of in zip(keys, previous, inherits, strict=True)
+            if heir_of is None and old is not None
+        }
         return [
             old == 1 if heir_of is not None else old is None or old.decode() == claim
             for old, claim, heir_of in zip(previous, claims, inherits, strict=True)
@@ -125,6 +136,16 @@ class RedisKeyWindow:
         except (RedisError, OSError) as exc:
             raise TransientError(f"redis unavailable: {exc}") from exc
         return [v is not None for v in values]
+
+    async def holders(self, keys: Sequence[str], anchors: Sequence[Any]) -> list[str | None]:
+        """What the last `claim` saw (SET GET returned it: no round trip), else what Redis holds now."""
+        if all(k in self._holders for k in keys):
+            return [self._holders[k] for k in keys]
+        try:
+            values = await self.client.mget([self._k(k) for k in keys]) if keys else []
+        except (RedisError, OSError) as exc:
+            raise TransientError(f"redis unavailable: {exc}") from exc
+        return [v.decode(errors="replace") if v is not None else None for v in values]
 
     async def mark(self, keys: Sequence[str], anchors: Sequence[Any]) -> None:
         ttl = int(self.window_s * 1000)
@@ -450,6 +471,13 @@ class RocksKeyWindow:
             self._live(self._db(anchor)[1].get(key.encode()), now) is not None
             for key, anchor in zip(keys, anchors, strict=True)
         ]
+
+    async def holders(self, keys: Sequence[str], anchors: Sequence[Any]) -> list[str | None]:
+        now = time.time() * 1000
+        entries = [
+            self._live(self._db(anchor)[1].get(key.encode()), now) for key, anchor in zip(keys, anchors, strict=True)
+        ]
+        return [str(entry[1]) if entry is not None else None for entry in entries]
 
     async def mark(self, keys: Sequence[str], anchors: Sequence[Any]) -> None:
         now = time.time() * 1000

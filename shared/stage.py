@@ -84,6 +84,7 @@ from shared.membership import (
 from shared.metrics import StageMetrics
 from shared.publish import BatchPublisher, Output, Published, retire
 from shared.retry import Backoff
+from shared.trace import PASSED
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,8 @@ class Record:
     # filtered:<sinks> (shared.audit), delivered, skipped (already delivered), canary_dropped, replayed /
     # replay_skipped (`hifi replay`). Dead letters: the runner.
     outcome: str = "out"
+    # What `hifi trace` should know about an event the stage did not pass on (dedupe: the claim's holder).
+    note: dict[str, Any] | None = None
 
     @property
     def source(self) -> str:
@@ -1194,9 +1197,10 @@ class StageRunner(Service):
         records: list[Record],
         result: StepResult,
     ) -> list[Output]:
-        """Per source partition: runs of [tenant, bucket, outcome, count] in offset order."""
+        """Per source partition: runs of [tenant, bucket, outcome, count] in offset order, and the events
+        it did not pass on (`events`, for `hifi trace`: they are few, and the auditor indexes them)."""
         by_message = {id(r.message): r for r in records}
-        dead = {id(letter.message) for letter in result.dead}
+        dead = {id(letter.message): letter for letter in result.dead}
         parts: dict[tuple[str, int], dict[str, Any]] = {}
         for msg in messages:
             record = by_message.get(id(msg))
@@ -1221,6 +1225,9 @@ class StageRunner(Service):
                 runs[-1][3] += 1
             else:
                 runs.append([tenant, bucket, outcome, 1])
+            if record is not None and outcome not in PASSED:  # for `hifi trace` (shared/trace.py)
+                note = trace_note(record, dead.get(id(msg)))
+                part.setdefault("events", []).append([msg.offset, record.event.event_id, outcome, tenant, note])
         at = now_ms()
         assert self.tallies is not None
         return [Output(self.tallies, self.stage.encode(), pack({**part, "at": at})) for part in parts.values()]
@@ -1442,6 +1449,18 @@ def truncated_letter(letter: Output, keep: int) -> Output:
     if keep == 0:
         fields["original_headers"] = []
     return Output(letter.topic, letter.key, pack(fields))
+
+
+def trace_note(record: Record, letter: DeadLetter | None) -> dict[str, Any]:
+    """What a tally says about one event the stage did not pass on: the stage's note, its stamps so far,
+    and for a dead letter why."""
+    note = {**(record.note or {}), "ingest_ts": record.event.ingest_ts, "stages": record.event.stages}
+    if letter is not None:
+        error = letter.error
+        note["reason"] = error.reason if isinstance(error, InvalidEvent) else type(error).__name__
+        note["error"] = str(error)[:300]
+        note["attempts"] = letter.attempts
+    return note
 
 
 def dead_letter_value(stage: str, letter: DeadLetter) -> bytes:

@@ -29,9 +29,11 @@ from shared.alerts import Alerter, OutageClock
 from shared.audit import accepted_tally, bucket_of
 from shared.codec import encode_event, unpack
 from shared.dlq import DeadLetterQueues, UnknownStage, stage_input
+from shared.errors import TransientError
 from shared.event import Event, now_ms
 from shared.metrics import LAG_BUCKETS_S
 from shared.service import ServiceContext
+from shared.trace import TraceIndex
 from shared.web import add_common_views, denied
 
 from .ledger import LossLedger, LossReport, SinkSLI, burn_rate
@@ -59,6 +61,8 @@ class Auditor:
         self.offset_gaps: dict[tuple[str, str, int, int, int], dict[str, Any]] = {}  # confirmed skipped input
         self.consumer: AIOKafkaConsumer | None = None  # the reader's, for end offsets
         self.queues = DeadLetterQueues(ctx.settings.broker, ctx.topics, list(ctx.config.sinks))
+        # What tallies and receipts say about each event, for `hifi trace` and /trace (shared/trace.py).
+        self.trace = TraceIndex(ctx.settings.redis_url, ctx.settings.namespace, self.audit.trace_ttl_s)
         self.broker_outage = OutageClock(
             alerter, "broker_unreachable", "the Kafka broker", self.audit.outage_alert_after_s
         )
@@ -84,11 +88,12 @@ class Auditor:
     # -- input -----------------------------------------------------------------------------------
 
     def on_receipt(self, value: dict[str, Any]) -> None:
+        self.trace.add_receipt(value)
         sink = value["sink"]
         acked = value["delivered_ts"]
         now = time.time()
         per_key: dict[tuple[str, str], list[int]] = {}
-        for _event_id, tenant, ingest_ts, _attempts, canary in value["events"]:
+        for _event_id, tenant, ingest_ts, _attempts, canary, *_ in value["events"]:
             lag = max(0.0, acked - ingest_ts)
             sli = self.sli.setdefault((tenant, sink), SinkSLI())
             sli.lag_1m.record(lag, now)
@@ -107,6 +112,7 @@ class Auditor:
         self.receipts += sum(c[1] for c in per_key.values())
 
     def on_tally(self, value: dict[str, Any]) -> None:
+        self.trace.add_tally(value)
         for tenant, bucket in self.ledger.add_tally(value):
             self.ledger.reconcile(tenant, bucket)
 
@@ -393,6 +399,7 @@ class AuditReader(Service):
     async def on_stop(self) -> None:
         if self.consumer is not None:
             await self.consumer.stop()
+        await self.auditor.trace.close()
 
     @Service.task
     async def _read(self) -> None:
@@ -434,6 +441,7 @@ class AuditReader(Service):
                             a.on_receipt(value)
                     except Exception:  # one unreadable record must not stop the audit
                         log.exception("auditor: unreadable record %s@%d", tp, record.offset)
+            await a.trace.flush()
 
 
 def build(ctx: ServiceContext) -> Any:
@@ -465,6 +473,17 @@ def build(ctx: ServiceContext) -> Any:
     async def audit_view(self: web.View, request: web.Request) -> web.Response:
         refused = denied(self, request, ctx.settings)
         return refused or self.json(auditor.summary())
+
+    @app.page("/trace/{event_id}")
+    async def trace_view(self: web.View, request: web.Request, event_id: str) -> web.Response:
+        refused = denied(self, request, ctx.settings)
+        if refused:
+            return refused
+        try:
+            found = await auditor.trace.lookup(event_id, request.query.get("tenant") or None)
+        except TransientError as exc:
+            return self.json({"error": "unavailable", "detail": str(exc)}, status=503)
+        return self.json(found)
 
     @app.page("/dashboard")
     async def dashboard(self: web.View, request: web.Request) -> web.Response:

@@ -155,6 +155,7 @@ class Collector:
             future = await producer.send(self.raw_topic, event.partition_key, encode_event(event), None, None, None)
             pending.append((index, event, future))
         unavailable = 0
+        written: list[list[Any]] = []  # [event_id, partition, offset] of each accepted event, for `hifi trace`
         if pending:
             done = (
                 await asyncio.wait_for(
@@ -176,9 +177,10 @@ class Collector:
                     )
                 else:
                     accepted.append(event.event_id)
+                    written.append([event.event_id, outcome.partition, outcome.offset])
         metrics.accepted.labels(tenant).inc(len(accepted))
         if accepted:
-            await self._tally(tenant, ingest_ts, len(accepted))
+            await self._tally(tenant, ingest_ts, written)
         rejected.sort(key=lambda r: r["index"])
         body = {"accepted": accepted, "rejected": rejected}
         if unavailable:
@@ -187,13 +189,21 @@ class Collector:
             return 422, body
         return 200, body
 
-    async def _tally(self, tenant: str, ingest_ts: float, count: int) -> None:
-        """Tell the auditor's ledger how many events were accepted. Best effort: the events are already
-        durable, and a missing tally shows up as a surplus downstream, never as a false loss."""
+    async def _tally(self, tenant: str, ingest_ts: float, written: list[list[Any]]) -> None:
+        """Tell the auditor's ledger how many events were accepted, and where each was written (for
+        `hifi trace`). Best effort: the events are already durable, and a missing tally shows up as a
+        surplus downstream, never as a false loss."""
         bucket = bucket_of(ingest_ts, self.ctx.config.audit.bucket_s)
+        count = len(written)
+        where = {"topic": self.raw_topic, "ingest_ts": ingest_ts, "events": written}
         try:
             future = await self.ctx.app.producer.send(
-                self.tallies_topic, b"collector", accepted_tally("collector", tenant, bucket, count), None, None, None
+                self.tallies_topic,
+                b"collector",
+                accepted_tally("collector", tenant, bucket, count, where),
+                None,
+                None,
+                None,
             )
             await asyncio.wait_for(future, PRODUCE_TIMEOUT_S)
         except Exception as exc:

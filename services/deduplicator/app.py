@@ -66,6 +66,7 @@ class DedupeWindow:
             fresh = [True] * len(records)
             self.passed_unchecked += len(records)
         result = StepResult()
+        copies: list[Record] = []
         for record, is_new in zip(records, fresh, strict=True):
             if is_new:
                 failed = self.gate.check(record.event, record.source) if self.gate is not None else None
@@ -77,8 +78,21 @@ class DedupeWindow:
                 result.outputs.append(Output(self.output_topic, record.event.partition_key, encode_event(record.event)))
             else:
                 record.outcome = "dup"
+                copies.append(record)
                 self.metrics.duplicates.labels("deduplicator", record.event.tenant).inc()
+        if copies:
+            await self._name_first_copies(copies)
         return result
+
+    async def _name_first_copies(self, copies: list[Record]) -> None:
+        """Which message holds each copy's claim, for `hifi trace`. Best effort: the drop stands without it."""
+        try:
+            holders = await self.window.holders([r.event.dedupe_key for r in copies], copies)
+        except TransientError:
+            return
+        for record, holder in zip(copies, holders, strict=True):
+            if holder:
+                record.note = {"claim": holder}
 
 
 def build(ctx: ServiceContext) -> Any:

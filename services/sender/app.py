@@ -52,7 +52,7 @@ from shared.tables import TableBrowser, add_table_views
 from shared.web import add_common_views
 
 from .breaker import CircuitBreaker, CircuitOpen, Throttle
-from .sinks import SinkSender, Source, make_sink
+from .sinks import SinkSender, Source, idempotency_key, make_sink
 
 log = logging.getLogger(__name__)
 
@@ -507,7 +507,9 @@ class SinkDelivery:
         if not records:
             return []
         rows = [[r.event.event_id, r.event.tenant, r.event.ingest_ts, attempts, r.event.canary] for r in records]
-        return [Output(self.receipts_topic, self.name.encode(), receipt(self.name, acked, rows))]
+        # For `hifi trace`; a canary dropped here (attempts 0) was not sent: its tally says so.
+        trace = [[idempotency_key(self.name, r.event), r.event.stages, r.source] for r in records] if attempts else None
+        return [Output(self.receipts_topic, self.name.encode(), receipt(self.name, acked, rows, trace))]
 
     async def _deliver(self, todo: list[Record], ask_breaker: bool = True) -> None:
         if ask_breaker:
