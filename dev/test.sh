@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make test`: start a fresh test broker (port 19092), and Redis, PostgreSQL and s3proxy (port 19594) if none answers, run lint and the
-# suite, then stop what this script started, whatever the outcome.
+# `make test`: start a fresh test broker (port 19092), and Redis, PostgreSQL and s3proxy (port 19594)
+# if none answers, run lint and the suite, then stop what this script started, whatever the outcome.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 HIFI=.venv/bin/hifi
