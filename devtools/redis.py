@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from devtools import daemon
 from devtools.kafka import REPO_ROOT
 from shared.errors import HifiError
 
@@ -61,57 +61,34 @@ class LocalRedis:
         if server is None:
             raise RedisLaunchError("no Redis answers and redis-server is not installed (apt-get install redis-server)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.data_dir / f"redis-{self.port}.log", "ab")
-        self.process = subprocess.Popen(
-            [
-                server,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.data_dir),
-                "--save",
-                "",
-                "--appendonly",
-                "yes" if self.persistent else "no",
-                "--appendfsync",
-                "always",
-                "--appenddirname",
-                f"aof-{self.port}",
-                "--dbfilename",
-                f"dump-{self.port}.rdb",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
-        self.pid_file.write_text(str(self.process.pid))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.answering():
-                return True
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
+        argv = [
+            server,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.persistent else "no",
+            "--appendfsync",
+            "always",
+            "--appenddirname",
+            f"aof-{self.port}",
+            "--dbfilename",
+            f"dump-{self.port}.rdb",
+        ]
+        self.process = daemon.spawn(argv, self.data_dir / f"redis-{self.port}.log", self.pid_file)
+        if daemon.await_answer(self.process, self.answering, timeout, 0.05):
+            return True
         raise RedisLaunchError(f"redis-server did not answer on port {self.port}; see {self.data_dir}")
 
     def kill(self) -> None:
         """kill -9, for chaos scenarios."""
-        pid = self.process.pid if self.process is not None else None
-        if pid is None and self.pid_file.exists():
-            pid = int(self.pid_file.read_text())
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            if self.process is not None:
-                self.process.wait()
+        daemon.stop(self.process, self.pid_file, signal.SIGKILL)
         self.process = None
-        self.pid_file.unlink(missing_ok=True)
         while self.answering():
             time.sleep(0.05)
 
@@ -121,21 +98,5 @@ class LocalRedis:
 
     def stop(self) -> None:
         """Stop the server this project started (found by its pid file); never a Redis it found running."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        elif self.pid_file.exists():
-            try:
-                pid = int(self.pid_file.read_text())
-                os.kill(pid, signal.SIGTERM)
-                for _ in range(100):
-                    os.kill(pid, 0)
-                    time.sleep(0.05)
-            except (ValueError, ProcessLookupError):
-                pass
-        self.pid_file.unlink(missing_ok=True)
+        daemon.stop(self.process, self.pid_file)
         self.process = None

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from devtools import daemon
 from devtools.kafka import REPO_ROOT
 from shared.errors import HifiError
 
@@ -97,23 +96,10 @@ class LocalS3:
                 ]
             )
         )
-        log = open(self.data_dir / f"s3proxy-{self.port}.log", "ab")
-        self.process = subprocess.Popen(
-            [java, "-Xmx256m", "-jar", str(S3PROXY_JAR), "--properties", str(props)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
-        self.pid_file.write_text(str(self.process.pid))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.answering():
-                return True
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.1)
+        argv = [java, "-Xmx256m", "-jar", str(S3PROXY_JAR), "--properties", str(props)]
+        self.process = daemon.spawn(argv, self.data_dir / f"s3proxy-{self.port}.log", self.pid_file)
+        if daemon.await_answer(self.process, self.answering, timeout, 0.1):
+            return True
         raise S3LaunchError(f"s3proxy did not answer on port {self.port}; see {self.data_dir}/s3proxy-{self.port}.log")
 
     def create_bucket(self, name: str) -> None:
@@ -122,23 +108,7 @@ class LocalS3:
 
     def stop(self) -> None:
         """Stop the server this project started (found by its pid file); never one it found running."""
-        pid = self.process.pid if self.process is not None else None
-        if pid is None and self.pid_file.exists():
-            try:
-                pid = int(self.pid_file.read_text())
-            except ValueError:
-                pid = None
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGTERM)
-                for _ in range(200):
-                    os.kill(pid, 0)
-                    if self.process is not None and self.process.poll() is not None:
-                        break
-                    time.sleep(0.05)
-            except ProcessLookupError:
-                pass
-        self.pid_file.unlink(missing_ok=True)
+        daemon.stop(self.process, self.pid_file)
         self.process = None
 
 
