@@ -413,6 +413,7 @@ async def test_a_predicate_that_errors_in_any_way_does_not_match_and_is_counted_
         ({"ok": [{"when": __import__("datetime").date(2024, 1, 1)}]}, "sinks.s.transform[0].add.payload.extra"),
         (float("nan"), "sinks.s.transform[0].add.payload.extra"),
         (b"bytes", "sinks.s.transform[0].add.payload.extra"),
+        (2**70, "sinks.s.transform[0].add.payload.extra"),  # msgpack carries 64-bit integers only
     ],
 )
 def test_an_add_value_that_is_not_json_safe_is_refused_at_start(value: Any, field: str):
@@ -461,3 +462,15 @@ def test_hash_mask_and_drop_walk_into_lists():
     kept = apply([{"keep": "payload.user.email"}], copy.deepcopy(event))
     assert kept["payload"] == {"user": [{"email": "alice@example.com"}, {"email": "bob@example.org"}]}
     assert "example" not in str(apply([{"hash": ["payload.user.email", "payload.emails"]}], copy.deepcopy(event)))
+
+
+def test_a_yaml_date_in_add_fails_the_config_load_naming_the_field(tmp_path):
+    config = tmp_path / "hifi.yaml"
+    config.write_text(
+        f"tenants:\n  acme: {{api_keys: ['{hash_api_key('k')}'], sinks: [s]}}\n"
+        "sinks:\n  s: {type: webhook, url: 'http://x/in', transform: [{add: {payload.since: 2024-01-01}}]}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        HifiConfig.load(config)
+    assert err.value.field == "sinks.s.transform[0].add.payload.since"
+    assert "date" in str(err.value)
