@@ -67,7 +67,7 @@ class Event:
         Every copy of an event carries the same device/session, so copies also meet in one
         partition and a partition-local dedupe table sees them all.
         """
-        return f"{self.tenant}:{self.device_id or self.session_id or self.event_id}".encode()
+        return partition_key_of(self.tenant, self.device_id, self.session_id, self.event_id)
 
     def stamp(self, stage: str) -> None:
         self.stages[stage] = now_ms()
@@ -127,6 +127,14 @@ class Event:
             raise InvalidEvent("missing_field", str(exc), event_id=str(data.get("event_id"))) from None
         except (TypeError, ValueError) as exc:
             raise InvalidEvent("wrong_type", str(exc), event_id=str(data.get("event_id"))) from None
+
+
+def partition_key_of(tenant: str, device_id: Any, session_id: Any, event_id: str) -> bytes:
+    """`tenant:device_id`, else `tenant:session_id`, else `tenant:event_id`: the key of every event topic.
+
+    The router keys a sink's copy by the transformed fields (a hashed device id, not the raw one).
+    """
+    return f"{tenant}:{device_id or session_id or event_id}".encode()
 
 
 def _req_str(data: dict[str, Any], name: str) -> str:

@@ -63,6 +63,7 @@ def init_sentry(dsn: str | None, service: str, environment: str) -> None:
         release=RELEASE,
         environment=environment,
         send_default_pii=False,
+        include_local_variables=False,  # a handler's locals hold the event it was handling, PII included
         before_send=scrub,
         traces_sample_rate=0.0,
     )

@@ -14,11 +14,13 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import jmespath
+import msgpack
 from jmespath.exceptions import JMESPathError
 
 from shared.errors import ConfigError
@@ -63,13 +65,22 @@ def hmac_hex(key: bytes, value: Any) -> str:
 
 
 def mask_ip(value: Any) -> str | None:
-    """IPv4 to its /24, IPv6 to its /48 (network address); None when it is not an address."""
+    """IPv4 to its /24, IPv6 to its /48 (network address); None when it is not an address.
+
+    An IPv6 address that carries a client's IPv4 (mapped ::ffff:0:0/96, 6to4 2002::/16 whose /48 is the
+    whole IPv4, Teredo 2001::/32 whose client is obfuscated but recoverable) is masked as that IPv4.
+    """
     try:
         address = ipaddress.ip_address(str(value).strip())
     except ValueError:
         return None
-    if address.version == 6 and address.ipv4_mapped is not None:  # its /48 would be `::`, telling nothing
-        address = address.ipv4_mapped
+    if address.version == 6:
+        if address.ipv4_mapped is not None:  # its /48 would be `::`, telling nothing
+            address = address.ipv4_mapped
+        elif address.sixtofour is not None:
+            address = address.sixtofour
+        elif address.teredo is not None:
+            address = address.teredo[1]  # (server, client)
     if address.version == 4:  # masking the integer is a quarter of the cost of building an ip_network
         return str(ipaddress.IPv4Address(int(address) & V4_MASK))
     return str(ipaddress.IPv6Address(int(address) & V6_MASK))
@@ -135,19 +146,58 @@ class _Writer:
 Step = Callable[[_Writer, bytes], None]  # (event being written, its tenant's hash key or b"")
 
 
+_DROP = object()  # what a leaf function returns to remove the field
+
+
+def _rewrite(w: _Writer, node: Any, path: Path, leaf: Callable[[Any], Any]) -> Any:
+    """`node` with the field at `path` replaced by leaf(value) (or removed on _DROP), copied on write.
+
+    A list met on the way is walked: the rest of the path applies to each of its elements (maps), so
+    payload.user.email reaches every user of `payload.user: [{email: ...}, ...]`. Unchanged: `node` itself.
+    """
+    if isinstance(node, list):
+        items = [_rewrite(w, item, path, leaf) for item in node]
+        return node if all(a is b for a, b in zip(items, node, strict=True)) else items
+    if not isinstance(node, dict) or path[0] not in node:
+        return node
+    value = node[path[0]]
+    new = leaf(value) if len(path) == 1 else _rewrite(w, value, path[1:], leaf)
+    if new is value:
+        return node
+    if id(node) not in w.owned:
+        node = dict(node)
+        w.owned.add(id(node))
+    if new is _DROP:
+        del node[path[0]]
+    else:
+        node[path[0]] = new
+    return node
+
+
+def _apply_at(w: _Writer, path: Path, leaf: Callable[[Any], Any]) -> None:
+    w.root = _rewrite(w, w.root, path, leaf)
+
+
 def _replace(paths: list[Path], fn: Callable[[Any], Any] | None) -> Step:
-    """Replace each present, non-null field by fn(value) (None: by its HMAC); fn returning None drops it."""
+    """Replace each present, non-null field by fn(value) (None: by its HMAC); fn returning None drops it.
+
+    A field holding a list is replaced element by element; an element fn cannot take leaves the list.
+    """
 
     def step(w: _Writer, key: bytes) -> None:
+        def one(value: Any) -> Any:
+            return hmac_hex(key, value) if fn is None else fn(value)
+
+        def leaf(value: Any) -> Any:
+            if value is None:
+                return value
+            if isinstance(value, list):
+                return [new for new in (one(v) for v in value if v is not None) if new is not None]
+            new = one(value)
+            return _DROP if new is None else new
+
         for path in paths:
-            found, value = w.get(path)
-            if not found or value is None:
-                continue
-            new = hmac_hex(key, value) if fn is None else fn(value)
-            if new is None:
-                w.pop(path)
-            else:
-                w.put(path, new)
+            _apply_at(w, path, leaf)
 
     return step
 
@@ -164,7 +214,7 @@ def _keep(paths: list[Path]) -> Step:
             node[path[-1]] = True  # the whole field, whatever narrower paths said
 
     def prune(value: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
-        out = {}
+        out: dict[str, Any] = {}
         for name, sub in wanted.items():
             if name in value:
                 inner = value[name]
@@ -172,6 +222,8 @@ def _keep(paths: list[Path]) -> Step:
                     out[name] = inner
                 elif isinstance(inner, dict):
                     out[name] = prune(inner, sub)
+                elif isinstance(inner, list):  # narrower paths apply to each map in it; other elements go
+                    out[name] = [prune(item, sub) for item in inner if isinstance(item, dict)]
         return out
 
     def step(w: _Writer, key: bytes) -> None:
@@ -243,6 +295,9 @@ def parse_transform(raw: Any, where: str) -> Transform:
                     at, "must be a non-empty mapping of field to " + ("new field" if op == "rename" else "value")
                 )
             pairs = [(_path(k, f"{at}.{k}", False), v) for k, v in arg.items()]
+            if op == "add":
+                for k, v in arg.items():
+                    _check_json_safe(v, f"{at}.{k}")
             if op == "rename":
                 moves = [(src, _path(dst, f"{at}.{'.'.join(src)}", False)) for src, dst in pairs]
                 steps.append(_rename(moves))
@@ -260,6 +315,38 @@ def parse_transform(raw: Any, where: str) -> Transform:
         else:
             steps.append(_replace(_paths(arg, at, True), mask_email))
     return Transform(tuple(steps), hashes)
+
+
+def _check_json_safe(value: Any, where: str) -> None:
+    """An `add` value every sink can carry: JSON types only (a YAML date or an int-keyed map would make
+    every event of the sink fail to encode or decode), checked by packing and unpacking it as the pipeline does."""
+
+    def walk(v: Any, at: str) -> None:
+        if v is None or isinstance(v, str | bool | int):
+            return
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                raise ConfigError(where, f"{at}: {v} is not a JSON number")
+            return
+        if isinstance(v, list):
+            for i, item in enumerate(v):
+                walk(item, f"{at}[{i}]")
+            return
+        if isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    raise ConfigError(where, f"{at}: map key {k!r} is not a string")
+                walk(item, f"{at}.{k}")
+            return
+        raise ConfigError(
+            where, f"{at}: a {type(v).__name__} is not a JSON value (quote it: a string, number, bool, list or map)"
+        )
+
+    walk(value, "value")
+    try:
+        msgpack.unpackb(msgpack.packb(value, use_bin_type=True), raw=False, strict_map_key=True)
+    except (ValueError, TypeError, OverflowError, msgpack.PackException) as exc:  # e.g. an int over 64 bits
+        raise ConfigError(where, f"cannot be encoded: {exc}") from None
 
 
 def _rename(moves: list[tuple[Path, Path]]) -> Step:
@@ -281,9 +368,11 @@ def _add(pairs: list[tuple[Path, Any]]) -> Step:
 
 
 def _drop(paths: list[Path]) -> Step:
+    """Remove each field, in every element of a list met on the way."""
+
     def step(w: _Writer, key: bytes) -> None:
         for path in paths:
-            w.pop(path)
+            _apply_at(w, path, lambda _: _DROP)
 
     return step
 
@@ -312,7 +401,7 @@ class Filter:
         if self.where is not None:
             try:
                 passed = _truthy(self.where.search(wire))
-            except (JMESPathError, TypeError, ValueError):  # e.g. jmespath 1.1 compares "high" > 0: not a match
+            except Exception:  # "high" > 0, ceil(1e999), ...: any error on this event is not a match
                 passed = False
             if not passed:
                 return "where"

@@ -32,3 +32,27 @@ def test_an_outage_pages_once_per_episode_with_a_stable_fingerprint():
     finally:
         sentry_sdk.init(dsn=None)
         receiver.close()
+
+
+def test_a_captured_exception_carries_no_frame_locals():
+    """Stack-frame locals would hold the event being handled (untransformed, PII): never sent."""
+    receiver = SentryReceiver()
+    try:
+        init_sentry(receiver.dsn, "router", "test")
+
+        def handle(event: dict[str, str]) -> None:
+            email = event["email"]
+            raise OverflowError(f"cannot handle {len(email)} characters")
+
+        try:
+            handle({"email": "@".join(["alice", "example.com"])})  # joined: the source lines Sentry sends lack it
+        except OverflowError as exc:
+            sentry_sdk.capture_exception(exc)
+        sentry_sdk.flush(timeout=5)
+        [event] = [e for e in receiver.events if e.get("exception")]
+        frames = [f for v in event["exception"]["values"] for f in (v.get("stacktrace") or {}).get("frames", [])]
+        assert frames and not any("vars" in f for f in frames)
+        assert "alice@example.com" not in json.dumps(event)
+    finally:
+        sentry_sdk.init(dsn=None)
+        receiver.close()

@@ -52,16 +52,16 @@ def mac(tenant: str, value: str) -> str:
     return hmac.new(SECRETS[tenant].encode(), value.encode(), hashlib.sha256).hexdigest()
 
 
-async def read_sink_topic(bootstrap: str, topic: str, expect: int) -> list[dict[str, Any]]:
-    """What the router wrote to a sink's topic (msgpack events), once `expect` records are in."""
+async def read_sink_topic(bootstrap: str, topic: str, expect: int) -> list[tuple[bytes, dict[str, Any]]]:
+    """What the router wrote to a sink's topic (record key, msgpack event), once `expect` records are in."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
     await consumer.start()
-    out: list[dict[str, Any]] = []
+    out: list[tuple[bytes, dict[str, Any]]] = []
     try:
         deadline = time.monotonic() + 30
         while len(out) < expect and time.monotonic() < deadline:
             for records in (await consumer.getmany(timeout_ms=500)).values():
-                out.extend(unpack(r.value) for r in records)
+                out.extend((r.key, unpack(r.value)) for r in records)
     finally:
         await consumer.stop()
     return out
@@ -176,8 +176,17 @@ audit: {{bucket_s: 2, settle_s: 3, canary_interval_s: 0, dlq_check_s: 1}}
         for sink in want:
             topic = Topics(namespace).sink(sink)
             in_topic = await read_sink_topic(kafka.bootstrap, topic, len(want[sink]))
-            assert {(r["tenant"], r["event_id"]) for r in in_topic} == want[sink]
-            assert not any("@example.com" in str(r) and "***@" not in str(r) for r in in_topic), sink
+            assert {(r["tenant"], r["event_id"]) for _, r in in_topic} == want[sink]
+            assert not any("@example.com" in str(r) and "***@" not in str(r) for _, r in in_topic), sink
+            # The record key (and so a dead letter's key) is the sink's view: a hashed device id stays hashed.
+            for key, r in in_topic:
+                assert key == f"{r['tenant']}:{r['device_id']}".encode(), (sink, key, r["device_id"])
+        assert all(
+            b"device-" not in key
+            for key, _ in await read_sink_topic(
+                kafka.bootstrap, Topics(namespace).sink("analytics"), len(want["analytics"])
+            )
+        )
 
         metrics = "\n".join(line for line in router_metrics(pipeline).splitlines() if "filtered" in line)
         assert 'hifi_events_filtered_total{reason="consent",sink="crm",tenant="acme",type="play"}' in metrics, metrics

@@ -314,3 +314,163 @@ async def test_the_router_filters_per_sink_lets_canaries_through_and_bounds_type
     assert all(unpack(o.value)["device_id"] == "dev-1" for o in result.outputs if o.topic == Topics("").sink("all"))
     labels = {s.labels["type"] for m in registry.collect() if m.name == "f" for s in m.samples}
     assert labels == {"seek", "pause", "(other)"}
+
+
+# -- review findings: keys, predicate errors, add values, tunnelled addresses, lists ---------------
+
+
+def fanout_router(sinks: dict[str, dict[str, Any]]) -> tuple[Any, Any]:
+    """A Router over `sinks` (acme subscribes to all), and its filtered counter's registry."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from services.router import app as router_app
+    from shared.topics import Topics
+
+    config = HifiConfig.parse(
+        {
+            "tenants": {"acme": {"api_keys": [hash_api_key("k")], "sinks": list(sinks), "pii_secret_env": "X"}},
+            "sinks": {name: {"type": "webhook", "url": "http://x/in", **spec} for name, spec in sinks.items()},
+        }
+    )
+    registry = CollectorRegistry()
+    filtered = Counter("f", "", ["sink", "tenant", "type", "reason"], registry=registry)
+    unrouted = Counter("u", "", ["tenant"], registry=registry)
+    return router_app.Router(config, Topics(""), unrouted, filtered, Secrets({"acme": KEY})), registry
+
+
+def filtered_total(registry: Any) -> float:
+    return sum(s.value for m in registry.collect() if m.name == "f" for s in m.samples if s.name == "f_total")
+
+
+async def test_each_sink_record_is_keyed_by_what_the_sink_sees_not_the_raw_device_id():
+    from shared.stage import Record
+    from shared.topics import Topics
+
+    router, _ = fanout_router(
+        {
+            "plain": {},
+            "hashed": {"transform": [{"hash": "device_id"}]},
+            "no_device": {"transform": [{"drop": "device_id"}]},
+            "anonymous": {"transform": [{"drop": ["device_id", "session_id"]}]},
+        }
+    )
+    event = Event.from_wire(wire(session_id="sess-9"))
+    result = await router.handle([Record(event, None)])  # type: ignore[arg-type]
+    keys = {o.topic: o.key for o in result.outputs}
+    digest = hmac.new(KEY, b"dev-1", hashlib.sha256).hexdigest()
+    assert keys == {
+        Topics("").sink("plain"): b"acme:dev-1",
+        Topics("").sink("hashed"): f"acme:{digest}".encode(),  # one device still maps to one partition
+        Topics("").sink("no_device"): b"acme:sess-9",
+        Topics("").sink("anonymous"): b"acme:e1",
+    }
+    for output in result.outputs:  # the key the sender computes from the record is the record's key
+        assert Event.from_wire(unpack_value(output.value)).partition_key == output.key
+
+
+def unpack_value(value: bytes) -> Any:
+    from shared.codec import unpack
+
+    return unpack(value)
+
+
+async def test_a_predicate_that_errors_in_any_way_does_not_match_and_is_counted_once():
+    from services.router import app as router_app
+    from shared.stage import Record
+    from shared.topics import Topics
+
+    router, registry = fanout_router({"all": {}, "fast": {"filter": {"where": "ceil(to_number(payload.kbps)) > `0`"}}})
+    overflowing = Event.from_wire(wire(event_id="huge", payload={"kbps": "1e999"}))
+    result = await router.handle([Record(overflowing, None)])  # type: ignore[arg-type]
+    assert [o.topic for o in result.outputs] == [Topics("").sink("all")]
+    assert filtered_total(registry) == 1
+
+    # A batch the runner re-handles one by one (some other record raised) counts each filtered event once.
+    boom = Event.from_wire(wire(event_id="boom"))
+    real_pack = router_app.pack
+
+    def pack_failing_on_boom(obj: Any) -> bytes:
+        if obj.get("event_id") == "boom":
+            raise RuntimeError("injected")
+        return real_pack(obj)
+
+    router_app.pack, before = pack_failing_on_boom, filtered_total(registry)
+    try:
+        batch = [Record(Event.from_wire(wire(event_id="huge2", payload={"kbps": "1e999"})), None), Record(boom, None)]
+        with pytest.raises(RuntimeError):
+            await router.handle(batch)  # type: ignore[arg-type]
+        await router.handle(batch[:1])  # type: ignore[arg-type]
+    finally:
+        router_app.pack = real_pack
+    assert filtered_total(registry) - before == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [
+        (__import__("datetime").date(2024, 1, 1), "sinks.s.transform[0].add.payload.extra"),
+        ({1: "one"}, "sinks.s.transform[0].add.payload.extra"),
+        ({"ok": [{"when": __import__("datetime").date(2024, 1, 1)}]}, "sinks.s.transform[0].add.payload.extra"),
+        (float("nan"), "sinks.s.transform[0].add.payload.extra"),
+        (b"bytes", "sinks.s.transform[0].add.payload.extra"),
+        (2**70, "sinks.s.transform[0].add.payload.extra"),  # msgpack carries 64-bit integers only
+    ],
+)
+def test_an_add_value_that_is_not_json_safe_is_refused_at_start(value: Any, field: str):
+    with pytest.raises(ConfigError) as err:
+        parse_transform([{"add": {"payload.extra": value}}], "sinks.s.transform")
+    assert err.value.field == field
+
+
+def test_json_safe_add_values_are_accepted():
+    value = {"a": [1, 2.5, "x", None, True, {"b": []}]}
+    assert apply([{"add": {"payload.extra": value}}])["payload"]["extra"] == value
+
+
+@pytest.mark.parametrize(
+    ("value", "masked"),
+    [
+        ("2002:c000:0204::1", "192.0.2.0"),  # 6to4: the whole IPv4 sits in bits 16-48
+        ("2002:c000:204:1234:5678:9abc:def0:1", "192.0.2.0"),
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "192.0.2.0"),  # Teredo: client 192.0.2.45, obfuscated
+    ],
+)
+def test_mask_ip_unwraps_ipv4_tunnelled_in_6to4_and_teredo(value: Any, masked: str):
+    assert mask_ip(value) == masked
+
+
+def test_hash_mask_and_drop_walk_into_lists():
+    event = wire(
+        payload={
+            "user": [{"email": "alice@example.com", "ip": "203.0.113.77"}, {"email": "bob@example.org"}, "x"],
+            "emails": ["carol@example.net", "not-an-address"],
+        }
+    )
+    hashed = apply([{"hash": "payload.user.email"}], copy.deepcopy(event))
+    assert [u["email"] for u in hashed["payload"]["user"][:2]] == [
+        hmac.new(KEY, b"alice@example.com", hashlib.sha256).hexdigest(),
+        hmac.new(KEY, b"bob@example.org", hashlib.sha256).hexdigest(),
+    ]
+    assert hashed["payload"]["user"][2] == "x"
+    masked = apply([{"mask_email": ["payload.user.email", "payload.emails"]}], copy.deepcopy(event))
+    assert [u["email"] for u in masked["payload"]["user"][:2]] == ["a***@example.com", "b***@example.org"]
+    assert masked["payload"]["emails"] == ["c***@example.net"], "an element that cannot be masked is dropped"
+    ips = apply([{"mask_ip": "payload.user.ip"}], copy.deepcopy(event))
+    assert ips["payload"]["user"][0]["ip"] == "203.0.113.0"
+    dropped = apply([{"drop": ["payload.user.email", "payload.user.ip"]}], copy.deepcopy(event))
+    assert dropped["payload"]["user"] == [{}, {}, "x"]
+    kept = apply([{"keep": "payload.user.email"}], copy.deepcopy(event))
+    assert kept["payload"] == {"user": [{"email": "alice@example.com"}, {"email": "bob@example.org"}]}
+    assert "example" not in str(apply([{"hash": ["payload.user.email", "payload.emails"]}], copy.deepcopy(event)))
+
+
+def test_a_yaml_date_in_add_fails_the_config_load_naming_the_field(tmp_path):
+    config = tmp_path / "hifi.yaml"
+    config.write_text(
+        f"tenants:\n  acme: {{api_keys: ['{hash_api_key('k')}'], sinks: [s]}}\n"
+        "sinks:\n  s: {type: webhook, url: 'http://x/in', transform: [{add: {payload.since: 2024-01-01}}]}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        HifiConfig.load(config)
+    assert err.value.field == "sinks.s.transform[0].add.payload.since"
+    assert "date" in str(err.value)

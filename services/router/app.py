@@ -3,7 +3,8 @@ subscribes to; an event of a tenant with no subscriptions is counted, not forwar
 
 Per sink, the router applies the sink's rules (shared/transforms.py): an event its filter or consent
 rule takes out never enters the sink's topic (counted `filtered`); a transformed copy is what enters it,
-so the sink's topic, sender and dead letters hold only what the sink may see. Canaries skip filters.
+keyed by its own (transformed) device/session id, so the sink's topic, sender and dead letters, keys
+included, hold only what the sink may see. Canaries skip filters.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from shared.audit import filtered_outcome
 from shared.codec import pack
 from shared.config import HifiConfig
 from shared.errors import InvalidEvent
+from shared.event import partition_key_of
 from shared.service import ServiceContext
 from shared.stage import DeadLetter, Output, Record, StageRunner, StepResult
 from shared.topics import Topics
@@ -47,6 +49,7 @@ class Router:
 
     async def handle(self, records: list[Record]) -> StepResult:
         result = StepResult()
+        counted: list[tuple[str, str, str, str]] = []  # filtered labels, counted once the batch is handled
         for record in records:
             event = record.event
             if event.tenant not in self.config.tenants:
@@ -67,17 +70,24 @@ class Router:
                     reason = rules.filter.rejects(event.tenant, event.type, event.consent, wire)
                     if reason is not None:
                         dropped.append(sink)
-                        self.filtered.labels(sink, event.tenant, self._type_label(event.type), reason).inc()
+                        counted.append((sink, event.tenant, event.type, reason))
                         continue
                 transform = rules.transform
                 if transform.steps:
-                    key = self.secrets.key(event.tenant) if transform.hashes else b""
-                    out = pack(transform.apply(wire, key))
+                    secret = self.secrets.key(event.tenant) if transform.hashes else b""
+                    seen = transform.apply(wire, secret)
+                    # keyed by what the sink sees: a hashed or dropped device id must not stay in the key
+                    key = partition_key_of(event.tenant, seen.get("device_id"), seen.get("session_id"), event.event_id)
+                    out = pack(seen)
                 else:
+                    key = event.partition_key
                     out = value = value if value is not None else pack(wire)
-                result.outputs.append(Output(self.topics.sink(sink), event.partition_key, out))
+                result.outputs.append(Output(self.topics.sink(sink), key, out))
             if dropped:
                 record.outcome = filtered_outcome(dropped)
+        # A batch that raises is handled again record by record (StageRunner): count only a finished pass.
+        for sink, tenant, type_, reason in counted:
+            self.filtered.labels(sink, tenant, self._type_label(type_), reason).inc()
         return result
 
 
