@@ -350,17 +350,41 @@ class BenchEnv:
         )
 
 
-def write_config(path: Path, shape: Shape, dedupe: str, hook_url: str, files_dir: Path) -> None:
+# `hifi-contracts`: Hifi with a data contract on every event and per-sink rules on the webhook, so one run
+# prices them against plain `hifi` (issue 18). Every bench event passes them: the sinks' ground truth holds.
+CONTRACT_SCHEMA = (
+    "{type: object, required: [event_id, type, ts, payload],"
+    " properties: {payload: {type: object, required: [intended_ms, seq],"
+    " properties: {intended_ms: {type: number}, seq: {type: integer, minimum: 0}, data: {type: string}}},"
+    " context: {type: object, properties: {user_agent: {type: string, maxLength: 512}, ip: {type: string}}}}}"
+)
+CONTRACT_RULES = (
+    ', filter: {types: [page_view, heartbeat], where: "payload.seq >= `0`"}'
+    ", transform: [{hash: [device_id]}, {mask_ip: context.ip}, {add: {payload.source: bench}}]"
+)
+CONTRACT_PII_ENV = "HIFI_BENCH_PII_KEY"
+
+
+def write_config(
+    path: Path, shape: Shape, dedupe: str, hook_url: str, files_dir: Path, contracts: bool = False
+) -> None:
+    contract = (
+        f", pii_secret_env: {CONTRACT_PII_ENV}, schemas: {{mode: enforce, unknown_types: quarantine,"
+        f" types: {{page_view: {CONTRACT_SCHEMA}, heartbeat: {CONTRACT_SCHEMA}}}}}"
+        if contracts
+        else ""
+    )
     tenants = "".join(
-        f'  {t}: {{api_keys: ["{hash_api_key(api_key(t))}"], sinks: [{", ".join(shape.sinks)}]}}\n'
+        f'  {t}: {{api_keys: ["{hash_api_key(api_key(t))}"], sinks: [{", ".join(shape.sinks)}]{contract}}}\n'
         for t in tenant_names(shape)
     )
     files = f'  files: {{type: file, path: "{files_dir}", rotate_bytes: {1 << 40}}}\n' if shape.file_sink else ""
+    rules = CONTRACT_RULES if contracts else ""
     # settle_s 5 instead of 30: the bench reads the loss ledger once every bucket of the run has settled
     audit = "audit: {settle_s: 5}\n" if shape.auditor else ""
     path.write_text(f"""tenants:
 {tenants}sinks:
-  hook: {{type: webhook, url: "{hook_url}", batch_max: 500}}
+  hook: {{type: webhook, url: "{hook_url}", batch_max: 500{rules}}}
 {files}limits: {{max_events_per_batch: 500}}
 dedupe: {{backend: {dedupe}}}
 {audit}""")
@@ -387,7 +411,11 @@ async def run_once(
         await truth.start()
     hook_url = f"http://127.0.0.1:{hook.port}/in"
     config = env.workdir / f"{namespace}.yaml"
-    write_config(config, shape, dedupe, hook_url, files_dir)
+    contracts = system == "hifi-contracts"
+    if contracts:
+        os.environ.setdefault(CONTRACT_PII_ENV, "bench-pii-key")  # the services inherit it
+    label, system = system, "hifi" if contracts else system
+    write_config(config, shape, dedupe, hook_url, files_dir, contracts)
     settings = env.settings(config, namespace)
     pipeline = PipelineProcesses(
         settings, env.workdir / "logs" / namespace, port_base=env.port_base, auditor=shape.auditor and system == "hifi"
@@ -487,7 +515,7 @@ async def run_once(
     }
     total_cpu = sum(v for k, v in cpu.items() if k != "harness")
     result = {
-        "system": system if system != "hifi" or dedupe == "rocksdb" else f"hifi-{dedupe}",
+        "system": label if system != "hifi" or dedupe == "rocksdb" else f"{label}-{dedupe}",
         "shape": shape.name,
         "rate_eps": rate,
         "duration_s": duration,
@@ -739,7 +767,10 @@ def headline(results: list[dict[str, Any]], ceilings: dict[str, float], shape: S
         return round(a / b, 2) if a is not None and b else None
 
     ceiling, limit, peer = ceilings.get("hifi"), ceilings.get("raw"), ceilings.get("quix")
+    contracts = at("hifi-contracts", COMMON_RATE)
     ratios = {
+        "contracts_p95_vs_hifi": ratio(contracts.get("p95_ms"), hifi.get("p95_ms")),
+        "contracts_cpu_vs_hifi": ratio(contracts.get("cpu_s_per_1k_total"), hifi.get("cpu_s_per_1k_total")),
         "ceiling_vs_limit": ratio(ceiling, limit),
         "ceiling_vs_peer": ratio(ceiling, peer),
         "p95_vs_limit": ratio(hifi.get("p95_ms"), raw.get("p95_ms")),

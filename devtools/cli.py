@@ -84,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     bench.add_argument(
         "--system",
         action="append",
-        choices=["hifi", "raw", "quix"],
+        choices=["hifi", "hifi-contracts", "raw", "quix"],
         help="hifi (default), raw (aiokafka relays: the limit), quix (the Quix Streams peer)",
     )
     bench.add_argument("--json", dest="json_out", help="write the results to this file")

@@ -35,8 +35,12 @@ def chromium() -> webdriver.Chrome:
 
 
 def shown(browser: webdriver.Chrome, table: str, key: str, testid: str) -> str:
-    row = browser.find_element(By.CSS_SELECTOR, f'#{table} tr[data-key="{key}"]')
-    return row.find_element(By.CSS_SELECTOR, f'td[data-testid="{testid}"]').text
+    """The cell's text, read in one script: the page redraws its tables every refresh, so an element found
+    in one call can be gone (stale) by the next."""
+    cell = f'#{table} tr[data-key="{key}"] td[data-testid="{testid}"]'
+    text = browser.execute_script("const c = document.querySelector(arguments[0]); return c && c.innerText", cell)
+    assert text is not None, f"no cell {cell}"
+    return text.strip()
 
 
 def pct(value: float | None) -> str:
@@ -94,9 +98,8 @@ async def test_dashboard_shows_what_the_api_says(tmp_path, namespace, port_base,
             assert shown(browser, "sinks", key, "ontime-5m") == pct(theirs["on_time_5m"])
             assert shown(browser, "sinks", key, "lost") == str(theirs["lost"])
         assert api["sinks"]["slow"]["acme"]["on_time_5m"] == 0.0  # every event 1.2 s late
-        assert "bad" in browser.find_element(
-            By.CSS_SELECTOR, '#sinks tr[data-key="slow/acme"] td[data-testid="ontime-5m"]'
-        ).get_attribute("class")
+        slow_cell = '#sinks tr[data-key="slow/acme"] td[data-testid="ontime-5m"]'
+        assert "bad" in browser.execute_script("return document.querySelector(arguments[0]).className", slow_cell)
         for stage, size in api["dlq"].items():
             assert shown(browser, "dlq", stage, "dlq") == str(size)
         screenshot = Path(os.environ.get("HIFI_DASHBOARD_SCREENSHOT", tmp_path / "dashboard.png"))
