@@ -44,35 +44,25 @@ even after its partitions moved. Every wait of the revoke callback shares one bu
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import sentry_sdk
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import (
-    CorruptRecordException,
-    InvalidTimestampError,
-    KafkaError,
-    KafkaTimeoutError,
-    MessageSizeTooLargeError,
-    OutOfOrderSequenceNumber,
-    RecordListTooLargeError,
-    RecordTooLargeError,
-    UnknownError,
-)
+from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, UnknownError
 from aiokafka.structs import ConsumerRecord
 from mode import Service
 
 from shared.app import durable_producer
-from shared.codec import decode_event, pack, unpack
-from shared.errors import HandledInPart, HifiError, InvalidEvent, PermanentSinkError, TransientError
-from shared.event import Event, now_ms
+from shared.audit import batch_tallies
+from shared.codec import decode_event, unpack
+from shared.dlq import DeadLetter, UnsendableDeadLetter, letter_of_output, letter_output, truncated_letter
+from shared.errors import HandledInPart, InvalidEvent, PermanentSinkError, TransientError
 from shared.membership import (
     UNKNOWN_MEMBER_ID,
     InstanceIdTaken,
@@ -82,8 +72,12 @@ from shared.membership import (
     remove_static_members,
 )
 from shared.metrics import StageMetrics
-from shared.publish import BatchPublisher, Output, Published, retire
+from shared.publish import TOO_LARGE, BatchPublisher, Output, Published, retire, transient, unsendable
 from shared.retry import Backoff
+from shared.step import Handler, Ownership, PartitionedState, Record, StepResult
+
+# The names services and tests import from here: the step's contract.
+__all__ = ["DeadLetter", "Handler", "Output", "PartitionedState", "Record", "StageRunner", "StepResult"]
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +97,6 @@ def requested_exit_code() -> int:
     return _requested_exit_code
 
 
-# Produce errors no retry can fix: a record or its batch over a size limit, or a record the broker refuses.
-TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
-UNSENDABLE = (*TOO_LARGE, CorruptRecordException, InvalidTimestampError)
-# The broker's INVALID_RECORD (error 87) reaches aiokafka as UnknownError, which can also be transient:
-# unsendable once it persisted this many attempts, so a refused record never stalls its partition.
-UNKNOWN_ERROR_ATTEMPTS = 8
 # A restore that meets a broker outage retries this many times (about a minute) before stopping the worker.
 RESTORE_ATTEMPTS = 10
 # Re-sends of a revoked batch's store changelog (ledger marks of what a sink took) before the acker moves on;
@@ -116,106 +104,6 @@ RESTORE_ATTEMPTS = 10
 REVOKED_RESEND_ATTEMPTS = 12
 REVOKE_RESERVE_S = 3.0  # of the revoke budget, kept after a cancelled handler for its publish and the commit
 BROKER_BACKOFF = Backoff(0.5, 10.0)
-
-
-def transient(exc: BaseException) -> bool:
-    """A broker error that retrying can outlast (unreachable, timed out, leader moving)."""
-    return isinstance(exc, KafkaTimeoutError) or (isinstance(exc, KafkaError) and bool(exc.retriable))
-
-
-@dataclass(slots=True)
-class Record:
-    """A decoded event and the Kafka message it came from (for DLQ context and claims)."""
-
-    event: Event
-    message: ConsumerRecord  # type: ignore[type-arg]
-    # What the stage did with it, for the loss ledger: out (passed on), dup, unrouted, delivered,
-    # skipped (already delivered), canary_dropped. Dead letters are counted by the runner.
-    outcome: str = "out"
-
-    @property
-    def source(self) -> str:
-        msg = self.message
-        return f"{msg.topic}:{msg.partition}:{msg.offset}"
-
-    @property
-    def partition(self) -> int:
-        """The source partition: partition-local state (a RocksDB window) lives with it."""
-        return int(self.message.partition)
-
-
-@dataclass(slots=True)
-class DeadLetter:
-    message: ConsumerRecord  # type: ignore[type-arg]
-    error: Exception
-    attempts: int = 1
-    first_failed_ms: float = field(default_factory=now_ms)
-
-
-@dataclass
-class StepResult:
-    outputs: list[Output] = field(default_factory=list)
-    dead: list[DeadLetter] = field(default_factory=list)
-
-
-Handler = Callable[[list[Record]], Awaitable[StepResult]]
-
-
-@runtime_checkable
-class PartitionedState(Protocol):
-    """State kept with the source partitions this worker owns (a RocksDB key window), and its changelog."""
-
-    changelog_topic: str
-
-    def open(self, partitions: list[int]) -> list[int]:
-        """Open the stores of newly owned partitions (no reading); return those that need a restore."""
-        ...
-
-    async def restore(self, partitions: list[int], restored: Callable[[int], None] | None = None) -> None:
-        """Catch opened stores up with the changelog; `restored(p)` once partition p is."""
-        ...
-
-    async def catch_up(self) -> None:
-        """Apply changelog records other owners wrote between this worker's own (a capped revoke)."""
-        ...
-
-    def checkpoint(self) -> None:
-        """Save how far each open store applied its changelog (a kill -9 then replays only the tail)."""
-        ...
-
-    def revoke(self, partitions: list[int]) -> None:
-        """Close the stores of partitions given away; everything they hold is in the changelog."""
-        ...
-
-    def changelog(self) -> list[Output]:
-        """The changelog records of the writes since the last call (sent with the batch's outputs)."""
-        ...
-
-    def durable(self, partition: int, next_offset: int) -> None:
-        """The broker holds this partition's changelog up to `next_offset`."""
-        ...
-
-
-class Ownership:
-    """The assignment a batch was fetched under. aiokafka rebalances eagerly: every rebalance (and an
-    eviction, on rejoin) revokes every partition, so one generation per worker is one per partition."""
-
-    def __init__(self, generation: int) -> None:
-        self.generation = generation
-        self.revoked = asyncio.Event()  # set when the revoke callback starts: stop delivering and retrying
-        self.ended = False  # set once the revoke callback committed: nothing of it may be marked done after
-
-    @property
-    def owned(self) -> bool:
-        return not self.revoked.is_set()
-
-    async def sleep(self, delay: float) -> bool:
-        """Sleep `delay` seconds, cut short by a revocation; True if the partitions are still owned."""
-        try:
-            await asyncio.wait_for(self.revoked.wait(), delay)
-        except TimeoutError:
-            pass
-        return self.owned
 
 
 @dataclass
@@ -911,7 +799,8 @@ class StageRunner(Service):
         for state in self.states:
             result.outputs.extend(state.changelog())
         if self.tallies is not None:
-            result.outputs.extend(self._tally(messages, records, result))
+            tallies = batch_tallies(self.stage, self.tallies, self.bucket_s, messages, records, result.dead)
+            result.outputs.extend(tallies)
         flight = InFlight(next_offsets, result, outputs, producing, owner=owner, inputs=records)
         return await self._send_flight(flight)
 
@@ -1052,8 +941,9 @@ class StageRunner(Service):
             if not isinstance(sent, BaseException):
                 placed[index] = sent
                 continue
-            letter = out if out.topic == self.dlq else self._letter_of_output(out, sent, flight.inputs)
+            letter = out
             if out.topic != self.dlq:
+                letter = letter_of_output(self.stage, self.dlq, out, sent, self._input_of(out, flight.inputs))
                 reason = "record_too_large" if isinstance(sent, TOO_LARGE) else "record_refused"
                 log.error("%s: dead-lettered a %d-byte record for %s: %r", self.stage, len(out.value), out.topic, sent)
                 self.metrics.dead_lettered.labels(self.stage, reason).inc()
@@ -1104,36 +994,6 @@ class StageRunner(Service):
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
 
-    def _letter_of_output(self, out: Output, error: BaseException, inputs: Sequence[Record] = ()) -> Output:
-        """A dead letter for an output this stage could not produce.
-
-        It names the input the output was made from (same tenant and event id), so a replay (`hifi dlq replay`) runs
-        that input through the stage again and carries `hifi-replay-of` = its topic:partition:offset, the
-        claim the deduplicator honours. An output of no input (a receipt, a tally) keeps itself, offset -1.
-        """
-        reason = "record_too_large" if isinstance(error, TOO_LARGE) else "record_refused"
-        detail = f"{type(error).__name__}: {len(out.value)} bytes for {out.topic}"
-        source = self._input_of(out, inputs)
-        if source is not None:
-            letter = DeadLetter(source, InvalidEvent(reason, detail))
-            headers = list(source.headers or []) or None
-            return Output(self.dlq, source.key, dead_letter_value(self.stage, letter), headers=headers)
-        message = ConsumerRecord(
-            topic=out.topic,
-            partition=-1 if out.partition is None else out.partition,
-            offset=-1,
-            timestamp=int(time.time() * 1000),
-            timestamp_type=0,
-            key=out.key,
-            value=out.value,
-            checksum=None,
-            serialized_key_size=len(out.key or b""),
-            serialized_value_size=len(out.value),
-            headers=tuple(out.headers or ()),
-        )
-        letter = DeadLetter(message, InvalidEvent(reason, detail))
-        return Output(self.dlq, out.key, dead_letter_value(self.stage, letter), headers=out.headers)
-
     def _input_of(self, out: Output, inputs: Sequence[Record]) -> ConsumerRecord | None:  # type: ignore[type-arg]
         """The input message whose event the output carries (rare path: decodes the output once)."""
         if not inputs or out.topic in self._state_of_changelog or out.topic == self.tallies:
@@ -1149,43 +1009,6 @@ class StageRunner(Service):
         matches = [r for r in inputs if (r.event.tenant, r.event.event_id) == key]
         passed = [r for r in matches if r.outcome == "out"]  # not a copy the stage dropped
         return (passed or matches)[0].message if matches else None
-
-    def _tally(
-        self,
-        messages: Sequence[ConsumerRecord],  # type: ignore[type-arg]
-        records: list[Record],
-        result: StepResult,
-    ) -> list[Output]:
-        """Per source partition: runs of [tenant, bucket, outcome, count] in offset order."""
-        by_message = {id(r.message): r for r in records}
-        dead = {id(letter.message) for letter in result.dead}
-        parts: dict[tuple[str, int], dict[str, Any]] = {}
-        for msg in messages:
-            record = by_message.get(id(msg))
-            if record is not None:
-                tenant = record.event.tenant
-                at_ms = record.event.ingest_ts or (msg.timestamp or 0)
-            else:  # undecodable: no tenant to charge it to
-                tenant, at_ms = "?", (msg.timestamp or 0)
-            outcome = "dlq" if id(msg) in dead else (record.outcome if record is not None else "dlq")
-            bucket = int(at_ms // 1000 // self.bucket_s * self.bucket_s)
-            part = parts.get((msg.topic, msg.partition))
-            if part is None:
-                part = parts[(msg.topic, msg.partition)] = {
-                    "stage": self.stage,
-                    "topic": msg.topic,
-                    "partition": msg.partition,
-                    "first": msg.offset,
-                    "runs": [],
-                }
-            runs = part["runs"]
-            if runs and runs[-1][0] == tenant and runs[-1][1] == bucket and runs[-1][2] == outcome:
-                runs[-1][3] += 1
-            else:
-                runs.append([tenant, bucket, outcome, 1])
-        at = now_ms()
-        assert self.tallies is not None
-        return [Output(self.tallies, self.stage.encode(), pack({**part, "at": at})) for part in parts.values()]
 
     async def _handle(self, records: list[Record], owner: Ownership, carried: list[Output]) -> StepResult:
         """Retry transient errors; on an unexpected error, handle one by one to isolate the culprit.
@@ -1245,15 +1068,7 @@ class StageRunner(Service):
 
     def _records_of(self, result: StepResult) -> list[Output]:
         """What a batch sends: its outputs, then its dead letters."""
-        letters = [
-            Output(
-                self.dlq,
-                letter.message.key,
-                dead_letter_value(self.stage, letter),
-                headers=list(letter.message.headers or []) or None,
-            )
-            for letter in result.dead
-        ]
+        letters = [letter_output(self.stage, self.dlq, letter) for letter in result.dead]
         return [*result.outputs, *letters] if letters else list(result.outputs)
 
 
@@ -1371,60 +1186,9 @@ class _Unexpected(Exception):
     """Internal: the handler failed in a way retrying the batch won't fix."""
 
 
-class UnsendableDeadLetter(HifiError):
-    """The DLQ topic refused even a truncated dead letter (its max.message.bytes is misconfigured)."""
-
-
 class _Revoked(Exception):
     """Internal: the batch's partitions were revoked; `carried` already reached a destination."""
 
     def __init__(self, carried: list[Output]) -> None:
         super().__init__("partitions revoked")
         self.carried = carried
-
-
-def unsendable(error: BaseException, unknown_attempts: int) -> bool:
-    """No retry can send the record: refused outright, or UnknownError for `UNKNOWN_ERROR_ATTEMPTS` attempts."""
-    return isinstance(error, UNSENDABLE) or (
-        isinstance(error, UnknownError) and unknown_attempts >= UNKNOWN_ERROR_ATTEMPTS
-    )
-
-
-def truncated_letter(letter: Output, keep: int) -> Output:
-    """The dead letter with its original value cut to `keep` bytes, plus that value's size and sha256."""
-    fields = unpack(letter.value)
-    original = fields.get("original_value") or b""
-    fields.update(
-        original_value=original[:keep],
-        original_size=len(original),
-        original_sha256=hashlib.sha256(original).hexdigest(),
-        truncated=True,
-        error=str(fields.get("error", ""))[:200],
-    )
-    if keep == 0:
-        fields["original_headers"] = []
-    return Output(letter.topic, letter.key, pack(fields))
-
-
-def dead_letter_value(stage: str, letter: DeadLetter) -> bytes:
-    """A dead letter keeps the original bytes and headers, the error and the timestamps."""
-    msg = letter.message
-    error = letter.error
-    return pack(
-        {
-            "stage": stage,
-            "error_class": type(error).__name__,
-            "error": str(error)[:2000],
-            "reason": error.reason if isinstance(error, InvalidEvent) else type(error).__name__,
-            "attempts": letter.attempts,
-            "topic": msg.topic,
-            "partition": msg.partition,
-            "offset": msg.offset,
-            "original_key": msg.key,
-            "original_value": msg.value,
-            "original_headers": [[k, v] for k, v in (msg.headers or [])],
-            "original_timestamp_ms": msg.timestamp or 0,
-            "first_failed_ms": letter.first_failed_ms,
-            "dead_lettered_ms": time.time() * 1000,
-        }
-    )
