@@ -22,10 +22,18 @@ Buckets are event time: `ingest_ts` rounded down to `bucket_s` seconds (epoch se
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from aiokafka.structs import ConsumerRecord
+
 from shared.codec import pack
+from shared.dlq import DeadLetter
+from shared.errors import InvalidEvent
 from shared.event import now_ms
+from shared.publish import Output
+from shared.step import Record
+from shared.trace import PASSED
 
 FILTERED = "filtered:"
 
@@ -58,3 +66,65 @@ def receipt(sink: str, delivered_ts: float, rows: list[list[Any]], trace: list[l
     if trace is not None:
         value["trace"] = trace
     return pack(value)
+
+
+def batch_tallies(
+    stage: str,
+    topic: str,
+    bucket_s: int,
+    messages: Sequence[ConsumerRecord],  # type: ignore[type-arg]
+    records: Sequence[Record],
+    dead: Sequence[DeadLetter],
+) -> list[Output]:
+    """A stage's tally of one batch, per source partition: runs of [tenant, bucket, outcome, count] in offset
+    order, and the events it did not pass on (`events`, for `hifi trace`: they are few, and the auditor
+    indexes them). `records` are the decoded messages (their outcome), `dead` the dead-lettered ones."""
+    by_message = {id(r.message): r for r in records}
+    dead_ids = {id(letter.message): letter for letter in dead}
+    parts: dict[tuple[str, int], dict[str, Any]] = {}
+    for msg in messages:
+        record = by_message.get(id(msg))
+        if record is not None:
+            tenant = record.event.tenant
+            at_ms = record.event.ingest_ts or (msg.timestamp or 0)
+        else:  # undecodable: no tenant to charge it to
+            tenant, at_ms = "?", (msg.timestamp or 0)
+        outcome = dead_letter_outcome(record) if id(msg) in dead_ids else (record.outcome if record else "dlq")
+        bucket = int(at_ms // 1000 // bucket_s * bucket_s)
+        part = parts.get((msg.topic, msg.partition))
+        if part is None:
+            part = parts[(msg.topic, msg.partition)] = {
+                "stage": stage,
+                "topic": msg.topic,
+                "partition": msg.partition,
+                "first": msg.offset,
+                "runs": [],
+            }
+        runs = part["runs"]
+        if runs and runs[-1][0] == tenant and runs[-1][1] == bucket and runs[-1][2] == outcome:
+            runs[-1][3] += 1
+        else:
+            runs.append([tenant, bucket, outcome, 1])
+        if record is not None and outcome not in PASSED:  # for `hifi trace` (shared/trace.py)
+            note = trace_note(record, dead_ids.get(id(msg)))
+            part.setdefault("events", []).append([msg.offset, record.event.event_id, outcome, tenant, note])
+    at = now_ms()
+    return [Output(topic, stage.encode(), pack({**part, "at": at})) for part in parts.values()]
+
+
+def dead_letter_outcome(record: Record | None) -> str:
+    """A dead letter's outcome: `dlq`, unless the handler marked the event as replay traffic (`replay_dlq`,
+    which the ledger keeps out of the live reconciliation, as it does replayed deliveries)."""
+    return "replay_dlq" if record is not None and record.outcome == "replay_dlq" else "dlq"
+
+
+def trace_note(record: Record, letter: DeadLetter | None) -> dict[str, Any]:
+    """What a tally says about one event the stage did not pass on: the stage's note, its stamps so far,
+    and for a dead letter why."""
+    note = {**(record.note or {}), "ingest_ts": record.event.ingest_ts, "stages": record.event.stages}
+    if letter is not None:
+        error = letter.error
+        note["reason"] = error.reason if isinstance(error, InvalidEvent) else type(error).__name__
+        note["error"] = str(error)[:300]
+        note["attempts"] = letter.attempts
+    return note

@@ -10,18 +10,22 @@ committed in a consumer group per stage, so a replay can be stopped and resumed 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import ConsumerRecord
 
 from shared import pipeline
 from shared.app import durable_producer
-from shared.codec import unpack
+from shared.codec import pack, unpack
 from shared.errors import HifiError, InvalidEvent
+from shared.event import now_ms
+from shared.publish import TOO_LARGE, Output
 from shared.topics import Topics
 
 REPLAY_OF = "hifi-replay-of"
@@ -165,3 +169,103 @@ def describe(value: bytes, partition: int, offset: int) -> dict[str, Any]:
     letter["original_key"] = letter["original_key"].decode(errors="replace") if letter.get("original_key") else None
     letter["original_headers"] = [[k, v.decode(errors="replace")] for k, v in letter.get("original_headers", [])]
     return {"partition": partition, "offset": offset, **letter}
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """An input the stage cannot pass on, and why; it goes to the stage's DLQ topic as `dead_letter_value`."""
+
+    message: ConsumerRecord  # type: ignore[type-arg]
+    error: Exception
+    attempts: int = 1
+    first_failed_ms: float = field(default_factory=now_ms)
+
+
+def dead_letter_value(stage: str, letter: DeadLetter) -> bytes:
+    """A dead letter keeps the original bytes and headers, the error and the timestamps."""
+    msg = letter.message
+    error = letter.error
+    return pack(
+        {
+            "stage": stage,
+            "error_class": type(error).__name__,
+            "error": str(error)[:2000],
+            "reason": error.reason if isinstance(error, InvalidEvent) else type(error).__name__,
+            "attempts": letter.attempts,
+            "topic": msg.topic,
+            "partition": msg.partition,
+            "offset": msg.offset,
+            "original_key": msg.key,
+            "original_value": msg.value,
+            "original_headers": [[k, v] for k, v in (msg.headers or [])],
+            "original_timestamp_ms": msg.timestamp or 0,
+            "first_failed_ms": letter.first_failed_ms,
+            "dead_lettered_ms": time.time() * 1000,
+        }
+    )
+
+
+def letter_output(stage: str, dlq: str, letter: DeadLetter) -> Output:
+    """The record that dead-letters `letter` on the stage's DLQ topic, keyed and headed like its input."""
+    return Output(
+        dlq,
+        letter.message.key,
+        dead_letter_value(stage, letter),
+        headers=list(letter.message.headers or []) or None,
+    )
+
+
+def letter_of_output(
+    stage: str,
+    dlq: str,
+    out: Output,
+    error: BaseException,
+    source: ConsumerRecord | None,  # type: ignore[type-arg]
+) -> Output:
+    """A dead letter for an output the stage could not produce.
+
+    It names `source`, the input the output was made from (same tenant and event id), so a replay (`hifi dlq
+    replay`) runs that input through the stage again and carries `hifi-replay-of` = its topic:partition:offset,
+    the claim the deduplicator honours. An output of no input (a receipt, a tally) keeps itself, offset -1.
+    """
+    reason = "record_too_large" if isinstance(error, TOO_LARGE) else "record_refused"
+    detail = f"{type(error).__name__}: {len(out.value)} bytes for {out.topic}"
+    if source is not None:
+        letter = DeadLetter(source, InvalidEvent(reason, detail))
+        headers = list(source.headers or []) or None
+        return Output(dlq, source.key, dead_letter_value(stage, letter), headers=headers)
+    message = ConsumerRecord(
+        topic=out.topic,
+        partition=-1 if out.partition is None else out.partition,
+        offset=-1,
+        timestamp=int(time.time() * 1000),
+        timestamp_type=0,
+        key=out.key,
+        value=out.value,
+        checksum=None,
+        serialized_key_size=len(out.key or b""),
+        serialized_value_size=len(out.value),
+        headers=tuple(out.headers or ()),
+    )
+    letter = DeadLetter(message, InvalidEvent(reason, detail))
+    return Output(dlq, out.key, dead_letter_value(stage, letter), headers=out.headers)
+
+
+def truncated_letter(letter: Output, keep: int) -> Output:
+    """The dead letter with its original value cut to `keep` bytes, plus that value's size and sha256."""
+    fields = unpack(letter.value)
+    original = fields.get("original_value") or b""
+    fields.update(
+        original_value=original[:keep],
+        original_size=len(original),
+        original_sha256=hashlib.sha256(original).hexdigest(),
+        truncated=True,
+        error=str(fields.get("error", ""))[:200],
+    )
+    if keep == 0:
+        fields["original_headers"] = []
+    return Output(letter.topic, letter.key, pack(fields))
+
+
+class UnsendableDeadLetter(HifiError):
+    """The DLQ topic refused even a truncated dead letter (its max.message.bytes is misconfigured)."""

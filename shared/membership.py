@@ -13,6 +13,10 @@ which tells a displaced member from one whose session merely expired.
 
 from __future__ import annotations
 
+import os
+import signal
+
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import BrokerResponseError, for_code, kafka_errors
 from aiokafka.protocol.api import Request, RequestStruct, Response
@@ -167,3 +171,37 @@ async def remove_static_members(bootstrap: str, group: str, instance_ids: list[s
     for _member_id, instance_id, code in response.members:
         if code:
             raise MemberRemovalFailed(group, instance_id, for_code(code).__name__)
+
+
+# -- aiokafka's group coordinator: what it does not expose publicly ----------------------------------------
+
+
+def coordinator_member_id(consumer: AIOKafkaConsumer | None) -> str:
+    """The member id the group coordinator gave this consumer, UNKNOWN_MEMBER_ID if none or reset."""
+    # aiokafka exposes neither the member id nor its reset on UnknownMemberId: read its coordinator's.
+    coordinator = getattr(consumer, "_coordinator", None)
+    return str(getattr(coordinator, "member_id", UNKNOWN_MEMBER_ID) or UNKNOWN_MEMBER_ID)
+
+
+def request_rejoin(consumer: AIOKafkaConsumer) -> None:
+    """Ask the group coordinator for a rebalance, keeping the subscription."""
+    # aiokafka has no public rejoin: re-subscribing would drop the assignment without the revoke callback.
+    consumer._coordinator.request_rejoin()
+
+
+# -- a worker whose instance id another process holds -------------------------------------------------------
+
+EXIT_INSTANCE_ID_TAKEN = 78  # EX_CONFIG: two workers configured with one id; restarting one does not fix it
+_requested_exit_code = 0
+
+
+def request_exit(code: int) -> None:
+    """Drain and exit the worker process with `code` (non-zero: its supervisor or Kubernetes sees a failure)."""
+    global _requested_exit_code
+    _requested_exit_code = _requested_exit_code or code
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def requested_exit_code() -> int:
+    """The exit code a stage asked for (`request_exit`), 0 if none: `shared.service.run` exits with it."""
+    return _requested_exit_code

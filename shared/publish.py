@@ -22,7 +22,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import ProducerClosed
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidTimestampError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    ProducerClosed,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    UnknownError,
+)
 from aiokafka.partitioner import murmur2
 
 
@@ -113,3 +123,23 @@ async def retire(producer: AIOKafkaProducer) -> None:
     """
     await producer.stop()
     producer._message_accumulator.fail_all(ProducerClosed())  # no public API fails a closed producer's queue
+
+
+# Produce errors no retry can fix: a record or its batch over a size limit, or a record the broker refuses.
+TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
+UNSENDABLE = (*TOO_LARGE, CorruptRecordException, InvalidTimestampError)
+# The broker's INVALID_RECORD (error 87) reaches aiokafka as UnknownError, which can also be transient:
+# unsendable once it persisted this many attempts, so a refused record never stalls its partition.
+UNKNOWN_ERROR_ATTEMPTS = 8
+
+
+def unsendable(error: BaseException, unknown_attempts: int) -> bool:
+    """No retry can send the record: refused outright, or UnknownError for `UNKNOWN_ERROR_ATTEMPTS` attempts."""
+    return isinstance(error, UNSENDABLE) or (
+        isinstance(error, UnknownError) and unknown_attempts >= UNKNOWN_ERROR_ATTEMPTS
+    )
+
+
+def transient(exc: BaseException) -> bool:
+    """A broker error that retrying can outlast (unreachable, timed out, leader moving)."""
+    return isinstance(exc, KafkaTimeoutError) or (isinstance(exc, KafkaError) and bool(exc.retriable))

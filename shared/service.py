@@ -21,12 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from shared import pipeline
+from shared.alerts import Alerter, OutageClock
 from shared.app import HifiApp, create_app
 from shared.config import HifiConfig, Settings
+from shared.dlq import DeadLetterQueues
 from shared.keywindow import KeyWindow, RedisKeyWindow, RocksKeyWindow
+from shared.membership import requested_exit_code
 from shared.metrics import StageMetrics
 from shared.sentry import init_sentry
+from shared.stage import StageRunner
 from shared.topics import Topics, ensure_topics
+from shared.watchdog import PartitionWatchdog
+from shared.web import add_dlq_views, denied
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +96,40 @@ class ServiceContext:
         self.app = create_app(group, self.settings, spec.port(list(self.config.sinks), self.sink), **overrides)
         return self.app
 
+    def attach(self, runner: StageRunner) -> StageRunner:
+        """Run the stage's runner with the app (as its dependency), configured from the settings, with its
+        DLQ and /partitions views, its broker-outage alert and its partition watchdog."""
+        app = runner.app
+        queues = DeadLetterQueues(runner.bootstrap, self.topics, list(self.config.sinks))
+        add_dlq_views(app, runner.stage, queues, self.settings)
+        audit = self.config.audit
+        runner.checkpoint_interval_s = self.settings.table_checkpoint_s
+        runner.tallies = self.topics.tallies
+        runner.bucket_s = audit.bucket_s
+        if runner.group_instance_id is None and self.settings.worker_id:
+            runner.group_instance_id = self.settings.worker_id
+        runner.session_timeout_ms = int(self.settings.session_timeout_s * 1000)
+        if runner.leave_group_on_stop is None and self.settings.leave_group_on_stop != "auto":
+            runner.leave_group_on_stop = self.settings.leave_group_on_stop == "yes"
+        alerter = Alerter(runner.stage)
+        runner.broker_outage = OutageClock(
+            alerter, "broker_unreachable", "the Kafka broker", audit.outage_alert_after_s
+        )
+        watchdog = runner.watchdog = PartitionWatchdog(runner, runner.metrics, alerter, audit.stuck_after_s)
+        app.timer(min(5.0, audit.stuck_after_s / 2))(watchdog.check)
+        settings = self.settings
+
+        @app.page("/partitions")
+        async def partitions(view: Any, request: Any) -> Any:
+            """Consumer lag and progress per partition this worker owns, and the watchdog's rejoins."""
+            refused = denied(view, request, settings)
+            return refused or view.json(
+                {"stage": runner.stage, "partitions": watchdog.partitions, "rejoins": watchdog.rejoins}
+            )
+
+        app.add_dependency(runner)
+        return runner
+
 
 def prepare(
     services: Registry, name: str, settings: Settings, sink: str | None = None
@@ -138,8 +178,6 @@ def prepare(
 def run(services: Registry, name: str, settings: Settings, sink: str | None = None) -> None:
     import faust
 
-    from shared.stage import requested_exit_code
-
     class GracefulWorker(faust.Worker):
         """SIGTERM drains in-flight work, commits and leaves the group; past the grace period the
         process exits anyway. That is safe: nothing was committed past what is durable downstream."""
@@ -173,7 +211,5 @@ def run(services: Registry, name: str, settings: Settings, sink: str | None = No
 
 def _grace_expired(grace_s: float) -> None:
     log.error("shutdown did not finish within %.0fs; exiting, uncommitted work will be replayed", grace_s)
-    from shared.stage import requested_exit_code
-
     logging.shutdown()
     os._exit(requested_exit_code() or 75)  # a worker that found its name taken still says so (78), not 75

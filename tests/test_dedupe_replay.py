@@ -221,7 +221,7 @@ def in_process_runner(bootstrap: str, topics: Topics, handler: Any, window: KeyW
 async def run_batch(runner: StageRunner, messages: list[Any]) -> None:
     """One batch through the stage's commit sequence up to durability (no group, nothing committed)."""
     flight = await runner.process_batch(messages)
-    await asyncio.wait_for(runner._settle(flight), 30.0)
+    await asyncio.wait_for(runner.flights.settle(flight), 30.0)
 
 
 @pytest.mark.parametrize("backend", ["rocksdb", "redis"])
@@ -266,7 +266,7 @@ async def test_the_replay_of_an_output_the_broker_refused_passes_the_deduplicato
         flight = await runner.process_batch(replayed)  # what the deduplicator passes on (still too large)
         passed = [decode_event(o.value).event_id for o in flight.result.outputs if o.topic == topics.unique]
         assert passed == [big.event_id], "the replay was dropped as a copy of its own event"
-        await asyncio.wait_for(runner._settle(flight), 30.0)
+        await asyncio.wait_for(runner.flights.settle(flight), 30.0)
     finally:
         if runner.producer is not producer and runner.producer is not None:
             await runner.producer.stop()  # renewed after the refusal

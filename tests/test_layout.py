@@ -141,3 +141,42 @@ def test_every_registered_service_has_a_place_in_the_pipeline():
     from shared import pipeline
 
     assert list(SERVICES) == [s.name for s in pipeline.STAGES]
+
+
+def _library_imports() -> dict[str, set[str]]:
+    """shared.X -> the shared modules it imports (lazy ones too; `from shared import x` is shared.x)."""
+    modules = {f"shared.{p.stem}" for p in (ROOT / "shared").glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for module in modules:
+        tree = ast.parse((ROOT / "shared" / f"{module.split('.')[1]}.py").read_text())
+        found: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module)
+                found |= {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[module] = (found & modules) - {module}
+    return graph
+
+
+def test_the_library_has_no_import_cycle():
+    """A cycle makes a module's meaning depend on import order; shared/ is layered (stage.py on its parts)."""
+    graph = _library_imports()
+    assert graph["shared.stage"] >= {"shared.flight", "shared.rebalance", "shared.watchdog"}  # the walk sees them
+    cycles: list[list[str]] = []
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for imported in sorted(graph[module]):
+            if state.get(imported) == "open":
+                cycles.append([*path[path.index(imported) :], imported])
+            elif imported not in state:
+                visit(imported, [*path, imported])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []

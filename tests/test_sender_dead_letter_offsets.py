@@ -249,7 +249,7 @@ async def test_kafka_sink_commits_past_a_dead_letter_once_the_built_runner_made_
         messages[3] = ConsumerRecord(src, 0, 3, 0, 0, None, encode_event(padded(4, big={3})[3]), None, 0, 0, [])
         first = await runner.process_batch(messages[:5])  # e3 is over the sink topic's limit: the handler's letter
         assert [letter.message.offset for letter in first.result.dead] == [3]
-        assert await asyncio.wait_for(runner._settle(first), 30.0)
+        assert await asyncio.wait_for(runner.flights.settle(first), 30.0)
         runner.done.update(first.next_offsets)  # what the acker does once the batch is durable
         await runner.process_batch(messages[5:])
     assert await committed_offset(kafka.bootstrap, group, TopicPartition(src, 0)) == 10

@@ -20,7 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, UnknownError
 from yarl import URL
 
-import shared.stage as stage_module
+import shared.flight as flight_module  # it builds the producers and their publishers
 from devtools.kafka import LocalKafka
 from shared.codec import encode_event, unpack
 from shared.config import SinkConfig
@@ -433,7 +433,7 @@ async def test_a_batch_given_up_at_a_stop_is_not_passed_by_the_done_offsets_of_l
             else None
         )
 
-    monkeypatch.setattr(stage_module, "BatchPublisher", lambda producer: FaultyPublisher(producer, fail_batch_n))
+    monkeypatch.setattr(flight_module, "BatchPublisher", lambda producer: FaultyPublisher(producer, fail_batch_n))
     runner.publisher = FaultyPublisher(runner.producer, fail_batch_n)  # and every producer renewed later
     ids = await produce_events(kafka.bootstrap, source, 5)
     await wait_for(lambda: runner.metrics.total(runner.metrics.events_in) >= 5, 30, "the first batch")
@@ -467,7 +467,7 @@ async def test_a_record_the_broker_answers_unknown_error_is_dead_lettered_after_
         bad = any(o.topic == out and b"\xa8event_id\xa2e3" in o.value for o in outputs)
         return UnknownError("injected INVALID_RECORD") if bad else None
 
-    monkeypatch.setattr(stage_module, "BatchPublisher", lambda producer: FaultyPublisher(producer, refuse_e3))
+    monkeypatch.setattr(flight_module, "BatchPublisher", lambda producer: FaultyPublisher(producer, refuse_e3))
     runner.publisher = FaultyPublisher(runner.producer, refuse_e3)  # and every producer renewed later
     ids = await produce_events(kafka.bootstrap, source, 12)
     await read_all(kafka.bootstrap, out, 11, 30)
@@ -509,7 +509,7 @@ async def test_a_produce_stalled_across_a_revocation_still_lands_the_delivered_b
                 await asyncio.sleep(3.0)  # ...and past the 1 s revoke grace
             return await super().publish(outputs)
 
-    monkeypatch.setattr(stage_module, "BatchPublisher", StallingPublisher)
+    monkeypatch.setattr(flight_module, "BatchPublisher", StallingPublisher)
 
     def sender(name: str) -> StageRunner:
         return ledgered_sender(
@@ -621,7 +621,7 @@ async def test_a_revoked_batch_whose_outputs_keep_failing_lands_its_ledger_marks
                     raise TopicAuthorizationFailedError()
             return await super().publish(outputs)
 
-    monkeypatch.setattr(stage_module, "BatchPublisher", RefusingPublisher)
+    monkeypatch.setattr(flight_module, "BatchPublisher", RefusingPublisher)
 
     def sender(name: str) -> StageRunner:
         return ledgered_sender(

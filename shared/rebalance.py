@@ -1,0 +1,268 @@
+"""Rebalances of a stage worker's group, and its static membership.
+
+aiokafka rebalances eagerly: every rebalance (and an eviction, on rejoin) revokes every partition, then
+assigns. The revoke callback gives up the batch in hand, waits until every sent batch is durable and
+commits, all within one budget under `rebalance_timeout_ms` (the whole group waits on it); the assign
+callback returns at once (aiokafka sends no heartbeats while it runs) and leaves state restores to a
+task (shared/restore.py). A static member (KIP-345) that finds its instance id held by another live
+process stops instead of rejoining, and leaves the group on stop unless it keeps its partitions for its
+restart.
+
+`Rebalancing` is a part of StageRunner, not a separate object: these callbacks move the runner's own
+batch lock, in-flight queue, offsets and assignment, and tests hook them on the runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import sentry_sdk
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from shared.flight import FlightSender, InFlight
+from shared.membership import (
+    EXIT_INSTANCE_ID_TAKEN,
+    UNKNOWN_MEMBER_ID,
+    InstanceIdTaken,
+    MemberRemovalFailed,
+    coordinator_member_id,
+    members_with_instance_id,
+    remove_static_members,
+)
+from shared.restore import StateRestorer
+from shared.step import Ownership, PartitionedState, StepResult
+
+log = logging.getLogger(__name__)
+
+REVOKE_RESERVE_S = 3.0  # of the revoke budget, kept after a cancelled handler for its publish and the commit
+
+
+class Rebalancing:
+    """StageRunner's rebalance callbacks and static membership (see the module's docstring)."""
+
+    # The runner's state these callbacks read and move (StageRunner sets them).
+    stage: str
+    source: str
+    bootstrap: str
+    group: str
+    group_instance_id: str | None
+    leave_group_on_stop: bool | None
+    rebalance_timeout_ms: int
+    revoke_grace_s: float
+    consumer: AIOKafkaConsumer | None
+    flights: FlightSender
+    restorer: StateRestorer
+    states: list[PartitionedState]
+    done: dict[TopicPartition, int]
+    committed: dict[TopicPartition, int]
+    last_timestamp: dict[TopicPartition, float]
+    readable_since: dict[TopicPartition, float]
+    assigned: set[TopicPartition]
+    joined: bool
+    revocations: int
+    fenced: InstanceIdTaken | None
+    request_shutdown: Callable[[int], None]
+    _stopping: bool
+    _member_id: str
+    _rejoin_held: asyncio.Future[None] | None
+    _rejoin_released: asyncio.Event
+    _in_flight: asyncio.Queue[InFlight] | None
+    _batch_lock: asyncio.Lock | None
+    _owner: Ownership
+    _handling: asyncio.Task[StepResult] | None
+    _commit: Callable[[], Awaitable[None]]  # commit what the acker marked done
+
+    # -- rebalances -------------------------------------------------------------------------------------
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Before partitions move: the batch in hand given up, every sent batch durable, done offsets committed.
+
+        The whole group waits on this callback, and a member that outlasts the rebalance timeout is
+        evicted, so work it finished afterwards would race the next owner's: every wait comes out of one
+        budget below `rebalance_timeout_ms` (`_revoke_budget_s`), with the commit's share kept for last.
+        """
+        assert self._batch_lock is not None and self._in_flight is not None
+        budget_s, commit_s = self._revoke_budget_s()
+        deadline = time.monotonic() + budget_s
+
+        def left() -> float:  # for the waits before the commit
+            return max(0.0, deadline - commit_s - time.monotonic())
+
+        self.joined = False
+        self.revocations += bool(revoked)  # aiokafka calls this before the first join too, with nothing
+        owner = self._owner
+        owner.revoked.set()  # retry loops give up between attempts; their backoff sleeps end now
+        locked = await self._take_batch_lock(left)
+        self._owner = Ownership(owner.generation + 1)  # fetches from here on are of the next assignment
+        try:
+            if not locked:
+                await self._flush_changelog(owner, left)
+            try:
+                await asyncio.wait_for(self._in_flight.join(), max(0.5, left()))
+            except TimeoutError:
+                log.warning("%s: batches still in flight at a rebalance; their events are replayed", self.stage)
+            try:
+                # Bounded: after the session expired, aiokafka's commit waits for a coordinator that the
+                # rebalance now waiting on this callback would find. The commit fails then anyway (the
+                # member is gone); the next owner replays from the last commit and the dedupe absorbs it.
+                await asyncio.wait_for(self._commit(), max(0.5, deadline - time.monotonic()))
+            except TimeoutError:
+                log.warning("%s: no commit before the rebalance (the group has moved on)", self.stage)
+            owner.ended = True  # a batch of it that becomes durable later is the next owner's to redo
+            for tp in revoked:
+                self.done.pop(tp, None)
+                self.committed.pop(tp, None)
+                self.last_timestamp.pop(tp, None)
+                self.readable_since.pop(tp, None)
+            self.assigned -= set(revoked)
+            for state in self.states:
+                state.revoke(sorted(tp.partition for tp in revoked if tp.topic == self.source))
+        finally:
+            if locked:
+                self._batch_lock.release()
+
+    async def _flush_changelog(self, owner: Ownership, left: Callable[[], float]) -> None:
+        """Revoking without the batch lock: send the stores' unsent changelog (ledger marks of what a sink took)
+        before `revoke` closes the stores and drops it; the next owner's restore or catch-up reads it."""
+        assert self._in_flight is not None
+        outputs = [out for state in self.states for out in state.changelog()]
+        if not outputs:
+            return
+        flight = InFlight({}, StepResult(outputs=outputs), 0, time.perf_counter(), owner=owner, abandoned=True)
+        try:
+            await asyncio.wait_for(self._in_flight.put(await self.flights.send(flight)), max(0.5, left()))
+        except TimeoutError:
+            log.error("%s: could not queue a revoked batch's changelog; the next owner may redeliver it", self.stage)
+
+    def _revoke_budget_s(self) -> tuple[float, float]:
+        """(the revoke callback's whole budget, the commit's share of it): under the rebalance timeout with a
+        margin for the join round trips."""
+        timeout_s = self.rebalance_timeout_ms / 1000
+        budget_s = max(1.0, timeout_s - max(1.0, 0.15 * timeout_s))
+        return budget_s, min(5.0, 0.2 * budget_s)
+
+    async def _take_batch_lock(self, left: Callable[[], float]) -> bool:
+        """The batch lock within `revoke_grace_s` (and `left()`), cancelling the handler in hand if it holds on
+        longer; the batch's publish is not cancelled, it gets what is `left()` to finish."""
+        assert self._batch_lock is not None
+        try:
+            # Floored: wait_for(..., 0) times out even on a free lock. The grace leaves a reserve, so that a
+            # cancelled handler's publish of what it delivered still fits in the budget.
+            grace = max(0.5, min(self.revoke_grace_s, left() - REVOKE_RESERVE_S))
+            await asyncio.wait_for(self._batch_lock.acquire(), grace)
+            return True
+        except TimeoutError:
+            pass
+        handling = self._handling
+        if handling is not None:
+            # A handler attempt still in flight past the grace (a sink request): like a kill, what it
+            # delivered unmarked is delivered again by the next owner, with the same idempotency keys.
+            log.warning(
+                "%s: the batch in hand outlasted the revocation by %.0fs; cancelled", self.stage, self.revoke_grace_s
+            )
+            handling.cancel()
+        try:
+            await asyncio.wait_for(self._batch_lock.acquire(), max(0.5, left()))
+            return True
+        except TimeoutError:
+            log.error("%s: the batch lock is still held; revoking without it", self.stage)
+            return False
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Return quickly: aiokafka sends no heartbeats while this runs. Partitions with state stay
+        paused while it is restored in the background, and resume at their committed offset."""
+        assert self.consumer is not None
+        # Before any await: a failure below must not leave the previous generation's id here, which the
+        # instance-id check would then take for another process holding this worker's name.
+        self._member_id = coordinator_member_id(self.consumer)
+        sources = sorted((tp for tp in assigned if tp.topic == self.source), key=lambda tp: tp.partition)
+        if self.states:
+            self.consumer.pause(*sources)  # before any await: nothing of theirs is fetched until restored
+        await self.restorer.cancel()  # normally done by the revocation before; never two restores at once
+        mine = [tp.partition for tp in sources]
+        for tp in assigned:  # where this worker starts: the lag the watchdog measures until the first commit
+            try:
+                offset = await self.consumer.committed(tp)
+            except KafkaError:
+                offset = None
+            if offset is not None:
+                self.committed[tp] = self.done[tp] = offset
+        # Stateful partitions stay paused: their stores are opened (a RocksDB WAL replay after a kill -9)
+        # and restored by a task, while the worker heartbeats.
+        self.assigned = {tp for tp in assigned if tp.topic != self.source or not self.states}
+        self.restorer.begin(sources)  # a task: it starts once this callback returns
+        self.readable_since.update((tp, time.monotonic()) for tp in self.assigned)
+        self.joined = True
+        log.info("%s: assigned partitions %s", self.stage, mine)
+
+    # -- static membership ------------------------------------------------------------------------------
+
+    async def _leave_as_static_member(self) -> None:
+        """After the drain: a static member that is not keeping its partitions for its restart removes itself."""
+        leaves = self.leave_group_on_stop if self.leave_group_on_stop is not None else not self.states
+        if self.group_instance_id is None or not leaves or self.fenced is not None:
+            return  # a fenced member's removal would remove the live process now holding its id
+        try:
+            await asyncio.wait_for(remove_static_members(self.bootstrap, self.group, [self.group_instance_id]), 3.0)
+            log.info("%s: left group %s as %s", self.stage, self.group, self.group_instance_id)
+        except (TimeoutError, KafkaError, MemberRemovalFailed) as exc:
+            log.warning("%s: could not leave the group (%r): its partitions wait out its session", self.stage, exc)
+
+    async def _hold_rejoin_if_instance_id_taken(self) -> None:
+        """Between a revocation and the rejoin: a static member whose id aiokafka reset (told UnknownMemberId,
+        its heartbeat carries no instance id) rejoins next under its instance id. If another live member holds
+        that id, the rejoin would displace it and it would displace this one back, both reading the same
+        partitions for ever: stop instead, and hold the rejoin back until the worker has stopped."""
+        previous = self._member_id
+        if self.group_instance_id is None or previous == UNKNOWN_MEMBER_ID or self.fenced is not None:
+            return  # dynamic, not joined yet, or already stopping
+        if coordinator_member_id(self.consumer) != UNKNOWN_MEMBER_ID:
+            return  # a plain rebalance: the coordinator still knows this member
+        try:
+            holders = await asyncio.wait_for(
+                members_with_instance_id(self.bootstrap, self.group, self.group_instance_id), 5.0
+            )
+        except (TimeoutError, KafkaError) as exc:  # unknown: rejoin as before rather than stop on a doubt
+            log.warning("%s: could not look up who holds %s (%r); rejoining", self.stage, self.group_instance_id, exc)
+            return
+        others = [member for member in holders if member != previous]
+        if not others:
+            return  # its session expired (nobody holds the id) or only its generation was stale: rejoin
+        self._fence(InstanceIdTaken(self.group, self.group_instance_id, f"member {others[0]}, this one was {previous}"))
+        self._rejoin_held = asyncio.get_running_loop().create_future()
+        try:
+            await self._rejoin_held  # cancelled by `on_stop`: aiokafka's coordinator task ends without a JoinGroup
+        finally:
+            self._rejoin_released.set()
+
+    def _fence(self, taken: InstanceIdTaken) -> None:
+        """Stop reading at once and ask for the process to exit non-zero (the other process keeps the id)."""
+        if self.fenced is not None:
+            return
+        self.fenced = taken
+        self._stopping = True  # `_consume` fetches nothing more
+        log.critical("%s: %s; stopping (exit %d)", self.stage, taken, EXIT_INSTANCE_ID_TAKEN)
+        sentry_sdk.capture_exception(taken)
+        self.request_shutdown(EXIT_INSTANCE_ID_TAKEN)
+
+    async def _release_held_rejoin(self) -> None:
+        if self._rejoin_held is not None and not self._rejoin_held.done():
+            self._rejoin_held.cancel()
+            await self._rejoin_released.wait()  # the coordinator task has ended: closing the consumer won't wait
+
+
+class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, runner: Rebalancing) -> None:
+        self.runner = runner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.runner.restorer.cancel()
+        await self.runner._on_revoked(revoked)
+        await self.runner._hold_rejoin_if_instance_id_taken()
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.runner._on_assigned(assigned)

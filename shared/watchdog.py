@@ -1,0 +1,167 @@
+"""Partition health of one stage worker: consumer lag, a stuck-partition alarm, and stale partition leaders.
+
+Both read a narrow view of the runner (`PartitionView`): the partitions it reads from, its committed and
+durable offsets, and its consumer. Neither changes what the runner commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from shared.membership import request_rejoin
+from shared.metrics import StageMetrics
+
+log = logging.getLogger(__name__)
+
+
+class PartitionView(Protocol):
+    """What the watchdogs read of a StageRunner."""
+
+    stage: str
+    consumer: AIOKafkaConsumer | None
+    assigned: set[TopicPartition]  # owned and restored: read from
+    committed: dict[TopicPartition, int]  # the group's committed offsets
+    done: dict[TopicPartition, int]  # next offset after the last durable batch
+    last_timestamp: dict[TopicPartition, float]  # Kafka timestamp (ms) of the last event read
+    readable_since: dict[TopicPartition, float]  # monotonic time a partition was resumed
+
+
+class PartitionWatchdog:
+    """Consumer lag per partition, and a stuck-partition alarm.
+
+    Lag in offsets is the high watermark minus the committed offset (or, before the first commit, the
+    offset after the last durable batch); lag in seconds is the age of the last event read while lag
+    remains (0 when caught up). A partition with lag whose committed offset has not moved for
+    `stuck_after_s` pages once and makes the worker rejoin its group, which re-runs assignment and
+    restarts the partition's fetch from the committed offset.
+    """
+
+    def __init__(self, runner: PartitionView, metrics: StageMetrics, alerter: Any, stuck_after_s: float) -> None:
+        from prometheus_client import Gauge
+
+        self.runner = runner
+        self.stage = runner.stage
+        self.alerter = alerter
+        self.stuck_after_s = stuck_after_s
+        self.progress: dict[Any, tuple[int | None, float]] = {}  # tp -> (committed, since when)
+        self.rejoins = 0
+        self.lag_messages = Gauge(
+            "hifi_consumer_lag_messages",
+            "High watermark minus the committed offset",
+            ["stage", "partition"],
+            registry=metrics.registry,
+        )
+        self.lag_seconds = Gauge(
+            "hifi_consumer_lag_seconds",
+            "Age of the oldest unprocessed event (approximated by the last processed one) while there is lag",
+            ["stage", "partition"],
+            registry=metrics.registry,
+        )
+        self.partitions: dict[str, dict[str, Any]] = {}
+
+    async def check(self) -> None:
+        try:
+            self._check()
+        except Exception:  # a watchdog must not take the worker down
+            log.exception("%s: partition watchdog failed", self.stage)
+
+    def _check(self) -> None:
+        runner = self.runner
+        consumer = runner.consumer
+        if consumer is None:
+            return
+        now = time.monotonic()
+        seen = {}
+        stuck: list[str] = []
+        for tp in sorted(runner.assigned):
+            highwater = consumer.highwater(tp)
+            committed = runner.committed.get(tp, runner.done.get(tp))
+            if highwater is None or committed is None:
+                continue
+            lag = max(0, highwater - committed)
+            last_ts = runner.last_timestamp.get(tp)
+            lag_s = max(0.0, time.time() - last_ts / 1000) if lag and last_ts else 0.0
+            self.lag_messages.labels(self.stage, str(tp.partition)).set(lag)
+            self.lag_seconds.labels(self.stage, str(tp.partition)).set(lag_s)
+            previous = self.progress.get(tp)
+            if previous is None or previous[0] != committed or lag == 0:
+                self.progress[tp] = (committed, now)
+                stalled_s = 0.0
+            else:
+                stalled_s = now - previous[1]
+            seen[f"{tp.topic}:{tp.partition}"] = {
+                "committed": committed,
+                "next": runner.done.get(tp),
+                "highwater": highwater,
+                "lag_messages": lag,
+                "lag_seconds": round(lag_s, 3),
+                "stalled_s": round(stalled_s, 1),
+            }
+            if stalled_s > self.stuck_after_s:
+                stuck.append(f"{tp.topic}:{tp.partition} ({lag} waiting, committed {committed}, {stalled_s:.0f}s)")
+        self.partitions = seen
+        # One page per stage and episode, however many of its partitions are stuck.
+        if stuck:
+            fired = self.alerter.fire(
+                "stuck_partition",
+                f"{self.stage}: partitions with lag whose committed offset has not moved for over "
+                f"{self.stuck_after_s:.0f}s: {', '.join(stuck)}; rejoining the group",
+                partitions=stuck,
+            )
+            if fired:
+                self._rejoin()
+        else:
+            self.alerter.resolve("stuck_partition")
+
+    def _rejoin(self) -> None:
+        """Ask the group coordinator for a rebalance (aiokafka's own rejoin)."""
+        try:
+            assert self.runner.consumer is not None
+            request_rejoin(self.runner.consumer)
+            self.rejoins += 1
+        except Exception:
+            log.exception("%s: could not request a rejoin", self.stage)
+
+
+async def refresh_stale_leaders(runner: PartitionView, unfetched_after_s: float) -> None:
+    """Unstick partitions whose start position aiokafka keeps asking a broker that is no longer leader.
+
+    aiokafka 0.14 looks up a partition's position (ListOffsets, when the group committed none) at
+    the leader of its cached metadata and, answered NotLeaderForPartition, retries that broker every
+    100 ms without refreshing the metadata ("Failed fetch offsets from N"); it fetches nothing from
+    that broker meanwhile, so only the 5-minute metadata refresh ends it. A readable partition with
+    no fetch answered yet (no high watermark) for `unfetched_after_s` is in that state or its leader
+    is down: `end_offsets` asks the same leader, and on that error refreshes the metadata the
+    fetcher's next attempt then uses.
+    """
+    consumer = runner.consumer
+    assert consumer is not None
+    while True:
+        await asyncio.sleep(unfetched_after_s / 2)
+        now = time.monotonic()
+        owned = runner.assigned & consumer.assignment()  # `highwater` asserts the consumer has it
+        unfetched = [
+            tp
+            for tp, since in runner.readable_since.items()
+            if tp in owned and now - since > unfetched_after_s and consumer.highwater(tp) is None
+        ]
+        if not unfetched:
+            continue
+        log.warning(
+            "%s: partitions %s assigned %.0fs ago and not fetched yet; looking their leaders up again",
+            runner.stage,
+            sorted(tp.partition for tp in unfetched),
+            unfetched_after_s,
+        )
+        for tp in unfetched:  # at most once per `unfetched_after_s` each
+            runner.readable_since[tp] = now
+        try:
+            await consumer.end_offsets(unfetched)
+        except KafkaError as exc:  # the leader is down: the fetcher's own retries go on
+            log.warning("%s: looking up the leaders of %s failed: %r", runner.stage, unfetched, exc)
