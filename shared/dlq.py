@@ -1,7 +1,8 @@
 """Dead letters: list the dead-letter topics, show their letters, replay them at a chosen rate.
 
 A replay writes each letter's original bytes, key and headers back to the stage's input topic, plus
-a `hifi-replay-of` header naming the message the letter came from (`topic:partition:offset`). Event
+a `hifi-replay-of` header naming the claim it may take over: the message the letter came from
+(`topic:partition:offset`), or, for an enricher letter that already carried one, that header's claim. Event
 ids are kept, so dedupe makes replays idempotent; the deduplicator lets a replay take over the claim
 its dead-lettered original made, so the replay passes once (see `shared/keywindow.py`). Progress is
 committed in a consumer group per stage, so a replay can be stopped and resumed without repeating itself.
@@ -29,6 +30,8 @@ from shared.publish import TOO_LARGE, Output
 from shared.topics import Topics
 
 REPLAY_OF = "hifi-replay-of"
+# Stages whose dead-lettered messages never reached the deduplicator (the enricher), in pipeline order.
+BEFORE_DEDUPE = frozenset(s.name for s in pipeline.EVENT_PATH[: pipeline.EVENT_PATH.index(pipeline.DEDUPLICATOR)])
 
 
 class UnknownStage(HifiError):
@@ -36,8 +39,16 @@ class UnknownStage(HifiError):
 
 
 def replay_headers(letter: dict[str, Any]) -> list[tuple[str, bytes]]:
-    """The original headers, and which message this replays (replacing the mark of an earlier replay)."""
-    headers = [(k, bytes(v)) for k, v in letter.get("original_headers", []) if k != REPLAY_OF]
+    """The original headers, and the claim at the deduplicator this replay may take over.
+
+    A letter of a stage before the deduplicator (the enricher) that already names a claim (a failed or
+    dead-letter replay on its way there) keeps it: that claim still holds the event id, its own message
+    never reached the deduplicator. Any other names its own message, which made (or took over) the claim."""
+    original = [(k, bytes(v)) for k, v in letter.get("original_headers", [])]
+    inherited = replay_of(original)
+    headers = [(k, v) for k, v in original if k != REPLAY_OF]
+    if inherited is not None and letter.get("stage") in BEFORE_DEDUPE:
+        return [*headers, (REPLAY_OF, inherited.encode())]
     source = f"{letter['topic']}:{letter['partition']}:{letter['offset']}"
     return [*headers, (REPLAY_OF, source.encode())]
 

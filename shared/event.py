@@ -52,7 +52,8 @@ class Event:
     consent: list[str] = field(default_factory=list)
     # Which version of its type's schema the client says it follows (shared/schemas.py); None: unversioned.
     schema_version: str | None = None
-    # Set in a `warn` tenant when the event broke its schema: delivered, flagged with every violation.
+    # Set in a `warn` tenant when the event broke its schema: delivered, flagged with each violation's
+    # pointer and rule (not its message, which may quote a value).
     schema_violations: list[dict[str, str]] | None = None
 
     @property

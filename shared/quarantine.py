@@ -3,7 +3,8 @@
 The deduplicator checks each event it passes as new (so SDK re-sends are never validated twice) with
 `SchemaGate`. An `enforce` tenant's violating event goes to `hifi.failed.<tenant>` as a failed record
 (below) instead of downstream, and is tallied `quarantined`, which the auditor counts as accounted for,
-never as lost. A `warn` tenant's goes on, with `schema_violations` in its envelope.
+never as lost. A `warn` tenant's goes on, with `schema_violations: [{pointer, rule}]` in its envelope
+(no messages: they quote values, and the flag is outside what a sink's transform rewrites).
 
 A failed record (msgpack): `event` (the event as the client sent it), `tenant`, `type`, `event_id`,
 `schema` (the schema's name, None for an unknown type), `violations` ([{pointer, rule, message}]),
@@ -41,13 +42,14 @@ from shared.dlq import REPLAY_OF
 from shared.errors import HifiError, InvalidEvent
 from shared.event import Event, now_ms
 from shared.publish import Output
-from shared.schemas import Violation, client_view
+from shared.schemas import CLIENT_FIELDS, Violation, client_view
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
 QUARANTINED = "quarantined"  # the tally outcome
 REPLAY_STAGE = "replay"  # the `accepted` tallies of replayed events
+REPLAY_CHUNK = 100  # replayed events per `accepted` tally: what an interrupted replay may leave untallied
 UNKNOWN_TYPE_LABEL = "(unknown)"  # metric label of types no schema names: clients choose them, so unbounded
 
 
@@ -90,7 +92,7 @@ class SchemaGate:
         for violation in found:
             self.violations.labels(event.tenant, type_label, violation.rule, contract.mode).inc()
         if contract.mode == "warn":
-            event.schema_violations = [v.to_wire() for v in found]
+            event.schema_violations = [v.flag() for v in found]
             return None
         self.quarantined.labels(event.tenant, type_label).inc()
         record = {
@@ -111,18 +113,9 @@ class SchemaGate:
 def replayed_event(record: dict[str, Any]) -> Event:
     """The original event of a failed record, with a fresh ingest time (its lag and ledger bucket start now)."""
     original = record["event"]
-    return Event(
-        event_id=original["event_id"],
-        type=original["type"],
-        ts=float(original["ts"]),
-        tenant=record["tenant"],
-        payload=original.get("payload") or {},
-        device_id=original.get("device_id"),
-        session_id=original.get("session_id"),
-        context=original.get("context") or {},
-        schema_version=original.get("schema_version"),
-        ingest_ts=now_ms(),
-    )
+    fields = {name: original[name] for name in CLIENT_FIELDS if original.get(name) is not None}
+    fields["ts"] = float(original["ts"])
+    return Event(tenant=record["tenant"], ingest_ts=now_ms(), **fields)
 
 
 @dataclass
@@ -164,37 +157,59 @@ class FailedEvents:
     async def replay(
         self, tenant: str, event_type: str | None = None, rate: float = 100.0, limit: int | None = None
     ) -> int:
-        """Re-submit the original events at the front door; a record replayed before is dropped downstream."""
+        """Re-submit the original events at the front door; a record replayed before is dropped downstream.
+
+        Each chunk of REPLAY_CHUNK events is tallied `accepted` as soon as the broker has it (as the
+        collector does), so an interrupted replay leaves no acknowledged event untallied (a send that
+        raises: what was acknowledged is tallied first), or at most one chunk if the process dies."""
         producer = durable_producer(self.bootstrap)
         await producer.start()
         replayed = 0
         started = time.monotonic()
-        buckets: Tally[int] = Tally()
+        chunk: list[tuple[asyncio.Future[Any], float]] = []  # (the send's ack, the event's ingest time)
         try:
-            pending = []
-            async for _, _, record in self._scan(tenant):
-                if "error" in record or (event_type is not None and record.get("type") != event_type):
-                    continue
-                if limit is not None and replayed >= limit:
-                    break
-                event = replayed_event(record)
-                headers = [(REPLAY_OF, str(record["claim"]).encode())]
-                pending.append(
-                    await producer.send(self.topics.raw, encode_event(event), key=event.partition_key, headers=headers)
-                )
-                buckets[bucket_of(event.ingest_ts, self.bucket_s)] += 1
-                replayed += 1
-                if rate > 0:
-                    await asyncio.sleep(max(0.0, started + replayed / rate - time.monotonic()))
-            await asyncio.gather(*pending)
-            # Only once the events are durable: a tally for an event never sent would read as loss.
-            for bucket, count in buckets.items():
-                await producer.send_and_wait(
-                    self.topics.tallies, accepted_tally(REPLAY_STAGE, tenant, bucket, count), key=b"replay"
-                )
+            try:
+                async for _, _, record in self._scan(tenant):
+                    if "error" in record or (event_type is not None and record.get("type") != event_type):
+                        continue
+                    if limit is not None and replayed >= limit:
+                        break
+                    event = replayed_event(record)
+                    headers = [(REPLAY_OF, str(record["claim"]).encode())]
+                    ack = await producer.send(
+                        self.topics.raw, encode_event(event), key=event.partition_key, headers=headers
+                    )
+                    chunk.append((ack, event.ingest_ts))
+                    replayed += 1
+                    if len(chunk) >= REPLAY_CHUNK:
+                        await self._tally_acked(producer, tenant, chunk)
+                        chunk = []
+                    if rate > 0:
+                        await asyncio.sleep(max(0.0, started + replayed / rate - time.monotonic()))
+            except BaseException:
+                if chunk:  # tally what the broker acknowledged before the failure, then fail
+                    await asyncio.shield(self._tally_acked(producer, tenant, chunk, partial=True))
+                raise
+            if chunk:
+                await self._tally_acked(producer, tenant, chunk)
         finally:
             await producer.stop()
         return replayed
+
+    async def _tally_acked(
+        self, producer: Any, tenant: str, chunk: list[tuple[asyncio.Future[Any], float]], partial: bool = False
+    ) -> None:
+        """`accepted` tallies for the chunk's events once the broker has them (a tally for an event never
+        sent would read as loss). `partial`: tally the acknowledged ones and skip the failed."""
+        acks = await asyncio.gather(*(ack for ack, _ in chunk), return_exceptions=partial)
+        buckets: Tally[int] = Tally()
+        for ack, (_, ingest_ts) in zip(acks, chunk, strict=True):
+            if not isinstance(ack, BaseException):
+                buckets[bucket_of(ingest_ts, self.bucket_s)] += 1
+        for bucket, count in buckets.items():
+            await producer.send_and_wait(
+                self.topics.tallies, accepted_tally(REPLAY_STAGE, tenant, bucket, count), key=b"replay"
+            )
 
     async def _scan(self, tenant: str) -> AsyncIterator[tuple[int, int, dict[str, Any]]]:
         topic = self.topic(tenant)

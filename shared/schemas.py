@@ -4,8 +4,10 @@ An event names its schema by `type` and, optionally, `schema_version` (a top-lev
 sends): the schema `<type>@<version>` if the tenant declares one, else `<type>`. Neither: the type is
 unknown, which the tenant's `unknown_types` policy allows or quarantines.
 
-Schemas are validated against the client's view of the event (event_id, type, ts, payload, device_id,
-session_id, context, schema_version), not what the pipeline added. Each schema is compiled twice:
+Schemas are validated against the client's view of the event (every field EventValidator.CLIENT_FIELDS
+admits: event_id, type, ts, payload, device_id, session_id, context, consent, schema_version), not what
+the pipeline added. Validation never changes the event: fastjsonschema is compiled without filling in
+`default` values (the view shares the event's payload and context dicts). Each schema is compiled twice:
 jsonschema's Draft202012Validator is the reference and lists every violation; fastjsonschema (about 25x
 faster, see docs/BENCHMARKS.md) answers the common case "valid" when the schema uses only keywords
 whose meaning it shares with Draft 2020-12, and the reference runs only when it says "invalid".
@@ -14,6 +16,9 @@ whose meaning it shares with Draft 2020-12, and the reference runs only when it 
 from __future__ import annotations
 
 import json
+import re
+import re._constants as sre_constants  # the parsed form of a pattern, to find nested quantifiers
+import re._parser as sre_parser
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +29,15 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from shared.errors import ConfigError
-from shared.event import Event
+from shared.event import Event, EventValidator
 
 MODES = ("enforce", "warn")
 UNKNOWN_TYPE_POLICIES = ("allow", "quarantine")
 UNKNOWN_TYPE_RULE = "unknown_type"
 MAX_VIOLATIONS = 50  # per event: bounds the failed record; the count of the rest is kept
 MAX_MESSAGE_CHARS = 300
+CLIENT_FIELDS = tuple(sorted(EventValidator.CLIENT_FIELDS))  # the client's view: every field it may send
+REQUIRED_CLIENT_FIELDS = frozenset({"event_id", "type", "ts", "payload"})  # in the view even when empty
 
 # Keywords fastjsonschema (drafts 4-7) applies exactly as Draft 2020-12 does. A schema using any other
 # ($ref, $defs, format, prefixItems, unevaluated*, dependent*, array-form items) is checked by jsonschema alone.
@@ -88,6 +95,11 @@ class Violation:
     def to_wire(self) -> dict[str, str]:
         return {"pointer": self.pointer, "rule": self.rule, "message": self.message}
 
+    def flag(self) -> dict[str, str]:
+        """What a delivered event (warn mode) carries: no message, which may quote the value a sink's
+        transform hashes or drops (the flag sits outside payload/context, where no transform reaches)."""
+        return {"pointer": self.pointer, "rule": self.rule}
+
 
 def fast_compatible(schema: Any) -> bool:
     """True if every keyword, at any depth, is one fastjsonschema applies as Draft 2020-12 does."""
@@ -110,6 +122,77 @@ def pointer(path: Iterable[Any]) -> str:
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
 
 
+_VALUE_KEYWORDS = frozenset({"const", "enum", "default", "examples"})  # their contents are data, not schemas
+_REPEATS = (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT, sre_constants.POSSESSIVE_REPEAT)
+
+
+def refuse_catastrophic_patterns(schema: Any, where: str, at: str = "") -> None:
+    """ConfigError for a `pattern` (or `patternProperties` key) that can backtrack exponentially.
+
+    Validation runs on the event loop, and Python's `re` cannot be interrupted: one such pattern against
+    a crafted string ("a"*40 + "!" for `^([a-z0-9]+)*$`) would stop heartbeats and stall the group. A
+    conservative static check: a repeated group may not contain a variable repeat, nor an alternation
+    with an optional branch (`(a|aa)+`). It does not catch every slow pattern (overlapping alternatives,
+    `\\d+\\d+x`-style polynomial ones are bounded by the collector's string length limit)."""
+    if isinstance(schema, list):
+        for i, item in enumerate(schema):
+            refuse_catastrophic_patterns(item, where, f"{at}/{i}")
+        return
+    if not isinstance(schema, dict):
+        return
+    for key, value in schema.items():
+        here = f"{at}/{pointer([key])[1:]}"
+        if key in _VALUE_KEYWORDS:
+            continue
+        if key == "pattern" and isinstance(value, str):
+            _refuse_if_nested(value, where, f"pattern at {here}")
+        elif key == "patternProperties" and isinstance(value, dict):
+            for regex in value:
+                _refuse_if_nested(str(regex), where, f"patternProperties key {regex!r} at {here}")
+        refuse_catastrophic_patterns(value, where, here)
+
+
+def _refuse_if_nested(regex: str, where: str, what: str) -> None:
+    try:
+        parsed = sre_parser.parse(regex)
+    except re.error:
+        return  # not a regex Python reads: the schema check reports it
+    if _nested_quantifier(parsed, inside_repeat=False):
+        raise ConfigError(
+            where,
+            f"{what}: {regex[:100]!r} nests a quantifier inside a repeated group (catastrophic "
+            "backtracking would stall the pipeline); rewrite it without a repeat or optional alternative "
+            "inside a repeated group",
+        )
+
+
+def _nested_quantifier(items: Any, inside_repeat: bool) -> bool:
+    for op, arg in items:
+        if op in _REPEATS:
+            low, high, body = arg
+            variable = high != low
+            if inside_repeat and variable:
+                return True
+            if _nested_quantifier(body, inside_repeat or high > 1):
+                return True
+        elif op == sre_constants.BRANCH:
+            branches = arg[1]
+            if inside_repeat and any(b.getwidth()[0] == 0 for b in branches):
+                return True
+            if any(_nested_quantifier(b, inside_repeat) for b in branches):
+                return True
+        elif op == sre_constants.SUBPATTERN:
+            if _nested_quantifier(arg[3], inside_repeat):
+                return True
+        elif op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
+            if _nested_quantifier(arg[1], inside_repeat):
+                return True
+        elif op == sre_constants.ATOMIC_GROUP:
+            if _nested_quantifier(arg, inside_repeat):
+                return True
+    return False
+
+
 class CompiledSchema:
     """One schema, checked at load (a bad schema is a ConfigError naming `where`), compiled once."""
 
@@ -121,13 +204,14 @@ class CompiledSchema:
         except SchemaError as exc:
             at = pointer(exc.absolute_path) or "/"
             raise ConfigError(where, f"not a valid Draft 2020-12 schema at {at}: {exc.message}") from None
+        refuse_catastrophic_patterns(schema, where)
         self.name = name
         self.schema = schema
         self.reference = Draft202012Validator(schema)
         self.fast = None
         if fast_compatible(schema):
             body = {k: v for k, v in schema.items() if k != "$schema"} if isinstance(schema, dict) else schema
-            self.fast = fastjsonschema.compile(body)
+            self.fast = fastjsonschema.compile(body, use_default=False)
 
     def violations(self, document: dict[str, Any]) -> list[Violation]:
         if self.fast is not None:
@@ -173,16 +257,15 @@ class TenantSchemas:
 
 
 def client_view(event: Event) -> dict[str, Any]:
-    """The event as its client sent it: what a tenant's schemas describe."""
-    doc: dict[str, Any] = {"event_id": event.event_id, "type": event.type, "ts": event.ts, "payload": event.payload}
-    if event.device_id is not None:
-        doc["device_id"] = event.device_id
-    if event.session_id is not None:
-        doc["session_id"] = event.session_id
-    if event.context:
-        doc["context"] = event.context
-    if event.schema_version is not None:
-        doc["schema_version"] = event.schema_version
+    """The event as its client sent it: what a tenant's schemas describe, and what a replay rebuilds.
+
+    Every field the collector accepts from a client (EventValidator.CLIENT_FIELDS), so none is lost on
+    replay; an optional one left out when the client did not send it."""
+    doc: dict[str, Any] = {}
+    for name in CLIENT_FIELDS:
+        value = getattr(event, name)
+        if name in REQUIRED_CLIENT_FIELDS or value not in (None, {}, []):
+            doc[name] = value
     return doc
 
 

@@ -76,6 +76,40 @@ def redact(value: Any, fields: set[str]) -> Any:
     return value
 
 
+def redact_failed(record: dict[str, Any], fields: set[str]) -> dict[str, Any]:
+    """A failed record to show: its event masked, and each violation whose message could quote a masked
+    value (the value at its pointer is, or holds at any depth, a masked field: a `maxProperties` or `not`
+    at /payload quotes the whole object) reduced to its pointer and rule."""
+    event = record.get("event")
+    shown = {**record, "event": redact(event, fields)}
+    if not fields:
+        return shown
+    violations = []
+    for violation in record.get("violations", []):
+        at = str(violation.get("pointer", ""))
+        if _holds_masked(event, at, fields):
+            violation = {**violation, "message": f"[redacted] {violation.get('rule')} at {at or '/'}"}
+        violations.append(violation)
+    shown["violations"] = violations
+    return shown
+
+
+def _holds_masked(document: Any, at: str, fields: set[str]) -> bool:
+    """Whether the value at JSON pointer `at` is a masked field, is inside one, or holds one at any depth."""
+    node = document
+    for token in at.split("/")[1:] if at else []:
+        name = token.replace("~1", "/").replace("~0", "~")
+        if name in fields:
+            return True
+        if isinstance(node, dict) and name in node:
+            node = node[name]
+        elif isinstance(node, list) and name.isdigit() and int(name) < len(node):
+            node = node[int(name)]
+        else:
+            return True  # a pointer we cannot follow: assume the worst
+    return redact(node, fields) != node
+
+
 def add_dlq_views(app: Any, stage: str, queues: Any, settings: Settings) -> None:
     """GET /dlq (read token): this stage's dead letters. POST /dlq/replay (admin token): replay them."""
     fields = {f.strip() for f in settings.redact_fields.split(",") if f.strip()}
@@ -109,8 +143,8 @@ def add_dlq_views(app: Any, stage: str, queues: Any, settings: Settings) -> None
 def add_failed_views(app: Any, failed: Any, settings: Settings) -> None:
     """GET /failed?tenant=T[&type=X][&limit=N] (read token): a tenant's quarantined events, redacted.
 
-    The event's payload and context are masked like every view (HIFI_REDACT_FIELDS), and so are the
-    violations' messages, which quote the offending value."""
+    The event is masked like every view (HIFI_REDACT_FIELDS), and so are the violations' messages that
+    could quote a masked value (`redact_failed`)."""
     fields = {f.strip() for f in settings.redact_fields.split(",") if f.strip()}
 
     @app.page("/failed")
@@ -126,10 +160,5 @@ def add_failed_views(app: Any, failed: Any, settings: Settings) -> None:
         except ValueError:
             return self.json({"error": "bad_limit", "detail": "limit must be an integer"}, status=400)
         records = await failed.read(tenant, request.query.get("type") or None, limit)
-        for record in records:
-            record["event"] = redact(record.get("event"), fields)
-            if fields:
-                for violation in record.get("violations", []):
-                    if any(f"/{name}" in violation.get("pointer", "") for name in fields):
-                        violation["message"] = "[redacted]"
+        records = [redact_failed(record, fields) for record in records]
         return self.json({"tenant": tenant, "counts": await failed.counts(tenant), "failed": records})
