@@ -405,6 +405,12 @@ def test_a_dsn_with_unescaped_password_characters_fails_at_start_without_the_pas
         PostgresSink(SinkConfig("pg", "postgres", {"dsn_env": DSN_ENV, "table": "t"}))
     assert "Secret1" not in str(raised.value) and "ss-" not in str(raised.value)
     assert raised.value.__cause__ is None
+    for valid in (
+        "postgresql://app:pa%2Fss%23w%3F@db.internal:5432/hifi?sslmode=require",
+        "postgres://app:pw@h1:5432,h2:5433/hifi?target_session_attrs=read-write",  # multi-host, for failover
+    ):
+        monkeypatch.setenv(DSN_ENV, valid)
+        assert PostgresSink(SinkConfig("pg", "postgres", {"dsn_env": DSN_ENV, "table": "t"})).dsn == valid
 
 
 async def test_a_pool_that_cannot_be_made_is_sink_wide_and_never_echoes_the_dsn(pg_sink, monkeypatch):

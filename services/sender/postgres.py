@@ -90,10 +90,9 @@ def dsn_from_env(config: SinkConfig) -> str:
 def _dsn_problem(dsn: str) -> str | None:
     """What is wrong with a `postgresql://` DSN, in words that quote none of it; None if it parses."""
     try:
-        parts = urlsplit(dsn)
-        parts.port  # noqa: B018 - raises on a port that is not a number
+        parts = urlsplit(dsn)  # no `.port`: a multi-host DSN (`h1:5432,h2:5432`) is valid for asyncpg
     except ValueError:
-        return "not a postgresql:// URL (an unescaped ':', '/', '?' or '#' in the password? percent-encode it)"
+        return "not a postgresql:// URL (an unescaped '[', ']', '/', '?' or '#'? percent-encode it)"
     if parts.scheme not in DSN_SCHEMES:
         return "must start with postgresql://"
     if "@" in parts.path + parts.query + parts.fragment:
