@@ -110,10 +110,10 @@ def _json(value: Any) -> str:
 
 class PostgresSink:
     """Rows into `options.table` over an asyncpg pool (connected lazily, so a sender starts while Postgres
-    is down). Connection loss, timeouts, server restarts and overload are TransientError (the batch is
+    is down). Connection loss, client timeouts and server restarts are TransientError (the batch is
     retried, which ON CONFLICT makes safe); a data error refuses the batch (PermanentSinkError: the sender
-    bisects and dead-letters only the culprit); auth, a missing table or a privilege refuse every batch
-    (SinkMisconfigured)."""
+    bisects and dead-letters only the culprit); auth, a missing table or a privilege, a bad DSN, and a
+    server that refuses writes (read-only, disk full, lock timeouts) refuse every batch (SinkMisconfigured)."""
 
     def __init__(self, config: SinkConfig) -> None:
         self.config = config
