@@ -2,13 +2,17 @@
 
 It checks the `Authorization` header it expects (if any), then the Standard Webhooks signature against its
 secrets (two during a rotation), and answers 401 to anything else, so the sender pages instead of
-dead-lettering. Tests use it as the receiving end; `verify` is all a real receiver needs.
+dead-lettering. It keeps each event once per `idempotency_key` (`events_by_key`), not per webhook-id: a
+batch split after a refusal arrives again as new requests with new ids. Tests use it as the receiving end;
+`verify` plus that dedupe is all a real receiver needs.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -22,6 +26,7 @@ class SignedWebhookReceiver(WebhookReceiver):
     authorization: str | None = None  # the exact Authorization header to expect, if any
     refused_signatures: list[str] = field(default_factory=list)  # why each refused request was refused
     message_ids: list[str] = field(default_factory=list)  # webhook-id of each verified request
+    events_by_key: dict[str, dict[str, Any]] = field(default_factory=dict)  # what a receiver stores: once per key
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()  # the raw bytes: re-serialised JSON would not match the signature
@@ -35,4 +40,8 @@ class SignedWebhookReceiver(WebhookReceiver):
         except SignatureError as exc:
             self.refused_signatures.append(str(exc))
             return web.json_response({"error": f"bad signature: {exc}"}, status=401)
-        return await super()._handle(request)
+        response = await super()._handle(request)
+        if response.status == 200:
+            for event in json.loads(body)["events"]:
+                self.events_by_key.setdefault(event["idempotency_key"], event)  # a copy changes nothing
+        return response

@@ -1,9 +1,11 @@
 """Standard Webhooks signatures (standardwebhooks.com), for the webhook sink and for receivers.
 
-A signed request carries `webhook-id` (the same on every retry of the same message), `webhook-timestamp`
+A signed request carries `webhook-id` (the same on every retry of the same request; a batch split after a
+refusal is re-sent as new requests with new ids, so receivers dedupe on each event's `idempotency_key`),
+`webhook-timestamp`
 (Unix seconds of this attempt) and `webhook-signature`: `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`,
 one per secret, space separated, so a receiver holding either secret verifies during a rotation.
-Secrets are `whsec_` + base64 of the key bytes.
+Secrets are `whsec_` + standard base64 of the key bytes (padding optional; URL-safe `-`/`_` refused).
 """
 
 from __future__ import annotations
@@ -26,13 +28,18 @@ class SignatureError(HifiError):
 
 
 def parse_secret(value: str) -> bytes:
-    """`whsec_<base64>` -> key bytes; ValueError says what is wrong (never the secret)."""
+    """`whsec_<base64>` -> key bytes; ValueError says what is wrong (never the secret). Strict: a lenient
+    decode drops characters outside the alphabet (URL-safe `-`/`_`) and yields another key, which every
+    receiver would refuse."""
     if not value.startswith(SECRET_PREFIX):
         raise ValueError(f"must start with {SECRET_PREFIX!r} (Standard Webhooks secret format)")
+    encoded = value[len(SECRET_PREFIX) :].rstrip("=")
     try:
-        key = base64.b64decode(value[len(SECRET_PREFIX) :] + "==", validate=False)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"not base64 after {SECRET_PREFIX!r}") from exc
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(
+            f"not standard base64 after {SECRET_PREFIX!r} (URL-safe '-' or '_', spaces or other characters)"
+        ) from None
     if len(key) < 16:
         raise ValueError("shorter than 16 bytes (128 bits)")
     return key
@@ -61,7 +68,9 @@ def verify(
     tolerance_s: int = TOLERANCE_S,
 ) -> str:
     """What a receiver does: check the timestamp, then that some `v1` signature matches one of its secrets
-    (constant-time compare). Returns the webhook-id (dedupe on it); raises SignatureError otherwise.
+    (constant-time compare). Returns the webhook-id (for logs: a retry of the same request repeats it, but a
+    batch split after a refusal is re-sent under new ids); dedupe on each event's `idempotency_key`, which
+    never changes. Raises SignatureError otherwise.
     `headers` must look names up case-insensitively (aiohttp's and requests' headers do)."""
     msg_id, stamp, signatures = (headers.get(h) for h in ("webhook-id", "webhook-timestamp", "webhook-signature"))
     if not msg_id or not stamp or not signatures:

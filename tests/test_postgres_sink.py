@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from asyncpg.exceptions import _base as asyncpg_base
 
 from devtools.postgres import LocalPostgres, local_postgres_for
 from devtools.traffic import EventFactory
@@ -275,3 +276,202 @@ def test_hifi_up_starts_the_postgres_a_sink_needs_and_only_a_local_one(monkeypat
     monkeypatch.setenv("HIFI_UP_PG_DSN", "postgresql://app:pw@db.example.com/app")
     assert local_postgres_for(sink) is None
     assert local_postgres_for(SinkConfig("f", "file", {"path": "x"})) is None
+
+
+# -- cold review (i19p): write refusals hold, secrets stay secret, commits are synchronous --------------
+
+
+@pytest.fixture
+async def own_database(postgres_server: LocalPostgres, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
+    """A database of this test's own: ALTER DATABASE on it touches no other test's connections."""
+    name = f"db_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(postgres_server.dsn)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        dsn = postgres_server.dsn.rsplit("/", 1)[0] + f"/{name}"
+        monkeypatch.setenv(DSN_ENV, dsn)
+        yield dsn
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+async def alter_database(dsn: str, setting: str) -> None:
+    """`ALTER DATABASE <this one> SET ...` (or RESET), from a connection to another database."""
+    name = dsn.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(dsn.rsplit("/", 1)[0] + "/hifi")
+    try:
+        await admin.execute(f"ALTER DATABASE {name} {setting}")
+        # Sessions open before the change keep the old setting: a failover would have cut them too.
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+    finally:
+        await admin.close()
+
+
+async def test_a_database_refusing_writes_holds_the_batch_and_dead_letters_nothing(own_database, redis_server):
+    """A server that reads but refuses writes (read-only after a failover, like a full disk or a lock
+    timeout) is the sink's state, not the events': the sender holds the batch, however often it retries,
+    and it lands once writes are back."""
+    from services.sender.app import SinkDelivery
+    from tests.test_sink_exactly_once import delivery_for, record_of
+
+    table = "readonly_batch"
+    config = SinkConfig("pg", "postgres", {"dsn_env": DSN_ENV, "table": table}, timeout_s=2, max_attempts_per_event=2)
+    sink = PostgresSink(config)
+    await sink.deliver_batch(events(1, prefix="before-"))  # the table exists before the failover
+    delivery: SinkDelivery = delivery_for(sink, redis_server.url, f"pgro-{uuid.uuid4().hex[:8]}")
+    batch = events(6)
+    records = [record_of(e, "in", i % 2, i) for i, e in enumerate(batch)]
+    dead: list[Any] = []
+    try:
+        await alter_database(own_database, "SET default_transaction_read_only = on")
+        failures = 0
+        for _ in range(12):  # well past max_attempts_per_event: suspicion would have isolated and probed
+            try:
+                result = await delivery.handle(records)
+            except TransientError:
+                failures += 1
+                await asyncio.sleep(0.06)  # past the test breaker's reset (0.05 s)
+                continue
+            dead.extend(result.dead)
+            break
+        assert dead == [], [str(d.error) for d in dead]
+        assert failures == 12, "no write can succeed while the database is read-only"
+        with pytest.raises(TransientError):
+            await sink.probe()  # SELECT 1 answers on a read-only server: the probe must ask about writes
+        await alter_database(own_database, "RESET default_transaction_read_only")
+        for _ in range(40):
+            try:
+                result = await delivery.handle(records)
+                break
+            except TransientError:
+                await asyncio.sleep(0.06)
+        else:
+            raise AssertionError("the batch never landed once writes were back")
+        assert result.dead == []
+    finally:
+        await sink.close()
+    got = Counter(r["event_id"] for r in await rows(own_database, table))
+    assert got == Counter({"before-0": 1, **{e.event_id: 1 for e in batch}})
+
+
+async def test_a_failed_pool_dropped_late_leaves_the_newer_pool_alone(pg_sink, pg_dsn):
+    """A delivery failing on an old pool after another delivery already replaced it must not terminate
+    the new pool under the requests it serves."""
+    await pg_sink.deliver_batch(events(1, prefix="first-"))
+    old_pool = pg_sink.pool
+    assert old_pool is not None
+    late = asyncio.Event()
+    entered = asyncio.Event()
+
+    class FailingPool:
+        """The old pool, whose first request's connection resets late and whose second resets at once."""
+
+        calls = 0
+
+        async def execute(self, *args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.calls == 1:
+                entered.set()
+                await late.wait()
+                raise ConnectionResetError("injected: the old pool's connection reset late")
+            if self.calls == 2:
+                raise ConnectionResetError("injected: connection reset")
+            return await old_pool.execute(*args, **kwargs)
+
+        def terminate(self) -> None:
+            old_pool.terminate()
+
+    pg_sink.pool = FailingPool()  # type: ignore[assignment]
+    slow = asyncio.create_task(pg_sink.deliver_batch(events(1, prefix="slow-")))
+    await entered.wait()
+    with pytest.raises(TransientError):
+        await pg_sink.deliver_batch(events(1, prefix="second-"))
+    await pg_sink.deliver_batch(events(1, prefix="second-"))  # on a new pool
+    new_pool = pg_sink.pool
+    assert new_pool is not None and not isinstance(new_pool, FailingPool) and new_pool is not old_pool
+    late.set()
+    with pytest.raises(TransientError):
+        await slow
+    assert pg_sink.pool is new_pool and not new_pool.is_closing()
+
+
+@pytest.mark.parametrize("password", ["pa/ss-Secret1", "pa#ss-Secret1", "pa?ss-Secret1"])
+def test_a_dsn_with_unescaped_password_characters_fails_at_start_without_the_password(
+    password, postgres_server, monkeypatch
+):
+    monkeypatch.setenv(DSN_ENV, f"postgresql://postgres:{password}@127.0.0.1:{postgres_server.port}/hifi")
+    with pytest.raises(ConfigError, match=rf"sinks\.pg\.dsn_env: .*{DSN_ENV}") as raised:
+        PostgresSink(SinkConfig("pg", "postgres", {"dsn_env": DSN_ENV, "table": "t"}))
+    assert "Secret1" not in str(raised.value) and "ss-" not in str(raised.value)
+    assert raised.value.__cause__ is None
+    for valid in (
+        "postgresql://app:pa%2Fss%23w%3F@db.internal:5432/hifi?sslmode=require",
+        "postgres://app:pw@h1:5432,h2:5433/hifi?target_session_attrs=read-write",  # multi-host, for failover
+    ):
+        monkeypatch.setenv(DSN_ENV, valid)
+        assert PostgresSink(SinkConfig("pg", "postgres", {"dsn_env": DSN_ENV, "table": "t"})).dsn == valid
+
+
+async def test_a_pool_that_cannot_be_made_is_sink_wide_and_never_echoes_the_dsn(pg_sink, monkeypatch):
+    """Whatever asyncpg raises while connecting (here: a ValueError quoting the DSN, as it does for an
+    unparsable one) holds the sink and pages; the password reaches no dead letter, log or Sentry event."""
+
+    async def leaking_create_pool(dsn: str, **kwargs: Any) -> Any:
+        raise ValueError(f"invalid literal in {dsn}: 'hunter2-secret'")
+
+    monkeypatch.setattr(asyncpg, "create_pool", leaking_create_pool)
+    with pytest.raises(SinkMisconfigured) as raised:
+        await pg_sink.deliver_batch(events(1))
+    assert "hunter2" not in str(raised.value) and pg_sink.dsn not in str(raised.value)
+    assert DSN_ENV in str(raised.value)
+    assert raised.value.__cause__ is None and raised.value.__context__ is None  # no chained DSN
+    with pytest.raises(SinkMisconfigured) as probed:
+        await pg_sink.probe()
+    assert "hunter2" not in str(probed.value)
+
+
+async def test_commits_are_synchronous_on_a_server_configured_asynchronous(own_database):
+    """synchronous_commit=off acks a commit a crash can lose: the sink's sessions insist on `on`."""
+    await alter_database(own_database, "SET synchronous_commit = off")
+    check = await asyncpg.connect(own_database)
+    try:
+        assert await check.fetchval("SHOW synchronous_commit") == "off", "the test server is not set up"
+    finally:
+        await check.close()
+    sink = PostgresSink(SinkConfig("pg", "postgres", {"dsn_env": DSN_ENV, "table": "sync"}, timeout_s=5))
+    try:
+        await sink.deliver_batch(events(1))
+        assert sink.pool is not None
+        async with sink.pool.acquire() as conn:
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+    finally:
+        await sink.close()
+
+
+async def test_a_value_the_client_cannot_encode_is_refused_for_that_row(pg_sink, pg_dsn, table):
+    """A lone surrogate cannot be encoded as UTF-8. asyncpg 0.32 reports it as `asyncpg.DataError` (SQLSTATE
+    22000); its client-side `DataError` is an InterfaceError, which must still mean the row, not a lost
+    connection (injected below: no pool is dropped, the batch is refused for good)."""
+    batch = events(3)
+    batch[1].payload = {"note": "half a pair \ud800"}
+    with pytest.raises(PermanentSinkError):
+        await pg_sink.deliver_batch(batch)
+    await pg_sink.deliver_batch([batch[0], batch[2]])
+    assert [r["event_id"] for r in await rows(pg_dsn, table)] == ["e0", "e2"]
+    pool = pg_sink.pool
+    assert pool is not None
+
+    class EncodingFailsPool:
+        async def execute(self, *args: Any, **kwargs: Any) -> Any:
+            raise asyncpg_base.DataError("invalid input for query argument $9: 'utf-8' codec can't encode")
+
+        def terminate(self) -> None:
+            pool.terminate()
+
+    refusing = EncodingFailsPool()
+    pg_sink.pool = refusing  # type: ignore[assignment]
+    with pytest.raises(PermanentSinkError, match="invalid input for query argument"):
+        await pg_sink.deliver_batch([batch[1]])
+    assert pg_sink.pool is refusing, "an encoding failure is no reason to reconnect"
+    pg_sink.pool = pool

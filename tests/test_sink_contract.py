@@ -12,7 +12,10 @@ stream, a directory). A new sink type joins the suite by adding a harness to HAR
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -20,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from devtools.postgres import LocalPostgres
 from devtools.redis import LocalRedis
 from devtools.webhook import WebhookReceiver
 from services.sender.sinks import SinkSender, idempotency_key, make_sink
@@ -128,10 +133,51 @@ async def file_dir(tmp_path: Path, port: int, kafka: Any, redis_url: str, namesp
     yield Harness(sink, read, outage, None, dedupes_redelivery=False)
 
 
-HARNESSES = {"webhook": webhook, "kafka": kafka_topic, "redis_stream": redis_stream, "file": file_dir}
+async def postgres_table(
+    tmp_path: Path, port: int, kafka: Any, redis_url: str, namespace: str
+) -> AsyncIterator[Harness]:
+    # A server of its own (data under .cache: the postgres user cannot enter tmp_path), so the outage stops
+    # only this test's; kept between tests (initdb once), a table per test.
+    server = LocalPostgres(port=port)
+    server.ensure()
+    dsn_env = f"HIFI_CONTRACT_PG_DSN_{port}"
+    os.environ[dsn_env] = server.dsn
+    table = f"contract_{uuid.uuid4().hex[:10]}"
+    sink = make_sink(SinkConfig("pg", "postgres", {"dsn_env": dsn_env, "table": table}, timeout_s=2), "", "")
+
+    async def read(n: int) -> list[dict[str, Any]]:
+        conn = await asyncpg.connect(server.dsn)
+        try:
+            got = [dict(r) for r in await conn.fetch(f"SELECT * FROM {table}")]
+        finally:
+            await conn.close()
+        return [{**r, "payload": json.loads(r["payload"])} for r in got]
+
+    @asynccontextmanager
+    async def outage() -> AsyncIterator[None]:
+        server.stop()
+        try:
+            yield
+        finally:
+            server.ensure()
+
+    # jsonb holds no NUL character: SQLSTATE 22P05, refused for good.
+    nul = Event(REFUSED_ID, "play", 1.0, "acme", {"note": "a\x00b"})
+    yield Harness(sink, read, outage, nul, dedupes_redelivery=True)
+    os.environ.pop(dsn_env, None)
+    server.stop()
+
+
+HARNESSES = {
+    "webhook": webhook,
+    "kafka": kafka_topic,
+    "redis_stream": redis_stream,
+    "file": file_dir,
+    "postgres": postgres_table,
+}
 # The destinations a test can take down alone, and those that refuse a single event for good.
-WITH_OUTAGE = ["file", "redis_stream", "webhook"]
-REFUSING = ["kafka", "webhook"]
+WITH_OUTAGE = ["file", "postgres", "redis_stream", "webhook"]
+REFUSING = ["kafka", "postgres", "webhook"]
 
 
 @pytest.fixture(params=sorted(HARNESSES))

@@ -214,3 +214,40 @@ async def test_pipeline_signed_webhook_delivers_every_event_once_to_a_verifying_
         await receiver.stop()
     assert receiver.refused_signatures == []
     assert Counter(e["event_id"] for e in receiver.received) == Counter(e["event_id"] for e in sent)
+
+
+def test_a_url_safe_secret_stops_the_sender_at_start_without_the_secret(monkeypatch):
+    """`-` and `_` are not standard base64: decoding leniently drops them and signs with another key, which
+    every receiver then refuses. Refused at start, naming the variable and never the value."""
+    # A random key whose URL-safe base64 has four `-`/`_`: decoded leniently, 29 bytes of another key.
+    key = bytes.fromhex("27a0aeb3fee9232f8af2211f9ee491c5b10becb5563bfc1e6f93427ecbc8fe29")
+    url_safe = "whsec_" + base64.urlsafe_b64encode(key).decode()
+    assert "-" in url_safe and "_" in url_safe[6:]
+    monkeypatch.setenv("HOOK_SECRET", url_safe)
+    with pytest.raises(
+        ConfigError, match=r"sinks\.hook\.signing_secret_env\[0\]: environment variable HOOK_SECRET"
+    ) as raised:
+        WebhookSink(hook_config(1, signing_secret_env="HOOK_SECRET"))
+    assert url_safe[6:16] not in str(raised.value)
+    monkeypatch.setenv("HOOK_SECRET", "whsec_" + base64.b64encode(key).decode().rstrip("="))
+    assert WebhookSink(hook_config(1, signing_secret_env="HOOK_SECRET")).signing_keys == [key]  # unpadded is fine
+
+
+async def test_receivers_dedupe_on_each_events_idempotency_key_not_on_the_webhook_id(port_base, monkeypatch):
+    """A batch split after a refusal is re-sent as smaller requests with new webhook-ids: only each event's
+    `idempotency_key` tells a receiver it has the event already (the example receiver keeps one per key)."""
+    monkeypatch.setenv("HOOK_SECRET", NEW)
+    receiver = SignedWebhookReceiver(port=port_base + 27, secrets=[NEW])
+    await receiver.start()
+    try:
+        config = hook_config(receiver.port, signing_secret_env="HOOK_SECRET")
+        batch = events(4)
+        await deliver(config, batch)  # the receiver took it, but the answer was lost: the sender splits
+        await deliver(config, batch[:2])
+        await deliver(config, batch[2:])
+    finally:
+        await receiver.stop()
+    assert len(set(receiver.message_ids)) == 3, "each request of the split has a webhook-id of its own"
+    assert len(receiver.received) == 8
+    assert sorted(receiver.events_by_key) == sorted(f"hook:acme:{e.event_id}" for e in batch)
+    assert "idempotency_key" in (verify.__doc__ or "")

@@ -1,7 +1,8 @@
 """The PostgreSQL sink: one table per sink, each event's row written once per idempotency key.
 
 A batch is one statement, `INSERT .. SELECT .. FROM unnest(...) ON CONFLICT (idempotency_key) DO NOTHING`,
-committed (synchronous_commit) before `deliver_batch` returns. A batch re-sent after a kill of the sender, a
+committed before `deliver_batch` returns, with `synchronous_commit=on` forced per session (a server or role set
+to `off` would ack commits a crash loses). A batch re-sent after a kill of the sender, a
 timeout or a server restart (outcome unknown) inserts only the rows that are not there yet: exactly once in
 the database. The table is created if missing (`TABLE_SCHEMA`).
 """
@@ -13,11 +14,13 @@ import json
 import os
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
+from asyncpg.exceptions import _base as asyncpg_base
 
 from shared.config import SinkConfig
-from shared.errors import ConfigError, PermanentSinkError, SinkMisconfigured, TransientError
+from shared.errors import ConfigError, HifiError, PermanentSinkError, SinkMisconfigured, TransientError
 from shared.event import Event
 
 from .sinks import Source, idempotency_key
@@ -61,15 +64,40 @@ CONNECTION_LOST = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.Intern
 BAD_DATA_CLASSES = ("22", "23")
 # The sink itself is wrong for every row (28 auth, 3D no database, 3F no schema, 42 no table/privilege/columns).
 SINK_WIDE_CLASSES = ("28", "3D", "3F", "42")
+# A server that reads but refuses writes: 53 resources (53100 disk full), 25006 read-only (a standby after a
+# failover), 57014 statement/lock timeout, 55P03 lock not available, 55000 not in prerequisite state. No row
+# is at fault: hold and page, never isolate (a probe would find the server up and dead-letter good events).
+WRITES_REFUSED_CLASSES = ("53",)
+WRITES_REFUSED_STATES = frozenset({"25006", "57014", "55P03", "55000"})
+READ_ONLY = "25006"  # after a failover the pool may still point at the demoted server: reconnect
+DSN_SCHEMES = ("postgres", "postgresql")
 
 
 def dsn_from_env(config: SinkConfig) -> str:
-    """The DSN is a secret: only the name of its environment variable is in the config file."""
+    """The DSN is a secret: only the name of its environment variable is in the config file, and no error
+    here quotes the value (asyncpg's own parse errors do, password included)."""
     name = config.options["dsn_env"]
     dsn = os.environ.get(name)
+    field = f"sinks.{config.name}.dsn_env"
     if not dsn:
-        raise ConfigError(f"sinks.{config.name}.dsn_env", f"environment variable {name} is not set")
+        raise ConfigError(field, f"environment variable {name} is not set")
+    problem = _dsn_problem(dsn)
+    if problem:
+        raise ConfigError(field, f"environment variable {name}: {problem}")
     return dsn
+
+
+def _dsn_problem(dsn: str) -> str | None:
+    """What is wrong with a `postgresql://` DSN, in words that quote none of it; None if it parses."""
+    try:
+        parts = urlsplit(dsn)  # no `.port`: a multi-host DSN (`h1:5432,h2:5432`) is valid for asyncpg
+    except ValueError:
+        return "not a postgresql:// URL (an unescaped '[', ']', '/', '?' or '#'? percent-encode it)"
+    if parts.scheme not in DSN_SCHEMES:
+        return "must start with postgresql://"
+    if "@" in parts.path + parts.query + parts.fragment:
+        return "an unescaped '/', '?' or '#' in the user or password ends the host part early: percent-encode it"
+    return None
 
 
 def _time(ms: float) -> datetime | None:
@@ -82,10 +110,10 @@ def _json(value: Any) -> str:
 
 class PostgresSink:
     """Rows into `options.table` over an asyncpg pool (connected lazily, so a sender starts while Postgres
-    is down). Connection loss, timeouts, server restarts and overload are TransientError (the batch is
+    is down). Connection loss, client timeouts and server restarts are TransientError (the batch is
     retried, which ON CONFLICT makes safe); a data error refuses the batch (PermanentSinkError: the sender
-    bisects and dead-letters only the culprit); auth, a missing table or a privilege refuse every batch
-    (SinkMisconfigured)."""
+    bisects and dead-letters only the culprit); auth, a missing table or a privilege, a bad DSN, and a
+    server that refuses writes (read-only, disk full, lock timeouts) refuse every batch (SinkMisconfigured)."""
 
     def __init__(self, config: SinkConfig) -> None:
         self.config = config
@@ -108,6 +136,7 @@ class PostgresSink:
                     max_size=4,
                     command_timeout=self.config.timeout_s,
                     timeout=self.config.timeout_s,
+                    server_settings={"synchronous_commit": "on"},  # an ack is a durable commit, whatever the role's
                 )
             if not self.table_ready:
                 await self._create_table(self.pool)
@@ -156,23 +185,47 @@ class PostgresSink:
 
     async def deliver_batch(self, events: list[Event], source: Source | None = None) -> None:
         columns = self._rows(events)
+        pool: asyncpg.Pool | None = None
+        unknown: str | None = None
         try:
             pool = await self._pool()
             await pool.execute(self.insert, *columns)
+            return
+        except HifiError:
+            raise  # classified already (the table's creation)
         except asyncpg.PostgresError as exc:
             error = self._classify(exc)
-            if isinstance(exc, asyncpg.PostgresConnectionError) or str(exc.sqlstate).startswith("57P"):
-                await self._drop_pool()
+            state = str(exc.sqlstate)
+            if isinstance(exc, asyncpg.PostgresConnectionError) or state.startswith("57P") or state == READ_ONLY:
+                await self._drop_pool(pool)
             raise error from exc
+        except asyncpg_base.DataError as exc:  # a value the client cannot encode: that row's fault
+            raise PermanentSinkError(f"postgres sink {self.config.name}: {type(exc).__name__}: {exc}") from exc
+        except asyncpg.ClientConfigurationError as exc:  # a bad DSN parameter: every connection fails alike
+            unknown = type(exc).__name__
         except CONNECTION_LOST as exc:
-            await self._drop_pool()
+            await self._drop_pool(pool)
             raise TransientError(f"postgres sink {self.config.name}: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # asyncpg's DSN parse errors quote the DSN: name the type only
+            unknown = type(exc).__name__
+        raise self._scrubbed(unknown)  # outside the except: no chained exception carries the DSN either
 
-    async def _drop_pool(self) -> None:
-        """After a lost connection or a server restart: new connections next time, none half-reset."""
-        pool, self.pool = self.pool, None
-        if pool is not None:
-            pool.terminate()
+    def _scrubbed(self, error_type: str) -> SinkMisconfigured:
+        """A connection that failed for a reason other than Postgres or the network: the DSN is wrong for every
+        event (hold and page). The message names the variable, never the DSN."""
+        return SinkMisconfigured(
+            f"postgres sink {self.config.name}: {error_type} while connecting: check the DSN in "
+            f"{self.config.options['dsn_env']} (not shown: it is a secret)"
+        )
+
+    async def _drop_pool(self, pool: asyncpg.Pool | None) -> None:
+        """After a lost connection, a server restart or a failover: new connections next time, none half-reset.
+        Only the pool that failed: a request failing late on an old pool leaves its successor alone."""
+        if pool is None:
+            return
+        if self.pool is pool:
+            self.pool = None
+        pool.terminate()
 
     def _classify(self, exc: asyncpg.PostgresError) -> Exception:
         state = getattr(exc, "sqlstate", None) or ""
@@ -182,15 +235,37 @@ class PostgresSink:
         if state.startswith(SINK_WIDE_CLASSES):
             self.table_ready = False  # a dropped table is created again once the operator allows it
             return SinkMisconfigured(message)
-        return TransientError(message)  # 08 connection, 53 resources, 57 shutdown, 40 rollback, ...
+        if state.startswith(WRITES_REFUSED_CLASSES) or state in WRITES_REFUSED_STATES:
+            return SinkMisconfigured(f"{message} (the database refuses writes)")
+        return TransientError(message)  # 08 connection, 57P shutdown, 40 rollback, ...
 
     async def probe(self) -> None:
+        """Up means writable: a standby or a read-only database answers `SELECT 1` and refuses every insert."""
+        pool: asyncpg.Pool | None = None
+        unknown: str | None = None
         try:
             pool = await self._pool()
-            await pool.fetchval("SELECT 1")
+            row = await pool.fetchrow(
+                "SELECT pg_is_in_recovery() AS standby, current_setting('transaction_read_only') = 'on' AS read_only"
+            )
+        except HifiError:
+            raise
         except (asyncpg.PostgresError, *CONNECTION_LOST) as exc:
-            await self._drop_pool()
-            raise TransientError(f"postgres sink {self.config.name} probe: {type(exc).__name__}: {exc}") from exc
+            if not isinstance(exc, asyncpg.ClientConfigurationError):
+                await self._drop_pool(pool)
+                raise TransientError(f"postgres sink {self.config.name} probe: {type(exc).__name__}: {exc}") from exc
+            unknown = type(exc).__name__
+        except Exception as exc:  # as in deliver_batch: never echo the DSN
+            unknown = type(exc).__name__
+        if unknown is not None:
+            raise self._scrubbed(unknown)
+        assert row is not None
+        if row["standby"] or row["read_only"]:
+            await self._drop_pool(pool)  # a failover moves the primary: the next pool may reach it
+            raise SinkMisconfigured(
+                f"postgres sink {self.config.name} probe: the database is read-only"
+                f"{' (a standby in recovery)' if row['standby'] else ''}: writes refused"
+            )
 
     async def close(self) -> None:
         if self.pool is not None:

@@ -112,7 +112,8 @@ class WebhookSink:
     any other 4xx refuses the request's events. A request re-sent after a split carries a new batch
     Idempotency-Key header (its events differ); each event's own `idempotency_key` never changes.
     With `signing_secret_env`, each request is signed per Standard Webhooks (`shared/webhook_signing.py`):
-    `webhook-id` is `msg_` + the batch key (the same on a retry of the same batch). `headers_env` and `auth`
+    `webhook-id` is `msg_` + the batch key (the same on a retry of the same batch, new after a split: receivers
+    dedupe on each event's `idempotency_key`). `headers_env` and `auth`
     add headers from secrets."""
 
     def __init__(self, config: SinkConfig) -> None:
