@@ -34,7 +34,7 @@ from shared.archive import (
     parse_key,
 )
 from shared.config import SinkConfig
-from shared.errors import SinkMisconfigured, TransientError
+from shared.errors import SinkMisconfigured, SinkThrottled, TransientError
 from shared.event import Event
 
 from .sinks import SINK_WIDE_STATUSES, Source
@@ -44,10 +44,13 @@ log = logging.getLogger(__name__)
 
 # obstore reports most S3 refusals as GenericError; the status in its message says whose fault it is
 STATUS = re.compile(r"status code: (\d{3})")
+# S3 asks a client to slow down with 503 SlowDown (and 429 elsewhere): the bucket's request rate, not the events
+THROTTLED = re.compile(r"SlowDown|status code: 429")
 
 
 def classify(sink: str, exc: Exception) -> TransientError:
-    """A bad credential, signature or missing bucket refuses every request (page); anything else is retried."""
+    """A bad credential, signature or missing bucket refuses every request (page); SlowDown/429 is throttling
+    (the sender waits, no event is suspected); anything else is retried."""
     found = STATUS.search(str(exc))
     status = int(found[1]) if found else None
     message = f"archive {sink}: {type(exc).__name__}: {str(exc)[:500]}"
@@ -56,6 +59,8 @@ def classify(sink: str, exc: Exception) -> TransientError:
         or status in SINK_WIDE_STATUSES
     ):
         return SinkMisconfigured(message, status)
+    if THROTTLED.search(str(exc)):
+        return SinkThrottled(message)
     return TransientError(message)
 
 
@@ -108,7 +113,9 @@ class ArchiveSink:
     async def probe(self) -> None:
         assert self.store is not None
         try:
-            await obstore.list(self.store, prefix=self.prefix, chunk_size=1).collect_async()
+            # one page is the answer: collecting the listing would walk the whole archive
+            async for _page in obstore.list(self.store, prefix=self.prefix, chunk_size=1):
+                break
         except (BaseError, OSError) as exc:
             raise TransientError(f"archive {self.config.name} probe: {type(exc).__name__}: {exc}") from exc
 
