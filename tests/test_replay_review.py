@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -17,7 +18,7 @@ from devtools.webhook import WebhookReceiver
 from services.sender.app import SinkDelivery
 from services.sender.sinks import WebhookSink
 from shared.alerts import Alerter
-from shared.archive import REPLAY_FORCE, REPLAY_HEADER
+from shared.archive import REPLAY_FORCE, REPLAY_HEADER, REPLAY_ONCE
 from shared.codec import encode_event
 from shared.config import SinkConfig
 from shared.event import Event
@@ -112,6 +113,50 @@ async def test_forced_replay_retried_after_one_partition_failed_sends_each_event
         for event in receiver.received:
             got[event["event_id"]] = got.get(event["event_id"], 0) + 1
         assert got == {e.event_id: 1 for e in every}, got
+    finally:
+        await sink.close()
+        await receiver.stop()
+        await ledger.close()
+
+
+def test_ledger_keeps_a_replay_dead_letter_out_of_the_live_reconciliation() -> None:
+    """10 routed, 9 delivered live and 1 replayed event dead-lettered: one live event is lost, not zero."""
+    from services.auditor.ledger import LossLedger
+
+    def tally(stage: str, runs: list[list[Any]]) -> dict[str, Any]:
+        return {"stage": stage, "topic": f"in.{stage}", "partition": 0, "first": 0, "runs": runs}
+
+    ledger = LossLedger(lambda tenant: ("hook",), bucket_s=10, settle_s=30)
+    ledger.add_tally({"stage": "collector", "runs": [["acme", 0, "accepted", 10]]})
+    for stage in ("enricher", "deduplicator", "router"):
+        ledger.add_tally(tally(stage, [["acme", 0, "out", 10]]))
+    ledger.add_tally(tally("sender.hook", [["acme", 0, "delivered", 9], ["acme", 0, "replay_dlq", 1]]))
+    (report,) = ledger.reconcile("acme", 0)
+    assert (report.lost, report.stage, report.detail) == (1, "sender.hook", "router passed on 10, sender.hook read 9")
+    assert ledger.totals["sender.hook"]["replay_dlq"] == 1
+
+
+async def test_a_replayed_event_the_sink_refuses_is_a_replay_dead_letter(
+    kafka: LocalKafka, redis_server: LocalRedis, namespace: str, port_base: int, runners: list[StageRunner]
+) -> None:
+    source = f"{namespace}.sink.hook"
+    await create_topic(kafka.bootstrap, source, 1)
+    receiver = WebhookReceiver(port=port_base + 8, reject_event=lambda event_id: event_id == "p0-2")
+    await receiver.start()
+    sink = WebhookSink(SinkConfig("hook", "webhook", {"url": f"http://127.0.0.1:{port_base + 8}/"}, timeout_s=5))
+    ledger = RedisKeyWindow(redis_server.url, f"hifi:{namespace}:delivered-ledger:", 3600)
+    delivery = SinkDelivery(sink, ledger, StageMetrics(), Alerter("sender.hook"), pass_through=False)
+    now = time.time() * 1000
+    events = {0: [Event(f"p0-{i}", "play", 1.0, "acme", {}, device_id="d0", ingest_ts=now) for i in range(5)]}
+    await produce_replays(kafka.bootstrap, source, events, REPLAY_ONCE)
+    await sink.start()
+    try:
+        runner = make_runner(kafka.bootstrap, f"{namespace}-hook", "a", source, delivery.handle, batch_max=50)
+        runners.append(runner)
+        await runner.start()
+        await wait_for(lambda: replayed(delivery, "replayed") >= 4, 30, "the replay handled")
+        await wait_for(lambda: replayed(delivery, "replay_dlq") >= 1, 10, "the refused replay counted")
+        assert replayed(delivery, "dead_lettered") == 0
     finally:
         await sink.close()
         await receiver.stop()

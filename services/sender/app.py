@@ -158,9 +158,10 @@ class SinkDelivery:
         # Dead letters of an earlier batch (given up at a revocation) belong to its next owner, not here.
         self.dead_letters = {k: v for k, v in self.dead_letters.items() if k in in_batch}
         self._forget_refetched(records, in_batch)
+        self.replay_of = {id(r.message): mode for r in records if (mode := replay_mode(r.message.headers))}
+        batch = records
         held = [self.dead_letters[id(r.message)] for r in records if id(r.message) in self.dead_letters]
         records = [r for r in records if id(r.message) not in self.dead_letters]
-        self.replay_of = {id(r.message): mode for r in records if (mode := replay_mode(r.message.headers))}
         # --force overrules the ledger's marks from before this replay message, not the one its own delivery
         # left: a retry of a batch delivered in part (`_forced_key`) must not send it again
         seen = await self._ledger_seen(records, [self._seen_key(r) for r in records])
@@ -193,7 +194,7 @@ class SinkDelivery:
         result.outputs.extend(self.carried)
         self.carried = []
         if self.replay_of:
-            self._count_replayed(records)
+            self._count_replayed(batch)  # with the dead letters held from earlier attempts
         return result
 
     def _count_replayed(self, records: list[Record]) -> None:
@@ -205,6 +206,9 @@ class SinkDelivery:
                 record.outcome = "replayed"
             elif record.outcome == "skipped":
                 record.outcome = "replay_skipped"
+            elif record.outcome == "dead_lettered":
+                # not `dlq`: a live dead letter settles a live event; this one would cancel a real live loss
+                record.outcome = "replay_dlq"
             else:
                 continue
             self.replayed.labels(self.name, record.outcome).inc()
