@@ -385,3 +385,17 @@ class SinkRules:
         """Pop `filter`, `consent` and `transform` from a sink's raw spec and compile them."""
         rules_filter = parse_filter(spec.pop("filter", None), spec.pop("consent", None), where, tenants)
         return cls(rules_filter, parse_transform(spec.pop("transform", None), f"{where}.transform"))
+
+
+def sink_copy(rules: SinkRules, wire: dict[str, Any], secrets: Secrets) -> tuple[dict[str, Any] | None, str | None]:
+    """What one sink gets of an event in wire form: (its copy, None), or (None, why its filter or consent rule
+    keeps the event out). The copy is `wire` itself when the sink transforms nothing. Canaries skip filters.
+    The router's fan-out and `hifi replay` both go through here, so a replay sees what the live sink saw."""
+    if rules.filters and not wire.get("canary"):
+        reason = rules.filter.rejects(wire["tenant"], wire["type"], wire.get("consent") or [], wire)
+        if reason is not None:
+            return None, reason
+    transform = rules.transform
+    if not transform.steps:
+        return wire, None
+    return transform.apply(wire, secrets.key(wire["tenant"]) if transform.hashes else b""), None

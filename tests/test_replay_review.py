@@ -4,28 +4,37 @@ replayed event that dead-letters (both against the real broker, Redis and an HTT
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from devtools.kafka import LocalKafka
 from devtools.redis import LocalRedis
+from devtools.s3 import LOCAL_ACCESS_KEY, LOCAL_SECRET_KEY, LocalS3
 from devtools.webhook import WebhookReceiver
 from services.sender.app import SinkDelivery
-from services.sender.sinks import WebhookSink
+from services.sender.archive import ArchiveSink
+from services.sender.sinks import Source, WebhookSink
 from shared.alerts import Alerter
 from shared.archive import REPLAY_FORCE, REPLAY_HEADER, REPLAY_ONCE
-from shared.codec import encode_event
-from shared.config import SinkConfig
+from shared.codec import encode_event, unpack
+from shared.config import HifiConfig, SinkConfig
 from shared.event import Event
 from shared.keywindow import RedisKeyWindow
 from shared.metrics import StageMetrics
+from shared.replay import ReplayError, replay
 from shared.retry import Backoff
 from shared.stage import StageRunner
+from shared.topics import Topics
+from tests.helpers import tenant_block
 from tests.test_stage_runner import create_topic, make_runner, wait_for
 
 pytestmark = pytest.mark.asyncio
@@ -46,6 +55,14 @@ class OnePartitionDown(WebhookReceiver):
             self.received.append(event)
         self.requests += 1
         return web.json_response({"ok": len(body["events"])})
+
+
+@pytest.fixture
+def bucket(s3_server: LocalS3, namespace: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("HIFI_ARCHIVE_ACCESS_KEY_ID", LOCAL_ACCESS_KEY)
+    monkeypatch.setenv("HIFI_ARCHIVE_SECRET_ACCESS_KEY", LOCAL_SECRET_KEY)
+    s3_server.create_bucket(namespace)
+    return namespace
 
 
 @pytest.fixture
@@ -161,3 +178,84 @@ async def test_a_replayed_event_the_sink_refuses_is_a_replay_dead_letter(
         await sink.close()
         await receiver.stop()
         await ledger.close()
+
+
+async def read_sink_topic(bootstrap: str, topic: str, partitions: int) -> list[dict[str, Any]]:
+    """Everything in a sink's input topic (msgpack wire events), up to its end offsets now."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        parts = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts)
+        out: list[dict[str, Any]] = []
+        while any([await consumer.position(tp) < ends[tp] for tp in parts]):
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                out.extend(unpack(r.value) for r in records)
+        return out
+    finally:
+        await consumer.stop()
+
+
+def rules_config(path: Path, s3: LocalS3, bucket: str) -> None:
+    path.write_text(
+        "tenants:\n"
+        + tenant_block("acme", "key-acme", ["hook"])
+        + "    pii_secret_env: HIFI_TEST_PII_ACME\n"
+        + tenant_block("globex", "key-globex", ["files"])
+        + f"""sinks:
+  hook:
+    type: file
+    path: "{path.parent / "hook"}"
+    consent: {{require: [analytics]}}
+    transform:
+      - hash: [payload.email]
+      - mask_ip: context.ip
+  files: {{type: file, path: "{path.parent / "files"}"}}
+  archive: {{type: s3_archive, bucket: "{bucket}", endpoint: "{s3.endpoint}"}}
+"""
+    )
+
+
+async def test_replay_applies_the_sinks_consent_and_transform_and_refuses_an_unsubscribed_sink(
+    tmp_path: Path, s3_server: LocalS3, bucket: str, settings_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HIFI_TEST_PII_ACME", "acme-secret")
+    config_path = tmp_path / "hifi.yaml"
+    rules_config(config_path, s3_server, bucket)
+    config, settings = HifiConfig.load(config_path), settings_for(config_path)
+    hour = datetime(2026, 11, 30, 7, tzinfo=UTC)
+    events = [
+        Event(
+            f"e{i}",
+            "play",
+            1.0,
+            "acme",
+            {"email": f"u{i}@example.com"},
+            device_id=f"d{i}",
+            context={"ip": "203.0.113.77"},
+            consent=["analytics"] if i % 2 == 0 else [],
+            ingest_ts=hour.timestamp() * 1000 + 10 + i,
+        )
+        for i in range(6)
+    ]
+    archive = ArchiveSink(config.sinks["archive"])
+    await archive.start()
+    await archive.deliver_batch(events, Source("in", 0, list(range(6))))
+
+    report = await replay(settings, config, "acme", hour, hour + timedelta(hours=1), "hook")
+    got = {
+        e["event_id"]: e
+        for e in await read_sink_topic(settings.broker, Topics(settings.namespace).sink("hook"), settings.partitions)
+    }
+    assert sorted(got) == ["e0", "e2", "e4"], sorted(got)  # no consent, no copy
+    for event_id, wire in got.items():
+        i = int(event_id[1:])
+        expected = hmac.new(b"acme-secret", f"u{i}@example.com".encode(), hashlib.sha256).hexdigest()
+        assert wire["payload"]["email"] == expected, wire
+        assert wire["context"]["ip"] == "203.0.113.0", wire
+    assert (report.events, report.filtered) == (3, 3)
+
+    with pytest.raises(ReplayError, match="does not subscribe"):
+        await replay(settings, config, "acme", hour, hour + timedelta(hours=1), "files")

@@ -20,7 +20,7 @@ from shared.errors import InvalidEvent
 from shared.service import ServiceContext
 from shared.stage import DeadLetter, Output, Record, StageRunner, StepResult
 from shared.topics import Topics
-from shared.transforms import Secrets
+from shared.transforms import Secrets, sink_copy
 from shared.web import add_common_views
 
 MAX_TYPE_LABELS = 200  # distinct event types labelling hifi_events_filtered (Prometheus series stay bounded)
@@ -62,19 +62,15 @@ class Router:
             value: bytes | None = None  # the untransformed encoding, shared by sinks without transforms
             dropped: list[str] = []
             for sink in sinks:
-                rules = self.config.sinks[sink].rules
-                if rules.filters and not event.canary:
-                    reason = rules.filter.rejects(event.tenant, event.type, event.consent, wire)
-                    if reason is not None:
-                        dropped.append(sink)
-                        self.filtered.labels(sink, event.tenant, self._type_label(event.type), reason).inc()
-                        continue
-                transform = rules.transform
-                if transform.steps:
-                    key = self.secrets.key(event.tenant) if transform.hashes else b""
-                    out = pack(transform.apply(wire, key))
-                else:
+                copy, reason = sink_copy(self.config.sinks[sink].rules, wire, self.secrets)
+                if copy is None:
+                    dropped.append(sink)
+                    self.filtered.labels(sink, event.tenant, self._type_label(event.type), reason).inc()
+                    continue
+                if copy is wire:
                     out = value = value if value is not None else pack(wire)
+                else:
+                    out = pack(copy)
                 result.outputs.append(Output(self.topics.sink(sink), event.partition_key, out))
             if dropped:
                 record.outcome = filtered_outcome(dropped)
