@@ -4,7 +4,10 @@ Objects: `<prefix>tenant=<T>/dt=<YYYY-MM-DD>/hour=<HH>/<topic>-<partition>-<firs
 lines of `Event.to_wire()`, hour = the event's ingest time (UTC). `first`/`last` are the source offsets (in the
 archive sink's input topic) of the first and last event in the object, zero-padded so names sort by offset.
 A name is a function of the offsets, so a batch re-uploaded after a crash overwrites its object, and a writer
-skips offsets an object already covers (`covered`). The sink writer lives in services/sender/archive.py;
+skips offsets an object already covers (`covered`). Two writers of one source partition at once (a zombie
+owner and the new one) can both list before either PUTs and write overlapping objects: after its PUT a writer
+lists again and deletes an overlapping object whose events another holds (a reader can meet a missing key:
+list again). The sink writer lives in services/sender/archive.py;
 `hifi replay` (shared/replay.py) reads ranges back.
 """
 

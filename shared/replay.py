@@ -103,6 +103,14 @@ async def replay(
     await ensure_topics(settings.broker, [topic], settings.partitions, settings.replication, settings.min_insync)
     header = [(REPLAY_HEADER, (REPLAY_FORCE if force else REPLAY_ONCE).encode())]
     since_ms, until_ms = since.timestamp() * 1000, until.timestamp() * 1000
+
+    async def archived_keys(hour: datetime) -> list[str]:
+        try:
+            listed = await obstore.list(store, prefix=hour_prefix(prefix, tenant, hour)).collect_async()
+        except (BaseError, OSError) as exc:
+            raise ReplayError(f"archive {archive.name}: listing {hour:%Y-%m-%d %H}h: {exc}") from exc
+        return sorted(m["path"] for m in listed if parse_key(m["path"]) is not None)
+
     producer = durable_producer(settings.broker)
     await producer.start()
     objects = events = filtered = 0
@@ -110,17 +118,19 @@ async def replay(
     started = time.monotonic()
     try:
         for hour in hours_between(since, until):
-            try:
-                listed = await obstore.list(store, prefix=hour_prefix(prefix, tenant, hour)).collect_async()
-            except (BaseError, OSError) as exc:
-                raise ReplayError(f"archive {archive.name}: listing {hour:%Y-%m-%d %H}h: {exc}") from exc
-            for meta in sorted(listed, key=lambda m: m["path"]):
-                if parse_key(meta["path"]) is None:
-                    continue
+            keys, read = await archived_keys(hour), set()
+            while keys:
+                key = keys.pop(0)
+                read.add(key)
                 try:
-                    data = bytes(await (await obstore.get_async(store, meta["path"])).bytes_async())
+                    data = bytes(await (await obstore.get_async(store, key)).bytes_async())
+                except FileNotFoundError:
+                    # the archive dropped it, an overlapping object holds its events (ArchiveSink._drop_overlaps);
+                    # that one can be newer than our listing
+                    keys = [k for k in await archived_keys(hour) if k not in read]
+                    continue
                 except (BaseError, OSError) as exc:
-                    raise ReplayError(f"archive {archive.name}: reading {meta['path']}: {exc}") from exc
+                    raise ReplayError(f"archive {archive.name}: reading {key}: {exc}") from exc
                 objects += 1
                 pending = []
                 for event in decode_object(data):

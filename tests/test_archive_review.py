@@ -1,10 +1,11 @@
 """Findings of the archive/replay review: time ranges in any offset, a probe that reads one page, a store
-whose timeouts and retries follow the sink's timeout, S3 throttling, and objects on a fixed offset grid."""
+whose timeouts and retries follow the sink's timeout, S3 throttling, and two writers of one partition at once."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -16,9 +17,11 @@ from obstore.store import MemoryStore
 
 import services.sender.archive as archive_sink
 from services.sender.archive import ArchiveSink, classify
-from shared.archive import hour_prefix, hours_between, make_store
+from services.sender.sinks import Source
+from shared.archive import decode_object, hour_prefix, hours_between, make_store, parse_key
 from shared.config import SinkConfig
 from shared.errors import SinkThrottled
+from shared.event import Event
 
 
 @pytest.mark.parametrize("offset", [timedelta(hours=2), timedelta(hours=5, minutes=30)])
@@ -113,3 +116,38 @@ def test_s3_slowdown_is_throttling_not_a_failure_of_the_events() -> None:
         "503 Service Unavailable: <Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message>"
     )
     assert isinstance(classify("archive", slow_down), SinkThrottled)
+
+
+async def test_two_overlapping_writers_leave_each_event_archived_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zombie owner (session expired, still running) and the new owner of a source partition both list the
+    hour before either PUTs, then write 10..50 and 10..80: each event must end up in one object only."""
+    store = MemoryStore()
+    hour = datetime(2026, 11, 30, 7, tzinfo=UTC)
+    events = [
+        Event(f"e{o}", "play", 1.0, "acme", {"o": o}, device_id="d", ingest_ts=hour.timestamp() * 1000 + o)
+        for o in range(10, 81)
+    ]
+    zombie, owner = (ArchiveSink(SinkConfig("archive", "s3_archive", {"bucket": "b"})) for _ in range(2))
+    for sink in (zombie, owner):
+        sink.store = store  # type: ignore[assignment]
+    # both list before either writes: hold each one's PUT until the other has listed
+    listed = {zombie: asyncio.Event(), owner: asyncio.Event()}
+    real_objects = ArchiveSink._objects
+
+    async def objects_then_wait(self: ArchiveSink, *args: Any) -> Any:
+        found = await real_objects(self, *args)
+        if not listed[self].is_set():
+            listed[self].set()
+            await asyncio.gather(*(e.wait() for e in listed.values()))
+        return found
+
+    monkeypatch.setattr(ArchiveSink, "_objects", objects_then_wait)
+    await asyncio.gather(
+        zombie.deliver_batch(events[:41], Source("in", 0, list(range(10, 51)))),
+        owner.deliver_batch(events, Source("in", 0, list(range(10, 81)))),
+    )
+    got: Counter[str] = Counter()
+    for meta in await obstore.list(store).collect_async():
+        if parse_key(meta["path"]) is not None:
+            got.update(e.event_id for e in decode_object(bytes(await obstore.get(store, meta["path"]).bytes_async())))
+    assert got == Counter({e.event_id: 1 for e in events}), sorted(n for n in got.values() if n > 1)
