@@ -4,7 +4,10 @@ Objects: `<prefix>tenant=<T>/dt=<YYYY-MM-DD>/hour=<HH>/<topic>-<partition>-<firs
 lines of `Event.to_wire()`, hour = the event's ingest time (UTC). `first`/`last` are the source offsets (in the
 archive sink's input topic) of the first and last event in the object, zero-padded so names sort by offset.
 A name is a function of the offsets, so a batch re-uploaded after a crash overwrites its object, and a writer
-skips offsets an object already covers (`covered`). The sink writer lives in services/sender/archive.py;
+skips offsets an object already covers (`covered`). Two writers of one source partition at once (a zombie
+owner and the new one) can both list before either PUTs and write overlapping objects: after its PUT a writer
+lists again and deletes an overlapping object whose events another holds (a reader can meet a missing key:
+list again). The sink writer lives in services/sender/archive.py;
 `hifi replay` (shared/replay.py) reads ranges back.
 """
 
@@ -58,6 +61,7 @@ def hour_of(ingest_ts_ms: float) -> datetime:
 
 
 def hour_prefix(prefix: str, tenant: str, hour: datetime) -> str:
+    hour = hour.astimezone(UTC)  # the layout's hours are UTC, whatever offset the caller's time has
     return f"{prefix}tenant={tenant}/dt={hour:%Y-%m-%d}/hour={hour:%H}/"
 
 
@@ -89,8 +93,9 @@ def decode_object(data: bytes) -> list[Event]:
 
 
 def hours_between(since: datetime, until: datetime) -> list[datetime]:
-    """Every hour that can hold an event in [since, until)."""
-    hour = since.replace(minute=0, second=0, microsecond=0)
+    """Every UTC hour that can hold an event in [since, until) (aware times, any offset)."""
+    # floored in UTC: an offset of +05:30 floors to a half hour, which names no object's hour
+    hour = since.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
     hours = []
     while hour < until:
         hours.append(hour)
@@ -98,8 +103,17 @@ def hours_between(since: datetime, until: datetime) -> list[datetime]:
     return hours
 
 
+# obstore's own retries of one request (5xx, connection errors): few, inside the sink's timeout, so a PUT
+# fails within about `timeout_s` and the sender's backoff, breaker and throttle decide what comes next.
+STORE_MAX_RETRIES = 2
+
+
 def make_store(config: SinkConfig) -> S3Store:
-    """The S3 client of an `s3_archive` sink; credentials come from the environment variables it names."""
+    """The S3 client of an `s3_archive` sink; credentials come from the environment variables it names.
+
+    Each request times out after the sink's `timeout_s` (milliseconds kept), and obstore's retries of it
+    stop once `timeout_s` has passed since the first attempt.
+    """
     options: dict[str, Any] = config.options
     key_env = options.get("access_key_env", "HIFI_ARCHIVE_ACCESS_KEY_ID")
     secret_env = options.get("secret_key_env", "HIFI_ARCHIVE_SECRET_ACCESS_KEY")
@@ -107,6 +121,7 @@ def make_store(config: SinkConfig) -> S3Store:
     if not access_key or not secret_key:
         raise ArchiveConfigError(f"archive sink {config.name}: set {key_env} and {secret_env}")
     endpoint = options.get("endpoint")
+    timeout = timedelta(milliseconds=max(1, round(config.timeout_s * 1000)))
     kwargs: dict[str, Any] = {}
     if endpoint:
         kwargs["endpoint"] = endpoint
@@ -117,6 +132,11 @@ def make_store(config: SinkConfig) -> S3Store:
         access_key_id=access_key,
         secret_access_key=secret_key,
         region=options.get("region", "us-east-1"),
-        timeout=f"{int(config.timeout_s)}s",
+        client_options={"timeout": timeout, "connect_timeout": timeout},
+        retry_config={
+            "max_retries": STORE_MAX_RETRIES,
+            "retry_timeout": timeout,
+            "backoff": {"init_backoff": timeout / 10, "max_backoff": timeout / 2, "base": 2.0},
+        },
         **kwargs,
     )

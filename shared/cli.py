@@ -124,7 +124,10 @@ def run_replay(args: argparse.Namespace) -> None:
         report = asyncio.run(replay(settings, config, args.tenant, since, until, args.to_sink, args.rate, args.force))
     except ReplayError as exc:
         raise SystemExit(f"replay: {exc}") from None
-    print(f"replayed {report.events} events of {args.tenant} from {report.objects} archive objects to {args.to_sink}")
+    print(
+        f"replayed {report.events} events of {args.tenant} from {report.objects} archive objects to {args.to_sink}"
+        f" ({report.filtered} kept out by its filter or consent rule)"
+    )
 
 
 def run_trace(args: argparse.Namespace) -> int:

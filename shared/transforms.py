@@ -24,6 +24,7 @@ import msgpack
 from jmespath.exceptions import JMESPathError
 
 from shared.errors import ConfigError
+from shared.event import partition_key_of
 
 SECTIONS = ("payload", "context", "enrichment")  # maps a transform may change
 IDENTIFIERS = ("device_id", "session_id")  # top-level fields a transform may hash, mask or drop
@@ -474,3 +475,23 @@ class SinkRules:
         """Pop `filter`, `consent` and `transform` from a sink's raw spec and compile them."""
         rules_filter = parse_filter(spec.pop("filter", None), spec.pop("consent", None), where, tenants)
         return cls(rules_filter, parse_transform(spec.pop("transform", None), f"{where}.transform"))
+
+
+def copy_key(copy: dict[str, Any]) -> bytes:
+    """The Kafka key of a sink's copy: the pipeline's partition key over the ids the sink sees, so a hashed
+    or dropped device id never reaches the sink topic's keys (one device still maps to one partition)."""
+    return partition_key_of(copy["tenant"], copy.get("device_id"), copy.get("session_id"), copy["event_id"])
+
+
+def sink_copy(rules: SinkRules, wire: dict[str, Any], secrets: Secrets) -> tuple[dict[str, Any] | None, str | None]:
+    """What one sink gets of an event in wire form: (its copy, None), or (None, why its filter or consent rule
+    keeps the event out). The copy is `wire` itself when the sink transforms nothing. Canaries skip filters.
+    The router's fan-out and `hifi replay` both go through here, so a replay sees what the live sink saw."""
+    if rules.filters and not wire.get("canary"):
+        reason = rules.filter.rejects(wire["tenant"], wire["type"], wire.get("consent") or [], wire)
+        if reason is not None:
+            return None, reason
+    transform = rules.transform
+    if not transform.steps:
+        return wire, None
+    return transform.apply(wire, secrets.key(wire["tenant"]) if transform.hashes else b""), None

@@ -46,7 +46,8 @@ HOPS = tuple(s.name for s in pipeline.HOPS)  # each tallies what it read, passed
 DEDUPLICATOR, ROUTER = pipeline.DEDUPLICATOR.name, pipeline.ROUTER.name  # they drop duplicates, unrouted events
 DELIVERED = ("delivered", "skipped", "canary_dropped")
 # `hifi replay` traffic in a sender's input: counted apart (totals), never in the live reconciliation.
-REPLAYED = ("replayed", "replay_skipped")
+# `replay_dlq`: a replayed event dead-lettered; as `dlq` it would settle a live event it is not.
+REPLAYED = ("replayed", "replay_skipped", "replay_dlq")
 
 
 def live_reads(counts: dict[str, int]) -> int:

@@ -18,11 +18,10 @@ from shared.audit import filtered_outcome
 from shared.codec import pack
 from shared.config import HifiConfig
 from shared.errors import InvalidEvent
-from shared.event import partition_key_of
 from shared.service import ServiceContext
 from shared.stage import DeadLetter, Output, Record, StageRunner, StepResult
 from shared.topics import Topics
-from shared.transforms import Secrets
+from shared.transforms import Secrets, copy_key, sink_copy
 from shared.web import add_common_views
 
 MAX_TYPE_LABELS = 200  # distinct event types labelling hifi_events_filtered (Prometheus series stay bounded)
@@ -65,23 +64,17 @@ class Router:
             value: bytes | None = None  # the untransformed encoding, shared by sinks without transforms
             dropped: list[str] = []
             for sink in sinks:
-                rules = self.config.sinks[sink].rules
-                if rules.filters and not event.canary:
-                    reason = rules.filter.rejects(event.tenant, event.type, event.consent, wire)
-                    if reason is not None:
-                        dropped.append(sink)
-                        counted.append((sink, event.tenant, event.type, reason))
-                        continue
-                transform = rules.transform
-                if transform.steps:
-                    secret = self.secrets.key(event.tenant) if transform.hashes else b""
-                    seen = transform.apply(wire, secret)
-                    # keyed by what the sink sees: a hashed or dropped device id must not stay in the key
-                    key = partition_key_of(event.tenant, seen.get("device_id"), seen.get("session_id"), event.event_id)
-                    out = pack(seen)
-                else:
+                copy, reason = sink_copy(self.config.sinks[sink].rules, wire, self.secrets)
+                if copy is None:
+                    dropped.append(sink)
+                    counted.append((sink, event.tenant, event.type, reason or "filter"))
+                    continue
+                if copy is wire:
                     key = event.partition_key
                     out = value = value if value is not None else pack(wire)
+                else:
+                    key = copy_key(copy)  # by what the sink sees: a hashed or dropped device id leaves the key
+                    out = pack(copy)
                 result.outputs.append(Output(self.topics.sink(sink), key, out))
             if dropped:
                 record.outcome = filtered_outcome(dropped)

@@ -10,7 +10,8 @@ ledger: its changelog write). A transactional Kafka sink (offsets in the transac
 none) and a Redis Stream sink (per-key marker) skip what they already took; docs/RELIABILITY.md lists
 what remains.
 Messages `hifi replay` produced (header `hifi-replay`, shared/replay.py) go the same way, with `force` past
-the ledger; they are tallied `replayed` / `replay_skipped` and send no receipts, so the live ledger ignores them.
+the ledger's earlier marks (a forced message's own delivery is marked under its offset, so a retry skips it);
+they are tallied `replayed` / `replay_skipped` / `replay_dlq` and send no receipts, so the live ledger ignores them.
 """
 
 from __future__ import annotations
@@ -140,6 +141,15 @@ class SinkDelivery:
     def _key(self, record: Record) -> str:
         return f"{self.name}:{record.event.dedupe_key}"
 
+    def _forced_key(self, record: Record) -> str:
+        """The mark of one `--force` replay message's delivery: its own offset, so the next forced replay
+        (new messages) delivers again, while a retry of this one sees it was done."""
+        message = record.message
+        return f"{self.name}:forced:{message.topic}:{message.partition}:{message.offset}"
+
+    def _seen_key(self, record: Record) -> str:
+        return self._forced_key(record) if self.replay_of.get(id(record.message)) == REPLAY_FORCE else self._key(record)
+
     async def handle(self, records: list[Record]) -> StepResult:
         in_batch = {id(r.message) for r in records}
         # Retry counts of earlier batches (given up, or re-keyed after a partial delivery) are stale.
@@ -148,12 +158,13 @@ class SinkDelivery:
         # Dead letters of an earlier batch (given up at a revocation) belong to its next owner, not here.
         self.dead_letters = {k: v for k, v in self.dead_letters.items() if k in in_batch}
         self._forget_refetched(records, in_batch)
+        self.replay_of = {id(r.message): mode for r in records if (mode := replay_mode(r.message.headers))}
+        batch = records
         held = [self.dead_letters[id(r.message)] for r in records if id(r.message) in self.dead_letters]
         records = [r for r in records if id(r.message) not in self.dead_letters]
-        self.replay_of = {id(r.message): mode for r in records if (mode := replay_mode(r.message.headers))}
-        seen = await self._ledger_seen(records)
-        # --force: the ledger's "already delivered" is overruled (the delivery still marks it)
-        seen = [s and self.replay_of.get(id(r.message)) != REPLAY_FORCE for r, s in zip(records, seen, strict=True)]
+        # --force overrules the ledger's marks from before this replay message, not the one its own delivery
+        # left: a retry of a batch delivered in part (`_forced_key`) must not send it again
+        seen = await self._ledger_seen(records, [self._seen_key(r) for r in records])
         todo: list[Record] = []
         keys_in_batch: set[str] = set()
         dropped: list[Record] = []
@@ -183,7 +194,7 @@ class SinkDelivery:
         result.outputs.extend(self.carried)
         self.carried = []
         if self.replay_of:
-            self._count_replayed(records)
+            self._count_replayed(batch)  # with the dead letters held from earlier attempts
         return result
 
     def _count_replayed(self, records: list[Record]) -> None:
@@ -195,6 +206,9 @@ class SinkDelivery:
                 record.outcome = "replayed"
             elif record.outcome == "skipped":
                 record.outcome = "replay_skipped"
+            elif record.outcome == "dead_lettered":
+                # not `dlq`: a live dead letter settles a live event; this one would cancel a real live loss
+                record.outcome = "replay_dlq"
             else:
                 continue
             self.replayed.labels(self.name, record.outcome).inc()
@@ -568,9 +582,9 @@ class SinkDelivery:
         self.alerter.resolve("circuit_opened", key=self.name)
         self.alerter.resolve("sink_misconfigured", key=self.name)
 
-    async def _ledger_seen(self, records: list[Record]) -> list[bool]:
+    async def _ledger_seen(self, records: list[Record], keys: list[str]) -> list[bool]:
         try:
-            seen = await self.ledger.seen([self._key(r) for r in records], records)
+            seen = await self.ledger.seen(keys, records)
         except TransientError as exc:
             self.ledger_outage.failed(exc)
             if not self.pass_through:
@@ -584,12 +598,14 @@ class SinkDelivery:
 
         Never raises: an event the sink acknowledged is delivered, whatever happens to the ledger.
         """
+        forced = [r for r in records if self.replay_of.get(id(r.message)) == REPLAY_FORCE]
+        keys = [self._key(r) for r in records] + [self._forced_key(r) for r in forced]
         backoff = Backoff()
         attempt = 0
         while True:
             attempt += 1
             try:
-                await self.ledger.mark([self._key(r) for r in records], records)
+                await self.ledger.mark(keys, [*records, *forced])
                 self.ledger_outage.ok()
                 return
             except TransientError as exc:

@@ -6,7 +6,10 @@ finished object (S3 makes it visible whole or not at all) and `deliver_batch` re
 was acknowledged, so the sender marks its ledger and commits the input offsets only once the archive holds the
 batch. A crash between the PUTs and the commit re-reads the batch: before writing, the sink lists the
 objects of the batch's (tenant, hour, source partition) and skips every offset one of them covers, so the
-retry never archives an event twice, whatever batch boundaries the re-read has. Batches are the sender's:
+retry never archives an event twice, whatever batch boundaries the re-read has. Two writers at once (a zombie
+owner after its session expired, and the new owner) can both list before either PUTs: after each PUT the
+sink lists again and drops an overlapping object whose events another object holds (`_drop_overlaps`), so the
+later writer removes the copy. Batches are the sender's:
 `batch_max` events, fetched for up to `linger_s` (e.g. 5000 and 60: one object per tenant, hour and source
 partition a minute at most); nothing is committed before its object is in.
 """
@@ -26,6 +29,7 @@ from obstore.store import S3Store
 from shared.archive import (
     ObjectRange,
     covered,
+    decode_object,
     encode_object,
     hour_of,
     hour_prefix,
@@ -34,7 +38,7 @@ from shared.archive import (
     parse_key,
 )
 from shared.config import SinkConfig
-from shared.errors import SinkMisconfigured, TransientError
+from shared.errors import SinkMisconfigured, SinkThrottled, TransientError
 from shared.event import Event
 
 from .sinks import SINK_WIDE_STATUSES, Source
@@ -44,10 +48,13 @@ log = logging.getLogger(__name__)
 
 # obstore reports most S3 refusals as GenericError; the status in its message says whose fault it is
 STATUS = re.compile(r"status code: (\d{3})")
+# S3 asks a client to slow down with 503 SlowDown (and 429 elsewhere): the bucket's request rate, not the events
+THROTTLED = re.compile(r"SlowDown|status code: 429")
 
 
 def classify(sink: str, exc: Exception) -> TransientError:
-    """A bad credential, signature or missing bucket refuses every request (page); anything else is retried."""
+    """A bad credential, signature or missing bucket refuses every request (page); SlowDown/429 is throttling
+    (the sender waits, no event is suspected); anything else is retried."""
     found = STATUS.search(str(exc))
     status = int(found[1]) if found else None
     message = f"archive {sink}: {type(exc).__name__}: {str(exc)[:500]}"
@@ -56,6 +63,8 @@ def classify(sink: str, exc: Exception) -> TransientError:
         or status in SINK_WIDE_STATUSES
     ):
         return SinkMisconfigured(message, status)
+    if THROTTLED.search(str(exc)):
+        return SinkThrottled(message)
     return TransientError(message)
 
 
@@ -66,6 +75,7 @@ class ArchiveSink:
         self.store: S3Store | None = None
         self.objects_written = 0
         self.events_skipped = 0  # already in an object: a batch re-read after a crash
+        self.overlaps_dropped = 0  # objects deleted because an overlapping one holds their events (two writers)
         # Test hook (tests/test_archive.py): exit like kill -9 right after this many PUTs, before any commit.
         crash_after = os.environ.get("HIFI_TEST_ARCHIVE_CRASH_AFTER_PUTS")
         self.crash_after_puts = int(crash_after) if crash_after else None
@@ -92,6 +102,7 @@ class ArchiveSink:
                 # One PUT of the finished object: S3 never shows a partial one.
                 await obstore.put_async(self.store, key, encode_object([e for _, e in todo]), use_multipart=False)
                 self.objects_written += 1
+                await self._drop_overlaps(tenant, hour, source, key)
                 if self.crash_after_puts is not None and self.objects_written >= self.crash_after_puts:
                     log.warning("archive %s: test hook: exiting after %d PUTs", self.config.name, self.objects_written)
                     os._exit(137)
@@ -105,10 +116,58 @@ class ArchiveSink:
         ranges = (parse_key(meta["path"]) for meta in listed)
         return [r for r in ranges if r is not None and r.topic == source.topic and r.partition == source.partition]
 
+    async def _drop_overlaps(self, tenant: str, hour: datetime, source: Source, written: str) -> None:
+        """Two writers of one source partition (a zombie whose session expired and the new owner) can both list
+        before either PUTs, and write overlapping objects (10..50 and 10..80). After its PUT a writer lists
+        again (S3 lists after a write consistently, so the later of the two sees both) and deletes an
+        overlapping object whose events the other holds, all of them (by event id). The choice depends only on
+        the two objects, so both writers delete the same one; overlaps where neither holds the other stay."""
+        assert self.store is not None
+        mine = parse_key(written)
+        assert mine is not None
+        others = [
+            o
+            for o in await self._objects(tenant, hour, source)
+            if o.key != written and o.first <= mine.last and mine.first <= o.last
+        ]
+        if not others:
+            return
+        ids = {written: await self._event_ids(written)}
+        for other in others:
+            try:
+                ids[other.key] = await self._event_ids(other.key)
+            except FileNotFoundError:
+                continue  # the other writer dropped it already
+            a, b = sorted((written, other.key))
+            if ids[a] == ids[b]:
+                doomed = b  # the same events twice: keep the first name
+            elif ids[a] < ids[b]:
+                doomed = a
+            elif ids[b] < ids[a]:
+                doomed = b
+            else:
+                log.warning("archive %s: %s and %s overlap, neither holds the other", self.config.name, a, b)
+                continue
+            log.warning("archive %s: dropping %s, its events are in an overlapping object", self.config.name, doomed)
+            try:
+                await obstore.delete_async(self.store, doomed)
+            except FileNotFoundError:
+                pass
+            self.overlaps_dropped += 1
+            if doomed == written:
+                return
+
+    async def _event_ids(self, key: str) -> frozenset[str]:
+        assert self.store is not None
+        data = bytes(await (await obstore.get_async(self.store, key)).bytes_async())
+        return frozenset(e.event_id for e in decode_object(data))
+
     async def probe(self) -> None:
         assert self.store is not None
         try:
-            await obstore.list(self.store, prefix=self.prefix, chunk_size=1).collect_async()
+            # one page is the answer: collecting the listing would walk the whole archive
+            async for _page in obstore.list(self.store, prefix=self.prefix, chunk_size=1):
+                break
         except (BaseError, OSError) as exc:
             raise TransientError(f"archive {self.config.name} probe: {type(exc).__name__}: {exc}") from exc
 

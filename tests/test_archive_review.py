@@ -1,0 +1,153 @@
+"""Findings of the archive/replay review: time ranges in any offset, a probe that reads one page, a store
+whose timeouts and retries follow the sink's timeout, S3 throttling, and two writers of one partition at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import obstore
+import pytest
+from obstore.exceptions import GenericError
+from obstore.store import MemoryStore
+
+import services.sender.archive as archive_sink
+from services.sender.archive import ArchiveSink, classify
+from services.sender.sinks import Source
+from shared.archive import decode_object, hour_prefix, hours_between, make_store, parse_key
+from shared.config import SinkConfig
+from shared.errors import SinkThrottled
+from shared.event import Event
+
+
+@pytest.mark.parametrize("offset", [timedelta(hours=2), timedelta(hours=5, minutes=30)])
+def test_hours_between_a_non_utc_range_names_the_utc_hours(offset: timedelta) -> None:
+    zone = timezone(offset)
+    since = datetime(2026, 11, 30, 10, 45, tzinfo=zone)
+    until = since + timedelta(hours=2)
+    hours = hours_between(since, until)
+    first_utc = since.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    assert hours == [first_utc + timedelta(hours=i) for i in range(3)], hours
+    assert [hour_prefix("", "acme", h) for h in hours] == [
+        f"tenant=acme/dt=2026-11-30/hour={(first_utc + timedelta(hours=i)):%H}/" for i in range(3)
+    ]
+
+
+def test_hour_prefix_of_an_aware_non_utc_hour_is_its_utc_hour() -> None:
+    hour = datetime(2026, 11, 30, 1, 0, tzinfo=timezone(timedelta(hours=5, minutes=30)))
+    assert hour_prefix("p/", "acme", hour) == "p/tenant=acme/dt=2026-11-29/hour=19/"
+
+
+async def test_archive_probe_reads_one_page_of_a_large_archive(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = MemoryStore()
+    for i in range(20_000):
+        obstore.put(store, f"tenant=acme/k{i:05d}", b"x")
+    pages = 0
+    real_list = obstore.list
+
+    def counting_list(*args: Any, **kwargs: Any) -> Any:
+        stream = real_list(*args, **kwargs)
+
+        class Counted:
+            def __aiter__(self) -> AsyncIterator[Any]:
+                return self._pages()
+
+            async def _pages(self) -> AsyncIterator[Any]:
+                nonlocal pages
+                async for page in stream:
+                    pages += 1
+                    yield page
+
+            async def collect_async(self) -> list[Any]:
+                return [meta async for page in self for meta in page]
+
+        return Counted()
+
+    monkeypatch.setattr(archive_sink.obstore, "list", counting_list)
+    sink = ArchiveSink(SinkConfig("archive", "s3_archive", {"bucket": "b"}))
+    sink.store = store  # type: ignore[assignment]
+    await sink.probe()
+    assert pages == 1, pages
+
+
+def test_make_store_keeps_a_subsecond_timeout_and_bounds_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIFI_ARCHIVE_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("HIFI_ARCHIVE_SECRET_ACCESS_KEY", "s")
+    config = SinkConfig("archive", "s3_archive", {"bucket": "b", "endpoint": "http://127.0.0.1:1"}, timeout_s=0.5)
+    store = make_store(config)
+    assert store.client_options is not None
+    assert store.client_options["timeout"] == "500ms"  # obstore reports durations as strings
+    assert store.retry_config is not None
+    assert store.retry_config["retry_timeout"] <= timedelta(seconds=0.5)
+
+
+async def test_a_put_to_an_endpoint_that_never_answers_fails_within_the_sink_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HIFI_ARCHIVE_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("HIFI_ARCHIVE_SECRET_ACCESS_KEY", "s")
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepts the request, never answers
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = SinkConfig("archive", "s3_archive", {"bucket": "b", "endpoint": f"http://127.0.0.1:{port}"}, timeout_s=0.5)
+    store = make_store(config)
+    started = time.monotonic()
+    try:
+        with pytest.raises(GenericError):
+            await asyncio.wait_for(obstore.put_async(store, "k", b"x", use_multipart=False), 10)
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+    assert time.monotonic() - started < 3.0
+
+
+def test_s3_slowdown_is_throttling_not_a_failure_of_the_events() -> None:
+    slow_down = GenericError(
+        "Generic S3 error: Error performing PUT http://s3/b/k in 1s - Server returned non-OK status code: "
+        "503 Service Unavailable: <Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message>"
+    )
+    assert isinstance(classify("archive", slow_down), SinkThrottled)
+
+
+async def test_two_overlapping_writers_leave_each_event_archived_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zombie owner (session expired, still running) and the new owner of a source partition both list the
+    hour before either PUTs, then write 10..50 and 10..80: each event must end up in one object only."""
+    store = MemoryStore()
+    hour = datetime(2026, 11, 30, 7, tzinfo=UTC)
+    events = [
+        Event(f"e{o}", "play", 1.0, "acme", {"o": o}, device_id="d", ingest_ts=hour.timestamp() * 1000 + o)
+        for o in range(10, 81)
+    ]
+    zombie, owner = (ArchiveSink(SinkConfig("archive", "s3_archive", {"bucket": "b"})) for _ in range(2))
+    for sink in (zombie, owner):
+        sink.store = store  # type: ignore[assignment]
+    # both list before either writes: hold each one's PUT until the other has listed
+    listed = {zombie: asyncio.Event(), owner: asyncio.Event()}
+    real_objects = ArchiveSink._objects
+
+    async def objects_then_wait(self: ArchiveSink, *args: Any) -> Any:
+        found = await real_objects(self, *args)
+        if not listed[self].is_set():
+            listed[self].set()
+            await asyncio.gather(*(e.wait() for e in listed.values()))
+        return found
+
+    monkeypatch.setattr(ArchiveSink, "_objects", objects_then_wait)
+    await asyncio.gather(
+        zombie.deliver_batch(events[:41], Source("in", 0, list(range(10, 51)))),
+        owner.deliver_batch(events, Source("in", 0, list(range(10, 81)))),
+    )
+    got: Counter[str] = Counter()
+    for meta in await obstore.list(store).collect_async():
+        if parse_key(meta["path"]) is not None:
+            got.update(e.event_id for e in decode_object(bytes(await obstore.get(store, meta["path"]).bytes_async())))
+    assert got == Counter({e.event_id: 1 for e in events}), sorted(n for n in got.values() if n > 1)
