@@ -20,14 +20,14 @@ from shared.alerts import Alerter
 from shared.app import durable_producer
 from shared.codec import encode_event, pack, unpack
 from shared.config import HifiConfig, hash_api_key
-from shared.dlq import REPLAY_OF, replay_headers
+from shared.dlq import REPLAY_OF, dead_letter_value, replay_headers
 from shared.errors import ConfigError
 from shared.event import Event, EventValidator, now_ms
 from shared.keywindow import RedisKeyWindow
 from shared.metrics import StageMetrics
 from shared.quarantine import FailedEvents, SchemaGate, replayed_event
 from shared.schemas import CompiledSchema, client_view
-from shared.stage import DeadLetter, Record, dead_letter_value
+from shared.stage import DeadLetter, Record
 from shared.topics import Topics, ensure_topics
 from shared.transforms import parse_transform
 from shared.web import redact_failed
