@@ -241,6 +241,7 @@ class Load:
     offered: int  # events posted, re-sends included
     resent: int  # events posted a second time (same id), which dedupe must drop
     achieved_eps: float
+    refused: dict[str, int] = field(default_factory=dict)  # requests not accepted whole, by status or error
 
 
 def make_events(
@@ -283,6 +284,7 @@ async def open_loop(
     tenants = tenant_names(shape)
     rng = random.Random(seed)
     accepted: set[str] = set()
+    refused: dict[str, int] = {}
     run_id = uuid.uuid4().hex[:6]
     interval = batch / rate
     start = time.monotonic()
@@ -298,8 +300,10 @@ async def open_loop(
                 async with session.post(url, json=events, headers={"X-Api-Key": api_key(tenant)}) as resp:
                     body = await resp.json(content_type=None)
                     accepted.update(body.get("accepted", []))
-            except (aiohttp.ClientError, TimeoutError):
-                pass
+                    if resp.status != 200:
+                        refused[f"HTTP {resp.status}"] = refused.get(f"HTTP {resp.status}", 0) + 1
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                refused[type(exc).__name__] = refused.get(type(exc).__name__, 0) + 1
 
         def post(tenant: str, events: list[dict[str, Any]]) -> None:
             task = asyncio.create_task(send(tenant, events))
@@ -328,7 +332,7 @@ async def open_loop(
         if tasks:
             await asyncio.wait(tasks, timeout=60)
     elapsed = time.monotonic() - start
-    return Load(accepted, offered + resent, resent, len(accepted) / elapsed if elapsed else 0.0)
+    return Load(accepted, offered + resent, resent, len(accepted) / elapsed if elapsed else 0.0, refused)
 
 
 @dataclass
@@ -521,6 +525,7 @@ async def run_once(
         "duration_s": duration,
         "batch": batch,
         "offered": load.offered,
+        "refused_requests": load.refused,
         "resent": load.resent,
         "accepted": len(accepted),
         "achieved_eps": round(load.achieved_eps, 1),

@@ -31,7 +31,9 @@ async def test_bench_run_of_the_production_shape_measures_every_event_at_every_s
     env = BenchEnv(kafka, redis_server, tmp_path / "bench", port_base=port_base)
     result = await run_once(env, system, rate=300, duration=4, batch=20, shape=SHAPES["production"])
     assert result["shape"] == "production"
-    assert result["accepted"] == 1200 and result["resent"] == 40  # 2 of 60 batches re-sent (the third: too late)
+    # refused_requests says why a request was not accepted whole (a status or a client error), if any was
+    assert result["accepted"] == 1200, result["refused_requests"]
+    assert result["resent"] == 40  # 2 of 60 batches re-sent (the third: too late)
     assert result["offered"] == 1240
     assert set(result["sinks"]) == {"hook", "files"}
     for sink in result["sinks"].values():  # ground truth at each sink, not one sink standing for both
