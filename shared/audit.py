@@ -31,9 +31,9 @@ from shared.codec import pack
 from shared.dlq import DeadLetter
 from shared.errors import InvalidEvent
 from shared.event import now_ms
+from shared.outcome import PASSED, Outcome
 from shared.publish import Output
 from shared.step import Record
-from shared.trace import PASSED
 
 FILTERED = "filtered:"
 
@@ -89,7 +89,7 @@ def batch_tallies(
             at_ms = record.event.ingest_ts or (msg.timestamp or 0)
         else:  # undecodable: no tenant to charge it to
             tenant, at_ms = "?", (msg.timestamp or 0)
-        outcome = dead_letter_outcome(record) if id(msg) in dead_ids else (record.outcome if record else "dlq")
+        outcome = dead_letter_outcome(record) if id(msg) in dead_ids else (record.outcome if record else Outcome.DLQ)
         bucket = int(at_ms // 1000 // bucket_s * bucket_s)
         part = parts.get((msg.topic, msg.partition))
         if part is None:
@@ -115,7 +115,7 @@ def batch_tallies(
 def dead_letter_outcome(record: Record | None) -> str:
     """A dead letter's outcome: `dlq`, unless the handler marked the event as replay traffic (`replay_dlq`,
     which the ledger keeps out of the live reconciliation, as it does replayed deliveries)."""
-    return "replay_dlq" if record is not None and record.outcome == "replay_dlq" else "dlq"
+    return Outcome.REPLAY_DLQ if record is not None and record.outcome == Outcome.REPLAY_DLQ else Outcome.DLQ
 
 
 def trace_note(record: Record, letter: DeadLetter | None) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from shared.codec import unpack
 from shared.dlq import UnsendableDeadLetter, letter_of_output, letter_output, truncated_letter
 from shared.errors import InvalidEvent
 from shared.metrics import StageMetrics
+from shared.outcome import Outcome
 from shared.publish import TOO_LARGE, BatchPublisher, Output, Published, retire, unsendable
 from shared.retry import Backoff
 from shared.step import Ownership, PartitionedState, Record, StepResult
@@ -276,7 +277,7 @@ class FlightSender:
         # Tenant and id, as the deduplicator keys events: two tenants may use the same client-chosen id.
         key = (fields.get("tenant"), fields["event_id"])
         matches = [r for r in inputs if (r.event.tenant, r.event.event_id) == key]
-        passed = [r for r in matches if r.outcome == "out"]  # not a copy the stage dropped
+        passed = [r for r in matches if r.outcome == Outcome.OUT]  # not a copy the stage dropped
         return (passed or matches)[0].message if matches else None
 
     def _records_of(self, result: StepResult) -> list[Output]:

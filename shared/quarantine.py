@@ -41,13 +41,14 @@ from shared.config import HifiConfig
 from shared.dlq import REPLAY_OF
 from shared.errors import HifiError, InvalidEvent
 from shared.event import Event, now_ms
+from shared.outcome import Outcome
 from shared.publish import Output
 from shared.schemas import CLIENT_FIELDS, Violation, client_view
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
-QUARANTINED = "quarantined"  # the tally outcome
+QUARANTINED = Outcome.QUARANTINED  # the tally outcome
 REPLAY_STAGE = "replay"  # the `accepted` tallies of replayed events
 REPLAY_CHUNK = 100  # replayed events per `accepted` tally: what an interrupted replay may leave untallied
 UNKNOWN_TYPE_LABEL = "(unknown)"  # metric label of types no schema names: clients choose them, so unbounded

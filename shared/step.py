@@ -16,6 +16,7 @@ from aiokafka.structs import ConsumerRecord
 
 from shared.dlq import DeadLetter
 from shared.event import Event
+from shared.outcome import Outcome
 from shared.publish import Output
 
 
@@ -28,7 +29,7 @@ class Record:
     # What the stage did with it, for the loss ledger: out (passed on), dup, quarantined, unrouted,
     # filtered:<sinks> (shared.audit), delivered, skipped (already delivered), canary_dropped, replayed /
     # replay_skipped (`hifi replay`). Dead letters: the runner (shared.audit.batch_tallies).
-    outcome: str = "out"
+    outcome: str = Outcome.OUT  # an Outcome, or the router's filtered:<sinks>
     # What `hifi trace` should know about an event the stage did not pass on (dedupe: the claim's holder).
     note: dict[str, Any] | None = None
 

@@ -26,21 +26,20 @@ from redis.exceptions import RedisError
 from shared import pipeline
 from shared.codec import pack, unpack
 from shared.errors import TransientError
+from shared.outcome import Outcome
 from shared.retry import Backoff
 
 log = logging.getLogger(__name__)
 
 OUTCOMES = {
-    "dup": "dropped as a duplicate",
-    "dlq": "dead-lettered",
-    "unrouted": "not routed: its tenant subscribes to no sink",
-    "skipped": "skipped: the sink's ledger had delivered it already",
-    "canary_dropped": "canary stopped at the sender (drop_canaries)",
+    Outcome.DUP: "dropped as a duplicate",
+    Outcome.DLQ: "dead-lettered",
+    Outcome.QUARANTINED: "quarantined: it broke its tenant's schema (hifi failed show)",
+    Outcome.UNROUTED: "not routed: its tenant subscribes to no sink",
+    Outcome.SKIPPED: "skipped: the sink's ledger had delivered it already",
+    Outcome.CANARY_DROPPED: "canary stopped at the sender (drop_canaries)",
 }
 """What each outcome a stage tallies means, for the trace's reader."""
-
-PASSED = ("out", "delivered")
-"""Outcomes that pass the event on: receipts and the next stage tell the rest."""
 
 STAGE_ORDER = [s.name for s in pipeline.EVENT_PATH]
 

@@ -39,15 +39,14 @@ from hdrh.histogram import HdrHistogram
 
 from shared import pipeline
 from shared.audit import filtered_sinks
+from shared.outcome import DELIVERED, REPLAYED, Outcome
 
 COLLECTOR = pipeline.COLLECTOR.name
 ACCEPTING = (COLLECTOR, "canary", "replay")  # replay: failed events re-submitted (shared/quarantine.py)
 HOPS = tuple(s.name for s in pipeline.HOPS)  # each tallies what it read, passed on and dead-lettered
 DEDUPLICATOR, ROUTER = pipeline.DEDUPLICATOR.name, pipeline.ROUTER.name  # they drop duplicates, unrouted events
-DELIVERED = ("delivered", "skipped", "canary_dropped")
-# `hifi replay` traffic in a sender's input: counted apart (totals), never in the live reconciliation.
-# `replay_dlq`: a replayed event dead-lettered; as `dlq` it would settle a live event it is not.
-REPLAYED = ("replayed", "replay_skipped", "replay_dlq")
+# DELIVERED: what a sender counts as delivered. REPLAYED: `hifi replay` traffic in a sender's input, counted
+# apart (totals), never in the live reconciliation (`replay_dlq` as `dlq` would settle a live event it is not).
 
 
 def live_reads(counts: dict[str, int]) -> int:
@@ -57,7 +56,7 @@ def live_reads(counts: dict[str, int]) -> int:
 
 def routed_to(router_counts: dict[str, int], sink: str) -> tuple[int, int]:
     """(filtered out for `sink`, passed on to `sink`) among what the router tallied as routed."""
-    filtered, passed = 0, router_counts.get("out", 0)
+    filtered, passed = 0, router_counts.get(Outcome.OUT, 0)
     for outcome, n in router_counts.items():
         sinks = filtered_sinks(outcome)
         if sink in sinks:
@@ -65,9 +64,6 @@ def routed_to(router_counts: dict[str, int], sink: str) -> tuple[int, int]:
         elif sinks:
             passed += n
     return filtered, passed
-
-
-QUARANTINED = "quarantined"  # the deduplicator's: events that broke their tenant's schema (issue 18)
 
 
 class SlidingHdr:
@@ -290,23 +286,28 @@ class LossLedger:
         if tenant == "?" or bucket_start < self.trust_from:
             return []
         c = bucket.counts
-        accepted = sum(c[s]["accepted"] for s in ACCEPTING)
-        upstream_dlq = sum(c[s]["dlq"] for s in HOPS)
+        accepted = sum(c[s][Outcome.ACCEPTED] for s in ACCEPTING)
+        upstream_dlq = sum(c[s][Outcome.DLQ] for s in HOPS)
         found = []
         for sink in self.subscribers(tenant):
             sender = pipeline.SENDER.label(sink)
             delivered = sum(c[sender][o] for o in DELIVERED)
             filtered, routed = routed_to(c[ROUTER], sink)
             accounted = (
-                delivered + c[sender]["dlq"] + upstream_dlq + c[DEDUPLICATOR]["dup"] + c[ROUTER]["unrouted"] + filtered
+                delivered
+                + c[sender][Outcome.DLQ]
+                + upstream_dlq
+                + c[DEDUPLICATOR][Outcome.DUP]
+                + c[ROUTER][Outcome.UNROUTED]
+                + filtered
             )
-            accounted += c[DEDUPLICATOR][QUARANTINED]
+            accounted += c[DEDUPLICATOR][Outcome.QUARANTINED]
             key = (tenant, sink, bucket_start)
             path = [*HOPS, sender]
             hops = [(COLLECTOR, accepted, path[0], sum(c[path[0]].values()))] + [
                 (
                     up,
-                    routed if up == ROUTER else c[up]["out"],
+                    routed if up == ROUTER else c[up][Outcome.OUT],
                     down,
                     sum(n for o, n in c[down].items() if o not in REPLAYED),
                 )

@@ -24,6 +24,7 @@ from shared.codec import encode_event
 from shared.dlq import replay_of
 from shared.errors import TransientError
 from shared.keywindow import KeyWindow
+from shared.outcome import Outcome
 from shared.quarantine import QUARANTINED, FailedEvents, SchemaGate
 from shared.service import ServiceContext
 from shared.stage import Output, Record, StageRunner, StepResult
@@ -77,7 +78,7 @@ class DedupeWindow:
                 record.event.stamp("deduplicator")
                 result.outputs.append(Output(self.output_topic, record.event.partition_key, encode_event(record.event)))
             else:
-                record.outcome = "dup"
+                record.outcome = Outcome.DUP
                 copies.append(record)
                 self.metrics.duplicates.labels("deduplicator", record.event.tenant).inc()
         if copies:

@@ -18,6 +18,7 @@ from shared.audit import filtered_outcome
 from shared.codec import pack
 from shared.config import HifiConfig
 from shared.errors import InvalidEvent
+from shared.outcome import Outcome
 from shared.service import ServiceContext
 from shared.stage import DeadLetter, Output, Record, StageRunner, StepResult
 from shared.topics import Topics
@@ -56,7 +57,7 @@ class Router:
                 continue
             sinks = self.config.subscribers(event.tenant)
             if not sinks:
-                record.outcome = "unrouted"
+                record.outcome = Outcome.UNROUTED
                 self.unrouted.labels(event.tenant).inc()
                 continue
             event.stamp("router")

@@ -46,6 +46,7 @@ from shared.errors import (
 from shared.event import now_ms
 from shared.keywindow import KeyWindow
 from shared.metrics import LagWindow, StageMetrics
+from shared.outcome import Outcome
 from shared.retry import Backoff
 from shared.service import ServiceContext
 from shared.stage import DeadLetter, Output, Record, StageRunner, StepResult
@@ -171,11 +172,11 @@ class SinkDelivery:
         for record, already in zip(records, seen, strict=True):
             key = self._key(record)
             if already or key in keys_in_batch:
-                record.outcome = "skipped"  # delivered before (a replay): the ledger stops a second copy
+                record.outcome = Outcome.SKIPPED  # delivered before (a replay): the ledger stops a second copy
                 self.skipped += 1
                 continue
             if self.drop_canaries and record.event.canary:
-                record.outcome = "canary_dropped"
+                record.outcome = Outcome.CANARY_DROPPED
                 dropped.append(record)
                 continue
             keys_in_batch.add(key)
@@ -202,13 +203,13 @@ class SinkDelivery:
         for record in records:
             if id(record.message) not in self.replay_of:
                 continue
-            if record.outcome == "delivered":
-                record.outcome = "replayed"
-            elif record.outcome == "skipped":
-                record.outcome = "replay_skipped"
-            elif record.outcome == "dead_lettered":
+            if record.outcome == Outcome.DELIVERED:
+                record.outcome = Outcome.REPLAYED
+            elif record.outcome == Outcome.SKIPPED:
+                record.outcome = Outcome.REPLAY_SKIPPED
+            elif record.outcome == Outcome.DLQ:
                 # not `dlq`: a live dead letter settles a live event; this one would cancel a real live loss
-                record.outcome = "replay_dlq"
+                record.outcome = Outcome.REPLAY_DLQ
             else:
                 continue
             self.replayed.labels(self.name, record.outcome).inc()
@@ -268,7 +269,7 @@ class SinkDelivery:
                 except PartialDelivery as partial:
                     if partial.refused is None:
                         raise
-                    rest = [r for r in todo if r.outcome != "delivered"]
+                    rest = [r for r in todo if r.outcome != Outcome.DELIVERED]
                     await self._isolate(rest, attempts, result, partial.refused)
         except TransientError as exc:
             if not isinstance(exc, CircuitOpen | SinkThrottled | SinkMisconfigured):  # could be the payload
@@ -277,7 +278,7 @@ class SinkDelivery:
                     self.isolated.clear()
                     self.last_failed_at.clear()
                 for record in todo:
-                    if record.outcome != "delivered":
+                    if record.outcome != Outcome.DELIVERED:
                         key = self._key(record)
                         self.suspect[key] = self.suspect.get(key, 0) + 1
             self.carried.extend(result.outputs)  # parts delivered before the failure stay delivered
@@ -303,7 +304,7 @@ class SinkDelivery:
         await asyncio.shield(self._mark_delivered(records))
         self._record_lag([r for r in records if id(r.message) not in self.replay_of], acked)
         for record in records:
-            record.outcome = "delivered"
+            record.outcome = Outcome.DELIVERED
             self.suspect.pop(self._key(record), None)
             self.isolated.pop(self._key(record), None)
             self.last_failed_at.pop(self._key(record), None)
@@ -345,7 +346,7 @@ class SinkDelivery:
         while level:
             next_level: list[list[Record]] = []
             for whole_part in level:
-                part = [r for r in whole_part if r.outcome != "delivered"]
+                part = [r for r in whole_part if r.outcome != Outcome.DELIVERED]
                 if not part:
                     continue
                 if rnd.requests >= rnd.max_requests or time.monotonic() - rnd.started > self.round_max_s:
@@ -363,7 +364,7 @@ class SinkDelivery:
                     raise  # about the sink, not this part
                 except PartialDelivery:
                     rnd.sink_answered(success=True)
-                    part = [r for r in part if r.outcome != "delivered"]
+                    part = [r for r in part if r.outcome != Outcome.DELIVERED]
                 except PermanentSinkError as exc:
                     rnd.sink_answered()
                     if len(part) == 1:
@@ -424,7 +425,7 @@ class SinkDelivery:
     def _outage(self, todo: list[Record]) -> None:
         """The round found the sink down: alone failures counted in it were the sink's, not the events'."""
         for record in todo:
-            if record.outcome != "delivered":
+            if record.outcome != Outcome.DELIVERED:
                 self.isolated.pop(self._key(record), None)
 
     def _settle_refused(self, held_anyway: bool = False) -> SinkMisconfigured | None:
@@ -509,7 +510,7 @@ class SinkDelivery:
         self.suspect.pop(self._key(record), None)
         self.isolated.pop(self._key(record), None)
         self.last_failed_at.pop(self._key(record), None)
-        record.outcome = "dead_lettered"
+        record.outcome = Outcome.DLQ
         self.dead_letters[id(record.message)] = DeadLetter(record.message, error, attempts)
         message = record.message
         self.unsettled.setdefault((message.topic, message.partition), {})[message.offset] = id(message)
@@ -546,7 +547,7 @@ class SinkDelivery:
                 self.throttle.on_throttled(exc.retry_after)
                 raise
             for record in todo:  # could be the payload: when it was sent
-                if record.outcome != "delivered":
+                if record.outcome != Outcome.DELIVERED:
                     self.last_failed_at[self._key(record)] = sent_at
             if self.breaker.on_failure():
                 self.circuit_gauge.labels(self.name).set(1)
@@ -567,7 +568,7 @@ class SinkDelivery:
         first = part[0].message
         group = self.groups.get((first.topic, first.partition), part)
         in_part = {id(r) for r in part}
-        undone = [r.message.offset for r in group if r.outcome != "delivered" and id(r) not in in_part]
+        undone = [r.message.offset for r in group if r.outcome != Outcome.DELIVERED and id(r) not in in_part]
         unsettled = self._unsettled_from(first.topic, first.partition)
         if unsettled is not None:
             undone.append(unsettled)
