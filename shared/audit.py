@@ -189,6 +189,21 @@ def trace_note(record: Record, letter: DeadLetter | None) -> dict[str, Any]:
     if letter is not None:
         error = letter.error
         note["reason"] = error.reason if isinstance(error, InvalidEvent) else type(error).__name__
-        note["error"] = str(error)[:300]
+        note["error"] = error_code(error)
         note["attempts"] = letter.attempts
     return note
+
+
+def error_code(error: BaseException) -> str:
+    """What a tally and the trace index say about an error: its class, HTTP status or SQLSTATE, never its text,
+    which can quote the event's data (the full text stays in the dead letter)."""
+    seen: BaseException | None = error
+    while seen is not None:  # the first cause down the chain that carries a code
+        status = getattr(seen, "status", None)
+        if isinstance(status, int):
+            return f"status {status}"
+        sqlstate = getattr(seen, "sqlstate", None)
+        if sqlstate:
+            return f"sqlstate {sqlstate}"
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return type(error).__name__
