@@ -130,9 +130,9 @@ def make_auditor(tmp_path: Path, settings: Settings) -> Auditor:
 
 def test_trace_index_url_comes_from_its_own_setting(redis_server, namespace, tmp_path):
     settings = Settings.from_env({"HIFI_REDIS_URL": "redis://127.0.0.1:6404/3", "HIFI_NAMESPACE": namespace})
-    assert settings.trace_redis_url == "redis://127.0.0.1:6404/4"  # default: same server, the next db
+    assert settings.trace_index_url == "redis://127.0.0.1:6404/4"  # default: same server, the next db
     own = Settings.from_env({"HIFI_REDIS_URL": "redis://a:1/0", "HIFI_TRACE_REDIS_URL": "redis://b:2/5"})
-    assert own.trace_redis_url == "redis://b:2/5"
+    assert own.trace_index_url == "redis://b:2/5"
     auditor = make_auditor(tmp_path, own)
     assert auditor.trace.client.connection_pool.connection_kwargs["host"] == "b"
 
@@ -164,8 +164,9 @@ async def test_a_slow_redis_does_not_hold_up_the_auditors_reading(redis_server, 
     try:
         started = time.monotonic()
         for i in range(3):
+            events = [[i, f"e{i}", "dup", "acme", {}]]
             auditor.on_tally({"stage": "deduplicator", "topic": "e", "partition": 0, "first": i, "at": 1.0,
-                              "runs": [["acme", 100, "dup", 1]], "events": [[i, f"e{i}", "dup", "acme", {}]]})  # fmt: skip
+                              "runs": [["acme", 100, "dup", 1]], "events": events})  # fmt: skip
             await asyncio.wait_for(index.flush(), 5.0)  # what the reader awaits after each batch
         assert time.monotonic() - started < 1.0
         deadline = time.monotonic() + 10
