@@ -84,6 +84,7 @@ end
 return #KEYS
 """
 CHUNK = 500  # events per script call: Redis runs a script alone, so keep each short
+MEMORY_CHECK_S = 5.0  # how often the writer asks the server how full it is
 MORE = "#more"  # a hash's count of the facts it did not keep
 SAFE_ERROR = re.compile(r"^(status \d+|sqlstate \w+|\w+)$")  # shared.audit.error_code's forms
 
@@ -104,6 +105,7 @@ class TraceIndex:
         max_pending: int = 200_000,
         max_fields: int = 64,
         registry: CollectorRegistry | None = None,
+        memory_ceiling: float = 0.8,
     ) -> None:
         self.client = aioredis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
         self.prefix = f"hifi:{namespace}:trace:"
@@ -124,6 +126,11 @@ class TraceIndex:
         self.failures = 0
         self.retry_at = 0.0  # monotonic: while Redis fails, the writer backs off
         self._warned_at = 0.0
+        # Past this share of the server's maxmemory the index stops writing: on a server it shares with dedupe
+        # claims and ledgers (noeviction), its facts must not be what makes a claim fail with OOM.
+        self.memory_ceiling = memory_ceiling
+        self.memory_checked_at = -MEMORY_CHECK_S
+        self.memory_full = False
         self._write = self.client.register_script(WRITE_FACTS)
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -241,6 +248,9 @@ class TraceIndex:
         batch, self.pending = self.pending, {}
         items = list(batch.items())
         try:
+            if await self._memory_full():  # dropped and counted: the pipeline's keys come first
+                self._drop(sum(len(fields) for fields in batch.values()))
+                return 0
             for start in range(0, len(items), CHUNK):
                 chunk = items[start : start + CHUNK]
                 args: list[Any] = [self.ttl_ms, self.max_fields, *(len(fields) for _, fields in chunk)]
@@ -272,6 +282,16 @@ class TraceIndex:
             )
             self.dropping_since = None
         return len(batch)
+
+    async def _memory_full(self) -> bool:
+        """Whether the server is past `memory_ceiling` of its maxmemory (asked every MEMORY_CHECK_S)."""
+        now = time.monotonic()
+        if now - self.memory_checked_at >= MEMORY_CHECK_S:
+            self.memory_checked_at = now
+            info = await self.client.info("memory")
+            limit = int(info.get("maxmemory", 0))
+            self.memory_full = limit > 0 and int(info["used_memory"]) >= self.memory_ceiling * limit
+        return self.memory_full
 
     # -- a trace out -----------------------------------------------------------------------------
 

@@ -4,12 +4,14 @@ counts complete, one event id's hash capped, sink error text kept out, a slow Re
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from aiokafka.structs import ConsumerRecord
+from prometheus_client import CollectorRegistry
 
 from services.auditor.app import Auditor
 from services.auditor.ledger import LossLedger
@@ -174,4 +176,34 @@ async def test_a_slow_redis_does_not_hold_up_the_auditors_reading(redis_server, 
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
     finally:
+        await index.close()
+
+
+async def test_dropped_facts_are_counted_and_logged_once_per_episode(redis_server, namespace, caplog):
+    registry = CollectorRegistry()
+    index = TraceIndex("redis://127.0.0.1:1/0", namespace, ttl_s=60, max_pending=2, registry=registry)
+    try:
+        with caplog.at_level(logging.WARNING, logger="shared.trace"):
+            for event_id in ("a", "b", "c", "d"):
+                index.add_receipt({"sink": "hook", "delivered_ts": 5.0, "events": [[event_id, "acme", 1.0, 1, False]],
+                                   "trace": [["k", {}, "s:0:0"]]})  # fmt: skip
+        assert index.dropped == 4 and registry.get_sample_value("hifi_trace_facts_dropped_total") == 4
+        assert sum("dropping facts" in r.getMessage() for r in caplog.records) == 1  # one line per episode
+    finally:
+        await index.close()
+
+
+async def test_the_index_stops_writing_near_the_servers_maxmemory(redis_server, namespace):
+    """On a server shared with dedupe claims (noeviction), the index's facts must not be what runs it out."""
+    index = TraceIndex(redis_server.url, namespace, ttl_s=60)
+    before = await index.client.config_get("maxmemory")
+    try:
+        used = int((await index.client.info("memory"))["used_memory"])
+        await index.client.config_set("maxmemory", str(int(used * 1.1)))  # 91 % full: past the 80 % ceiling
+        index.add_receipt({"sink": "hook", "delivered_ts": 5.0, "events": [["full", "acme", 1.0, 1, False]],
+                           "trace": [["k", {}, "s:0:0"]]})  # fmt: skip
+        assert await index.write_pending() == 0 and index.dropped == 2
+        assert not (await index.lookup("full"))["found"]
+    finally:
+        await index.client.config_set("maxmemory", before["maxmemory"])
         await index.close()
