@@ -11,7 +11,8 @@ on-time SLI. Its `trace` holds, per event in the same order, `[idempotency_key, 
 stage timestamps and the sink topic's `topic:partition:offset`), for `hifi trace` (shared/trace.py).
 
 A stage's tally also lists the events it did not pass on (`events`: `[offset, event_id, outcome,
-tenant, note]`), and the collector's names where each accepted event was written (`accepted`).
+tenant, note]`; a dead letter's note has its reason, error code (`error_code`: never the error's text)
+and attempts), and the collector's names where each accepted event was written (`accepted`).
 
 Outcomes: accepted, out, dup, dlq, unrouted, delivered, skipped, canary_dropped, quarantined (the deduplicator's:
 broke the tenant's schema); the router's

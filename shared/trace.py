@@ -3,13 +3,16 @@
 The pipeline partitions by `tenant:device`, which an event id alone does not give, and a trace must not
 read an hour of topics. So the auditor, which reads every tally and receipt anyway, writes what they say
 about each event into one small Redis hash per event id (`hifi:<namespace>:trace:<event_id>`, TTL
-`audit.trace_ttl_s`); `hifi trace` and the auditor's `/trace/<event_id>` read it back in one round trip.
+`audit.trace_ttl_s`, at most `max_fields` facts); `hifi trace` and the auditor's `/trace/<event_id>` read it
+back in one round trip. The index has its own Redis URL (`Settings.trace_index_url`), so production can keep
+it off the server that holds dedupe claims.
 
 What the facts come from:
 - the collector's tally: when it accepted the event, and where (raw topic, partition, offset);
-- a sender's receipt: the event's stage timestamps, the sink's ack time, attempts, idempotency key;
+- a sender's receipt: the event's stage timestamps, the sink's ack time, attempts, idempotency key (one fact
+  per delivery: a duplicate delivery does not overwrite the first);
 - any stage's tally: the events it did not pass on, with their outcome (`dup`, `dlq`, `unrouted`, ...)
-  and a note (the deduplicator: which message holds the claim; dead letters: reason and attempts).
+  and a note (the deduplicator: which message holds the claim; dead letters: reason, error code, attempts).
 
 A new outcome needs one line in OUTCOMES (its text); without it the trace shows its name.
 """
