@@ -11,13 +11,19 @@ on-time SLI. Its `trace` holds, per event in the same order, `[idempotency_key, 
 stage timestamps and the sink topic's `topic:partition:offset`), for `hifi trace` (shared/trace.py).
 
 A stage's tally also lists the events it did not pass on (`events`: `[offset, event_id, outcome,
-tenant, note]`), and the collector's names where each accepted event was written (`accepted`).
+tenant, note]`; a dead letter's note has its reason, error code (`error_code`: never the error's text)
+and attempts), and the collector's names where each accepted event was written (`accepted`).
 
 Outcomes: accepted, out, dup, dlq, unrouted, delivered, skipped, canary_dropped, quarantined (the deduplicator's:
 broke the tenant's schema); the router's
 `filtered:<sink>,<sink>`: routed, but those sinks' filters or consent took it out (`filtered_outcome`);
 and for `hifi replay` traffic replayed / replay_skipped (kept out of the live loss ledger).
 Buckets are event time: `ingest_ts` rounded down to `bucket_s` seconds (epoch seconds).
+
+Size: a record over Kafka's max request size (1 MB) would be dead-lettered and its counts lost, so a
+tally or receipt over `RECORD_BUDGET` is split into several, each complete for what it lists: a tally's
+runs split at a run boundary with `first` moved on (the ledger counts offsets, so the parts add up to
+the whole), and a part may carry only `events` (runs `[]`); a receipt splits its `events` and `trace` alike.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from shared.publish import Output
 from shared.step import Record
 
 FILTERED = "filtered:"
+RECORD_BUDGET = 512 * 1024  # bytes per tally or receipt value: half of Kafka's default max request size
 
 
 def filtered_outcome(sinks: list[str]) -> str:
@@ -58,6 +65,63 @@ def accepted_tally(stage: str, tenant: str, bucket: int, count: int, accepted: d
     if accepted is not None:
         tally["accepted"] = accepted
     return pack(tally)
+
+
+def accepted_tallies(
+    stage: str, tenant: str, bucket: int, count: int, accepted: dict[str, Any], budget: int = RECORD_BUDGET
+) -> list[bytes]:
+    """`accepted_tally`, split under `budget`: each part counts the events it lists (the first also any
+    unlisted rest), so the parts' counts add up to `count`."""
+    value = accepted_tally(stage, tenant, bucket, count, accepted)
+    events = accepted["events"]
+    if len(value) <= budget or len(events) < 2:
+        return [value]
+    half = len(events) // 2
+    right = min(count, len(events) - half)
+    return [
+        *accepted_tallies(stage, tenant, bucket, count - right, {**accepted, "events": events[:half]}, budget),
+        *accepted_tallies(stage, tenant, bucket, right, {**accepted, "events": events[half:]}, budget),
+    ]
+
+
+def receipts(
+    sink: str,
+    delivered_ts: float,
+    rows: list[list[Any]],
+    trace: list[list[Any]] | None = None,
+    budget: int = RECORD_BUDGET,
+) -> list[bytes]:
+    """`receipt`, split under `budget` into receipts of consecutive rows (each with its rows' trace)."""
+    value = receipt(sink, delivered_ts, rows, trace)
+    if len(value) <= budget or len(rows) < 2:
+        return [value]
+    half = len(rows) // 2
+    return [
+        *receipts(sink, delivered_ts, rows[:half], None if trace is None else trace[:half], budget),
+        *receipts(sink, delivered_ts, rows[half:], None if trace is None else trace[half:], budget),
+    ]
+
+
+def split_tally(part: dict[str, Any], budget: int = RECORD_BUDGET) -> list[bytes]:
+    """A stage's tally of one partition, split under `budget`: runs at a run boundary (the right part's `first`
+    moves past the left's counts), events in halves; the ledger's offsets and counts add up to the whole."""
+    value = pack(part)
+    runs, events = part["runs"], part.get("events", [])
+    if len(value) <= budget or (len(runs) < 2 and len(events) < 2):
+        return [value]
+    if len(runs) >= 2:
+        cut = len(runs) // 2
+        left = {**part, "runs": runs[:cut]}
+        right = {**part, "runs": runs[cut:], "first": part["first"] + sum(run[3] for run in runs[:cut])}
+    else:  # one run: it stays left; the right part only lists events (an empty range to the ledger)
+        left, right = {**part}, {**part, "runs": []}
+    half = len(events) // 2
+    if events:
+        left["events"], right["events"] = events[:half], events[half:]
+    for side in (left, right):
+        if not side.get("events", True):
+            del side["events"]
+    return [*split_tally(left, budget), *split_tally(right, budget)]
 
 
 def receipt(sink: str, delivered_ts: float, rows: list[list[Any]], trace: list[list[Any]] | None = None) -> bytes:
@@ -109,7 +173,8 @@ def batch_tallies(
             note = trace_note(record, dead_ids.get(id(msg)))
             part.setdefault("events", []).append([msg.offset, record.event.event_id, outcome, tenant, note])
     at = now_ms()
-    return [Output(topic, stage.encode(), pack({**part, "at": at})) for part in parts.values()]
+    key = stage.encode()
+    return [Output(topic, key, value) for part in parts.values() for value in split_tally({**part, "at": at})]
 
 
 def dead_letter_outcome(record: Record | None) -> str:
@@ -125,6 +190,21 @@ def trace_note(record: Record, letter: DeadLetter | None) -> dict[str, Any]:
     if letter is not None:
         error = letter.error
         note["reason"] = error.reason if isinstance(error, InvalidEvent) else type(error).__name__
-        note["error"] = str(error)[:300]
+        note["error"] = error_code(error)
         note["attempts"] = letter.attempts
     return note
+
+
+def error_code(error: BaseException) -> str:
+    """What a tally and the trace index say about an error: its class, HTTP status or SQLSTATE, never its text,
+    which can quote the event's data (the full text stays in the dead letter)."""
+    seen: BaseException | None = error
+    while seen is not None:  # the first cause down the chain that carries a code
+        status = getattr(seen, "status", None)
+        if isinstance(status, int):
+            return f"status {status}"
+        sqlstate = getattr(seen, "sqlstate", None)
+        if sqlstate:
+            return f"sqlstate {sqlstate}"
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return type(error).__name__

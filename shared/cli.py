@@ -141,7 +141,7 @@ def run_trace(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
 
     async def lookup() -> dict[str, object]:
-        index = TraceIndex(settings.redis_url, settings.namespace)
+        index = TraceIndex(settings.trace_index_url, settings.namespace)
         try:
             return await index.lookup(args.event_id, args.tenant)
         finally:

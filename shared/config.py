@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -405,6 +406,8 @@ class Settings:
     config_path: str = "config/hifi.yaml"  # HIFI_CONFIG
     broker: str = "127.0.0.1:9092"  # HIFI_BROKER: host:port[,host:port]
     redis_url: str = "redis://127.0.0.1:6379/0"  # HIFI_REDIS_URL
+    # The `hifi trace` index (the auditor writes it, `hifi trace` reads it); default: `trace_index_url`.
+    trace_redis_url: str | None = None  # HIFI_TRACE_REDIS_URL
     data_dir: str = "var"  # HIFI_DATA_DIR: RocksDB tables and file sinks
     web_host: str = "127.0.0.1"  # HIFI_WEB_HOST
     # How other workers reach this one (table lookups are forwarded to the owner); default: web_host,
@@ -436,6 +439,7 @@ class Settings:
         "config_path": "HIFI_CONFIG",
         "broker": "HIFI_BROKER",
         "redis_url": "HIFI_REDIS_URL",
+        "trace_redis_url": "HIFI_TRACE_REDIS_URL",
         "data_dir": "HIFI_DATA_DIR",
         "web_host": "HIFI_WEB_HOST",
         "advertised_host": "HIFI_ADVERTISED_HOST",
@@ -489,10 +493,22 @@ class Settings:
             value = getattr(self, f.name)
             if f.name in ("read_token", "admin_token", "sentry_dsn") and value:
                 value = "[redacted]"
-            elif f.name == "redis_url":
+            elif f.name in ("redis_url", "trace_redis_url") and value:
                 value = re.sub(r"//[^@/]*@", "//[redacted]@", value)
             shown.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(shown)})"
+
+    @property
+    def trace_index_url(self) -> str:
+        """Where the trace index lives: HIFI_TRACE_REDIS_URL, else the pipeline's Redis server in the next db
+        (its own keyspace, but the same memory: production should give it its own server, see README)."""
+        if self.trace_redis_url:
+            return self.trace_redis_url
+        parts = urlsplit(self.redis_url)
+        if parts.scheme not in ("redis", "rediss"):
+            return self.redis_url
+        db = int(parts.path.strip("/") or 0)
+        return urlunsplit(parts._replace(path=f"/{db + 1 if db < 15 else db - 1}"))
 
     def as_env(self) -> dict[str, str]:
         return {self.ENV[f.name]: str(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}

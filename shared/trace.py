@@ -3,24 +3,30 @@
 The pipeline partitions by `tenant:device`, which an event id alone does not give, and a trace must not
 read an hour of topics. So the auditor, which reads every tally and receipt anyway, writes what they say
 about each event into one small Redis hash per event id (`hifi:<namespace>:trace:<event_id>`, TTL
-`audit.trace_ttl_s`); `hifi trace` and the auditor's `/trace/<event_id>` read it back in one round trip.
+`audit.trace_ttl_s`, at most `max_fields` facts); `hifi trace` and the auditor's `/trace/<event_id>` read it
+back in one round trip. The index has its own Redis URL (`Settings.trace_index_url`), so production can keep
+it off the server that holds dedupe claims.
 
 What the facts come from:
 - the collector's tally: when it accepted the event, and where (raw topic, partition, offset);
-- a sender's receipt: the event's stage timestamps, the sink's ack time, attempts, idempotency key;
+- a sender's receipt: the event's stage timestamps, the sink's ack time, attempts, idempotency key (one fact
+  per delivery: a duplicate delivery does not overwrite the first);
 - any stage's tally: the events it did not pass on, with their outcome (`dup`, `dlq`, `unrouted`, ...)
-  and a note (the deduplicator: which message holds the claim; dead letters: reason and attempts).
+  and a note (the deduplicator: which message holds the claim; dead letters: reason, error code, attempts).
 
 A new outcome needs one line in OUTCOMES (its text); without it the trace shows its name.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import time
 from typing import Any
 
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, Counter
 from redis.exceptions import RedisError
 
 from shared import pipeline
@@ -48,39 +54,88 @@ def describe(outcome: str) -> str:
     return OUTCOMES.get(outcome, outcome)
 
 
-# KEYS: one hash per event; ARGV: ttl ms, then each key's field count, then every field and value in order.
-# One script call per chunk of events: redis-py builds and parses a command in Python (~40 us each), and
-# an HSET plus a PEXPIRE per event cost the auditor about 100 us of CPU per event.
+# KEYS: one hash per event; ARGV: ttl ms, fields per hash, then each key's field count, then every field and
+# value in order. One script call per chunk of events: redis-py builds and parses a command in Python (~40 us
+# each), and an HSET plus a PEXPIRE per event cost the auditor about 100 us of CPU per event. A hash keeps at
+# most `max_fields` facts (an id every client sends, like "undefined", would grow without bound): the rest
+# are counted in its `#more` field, not stored.
 WRITE_FACTS = """
 local ttl = ARGV[1]
-local at = #KEYS + 2
+local cap = tonumber(ARGV[2])
+local at = #KEYS + 3
 for i, key in ipairs(KEYS) do
-  local n = tonumber(ARGV[i + 1])
-  redis.call('HSET', key, unpack(ARGV, at, at + 2 * n - 1))
+  local n = tonumber(ARGV[i + 2])
+  local room = cap - redis.call('HLEN', key)
+  local over = 0
+  for j = 0, n - 1 do
+    local field, value = ARGV[at + 2 * j], ARGV[at + 2 * j + 1]
+    if field == '#more' then
+      over = over + tonumber(value)
+    elseif room > 0 or redis.call('HEXISTS', key, field) == 1 then
+      room = room - redis.call('HSET', key, field, value)
+    else
+      over = over + 1
+    end
+  end
+  if over > 0 then
+    redis.call('HINCRBY', key, '#more', over)
+  end
   redis.call('PEXPIRE', key, ttl)
   at = at + 2 * n
 end
 return #KEYS
 """
 CHUNK = 500  # events per script call: Redis runs a script alone, so keep each short
+MEMORY_CHECK_S = 5.0  # how often the writer asks the server how full it is
+MORE = "#more"  # a hash's count of the facts it did not keep
+SAFE_ERROR = re.compile(r"^(status \d+|sqlstate \w+|\w+)$")  # shared.audit.error_code's forms
 
 
 class TraceIndex:
-    """Writes facts about events into one Redis hash per event id, and reads a trace back."""
+    """Writes facts about events into one Redis hash per event id, and reads a trace back.
 
-    def __init__(self, redis_url: str, namespace: str, ttl_s: float = 3600.0, max_pending: int = 200_000) -> None:
+    `flush` hands what was added to a background writer and returns at once: a slow or absent Redis never
+    holds up the auditor's reading (its ledger and SLIs). Facts wait in `pending` (at most `max_pending`
+    events); past that they are dropped and counted (`dropped`, metric `hifi_trace_facts_dropped_total`),
+    logged once per episode."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        namespace: str,
+        ttl_s: float = 3600.0,
+        max_pending: int = 200_000,
+        max_fields: int = 64,
+        registry: CollectorRegistry | None = None,
+        memory_ceiling: float = 0.8,
+    ) -> None:
         self.client = aioredis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
         self.prefix = f"hifi:{namespace}:trace:"
         self.ttl_ms = int(ttl_s * 1000)
         self.max_pending = max_pending
+        self.max_fields = max_fields
         self.pending: dict[str, dict[str, bytes]] = {}
         self.written = 0
         self.dropped = 0  # facts given up while Redis was away and the buffer was full
+        self.unreadable = 0  # tallies and receipts whose trace facts could not be read (the auditor's count)
+        self.dropped_metric = Counter(
+            "hifi_trace_facts_dropped",
+            "Facts about events the trace index dropped: its buffer was full while Redis was slow or away",
+            registry=registry,
+        ) if registry is not None else None  # fmt: skip
+        self.dropping_since: float | None = None  # monotonic: the current episode of drops, for one log line
         self.backoff = Backoff(base_s=0.5, ceiling_s=30.0)
         self.failures = 0
-        self.retry_at = 0.0  # monotonic: while Redis fails, the auditor's reading does not wait on it
+        self.retry_at = 0.0  # monotonic: while Redis fails, the writer backs off
         self._warned_at = 0.0
+        # Past this share of the server's maxmemory the index stops writing: on a server it shares with dedupe
+        # claims and ledgers (noeviction), its facts must not be what makes a claim fail with OOM.
+        self.memory_ceiling = memory_ceiling
+        self.memory_checked_at = -MEMORY_CHECK_S
+        self.memory_full = False
         self._write = self.client.register_script(WRITE_FACTS)
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
 
     def key(self, event_id: str) -> str:
         return f"{self.prefix}{event_id}"
@@ -89,10 +144,25 @@ class TraceIndex:
         entry = self.pending.get(event_id)
         if entry is None:
             if len(self.pending) >= self.max_pending:
-                self.dropped += 1
+                self._drop()
                 return
             entry = self.pending[event_id] = {}
+        if field not in entry and len(entry) >= self.max_fields:  # counted, not kept: as the hash would
+            entry[MORE] = b"%d" % (int(entry.get(MORE, b"0")) + 1)
+            return
         entry[field] = pack(fact)
+
+    def _drop(self, n: int = 1) -> None:
+        self.dropped += n
+        if self.dropped_metric is not None:
+            self.dropped_metric.inc(n)
+        if self.dropping_since is None:
+            self.dropping_since = time.monotonic()
+            log.warning(
+                "trace index: %d events waiting for Redis, dropping facts until it catches up (hifi trace will "
+                "miss them; counts are unaffected)",
+                len(self.pending),
+            )
 
     # -- facts in --------------------------------------------------------------------------------
 
@@ -116,6 +186,8 @@ class TraceIndex:
                 )
         for offset, event_id, outcome, tenant, note in tally.get("events", ()):
             source = f"{tally.get('topic')}:{tally.get('partition')}:{offset}"
+            if note and not SAFE_ERROR.match(str(note.get("error", "-"))):  # a tally from before error codes
+                note = {k: v for k, v in note.items() if k != "error"}
             self._put(
                 event_id,
                 f"outcome|{tenant}|{stage}|{source}",
@@ -127,19 +199,49 @@ class TraceIndex:
         traced = receipt.get("trace")
         if not traced:  # a receipt from a sender before traces: lag only
             return
-        sink = receipt["sink"]
+        sink, acked = receipt["sink"], receipt["delivered_ts"]
         for row, (key, stages, source) in zip(receipt["events"], traced, strict=False):
             event_id, tenant, ingest_ts, attempts = row[0], row[1], row[2], row[3]
-            self._put(event_id, f"path|{tenant}", {"kind": "path", "tenant": tenant, "stages": stages})
+            # per delivery (its sink topic's source): a second delivery does not overwrite the first
             self._put(
                 event_id,
-                f"sink|{tenant}|{sink}",
-                {"kind": "sink", "tenant": tenant, "sink": sink, "acked_ts": receipt["delivered_ts"],
+                f"path|{tenant}|{source}",
+                {"kind": "path", "tenant": tenant, "stages": stages, "acked_ts": acked, "source": source},
+            )
+            self._put(
+                event_id,
+                f"sink|{tenant}|{sink}|{source}",
+                {"kind": "sink", "tenant": tenant, "sink": sink, "acked_ts": acked,
                  "attempts": attempts, "idempotency_key": key, "source": source, "ingest_ts": ingest_ts},
             )  # fmt: skip
 
     async def flush(self) -> int:
-        """Write what was added since the last flush, pipelined; kept for the next flush if Redis fails."""
+        """Hand what was added to the background writer and return at once; the number of events waiting."""
+        if self.ttl_ms <= 0:
+            self.pending = {}
+            return 0
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_forever(), name="trace-index-writer")
+        self._wake.set()
+        return len(self.pending)
+
+    async def _write_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.pending:
+                delay = self.retry_at - time.monotonic()
+                if delay > 0:  # backing off after a failure (bounded by the Backoff's ceiling)
+                    await asyncio.sleep(delay)
+                try:
+                    await self.write_pending()
+                except Exception:  # a bug must not end the writer for good: log, back off, go on
+                    log.exception("trace index: writing facts failed")
+                    self.failures += 1
+                    self.retry_at = time.monotonic() + self.backoff.delay(self.failures)
+
+    async def write_pending(self) -> int:
+        """Write what was added since the last write, pipelined; kept for the next write if Redis fails."""
         if not self.pending or self.ttl_ms <= 0:
             self.pending = {}
             return 0
@@ -148,9 +250,12 @@ class TraceIndex:
         batch, self.pending = self.pending, {}
         items = list(batch.items())
         try:
+            if await self._memory_full():  # dropped and counted: the pipeline's keys come first
+                self._drop(sum(len(fields) for fields in batch.values()))
+                return 0
             for start in range(0, len(items), CHUNK):
                 chunk = items[start : start + CHUNK]
-                args: list[Any] = [self.ttl_ms, *(len(fields) for _, fields in chunk)]
+                args: list[Any] = [self.ttl_ms, self.max_fields, *(len(fields) for _, fields in chunk)]
                 for _, fields in chunk:
                     for field, value in fields.items():
                         args += (field, value)
@@ -161,7 +266,7 @@ class TraceIndex:
                     if event_id in self.pending or len(self.pending) < self.max_pending:
                         self.pending.setdefault(event_id, {}).setdefault(field, value)
                     else:
-                        self.dropped += 1
+                        self._drop()
             self.failures += 1
             now = time.monotonic()
             self.retry_at = now + self.backoff.delay(self.failures)
@@ -171,36 +276,69 @@ class TraceIndex:
             return 0
         self.failures = 0
         self.written += len(batch)
+        if self.dropping_since is not None and len(self.pending) < self.max_pending // 2:
+            log.warning(
+                "trace index: caught up after %.0f s; %d facts dropped so far",
+                time.monotonic() - self.dropping_since,
+                self.dropped,
+            )
+            self.dropping_since = None
         return len(batch)
+
+    async def _memory_full(self) -> bool:
+        """Whether the server is past `memory_ceiling` of its maxmemory (asked every MEMORY_CHECK_S)."""
+        now = time.monotonic()
+        if now - self.memory_checked_at >= MEMORY_CHECK_S:
+            self.memory_checked_at = now
+            info = await self.client.info("memory")
+            limit = int(info.get("maxmemory", 0))
+            self.memory_full = limit > 0 and int(info["used_memory"]) >= self.memory_ceiling * limit
+        return self.memory_full
 
     # -- a trace out -----------------------------------------------------------------------------
 
     async def lookup(self, event_id: str, tenant: str | None = None) -> dict[str, Any]:
         """The event's path per tenant: accepted, stage timestamps, each sink's delivery or dead letter,
         and every stage that did not pass it on."""
-        try:
+        try:  # bounded: a hash holds at most max_fields facts and its `#more` count
             raw = await self.client.hgetall(self.key(event_id))
         except (RedisError, OSError) as exc:
             raise TransientError(f"trace index unavailable: {exc}") from exc
+        more = int(raw.pop(MORE.encode(), 0))
         tenants: dict[str, dict[str, Any]] = {}
+        first_path: dict[str, tuple[Any, ...]] = {}
         for value in raw.values():
             fact = unpack(value)
             if tenant is not None and fact["tenant"] != tenant:
                 continue
-            path = tenants.setdefault(fact["tenant"], {"accepted": None, "stages": {}, "sinks": {}, "dropped": []})
+            path = tenants.setdefault(
+                fact["tenant"], {"accepted": None, "stages": {}, "sinks": {}, "dropped": [], "more_facts": more}
+            )
             kind = fact["kind"]
             if kind == "accepted":  # the first copy's, whose path the stamps show; later copies counted
                 copies = (path["accepted"] or {}).get("copies", 0) + 1
-                if path["accepted"] is None or fact["ingest_ts"] < path["accepted"]["ingest_ts"]:
+                order = ("ingest_ts", "partition", "offset")  # ties on ingest_ts: the lower partition, offset
+                if path["accepted"] is None or [fact[k] for k in order] < [path["accepted"][k] for k in order]:
                     path["accepted"] = {k: fact[k] for k in ("ingest_ts", "topic", "partition", "offset")}
                 path["accepted"]["copies"] = copies
-            elif kind == "path":
-                path["stages"] = fact["stages"]
-            elif kind == "sink":
-                path["sinks"][fact["sink"]] = {
+            elif kind == "path":  # the first delivery's stamps (a receipt from before per-delivery facts: as is)
+                order_key = (fact.get("acked_ts") or 0, fact.get("source") or "")
+                if fact["tenant"] not in first_path or order_key < first_path[fact["tenant"]]:
+                    first_path[fact["tenant"]] = order_key
+                    path["stages"] = fact["stages"]
+            elif kind == "sink":  # the first delivery to the sink; later ones (a duplicate) counted
+                known = path["sinks"].get(fact["sink"])
+                delivery = {
                     "status": "delivered",
                     **{k: fact[k] for k in ("acked_ts", "attempts", "idempotency_key", "source")},
                 }
+                if known is None or known["status"] != "delivered":
+                    path["sinks"][fact["sink"]] = {**delivery, "deliveries": 1}
+                else:
+                    deliveries = known["deliveries"] + 1
+                    if (delivery["acked_ts"], delivery["source"]) < (known["acked_ts"], known["source"]):
+                        known.update(delivery)
+                    known["deliveries"] = deliveries
             else:
                 _add_outcome(path, fact)
         for path in tenants.values():
@@ -219,6 +357,9 @@ class TraceIndex:
         return {"event_id": event_id, "found": bool(tenants), "tenants": dict(sorted(tenants.items()))}
 
     async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
         await self.client.aclose()
 
 
@@ -284,10 +425,13 @@ def render(trace: dict[str, Any]) -> str:
                 lines.append(
                     f"  sink {sink:<20} {since(step['acked_ts'])}  delivered, attempts {step['attempts']}, "
                     f"idempotency key {step['idempotency_key']}"
+                    + (f" ({step['deliveries']} deliveries; the first shown)" if step.get("deliveries", 1) > 1 else "")
                 )
             else:
                 line = f"  sink {sink:<20} {since(step['at'])}  {step['text']} at {step['stage']}"
                 if step["outcome"] == "dlq":
                     line += f" (attempts {step.get('attempts')}): {step.get('reason')}: {step.get('error')}"
                 lines.append(line)
+        if path.get("more_facts"):
+            lines.append(f"  ({path['more_facts']} more facts about this id were counted, not kept)")
     return "\n".join(lines)

@@ -92,7 +92,7 @@ async def test_trace_delivered_duplicate_and_dead_lettered(
     )
     settings = settings_for(config, read_token=TOKEN)
     pipeline = await start_pipeline(settings, auditor=True)
-    index = TraceIndex(settings.redis_url, namespace)
+    index = TraceIndex(settings.trace_index_url, namespace)
     try:
         assert (await post(pipeline.collector_url, "k", [event("ok-1", "d1"), event("copy-1", "d2")]))[0] == 200
         await wait_for(lambda: len(hook.received) >= 2, 60, "first delivery", pipeline)
@@ -240,7 +240,7 @@ async def test_trace_index_reads_back_what_tallies_and_receipts_say(redis_server
         )
         tally = {"stage": "filter", "topic": "unique", "partition": 1, "first": 9, "runs": [], "at": 1050.0}
         index.add_tally({**tally, "events": [[9, "e1", "filtered", "acme", {"rule": "no-bots"}]]})
-        assert await index.flush() == 1
+        assert await index.write_pending() == 1
         found = await index.lookup("e1")
         path = found["tenants"]["acme"]
         assert path["accepted"] == {"ingest_ts": 1000.0, "topic": "raw", "partition": 2, "offset": 7, "copies": 1}
@@ -251,6 +251,7 @@ async def test_trace_index_reads_back_what_tallies_and_receipts_say(redis_server
             "attempts": 2,
             "idempotency_key": "hook:acme:e1",
             "source": "s:1:4",
+            "deliveries": 1,
         }
         (step,) = path["dropped"]
         assert step["text"] == "filtered" and step["rule"] == "no-bots" and step["source"] == "unique:1:9"
@@ -269,12 +270,12 @@ async def test_trace_index_keeps_facts_while_redis_is_away(redis_server, namespa
         for event_id in ("a", "b", "c"):
             index.add_receipt(unpack(receipt("hook", 5.0, [[event_id, "acme", 1.0, 1, False]], [["k", {}, "s:0:0"]])))
         assert index.dropped == 2 and len(index.pending) == 2  # bounded: both facts of the third event
-        assert await index.flush() == 0 and len(index.pending) == 2 and index.retry_at > time.monotonic() - 1
-        assert await index.flush() == 0  # backing off: no second wait on a dead Redis
+        assert await index.write_pending() == 0 and len(index.pending) == 2 and index.retry_at > time.monotonic() - 1
+        assert await index.write_pending() == 0  # backing off: no second wait on a dead Redis
         await index.client.aclose()
         index.client = aioredis.from_url(redis_server.url)
         index.retry_at = 0.0
-        assert await index.flush() == 2 and (await index.lookup("a"))["found"]
+        assert await index.write_pending() == 2 and (await index.lookup("a"))["found"]
     finally:
         await index.close()
 

@@ -62,7 +62,10 @@ class Auditor:
         self.consumer: AIOKafkaConsumer | None = None  # the reader's, for end offsets
         self.queues = DeadLetterQueues(ctx.settings.broker, ctx.topics, list(ctx.config.sinks))
         # What tallies and receipts say about each event, for `hifi trace` and /trace (shared/trace.py).
-        self.trace = TraceIndex(ctx.settings.redis_url, ctx.settings.namespace, self.audit.trace_ttl_s)
+        # Its own Redis URL: under maxmemory the index must not evict or starve the dedupe claims and ledgers.
+        self.trace = TraceIndex(
+            ctx.settings.trace_index_url, ctx.settings.namespace, self.audit.trace_ttl_s, registry=ctx.metrics.registry
+        )
         self.broker_outage = OutageClock(
             alerter, "broker_unreachable", "the Kafka broker", self.audit.outage_alert_after_s
         )
@@ -88,7 +91,11 @@ class Auditor:
     # -- input -----------------------------------------------------------------------------------
 
     def on_receipt(self, value: dict[str, Any]) -> None:
-        self.trace.add_receipt(value)
+        try:  # a malformed trace costs the trace, never the lag and SLI samples
+            self.trace.add_receipt(value)
+        except Exception:
+            self.trace.unreadable += 1
+            log.exception("auditor: receipt of %s unreadable for the trace index", value.get("sink"))
         sink = value["sink"]
         acked = value["delivered_ts"]
         now = time.time()
@@ -112,9 +119,13 @@ class Auditor:
         self.receipts += sum(c[1] for c in per_key.values())
 
     def on_tally(self, value: dict[str, Any]) -> None:
-        self.trace.add_tally(value)
         for tenant, bucket in self.ledger.add_tally(value):
             self.ledger.reconcile(tenant, bucket)
+        try:  # after the counts: a malformed `events` row costs the trace, never the ledger
+            self.trace.add_tally(value)
+        except Exception:
+            self.trace.unreadable += 1
+            log.exception("auditor: tally %s:%s unreadable for the trace index", value.get("stage"), value.get("first"))
 
     # -- periodic --------------------------------------------------------------------------------
 
@@ -441,7 +452,7 @@ class AuditReader(Service):
                             a.on_receipt(value)
                     except Exception:  # one unreadable record must not stop the audit
                         log.exception("auditor: unreadable record %s@%d", tp, record.offset)
-            await a.trace.flush()
+            await a.trace.flush()  # hands the facts to the index's writer: never waits on Redis
 
 
 def build(ctx: ServiceContext) -> Any:
@@ -498,7 +509,15 @@ def build(ctx: ServiceContext) -> Any:
 
     def stats() -> dict[str, Any]:
         s = auditor.summary()
-        return {k: s[k] for k in ("lost_by_stage", "surplus", "buckets_settled", "receipts", "canaries_sent", "dlq")}
+        shown = {k: s[k] for k in ("lost_by_stage", "surplus", "buckets_settled", "receipts", "canaries_sent", "dlq")}
+        index = auditor.trace
+        shown["trace_index"] = {  # facts `hifi trace` will miss: dropped (Redis slow or away), unreadable
+            "pending_events": len(index.pending),
+            "written_events": index.written,
+            "dropped_facts": index.dropped,
+            "unreadable_records": index.unreadable,
+        }
+        return shown
 
     add_common_views(app, "auditor", ctx.metrics, stats, ctx.settings)
     return app

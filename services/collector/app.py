@@ -17,7 +17,7 @@ from typing import Any
 
 from faust import web
 
-from shared.audit import accepted_tally, bucket_of
+from shared.audit import accepted_tallies, bucket_of
 from shared.codec import encode_event, unique_pairs, unpack_client
 from shared.config import HifiConfig
 from shared.errors import ConfigError, InvalidEvent
@@ -197,15 +197,11 @@ class Collector:
         count = len(written)
         where = {"topic": self.raw_topic, "ingest_ts": ingest_ts, "events": written}
         try:
-            future = await self.ctx.app.producer.send(
-                self.tallies_topic,
-                b"collector",
-                accepted_tally("collector", tenant, bucket, count, where),
-                None,
-                None,
-                None,
-            )
-            await asyncio.wait_for(future, PRODUCE_TIMEOUT_S)
+            futures = [  # a large batch's list of places is split, each record under Kafka's request size
+                await self.ctx.app.producer.send(self.tallies_topic, b"collector", value, None, None, None)
+                for value in accepted_tallies("collector", tenant, bucket, count, where)
+            ]
+            await asyncio.wait_for(asyncio.gather(*futures), PRODUCE_TIMEOUT_S)
         except Exception as exc:
             log.warning("collector: could not publish the accepted tally (%d events of %s): %r", count, tenant, exc)
 

@@ -33,7 +33,7 @@ from prometheus_client import Counter, Gauge
 from shared import pipeline
 from shared.alerts import Alerter, OutageClock
 from shared.archive import REPLAY_FORCE, replay_mode
-from shared.audit import receipt
+from shared.audit import receipts
 from shared.errors import (
     EventKeepsFailing,
     HandledInPart,
@@ -524,7 +524,8 @@ class SinkDelivery:
         rows = [[r.event.event_id, r.event.tenant, r.event.ingest_ts, attempts, r.event.canary] for r in records]
         # For `hifi trace`; a canary dropped here (attempts 0) was not sent: its tally says so.
         trace = [[idempotency_key(self.name, r.event), r.event.stages, r.source] for r in records] if attempts else None
-        return [Output(self.receipts_topic, self.name.encode(), receipt(self.name, acked, rows, trace))]
+        topic, key = self.receipts_topic, self.name.encode()
+        return [Output(topic, key, value) for value in receipts(self.name, acked, rows, trace)]  # each under 1 MB
 
     async def _deliver(self, todo: list[Record], ask_breaker: bool = True) -> None:
         if ask_breaker:
