@@ -198,13 +198,16 @@ def trace_note(record: Record, letter: DeadLetter | None) -> dict[str, Any]:
 def error_code(error: BaseException) -> str:
     """What a tally and the trace index say about an error: its class, HTTP status or SQLSTATE, never its text,
     which can quote the event's data (the full text stays in the dead letter)."""
-    seen: BaseException | None = error
-    while seen is not None:  # the first cause down the chain that carries a code
+    seen: object = error
+    visited: set[int] = set()
+    while isinstance(seen, BaseException) and id(seen) not in visited:  # a chain may loop back on itself
+        visited.add(id(seen))  # the first cause down the chain that carries a code
         status = getattr(seen, "status", None)
         if isinstance(status, int):
             return f"status {status}"
         sqlstate = getattr(seen, "sqlstate", None)
         if sqlstate:
             return f"sqlstate {sqlstate}"
-        seen = getattr(seen, "cause", None) or seen.__cause__
+        cause = getattr(seen, "cause", None)  # a third-party error's `cause` may be anything
+        seen = cause if isinstance(cause, BaseException) else seen.__cause__
     return type(error).__name__

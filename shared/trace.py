@@ -250,10 +250,12 @@ class TraceIndex:
         batch, self.pending = self.pending, {}
         items = list(batch.items())
         try:
-            if await self._memory_full():  # dropped and counted: the pipeline's keys come first
-                self._drop(sum(len(fields) for fields in batch.values()))
-                return 0
             for start in range(0, len(items), CHUNK):
+                # Asked again before every chunk after the first: a backlog flushed after an outage must not
+                # carry the server past the ceiling on one reading.
+                if await self._memory_full(fresh=start > 0):  # dropped and counted: the pipeline's keys first
+                    self._drop(sum(len(fields) for _, fields in items[start:]))
+                    return start
                 chunk = items[start : start + CHUNK]
                 args: list[Any] = [self.ttl_ms, self.max_fields, *(len(fields) for _, fields in chunk)]
                 for _, fields in chunk:
@@ -285,14 +287,15 @@ class TraceIndex:
             self.dropping_since = None
         return len(batch)
 
-    async def _memory_full(self) -> bool:
-        """Whether the server is past `memory_ceiling` of its maxmemory (asked every MEMORY_CHECK_S)."""
+    async def _memory_full(self, fresh: bool = False) -> bool:
+        """Whether the server is past `memory_ceiling` of its maxmemory (asked every MEMORY_CHECK_S, or now)."""
         now = time.monotonic()
-        if now - self.memory_checked_at >= MEMORY_CHECK_S:
+        if fresh or now - self.memory_checked_at >= MEMORY_CHECK_S:
             self.memory_checked_at = now
             info = await self.client.info("memory")
-            limit = int(info.get("maxmemory", 0))
-            self.memory_full = limit > 0 and int(info["used_memory"]) >= self.memory_ceiling * limit
+            limit = int(info.get("maxmemory", 0) or 0)
+            used = int(info.get("used_memory", 0) or 0)  # a proxy's INFO may lack it: then no ceiling applies
+            self.memory_full = limit > 0 and used >= self.memory_ceiling * limit
         return self.memory_full
 
     # -- a trace out -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from services.auditor.app import Auditor
 from services.auditor.ledger import LossLedger
 from services.sender.app import SinkDelivery
 from shared.alerts import Alerter
-from shared.audit import accepted_tallies, batch_tallies, trace_note
+from shared.audit import accepted_tallies, batch_tallies, error_code, trace_note
 from shared.codec import pack, unpack
 from shared.config import HifiConfig, Settings
 from shared.dlq import DeadLetter
@@ -25,7 +25,7 @@ from shared.errors import PermanentSinkError
 from shared.event import Event
 from shared.service import ServiceContext
 from shared.step import Record
-from shared.trace import TraceIndex
+from shared.trace import CHUNK, TraceIndex
 from tests.helpers import tenant_block
 
 MAX_VALUE = 900_000  # under Kafka's 1 MB max.request.size with headroom for the record's framing
@@ -206,4 +206,39 @@ async def test_the_index_stops_writing_near_the_servers_maxmemory(redis_server, 
         assert not (await index.lookup("full"))["found"]
     finally:
         await index.client.config_set("maxmemory", before["maxmemory"])
+        await index.close()
+
+
+def test_an_error_chain_that_loops_or_a_cause_that_is_not_an_error_still_gives_a_code():
+    """Review of the split: `error_code` walked `__cause__` with no end (a loop froze the stage's event loop)
+    and read `.__cause__` on whatever a third-party error kept in `cause` (a crash in the publish path)."""
+    looped = ValueError("x")
+    looped.__cause__ = looped
+    assert error_code(looped) == "ValueError"
+
+    class Odd(Exception):
+        cause = "the text of something"
+
+    assert error_code(Odd("y")) == "Odd"
+
+
+async def test_a_backlog_stops_at_the_chunk_where_the_server_fills_up(redis_server, namespace):
+    """The ceiling is asked again before each chunk of a backlog, not once per write: past it, the rest is
+    dropped and counted, and what was written stays."""
+
+    class FillsAfterOneChunk(TraceIndex):
+        readings = iter([False, True])
+
+        async def _memory_full(self, fresh: bool = False) -> bool:
+            return next(self.readings)
+
+    index = FillsAfterOneChunk(redis_server.url, namespace, ttl_s=60)
+    try:
+        for i in range(CHUNK + 10):
+            index.add_receipt({"sink": "hook", "delivered_ts": 5.0, "events": [[f"e{i}", "acme", 1.0, 1, False]],
+                               "trace": [["k", {}, f"s:0:{i}"]]})  # fmt: skip
+        assert await index.write_pending() == CHUNK
+        assert index.dropped == 10 * 2  # the second chunk's facts, counted
+        assert (await index.lookup("e0"))["found"] and not (await index.lookup(f"e{CHUNK}"))["found"]
+    finally:
         await index.close()
