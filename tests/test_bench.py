@@ -109,6 +109,7 @@ def test_headline_holds_the_promised_keys_and_ratios():
 
     results = [row("hifi", 2000.0, 40), row("hifi", 5000.0, 90, missing=3), row("raw", 2000.0, 20)]
     results.append(row("quix", 2000.0, 160))
+    results.append(row("hifi-contracts", 2000.0, 50))  # schemas and per-sink rules on: priced against hifi
     head = headline(results, {"hifi": 5000.0, "raw": 10000.0, "quix": 5000.0}, SHAPES["production"])
     for key in ("rate_eps", "p50_ms", "p95_ms", "p99_ms", "on_time_ratio", "missing", "duplicates"):
         assert key in head
@@ -120,6 +121,8 @@ def test_headline_holds_the_promised_keys_and_ratios():
         160,
     )
     assert head["ratios"] == {
+        "contracts_p95_vs_hifi": 1.25,
+        "contracts_cpu_vs_hifi": 1.25,
         "ceiling_vs_limit": 0.5,
         "ceiling_vs_peer": 1.0,
         "p95_vs_limit": 2.0,
