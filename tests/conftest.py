@@ -10,6 +10,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -92,40 +93,31 @@ def kafka() -> Iterator[LocalKafka]:
         cluster.stop()
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[LocalRedis]:
-    server = LocalRedis(url=TEST_REDIS_URL)
+def _session_server(server: Any, what: str) -> Iterator[Any]:
+    """Use the server answering, else start it (and stop it after). Under xdist each worker runs this: two
+    would race to start one server, so `make test` (dev/test.sh) starts it before pytest."""
     if "PYTEST_XDIST_WORKER" in os.environ and not server.answering():
-        pytest.fail(f"no Redis at {TEST_REDIS_URL}: with -n, start it first (dev/test.sh does)", pytrace=False)
+        pytest.fail(f"no {what}: with -n, start it first (dev/test.sh does)", pytrace=False)
     started = server.ensure()
     yield server
     if started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[LocalRedis]:
+    yield from _session_server(LocalRedis(url=TEST_REDIS_URL), f"Redis at {TEST_REDIS_URL}")
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[LocalPostgres]:
-    server = LocalPostgres(port=TEST_POSTGRES_PORT)
-    if "PYTEST_XDIST_WORKER" in os.environ and not server.answering():
-        pytest.fail(
-            f"no PostgreSQL on port {TEST_POSTGRES_PORT}: with -n, start it first (dev/test.sh does)", pytrace=False
-        )
-    started = server.ensure()
-    yield server
-    if started:
-        server.stop()
+    yield from _session_server(LocalPostgres(port=TEST_POSTGRES_PORT), f"PostgreSQL on port {TEST_POSTGRES_PORT}")
 
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[LocalS3]:
     """A real S3 API (s3proxy, filesystem backend); each test uses its own bucket."""
-    server = LocalS3(port=TEST_S3_PORT)
-    if "PYTEST_XDIST_WORKER" in os.environ and not server.answering():
-        pytest.fail(f"no s3proxy on port {TEST_S3_PORT}: with -n, start it first (dev/test.sh does)", pytrace=False)
-    started = server.ensure()
-    yield server
-    if started:
-        server.stop()
+    yield from _session_server(LocalS3(port=TEST_S3_PORT), f"s3proxy on port {TEST_S3_PORT}")
 
 
 @pytest.fixture
