@@ -19,8 +19,8 @@ import yaml
 
 from shared.errors import ConfigError
 from shared.event import Limits
-from shared.schemas import TenantSchemas, parse_tenant_schemas
-from shared.transforms import SinkRules
+from shared.schemas import SCHEMAS_KEYS, TenantSchemas, parse_tenant_schemas
+from shared.transforms import CONSENT_KEYS, FILTER_KEYS, OPS, RULE_KEYS, SinkRules
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SINK_TYPES = ("webhook", "kafka", "redis_stream", "file", "postgres", "s3_archive")
@@ -103,6 +103,68 @@ class EnrichConfig:
     geoip_db: str | None = None
 
 
+# --- Every key the config file accepts, per section: the parser's `_only` checks use these, and
+# `config_keys()` (and so the README's reference, tests/test_readme.py) reads them, so they cannot drift. ---
+ROOT_KEYS = frozenset({"tenants", "sinks", "dedupe", "enrich", "limits", "audit"})
+TENANT_KEYS = frozenset(
+    {"api_keys", "sinks", "metadata", "signing_secret_env", "rate_limit", "sla_ms", "pii_secret_env", "schemas"}
+)
+RATE_LIMIT_KEYS = frozenset({"events_per_s", "burst"})
+# Keys every sink takes, whatever its type (the rules' filter, consent and transform included).
+SINK_COMMON_KEYS = (
+    frozenset({"type", "batch_max", "timeout_s", "sla_ms", "max_attempts_per_event", "linger_s", "drop_canaries"})
+    | RULE_KEYS
+)
+# --- Webhook signing and auth (issue 19): the config names environment variables, never the secrets ---
+WEBHOOK_SECRET_OPTIONS = ("signing_secret_env", "headers_env", "auth")
+WEBHOOK_AUTH = {"bearer": {"token_env"}, "basic": {"username", "username_env", "password_env"}}
+# Per sink type: the options it requires, and those it may take.
+SINK_REQUIRED_OPTIONS: dict[str, frozenset[str]] = {
+    "webhook": frozenset({"url"}),
+    "kafka": frozenset({"topic"}),
+    "redis_stream": frozenset({"stream"}),
+    "file": frozenset({"path"}),
+    "postgres": frozenset({"dsn_env", "table"}),
+    "s3_archive": frozenset({"bucket"}),
+}
+SINK_OPTIONAL_OPTIONS: dict[str, frozenset[str]] = {
+    "webhook": frozenset({"headers", *WEBHOOK_SECRET_OPTIONS}),
+    "kafka": frozenset({"bootstrap", "transactional"}),
+    "redis_stream": frozenset({"url", "maxlen", "dedupe_window_s"}),
+    "file": frozenset({"rotate_bytes"}),
+    "postgres": frozenset(),
+    "s3_archive": frozenset({"endpoint", "region", "prefix", "access_key_env", "secret_key_env"}),
+}
+DEDUPE_KEYS = frozenset({"backend", "window_s", "on_redis_down"})
+ENRICH_KEYS = frozenset({"geoip_db"})
+LIMITS_KEYS = frozenset(f.name for f in fields(Limits))
+AUDIT_KEYS = frozenset(f.name for f in fields(AuditConfig))
+
+
+def config_keys() -> dict[str, set[str]]:
+    """Every key the config file accepts: section path -> keys (`<t>`/`<s>` stand for a tenant's or sink's
+    name; `sinks.<s>` of type X is `sinks.<s>[type=X]`; `transform[]` holds the step names)."""
+    keys: dict[str, set[str]] = {
+        "(root)": set(ROOT_KEYS),
+        "tenants.<t>": set(TENANT_KEYS),
+        "tenants.<t>.rate_limit": set(RATE_LIMIT_KEYS),
+        "tenants.<t>.schemas": set(SCHEMAS_KEYS),
+        "sinks.<s>": set(SINK_COMMON_KEYS),
+        "sinks.<s>.filter": set(FILTER_KEYS),
+        "sinks.<s>.consent": set(CONSENT_KEYS),
+        "sinks.<s>.transform[]": set(OPS),
+        "dedupe": set(DEDUPE_KEYS),
+        "enrich": set(ENRICH_KEYS),
+        "limits": set(LIMITS_KEYS),
+        "audit": set(AUDIT_KEYS),
+    }
+    for kind in SINK_TYPES:
+        keys[f"sinks.<s>[type={kind}]"] = set(SINK_REQUIRED_OPTIONS[kind] | SINK_OPTIONAL_OPTIONS[kind])
+    for kind, auth_keys in WEBHOOK_AUTH.items():
+        keys[f"sinks.<s>[type=webhook].auth[type={kind}]"] = {"type"} | auth_keys
+    return keys
+
+
 @dataclass(frozen=True)
 class HifiConfig:
     tenants: dict[str, TenantConfig]
@@ -143,7 +205,7 @@ class HifiConfig:
     @classmethod
     def parse(cls, data: Any, base_dir: Path | None = None) -> HifiConfig:
         root = _map(data, "(root)")
-        _only(root, "(root)", {"tenants", "sinks", "dedupe", "enrich", "limits", "audit"})
+        _only(root, "(root)", ROOT_KEYS)
         sinks = {}
         tenant_names = set(_map(root.get("tenants"), "tenants", required=True))
         for name, raw in _map(root.get("sinks"), "sinks", required=True).items():
@@ -166,20 +228,7 @@ class HifiConfig:
             where = f"tenants.{name}"
             _name(name, where)
             spec = _map(raw, where, required=True)
-            _only(
-                spec,
-                where,
-                {
-                    "api_keys",
-                    "sinks",
-                    "metadata",
-                    "signing_secret_env",
-                    "rate_limit",
-                    "sla_ms",
-                    "pii_secret_env",
-                    "schemas",
-                },
-            )
+            _only(spec, where, TENANT_KEYS)
             keys = spec.get("api_keys")
             if not isinstance(keys, list) or not keys:
                 raise ConfigError(f"{where}.api_keys", "must be a non-empty list of 'sha256:<hex>' hashes")
@@ -201,7 +250,7 @@ class HifiConfig:
             limit = None
             if "rate_limit" in spec:
                 raw_limit = _map(spec["rate_limit"], f"{where}.rate_limit", required=True)
-                _only(raw_limit, f"{where}.rate_limit", {"events_per_s", "burst"})
+                _only(raw_limit, f"{where}.rate_limit", RATE_LIMIT_KEYS)
                 rate = _num(raw_limit.get("events_per_s"), f"{where}.rate_limit.events_per_s", 0.001, 1e7)
                 burst = _int(raw_limit.get("burst", max(1, int(rate))), f"{where}.rate_limit.burst", 1, 10**8)
                 limit = RateLimit(rate, burst)
@@ -223,7 +272,7 @@ class HifiConfig:
                     raise ConfigError(f"tenants.{tenant.name}.api_keys", f"key also belongs to {seen[key]}")
                 seen[key] = tenant.name
         dedupe_raw = _map(root.get("dedupe", {}), "dedupe")
-        _only(dedupe_raw, "dedupe", {"backend", "window_s", "on_redis_down"})
+        _only(dedupe_raw, "dedupe", DEDUPE_KEYS)
         on_down = dedupe_raw.get("on_redis_down", "pause")
         if on_down not in ("pause", "pass-through"):
             raise ConfigError("dedupe.on_redis_down", f"must be pause or pass-through, got {on_down!r}")
@@ -234,18 +283,17 @@ class HifiConfig:
             backend, _num(dedupe_raw.get("window_s", 86_400), "dedupe.window_s", 1, 30 * 86_400), on_down
         )
         enrich_raw = _map(root.get("enrich", {}), "enrich")
-        _only(enrich_raw, "enrich", {"geoip_db"})
+        _only(enrich_raw, "enrich", ENRICH_KEYS)
         geoip = enrich_raw.get("geoip_db")
         if geoip is not None:
             geoip = str(_path(geoip, base_dir))
             if not Path(geoip).is_file():
                 raise ConfigError("enrich.geoip_db", f"no such file: {geoip}")
         limits_raw = _map(root.get("limits", {}), "limits")
-        known = {f.name for f in fields(Limits)}
-        _only(limits_raw, "limits", known)
+        _only(limits_raw, "limits", LIMITS_KEYS)
         limits = Limits(**{k: _int(v, f"limits.{k}", 1, 1 << 30) for k, v in limits_raw.items()})
         audit_raw = _map(root.get("audit", {}), "audit")
-        _only(audit_raw, "audit", {f.name for f in fields(AuditConfig)})
+        _only(audit_raw, "audit", AUDIT_KEYS)
         audit_bounds: dict[str, tuple[float, float]] = {
             "bucket_s": (1, 3600),
             "settle_s": (1, 86_400),
@@ -264,23 +312,9 @@ class HifiConfig:
 
 
 def _sink_options(kind: str, spec: dict[str, Any], where: str, base_dir: Path | None) -> dict[str, Any]:
-    required = {
-        "webhook": {"url"},
-        "kafka": {"topic"},
-        "redis_stream": {"stream"},
-        "file": {"path"},
-        "postgres": {"dsn_env", "table"},
-        "s3_archive": {"bucket"},
-    }[kind]
-    optional = {
-        "s3_archive": {"endpoint", "region", "prefix", "access_key_env", "secret_key_env"},
-        "webhook": {"headers", *WEBHOOK_SECRET_OPTIONS},
-        "kafka": {"bootstrap", "transactional"},
-        "redis_stream": {"url", "maxlen", "dedupe_window_s"},
-        "file": {"rotate_bytes"},
-        "postgres": set(),
-    }[kind]
-    _only(spec, where, required | optional | {"drop_canaries"})
+    required = SINK_REQUIRED_OPTIONS[kind]
+    # The common keys were popped by the caller, all but drop_canaries (the sender reads it from the options).
+    _only(spec, where, required | SINK_OPTIONAL_OPTIONS[kind] | {"drop_canaries"})
     for name in sorted(required):
         if not isinstance(spec.get(name), str) or not spec[name]:
             raise ConfigError(f"{where}.{name}", f"required for a {kind} sink")
@@ -304,11 +338,6 @@ def _sink_options(kind: str, spec: dict[str, Any], where: str, base_dir: Path | 
             if name in spec and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", str(spec[name])):
                 raise ConfigError(f"{where}.{name}", "must be the NAME of an environment variable")
     return spec
-
-
-# --- Webhook signing and auth (issue 19): the config names environment variables, never the secrets ---
-WEBHOOK_SECRET_OPTIONS = ("signing_secret_env", "headers_env", "auth")
-WEBHOOK_AUTH = {"bearer": {"token_env"}, "basic": {"username", "username_env", "password_env"}}
 
 
 def _env_name(value: Any, where: str) -> str:

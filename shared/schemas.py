@@ -269,11 +269,15 @@ def client_view(event: Event) -> dict[str, Any]:
     return doc
 
 
+# The keys of `tenants.<t>.schemas` (shared/config.py lists them in `config_keys()`).
+SCHEMAS_KEYS = frozenset({"mode", "unknown_types", "types", "dir"})
+
+
 def parse_tenant_schemas(raw: Any, where: str, base_dir: Path | None) -> TenantSchemas:
     """`tenants.<t>.schemas` from the config: mode, unknown_types, inline `types` and/or a `dir` of files."""
     if not isinstance(raw, dict):
         raise ConfigError(where, "must be a mapping")
-    allowed = {"mode", "unknown_types", "types", "dir"}
+    allowed = SCHEMAS_KEYS
     for key in raw:
         if key not in allowed:
             raise ConfigError(f"{where}.{key}", f"unknown field (allowed: {', '.join(sorted(allowed))})")

@@ -424,11 +424,18 @@ def _names(value: Any, where: str) -> frozenset[str]:
     return frozenset(value)
 
 
+# The keys of a sink's `filter` and `consent` (shared/config.py lists them in `config_keys()`).
+FILTER_KEYS = frozenset({"tenants", "exclude_tenants", "types", "exclude_types", "where"})
+CONSENT_KEYS = frozenset({"require"})
+# The keys a sink's rules take from its spec (SinkRules.parse pops them before the sink type's options).
+RULE_KEYS = frozenset({"filter", "consent", "transform"})
+
+
 def parse_filter(raw: Any, consent_raw: Any, where: str, tenants: set[str]) -> Filter:
     spec = {} if raw is None else raw
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}.filter", "must be a mapping")
-    allowed = {"tenants", "exclude_tenants", "types", "exclude_types", "where"}
+    allowed = FILTER_KEYS
     for key in spec:
         if key not in allowed:
             raise ConfigError(f"{where}.filter.{key}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
@@ -453,7 +460,7 @@ def parse_filter(raw: Any, consent_raw: Any, where: str, tenants: set[str]) -> F
             raise ConfigError(f"{where}.filter.where", f"not a valid JMESPath expression: {exc}") from None
         values["where_text"] = text
     if consent_raw is not None:
-        if not isinstance(consent_raw, dict) or set(consent_raw) != {"require"}:
+        if not isinstance(consent_raw, dict) or set(consent_raw) != CONSENT_KEYS:
             raise ConfigError(f"{where}.consent", "must be a mapping with one field, require: [categories]")
         values["consent"] = _names(consent_raw["require"], f"{where}.consent.require")
     return Filter(**values)
