@@ -140,7 +140,6 @@ class StageRunner(Rebalancing, Service):
         self.commits_offsets = commits_offsets
         # Told of the inputs the runner dead-letters itself, before the handler sees the rest: a handler that
         # commits offsets itself must not commit past them before they are durable (`done`).
-        self.hold_dead_letters = hold_dead_letters
         # Static membership (KIP-345): a worker back under the same name within the session timeout gets
         # its partitions again without a rebalance; None joins as a dynamic member.
         self.group_instance_id = group_instance_id
@@ -156,7 +155,6 @@ class StageRunner(Rebalancing, Service):
         self._member_id = UNKNOWN_MEMBER_ID  # the coordinator's id for this member at its last assignment
         self._rejoin_held: asyncio.Future[None] | None = None  # a fenced member's rejoin, held until it stops
         self._rejoin_released = asyncio.Event()
-        self.backoff = backoff or Backoff()
         self.dlq = dlq
         self.source = source
         self.group = str(app.conf.id)
@@ -183,12 +181,23 @@ class StageRunner(Rebalancing, Service):
         self._handling: asyncio.Task[StepResult] | None = None  # the handler in hand, cancelled if it outlasts a revoke
         self.flights = FlightSender(self, self.states)  # the producer: sends batches, settles them in order
         self.restorer = StateRestorer(self, stage, source, self.states)
-        self.step = RetryingStep(stage, handler, self.backoff, metrics.retries.labels(stage), hold_dead_letters)
+        self.step = RetryingStep(stage, handler, backoff or Backoff(), metrics.retries.labels(stage), hold_dead_letters)
 
     @property
     def handler(self) -> Handler:
         """The stage's own logic, called through `step` (retries, isolating the culprit)."""
         return self.step.handler
+
+    @property
+    def hold_dead_letters(self) -> Callable[[list[ConsumerRecord]], None] | None:  # type: ignore[type-arg]
+        """Told of dead letters before they are durable. One reference, the step's: the runner's own dead
+        letters and the step's culprits must reach the same hook, or a commit could pass a letter."""
+        return self.step.hold_dead_letters
+
+    @property
+    def backoff(self) -> Backoff:
+        """The retry backoff, the step's (one reference: see `hold_dead_letters`)."""
+        return self.step.backoff
 
     @handler.setter
     def handler(self, handler: Handler) -> None:
