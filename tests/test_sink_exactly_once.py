@@ -761,22 +761,28 @@ async def test_kafka_sink_other_cluster_refused_record_dead_letters_and_the_prod
     assert got == Counter({f"e{i}": 1 for i in range(14) if i != 3}), got
 
 
-async def test_redis_stream_sink_out_of_memory_is_a_misconfigured_sink(redis_client, namespace):
-    """A Redis at maxmemory with noeviction refuses every append (OOM): page, never a silent retry."""
+async def test_redis_stream_sink_out_of_memory_is_a_misconfigured_sink(namespace, port_base, tmp_path):
+    """A Redis at maxmemory with noeviction refuses every append (OOM): page, never a silent retry.
+
+    A Redis of its own: maxmemory is server-wide, and on the suite's shared server every concurrent test's
+    dedupe claims, ledger marks and trace index would meet OOM while this test runs."""
+    server = LocalRedis(url=f"redis://127.0.0.1:{port_base + 9}/0", data_dir=tmp_path / "redis")
+    server.ensure()
+    client = aioredis.from_url(server.url)
     stream = f"{namespace}:oom"
-    sink = RedisStreamSink(SinkConfig("s", "redis_stream", {"stream": stream}), "redis://127.0.0.1:1/0")
-    sink.client = redis_client
-    policy = (await redis_client.config_get("maxmemory-policy"))["maxmemory-policy"]
-    await redis_client.config_set("maxmemory-policy", "noeviction")
-    await redis_client.config_set("maxmemory", "1")
+    sink = RedisStreamSink(SinkConfig("s", "redis_stream", {"stream": stream}), server.url)
     try:
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.config_set("maxmemory", "1")
         with pytest.raises(SinkMisconfigured, match="OOM"):
             await sink.deliver_batch(events(2))
+        await client.config_set("maxmemory", "0")
+        await sink.deliver_batch(events(2))
+        assert [r["event_id"] for r in await read_redis_stream(client, stream)] == ["e0", "e1"]
     finally:
-        await redis_client.config_set("maxmemory", "0")
-        await redis_client.config_set("maxmemory-policy", policy)
-    await sink.deliver_batch(events(2))
-    assert [r["event_id"] for r in await read_redis_stream(redis_client, stream)] == ["e0", "e1"]
+        await sink.close()
+        await client.aclose()
+        server.stop()
 
 
 async def test_kafka_sink_closes_the_producer_of_a_source_partition_it_no_longer_delivers(kafka, namespace):

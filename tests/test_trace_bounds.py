@@ -13,6 +13,7 @@ from typing import Any
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 
+from devtools.redis import LocalRedis
 from services.auditor.app import Auditor
 from services.auditor.ledger import LossLedger
 from services.sender.app import SinkDelivery
@@ -193,10 +194,14 @@ async def test_dropped_facts_are_counted_and_logged_once_per_episode(redis_serve
         await index.close()
 
 
-async def test_the_index_stops_writing_near_the_servers_maxmemory(redis_server, namespace):
-    """On a server shared with dedupe claims (noeviction), the index's facts must not be what runs it out."""
-    index = TraceIndex(redis_server.url, namespace, ttl_s=60)
-    before = await index.client.config_get("maxmemory")
+async def test_the_index_stops_writing_near_the_servers_maxmemory(namespace, port_base, tmp_path):
+    """On a server shared with dedupe claims (noeviction), the index's facts must not be what runs it out.
+
+    A Redis of its own: maxmemory is server-wide, and on the suite's shared server it would make every other
+    test's index (and dedupe claims) meet a full server while this test runs."""
+    server = LocalRedis(url=f"redis://127.0.0.1:{port_base + 9}/0", data_dir=tmp_path / "redis")
+    server.ensure()
+    index = TraceIndex(server.url, namespace, ttl_s=60)
     try:
         used = int((await index.client.info("memory"))["used_memory"])
         await index.client.config_set("maxmemory", str(int(used * 1.1)))  # 91 % full: past the 80 % ceiling
@@ -205,8 +210,8 @@ async def test_the_index_stops_writing_near_the_servers_maxmemory(redis_server, 
         assert await index.write_pending() == 0 and index.dropped == 2
         assert not (await index.lookup("full"))["found"]
     finally:
-        await index.client.config_set("maxmemory", before["maxmemory"])
         await index.close()
+        server.stop()
 
 
 def test_an_error_chain_that_loops_or_a_cause_that_is_not_an_error_still_gives_a_code():
