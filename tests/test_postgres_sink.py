@@ -355,6 +355,49 @@ async def test_a_database_refusing_writes_holds_the_batch_and_dead_letters_nothi
     assert got == Counter({"before-0": 1, **{e.event_id: 1 for e in batch}})
 
 
+async def test_a_batch_too_slow_for_the_statement_timeout_is_split_and_lands(own_database, redis_server):
+    """A statement timeout (57014) on a many-row statement may be the batch's size, not the server: held as
+    sink-wide it would be sent whole for ever (a stalled partition). Retried, the sender splits it; rows small
+    enough for the server's statement_timeout land, each once, and nothing is dead-lettered."""
+    from services.sender.app import SinkDelivery
+    from tests.test_sink_exactly_once import delivery_for, record_of
+
+    table = "slow_batch"
+    config = SinkConfig("pg", "postgres", {"dsn_env": DSN_ENV, "table": table}, timeout_s=5, max_attempts_per_event=2)
+    sink = PostgresSink(config)
+    await sink.deliver_batch(events(1, prefix="before-"))  # the table exists
+    admin = await asyncpg.connect(own_database)
+    try:  # 60 ms per row: 16 rows take about 1 s, past a 400 ms statement_timeout; 4 rows do not
+        await admin.execute(
+            "CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN PERFORM pg_sleep(0.06); RETURN NEW; END $$"
+        )
+        await admin.execute(f"CREATE TRIGGER slow BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION slow_row()")
+    finally:
+        await admin.close()
+    await alter_database(own_database, "SET statement_timeout = '400ms'")
+    delivery: SinkDelivery = delivery_for(sink, redis_server.url, f"pgslow-{uuid.uuid4().hex[:8]}")
+    batch = events(16)
+    records = [record_of(e, "in", 0, i) for i, e in enumerate(batch)]
+    dead: list[Any] = []
+    try:
+        for _ in range(60):
+            try:
+                result = await delivery.handle(records)
+            except TransientError:
+                await asyncio.sleep(0.06)  # past the test breaker's reset (0.05 s)
+                continue
+            dead.extend(result.dead)
+            break
+        else:
+            raise AssertionError("the batch never landed: sent whole again and again")
+    finally:
+        await sink.close()
+    assert dead == [], [str(d.error) for d in dead]
+    got = Counter(r["event_id"] for r in await rows(own_database, table))
+    assert got == Counter({"before-0": 1, **{e.event_id: 1 for e in batch}})
+
+
 async def test_a_failed_pool_dropped_late_leaves_the_newer_pool_alone(pg_sink, pg_dsn):
     """A delivery failing on an old pool after another delivery already replaced it must not terminate
     the new pool under the requests it serves."""

@@ -65,10 +65,12 @@ BAD_DATA_CLASSES = ("22", "23")
 # The sink itself is wrong for every row (28 auth, 3D no database, 3F no schema, 42 no table/privilege/columns).
 SINK_WIDE_CLASSES = ("28", "3D", "3F", "42")
 # A server that reads but refuses writes: 53 resources (53100 disk full), 25006 read-only (a standby after a
-# failover), 57014 statement/lock timeout, 55P03 lock not available, 55000 not in prerequisite state. No row
-# is at fault: hold and page, never isolate (a probe would find the server up and dead-letter good events).
+# failover), 57014 statement/lock timeout (of one row; a many-row batch is split, see _classify), 55P03 lock
+# not available, 55000 not in prerequisite state. No row is at fault: hold and page, never isolate (a probe
+# would find the server up and dead-letter good events).
 WRITES_REFUSED_CLASSES = ("53",)
 WRITES_REFUSED_STATES = frozenset({"25006", "57014", "55P03", "55000"})
+STATEMENT_TIMEOUT = "57014"
 READ_ONLY = "25006"  # after a failover the pool may still point at the demoted server: reconnect
 DSN_SCHEMES = ("postgres", "postgresql")
 
@@ -194,7 +196,7 @@ class PostgresSink:
         except HifiError:
             raise  # classified already (the table's creation)
         except asyncpg.PostgresError as exc:
-            error = self._classify(exc)
+            error = self._classify(exc, len(events))
             state = str(exc.sqlstate)
             if isinstance(exc, asyncpg.PostgresConnectionError) or state.startswith("57P") or state == READ_ONLY:
                 await self._drop_pool(pool)
@@ -227,7 +229,8 @@ class PostgresSink:
             self.pool = None
         pool.terminate()
 
-    def _classify(self, exc: asyncpg.PostgresError) -> Exception:
+    def _classify(self, exc: asyncpg.PostgresError, rows: int = 1) -> Exception:
+        """`rows`: how many rows the failed statement carried."""
         state = getattr(exc, "sqlstate", None) or ""
         message = f"postgres sink {self.config.name}: SQLSTATE {state} {type(exc).__name__}: {exc}"
         if state.startswith(BAD_DATA_CLASSES):
@@ -235,6 +238,11 @@ class PostgresSink:
         if state.startswith(SINK_WIDE_CLASSES):
             self.table_ready = False  # a dropped table is created again once the operator allows it
             return SinkMisconfigured(message)
+        if state == STATEMENT_TIMEOUT and rows > 1:
+            # Maybe the batch is too big for the server's statement_timeout: retried, so the sender's
+            # isolation splits it. Held as sink-wide it would stall the partition for good. A single row that
+            # times out is a lock or the server: hold and page.
+            return TransientError(f"{message} ({rows} rows in one statement)")
         if state.startswith(WRITES_REFUSED_CLASSES) or state in WRITES_REFUSED_STATES:
             return SinkMisconfigured(f"{message} (the database refuses writes)")
         return TransientError(message)  # 08 connection, 57P shutdown, 40 rollback, ...
