@@ -7,13 +7,16 @@ dir that user owns. The cluster trusts local connections (dev only): the DSN car
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import pwd
 import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +60,11 @@ def _answering(host: str, port: int) -> bool:
         return False
 
 
+def _enterable_by_all(path: Path) -> bool:
+    """Every existing directory on the way to `path` lets others pass (o+x)."""
+    return all(p.stat().st_mode & stat.S_IXOTH for p in [path, *path.parents] if p.exists())
+
+
 @dataclass
 class LocalPostgres:
     port: int = DEFAULT_PORT
@@ -64,8 +72,18 @@ class LocalPostgres:
     host: str = "127.0.0.1"
 
     @property
+    def root(self) -> Path:
+        """`data_root`, unless the `postgres` user (we run as root) could not enter it: a checkout under a
+        private directory (mktemp -d is 0700). Then a directory of this checkout's own under the system's
+        temp dir, which every user can enter."""
+        if os.geteuid() != 0 or _enterable_by_all(self.data_root):
+            return self.data_root
+        tag = hashlib.sha1(str(self.data_root.resolve()).encode()).hexdigest()[:10]
+        return Path(tempfile.gettempdir()) / f"hifi-postgres-{tag}"
+
+    @property
     def data_dir(self) -> Path:
-        return self.data_root / f"pg-{self.port}"
+        return self.root / f"pg-{self.port}"
 
     @property
     def pid_file(self) -> Path:
@@ -73,7 +91,7 @@ class LocalPostgres:
 
     @property
     def log_file(self) -> Path:
-        return self.data_root / f"pg-{self.port}.log"
+        return self.root / f"pg-{self.port}.log"
 
     @property
     def dsn(self) -> str:
@@ -98,8 +116,8 @@ class LocalPostgres:
         if (self.data_dir / "PG_VERSION").exists():
             return
         shutil.rmtree(self.data_dir, ignore_errors=True)
-        self.data_root.mkdir(parents=True, exist_ok=True)
-        self.data_root.chmod(0o755)  # the postgres user must reach its data dir under ours
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)  # the postgres user must reach its data dir under ours
         self.data_dir.mkdir(mode=0o700)
         self._chown(self.data_dir)
         result = subprocess.run(
