@@ -312,7 +312,7 @@ async def test_a_database_refusing_writes_holds_the_batch_and_dead_letters_nothi
     """A server that reads but refuses writes (read-only after a failover, like a full disk or a lock
     timeout) is the sink's state, not the events': the sender holds the batch, however often it retries,
     and it lands once writes are back."""
-    from services.sender.app import SinkDelivery
+    from services.sender.delivery import SinkDelivery
     from tests.test_sink_exactly_once import delivery_for, record_of
 
     table = "readonly_batch"
@@ -359,7 +359,7 @@ async def test_a_batch_too_slow_for_the_statement_timeout_is_split_and_lands(own
     """A statement timeout (57014) on a many-row statement may be the batch's size, not the server: held as
     sink-wide it would be sent whole for ever (a stalled partition). Retried, the sender splits it; rows small
     enough for the server's statement_timeout land, each once, and nothing is dead-lettered."""
-    from services.sender.app import SinkDelivery
+    from services.sender.delivery import SinkDelivery
     from tests.test_sink_exactly_once import delivery_for, record_of
 
     table = "slow_batch"

@@ -20,7 +20,7 @@ from devtools.kafka import LocalKafka
 from devtools.redis import LocalRedis
 from devtools.s3 import LOCAL_ACCESS_KEY, LOCAL_SECRET_KEY, LocalS3
 from devtools.webhook import WebhookReceiver
-from services.sender.app import SinkDelivery
+from services.sender.delivery import SinkDelivery
 from services.sender.archive import ArchiveSink
 from services.sender.sinks import Source, WebhookSink
 from shared.alerts import Alerter

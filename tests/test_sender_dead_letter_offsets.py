@@ -16,7 +16,8 @@ from aiohttp import web
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from services.sender.app import SinkDelivery, build_sender
+from services.sender.app import build_sender
+from services.sender.delivery import SinkDelivery
 from services.sender.sinks import KafkaSink, Source, WebhookSink
 from shared.app import durable_producer
 from shared.codec import encode_event

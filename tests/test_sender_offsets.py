@@ -12,7 +12,7 @@ from aiokafka import TopicPartition
 
 from devtools.kafka import LocalKafka
 from devtools.redis import LocalRedis
-from services.sender.app import SinkDelivery
+from services.sender.delivery import SinkDelivery
 from services.sender.sinks import KafkaSink
 from shared.alerts import Alerter
 from shared.config import SinkConfig

@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from devtools.kafka import LocalKafka
 from devtools.redis import LocalRedis
 from devtools.traffic import EventFactory
-from services.sender.app import SinkDelivery
+from services.sender.delivery import SinkDelivery
 from services.sender.breaker import CircuitBreaker
 from services.sender.sinks import KafkaSink, RedisStreamSink, Source, WebhookSink
 from shared.alerts import Alerter

@@ -97,7 +97,7 @@ def ledgered_sender(
     **options: Any,
 ) -> StageRunner:
     """A sender worker with a RocksDB ledger in its own `store`: only the changelog carries marks between workers."""
-    from services.sender.app import SinkDelivery
+    from services.sender.delivery import SinkDelivery
     from shared.alerts import Alerter
     from shared.keywindow import RocksKeyWindow
 

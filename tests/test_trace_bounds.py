@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from devtools.redis import LocalRedis
 from services.auditor.app import Auditor
 from services.auditor.ledger import LossLedger
-from services.sender.app import SinkDelivery
+from services.sender.delivery import SinkDelivery
 from shared.alerts import Alerter
 from shared.audit import accepted_tallies, batch_tallies, error_code, trace_note
 from shared.codec import pack, unpack
