@@ -20,9 +20,10 @@ from devtools.kafka import LocalKafka
 from devtools.redis import LocalRedis
 from devtools.s3 import LOCAL_ACCESS_KEY, LOCAL_SECRET_KEY, LocalS3
 from devtools.webhook import WebhookReceiver
-from services.sender.delivery import SinkDelivery
 from services.sender.archive import ArchiveSink
-from services.sender.sinks import Source, WebhookSink
+from services.sender.delivery import SinkDelivery
+from services.sender.sinks import Source
+from services.sender.webhook import WebhookSink
 from shared.alerts import Alerter
 from shared.archive import REPLAY_FORCE, REPLAY_HEADER, REPLAY_ONCE
 from shared.codec import encode_event, unpack

@@ -18,7 +18,9 @@ from aiokafka.structs import ConsumerRecord
 
 from services.sender.app import build_sender
 from services.sender.delivery import SinkDelivery
-from services.sender.sinks import KafkaSink, Source, WebhookSink
+from services.sender.kafka_sink import KafkaSink
+from services.sender.sinks import Source
+from services.sender.webhook import WebhookSink
 from shared.app import durable_producer
 from shared.codec import encode_event
 from shared.config import HifiConfig, Settings, SinkConfig, hash_api_key

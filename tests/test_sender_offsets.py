@@ -13,7 +13,7 @@ from aiokafka import TopicPartition
 from devtools.kafka import LocalKafka
 from devtools.redis import LocalRedis
 from services.sender.delivery import SinkDelivery
-from services.sender.sinks import KafkaSink
+from services.sender.kafka_sink import KafkaSink
 from shared.alerts import Alerter
 from shared.config import SinkConfig
 from shared.keywindow import RedisKeyWindow

@@ -21,9 +21,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from devtools.kafka import LocalKafka
 from devtools.redis import LocalRedis
 from devtools.traffic import EventFactory
-from services.sender.delivery import SinkDelivery
 from services.sender.breaker import CircuitBreaker
-from services.sender.sinks import KafkaSink, RedisStreamSink, Source, WebhookSink
+from services.sender.delivery import SinkDelivery
+from services.sender.kafka_sink import KafkaSink
+from services.sender.redis_stream import RedisStreamSink
+from services.sender.sinks import Source
+from services.sender.webhook import WebhookSink
 from shared.alerts import Alerter
 from shared.config import HifiConfig, SinkConfig, hash_api_key
 from shared.dlq import DeadLetterQueues

@@ -16,7 +16,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from devtools.signed_webhook import SignedWebhookReceiver
 from devtools.traffic import EventFactory
-from services.sender.sinks import WebhookSink
+from services.sender.webhook import WebhookSink
 from shared.config import HifiConfig, SinkConfig
 from shared.errors import ConfigError, SinkMisconfigured
 from shared.event import Event
