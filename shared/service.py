@@ -25,9 +25,10 @@ from shared.alerts import Alerter, OutageClock
 from shared.app import HifiApp, create_app
 from shared.config import HifiConfig, Settings
 from shared.dlq import DeadLetterQueues
-from shared.keywindow import KeyWindow, RedisKeyWindow, RocksKeyWindow
+from shared.keywindow import KeyWindow, RocksKeyWindow
 from shared.membership import requested_exit_code
 from shared.metrics import StageMetrics
+from shared.redis_window import RedisKeyWindow
 from shared.sentry import init_sentry
 from shared.stage import StageRunner
 from shared.topics import Topics, ensure_topics

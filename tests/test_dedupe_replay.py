@@ -27,9 +27,10 @@ from shared.app import durable_producer
 from shared.codec import decode_event, encode_event
 from shared.dlq import DeadLetterQueues
 from shared.event import Event, now_ms
-from shared.keywindow import KeyWindow, RedisKeyWindow, RocksKeyWindow
+from shared.keywindow import KeyWindow, RocksKeyWindow
 from shared.metrics import StageMetrics
 from shared.publish import BatchPublisher
+from shared.redis_window import RedisKeyWindow
 from shared.stage import StageRunner, StepResult
 from shared.topics import Topics
 

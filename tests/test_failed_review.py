@@ -23,9 +23,9 @@ from shared.config import HifiConfig, hash_api_key
 from shared.dlq import REPLAY_OF, dead_letter_value, replay_headers
 from shared.errors import ConfigError
 from shared.event import Event, EventValidator, now_ms
-from shared.keywindow import RedisKeyWindow
 from shared.metrics import StageMetrics
 from shared.quarantine import FailedEvents, SchemaGate, replayed_event
+from shared.redis_window import RedisKeyWindow
 from shared.schemas import CompiledSchema, client_view
 from shared.stage import DeadLetter, Record
 from shared.topics import Topics, ensure_topics

@@ -29,8 +29,8 @@ from shared.archive import REPLAY_FORCE, REPLAY_HEADER, REPLAY_ONCE
 from shared.codec import encode_event, unpack
 from shared.config import HifiConfig, SinkConfig
 from shared.event import Event
-from shared.keywindow import RedisKeyWindow
 from shared.metrics import StageMetrics
+from shared.redis_window import RedisKeyWindow
 from shared.replay import ReplayError, replay
 from shared.retry import Backoff
 from shared.stage import StageRunner

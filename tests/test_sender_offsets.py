@@ -16,8 +16,8 @@ from services.sender.delivery import SinkDelivery
 from services.sender.kafka_sink import KafkaSink
 from shared.alerts import Alerter
 from shared.config import SinkConfig
-from shared.keywindow import RedisKeyWindow
 from shared.metrics import StageMetrics
+from shared.redis_window import RedisKeyWindow
 from shared.retry import Backoff
 from tests.test_sink_exactly_once import committed_offset, read_committed
 from tests.test_stage_runner import create_topic, make_runner, produce_events, wait_for

@@ -32,8 +32,8 @@ from shared.config import HifiConfig, SinkConfig, hash_api_key
 from shared.dlq import DeadLetterQueues
 from shared.errors import ConfigError, PermanentSinkError, SinkMisconfigured, TransientError
 from shared.event import Event
-from shared.keywindow import RedisKeyWindow
 from shared.metrics import StageMetrics
+from shared.redis_window import RedisKeyWindow
 from shared.stage import Record, StepResult
 from shared.topics import Topics, ensure_topics
 from tests.helpers import post, read_redis_stream, tenant_block, wait_for

@@ -21,7 +21,7 @@ from selenium.webdriver.common.by import By
 
 from shared.audit import accepted_tally, receipt
 from shared.codec import unpack
-from shared.keywindow import RedisKeyWindow
+from shared.redis_window import RedisKeyWindow
 from shared.topics import Topics
 from shared.trace import TraceIndex, render
 from tests.helpers import post, tenant_block, wait_for
