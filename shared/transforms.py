@@ -10,10 +10,6 @@ canary, consent): the sender's idempotency key and ledger marks are the same wit
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
-import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,14 +21,12 @@ from jmespath.exceptions import JMESPathError
 
 from shared.errors import ConfigError
 from shared.event import partition_key_of
+from shared.masking import hmac_hex, mask_email, mask_ip
+from shared.wire_writer import DROP, Path, WireWriter, apply_at
 
 SECTIONS = ("payload", "context", "enrichment")  # maps a transform may change
 IDENTIFIERS = ("device_id", "session_id")  # top-level fields a transform may hash, mask or drop
 OPS = ("rename", "drop", "keep", "add", "hash", "mask_ip", "mask_email")
-
-Path = tuple[str, ...]
-V4_MASK = (1 << 32) - (1 << 8)  # keeps the /24
-V6_MASK = (1 << 128) - (1 << 80)  # keeps the /48
 
 
 class Secrets:
@@ -59,124 +53,10 @@ class Secrets:
         return cls(keys)
 
 
-def hmac_hex(key: bytes, value: Any) -> str:
-    """HMAC-SHA256 of a string's UTF-8 bytes (other values: their compact, key-sorted JSON), as hex."""
-    data = value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
-    return hmac.new(key, data.encode(), hashlib.sha256).hexdigest()
-
-
-def mask_ip(value: Any) -> str | None:
-    """IPv4 to its /24, IPv6 to its /48 (network address); None when it is not an address.
-
-    An IPv6 address that carries a client's IPv4 (mapped ::ffff:0:0/96, 6to4 2002::/16 whose /48 is the
-    whole IPv4, Teredo 2001::/32 whose client is obfuscated but recoverable) is masked as that IPv4.
-    """
-    try:
-        address = ipaddress.ip_address(str(value).strip())
-    except ValueError:
-        return None
-    if address.version == 6:
-        if address.ipv4_mapped is not None:  # its /48 would be `::`, telling nothing
-            address = address.ipv4_mapped
-        elif address.sixtofour is not None:
-            address = address.sixtofour
-        elif address.teredo is not None:
-            address = address.teredo[1]  # (server, client)
-    if address.version == 4:  # masking the integer is a quarter of the cost of building an ip_network
-        return str(ipaddress.IPv4Address(int(address) & V4_MASK))
-    return str(ipaddress.IPv6Address(int(address) & V6_MASK))
-
-
-def mask_email(value: Any) -> str | None:
-    """`alice@example.com` -> `a***@example.com`; None when it is not an address."""
-    if not isinstance(value, str):
-        return None
-    local, at, domain = value.strip().rpartition("@")
-    if not at or not local or not domain:
-        return None
-    return f"{local[0]}***@{domain}"
-
-
 # -- transforms ----------------------------------------------------------------------------------
 
 
-class _Writer:
-    """Copy-on-write access to a wire dict: the router's event is shared by every sink, never mutated."""
-
-    def __init__(self, wire: dict[str, Any]) -> None:
-        self.root = dict(wire)
-        self.owned = {id(self.root)}
-
-    def parent(self, path: Path, create: bool) -> dict[str, Any] | None:
-        node = self.root
-        for name in path[:-1]:
-            child = node.get(name)
-            if not isinstance(child, dict):
-                if not create:
-                    return None
-                child = {}
-            if id(child) not in self.owned:
-                child = dict(child)
-                self.owned.add(id(child))
-            node[name] = child
-            node = child
-        return node
-
-    def get(self, path: Path) -> tuple[bool, Any]:
-        node: Any = self.root
-        for name in path:
-            if not isinstance(node, dict) or name not in node:
-                return False, None
-            node = node[name]
-        return True, node
-
-    def pop(self, path: Path) -> tuple[bool, Any]:
-        found, _ = self.get(path)
-        if not found:
-            return False, None
-        parent = self.parent(path, create=False)
-        assert parent is not None
-        return True, parent.pop(path[-1])
-
-    def put(self, path: Path, value: Any) -> None:
-        parent = self.parent(path, create=True)
-        assert parent is not None
-        parent[path[-1]] = value
-
-
-Step = Callable[[_Writer, bytes], None]  # (event being written, its tenant's hash key or b"")
-
-
-_DROP = object()  # what a leaf function returns to remove the field
-
-
-def _rewrite(w: _Writer, node: Any, path: Path, leaf: Callable[[Any], Any]) -> Any:
-    """`node` with the field at `path` replaced by leaf(value) (or removed on _DROP), copied on write.
-
-    A list met on the way is walked: the rest of the path applies to each of its elements (maps), so
-    payload.user.email reaches every user of `payload.user: [{email: ...}, ...]`. Unchanged: `node` itself.
-    """
-    if isinstance(node, list):
-        items = [_rewrite(w, item, path, leaf) for item in node]
-        return node if all(a is b for a, b in zip(items, node, strict=True)) else items
-    if not isinstance(node, dict) or path[0] not in node:
-        return node
-    value = node[path[0]]
-    new = leaf(value) if len(path) == 1 else _rewrite(w, value, path[1:], leaf)
-    if new is value:
-        return node
-    if id(node) not in w.owned:
-        node = dict(node)
-        w.owned.add(id(node))
-    if new is _DROP:
-        del node[path[0]]
-    else:
-        node[path[0]] = new
-    return node
-
-
-def _apply_at(w: _Writer, path: Path, leaf: Callable[[Any], Any]) -> None:
-    w.root = _rewrite(w, w.root, path, leaf)
+Step = Callable[[WireWriter, bytes], None]  # (event being written, its tenant's hash key or b"")
 
 
 def _replace(paths: list[Path], fn: Callable[[Any], Any] | None) -> Step:
@@ -185,7 +65,7 @@ def _replace(paths: list[Path], fn: Callable[[Any], Any] | None) -> Step:
     A field holding a list is replaced element by element; an element fn cannot take leaves the list.
     """
 
-    def step(w: _Writer, key: bytes) -> None:
+    def step(w: WireWriter, key: bytes) -> None:
         def one(value: Any) -> Any:
             return hmac_hex(key, value) if fn is None else fn(value)
 
@@ -195,10 +75,10 @@ def _replace(paths: list[Path], fn: Callable[[Any], Any] | None) -> Step:
             if isinstance(value, list):
                 return [new for new in (one(v) for v in value if v is not None) if new is not None]
             new = one(value)
-            return _DROP if new is None else new
+            return DROP if new is None else new
 
         for path in paths:
-            _apply_at(w, path, leaf)
+            apply_at(w, path, leaf)
 
     return step
 
@@ -227,7 +107,7 @@ def _keep(paths: list[Path]) -> Step:
                     out[name] = [prune(item, sub) for item in inner if isinstance(item, dict)]
         return out
 
-    def step(w: _Writer, key: bytes) -> None:
+    def step(w: WireWriter, key: bytes) -> None:
         for section in SECTIONS:
             current = w.root.get(section)
             if current:
@@ -249,7 +129,7 @@ class Transform:
         """A transformed copy of `wire` (which is left as it is); `key`: the tenant's secret, if it hashes."""
         if not self.steps:
             return wire
-        writer = _Writer(wire)
+        writer = WireWriter(wire)
         for step in self.steps:
             step(writer, key)
         return writer.root
@@ -351,7 +231,7 @@ def _check_json_safe(value: Any, where: str) -> None:
 
 
 def _rename(moves: list[tuple[Path, Path]]) -> Step:
-    def step(w: _Writer, key: bytes) -> None:
+    def step(w: WireWriter, key: bytes) -> None:
         for src, dst in moves:
             found, value = w.pop(src)
             if found:
@@ -361,7 +241,7 @@ def _rename(moves: list[tuple[Path, Path]]) -> Step:
 
 
 def _add(pairs: list[tuple[Path, Any]]) -> Step:
-    def step(w: _Writer, key: bytes) -> None:
+    def step(w: WireWriter, key: bytes) -> None:
         for path, value in pairs:
             w.put(path, value)
 
@@ -371,9 +251,9 @@ def _add(pairs: list[tuple[Path, Any]]) -> Step:
 def _drop(paths: list[Path]) -> Step:
     """Remove each field, in every element of a list met on the way."""
 
-    def step(w: _Writer, key: bytes) -> None:
+    def step(w: WireWriter, key: bytes) -> None:
         for path in paths:
-            _apply_at(w, path, lambda _: _DROP)
+            apply_at(w, path, lambda _: DROP)
 
     return step
 

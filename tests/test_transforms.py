@@ -16,7 +16,8 @@ from shared.audit import filtered_outcome
 from shared.config import HifiConfig, hash_api_key
 from shared.errors import ConfigError, InvalidEvent
 from shared.event import Event, EventValidator, Limits
-from shared.transforms import Secrets, SinkRules, mask_email, mask_ip, parse_transform
+from shared.masking import mask_email, mask_ip
+from shared.transforms import Secrets, SinkRules, parse_transform
 
 KEY = b"tenant-secret"
 
