@@ -136,7 +136,8 @@ def run_trace(args: argparse.Namespace) -> int:
     import json
 
     from shared.errors import TransientError
-    from shared.trace import TraceIndex, render
+    from shared.trace import TraceIndex
+    from shared.trace_render import render
 
     settings = Settings.from_env()
 

@@ -23,7 +23,8 @@ from shared.audit import accepted_tally, receipt
 from shared.codec import unpack
 from shared.redis_window import RedisKeyWindow
 from shared.topics import Topics
-from shared.trace import TraceIndex, render
+from shared.trace import TraceIndex
+from shared.trace_render import render
 from tests.helpers import post, tenant_block, wait_for
 from tests.test_dashboard import chromium
 
