@@ -21,12 +21,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
 from shared.codec import pack, unpack
-from shared.errors import InvalidEvent
 from shared.publish import Output
+from shared.window_changelog import ChangelogEntry, decode_changelog, encode_changelog
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,11 @@ class RocksKeyWindow:
     of an event meets its window in one place. Values are msgpack [first_seen_ms, claim]; an expired
     entry counts as absent and is replaced (RocksDB's TTL drops it at compaction).
 
-    Every write is also queued for the changelog. The stage runner sends a batch's entries with its
-    outputs, one record per partition and batch (not one per key), so they are durable before the
-    batch's offsets are committed. The changelog keeps `changelog_retention_s` (the window and an
-    hour) with the delete policy: an entry older than the window is dead anyway, nothing to compact.
+    Every write is also queued for the changelog (a `ChangelogEntry`, shared/window_changelog.py). The stage
+    runner sends a batch's entries with its outputs, one record per partition and batch (not one per key),
+    so they are durable before the batch's offsets are committed. The changelog keeps
+    `changelog_retention_s` (the window and an hour) with the delete policy: an entry older than the window
+    is dead anyway, nothing to compact.
 
     On assignment a partition's store replays its changelog partition from its checkpoint (or from
     the log start), so a partition that moves between workers keeps its window. The checkpoint is
@@ -104,7 +106,7 @@ class RocksKeyWindow:
         self.partitions = partitions
         self.group = group
         self.dbs: dict[int, Rdict] = {}
-        self.pending: dict[int, list[list[Any]]] = {}
+        self.pending: dict[int, list[ChangelogEntry]] = {}
         self.applied: dict[int, int] = {}  # partition -> next changelog offset this store reflects
         self.behind: dict[int, int] = {}  # partition -> offset up to which others' records await `catch_up`
 
@@ -218,16 +220,16 @@ class RocksKeyWindow:
                         if record.offset >= todo.get(tp, 0):
                             continue
                         try:
-                            entries = [(str(k), float(t), str(c)) for k, t, c in unpack(record.value)]
-                        except (InvalidEvent, TypeError, ValueError):  # not written by this store: skip it
+                            entries = decode_changelog(record.value)
+                        except msgspec.DecodeError:  # not written by this store: skip it
                             log.warning(
                                 "%s: skipped an unreadable changelog record at %s@%d", self.name, tp, record.offset
                             )
                             entries = []
                         batch = WriteBatch(raw_mode=True)
-                        for key, first_seen, claim in entries:
-                            if until is None or db.get(key.encode()) is None:
-                                batch.put(key.encode(), pack([first_seen, claim]))
+                        for entry in entries:
+                            if until is None or db.get(entry.key.encode()) is None:
+                                batch.put(entry.key.encode(), pack([entry.first_seen_ms, entry.claim]))
                         db.write(batch)
                         applied += len(entries)
                         # Catching up, own records applied meanwhile may already have moved it further.
@@ -286,7 +288,11 @@ class RocksKeyWindow:
             self._write_checkpoint(p, self.applied.pop(p, 0))
 
     def changelog(self) -> list[Output]:
-        out = [Output(self.changelog_topic, None, pack(entries), p) for p, entries in self.pending.items() if entries]
+        out = [
+            Output(self.changelog_topic, None, encode_changelog(entries), p)
+            for p, entries in self.pending.items()
+            if entries
+        ]
         self.pending = {}
         return out
 
@@ -314,7 +320,7 @@ class RocksKeyWindow:
 
     def _write(self, partition: int, db: Rdict, key: str, first_seen: float, claim: str) -> None:
         db.put(key.encode(), pack([first_seen, claim]))
-        self.pending.setdefault(partition, []).append([key, first_seen, claim])
+        self.pending.setdefault(partition, []).append(ChangelogEntry(key, first_seen, claim))
 
     def _live(self, raw: bytes | None, now: float) -> list[Any] | None:
         if raw is None:
