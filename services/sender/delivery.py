@@ -296,22 +296,25 @@ class SinkDelivery(IsolationRounds, UnsettledDeadLetters, DeliveredLedgerMarks, 
         self._record_lag([r for r in records if id(r.message) not in self.replay_of], acked)
         for record in records:
             record.outcome = Outcome.DELIVERED
-            self.suspect.pop(self._key(record), None)
-            self.isolated.pop(self._key(record), None)
-            self.last_failed_at.pop(self._key(record), None)
+            self._forget_evidence(record)
         result.outputs.extend(self._receipts(records, acked, attempts))
 
     def _dead_letter(self, record: Record, error: Exception, attempts: int) -> None:
         """Held until the batch's handling returns: a retry of the batch skips it and still reports it.
         Unsettled until the runner's durable point passes it: no transaction commits its offset past it."""
         log.warning("sender %s: dead-lettering %s: %s", self.name, record.event.event_id, error)
-        self.suspect.pop(self._key(record), None)
-        self.isolated.pop(self._key(record), None)
-        self.last_failed_at.pop(self._key(record), None)
+        self._forget_evidence(record)
         record.outcome = Outcome.DLQ
         self.dead_letters[id(record.message)] = DeadLetter(record.message, error, attempts)
         message = record.message
         self.unsettled.setdefault((message.topic, message.partition), {})[message.offset] = id(message)
+
+    def _forget_evidence(self, record: Record) -> None:
+        """The event is settled (delivered or dead-lettered): its failure counts no longer mean anything."""
+        key = self._key(record)
+        self.suspect.pop(key, None)
+        self.isolated.pop(key, None)
+        self.last_failed_at.pop(key, None)
 
     def _receipts(self, records: list[Record], acked: float, attempts: int) -> list[Output]:
         if self.receipts_topic is None:
