@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 
 class SinkDelivery(IsolationRounds, UnsettledDeadLetters, DeliveredLedgerMarks, DeliveryStats):
+    """The sender's step: ledger check, then per source partition breaker -> throttle -> deliver -> ledger
+    mark. Isolation rounds, unsettled dead letters, ledger access and stats are mixins, one module each."""
+
     def __init__(
         self,
         sink: SinkSender,

@@ -11,7 +11,7 @@ HOPS = tuple(s.name for s in pipeline.HOPS)  # the stamps an event gathers betwe
 
 
 class DeliveryStats:
-    """SinkDelivery's lag and counters."""
+    """SinkDelivery's lag and counters (a mixin over its `metrics`, `lag`, `stage_lag` and breaker)."""
 
     def _record_lag(self, records: list[Record], acked: float) -> None:
         # Per batch, not per event: label lookups and HDR records showed in the sender's profile.

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 class IsolationRounds:
-    """SinkDelivery's isolation rounds and its refusal guard."""
+    """SinkDelivery's isolation rounds and its refusal guard (a mixin: the evidence it weighs, `suspect`,
+    `isolated`, `last_failed_at`, `answers`, is SinkDelivery's state, set up in its `__init__`)."""
 
     async def _isolate(
         self,

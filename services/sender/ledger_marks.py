@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 class DeliveredLedgerMarks:
-    """SinkDelivery's reads and writes of its delivered ledger."""
+    """SinkDelivery's reads and writes of its delivered ledger (a mixin over its `ledger`, `ledger_outage`
+    and `pass_through`)."""
 
     async def _ledger_seen(self, records: list[Record], keys: list[str]) -> list[bool]:
         try:

@@ -10,7 +10,8 @@ from shared.stage import Record
 
 
 class UnsettledDeadLetters:
-    """SinkDelivery's record of dead letters the runner has not written yet."""
+    """SinkDelivery's record of dead letters the runner has not written yet (a mixin: `unsettled`,
+    `runner_letters` and `durable_offset` are set up in SinkDelivery's `__init__`)."""
 
     def hold_dead_letters(self, messages: list[ConsumerRecord]) -> None:  # type: ignore[type-arg]
         """The runner dead-letters these itself (undecodable, or failing unexpectedly alone): unsettled until
