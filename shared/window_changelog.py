@@ -9,7 +9,7 @@ from __future__ import annotations
 import msgspec
 
 
-class ChangelogEntry(msgspec.Struct, array_like=True, frozen=True):
+class ChangelogEntry(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
     """One key's window entry. `claim`: the message that first claimed the key ("" for a ledger mark)."""
 
     key: str
@@ -25,6 +25,10 @@ def encode_changelog(entries: list[ChangelogEntry]) -> bytes:
     return _encoder.encode(entries)
 
 
-def decode_changelog(value: bytes) -> list[ChangelogEntry]:
-    """Raises msgspec.DecodeError (its ValidationError too) on a record no version of the store wrote."""
+def decode_changelog(value: bytes | None) -> list[ChangelogEntry]:
+    """Raises msgspec.DecodeError (its ValidationError too) on a record no version of the store wrote,
+    a null value (a tombstone some operator tool wrote) included, so the restore skips it, as the untyped
+    code did, instead of failing on every restart."""
+    if value is None:
+        raise msgspec.DecodeError("a changelog record without a value")
     return _decoder.decode(value)

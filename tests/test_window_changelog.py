@@ -7,6 +7,8 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+import msgspec
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from shared.codec import pack, unpack
@@ -50,6 +52,7 @@ async def test_a_store_restores_from_a_changelog_the_old_code_wrote(kafka, names
         now = time.time() * 1000
         await producer.send_and_wait(changelog, pack([["old-1", now, "raw:0:1"], ["old-2", now, ""]]), partition=0)
         await producer.send_and_wait(changelog, pack([["bad", None, 3]]), partition=0)  # unreadable: skipped
+        await producer.send_and_wait(changelog, None, key=b"x", partition=0)  # a tombstone: skipped too
         writer = RocksKeyWindow("w", tmp_path / "writer", changelog, kafka.bootstrap, 600.0, 1, "g")
         await writer.assign([0])
         assert await writer.claim(["new-1"], ["raw:0:9"], [_anchor(0)]) == [True]
@@ -66,3 +69,11 @@ async def test_a_store_restores_from_a_changelog_the_old_code_wrote(kafka, names
         fresh.revoke([0])
     finally:
         await producer.stop()
+
+
+def test_a_record_no_version_wrote_is_refused_so_the_restore_skips_it() -> None:
+    """An extra field or a missing value was never written by any version: refused, as the untyped code did."""
+    with pytest.raises(msgspec.DecodeError):
+        decode_changelog(pack([["k", 1.0, "c", 1]]))
+    with pytest.raises(msgspec.DecodeError):
+        decode_changelog(None)
