@@ -76,7 +76,7 @@ BOUNDED = frozenset(
 
 
 def _bounds(owner: type[BaseModel], key: int | str) -> str | None:
-    """ "an integer from 1 to 10000" for a field declared Annotated[int, Field(ge=1, le=10000)]."""
+    """Say "an integer from 1 to 10000" for a field declared `Annotated[int, Field(ge=1, le=10000)]`."""
     found = owner.model_fields.get(str(key))
     if found is None:
         return None
