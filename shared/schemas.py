@@ -269,7 +269,7 @@ def client_view(event: Event) -> dict[str, Any]:
     return doc
 
 
-# The keys of `tenants.<t>.schemas` (shared/config.py lists them in `config_keys()`).
+# The keys of `tenants.<t>.schemas` (shared/config/ lists them in `config_keys()`).
 SCHEMAS_KEYS = frozenset({"mode", "unknown_types", "types", "dir"})
 
 

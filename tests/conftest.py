@@ -19,7 +19,7 @@ from hypothesis import settings
 from devtools.kafka import DEFAULT_HOME, LocalKafka
 from devtools.postgres import LocalPostgres
 from devtools.redis import LocalRedis
-from devtools.s3 import LocalS3
+from devtools.s3 import LOCAL_ACCESS_KEY, LOCAL_SECRET_KEY, LocalS3
 from shared.config import Settings
 
 # `make fuzz` runs the property tests with many more examples (HYPOTHESIS_PROFILE=fuzz).
@@ -118,6 +118,15 @@ def postgres_server() -> Iterator[LocalPostgres]:
 def s3_server() -> Iterator[LocalS3]:
     """A real S3 API (s3proxy, filesystem backend); each test uses its own bucket."""
     yield from _session_server(LocalS3(port=TEST_S3_PORT), f"s3proxy on port {TEST_S3_PORT}")
+
+
+@pytest.fixture
+def bucket(s3_server: LocalS3, namespace: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on the test S3, named for the test, and the archive's credentials for it."""
+    monkeypatch.setenv("HIFI_ARCHIVE_ACCESS_KEY_ID", LOCAL_ACCESS_KEY)
+    monkeypatch.setenv("HIFI_ARCHIVE_SECRET_ACCESS_KEY", LOCAL_SECRET_KEY)
+    s3_server.create_bucket(namespace)
+    return namespace
 
 
 @pytest.fixture

@@ -24,6 +24,25 @@ def tenant_block(name: str, key: str, sinks: list[str], metadata: dict[str, Any]
 """
 
 
+def write_webhook_config(
+    path: Path,
+    hook_port: int,
+    key: str = "k",
+    *,
+    tenants: str | None = None,
+    url_path: str = "/in",
+    sink_options: str = "",
+    sections: str = "",
+) -> Path:
+    """The pipeline most tests run: tenant acme (API key `key`) subscribed to one webhook sink `hook` on
+    hook_port. `tenants` replaces the tenants' YAML, `sink_options` adds `, key: value` to the sink, and
+    `sections` adds top-level YAML (dedupe, audit, ...)."""
+    tenants = tenant_block("acme", key, ["hook"]) if tenants is None else tenants
+    sink = f'{{type: webhook, url: "http://127.0.0.1:{hook_port}{url_path}"{sink_options}}}'
+    path.write_text(f"tenants:\n{tenants}sinks:\n  hook: {sink}\n{sections}")
+    return path
+
+
 def read_file_sink(directory: Path) -> list[dict[str, Any]]:
     """Everything in the rotated files and the current one; re-list if a rotation raced the read."""
     while True:

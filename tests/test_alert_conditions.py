@@ -19,7 +19,7 @@ from devtools.kafka import LocalKafka
 from devtools.traffic import EventFactory
 from devtools.webhook import WebhookReceiver
 from shared.topics import Topics
-from tests.helpers import SentryReceiver, post, tenant_block, wait_for
+from tests.helpers import SentryReceiver, post, wait_for, write_webhook_config
 from tests.test_auditor import audit_summary
 
 API_KEY = "acme-live-key-93be01"
@@ -31,13 +31,7 @@ AUDIT = (
 
 
 def write_config(path: Any, hook_port: int) -> None:
-    path.write_text(
-        "tenants:\n"
-        + tenant_block("acme", API_KEY, ["hook"])
-        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{hook_port}/in"}}\n'
-        + AUDIT
-        + "\n"
-    )
+    write_webhook_config(path, hook_port, API_KEY, sections=AUDIT + "\n")
 
 
 def events(factory: EventFactory, n: int) -> list[dict[str, Any]]:

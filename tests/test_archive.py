@@ -16,7 +16,7 @@ from typing import Any
 import obstore
 import pytest
 
-from devtools.s3 import LOCAL_ACCESS_KEY, LOCAL_SECRET_KEY, LocalS3
+from devtools.s3 import LocalS3
 from devtools.traffic import EventFactory
 from services.sender.archive import ArchiveSink
 from services.sender.sinks import Source
@@ -26,14 +26,6 @@ from shared.event import Event
 from tests.helpers import post, read_file_sink, tenant_block, wait_for
 
 HOUR_MS = 3_600_000.0
-
-
-@pytest.fixture
-def bucket(s3_server: LocalS3, namespace: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("HIFI_ARCHIVE_ACCESS_KEY_ID", LOCAL_ACCESS_KEY)
-    monkeypatch.setenv("HIFI_ARCHIVE_SECRET_ACCESS_KEY", LOCAL_SECRET_KEY)
-    s3_server.create_bucket(namespace)
-    return namespace
 
 
 def archive_config(s3_server: LocalS3, bucket: str, **options: Any) -> SinkConfig:

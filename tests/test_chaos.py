@@ -152,17 +152,11 @@ async def test_two_rocksdb_workers_of_one_stage_on_one_machine_each_keep_their_o
 
     from devtools.traffic import EventFactory
     from devtools.webhook import WebhookReceiver
-    from tests.helpers import post, tenant_block, wait_for
+    from tests.helpers import post, wait_for, write_webhook_config
 
     hook = WebhookReceiver(port=port_base + 19)
     await hook.start()
-    config = tmp_path / "hifi.yaml"
-    config.write_text(
-        "tenants:\n"
-        + tenant_block("acme", "k", ["hook"])
-        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{hook.port}/in"}}\n'
-        + "dedupe: {backend: rocksdb}\n"
-    )
+    config = write_webhook_config(tmp_path / "hifi.yaml", hook.port, sections="dedupe: {backend: rocksdb}\n")
     settings = settings_for(config)
     pipeline = await start_pipeline(settings)
     try:

@@ -14,7 +14,7 @@ from devtools.traffic import EventFactory
 from devtools.webhook import WebhookReceiver
 from shared.dlq import DeadLetterQueues
 from shared.topics import Topics
-from tests.helpers import post, tenant_block, wait_for
+from tests.helpers import post, wait_for, write_webhook_config
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -28,12 +28,7 @@ async def test_a_refused_batch_is_dead_lettered_then_replayed_exactly_once(
 ):
     hook = WebhookReceiver(port=port_base + 19)
     await hook.start()
-    config = tmp_path / "hifi.yaml"
-    config.write_text(
-        "tenants:\n"
-        + tenant_block("acme", "k", ["hook"])
-        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{hook.port}/in"}}\n'
-    )
+    config = write_webhook_config(tmp_path / "hifi.yaml", hook.port)
     settings = settings_for(config, read_token="r-token", admin_token="a-token", redact_fields="position_s")
     pipeline = await start_pipeline(settings)
     queues = DeadLetterQueues(kafka.bootstrap, Topics(namespace), ["hook"])

@@ -19,7 +19,7 @@ from devtools.traffic import EventFactory
 from devtools.webhook import WebhookReceiver
 from shared.quarantine import FailedEvents
 from shared.topics import Topics
-from tests.helpers import post, tenant_block, wait_for
+from tests.helpers import post, tenant_block, wait_for, write_webhook_config
 
 TOKEN = "read-token-failed-view-4411"
 SECRET_TITLE = "t-secret-title-990"
@@ -40,15 +40,14 @@ PLAY = {
 
 def write_config(path: Path, hook_port: int, play: dict[str, Any], pause: bool) -> None:
     types = {"play": play, **({"pause": {"type": "object"}} if pause else {})}
-    path.write_text(
-        "tenants:\n"
-        + tenant_block("acme", "key-acme", ["hook"])
+    tenants = (
+        tenant_block("acme", "key-acme", ["hook"])
         + f"    schemas: {json.dumps({'mode': 'enforce', 'unknown_types': 'quarantine', 'types': types})}\n"
         + tenant_block("globex", "key-globex", ["hook"])
         + f"    schemas: {json.dumps({'mode': 'warn', 'types': {'play': play}})}\n"
-        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{hook_port}/in"}}\n'
-        + "audit: {bucket_s: 2, settle_s: 4, canary_interval_s: 1, dlq_check_s: 1}\n"
     )
+    audit = "audit: {bucket_s: 2, settle_s: 4, canary_interval_s: 1, dlq_check_s: 1}\n"
+    write_webhook_config(path, hook_port, tenants=tenants, sections=audit)
 
 
 def get_json(url: str, token: str | None = TOKEN) -> tuple[int, Any]:

@@ -154,6 +154,7 @@ def test_postgres_sink_config_names_the_bad_field(monkeypatch):
         make_sink(config.sinks["db"], "b:9092", "redis://127.0.0.1:1/0")
 
 
+@pytest.mark.slow  # restarts and kills -9 a PostgreSQL server for half a minute: a fault scenario, not the inner loop
 async def test_postgres_sink_server_restarted_and_killed_mid_stream_writes_each_event_once(port_base):
     """Postgres is restarted (fast shutdown) and killed -9 while batches are written; the caller retries
     each batch until it is acknowledged, as the sender does."""

@@ -10,7 +10,7 @@ import pytest
 from devtools.redis import LocalRedis
 from devtools.traffic import EventFactory
 from devtools.webhook import WebhookReceiver
-from tests.helpers import SentryReceiver, post, tenant_block, wait_for
+from tests.helpers import SentryReceiver, post, wait_for, write_webhook_config
 
 
 @pytest.mark.parametrize("mode", ["pause", "pass-through"])
@@ -18,13 +18,11 @@ async def test_redis_down(mode, tmp_path, namespace, port_base, settings_for, st
     hook = WebhookReceiver(port=port_base + 19)
     await hook.start()
     redis = LocalRedis(url=f"redis://127.0.0.1:{port_base + 17}/0", data_dir=tmp_path / "redis")
-    config = tmp_path / "hifi.yaml"
-    config.write_text(
-        "tenants:\n"
-        + tenant_block("acme", "k", ["hook"])
-        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{hook.port}/in"}}\n'
-        + f"dedupe: {{backend: redis, on_redis_down: {mode}}}\n"
-        + "audit: {outage_alert_after_s: 2, canary_interval_s: 0}\n"
+    config = write_webhook_config(
+        tmp_path / "hifi.yaml",
+        hook.port,
+        sections=f"dedupe: {{backend: redis, on_redis_down: {mode}}}\n"
+        + "audit: {outage_alert_after_s: 2, canary_interval_s: 0}\n",
     )
     sentry = SentryReceiver()
     # nothing listens at the Redis URL yet

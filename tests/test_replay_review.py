@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from devtools.kafka import LocalKafka
 from devtools.redis import LocalRedis
-from devtools.s3 import LOCAL_ACCESS_KEY, LOCAL_SECRET_KEY, LocalS3
+from devtools.s3 import LocalS3
 from devtools.webhook import WebhookReceiver
 from services.sender.archive import ArchiveSink
 from services.sender.delivery import SinkDelivery
@@ -56,14 +56,6 @@ class OnePartitionDown(WebhookReceiver):
             self.received.append(event)
         self.requests += 1
         return web.json_response({"ok": len(body["events"])})
-
-
-@pytest.fixture
-def bucket(s3_server: LocalS3, namespace: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("HIFI_ARCHIVE_ACCESS_KEY_ID", LOCAL_ACCESS_KEY)
-    monkeypatch.setenv("HIFI_ARCHIVE_SECRET_ACCESS_KEY", LOCAL_SECRET_KEY)
-    s3_server.create_bucket(namespace)
-    return namespace
 
 
 @pytest.fixture

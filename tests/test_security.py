@@ -16,7 +16,7 @@ from devtools.webhook import WebhookReceiver
 from shared.config import RateLimit, Settings, hash_api_key
 from shared.ratelimit import TenantRateLimiter
 from shared.sentry import scrub
-from tests.helpers import post, tenant_block, wait_for
+from tests.helpers import post, tenant_block, wait_for, write_webhook_config
 
 
 def sign(secret: bytes, body: bytes, at: float) -> dict[str, str]:
@@ -59,17 +59,15 @@ async def test_who_gets_in_and_hostile_input(tmp_path, namespace, port_base, set
     monkeypatch.setenv("HIFI_TEST_SECRET", "s3cret")
     hook = WebhookReceiver(port=port_base + 19)
     await hook.start()
-    config = tmp_path / "hifi.yaml"
-    config.write_text(
-        "tenants:\n"
-        + tenant_block("acme", "key-acme", ["hook"])
+    tenants = (
+        tenant_block("acme", "key-acme", ["hook"])
         + "    signing_secret_env: HIFI_TEST_SECRET\n"
         + "  globex:\n"
         + f'    api_keys: ["{hash_api_key("key-globex-old")}", "{hash_api_key("key-globex-new")}"]\n'  # rotation
         + "    sinks: [hook]\n"
         + "    rate_limit: {events_per_s: 20, burst: 60}\n"
-        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{hook.port}/in"}}\n'
     )
+    config = write_webhook_config(tmp_path / "hifi.yaml", hook.port, tenants=tenants)
     pipeline = await start_pipeline(settings_for(config, read_token="reader-token"))
     url = pipeline.collector_url
     factory = EventFactory(producer_id=namespace)

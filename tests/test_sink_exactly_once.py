@@ -36,7 +36,7 @@ from shared.metrics import StageMetrics
 from shared.redis_window import RedisKeyWindow
 from shared.stage import Record, StepResult
 from shared.topics import Topics, ensure_topics
-from tests.helpers import post, read_redis_stream, tenant_block, wait_for
+from tests.helpers import post, read_redis_stream, tenant_block, wait_for, write_webhook_config
 
 
 def events(n: int, tenant: str = "acme") -> list[Event]:
@@ -518,11 +518,8 @@ async def test_pipeline_sink_4xx_mix_dead_letters_only_refused_events(
 ):
     """The real sender process: a few events answered 400, and a stretch of 401 for the whole sink.
     Only the refused events dead-letter; everything else arrives once."""
-    config = tmp_path / "hifi.yaml"
-    config.write_text(
-        "tenants:\n"
-        + tenant_block("acme", "k", ["hook"])
-        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{ruled_sink.port}/hook", timeout_s: 2}}\n'
+    config = write_webhook_config(
+        tmp_path / "hifi.yaml", ruled_sink.port, url_path="/hook", sink_options=", timeout_s: 2"
     )
     pipeline = await start_pipeline(settings_for(config))
     queues = DeadLetterQueues(kafka.bootstrap, Topics(namespace), ["hook"])

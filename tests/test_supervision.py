@@ -14,7 +14,7 @@ from devtools.pipeline import PipelineProcesses
 from devtools.traffic import EventFactory
 from devtools.up import status_line
 from devtools.webhook import WebhookReceiver
-from tests.helpers import post, tenant_block, wait_for
+from tests.helpers import post, wait_for, write_webhook_config
 
 
 def readiness(pipeline: PipelineProcesses, label: str) -> dict[str, Any]:
@@ -31,12 +31,7 @@ async def test_a_stage_killed_9_is_restarted_by_the_supervisor_and_its_peer_is_n
 ):
     hook = WebhookReceiver(port=port_base + 19)
     await hook.start()
-    config = tmp_path / "hifi.yaml"
-    config.write_text(
-        "tenants:\n"
-        + tenant_block("acme", "key-acme", ["hook"])
-        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{hook.port}/in"}}\n'
-    )
+    config = write_webhook_config(tmp_path / "hifi.yaml", hook.port, "key-acme")
     # A session longer than a restart on a loaded machine (5 to 10 s seen at load 20): past it, the group
     # rebalances by design, static or not.
     pipeline = await start_pipeline(settings_for(config, session_timeout_s=30.0), supervise=True)
@@ -93,12 +88,8 @@ async def test_auto_leave_on_sigterm_a_stateless_stage_leaves_and_a_stateful_one
     """`HIFI_LEAVE_GROUP_ON_STOP=auto` through Settings and `StageRunner.attach` on real workers: the enricher
     (no state) hands its partitions over at once after its drain, the deduplicator (RocksDB) keeps them for
     its restart, for the session (30 s here)."""
-    config = tmp_path / "hifi.yaml"
-    config.write_text(
-        "tenants:\n"
-        + tenant_block("acme", "key-acme", ["hook"])
-        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{port_base + 19}/in"}}\n'
-        + "dedupe: {backend: rocksdb}\n"
+    config = write_webhook_config(
+        tmp_path / "hifi.yaml", port_base + 19, "key-acme", sections="dedupe: {backend: rocksdb}\n"
     )
     settings = settings_for(config, session_timeout_s=30.0)
     assert settings.leave_group_on_stop == "auto"
@@ -130,12 +121,7 @@ async def test_a_second_process_under_a_workers_name_makes_one_of_them_exit_78(
     supervisor or Kubernetes sees it), the other keeps reading every partition."""
     from shared.stage import EXIT_INSTANCE_ID_TAKEN
 
-    config = tmp_path / "hifi.yaml"
-    config.write_text(
-        "tenants:\n"
-        + tenant_block("acme", "key-acme", ["hook"])
-        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{port_base + 19}/in"}}\n'
-    )
+    config = write_webhook_config(tmp_path / "hifi.yaml", port_base + 19, "key-acme")
     pipeline = await start_pipeline(settings_for(config))
     twin = pipeline.add_worker("enricher", env={"HIFI_WORKER_ID": pipeline.worker_id("enricher")})
     pair = [pipeline.services["enricher"], pipeline.services[twin]]

@@ -11,7 +11,7 @@ from aiokafka.partitioner import murmur2
 
 from devtools.traffic import EventFactory
 from devtools.webhook import WebhookReceiver
-from tests.helpers import post, tenant_block, wait_for
+from tests.helpers import post, wait_for, write_webhook_config
 
 
 async def get(url: str) -> tuple[int, Any]:
@@ -25,12 +25,7 @@ async def test_table_browser_pages_sizes_and_routes_to_the_owner(
 ):
     hook = WebhookReceiver(port=port_base + 19)
     await hook.start()
-    config = tmp_path / "hifi.yaml"
-    config.write_text(
-        "tenants:\n"
-        + tenant_block("acme", "k", ["hook"])
-        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{hook.port}/in"}}\n'
-    )
+    config = write_webhook_config(tmp_path / "hifi.yaml", hook.port)
     pipeline = await start_pipeline(settings_for(config))
     second = pipeline.add_worker("deduplicator")
     await asyncio.to_thread(pipeline.wait_ready, 60.0, [second])
