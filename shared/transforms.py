@@ -304,7 +304,7 @@ def _names(value: Any, where: str) -> frozenset[str]:
     return frozenset(value)
 
 
-# The keys of a sink's `filter` and `consent` (shared/config.py lists them in `config_keys()`).
+# The keys of a sink's `filter` and `consent` (shared/config/ lists them in `config_keys()`).
 FILTER_KEYS = frozenset({"tenants", "exclude_tenants", "types", "exclude_types", "where"})
 CONSENT_KEYS = frozenset({"require"})
 # The keys a sink's rules take from its spec (SinkRules.parse pops them before the sink type's options).
