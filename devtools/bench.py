@@ -857,7 +857,7 @@ def format_headline(head: dict[str, Any]) -> str:
         f"p95 at {head['rate_eps']:g} events/s Hifi/limit {r['p95_vs_limit']}, Hifi/peer {r['p95_vs_peer']}; "
         f"CPU per event Hifi/limit {r.get('cpu_vs_limit')} "
         "(below 1 is better for p95 and CPU, above 1 for the ceiling).\n"
-        f"Planning, events/s per core per stage at {head['rate_eps']:g} events/s: {head.get('planning_eps_per_core')}.\n"
+        f"Planning, events/s per core per stage: {head.get('planning_eps_per_core')}.\n"
         f"Targets: {met}."
     )
 
