@@ -99,3 +99,34 @@ async def test_a_request_is_produced_as_one_batch_per_partition_and_acked_before
         by_device.setdefault(event.device_id, []).append((partition, offset))
     for places in by_device.values():
         assert len({p for p, _ in places}) == 1 and places == sorted(places)
+
+
+async def test_concurrent_requests_share_record_batches(kafka, namespace, settings_for, tmp_path: Path) -> None:
+    """40 requests at once: their records share batches (one in flight per partition, the rest queue and
+    go together), not 4 batches per request each waiting a round trip behind the last."""
+    import asyncio
+
+    config_path = tmp_path / "hifi.yaml"
+    config_path.write_text(CONFIG)
+    topics = Topics(namespace)
+    await ensure_topics(kafka.bootstrap, [topics.raw, topics.tallies], 4, 1)
+    producer = CountingProducer(durable_producer(kafka.bootstrap))
+    await producer.start()
+    ctx = ServiceContext("collector", settings_for(config_path), HifiConfig.load(config_path))
+    ctx.app = SimpleNamespace(producer=FaustStyle(producer))
+    collector = Collector(ctx)
+    collector.publisher = BatchPublisher(producer)  # type: ignore[assignment]
+
+    def request(r: int) -> list[dict[str, Any]]:
+        return [
+            {"event_id": f"r{r}-{i}", "type": "play", "ts": 1.0, "device_id": f"d{(r * 20 + i) % 200}"}
+            for i in range(20)
+        ]
+
+    try:
+        answers = await asyncio.gather(*(collector.ingest("acme", request(r), None, None) for r in range(40)))
+    finally:
+        await producer.stop()
+    assert all(status == 200 and len(body["accepted"]) == 20 for status, body in answers), answers
+    # Per request: 4 event batches and a tally batch would be 200.
+    assert producer.sends == 0 and producer.batches <= 60, (producer.sends, producer.batches)
