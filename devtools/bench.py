@@ -815,8 +815,24 @@ def headline(results: list[dict[str, Any]], ceilings: dict[str, float], shape: S
         "peer_cpu_s_per_1k_total": quix.get("cpu_s_per_1k_total"),
         "limit_duplicates": raw.get("duplicates"),
         "auditor": hifi.get("auditor"),
+        "planning_eps_per_core": planning(hifi),
         "ratios": ratios,
         "targets": targets,
+    }
+
+
+# Not Hifi's stages: the broker, Redis and the load generator with its receivers.
+NOT_STAGES = ("harness", "kafka-", "redis")
+
+
+def planning(result: dict[str, Any]) -> dict[str, int]:
+    """Events/s one core carries per stage process: 1,000 / its CPU-s per 1,000 events at this run's rate.
+
+    Valid only from a run that kept up (a saturated stage's CPU is shared by fewer accepted events)."""
+    return {
+        name: round(1000 / cost)
+        for name, cost in result.get("cpu_s_per_1k", {}).items()
+        if cost > 0 and not name.startswith(NOT_STAGES)
     }
 
 
@@ -841,6 +857,7 @@ def format_headline(head: dict[str, Any]) -> str:
         f"p95 at {head['rate_eps']:g} events/s Hifi/limit {r['p95_vs_limit']}, Hifi/peer {r['p95_vs_peer']}; "
         f"CPU per event Hifi/limit {r.get('cpu_vs_limit')} "
         "(below 1 is better for p95 and CPU, above 1 for the ceiling).\n"
+        f"Planning, events/s per core per stage: {head.get('planning_eps_per_core')}.\n"
         f"Targets: {met}."
     )
 

@@ -108,6 +108,7 @@ def test_headline_holds_the_promised_keys_and_ratios():
         }
 
     results = [row("hifi", 2000.0, 40), row("hifi", 5000.0, 90, missing=3), row("raw", 2000.0, 20)]
+    results[0]["cpu_s_per_1k"] = {"collector": 0.1, "router": 0.04, "kafka-1": 0.3, "harness": 0.2, "redis": 0.01}
     results.append(row("quix", 2000.0, 160))
     results.append(row("hifi-contracts", 2000.0, 50))  # schemas and per-sink rules on: priced against hifi
     head = headline(results, {"hifi": 5000.0, "raw": 10000.0, "quix": 5000.0}, SHAPES["production"])
@@ -136,6 +137,7 @@ def test_headline_holds_the_promised_keys_and_ratios():
     met = {t["target"]: t["met"] for t in head["targets"]}
     assert met["p95 ahead of Quix"] is True and met["ceiling >= 0.7 x raw"] is False
     assert met["CPU per event <= 1.2 x raw"] is False and met["on time >= 99.99 % at 2,000 events/s"] is True
+    assert head["planning_eps_per_core"] == {"collector": 10_000, "router": 25_000}  # Hifi's stages only
     assert headline([], {})["ceiling_eps"] is None  # nothing ran: no made-up numbers
 
 

@@ -78,3 +78,29 @@ def test_codec_round_trips_and_rejects_garbage():
     for bad in (b"\xc1", b"", None, pack([1, 2]), pack({"event_id": "e"}), pack({**event.to_wire(), "ts": "x"})):
         with pytest.raises(InvalidEvent):
             decode_event(bad)
+
+
+def test_the_stage_codec_writes_the_bytes_msgpack_writes_and_reads_them_back():
+    """Stages of two versions share topics during a rolling deploy: msgspec's bytes must be msgpack's."""
+    import msgpack
+
+    from shared.codec import unpack
+
+    event = Event(
+        "e1",
+        "page_view",
+        1.7e12,
+        "acme",
+        {"url": "https://x.example/?q=é", "n": [1, -2, 2**63, -(2**63), 2**64 - 1, 0.1, 1e300, None, True]},
+        device_id="d",
+        context={"ip": "203.0.113.9", "nested": {"k": {"deep": [{"x": "y" * 70_000}]}}},
+        ingest_ts=2.0,
+        stages={"collector": 3.0},
+        consent=["analytics"],
+    )
+    wire = event.to_wire()
+    assert pack(wire) == msgpack.packb(wire, use_bin_type=True)
+    assert unpack(msgpack.packb(wire, use_bin_type=True)) == wire
+    for bad in (b"\xc1", b"", pack(wire) + b"x", pack(wire)[:-3], b"\x91" * 10_000):
+        with pytest.raises(InvalidEvent):
+            unpack(bad)

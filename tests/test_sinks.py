@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from devtools.webhook import WebhookReceiver
+from services.sender.file_sink import FileSink
 from services.sender.kafka_sink import KafkaSink
 from services.sender.redis_stream import RedisStreamSink
-from services.sender.sinks import FileSink
 from services.sender.webhook import WebhookSink
 from shared.config import SinkConfig
 from shared.errors import PermanentSinkError, SinkMisconfigured, TransientError

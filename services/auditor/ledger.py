@@ -74,10 +74,16 @@ class SlidingHdr:
         self.slots: deque[tuple[int, HdrHistogram]] = deque(maxlen=slots)
 
     def record(self, lag_ms: float, now: float | None = None) -> None:
+        self.record_counts({max(1, min(int(lag_ms), 3_600_000)): 1}, now)
+
+    def record_counts(self, counts: dict[int, int], now: float | None = None) -> None:
+        """A receipt's lags at once: {lag in whole ms, clamped to 1..3,600,000: how many}."""
         slot = int((now if now is not None else time.time()) // self.slot_s)
         if not self.slots or self.slots[-1][0] != slot:
             self.slots.append((slot, HdrHistogram(1, 3_600_000, 2)))
-        self.slots[-1][1].record_value(max(1, min(int(lag_ms), 3_600_000)))
+        histogram = self.slots[-1][1]
+        for lag_ms, count in counts.items():
+            histogram.record_value(lag_ms, count)
 
     def percentiles(self, now: float | None = None) -> dict[str, float]:
         oldest = int((now if now is not None else time.time()) // self.slot_s) - (self.slots.maxlen or 1) + 1

@@ -15,13 +15,17 @@ import os
 import time
 from typing import Any
 
+from aiokafka.errors import KafkaError
 from faust import web
+from mode import Service
 
+from shared.app import durable_producer
 from shared.audit import accepted_tallies, bucket_of
 from shared.codec import encode_event, unique_pairs, unpack_client
 from shared.config import HifiConfig
 from shared.errors import ConfigError, InvalidEvent
 from shared.event import Event, EventValidator, now_ms
+from shared.publish import BatchPublisher, Output, Published, retire
 from shared.ratelimit import TenantRateLimiter
 from shared.service import ServiceContext
 from shared.web import add_common_views
@@ -33,6 +37,10 @@ MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vn
 PRODUCE_TIMEOUT_S = 10.0
 BODY_TIMEOUT_S = 10.0  # a client that trickles its body (slowloris) is cut off
 SIGNATURE_TOLERANCE_S = 300.0
+
+
+Place = tuple[int, int] | BaseException  # where the broker wrote a record (partition, offset), or why it did not
+Queued = tuple[list[Output], "asyncio.Future[list[Place]]"]
 
 
 class RequestError(Exception):
@@ -53,6 +61,12 @@ class Collector:
         self.tallies_topic = ctx.topics.tallies
         self.keys = {h: t.name for t in ctx.config.tenants.values() for h in t.api_key_hashes}
         self.secrets = signing_secrets(ctx.config)
+        self.publisher: BatchPublisher | None = None  # set by CollectorProducer once its producer started
+        self._renewing = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._queued: list[Queued] = []  # requests' records waiting for the next group
+        self._flusher: asyncio.Task[None] | None = None
+        self._settling: set[asyncio.Task[None]] = set()
         self.limiter = (
             TenantRateLimiter(ctx.settings.redis_url, ctx.settings.namespace)
             if any(t.rate_limit for t in ctx.config.tenants.values())
@@ -136,9 +150,8 @@ class Collector:
         metrics = self.ctx.metrics
         accepted: list[str] = []
         rejected: list[dict[str, Any]] = []
-        pending: list[tuple[int, Event, asyncio.Future[Any]]] = []
+        events: list[tuple[int, Event]] = []
         ingest_ts = now_ms()
-        producer = self.ctx.app.producer
         for index, item in enumerate(items):
             try:
                 event = self.validator.validate(item, tenant)
@@ -152,32 +165,28 @@ class Collector:
                 event.context["ip"] = ip
             event.ingest_ts = ingest_ts
             event.stamp("collector")
-            future = await producer.send(self.raw_topic, event.partition_key, encode_event(event), None, None, None)
-            pending.append((index, event, future))
+            events.append((index, event))
         unavailable = 0
         written: list[list[Any]] = []  # [event_id, partition, offset] of each accepted event, for `hifi trace`
-        if pending:
-            done = (
-                await asyncio.wait_for(
-                    asyncio.gather(*(f for _, _, f in pending), return_exceptions=True), PRODUCE_TIMEOUT_S
-                )
-                if pending
-                else []
-            )
-            for (index, event, _), outcome in zip(pending, done, strict=True):
-                if isinstance(outcome, BaseException):
+        if events:
+            # Record batches per partition shared with concurrent requests (not a `send` per record); 200
+            # only once every record's batch was acked.
+            outputs = [Output(self.raw_topic, event.partition_key, encode_event(event)) for _, event in events]
+            places = await self._publish(outputs)
+            for (index, event), place in zip(events, places, strict=True):
+                if isinstance(place, BaseException):
                     unavailable += 1
                     rejected.append(
                         {
                             "index": index,
                             "event_id": event.event_id,
                             "reason": "broker_unavailable",
-                            "detail": type(outcome).__name__,
+                            "detail": type(place).__name__,
                         }
                     )
                 else:
                     accepted.append(event.event_id)
-                    written.append([event.event_id, outcome.partition, outcome.offset])
+                    written.append([event.event_id, *place])
         metrics.accepted.labels(tenant).inc(len(accepted))
         if accepted:
             await self._tally(tenant, ingest_ts, written)
@@ -189,6 +198,72 @@ class Collector:
             return 422, body
         return 200, body
 
+    async def _publish(self, outputs: list[Output]) -> list[Place]:
+        """Each output's (partition, offset) once the broker acked its batch, or why it was not.
+
+        Concurrent requests go out together: while one group's batches wait for their partitions' previous
+        batches to drain (the idempotent producer has one in flight per partition), the next requests queue
+        and then share one record batch per partition. A batch per request instead queued each request
+        behind the last, one broker round trip apiece, and saturated the collector at 2,000 events/s.
+        """
+        done: asyncio.Future[list[Place]] = asyncio.get_running_loop().create_future()
+        self._queued.append((outputs, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_queued(), name="collector-publish")
+        return await asyncio.shield(done)  # a request that gives up must not cancel the others of its group
+
+    async def _flush_queued(self) -> None:
+        while self._queued:
+            group, self._queued = self._queued, []
+            outputs = [output for part, _ in group for output in part]
+            publisher = self.publisher
+            try:
+                if publisher is None:
+                    raise ConnectionError("the collector's producer has not started")
+                async with asyncio.timeout(PRODUCE_TIMEOUT_S):
+                    published = await publisher.publish(outputs)
+            except (KafkaError, TimeoutError, ConnectionError) as exc:  # nothing of this group was handed over
+                _answer(group, [exc] * len(outputs))
+                continue
+            task = asyncio.create_task(self._settle(publisher, group, published), name="collector-acks")
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, publisher: BatchPublisher, group: list[Queued], published: Published) -> None:
+        """Answer a group's requests once the broker acked (or failed) each of its batches."""
+        try:
+            async with asyncio.timeout(PRODUCE_TIMEOUT_S):
+                acks = await asyncio.gather(*published.futures, return_exceptions=True)
+        except TimeoutError as exc:  # still in flight, maybe written: the client re-sends, dedupe drops a copy
+            _answer(group, [exc] * len(published.placed))
+            return
+        places: list[Place] = []
+        failed: BaseException | None = None
+        for index, (batch, _) in enumerate(published.placed):
+            outcome = acks[batch]
+            if isinstance(outcome, BaseException):
+                failed = outcome
+                places.append(outcome)
+            else:
+                places.append(published.offset_of(index, acks))
+        _answer(group, places)
+        if failed is not None:
+            await self._renew(publisher, failed)
+
+    async def _renew(self, failed: BatchPublisher, error: BaseException) -> None:
+        """A fresh idempotent producer after a batch failed: aiokafka does not rewind the old one's sequence
+        numbers, so its next batches to that partition could be refused for ever. The client re-sends."""
+        async with self._renewing:
+            if self.publisher is not failed:
+                return  # another request renewed it already
+            log.warning("collector: replacing the producer after %r", error)
+            producer = durable_producer(self.ctx.settings.broker, "hifi-collector")
+            await producer.start()
+            self.publisher = BatchPublisher(producer)
+        task = asyncio.create_task(retire(failed.producer), name="collector-retire-producer")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
     async def _tally(self, tenant: str, ingest_ts: float, written: list[list[Any]]) -> None:
         """Tell the auditor's ledger how many events were accepted, and where each was written (for
         `hifi trace`). Best effort: the events are already durable, and a missing tally shows up as a
@@ -196,14 +271,39 @@ class Collector:
         bucket = bucket_of(ingest_ts, self.ctx.config.audit.bucket_s)
         count = len(written)
         where = {"topic": self.raw_topic, "ingest_ts": ingest_ts, "events": written}
-        try:
-            futures = [  # a large batch's list of places is split, each record under Kafka's request size
-                await self.ctx.app.producer.send(self.tallies_topic, b"collector", value, None, None, None)
-                for value in accepted_tallies("collector", tenant, bucket, count, where)
-            ]
-            await asyncio.wait_for(asyncio.gather(*futures), PRODUCE_TIMEOUT_S)
-        except Exception as exc:
-            log.warning("collector: could not publish the accepted tally (%d events of %s): %r", count, tenant, exc)
+        values = accepted_tallies("collector", tenant, bucket, count, where)  # split under Kafka's request size
+        places = await self._publish([Output(self.tallies_topic, b"collector", value) for value in values])
+        failed = [p for p in places if isinstance(p, BaseException)]
+        if failed:
+            log.warning("collector: could not publish the accepted tally (%d of %s): %r", count, tenant, failed[0])
+
+
+def _answer(group: list[Queued], places: list[Place]) -> None:
+    """Hand each request of a group its slice of the group's outcomes, in the order it queued its records."""
+    start = 0
+    for outputs, done in group:
+        if not done.done():
+            done.set_result(places[start : start + len(outputs)])
+        start += len(outputs)
+
+
+class CollectorProducer(Service):
+    """The collector's idempotent producer (acks=all): started with the app, flushed and stopped with it."""
+
+    def __init__(self, collector: Collector) -> None:
+        super().__init__()
+        self.collector = collector
+
+    async def on_start(self) -> None:
+        producer = durable_producer(self.collector.ctx.settings.broker, "hifi-collector")
+        await producer.start()
+        self.collector.publisher = BatchPublisher(producer)
+
+    async def on_stop(self) -> None:
+        publisher, self.collector.publisher = self.collector.publisher, None
+        if publisher is not None:
+            await retire(publisher.producer)
+        await asyncio.gather(*self.collector._settling, *self.collector._retiring, return_exceptions=True)
 
 
 def signing_secrets(config: HifiConfig) -> dict[str, bytes]:
@@ -226,6 +326,7 @@ def _reject_constant(name: str) -> None:
 def build(ctx: ServiceContext) -> Any:
     app = ctx.create_app()
     collector = Collector(ctx)
+    app.add_dependency(CollectorProducer(collector))
     max_body = ctx.config.limits.max_body_bytes
 
     @app.page("/v1/events")

@@ -9,18 +9,10 @@ down."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from shared.config import SinkConfig
-from shared.errors import (
-    TransientError,
-)
 from shared.event import Event
 
 
@@ -66,55 +58,6 @@ class SinkSender(Protocol):
 SINK_WIDE_STATUSES = frozenset({401, 403, 404, 405, 407, 410, 415})
 
 
-class FileSink:
-    """Rotating JSONL: appends to `events.jsonl`, fsyncs before acking, rotates past `rotate_bytes`."""
-
-    def __init__(self, config: SinkConfig) -> None:
-        self.config = config
-        self.dir = Path(config.options["path"])
-        self.rotate_bytes = int(config.options["rotate_bytes"])
-        self.current = self.dir / "events.jsonl"
-        # The sender delivers partitions concurrently; one file is one stream, so appends (and the
-        # rotation after them) take turns. Two at once could rotate a file under the other's feet and
-        # fail a batch that was already written, which the retry would write twice.
-        self.lock = asyncio.Lock()
-
-    async def start(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    async def deliver_batch(self, events: list[Event], source: Source | None = None) -> None:
-        lines = "".join(json.dumps(sink_record(self.config.name, e), separators=(",", ":")) + "\n" for e in events)
-        try:
-            async with self.lock:
-                await asyncio.to_thread(self._append, lines.encode())
-        except OSError as exc:
-            raise TransientError(f"file sink {self.config.name}: {exc}") from exc
-
-    def _append(self, data: bytes) -> None:
-        with open(self.current, "ab") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-            size = fh.tell()
-        if size >= self.rotate_bytes:
-            # Sequence first, so rotated files sort in the order they were written.
-            seq = len(list(self.dir.glob("events-*.jsonl"))) + 1
-            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-            os.replace(self.current, self.dir / f"events-{seq:08d}-{stamp}.jsonl")
-
-    async def probe(self) -> None:
-        # As root, os.access says a plain file is writable: the directory must also still be one.
-        if not await asyncio.to_thread(_writable_dir, self.dir):
-            raise TransientError(f"file sink {self.config.name} probe: {self.dir} is not a writable directory")
-
-    async def close(self) -> None:
-        pass
-
-
-def _writable_dir(path: Path) -> bool:
-    return path.is_dir() and os.access(path, os.W_OK)
-
-
 def make_sink(
     config: SinkConfig,
     bootstrap: str,
@@ -136,6 +79,8 @@ def make_sink(
 
         return RedisStreamSink(config, redis_url, dedupe_window_s)
     if config.type == "file":
+        from .file_sink import FileSink
+
         return FileSink(config)
     if config.type == "postgres":
         from .postgres import PostgresSink
