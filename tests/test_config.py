@@ -72,15 +72,15 @@ AUTH = {"type": "bearer", "token_env": "HOOK_TOKEN"}
 @pytest.mark.parametrize(
     "path, value, field, problem",
     [
-        # a value of the wrong type (no coercion: "200" is not 200, "no" is not false)
-        ("sinks.hook.batch_max", "200", "sinks.hook.batch_max", "must be an integer from 1 to 10000, got '200'"),
-        ("sinks.hook.drop_canaries", "no", "sinks.hook.drop_canaries", "got 'no'"),
-        ("sinks.hook.headers", "X-A: 1", "sinks.hook.headers", "must be a mapping, got 'X-A: 1'"),
+        # a value of the wrong type (no coercion: "200" is not 200, "no" is not false); a string is not echoed
+        ("sinks.hook.batch_max", "200", "sinks.hook.batch_max", "must be an integer from 1 to 10000, got a string"),
+        ("sinks.hook.drop_canaries", "no", "sinks.hook.drop_canaries", "must be a valid boolean, got a string"),
+        ("sinks.hook.headers", "X-A: 1", "sinks.hook.headers", "must be a mapping, got a string"),
         ("sinks.hook.timeout_s", True, "sinks.hook.timeout_s", "must be a number from 0.1 to 300, got True"),
-        ("enrich", {"geoip_db": 5}, "enrich.geoip_db", "got 5"),
-        ("audit", {"settle_s": "30s"}, "audit.settle_s", "must be a number from 1 to 86400, got '30s'"),
+        ("enrich", {"geoip_db": 5}, "enrich.geoip_db", "must be a valid string, got an integer"),
+        ("audit", {"settle_s": "30s"}, "audit.settle_s", "must be a number from 1 to 86400, got a string"),
         ("tenants.acme.metadata", ["plan"], "tenants.acme.metadata", "must be a mapping"),
-        ("tenants.acme.rate_limit", {"events_per_s": "fast"}, "tenants.acme.rate_limit.events_per_s", "got 'fast'"),
+        ("tenants.acme.rate_limit", {"events_per_s": "fast"}, "tenants.acme.rate_limit.events_per_s", "got a string"),
         # a required key left out
         ("sinks.hook.url", DELETE, "sinks.hook.url", "required"),
         ("tenants.acme.api_keys", DELETE, "tenants.acme.api_keys", "required"),
@@ -152,3 +152,124 @@ def test_settings_never_print_a_secret():
     for shown in (repr(settings), str(settings), f"{settings}"):
         assert "t0k3n" not in shown and "hunter2" not in shown and "k@o" not in shown, shown
         assert "[redacted]" in shown
+
+
+SECRET = "sk-live-s3cr3t"
+PIN = 987654321
+WEBHOOK = {"type": "webhook", "url": "http://127.0.0.1:1/x"}
+PG = {"type": "postgres", "dsn_env": "PG_DSN", "table": "events"}
+S3 = {"type": "s3_archive", "bucket": "b"}
+
+
+@pytest.mark.parametrize(
+    "path, value, secret",
+    [
+        ("tenants.acme.api_keys", "demo-key-acme", "demo-key-acme"),
+        ("tenants.acme.api_keys", {"key": "demo-key-acme"}, "demo-key-acme"),
+        ("tenants.acme.signing_secret_env", PIN, str(PIN)),
+        ("tenants.acme.signing_secret_env", [SECRET], SECRET),
+        ("tenants.acme.pii_secret_env", PIN, str(PIN)),
+        ("sinks.hook.auth", f"Bearer {SECRET}", SECRET),
+        ("sinks.hook.auth", {"type": f"Bearer {SECRET}"}, SECRET),
+        ("sinks.hook.auth", {"type": "bearer", "token_env": [SECRET]}, SECRET),
+        ("sinks.hook.auth", {"type": "basic", "username": "u", "password_env": PIN}, str(PIN)),
+        ("sinks.hook.auth", {"type": "basic", "username": ["u", SECRET], "password_env": "P"}, SECRET),
+        ("sinks.hook.headers", f"X-Key: {SECRET}", SECRET),
+        ("sinks.hook.headers", {"X-Key": PIN}, str(PIN)),
+        ("sinks.hook.headers", {"X-Key": [SECRET]}, SECRET),
+        ("sinks.hook.headers_env", f"X-Key: {SECRET}", SECRET),
+        ("sinks.hook.headers_env", {"X-Key": PIN}, str(PIN)),
+        ("sinks.hook.signing_secret_env", PIN, str(PIN)),
+        ("sinks.hook.signing_secret_env", {"a": SECRET}, SECRET),
+        ("sinks.pg", {**PG, "dsn_env": PIN}, str(PIN)),
+        ("sinks.pg", {**PG, "dsn_env": [f"postgresql://u:{SECRET}@db/x"]}, SECRET),
+        ("sinks.s3", {**S3, "secret_key_env": PIN}, str(PIN)),
+        ("sinks.s3", {**S3, "access_key_env": [SECRET]}, SECRET),
+    ],
+)
+def test_a_bad_secret_field_is_named_without_echoing_the_value(path, value, secret):
+    import copy
+
+    data = copy.deepcopy(GOOD)
+    data["sinks"]["hook"] = dict(WEBHOOK)
+    _set(data, path, value)
+    with pytest.raises(ConfigError) as err:
+        HifiConfig.parse(data)
+    assert err.value.field.startswith(path.rsplit(".", 1)[0]), str(err.value)
+    assert secret not in str(err.value), str(err.value)
+
+
+def test_a_number_out_of_range_and_an_unknown_type_name_are_still_echoed():
+    import copy
+
+    data = copy.deepcopy(GOOD)
+    data["sinks"]["hook"]["batch_max"] = 0
+    with pytest.raises(ConfigError, match=r"from 1 to 10000, got 0$"):
+        HifiConfig.parse(data)
+    data["sinks"]["hook"] = {**WEBHOOK, "auth": {"type": "digest"}}
+    with pytest.raises(ConfigError, match=r"got 'digest'$"):
+        HifiConfig.parse(data)
+    data["sinks"]["hook"] = dict(WEBHOOK)
+    data["dedupe"] = {"backend": "memcached"}
+    with pytest.raises(ConfigError, match=r"got 'memcached'$"):
+        HifiConfig.parse(data)
+
+
+@pytest.mark.parametrize(
+    "sink, key",
+    [
+        ({"type": "kafka", "topic": "t"}, "transactional"),
+        ({"type": "kafka", "topic": "t"}, "bootstrap"),
+        ({"type": "redis_stream", "stream": "s"}, "maxlen"),
+        ({"type": "redis_stream", "stream": "s"}, "dedupe_window_s"),
+        ({"type": "redis_stream", "stream": "s"}, "url"),
+        (S3, "access_key_env"),
+        (S3, "secret_key_env"),
+        (S3, "endpoint"),
+        (S3, "region"),
+        (S3, "prefix"),
+        (WEBHOOK, "auth"),
+        (WEBHOOK, "signing_secret_env"),
+        (WEBHOOK, "headers"),
+        (WEBHOOK, "headers_env"),
+    ],
+)
+def test_a_null_sink_option_is_refused_not_taken_as_unset(sink, key):
+    """`transactional:` left empty on a same-cluster kafka sink would have meant false (no transactions);
+    an empty s3 key name failed only when the archive started."""
+    import copy
+
+    data = copy.deepcopy(GOOD)
+    data["sinks"]["out"] = {**sink, key: None}
+    with pytest.raises(ConfigError) as err:
+        HifiConfig.parse(data)
+    assert err.value.field == f"sinks.out.{key}", str(err.value)
+
+
+@pytest.mark.parametrize("key", ["signing_secret_env", "pii_secret_env", "rate_limit", "sla_ms", "schemas"])
+def test_a_null_tenant_option_is_refused(key):
+    import copy
+
+    data = copy.deepcopy(GOOD)
+    data["tenants"]["acme"][key] = None
+    with pytest.raises(ConfigError) as err:
+        HifiConfig.parse(data)
+    assert err.value.field == f"tenants.acme.{key}", str(err.value)
+
+
+@pytest.mark.parametrize("auth", ["type: basic\n      username: null\n      password_env: P", ""])
+def test_an_empty_auth_is_refused_and_geoip_db_null_still_means_none(auth):
+    text = f"""
+tenants: {{acme: {{api_keys: ["{hash_api_key("k")}"]}}}}
+sinks:
+  hook:
+    type: webhook
+    url: http://127.0.0.1:1/x
+    auth:
+      {auth}
+enrich:
+  geoip_db: null
+"""
+    with pytest.raises(ConfigError, match=r"^config: sinks\.hook\.auth"):
+        HifiConfig.parse(yaml.safe_load(text))
+    assert HifiConfig.parse({**GOOD, "enrich": {"geoip_db": None}}).enrich.geoip_db is None

@@ -7,13 +7,14 @@ import re
 import types
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from shared.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 class Section(BaseModel):
@@ -49,6 +50,17 @@ def config_problem(text: str) -> PydanticCustomError:
 Name = Annotated[
     str, matching(r"[a-z0-9][a-z0-9_-]{0,62}", "names are lowercase letters, digits, '-' and '_' (max 63)")
 ]
+
+
+def _not_null(value: Any) -> Any:
+    if value is None:
+        raise config_problem("must not be null (leave the key out to leave it unset)")
+    return value
+
+
+# A key that may be left out (None then) but not written empty: `transactional:` meaning false, or an empty
+# `auth:` meaning no auth, would be a silent change of behaviour, so null is refused (as the old parser did).
+Omittable = Annotated[T | None, BeforeValidator(_not_null)]
 ENV_NAME = r"[A-Z_][A-Z0-9_]*"
 EnvName = Annotated[
     str, matching(ENV_NAME, "must be the NAME of an environment variable (the secret stays out of the file)")
@@ -65,7 +77,8 @@ def validated(model: type[M], data: Any, where: str = "", context: dict[str, Any
         error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         path, owner = _locate(model, error["loc"])
         bounds = _bounds(owner, path[-1]) if path and error["type"] in BOUNDED else None
-        problem = _problem(error, owner) if bounds is None else f"must be {bounds}, got {error.get('input')!r}"
+        given = shown(error.get("input"), error["type"])
+        problem = _problem(error, owner) if bounds is None else f"must be {bounds}, got {given}"
         raise ConfigError(_path(where, path, error), problem) from None
 
 
@@ -73,6 +86,26 @@ def validated(model: type[M], data: Any, where: str = "", context: dict[str, Any
 BOUNDED = frozenset(
     {"int_type", "float_type", "greater_than_equal", "less_than_equal", "greater_than", "less_than", "int_from_float"}
 )
+
+
+# The value given is echoed only where it cannot be a secret: a number where a number belongs, a short
+# lowercase name where a name from a list belongs. A string, list or mapping under auth, headers, api_keys or
+# *_env may be a token pasted in the wrong place: only its kind is said.
+NUMERIC = BOUNDED | {"bool_type"}
+ENUM = frozenset({"literal_error", "union_tag_invalid"})
+SHORT_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+def shown(given: Any, kind: str) -> str:
+    """`given` as a message may show it: repr for a number in a numeric field or a name in an enum field,
+    else what kind of value it is ("a string")."""
+    if kind in NUMERIC and isinstance(given, int | float):
+        return repr(given)
+    if kind in ENUM and isinstance(given, str) and SHORT_NAME.fullmatch(given):
+        return repr(given)
+    kinds = ((type(None), "null"), (bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"))
+    kinds += ((list, "a list"), (dict, "a mapping"))
+    return next((name for cls, name in kinds if isinstance(given, cls)), f"a {type(given).__name__}")
 
 
 def _bounds(owner: type[BaseModel], key: int | str) -> str | None:
@@ -161,12 +194,12 @@ def _problem(error: ErrorDetails, owner: type[BaseModel]) -> str:
     if kind == "missing":
         return "required"
     if kind in ("model_type", "dict_type", "model_attributes_type"):
-        return "must be a mapping" + (" (required)" if given is None else f", got {given!r}")
+        return "must be a mapping" + (" (required)" if given is None else f", got {shown(given, kind)}")
     if kind == "union_tag_invalid":
-        return f"must be one of {ctx.get('expected_tags')}, got {ctx.get('tag')!r}"
+        return f"must be one of {ctx.get('expected_tags')}, got {shown(ctx.get('tag'), kind)}"
     if kind == "union_tag_not_found":
         return "required"
     if kind == "config":
         return error["msg"]
     message = error["msg"].replace("Input should be ", "must be ", 1)
-    return f"{message}, got {given!r}"
+    return f"{message}, got {shown(given, kind)}"

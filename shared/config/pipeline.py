@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from shared.config.fields import EnvName, Name, Section, config_problem, matching, validated
+from shared.config.fields import EnvName, Name, Omittable, Section, config_problem, matching, validated
 from shared.config.sinks import (
     ARCHIVE_SINK_TYPES,
     SINK_MODELS,
@@ -117,14 +117,14 @@ class TenantSpec(Section):
     sinks: list[str] = []
     metadata: Annotated[dict[str, Any], BeforeValidator(_none_is_empty)] = {}
     # HMAC request signing: the secret is read from this environment variable, never from the file.
-    signing_secret_env: EnvName | None = None
-    rate_limit: RateLimit | None = None
-    # Overrides the sinks' SLA for this tenant's events (None: each sink's own).
-    sla_ms: Annotated[float, Field(ge=1, le=86_400_000)] | None = None
+    signing_secret_env: Omittable[EnvName] = None
+    rate_limit: Omittable[RateLimit] = None
+    # Overrides the sinks' SLA for this tenant's events (left out: each sink's own).
+    sla_ms: Omittable[Annotated[float, Field(ge=1, le=86_400_000)]] = None
     # The key of sinks' `hash` transforms for this tenant's events is read from this environment variable.
-    pii_secret_env: EnvName | None = None
+    pii_secret_env: Omittable[EnvName] = None
     # Data contract (issue 18): JSON Schemas per event type, parsed by shared/schemas.py.
-    schemas: Any = None
+    schemas: Omittable[Any] = None
 
 
 class TenantConfig(BaseModel):

@@ -19,7 +19,7 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass
 
-from shared.config.fields import ENV_NAME, EnvName, Section, config_problem, matching, validated
+from shared.config.fields import ENV_NAME, EnvName, Omittable, Section, config_problem, matching, shown, validated
 from shared.errors import ConfigError
 from shared.transforms import RULE_KEYS, SinkRules
 
@@ -83,8 +83,8 @@ class BearerAuth(Section):
 
 class BasicAuth(Section):
     type: Literal["basic"]
-    username: Annotated[str, matching(r"[^:]*", "must be a string without ':'")] | None = None
-    username_env: EnvName | None = None
+    username: Omittable[Annotated[str, matching(r"[^:]*", "must be a string without ':'")]] = None
+    username_env: Omittable[EnvName] = None
     password_env: EnvName
 
     @model_validator(mode="after")
@@ -99,28 +99,29 @@ class WebhookSink(SinkSpec):
 
     type: Literal["webhook"]
     url: Annotated[str, matching(r"(?s)https?://.*", "must start with http:// or https://")]
-    headers: dict[str, str] | None = None
+    headers: Omittable[dict[str, str]] = None
     # One name, or two during a rotation (both sign).
-    signing_secret_env: (
-        Annotated[list[EnvName], BeforeValidator(_one_or_two), AfterValidator(_one_or_two_names)] | None
-    ) = None
-    headers_env: dict[Annotated[str, matching(r"[A-Za-z0-9-]+", "not an HTTP header name")], EnvName] | None = None
-    auth: Annotated[BearerAuth | BasicAuth, Field(discriminator="type")] | None = None
+    signing_secret_env: Omittable[
+        Annotated[list[EnvName], BeforeValidator(_one_or_two), AfterValidator(_one_or_two_names)]
+    ] = None
+    headers_env: Omittable[dict[Annotated[str, matching(r"[A-Za-z0-9-]+", "not an HTTP header name")], EnvName]] = None
+    auth: Omittable[Annotated[BearerAuth | BasicAuth, Field(discriminator="type")]] = None
 
 
 class KafkaSink(SinkSpec):
     type: Literal["kafka"]
     topic: NonEmpty
-    bootstrap: str | None = None
-    transactional: bool | None = None
+    bootstrap: Omittable[str] = None
+    # Left out: true when the sink's cluster is the pipeline's (services/sender/kafka_sink.py).
+    transactional: Omittable[bool] = None
 
 
 class RedisStreamSink(SinkSpec):
     type: Literal["redis_stream"]
     stream: NonEmpty
-    url: str | None = None
-    maxlen: Annotated[int, Field(ge=1, le=1 << 40)] | None = None
-    dedupe_window_s: Annotated[float, Field(ge=1, le=365 * 86_400)] | None = None
+    url: Omittable[str] = None
+    maxlen: Omittable[Annotated[int, Field(ge=1, le=1 << 40)]] = None
+    dedupe_window_s: Omittable[Annotated[float, Field(ge=1, le=365 * 86_400)]] = None
 
 
 class FileSink(SinkSpec):
@@ -154,11 +155,11 @@ class S3ArchiveSink(SinkSpec):
 
     type: Literal["s3_archive"]
     bucket: NonEmpty
-    endpoint: str | None = None
-    region: str | None = None
-    prefix: str | None = None
-    access_key_env: EnvName | None = None
-    secret_key_env: EnvName | None = None
+    endpoint: Omittable[str] = None
+    region: Omittable[str] = None
+    prefix: Omittable[str] = None
+    access_key_env: Omittable[EnvName] = None
+    secret_key_env: Omittable[EnvName] = None
 
 
 SINK_MODELS: dict[str, type[SinkSpec]] = {
@@ -178,7 +179,9 @@ def parse_sink(name: str, raw: dict[str, Any], tenant_names: set[str], base_dir:
     kind = raw.get("type")
     model = SINK_MODELS.get(kind) if isinstance(kind, str) else None
     if model is None:
-        raise ConfigError(f"{where}.type", f"must be one of {', '.join(SINK_TYPES)}, got {kind!r}")
+        raise ConfigError(
+            f"{where}.type", f"must be one of {', '.join(SINK_TYPES)}, got {shown(kind, 'literal_error')}"
+        )
     spec = {k: v for k, v in raw.items() if k not in RULE_KEYS}
     sink = validated(model, spec, where, {"base_dir": base_dir})
     rules = SinkRules.parse({k: v for k, v in raw.items() if k in RULE_KEYS}, where, tenant_names)
