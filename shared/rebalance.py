@@ -29,6 +29,7 @@ from shared.membership import (
     UNKNOWN_MEMBER_ID,
     InstanceIdTaken,
     MemberRemovalFailed,
+    committed_offsets,
     coordinator_member_id,
     members_with_instance_id,
     remove_static_members,
@@ -185,13 +186,12 @@ class Rebalancing:
             self.consumer.pause(*sources)  # before any await: nothing of theirs is fetched until restored
         await self.restorer.cancel()  # normally done by the revocation before; never two restores at once
         mine = [tp.partition for tp in sources]
-        for tp in assigned:  # where this worker starts: the lag the watchdog measures until the first commit
-            try:
-                offset = await self.consumer.committed(tp)
-            except KafkaError:
-                offset = None
-            if offset is not None:
-                self.committed[tp] = self.done[tp] = offset
+        try:  # where this worker starts: the lag the watchdog measures until the first commit (one request)
+            starts = await committed_offsets(self.consumer, assigned)
+        except KafkaError:
+            starts = {}
+        for tp, offset in starts.items():
+            self.committed[tp] = self.done[tp] = offset
         # Stateful partitions stay paused: their stores are opened (a RocksDB WAL replay after a kill -9)
         # and restored by a task, while the worker heartbeats.
         self.assigned = {tp for tp in assigned if tp.topic != self.source or not self.states}
