@@ -35,7 +35,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
-from devtools.kafka import KAFKA_VERSION, LocalKafka
+from devtools.kafka import KAFKA_VERSION, KafkaLaunchError, LocalKafka
 from devtools.pipeline import PipelineProcesses
 from devtools.postgres import LocalPostgres
 from devtools.redis import LocalRedis
@@ -1061,7 +1061,7 @@ async def soak(run: ChaosRun) -> None:
     async def broker_outage() -> None:
         await asyncio.to_thread(run.kafka.kill_node, node)
         await asyncio.sleep(30.0)
-        await asyncio.to_thread(run.kafka.start_node, node)
+        await asyncio.to_thread(run.kafka.start_node, node, True, 300.0)  # a loaded machine took over 60 s
 
     await run.timed(f"kill busiest broker {node}", broker_outage())
     await until(1.0)
@@ -1155,7 +1155,7 @@ async def run_scenario(
         await asyncio.sleep(2.0)
         try:
             await scenario.fault(run)
-        except (TimeoutError, RuntimeError) as exc:  # a worker that never got ready: still count what arrived
+        except (TimeoutError, RuntimeError, KafkaLaunchError) as exc:  # never ready: still count what arrived
             run.clean_exit = False
             run.notes.append(f"fault step failed: {type(exc).__name__}: {str(exc)[:2000]}")
         await asyncio.sleep(3.0)
