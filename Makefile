@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 KAFKA_JAR := .cache/kafka/libs/kafka_2.13-4.4.0.jar
 S3PROXY_JAR := .cache/s3/s3proxy.jar
 
-.PHONY: run test quick lint format fuzz chaos bench clean system-deps install jars
+.PHONY: run test quick lint format fuzz chaos soak bench clean system-deps install jars
 
 run: install jars
 	$(BIN)/hifi up
@@ -62,6 +62,11 @@ $(QUIX_VENV)/bin/quix-ready:
 
 chaos: install jars
 	$(BIN)/hifi chaos all --rate 200 --json docs/chaos/latest.json --doc docs/RELIABILITY.md
+
+# 30 minutes at 1,000 events/s through a roll, a kill -9 and a broker kill (issue 15); SOAK_S=180 for a short one.
+SOAK_S ?= 1800
+soak: install jars
+	$(BIN)/hifi chaos soak --duration $(SOAK_S) --json docs/chaos/soak.json
 
 clean:
 	-$(BIN)/hifi kafka stop

@@ -35,7 +35,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
-from devtools.kafka import KAFKA_VERSION, LocalKafka
+from devtools.kafka import KAFKA_VERSION, KafkaLaunchError, LocalKafka
 from devtools.pipeline import PipelineProcesses
 from devtools.postgres import LocalPostgres
 from devtools.redis import LocalRedis
@@ -311,6 +311,9 @@ class ChaosRun:
     refused_by_faulted: Callable[[str], bool] | None = None
     inject_env: dict[str, str] = field(default_factory=dict)  # PYTHONPATH of the fault-injecting hooks
     supervise: bool = False  # a worker that dies is restarted at once by PipelineProcesses, as Kubernetes does
+    duration_s: float | None = None  # how long a timed scenario (the soak) runs its load; None: its default
+    # Named spans of a fault (one worker's redeploy, a kill, a broker outage): the report counts late events per span.
+    windows: list[tuple[str, float, float]] = field(default_factory=list)
 
     @property
     def topics(self) -> Topics:
@@ -443,6 +446,27 @@ dedupe: {{backend: {self.dedupe_backend}}}
         self.kill(label)
         await asyncio.sleep(down_s)
         await self.restart(label)
+
+    async def redeploy(self, label: str, ready_timeout: float = 90.0) -> None:
+        """One worker of a rolling deploy: SIGTERM (it drains, commits, maybe leaves), start it again under its
+        name, and wait for its /ready (assigned and restored) before the caller moves on to the next one."""
+        started_ms = time.time() * 1000
+        started = time.monotonic()
+        code = await asyncio.to_thread(self.pipeline.stop, label, 30.0)
+        stopped_s = time.monotonic() - started
+        self.pipeline.start(label)
+        await asyncio.to_thread(self.pipeline.wait_ready, ready_timeout, [label])
+        ready_s = time.monotonic() - started
+        self.windows.append((f"redeploy {label}", started_ms, time.time() * 1000))
+        self.notes.append(f"{label} exit {code}: drained in {stopped_s:.1f}s, ready again {ready_s:.1f}s after SIGTERM")
+        if code != 0:
+            self.clean_exit = False
+
+    async def timed(self, name: str, fault: Awaitable[None]) -> None:
+        """Run `fault` and record its span, for the report's late events per window."""
+        started_ms = time.time() * 1000
+        await fault
+        self.windows.append((name, started_ms, time.time() * 1000))
 
     async def inject_pills(self) -> int:
         """Bad records written straight into the raw topic, as a buggy producer would."""
@@ -577,6 +601,8 @@ dedupe: {{backend: {self.dedupe_backend}}}
         out["on_time_before_fault"] = self._on_time_before_fault(self.sinks["healthy"])
         out["on_time"] = out["healthy_on_time"]
         out["kills"] = len(self.kills)
+        if self.windows:
+            out["late_s_by_window"] = self._late_by_window(self.sinks["healthy"])
         delivered = {name: {r["event_id"] for r in sink.received} for name, sink in self.sinks.items()}
         missing = sorted({e for name in self.sinks for e in self.expected(name) - delivered[name]})
         if missing:
@@ -681,6 +707,22 @@ dedupe: {{backend: {self.dedupe_backend}}}
             if self.fault_start_ms <= e["ingest_ts"] <= end
         ]
 
+    def _late_by_window(self, sink: SinkTruth) -> dict[str, float]:
+        """Late seconds of traffic per fault window (events ingested from its start until 3 s after its end,
+        first copy later than the SLA), and the late seconds outside every window."""
+        first: dict[str, tuple[float, float]] = {}
+        for e, arrived in zip(sink.received, sink.arrival_ms, strict=True):
+            first.setdefault(e["event_id"], (e["ingest_ts"], arrived))
+        late = [ingest for ingest, arrived in first.values() if arrived - ingest > SLA_MS]
+        out: dict[str, float] = {}
+        inside: set[int] = set()
+        for name, start, end in self.windows:
+            hits = [i for i, ingest in enumerate(late) if start <= ingest <= end + 3_000]
+            inside.update(hits)
+            out[name] = round(len(hits) / self.rate, 2)
+        out["outside windows"] = round((len(late) - len(inside)) / self.rate, 2)
+        return out
+
     def _on_time(self, sink: SinkTruth) -> float | None:
         lags = self._lags_during_fault(sink)
         return round(sum(1 for lag in lags if lag <= SLA_MS) / len(lags), 5) if lags else None
@@ -745,13 +787,7 @@ async def rolling_deploy_two_workers(run: ChaosRun) -> None:
     await asyncio.sleep(3.0)  # the rebalances of the scale-out are not the deploy's
     run.mark_fault(True)
     for label in [w for pair in zip(extras, stages, strict=True) for w in pair]:  # highest ordinal first
-        started = time.monotonic()
-        code = await asyncio.to_thread(run.pipeline.stop, label, 30.0)
-        run.pipeline.start(label)
-        await asyncio.to_thread(run.pipeline.wait_ready, 90.0, [label])
-        run.notes.append(f"{label} exit {code}, ready again {time.monotonic() - started:.1f}s after SIGTERM")
-        if code != 0:
-            run.clean_exit = False
+        await run.redeploy(label)
         await asyncio.sleep(1.0)
     run.mark_fault(False)
 
@@ -784,13 +820,7 @@ async def rolling_deploy(run: ChaosRun) -> None:
     run.mark_fault(True)
     for label in (*EVENT_PATH, FAULTED, HEALTHY):
         await asyncio.sleep(2.0)
-        started = time.monotonic()
-        code = await asyncio.to_thread(run.pipeline.stop, label, 30.0)
-        run.notes.append(f"{label} exit {code} in {time.monotonic() - started:.1f}s")
-        if code != 0:
-            run.clean_exit = False
-        run.pipeline.start(label)
-        await asyncio.to_thread(run.pipeline.wait_ready, 90.0, [label])
+        await run.redeploy(label)
     run.mark_fault(False)
 
 
@@ -896,13 +926,7 @@ async def outage_rolling_deploy(run: ChaosRun) -> None:
     run.faulted.fail_status = 503
     await asyncio.sleep(5.0)
     for label in ("sender.faulted", "sender.healthy"):
-        started = time.monotonic()
-        code = await asyncio.to_thread(run.pipeline.stop, label, 30.0)
-        run.notes.append(f"{label} exit {code} in {time.monotonic() - started:.1f}s")
-        if code != 0:
-            run.clean_exit = False
-        run.pipeline.start(label)
-        await asyncio.to_thread(run.pipeline.wait_ready, 90.0, [label])
+        await run.redeploy(label)
         await asyncio.sleep(3.0)
     await asyncio.sleep(5.0)
     run.faulted.fail_status = None
@@ -1006,6 +1030,54 @@ async def sink_4xx_mix(run: ChaosRun) -> None:
     run.notes.append(f"requests refused with 400: {run.faulted.rejected_requests}")
 
 
+SOAK_DURATION_S = 1800.0
+DAY_S = 86_400.0
+
+
+async def soak(run: ChaosRun) -> None:
+    """20. the soak: `duration_s` (30 min) of load on a 3-node cluster, two workers per consumer stage, with one
+    rolling deploy of every worker, one kill -9 of one of two workers (restarted by its supervisor) and one
+    kill of the busiest broker (restarted 30 s later), spread over the run; the rest is steady load."""
+    duration = run.duration_s or SOAK_DURATION_S
+    began = time.monotonic()
+
+    async def until(share: float) -> None:  # the faults are spread over the run, never overlapping
+        await asyncio.sleep(max(0.0, began + share * duration - time.monotonic()))
+
+    stages = (*HOPS, FAULTED, HEALTHY)
+    extras = [run.pipeline.add_worker(label) for label in stages]
+    await asyncio.to_thread(run.pipeline.wait_ready, 180.0, extras)
+    await asyncio.sleep(3.0)  # the scale-out's rebalances are not the soak's faults
+    run.mark_fault(True)  # from here on the run is the soak: "before the fault" is the warm-up
+    await until(0.1)
+    for label in [w for pair in zip(extras, stages, strict=True) for w in pair]:
+        await run.redeploy(label, ready_timeout=180.0)
+        await asyncio.sleep(1.0)
+    await until(0.5)
+    await run.timed("kill -9 deduplicator-2", run.crash("deduplicator#2", timeout=180.0))
+    await until(0.75)
+    node = await run.busiest_leader()
+
+    async def broker_outage() -> None:
+        await asyncio.to_thread(run.kafka.kill_node, node)
+        await asyncio.sleep(30.0)
+        await asyncio.to_thread(run.kafka.start_node, node, True, 300.0)  # a loaded machine took over 60 s
+
+    await run.timed(f"kill busiest broker {node}", broker_outage())
+    await until(1.0)
+    run.mark_fault(False)
+    run.notes.append(f"soak ran {time.monotonic() - began:.0f}s of faults and load (asked {duration:.0f}s)")
+
+
+def project_per_day(result: dict[str, Any]) -> None:
+    """The soak's late seconds as a day's error budget: one crash a day (its window), and every fault of the soak
+    in one day; the issue's bar is better than 99.99 % on time per day."""
+    windows: dict[str, float] = result.get("late_s_by_window", {})
+    crash_s = sum(v for k, v in windows.items() if k.startswith("kill -9"))
+    result["projected_on_time_per_day_one_crash"] = round(1 - crash_s / DAY_S, 6)
+    result["projected_on_time_per_day_all_soak_faults"] = round(1 - result["late_event_seconds"] / DAY_S, 6)
+
+
 @dataclass(frozen=True)
 class Scenario:
     number: int
@@ -1019,6 +1091,8 @@ class Scenario:
     # event (set by the fault step, an event sent in the first seconds was delivered yet expected refused).
     refuse_one_in: int | None = None
     supervise: bool = False  # workers that die are restarted by the supervisor, not by the scenario
+    rate: float | None = None  # its own load (events/s) unless `--rate` says otherwise
+    in_all: bool = True  # run by `hifi chaos all` (the soak is not: `make soak`)
 
 
 SCENARIOS = {
@@ -1043,6 +1117,7 @@ SCENARIOS = {
         Scenario(17, "kill-restart-single", kill_restart_single, supervise=True),
         Scenario(18, "rolling-deploy-2", rolling_deploy_two_workers),
         Scenario(19, "postgres-sink-kill", postgres_sink_kill, faulted_sink="postgres"),
+        Scenario(20, "soak", soak, nodes=3, supervise=True, rate=1000.0, in_all=False),
     )
 }
 
@@ -1056,6 +1131,7 @@ async def run_scenario(
     port_base: int = 18500,
     sink_redis: LocalRedis | None = None,
     sink_postgres: LocalPostgres | None = None,
+    duration_s: float | None = None,
 ) -> dict[str, Any]:
     run = ChaosRun(
         workdir,
@@ -1068,6 +1144,7 @@ async def run_scenario(
         sink_redis=sink_redis,
         sink_postgres=sink_postgres,
         supervise=scenario.supervise,
+        duration_s=duration_s,
     )
     await run.start()
     if scenario.refuse_one_in:
@@ -1078,7 +1155,7 @@ async def run_scenario(
         await asyncio.sleep(2.0)
         try:
             await scenario.fault(run)
-        except (TimeoutError, RuntimeError) as exc:  # a worker that never got ready: still count what arrived
+        except (TimeoutError, RuntimeError, KafkaLaunchError) as exc:  # never ready: still count what arrived
             run.clean_exit = False
             run.notes.append(f"fault step failed: {type(exc).__name__}: {str(exc)[:2000]}")
         await asyncio.sleep(3.0)
@@ -1090,6 +1167,8 @@ async def run_scenario(
         result["drain_s"] = round(drained, 1)
         result["seconds"] = round(time.monotonic() - started, 1)
         result["rate"] = rate
+        if scenario.fault is soak:
+            project_per_day(result)
         return result
     finally:
         await run.stop()
@@ -1131,10 +1210,14 @@ def write_doc(doc: Path, table: str, command: str) -> None:
     doc.write_text(head + section + rest.split("<!-- chaos:end -->", 1)[1])
 
 
-def main(names: list[str], rate: float, json_out: str | None, doc: str | None = None) -> int:
+def main(
+    names: list[str], rate: float | None, json_out: str | None, doc: str | None = None, duration_s: float | None = None
+) -> int:
+    """Run the named scenarios (`all`: every one but the soak) at `rate` events/s (default: the scenario's own,
+    else 200); `duration_s` shortens or lengthens a timed scenario (the soak)."""
     from devtools.kafka import DEFAULT_HOME
 
-    chosen = list(SCENARIOS.values()) if names == ["all"] else []
+    chosen = [s for s in SCENARIOS.values() if s.in_all] if names == ["all"] else []
     for name in names if names != ["all"] else []:
         if name not in SCENARIOS:
             raise SystemExit(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)} or all")
@@ -1182,7 +1265,15 @@ def main(names: list[str], rate: float, json_out: str | None, doc: str | None = 
             print(f"scenario {scenario.number} {scenario.name}: running ...", flush=True)
             result = asyncio.run(
                 run_scenario(
-                    scenario, workroot / scenario.name, kafka, redis, rate, port_base, sink_redis, sink_postgres
+                    scenario,
+                    workroot / scenario.name,
+                    kafka,
+                    redis,
+                    rate or scenario.rate or 200.0,
+                    port_base,
+                    sink_redis,
+                    sink_postgres,
+                    duration_s,
                 )
             )
             print(json.dumps(result), flush=True)
@@ -1198,7 +1289,7 @@ def main(names: list[str], rate: float, json_out: str | None, doc: str | None = 
     table = format_table(results)
     print(table)
     if doc:
-        write_doc(Path(doc), table, "hifi chaos " + " ".join(names) + f" --rate {rate:g}")
+        write_doc(Path(doc), table, "hifi chaos " + " ".join(names) + (f" --rate {rate:g}" if rate else ""))
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(results, indent=1))

@@ -58,11 +58,12 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     chaos.add_argument(
         "scenario",
         nargs="+",
-        help="scenario names (docs/RELIABILITY.md lists all 19: kill-stages ... rolling-deploy, outage-scale-out, "
+        help="scenario names (docs/RELIABILITY.md lists all 20: kill-stages ... rolling-deploy, outage-scale-out, "
         "outage-rolling-deploy, long-restore, kafka-sink-broker-kill, redis-sink-kill, slow-isr-rebalance, "
-        "sink-4xx-mix, kill-restart-single, rolling-deploy-2, postgres-sink-kill), or all",
+        "sink-4xx-mix, kill-restart-single, rolling-deploy-2, postgres-sink-kill, soak), or all",
     )
-    chaos.add_argument("--rate", type=float, default=200.0, help="events per second of steady load")
+    chaos.add_argument("--rate", type=float, help="events per second of steady load (default: 200; the soak 1000)")
+    chaos.add_argument("--duration", type=float, help="seconds of a timed scenario (the soak: default 1800)")
     chaos.add_argument("--json", dest="json_out", help="also write the results to this file")
     chaos.add_argument("--doc", help="rewrite the results table in this markdown file (docs/RELIABILITY.md)")
 
@@ -190,7 +191,7 @@ def _demo_sink(args: argparse.Namespace) -> None:
 def _chaos(args: argparse.Namespace) -> None:
     from devtools.chaos import main as run_chaos
 
-    sys.exit(run_chaos(args.scenario, args.rate, args.json_out, args.doc))
+    sys.exit(run_chaos(args.scenario, args.rate, args.json_out, args.doc, args.duration))
 
 
 def _bench(args: argparse.Namespace) -> None:

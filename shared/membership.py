@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import signal
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import BrokerResponseError, for_code, kafka_errors
 from aiokafka.protocol.api import Request, RequestStruct, Response
@@ -181,6 +181,13 @@ def coordinator_member_id(consumer: AIOKafkaConsumer | None) -> str:
     # aiokafka exposes neither the member id nor its reset on UnknownMemberId: read its coordinator's.
     coordinator = getattr(consumer, "_coordinator", None)
     return str(getattr(coordinator, "member_id", UNKNOWN_MEMBER_ID) or UNKNOWN_MEMBER_ID)
+
+
+async def committed_offsets(consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
+    """The group's committed offsets of `partitions` in one OffsetFetch (`consumer.committed` asks per partition,
+    one round trip each while the assignment callback holds up reading); partitions never committed are left out."""
+    fetched = await consumer._coordinator.fetch_committed_offsets(list(partitions))
+    return {tp: meta.offset for tp, meta in fetched.items() if meta.offset >= 0}
 
 
 def request_rejoin(consumer: AIOKafkaConsumer) -> None:

@@ -29,6 +29,7 @@ from shared.membership import (
     UNKNOWN_MEMBER_ID,
     InstanceIdTaken,
     MemberRemovalFailed,
+    committed_offsets,
     coordinator_member_id,
     members_with_instance_id,
     remove_static_members,
@@ -53,6 +54,7 @@ class Rebalancing:
     leave_group_on_stop: bool | None
     rebalance_timeout_ms: int
     revoke_grace_s: float
+    session_timeout_ms: int
     consumer: AIOKafkaConsumer | None
     flights: FlightSender
     restorer: StateRestorer
@@ -184,13 +186,12 @@ class Rebalancing:
             self.consumer.pause(*sources)  # before any await: nothing of theirs is fetched until restored
         await self.restorer.cancel()  # normally done by the revocation before; never two restores at once
         mine = [tp.partition for tp in sources]
-        for tp in assigned:  # where this worker starts: the lag the watchdog measures until the first commit
-            try:
-                offset = await self.consumer.committed(tp)
-            except KafkaError:
-                offset = None
-            if offset is not None:
-                self.committed[tp] = self.done[tp] = offset
+        try:  # where this worker starts: the lag the watchdog measures until the first commit (one request)
+            starts = await committed_offsets(self.consumer, assigned)
+        except KafkaError:
+            starts = {}
+        for tp, offset in starts.items():
+            self.committed[tp] = self.done[tp] = offset
         # Stateful partitions stay paused: their stores are opened (a RocksDB WAL replay after a kill -9)
         # and restored by a task, while the worker heartbeats.
         self.assigned = {tp for tp in assigned if tp.topic != self.source or not self.states}
@@ -216,28 +217,49 @@ class Rebalancing:
         """Between a revocation and the rejoin: a static member whose id aiokafka reset (told UnknownMemberId,
         its heartbeat carries no instance id) rejoins next under its instance id. If another live member holds
         that id, the rejoin would displace it and it would displace this one back, both reading the same
-        partitions for ever: stop instead, and hold the rejoin back until the worker has stopped."""
+        partitions for ever: stop instead, and hold the rejoin back until the worker has stopped.
+
+        A holder seen once may be dead (a JoinGroup whose SyncGroup never came, e.g. the coordinator moved in
+        between): only one still there a session later, i.e. heartbeating, is taken for a live process."""
         previous = self._member_id
         if self.group_instance_id is None or previous == UNKNOWN_MEMBER_ID or self.fenced is not None:
             return  # dynamic, not joined yet, or already stopping
         if coordinator_member_id(self.consumer) != UNKNOWN_MEMBER_ID:
             return  # a plain rebalance: the coordinator still knows this member
+        self._rejoin_held = asyncio.get_running_loop().create_future()  # `on_stop` cancels it: no rejoin then
+        self._rejoin_released.clear()
+        try:
+            others = await self._other_holders(previous)
+            if others:
+                log.warning(
+                    "%s: %s is held by member %s; looking again in one session (%d ms) before stopping",
+                    self.stage,
+                    self.group_instance_id,
+                    others[0],
+                    self.session_timeout_ms,
+                )
+                await asyncio.wait([self._rejoin_held], timeout=self.session_timeout_ms / 1000 + 1.0)
+                others = await self._other_holders(previous)
+            if not others:
+                return  # its session expired (nobody holds the id) or only its generation was stale: rejoin
+            taken = InstanceIdTaken(self.group, self.group_instance_id, f"member {others[0]}, this one was {previous}")
+            self._fence(taken)
+            await self._rejoin_held  # aiokafka's coordinator task ends without a JoinGroup once this is cancelled
+        finally:
+            self._rejoin_released.set()
+
+    async def _other_holders(self, previous: str) -> list[str]:
+        """Members other than this one's last id holding its instance id; none if the lookup fails (rejoin
+        rather than stop on a doubt)."""
+        assert self.group_instance_id is not None
         try:
             holders = await asyncio.wait_for(
                 members_with_instance_id(self.bootstrap, self.group, self.group_instance_id), 5.0
             )
-        except (TimeoutError, KafkaError) as exc:  # unknown: rejoin as before rather than stop on a doubt
+        except (TimeoutError, KafkaError) as exc:
             log.warning("%s: could not look up who holds %s (%r); rejoining", self.stage, self.group_instance_id, exc)
-            return
-        others = [member for member in holders if member != previous]
-        if not others:
-            return  # its session expired (nobody holds the id) or only its generation was stale: rejoin
-        self._fence(InstanceIdTaken(self.group, self.group_instance_id, f"member {others[0]}, this one was {previous}"))
-        self._rejoin_held = asyncio.get_running_loop().create_future()
-        try:
-            await self._rejoin_held  # cancelled by `on_stop`: aiokafka's coordinator task ends without a JoinGroup
-        finally:
-            self._rejoin_released.set()
+            return []
+        return [member for member in holders if member != previous]
 
     def _fence(self, taken: InstanceIdTaken) -> None:
         """Stop reading at once and ask for the process to exit non-zero (the other process keeps the id)."""

@@ -195,6 +195,13 @@ def run(services: Registry, name: str, settings: Settings, sink: str | None = No
             timer.start()
             super()._on_sigterm()
 
+        def _shutdown_loop(self) -> None:
+            if self.crash_reason:
+                super()._shutdown_loop()  # re-raises the crash
+            # Stopped: drained, committed, stores closed. mode would sleep 1 to 2 s more and the interpreter's
+            # teardown took seconds under load, while a worker keeping its partitions for its restart stalls them.
+            _exit_now(requested_exit_code())
+
     _, app = prepare(services, name, settings, sink)
     # uvloop: the same asyncio API, a faster loop (Faust's consumer thread gets one too).
     import uvloop
@@ -208,6 +215,17 @@ def run(services: Registry, name: str, settings: Settings, sink: str | None = No
         # A stage that stopped on a fault (its instance id taken) exits non-zero, after the drain.
         if code := requested_exit_code():
             sys.exit(code)
+
+
+def _exit_now(code: int) -> None:
+    """Exit with `code` without the interpreter's teardown, once what must be written (logs, Sentry) is out."""
+    import sentry_sdk
+
+    sentry_sdk.flush(timeout=2.0)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _grace_expired(grace_s: float) -> None:

@@ -8,9 +8,12 @@ import time
 from typing import Any
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
+from aiokafka.protocol.group import JoinGroupRequest
 
 from devtools.kafka import LocalKafka
-from shared.membership import MemberRemovalFailed, remove_static_members
+from shared.membership import UNKNOWN_MEMBER_ID, MemberRemovalFailed, remove_static_members
 from shared.stage import StageRunner
 from tests.test_stage_runner import FlakySink, create_topic, make_runner, produce_events, runners, start, wait_for
 
@@ -150,7 +153,7 @@ async def test_two_live_workers_under_one_instance_id_one_stops_and_the_sink_see
     second = make_runner(kafka.bootstrap, group, "b", source, sink.handle, **options)
     second.request_shutdown = lambda code: shutdowns.setdefault("b", code)
     await start(runners, second)
-    await wait_for(lambda: bool(shutdowns), 15, "one of the two workers to give its instance id up")
+    await wait_for(lambda: bool(shutdowns), 30, "one of the two workers to give its instance id up (a session after)")
     assert len(shutdowns) == 1 and next(iter(shutdowns.values())) != 0, shutdowns
     stopped = first if "a" in shutdowns else second
     survivor = second if stopped is first else first
@@ -166,3 +169,44 @@ async def test_two_live_workers_under_one_instance_id_one_stops_and_the_sink_see
     assert survivor.revocations == revocations and len(survivor.assigned) == 6, "the stopped worker displaced it"
     duplicated = [e for e, n in sink.received.items() if n > 1 and e in set(more)]
     assert not duplicated, f"{len(duplicated)} events delivered twice after the fence"
+
+
+async def join_without_sync(bootstrap: str, group: str, instance_id: str, topic: str, session_ms: int) -> str:
+    """A JoinGroup under `instance_id` that never syncs nor heartbeats: the member a process leaves behind when
+    the coordinator moves between its JoinGroup and SyncGroup. The coordinator holds it until its session ends."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        coordinator = await admin.find_coordinator(group)
+        metadata = ConsumerProtocolMemberMetadata(0, [topic], b"").encode()
+        request = JoinGroupRequest(
+            group, session_ms, 30_000, UNKNOWN_MEMBER_ID, instance_id, "consumer", [("roundrobin", metadata)]
+        )
+        response = await admin._send_request(request, coordinator)
+    finally:
+        await admin.close()
+    assert response.error_code == 0, response
+    return str(response.member_id)
+
+
+async def test_a_dead_holder_of_the_instance_id_is_waited_out_not_taken_for_a_live_twin(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    """The instance-id check described the group once: a member id left under this worker's name by a join that
+    never completed (no process behind it) looked like a live twin, and the worker exited 78 for nothing."""
+    source = f"{namespace}.orphan"
+    await create_topic(kafka.bootstrap, source, 4)
+    sink = FlakySink()
+    group = f"{namespace}-orphan"
+    shutdowns: list[int] = []
+    worker = make_runner(kafka.bootstrap, group, "a", source, sink.handle, group_instance_id="w-1", **STATIC_OPTIONS)
+    worker.request_shutdown = shutdowns.append
+    await start(runners, worker)
+    await wait_for(lambda: worker.joined and len(worker.assigned) == 4, 30, "the worker's assignment")
+    revocations = worker.revocations
+    orphan = await join_without_sync(kafka.bootstrap, group, "w-1", source, session_ms=3_000)
+    await wait_for(lambda: worker.revocations > revocations or bool(shutdowns), 15, "the worker told it was displaced")
+    ids = await produce_events(kafka.bootstrap, source, 200)
+    await wait_for(lambda: bool(shutdowns) or set(sink.received) >= set(ids), 40, "the events, or an exit")
+    assert not shutdowns, f"the worker took the dead member {orphan} for a live one and exited {shutdowns}"
+    assert worker.fenced is None and set(sink.received) >= set(ids), "the worker did not read again after the orphan"

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import signal
 import time
 import urllib.request
 from collections import Counter
+from datetime import datetime
 from typing import Any
 
 from devtools.pipeline import PipelineProcesses
@@ -139,3 +142,34 @@ async def test_a_second_process_under_a_workers_name_makes_one_of_them_exit_78(
     for svc in pair:  # the fixture's clean-stop check is for the survivor; the 78 was the point
         if svc.process is not None and svc.process.poll() is not None:
             svc.process = None
+
+
+async def test_a_worker_exits_promptly_once_its_drain_is_done(tmp_path, namespace, port_base, settings_for):
+    """A stateful worker keeps its partitions for its restart: they stand still from its SIGTERM until the new
+    process has joined, so every second between the end of its drain and its exit is a second of stall. mode's
+    Worker spent 1 to 3 s there in sleeps (a 1 s sentinel task, polling for tasks to end)."""
+    config = tmp_path / "hifi.yaml"
+    config.write_text(
+        "tenants:\n"
+        + tenant_block("acme", "key-acme", ["hook"])
+        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{port_base + 19}/in"}}\n'
+    )
+    pipeline = PipelineProcesses(settings_for(config, log_level="info"), tmp_path / "logs", port_base=port_base)
+    try:
+        pipeline.start("router")
+        await asyncio.to_thread(pipeline.wait_ready, 120.0, ["router"])
+        process = pipeline.services["router"].process
+        assert process is not None
+        pipeline.signal("router", signal.SIGTERM)
+        await asyncio.to_thread(process.wait)
+        exited = time.time()
+    finally:
+        pipeline.stop_all(timeout=30.0)
+    log = pipeline.services["router"].log_path.read_text(errors="replace")
+    stamps = re.findall(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}).*left group .* as router", log)
+    assert stamps, "no end-of-drain line (its LeaveGroup, the drain's last step) in the log:\n" + pipeline.tail(
+        "router"
+    )
+    drained = datetime.strptime(stamps[-1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    assert process.returncode == 0, pipeline.tail("router")
+    assert exited - drained < 0.6, f"the worker exited {exited - drained:.2f}s after its drain was done"
