@@ -148,12 +148,7 @@ async def test_a_worker_exits_promptly_once_its_drain_is_done(tmp_path, namespac
     """A stateful worker keeps its partitions for its restart: they stand still from its SIGTERM until the new
     process has joined, so every second between the end of its drain and its exit is a second of stall. mode's
     Worker spent 1 to 3 s there in sleeps (a 1 s sentinel task, polling for tasks to end)."""
-    config = tmp_path / "hifi.yaml"
-    config.write_text(
-        "tenants:\n"
-        + tenant_block("acme", "key-acme", ["hook"])
-        + f'sinks:\n  hook: {{type: webhook, url: "http://127.0.0.1:{port_base + 19}/in"}}\n'
-    )
+    config = write_webhook_config(tmp_path / "hifi.yaml", port_base + 19, "key-acme")
     pipeline = PipelineProcesses(settings_for(config, log_level="info"), tmp_path / "logs", port_base=port_base)
     try:
         pipeline.start("router")
