@@ -170,6 +170,17 @@ def _opt_map(data: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
+def _printable(text: str | None) -> str | None:
+    """`text`, unless it cannot be encoded as UTF-8 (then it cannot be echoed back either)."""
+    if text is None:
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return None
+    return text
+
+
 class EventValidator:
     """Turns one client-supplied item into an Event, or raises InvalidEvent with a machine reason."""
 
@@ -186,10 +197,11 @@ class EventValidator:
         if not isinstance(item, dict):
             raise InvalidEvent("not_an_object", f"each event must be an object, got {type(item).__name__}")
         raw_id = item.get("event_id")
-        event_id = raw_id if isinstance(raw_id, str) else None
+        event_id = _printable(raw_id) if isinstance(raw_id, str) else None  # echoed in the answer: must encode
         unknown = set(item) - self.CLIENT_FIELDS
         if unknown:
-            raise InvalidEvent("unknown_field", ", ".join(sorted(map(str, unknown))), event_id)
+            names = ", ".join(sorted(map(str, unknown))).encode("utf-8", "backslashreplace").decode()
+            raise InvalidEvent("unknown_field", names, event_id)
         for name in ("event_id", "type"):
             value = item.get(name)
             if value is None:
@@ -237,7 +249,12 @@ class EventValidator:
             )
         self._check_value(payload, 1, event_id)
         self._check_value(context, 1, event_id)
-        encoded_size = len(msgpack.packb(item, use_bin_type=True))  # safe now: every value was checked
+        try:
+            encoded_size = len(msgpack.packb(item, use_bin_type=True))  # safe now: every value was checked
+        except UnicodeEncodeError:  # JSON's "\ud800": a lone surrogate, which no UTF-8 encoder takes
+            raise InvalidEvent(
+                "invalid_string", "a string holds a lone UTF-16 surrogate (not valid Unicode)", event_id
+            ) from None
         if encoded_size > lim.max_event_bytes:
             raise InvalidEvent("event_too_large", f"{encoded_size} > {lim.max_event_bytes} bytes", event_id)
         return Event(

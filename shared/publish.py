@@ -67,7 +67,9 @@ class BatchPublisher:
         # murmur2 is pure Python in aiokafka; devices send many events, so their partition is remembered.
         self._partition_of: dict[tuple[bytes, int], int] = {}
 
-    async def publish(self, outputs: Sequence[Output]) -> Published:
+    async def publish(self, outputs: Sequence[Output], into: Published | None = None) -> Published:
+        """Hand `outputs` to the producer; `into`, if given, is filled as batches are handed over, so a caller
+        whose `publish` failed or was cancelled part way still holds the futures of the batches that went."""
         producer = self.producer
         counts: dict[str, int] = {}
         open_batches: dict[tuple[str, int], tuple[Any, int]] = {}  # (topic, partition) -> (builder, its future index)
@@ -96,8 +98,11 @@ class BatchPublisher:
                 meta = builder.append(key=out.key, value=out.value, timestamp=None, headers=out.headers or [])
                 assert meta is not None
             placed.append((index, meta.offset))
-        futures = [await producer.send_batch(builder, topic, partition=p) for builder, topic, p in pending]
-        return Published(futures, placed)
+        published = into if into is not None else Published([], [])
+        published.placed[:] = placed
+        for builder, topic, p in pending:
+            published.futures.append(await producer.send_batch(builder, topic, partition=p))
+        return published
 
     def _partition(self, key: bytes | None, count: int) -> int:
         if key is None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from services.sender.file_sink import FileSink
 from shared.config import SinkConfig
@@ -71,3 +73,114 @@ async def test_a_failed_write_fails_every_batch_of_its_group(tmp_path: Path, mon
     assert all(isinstance(o, TransientError) for o in outcomes), outcomes
     monkeypatch.undo()
     await sink.deliver_batch(batch(9))  # the sink recovers once the disk does
+
+
+class HalfWrite:
+    """A real file whose second write stops halfway with ENOSPC: bytes reached the file, the write failed."""
+
+    writes = 0
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+
+    def write(self, data: bytes) -> int:
+        HalfWrite.writes += 1
+        if HalfWrite.writes == 2:
+            self.fh.write(bytes(data)[: len(data) // 2])
+            self.fh.flush()
+            raise OSError(28, "No space left on device")
+        return self.fh.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fh, name)
+
+    def __enter__(self) -> HalfWrite:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.fh.close()
+
+
+async def deliver_as_the_sender_does(sink: FileSink, events: list[Event], attempts: int = 3) -> int:
+    """Deliver, retrying a failed batch as the sender does; returns how many attempts failed."""
+    from shared.errors import TransientError
+
+    for failed in range(attempts):
+        try:
+            await sink.deliver_batch(events)
+            return failed
+        except TransientError:
+            continue
+    raise AssertionError(f"not delivered in {attempts} attempts")
+
+
+def rotated(directory: Path) -> list[Path]:
+    return list(directory.glob("events-*.jsonl"))
+
+
+def lines_of(directory: Path) -> list[dict[str, Any]]:
+    """Every line of every file, each of which must parse."""
+    out = []
+    for path in sorted(directory.glob("*.jsonl")):
+        for number, line in enumerate(path.read_bytes().splitlines(), 1):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                raise AssertionError(f"{path.name}:{number} does not parse: {line[:80]!r}") from None
+    return out
+
+
+async def test_a_write_failing_halfway_leaves_no_torn_line(tmp_path: Path, monkeypatch) -> None:
+    """ENOSPC after half a group reached the file: the retry must not append after a torn line (one
+    unparseable line, one event lost at the reader)."""
+    import services.sender.file_sink as file_sink_module
+
+    HalfWrite.writes = 0
+    monkeypatch.setattr(file_sink_module, "open", lambda *a, **k: HalfWrite(open(*a, **k)), raising=False)
+    sink = FileSink(SinkConfig("f", "file", {"path": str(tmp_path), "rotate_bytes": 1 << 30}))
+    await sink.start()
+    await sink.deliver_batch(batch(0))
+    assert await deliver_as_the_sender_does(sink, batch(1)) == 1
+    await sink.deliver_batch(batch(2))
+    got = [r["event_id"] for r in lines_of(tmp_path)]
+    assert got == [e.event_id for p in range(3) for e in batch(p)]
+
+
+async def test_a_failed_rotation_after_the_fsync_acks_the_group(tmp_path: Path, monkeypatch) -> None:
+    """The lines were durable when os.replace failed: failing the group made the sender write them again
+    (a copy per retry). The rotation is retried at the next write instead."""
+    real_replace = os.replace
+
+    def broken_replace(src: Any, dst: Any) -> None:
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    sink = FileSink(SinkConfig("f", "file", {"path": str(tmp_path), "rotate_bytes": 100}))
+    await sink.start()
+    for p in range(3):
+        await deliver_as_the_sender_does(sink, batch(p))
+    got = [r["event_id"] for r in lines_of(tmp_path)]
+    assert got == [e.event_id for p in range(3) for e in batch(p)], "a line was written twice"
+    monkeypatch.setattr(os, "replace", real_replace)
+    await sink.deliver_batch(batch(3))
+    assert rotated(tmp_path), "the rotation was not retried"
+    assert sorted(r["event_id"] for r in lines_of(tmp_path)) == sorted(e.event_id for p in range(4) for e in batch(p))
+
+
+async def test_an_unexpected_error_in_the_writer_fails_its_group_and_the_writer_goes_on(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Not an OSError (a bug, a codec error): the group's callers must not wait forever on unset futures."""
+
+    def buggy_fsync(fd: int) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(os, "fsync", buggy_fsync)
+    sink = FileSink(SinkConfig("f", "file", {"path": str(tmp_path), "rotate_bytes": 1 << 30}))
+    await sink.start()
+    async with asyncio.timeout(1):
+        outcomes = await asyncio.gather(*(sink.deliver_batch(batch(p)) for p in range(3)), return_exceptions=True)
+    assert all(isinstance(o, Exception) for o in outcomes), outcomes
+    monkeypatch.undo()
+    await sink.deliver_batch(batch(9))
+    assert [r["event_id"] for r in lines_of(tmp_path)] == [e.event_id for e in batch(9)]

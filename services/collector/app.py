@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka.errors import KafkaError
@@ -64,9 +65,10 @@ class Collector:
         self.publisher: BatchPublisher | None = None  # set by CollectorProducer once its producer started
         self._renewing = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
-        self._queued: list[Queued] = []  # requests' records waiting for the next group
-        self._flusher: asyncio.Task[None] | None = None
+        self._events = Lane("collector-publish")
+        self._tallies = Lane("collector-tally")  # apart: a slow tallies partition must not hold the events
         self._settling: set[asyncio.Task[None]] = set()
+        self._tallying: set[asyncio.Task[None]] = set()
         self.limiter = (
             TenantRateLimiter(ctx.settings.redis_url, ctx.settings.namespace)
             if any(t.rate_limit for t in ctx.config.tenants.values())
@@ -172,7 +174,7 @@ class Collector:
             # Record batches per partition shared with concurrent requests (not a `send` per record); 200
             # only once every record's batch was acked.
             outputs = [Output(self.raw_topic, event.partition_key, encode_event(event)) for _, event in events]
-            places = await self._publish(outputs)
+            places = await self._publish(outputs, self._events)
             for (index, event), place in zip(events, places, strict=True):
                 if isinstance(place, BaseException):
                     unavailable += 1
@@ -180,7 +182,7 @@ class Collector:
                         {
                             "index": index,
                             "event_id": event.event_id,
-                            "reason": "broker_unavailable",
+                            "reason": "broker_unavailable" if _broker_error(place) else "internal_error",
                             "detail": type(place).__name__,
                         }
                     )
@@ -189,7 +191,7 @@ class Collector:
                     written.append([event.event_id, *place])
         metrics.accepted.labels(tenant).inc(len(accepted))
         if accepted:
-            await self._tally(tenant, ingest_ts, written)
+            self._tally_later(tenant, ingest_ts, written)
         rejected.sort(key=lambda r: r["index"])
         body = {"accepted": accepted, "rejected": rejected}
         if unavailable:
@@ -198,7 +200,7 @@ class Collector:
             return 422, body
         return 200, body
 
-    async def _publish(self, outputs: list[Output]) -> list[Place]:
+    async def _publish(self, outputs: list[Output], lane: Lane) -> list[Place]:
         """Each output's (partition, offset) once the broker acked its batch, or why it was not.
 
         Concurrent requests go out together: while one group's batches wait for their partitions' previous
@@ -207,47 +209,57 @@ class Collector:
         behind the last, one broker round trip apiece, and saturated the collector at 2,000 events/s.
         """
         done: asyncio.Future[list[Place]] = asyncio.get_running_loop().create_future()
-        self._queued.append((outputs, done))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_queued(), name="collector-publish")
+        lane.queued.append((outputs, done))
+        if lane.flusher is None or lane.flusher.done():
+            lane.flusher = asyncio.create_task(self._flush_queued(lane), name=lane.name)
         return await asyncio.shield(done)  # a request that gives up must not cancel the others of its group
 
-    async def _flush_queued(self) -> None:
-        while self._queued:
-            group, self._queued = self._queued, []
-            outputs = [output for part, _ in group for output in part]
+    async def _flush_queued(self, lane: Lane) -> None:
+        loop = asyncio.get_running_loop()
+        while lane.queued:
+            group, lane.queued = lane.queued, []
+            deadline = loop.time() + PRODUCE_TIMEOUT_S
             publisher = self.publisher
+            published = Published([], [])  # filled batch by batch: what went is kept if a later batch fails
+            unsent: BaseException | None = None
             try:
                 if publisher is None:
                     raise ConnectionError("the collector's producer has not started")
-                async with asyncio.timeout(PRODUCE_TIMEOUT_S):
-                    published = await publisher.publish(outputs)
-            except (KafkaError, TimeoutError, ConnectionError) as exc:  # nothing of this group was handed over
-                _answer(group, [exc] * len(outputs))
-                continue
-            task = asyncio.create_task(self._settle(publisher, group, published), name="collector-acks")
+                async with asyncio.timeout_at(deadline):
+                    await publisher.publish([output for part, _ in group for output in part], into=published)
+            except (KafkaError, TimeoutError, ConnectionError) as exc:  # the batches not handed over yet
+                unsent = exc
+            except Exception as exc:  # a bug: its group is answered all the same, and the next group goes
+                log.exception("collector: handing a group of %d requests to the producer failed", len(group))
+                unsent = exc
+            task = asyncio.create_task(
+                self._settle(publisher, group, published, unsent, deadline), name="collector-acks"
+            )
             self._settling.add(task)
             task.add_done_callback(self._settling.discard)
 
-    async def _settle(self, publisher: BatchPublisher, group: list[Queued], published: Published) -> None:
-        """Answer a group's requests once the broker acked (or failed) each of its batches."""
+    async def _settle(
+        self,
+        publisher: BatchPublisher | None,
+        group: list[Queued],
+        published: Published,
+        unsent: BaseException | None,
+        deadline: float,
+    ) -> None:
+        """Answer each request of a group once its own records' batches were acked (or failed, or the deadline
+        passed), then see the rest of the group's batches out: a failed one renews the producer."""
         try:
-            async with asyncio.timeout(PRODUCE_TIMEOUT_S):
-                acks = await asyncio.gather(*published.futures, return_exceptions=True)
-        except TimeoutError as exc:  # still in flight, maybe written: the client re-sends, dedupe drops a copy
-            _answer(group, [exc] * len(published.placed))
-            return
-        places: list[Place] = []
-        failed: BaseException | None = None
-        for index, (batch, _) in enumerate(published.placed):
-            outcome = acks[batch]
-            if isinstance(outcome, BaseException):
-                failed = outcome
-                places.append(outcome)
-            else:
-                places.append(published.offset_of(index, acks))
-        _answer(group, places)
-        if failed is not None:
+            await _answer_as_acked(group, published, unsent, deadline)
+        except Exception as exc:  # a bug: no request may wait forever on an unset future
+            log.exception("collector: answering a group of %d requests failed", len(group))
+            for outputs, done in group:
+                if not done.done():
+                    done.set_result([exc] * len(outputs))
+        # Still in flight after the answer (its client re-sends; dedupe drops a copy): settled here, so its
+        # failure renews the producer and no exception goes unretrieved.
+        outcomes = await asyncio.gather(*published.futures, return_exceptions=True)
+        failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failed is not None and publisher is not None:
             await self._renew(publisher, failed)
 
     async def _renew(self, failed: BatchPublisher, error: BaseException) -> None:
@@ -264,27 +276,106 @@ class Collector:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
+    def _tally_later(self, tenant: str, ingest_ts: float, written: list[list[Any]]) -> None:
+        """Tally without holding the answer: the events are durable whatever becomes of their tally."""
+        task = asyncio.create_task(self._tally(tenant, ingest_ts, written), name="collector-tally")
+        self._tallying.add(task)
+        task.add_done_callback(self._tallying.discard)
+
     async def _tally(self, tenant: str, ingest_ts: float, written: list[list[Any]]) -> None:
         """Tell the auditor's ledger how many events were accepted, and where each was written (for
-        `hifi trace`). Best effort: the events are already durable, and a missing tally shows up as a
-        surplus downstream, never as a false loss."""
+        `hifi trace`). Best effort, on its own lane (a slow tallies partition never holds the events' groups):
+        a missing tally shows up as a surplus downstream, never as a false loss."""
         bucket = bucket_of(ingest_ts, self.ctx.config.audit.bucket_s)
         count = len(written)
         where = {"topic": self.raw_topic, "ingest_ts": ingest_ts, "events": written}
-        values = accepted_tallies("collector", tenant, bucket, count, where)  # split under Kafka's request size
-        places = await self._publish([Output(self.tallies_topic, b"collector", value) for value in values])
-        failed = [p for p in places if isinstance(p, BaseException)]
-        if failed:
-            log.warning("collector: could not publish the accepted tally (%d of %s): %r", count, tenant, failed[0])
+        try:
+            values = accepted_tallies("collector", tenant, bucket, count, where)  # split under Kafka's request size
+            places = await self._publish(
+                [Output(self.tallies_topic, b"collector", value) for value in values], self._tallies
+            )
+            failed = next((p for p in places if isinstance(p, BaseException)), None)
+        except Exception as exc:
+            failed = exc
+        if failed is not None:
+            log.warning("collector: could not publish the accepted tally (%d of %s): %r", count, tenant, failed)
+
+    async def settled(self, timeout: float | None = None) -> None:
+        """Wait for the groups, tallies and producer replacements under way (on stop); cancel what outlasts
+        `timeout`."""
+        lanes = [lane.flusher for lane in (self._events, self._tallies) if lane.flusher is not None]
+        tasks = {*lanes, *self._settling, *self._tallying, *self._retiring}
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=timeout)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
 
-def _answer(group: list[Queued], places: list[Place]) -> None:
-    """Hand each request of a group its slice of the group's outcomes, in the order it queued its records."""
+@dataclass(slots=True)
+class Lane:
+    """Requests' records waiting for the next group, and the task that hands groups over, one at a time."""
+
+    name: str
+    queued: list[Queued] = field(default_factory=list)
+    flusher: asyncio.Task[None] | None = None
+
+
+async def _answer_as_acked(
+    group: list[Queued], published: Published, unsent: BaseException | None, deadline: float
+) -> None:
+    """Answer each request as soon as every batch holding one of its records is settled; at the deadline,
+    answer the rest: a record whose batch is still unacked fails with TimeoutError (maybe written: the client
+    re-sends, dedupe drops a copy), one whose batch was never handed over fails with `unsent`."""
+    futures = published.futures
+    placed = published.placed
+    loop = asyncio.get_running_loop()
+
+    def batch_of(index: int) -> int | None:  # None: never handed over
+        if index >= len(placed) or placed[index][0] >= len(futures):
+            return None
+        return placed[index][0]
+
+    def place_of(index: int) -> Place:
+        batch = batch_of(index)
+        if batch is None:
+            return unsent if unsent is not None else ConnectionError("not handed to the producer")
+        future = futures[batch]
+        if not future.done():
+            return TimeoutError(f"the broker did not acknowledge in {PRODUCE_TIMEOUT_S:g}s")
+        if future.cancelled():
+            return asyncio.CancelledError()
+        error = future.exception()
+        if error is not None:
+            return error
+        meta = future.result()
+        return meta.partition, meta.offset + placed[index][1]
+
+    waiting: list[tuple[int, int, asyncio.Future[list[Place]], set[int]]] = []  # start, count, done, batches
     start = 0
     for outputs, done in group:
-        if not done.done():
-            done.set_result(places[start : start + len(outputs)])
+        batches = {b for i in range(start, start + len(outputs)) if (b := batch_of(i)) is not None}
+        waiting.append((start, len(outputs), done, batches))
         start += len(outputs)
+    while waiting:
+        still: list[tuple[int, int, asyncio.Future[list[Place]], set[int]]] = []
+        for request in waiting:
+            first, count, done, batches = request
+            if all(futures[b].done() for b in batches):
+                if not done.done():
+                    done.set_result([place_of(i) for i in range(first, first + count)])
+            else:
+                still.append(request)
+        waiting = still
+        remaining = deadline - loop.time()
+        if not waiting or remaining <= 0:
+            break
+        unacked = {futures[b] for _, _, _, batches in waiting for b in batches if not futures[b].done()}
+        await asyncio.wait(unacked, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+    for first, count, done, _ in waiting:
+        if not done.done():
+            done.set_result([place_of(i) for i in range(first, first + count)])
 
 
 class CollectorProducer(Service):
@@ -303,7 +394,11 @@ class CollectorProducer(Service):
         publisher, self.collector.publisher = self.collector.publisher, None
         if publisher is not None:
             await retire(publisher.producer)
-        await asyncio.gather(*self.collector._settling, *self.collector._retiring, return_exceptions=True)
+        await self.collector.settled(timeout=2 * PRODUCE_TIMEOUT_S)
+
+
+def _broker_error(error: BaseException) -> bool:
+    return isinstance(error, KafkaError | TimeoutError | ConnectionError)
 
 
 def signing_secrets(config: HifiConfig) -> dict[str, bytes]:

@@ -4,12 +4,16 @@ The sender delivers its partitions concurrently into one file. Each batch is enc
 (msgspec, about 5x json.dumps), then queued; one writer appends every batch queued so far in one
 `write` and one `fsync`, and only then resolves each batch's future. A batch is never acked before
 the fsync that covers it, and a failed write or fsync fails every batch of its group (each is
-retried). A batch's lines stay together and in order; batches of different partitions interleave.
+retried) after cutting the file back to where the group began, so a retry never appends after a torn
+line. A rotation that fails after the fsync does not fail the group (its lines are durable, a retry
+would write them twice): it is logged and tried again after the next write. A batch's lines stay
+together and in order; batches of different partitions interleave.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -20,6 +24,8 @@ import msgspec
 from shared.config import SinkConfig
 from shared.errors import TransientError
 from shared.event import Event
+
+log = logging.getLogger(__name__)
 
 
 def file_record(sink: str, event: Event) -> dict[str, Any]:
@@ -60,8 +66,8 @@ class FileSink:
             group, self._queued = self._queued, []
             try:
                 await asyncio.to_thread(self._append, b"".join(lines for lines, _ in group))
-            except OSError as exc:
-                error = TransientError(f"file sink {self.config.name}: {exc}")
+            except Exception as exc:  # any error, not only OSError: a caller must never wait on an unset future
+                error = TransientError(f"file sink {self.config.name}: {exc!r}")
                 for _, done in group:
                     if not done.done():
                         done.set_exception(error)
@@ -72,16 +78,31 @@ class FileSink:
                     done.set_result(None)
 
     def _append(self, data: bytes) -> None:
-        with open(self.current, "ab") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        # Unbuffered: after a failed write no bytes wait in a buffer to land after the cut below.
+        with open(self.current, "ab", buffering=0) as fh:
+            start = fh.tell()
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[fh.write(view) :]
+                os.fsync(fh.fileno())
+            except BaseException:
+                # Part of the group may be in the file: cut it off, or the retry appends after a torn line.
+                os.ftruncate(fh.fileno(), start)
+                os.fsync(fh.fileno())
+                raise
             size = fh.tell()
         if size >= self.rotate_bytes:
-            # Sequence first, so rotated files sort in the order they were written.
-            seq = len(list(self.dir.glob("events-*.jsonl"))) + 1
-            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-            os.replace(self.current, self.dir / f"events-{seq:08d}-{stamp}.jsonl")
+            try:
+                self._rotate()
+            except OSError as exc:  # the group is durable: acked, and the rotation is tried after the next write
+                log.warning("file sink %s: could not rotate %s: %r", self.config.name, self.current, exc)
+
+    def _rotate(self) -> None:
+        # Sequence first, so rotated files sort in the order they were written.
+        seq = len(list(self.dir.glob("events-*.jsonl"))) + 1
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        os.replace(self.current, self.dir / f"events-{seq:08d}-{stamp}.jsonl")
 
     async def probe(self) -> None:
         # As root, os.access says a plain file is writable: the directory must also still be one.
