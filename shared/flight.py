@@ -92,11 +92,14 @@ class FlightSender:
         flight.records = self._records_of(flight.result)
         flight.sent_with = self.publisher
         assert flight.sent_with is not None
+        # Filled as record batches are handed over: a publish failing part way (a leader not found in
+        # time) still wrote the batches before the failure, and `settle` re-sends only the rest.
+        flight.published = Published([], [])
         try:
-            flight.published = await flight.sent_with.publish(flight.records)
+            await flight.sent_with.publish(flight.records, into=flight.published)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the acker re-sends it
+        except Exception as exc:  # the acker re-sends what never went
             flight.send_error = exc
         return flight
 
@@ -118,12 +121,15 @@ class FlightSender:
         sent_with = flight.sent_with
         owner = flight.owner
         while True:
-            if error is None:
+            if error is None or (published is not None and published.placed):
                 assert published is not None
+                # Every batch handed over is awaited, also when the publish failed part way: those records
+                # are in the log, and only the ones whose batch never went (or failed) are re-sent.
                 acks = await asyncio.gather(*published.futures, return_exceptions=True)
                 failed = []
                 for position, index in enumerate(pending):
-                    if isinstance(acks[published.placed[position][0]], BaseException):
+                    batch = published.placed[position][0]
+                    if batch >= len(acks) or isinstance(acks[batch], BaseException):
                         failed.append(index)
                     else:
                         placed[index] = published.offset_of(position, acks)
@@ -131,6 +137,8 @@ class FlightSender:
                     break
                 pending = failed  # only these are re-sent: the others are in the log already
                 errors = [a for a in acks if isinstance(a, BaseException)]
+                if error is not None:
+                    errors.append(error)
                 unknown += any(isinstance(e, UnknownError) for e in errors)
                 error = next((e for e in errors if not unsendable(e, unknown)), None)
                 if error is None:
@@ -168,8 +176,9 @@ class FlightSender:
                     return False
             sent_with = self.publisher
             assert sent_with is not None
+            published, error = Published([], []), None
             try:
-                published, error = await sent_with.publish([records[i] for i in pending]), None
+                await sent_with.publish([records[i] for i in pending], into=published)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, UnknownError
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, UnknownError
 from yarl import URL
 
 import shared.flight as flight_module  # it builds the producers and their publishers
@@ -396,12 +396,12 @@ class FaultyPublisher(BatchPublisher):
         self.fail = fail
         self.calls = 0
 
-    async def publish(self, outputs: Any) -> Any:
+    async def publish(self, outputs: Any, into: Any = None) -> Any:
         self.calls += 1
         error = self.fail(self.calls, list(outputs))
         if error is not None:
             raise error
-        return await super().publish(outputs)
+        return await super().publish(outputs, into=into)
 
 
 def relay_to(out: str) -> Handler:
@@ -501,13 +501,13 @@ async def test_a_produce_stalled_across_a_revocation_still_lands_the_delivered_b
     stalled = asyncio.Event()
 
     class StallingPublisher(BatchPublisher):
-        async def publish(self, outputs: Any) -> Any:
+        async def publish(self, outputs: Any, into: Any = None) -> Any:
             runner = stalling[0] if stalling else None
             if runner is not None and not stalled.is_set() and any(o.topic == changelog for o in outputs):
                 stalled.set()
                 await runner._owner.revoked.wait()  # the produce is stuck until a rebalance starts...
                 await asyncio.sleep(3.0)  # ...and past the 1 s revoke grace
-            return await super().publish(outputs)
+            return await super().publish(outputs, into=into)
 
     monkeypatch.setattr(flight_module, "BatchPublisher", StallingPublisher)
 
@@ -615,11 +615,11 @@ async def test_a_revoked_batch_whose_outputs_keep_failing_lands_its_ledger_marks
     refused: set[str] = set()  # event ids whose receipts the broker refuses, for good
 
     class RefusingPublisher(BatchPublisher):
-        async def publish(self, outputs: Any) -> Any:
+        async def publish(self, outputs: Any, into: Any = None) -> Any:
             for out in outputs:
                 if out.topic == receipts and {row[0] for row in unpack(out.value)["events"]} & refused:
                     raise TopicAuthorizationFailedError()
-            return await super().publish(outputs)
+            return await super().publish(outputs, into=into)
 
     monkeypatch.setattr(flight_module, "BatchPublisher", RefusingPublisher)
 
@@ -659,3 +659,47 @@ async def test_a_revoked_batch_whose_outputs_keep_failing_lands_its_ledger_marks
     while not await all_committed():
         assert time.monotonic() < deadline, "the group's offsets stopped short: an acker is wedged"
         await asyncio.sleep(0.5)
+
+
+class HandsOverPartly:
+    """A real producer whose `send_batch` refuses once, at the second record batch of a publish: the first
+    batch is already with the producer (it will be written), the rest never went."""
+
+    def __init__(self, producer: Any, state: dict[str, int]) -> None:
+        self.producer = producer
+        self.state = state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.producer, name)
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> Any:
+        self.state["calls"] += 1
+        if self.state["calls"] == 2:
+            raise KafkaTimeoutError("injected: the partition's leader was not found in time")
+        return await self.producer.send_batch(batch, topic, partition=partition)
+
+
+async def test_a_publish_failing_part_way_re_sends_only_the_batches_that_never_went(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's outputs go as one record batch per partition, one `send_batch` after another. When one
+    fails (a leader not found in time), the batches handed over before it are written anyway: re-sending
+    the whole batch wrote those records twice."""
+    source, out = f"{namespace}.in", f"{namespace}.out"
+    await create_topic(kafka.bootstrap, source, 1)
+    await create_topic(kafka.bootstrap, out, 2)  # two partitions: a publish hands over two record batches
+    runner = make_runner(
+        kafka.bootstrap, f"{namespace}-relay", "a", source, relay_to(out), batch_max=50, backoff=Backoff(0.01, 0.05)
+    )
+    await start(runners, runner)
+    await wait_for(lambda: runner.joined, 30, "the assignment")
+    assert runner.producer is not None
+    state = {"calls": 0}
+    monkeypatch.setattr(flight_module, "BatchPublisher", lambda p: BatchPublisher(HandsOverPartly(p, state)))
+    runner.publisher = BatchPublisher(HandsOverPartly(runner.producer, state))
+    ids = await produce_events(kafka.bootstrap, source, 20)
+    await read_all(kafka.bootstrap, out, 20, 30)
+    relayed = await read_all(kafka.bootstrap, out, 40, 3)  # copies would show here
+    copies = collections.Counter(unpack(m.value)["event_id"] for m in relayed)
+    assert state["calls"] >= 3, "the fault was never injected"
+    assert set(copies) == set(ids) and max(copies.values()) == 1, f"written twice: {copies.most_common(3)}"
