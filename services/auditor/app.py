@@ -80,6 +80,18 @@ class Auditor:
             "hifi_events_lost", "Events the loss ledger found missing", ["tenant", "sink", "stage"], registry=r
         )
         self.dlq_gauge = Gauge("hifi_dlq_size", "Dead letters retained per stage", ["stage"], registry=r)
+        self.quarantined_gauge = Gauge(
+            "hifi_audit_quarantined_events",
+            "Quarantined events the deduplicator's tallies listed, per type (bounded: '(other)')",
+            ["tenant", "type"],
+            registry=r,
+        )
+        self.quarantined_rule_gauge = Gauge(
+            "hifi_audit_quarantined_by_rule",
+            "Quarantined events per type and rule they broke; an event breaking several counts under each",
+            ["tenant", "type", "rule"],
+            registry=r,
+        )
         self.lag_histogram = Histogram(
             "hifi_delivery_lag_seconds",
             "Sink acknowledgement minus ingest, from receipts",
@@ -145,6 +157,7 @@ class Auditor:
         await self._confirm_losses()
         await self._confirm_gaps(now)
         self.ledger.forget_before(int(now - LOOKBACK_S))
+        self._show_quarantined()
         for (tenant, sink), sli in self.sli.items():
             for window, seconds in (("5m", 300), ("1h", 3600)):
                 ratio, _ = sli.on_time.ratio(seconds, now)
@@ -152,6 +165,15 @@ class Auditor:
                     self.on_time_gauge.labels(tenant, sink, window).set(ratio)
                 self.burn_gauge.labels(tenant, sink, window).set(burn_rate(ratio, self.audit.slo_target))
             self._check_burn(tenant, sink, sli, now)
+
+    def _show_quarantined(self) -> None:
+        """The ledger's quarantine counts as gauges: its counts only grow, and its labels are capped."""
+        for tenant, counts in self.ledger.quarantine.items():
+            for event_type, n in counts.events.items():
+                self.quarantined_gauge.labels(tenant, event_type).set(n)
+            for event_type, rules in counts.rules.items():
+                for rule, n in rules.items():
+                    self.quarantined_rule_gauge.labels(tenant, event_type, rule).set(n)
 
     def _check_burn(self, tenant: str, sink: str, sli: SinkSLI, now: float) -> None:
         """Multi-window burn alert: both the 5 min and the 1 h rate above the threshold (SRE workbook)."""
@@ -387,6 +409,7 @@ class Auditor:
             "unconfirmed": [r.to_json() for r in ledger.pending() if r.status == "unconfirmed"],
             "lost_by_stage": ledger.lost_by_stage(),
             "filtered": ledger.filtered(),
+            "quarantined": ledger.quarantined(),
             "surplus": sum(ledger.surplus.values()),
             "offset_gaps": sorted(self.offset_gaps.values(), key=lambda g: (g["stage"], g["topic"], g["first"])),
             "stage_totals": {stage: dict(outcomes) for stage, outcomes in sorted(ledger.totals.items())},

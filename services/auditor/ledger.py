@@ -24,6 +24,9 @@ the backlog cannot explain is **loss**, and pages. An excess
 is **surplus** (copies a crash replayed that a later stage removed), reported but not paged.
 Tallies for an already settled bucket are **late**: the bucket is reconciled again and the late count
 is kept with it.
+
+Quarantined events are also counted per tenant, type and rule (`QuarantineCounts`, bounded), from the
+notes of the deduplicator's tallies, each source offset once.
 """
 
 from __future__ import annotations
@@ -196,6 +199,39 @@ class OffsetRanges:
         self.ranges = merged
 
 
+OTHER = "(other)"  # the label past a tenant's cap of distinct types, or a type's cap of distinct rules
+NO_BREAKDOWN = "(no breakdown)"  # quarantined by a deduplicator from before the per type and rule note
+
+
+class QuarantineCounts:
+    """One tenant's quarantined events per type, and per type and rule (an event breaking several rules
+    counts once under each). At most `max_labels` types, and rules per type; the rest count under OTHER,
+    so a tenant sending ever new types cannot grow the auditor's memory."""
+
+    def __init__(self, max_labels: int) -> None:
+        self.max_labels = max_labels
+        self.events: dict[str, int] = {}
+        self.rules: dict[str, dict[str, int]] = {}
+
+    def add(self, event_type: str, rules: list[str]) -> None:
+        event_type = bounded(self.events, event_type, self.max_labels)
+        self.events[event_type] = self.events.get(event_type, 0) + 1
+        per_rule = self.rules.setdefault(event_type, {})
+        for rule in rules:
+            rule = bounded(per_rule, rule, self.max_labels)
+            per_rule[rule] = per_rule.get(rule, 0) + 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {t: {"events": n, "rules": dict(self.rules.get(t, {}))} for t, n in self.events.items()}
+
+
+def bounded(seen: dict[str, int], label: str, max_labels: int) -> str:
+    """`label`, or OTHER once `seen` holds `max_labels` labels besides OTHER."""
+    if label in seen or len(seen) - (OTHER in seen) < max_labels:
+        return label
+    return OTHER
+
+
 @dataclass
 class Bucket:
     counts: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
@@ -223,7 +259,13 @@ class LossReport:
 class LossLedger:
     """Counts per (stage, tenant, bucket, outcome), each source offset counted once."""
 
-    def __init__(self, subscribers: Callable[[str], tuple[str, ...]], bucket_s: int, settle_s: float) -> None:
+    def __init__(
+        self,
+        subscribers: Callable[[str], tuple[str, ...]],
+        bucket_s: int,
+        settle_s: float,
+        max_quarantine_labels: int = 100,
+    ) -> None:
         self.subscribers = subscribers
         self.bucket_s = bucket_s
         self.settle_s = settle_s
@@ -235,6 +277,11 @@ class LossLedger:
         self.replayed = 0
         self.settled = 0
         self.trust_from = 0  # buckets before this (epoch s) may have tallies from before the auditor read on
+        self.max_quarantine_labels = max_quarantine_labels
+        self.quarantine: dict[str, QuarantineCounts] = {}  # tenant -> per type and rule, since the auditor started
+        # Offsets whose quarantine breakdown was counted, apart from `covered`: a split tally's events may ride
+        # in another part than their runs.
+        self.quarantine_seen: dict[tuple[str, str, int], OffsetRanges] = {}
 
     def add_tally(self, tally: dict[str, Any]) -> list[tuple[str, int]]:
         """Count a tally; return the (tenant, bucket) keys that were already settled (late counts)."""
@@ -262,7 +309,28 @@ class LossLedger:
             if bucket.settled:
                 bucket.late += n
                 late.append((tenant, bucket_start))
+        if fresh is not None:
+            self._count_quarantined(key, tally.get("events", ()))
         return late
+
+    def _count_quarantined(self, key: tuple[str, str, int], events: Any) -> None:
+        """The breakdown of the quarantined events a tally lists (`shared.quarantine`), each offset once."""
+        for row in events:
+            if not isinstance(row, list) or len(row) != 5 or row[2] != Outcome.QUARANTINED:
+                continue  # a malformed row costs its breakdown, never the counts of the rest
+            offset, _event_id, _outcome, tenant, note = row
+            seen = self.quarantine_seen.setdefault(key, OffsetRanges())
+            if not seen.add(offset, offset + 1):
+                continue  # a replayed batch's tally
+            counts = self.quarantine.get(tenant)
+            if counts is None:
+                counts = self.quarantine[tenant] = QuarantineCounts(self.max_quarantine_labels)
+            note = note if isinstance(note, dict) else {}
+            counts.add(str(note.get("event_type", NO_BREAKDOWN)), [str(r) for r in note.get("rules", ())])
+
+    def quarantined(self) -> dict[str, dict[str, Any]]:
+        """Quarantined events per tenant, type and rule: {tenant: {type: {events, rules: {rule: n}}}}."""
+        return {tenant: counts.to_json() for tenant, counts in sorted(self.quarantine.items())}
 
     def gaps(self) -> list[tuple[str, str, int, int, int]]:
         """Offsets between two ranges a stage's tallies covered: (stage, topic, partition, start, end).
