@@ -26,8 +26,8 @@ from mode import Service
 from prometheus_client import Counter, Gauge, Histogram
 
 from shared.alerts import Alerter, OutageClock
-from shared.audit import accepted_tally, bucket_of
-from shared.codec import encode_event, unpack
+from shared.audit import Receipt, Tally, accepted_tally, as_receipt, as_tally, bucket_of, decode_receipt, decode_tally
+from shared.codec import encode_event
 from shared.dlq import DeadLetterQueues, UnknownStage, stage_input
 from shared.errors import TransientError
 from shared.event import Event, now_ms
@@ -102,20 +102,21 @@ class Auditor:
 
     # -- input -----------------------------------------------------------------------------------
 
-    def on_receipt(self, value: dict[str, Any]) -> None:
+    def on_receipt(self, value: Receipt | dict[str, Any]) -> None:
+        receipt = as_receipt(value)
         try:  # a malformed trace costs the trace, never the lag and SLI samples
-            self.trace.add_receipt(value)
+            self.trace.add_receipt(receipt)
         except Exception:
             self.trace.unreadable += 1
-            log.exception("auditor: receipt of %s unreadable for the trace index", value.get("sink"))
-        sink = value["sink"]
-        acked = value["delivered_ts"]
+            log.exception("auditor: receipt of %s unreadable for the trace index", receipt.sink)
+        sink = receipt.sink
+        acked = receipt.delivered_ts
         now = time.time()
         # Grouped per tenant first: the windows, SLI counters and Prometheus child are touched once per
         # tenant and distinct lag, not once per event (per event this was most of the auditor's own time).
         per_tenant: dict[str, tuple[dict[int, int], list[float], list[int]]] = {}
-        for _event_id, tenant, ingest_ts, _attempts, canary, *_ in value["events"]:
-            lag = max(0.0, acked - ingest_ts)
+        for row in receipt.events:
+            tenant, lag, canary = row.tenant, max(0.0, acked - row.ingest_ts), row.canary
             group = per_tenant.get(tenant)
             if group is None:
                 group = per_tenant[tenant] = ({}, [], [0])
@@ -139,14 +140,15 @@ class Auditor:
             sli.on_time.add(on_time, len(lags), now)
             self.receipts += len(lags)
 
-    def on_tally(self, value: dict[str, Any]) -> None:
-        for tenant, bucket in self.ledger.add_tally(value):
+    def on_tally(self, value: Tally | dict[str, Any]) -> None:
+        tally = as_tally(value)
+        for tenant, bucket in self.ledger.add_tally(tally):
             self.ledger.reconcile(tenant, bucket)
         try:  # after the counts: a malformed `events` row costs the trace, never the ledger
-            self.trace.add_tally(value)
+            self.trace.add_tally(tally)
         except Exception:
             self.trace.unreadable += 1
-            log.exception("auditor: tally %s:%s unreadable for the trace index", value.get("stage"), value.get("first"))
+            log.exception("auditor: tally %s:%s unreadable for the trace index", tally.stage, tally.first)
 
     # -- periodic --------------------------------------------------------------------------------
 
@@ -477,11 +479,10 @@ class AuditReader(Service):
             for tp, records in batch.items():
                 for record in records:
                     try:
-                        value = unpack(record.value)
                         if tp.topic == a.topics.tallies:
-                            a.on_tally(value)
+                            a.on_tally(decode_tally(record.value))
                         else:
-                            a.on_receipt(value)
+                            a.on_receipt(decode_receipt(record.value))
                     except Exception:  # one unreadable record must not stop the audit
                         log.exception("auditor: unreadable record %s@%d", tp, record.offset)
             await a.trace.flush()  # hands the facts to the index's writer: never waits on Redis

@@ -41,7 +41,7 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 
 from shared import pipeline
-from shared.audit import filtered_sinks
+from shared.audit import Tally, as_tally, filtered_sinks
 from shared.outcome import DELIVERED, REPLAYED, Outcome
 
 COLLECTOR = pipeline.COLLECTOR.name
@@ -283,19 +283,21 @@ class LossLedger:
         # in another part than their runs.
         self.quarantine_seen: dict[tuple[str, str, int], OffsetRanges] = {}
 
-    def add_tally(self, tally: dict[str, Any]) -> list[tuple[str, int]]:
+    def add_tally(self, value: Tally | dict[str, Any]) -> list[tuple[str, int]]:
         """Count a tally; return the (tenant, bucket) keys that were already settled (late counts)."""
-        stage = tally["stage"]
-        runs = tally["runs"]
+        tally = as_tally(value)
+        stage = tally.stage
         fresh: list[tuple[int, int]] | None = None  # offsets not counted before; None: no offsets (collector)
-        if "topic" in tally:
-            key = (stage, tally["topic"], tally["partition"])
-            first = tally["first"]
+        offset = 0
+        if tally.topic is not None:
+            key = (stage, tally.topic, tally.partition or 0)
+            first = tally.first or 0
             ranges = self.covered.setdefault(key, OffsetRanges())
-            fresh = ranges.add(first, first + sum(run[3] for run in runs))
+            fresh = ranges.add(first, first + tally.count)
             offset = first
         late: list[tuple[str, int]] = []
-        for tenant, bucket_start, outcome, n in runs:
+        for run in tally.runs:
+            n = run.count
             if fresh is not None:
                 new = sum(max(0, min(hi, offset + n) - max(lo, offset)) for lo, hi in fresh)
                 self.replayed += n - new
@@ -303,29 +305,28 @@ class LossLedger:
                 n = new
                 if n == 0:
                     continue
-            self.totals[stage][outcome] += n
-            bucket = self.buckets.setdefault((tenant, bucket_start), Bucket())
-            bucket.counts[stage][outcome] += n
+            self.totals[stage][run.outcome] += n
+            bucket = self.buckets.setdefault((run.tenant, run.bucket), Bucket())
+            bucket.counts[stage][run.outcome] += n
             if bucket.settled:
                 bucket.late += n
-                late.append((tenant, bucket_start))
+                late.append((run.tenant, run.bucket))
         if fresh is not None:
-            self._count_quarantined(key, tally.get("events", ()))
+            self._count_quarantined(key, tally)
         return late
 
-    def _count_quarantined(self, key: tuple[str, str, int], events: Any) -> None:
+    def _count_quarantined(self, key: tuple[str, str, int], tally: Tally) -> None:
         """The breakdown of the quarantined events a tally lists (`shared.quarantine`), each offset once."""
-        for row in events:
-            if not isinstance(row, list) or len(row) != 5 or row[2] != Outcome.QUARANTINED:
-                continue  # a malformed row costs its breakdown, never the counts of the rest
-            offset, _event_id, _outcome, tenant, note = row
+        for row in tally.event_rows():  # a malformed row costs its breakdown, never the counts of the rest
+            if row.outcome != Outcome.QUARANTINED:
+                continue
             seen = self.quarantine_seen.setdefault(key, OffsetRanges())
-            if not seen.add(offset, offset + 1):
+            if not seen.add(row.offset, row.offset + 1):
                 continue  # a replayed batch's tally
-            counts = self.quarantine.get(tenant)
+            counts = self.quarantine.get(row.tenant)
             if counts is None:
-                counts = self.quarantine[tenant] = QuarantineCounts(self.max_quarantine_labels)
-            note = note if isinstance(note, dict) else {}
+                counts = self.quarantine[row.tenant] = QuarantineCounts(self.max_quarantine_labels)
+            note = row.note or {}
             counts.add(str(note.get("event_type", NO_BREAKDOWN)), [str(r) for r in note.get("rules", ())])
 
     def quarantined(self) -> dict[str, dict[str, Any]]:
