@@ -1,4 +1,4 @@
-"""The auditor's bookkeeping: the loss ledger, the on-time SLI and sliding lag histograms.
+"""The auditor's bookkeeping: the loss ledger (the on-time SLI and lag histograms are in sli.py).
 
 Pure data structures, fed by `services.auditor.app` from the tallies and receipts topics, so they
 can be tested without a broker.
@@ -31,14 +31,11 @@ notes of the deduplicator's tallies, each source offset once.
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
-
-from hdrh.histogram import HdrHistogram
 
 from shared import pipeline
 from shared.audit import Tally, as_tally, filtered_sinks
@@ -67,84 +64,6 @@ def routed_to(router_counts: dict[str, int], sink: str) -> tuple[int, int]:
         elif sinks:
             passed += n
     return filtered, passed
-
-
-class SlidingHdr:
-    """Lag percentiles over the last `span_s`: a ring of `slots` HDR histograms, merged on read."""
-
-    def __init__(self, span_s: float, slots: int = 12) -> None:
-        self.slot_s = span_s / slots
-        self.slots: deque[tuple[int, HdrHistogram]] = deque(maxlen=slots)
-
-    def record(self, lag_ms: float, now: float | None = None) -> None:
-        self.record_counts({max(1, min(int(lag_ms), 3_600_000)): 1}, now)
-
-    def record_counts(self, counts: dict[int, int], now: float | None = None) -> None:
-        """A receipt's lags at once: {lag in whole ms, clamped to 1..3,600,000: how many}."""
-        slot = int((now if now is not None else time.time()) // self.slot_s)
-        if not self.slots or self.slots[-1][0] != slot:
-            self.slots.append((slot, HdrHistogram(1, 3_600_000, 2)))
-        histogram = self.slots[-1][1]
-        for lag_ms, count in counts.items():
-            histogram.record_value(lag_ms, count)
-
-    def percentiles(self, now: float | None = None) -> dict[str, float]:
-        oldest = int((now if now is not None else time.time()) // self.slot_s) - (self.slots.maxlen or 1) + 1
-        merged = HdrHistogram(1, 3_600_000, 2)
-        for slot, histogram in self.slots:
-            if slot >= oldest:
-                merged.add(histogram)
-        count = merged.get_total_count()
-        if count == 0:
-            return {"count": 0}
-        return {
-            "count": count,
-            "p50_ms": merged.get_value_at_percentile(50),
-            "p95_ms": merged.get_value_at_percentile(95),
-            "p99_ms": merged.get_value_at_percentile(99),
-            "max_ms": merged.get_max_value(),
-        }
-
-
-class OnTimeWindow:
-    """On-time and total counts in 10 s slots for the last hour: the SLI and its burn rates."""
-
-    SLOT_S = 10
-
-    def __init__(self) -> None:
-        self.slots: deque[list[int]] = deque(maxlen=360)  # [slot, on_time, total]
-
-    def add(self, on_time: int, total: int, now: float | None = None) -> None:
-        slot = int((now if now is not None else time.time()) // self.SLOT_S)
-        if not self.slots or self.slots[-1][0] != slot:
-            self.slots.append([slot, 0, 0])
-        self.slots[-1][1] += on_time
-        self.slots[-1][2] += total
-
-    def ratio(self, window_s: float, now: float | None = None) -> tuple[float | None, int]:
-        oldest = int((now if now is not None else time.time()) // self.SLOT_S) - int(window_s // self.SLOT_S) + 1
-        on_time = total = 0
-        for slot, good, count in self.slots:
-            if slot >= oldest:
-                on_time += good
-                total += count
-        return (on_time / total if total else None), total
-
-
-def burn_rate(ratio: float | None, target: float) -> float:
-    """How fast the error budget burns: 1.0 spends exactly the budget over the SLO period."""
-    return 0.0 if ratio is None else (1.0 - ratio) / (1.0 - target)
-
-
-@dataclass
-class SinkSLI:
-    lag_1m: SlidingHdr = field(default_factory=lambda: SlidingHdr(60, 12))
-    lag_1h: SlidingHdr = field(default_factory=lambda: SlidingHdr(3600, 12))
-    on_time: OnTimeWindow = field(default_factory=OnTimeWindow)
-    delivered: int = 0
-    late: int = 0
-    lost: int = 0
-    canaries: int = 0
 
 
 class OffsetRanges:
