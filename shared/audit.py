@@ -169,7 +169,7 @@ def bucket_of(at_ms: float, bucket_s: int) -> int:
 def accepted_tally(stage: str, tenant: str, bucket: int, count: int, accepted: dict[str, Any] | None = None) -> bytes:
     """`accepted`: {topic, ingest_ts, events: [[event_id, partition, offset]]}, where each was written."""
     where = None if accepted is None else Accepted(accepted["topic"], accepted["ingest_ts"], accepted["events"])
-    return pack(Tally(stage=stage, runs=[Run(tenant, bucket, "accepted", count)], at=now_ms(), accepted=where))
+    return pack(Tally(stage=stage, runs=[Run(tenant, bucket, Outcome.ACCEPTED, count)], at=now_ms(), accepted=where))
 
 
 def accepted_tallies(
