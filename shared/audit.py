@@ -20,6 +20,10 @@ broke the tenant's schema); the router's
 and for `hifi replay` traffic replayed / replay_skipped (kept out of the live loss ledger).
 Buckets are event time: `ingest_ts` rounded down to `bucket_s` seconds (epoch seconds).
 
+Records: msgspec Structs (`Tally` of `Run`s and `EventRow`s, `Receipt` of `ReceiptRow`s) that encode to the
+same msgpack maps and arrays, byte for byte, as the dicts and lists written before them, so old and new
+writers and readers mix in a rolling upgrade (tests/test_audit_wire.py).
+
 Size: a record over Kafka's max request size (1 MB) would be dead-lettered and its counts lost, so a
 tally or receipt over `RECORD_BUDGET` is split into several, each complete for what it lists: a tally's
 runs split at a run boundary with `first` moved on (the ledger counts offsets, so the parts add up to
@@ -31,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 from aiokafka.structs import ConsumerRecord
 
 from shared.codec import pack
@@ -43,6 +48,108 @@ from shared.step import Record
 
 FILTERED = "filtered:"
 RECORD_BUDGET = 512 * 1024  # bytes per tally or receipt value: half of Kafka's default max request size
+
+
+# -- wire records: the same msgpack maps and arrays as the dicts and lists written before them --------------
+
+
+class Run(msgspec.Struct, array_like=True):
+    """`[tenant, bucket, outcome, count]`: consecutive source offsets with the same tenant, bucket and outcome."""
+
+    tenant: str
+    bucket: int
+    outcome: str
+    count: int
+
+
+class EventRow(msgspec.Struct, array_like=True):
+    """`[offset, event_id, outcome, tenant, note]`: an event a stage did not pass on, for `hifi trace`."""
+
+    offset: int
+    event_id: str
+    outcome: str
+    tenant: str
+    note: dict[str, Any] | None = None
+
+
+class Accepted(msgspec.Struct):
+    """Where the collector wrote the events an accepted tally counts: `events` are `[event_id, partition, offset]`."""
+
+    topic: str
+    ingest_ts: float
+    events: list[list[Any]]
+
+
+class Tally(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A stage's tally of one batch of one source partition, or an `accepted` tally (no topic, partition, first).
+
+    Field order is the wire's: a stage's tally is {stage, topic, partition, first, runs, events?, at}, an
+    accepted one {stage, runs, at, accepted?}. `events` are read row by row (`event_rows`) so that one
+    malformed row costs that row, never the tally's counts."""
+
+    stage: str
+    topic: str | None = None
+    partition: int | None = None
+    first: int | None = None
+    runs: list[Run]  # always written, even empty: readers before these records index it
+    events: list[Any] = []
+    at: float | None = None
+    accepted: Accepted | None = None
+
+    @property
+    def count(self) -> int:
+        return sum(run.count for run in self.runs)
+
+    def event_rows(self) -> list[EventRow]:
+        """The readable rows of `events` (a row from a buggy or future writer that does not fit is skipped)."""
+        rows = []
+        for row in self.events:
+            try:
+                rows.append(msgspec.convert(row, EventRow))
+            except msgspec.ValidationError:
+                continue
+        return rows
+
+
+class ReceiptRow(msgspec.Struct, array_like=True):
+    """`[event_id, tenant, ingest_ts, attempts, canary]`: one delivered event (trailing extras are ignored)."""
+
+    event_id: str
+    tenant: str
+    ingest_ts: float
+    attempts: int
+    canary: bool = False
+
+
+class Receipt(msgspec.Struct, omit_defaults=True):
+    """One sender batch's deliveries: {sink, delivered_ts, events, trace?}; `trace` rows are
+    `[idempotency_key, stages, source]`, read loosely (a malformed one costs the trace, never the SLI)."""
+
+    sink: str
+    delivered_ts: float
+    events: list[ReceiptRow]
+    trace: list[Any] | None = None
+
+
+_tally_decoder = msgspec.msgpack.Decoder(Tally)
+_receipt_decoder = msgspec.msgpack.Decoder(Receipt)
+
+
+def decode_tally(data: bytes) -> Tally:
+    return _tally_decoder.decode(data)
+
+
+def decode_receipt(data: bytes) -> Receipt:
+    return _receipt_decoder.decode(data)
+
+
+def as_tally(value: Tally | dict[str, Any]) -> Tally:
+    """A tally as a record; a dict (a tool's or a test's) is validated into one."""
+    return value if isinstance(value, Tally) else msgspec.convert(value, Tally)
+
+
+def as_receipt(value: Receipt | dict[str, Any]) -> Receipt:
+    return value if isinstance(value, Receipt) else msgspec.convert(value, Receipt)
 
 
 def filtered_outcome(sinks: list[str]) -> str:
@@ -61,10 +168,8 @@ def bucket_of(at_ms: float, bucket_s: int) -> int:
 
 def accepted_tally(stage: str, tenant: str, bucket: int, count: int, accepted: dict[str, Any] | None = None) -> bytes:
     """`accepted`: {topic, ingest_ts, events: [[event_id, partition, offset]]}, where each was written."""
-    tally: dict[str, Any] = {"stage": stage, "runs": [[tenant, bucket, "accepted", count]], "at": now_ms()}
-    if accepted is not None:
-        tally["accepted"] = accepted
-    return pack(tally)
+    where = None if accepted is None else Accepted(accepted["topic"], accepted["ingest_ts"], accepted["events"])
+    return pack(Tally(stage=stage, runs=[Run(tenant, bucket, Outcome.ACCEPTED, count)], at=now_ms(), accepted=where))
 
 
 def accepted_tallies(
@@ -102,34 +207,28 @@ def receipts(
     ]
 
 
-def split_tally(part: dict[str, Any], budget: int = RECORD_BUDGET) -> list[bytes]:
+def split_tally(part: Tally, budget: int = RECORD_BUDGET) -> list[bytes]:
     """A stage's tally of one partition, split under `budget`: runs at a run boundary (the right part's `first`
     moves past the left's counts), events in halves; the ledger's offsets and counts add up to the whole."""
     value = pack(part)
-    runs, events = part["runs"], part.get("events", [])
+    runs, events = part.runs, part.events
     if len(value) <= budget or (len(runs) < 2 and len(events) < 2):
         return [value]
+    half = len(events) // 2
     if len(runs) >= 2:
         cut = len(runs) // 2
-        left = {**part, "runs": runs[:cut]}
-        right = {**part, "runs": runs[cut:], "first": part["first"] + sum(run[3] for run in runs[:cut])}
+        first = (part.first or 0) + sum(run.count for run in runs[:cut])
+        left = msgspec.structs.replace(part, runs=runs[:cut], events=events[:half])
+        right = msgspec.structs.replace(part, runs=runs[cut:], first=first, events=events[half:])
     else:  # one run: it stays left; the right part only lists events (an empty range to the ledger)
-        left, right = {**part}, {**part, "runs": []}
-    half = len(events) // 2
-    if events:
-        left["events"], right["events"] = events[:half], events[half:]
-    for side in (left, right):
-        if not side.get("events", True):
-            del side["events"]
+        left = msgspec.structs.replace(part, events=events[:half])
+        right = msgspec.structs.replace(part, runs=[], events=events[half:])
     return [*split_tally(left, budget), *split_tally(right, budget)]
 
 
 def receipt(sink: str, delivered_ts: float, rows: list[list[Any]], trace: list[list[Any]] | None = None) -> bytes:
     """rows: [event_id, tenant, ingest_ts, attempts, canary]; trace: [idempotency_key, stages, source] each."""
-    value: dict[str, Any] = {"sink": sink, "delivered_ts": delivered_ts, "events": rows}
-    if trace is not None:
-        value["trace"] = trace
-    return pack(value)
+    return pack(Receipt(sink, delivered_ts, [ReceiptRow(*row) for row in rows], trace))
 
 
 def batch_tallies(
@@ -145,7 +244,7 @@ def batch_tallies(
     indexes them). `records` are the decoded messages (their outcome), `dead` the dead-lettered ones."""
     by_message = {id(r.message): r for r in records}
     dead_ids = {id(letter.message): letter for letter in dead}
-    parts: dict[tuple[str, int], dict[str, Any]] = {}
+    parts: dict[tuple[str, int], Tally] = {}
     for msg in messages:
         record = by_message.get(id(msg))
         if record is not None:
@@ -157,24 +256,24 @@ def batch_tallies(
         bucket = int(at_ms // 1000 // bucket_s * bucket_s)
         part = parts.get((msg.topic, msg.partition))
         if part is None:
-            part = parts[(msg.topic, msg.partition)] = {
-                "stage": stage,
-                "topic": msg.topic,
-                "partition": msg.partition,
-                "first": msg.offset,
-                "runs": [],
-            }
-        runs = part["runs"]
-        if runs and runs[-1][0] == tenant and runs[-1][1] == bucket and runs[-1][2] == outcome:
-            runs[-1][3] += 1
+            part = parts[(msg.topic, msg.partition)] = Tally(
+                stage=stage, topic=msg.topic, partition=msg.partition, first=msg.offset, runs=[]
+            )
+        runs = part.runs
+        if runs and runs[-1].tenant == tenant and runs[-1].bucket == bucket and runs[-1].outcome == outcome:
+            runs[-1].count += 1
         else:
-            runs.append([tenant, bucket, outcome, 1])
+            runs.append(Run(tenant, bucket, outcome, 1))
         if record is not None and outcome not in PASSED:  # for `hifi trace` (shared/trace.py)
             note = trace_note(record, dead_ids.get(id(msg)))
-            part.setdefault("events", []).append([msg.offset, record.event.event_id, outcome, tenant, note])
+            part.events.append(EventRow(msg.offset, record.event.event_id, outcome, tenant, note))
     at = now_ms()
     key = stage.encode()
-    return [Output(topic, key, value) for part in parts.values() for value in split_tally({**part, "at": at})]
+    outputs = []
+    for part in parts.values():
+        part.at = at
+        outputs += [Output(topic, key, value) for value in split_tally(part)]
+    return outputs
 
 
 def dead_letter_outcome(record: Record | None) -> str:

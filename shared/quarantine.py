@@ -3,8 +3,10 @@
 The deduplicator checks each event it passes as new (so SDK re-sends are never validated twice) with
 `SchemaGate`. An `enforce` tenant's violating event goes to `hifi.failed.<tenant>` as a failed record
 (below) instead of downstream, and is tallied `quarantined`, which the auditor counts as accounted for,
-never as lost. A `warn` tenant's goes on, with `schema_violations: [{pointer, rule}]` in its envelope
-(no messages: they quote values, and the flag is outside what a sink's transform rewrites).
+never as lost; the tally's note names its type (as /metrics labels it) and each rule it broke once, so the
+auditor counts quarantined events per tenant, type and rule too. A `warn` tenant's goes on, with
+`schema_violations: [{pointer, rule}]` in its envelope (no messages: they quote values, and the flag is
+outside what a sink's transform rewrites).
 
 A failed record (msgpack): `event` (the event as the client sent it), `tenant`, `type`, `event_id`,
 `schema` (the schema's name, None for an unknown type), `violations` ([{pointer, rule, message}]),
@@ -44,6 +46,7 @@ from shared.event import Event, now_ms
 from shared.outcome import Outcome
 from shared.publish import Output
 from shared.schemas import CLIENT_FIELDS, Violation, client_view
+from shared.step import Record
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -79,22 +82,34 @@ class SchemaGate:
 
     def check(self, event: Event, claim: str) -> Output | None:
         """None: the event goes on (valid, allowed, or flagged in warn mode); else its failed record."""
+        return self._check(event, claim)[0]
+
+    def quarantine(self, record: Record) -> Output | None:
+        """`check` for a stage: a quarantined record's outcome is `quarantined`, and its tally note names the
+        type (as /metrics labels it) and the rules it broke, each once, for the auditor's counts."""
+        failed, note = self._check(record.event, record.source)
+        if failed is not None:
+            record.outcome = QUARANTINED
+            record.note = {**(record.note or {}), **note}
+        return failed
+
+    def _check(self, event: Event, claim: str) -> tuple[Output | None, dict[str, Any]]:
         tenant = self.config.tenants.get(event.tenant)
         contract = tenant.schemas if tenant is not None else None
         if contract is None or event.canary:  # canaries probe delivery, not contracts
-            return None
+            return None, {}
         try:
             schema, found = contract.check(event)
         except Exception as exc:  # a validator bug must not crash the worker nor pass the event unchecked
             schema, found = None, [Violation("", "validator_error", f"{type(exc).__name__}: {exc}"[:300])]
         if not found:
-            return None
+            return None, {}
         type_label = event.type if schema is not None else UNKNOWN_TYPE_LABEL
         for violation in found:
             self.violations.labels(event.tenant, type_label, violation.rule, contract.mode).inc()
         if contract.mode == "warn":
             event.schema_violations = [v.flag() for v in found]
-            return None
+            return None, {}
         self.quarantined.labels(event.tenant, type_label).inc()
         record = {
             "tenant": event.tenant,
@@ -108,7 +123,8 @@ class SchemaGate:
             "partition_key": event.partition_key.decode(),
             "claim": claim,
         }
-        return Output(self.topics.failed(event.tenant), event.partition_key, pack(record))
+        note = {"event_type": type_label, "rules": sorted({v.rule for v in found})}
+        return Output(self.topics.failed(event.tenant), event.partition_key, pack(record)), note
 
 
 def replayed_event(record: dict[str, Any]) -> Event:

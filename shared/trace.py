@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter
 from redis.exceptions import RedisError
 
 from shared import pipeline
+from shared.audit import Receipt, Tally, as_receipt, as_tally
 from shared.codec import pack, unpack
 from shared.errors import TransientError
 from shared.outcome import Outcome
@@ -166,42 +167,45 @@ class TraceIndex:
 
     # -- facts in --------------------------------------------------------------------------------
 
-    def add_tally(self, tally: dict[str, Any]) -> None:
-        stage = tally.get("stage", "?")
-        accepted = tally.get("accepted")
-        if accepted:  # the collector: where each accepted event was written
-            tenant = tally["runs"][0][0]
-            for event_id, partition, offset in accepted["events"]:
+    def add_tally(self, value: Tally | dict[str, Any]) -> None:
+        tally = as_tally(value)
+        stage = tally.stage
+        accepted = tally.accepted
+        if accepted is not None and tally.runs:  # the collector: where each accepted event was written
+            tenant = tally.runs[0].tenant
+            for event_id, partition, offset in accepted.events:
                 self._put(
                     event_id,
                     f"accepted|{tenant}|{partition}:{offset}",  # each copy: a re-sent event is accepted again
                     {
                         "kind": "accepted",
                         "tenant": tenant,
-                        "ingest_ts": accepted["ingest_ts"],
-                        "topic": accepted["topic"],
+                        "ingest_ts": accepted.ingest_ts,
+                        "topic": accepted.topic,
                         "partition": partition,
                         "offset": offset,
                     },
                 )
-        for offset, event_id, outcome, tenant, note in tally.get("events", ()):
-            source = f"{tally.get('topic')}:{tally.get('partition')}:{offset}"
+        for row in tally.events:
+            offset, event_id, outcome, tenant, note = row  # a malformed row raises: the caller counts it unreadable
+            source = f"{tally.topic}:{tally.partition}:{offset}"
             if note and not SAFE_ERROR.match(str(note.get("error", "-"))):  # a tally from before error codes
                 note = {k: v for k, v in note.items() if k != "error"}
             self._put(
                 event_id,
                 f"outcome|{tenant}|{stage}|{source}",
-                {"kind": "outcome", "tenant": tenant, "stage": stage, "outcome": outcome, "at": tally.get("at"),
+                {"kind": "outcome", "tenant": tenant, "stage": stage, "outcome": outcome, "at": tally.at,
                  "source": source, "note": note},
             )  # fmt: skip
 
-    def add_receipt(self, receipt: dict[str, Any]) -> None:
-        traced = receipt.get("trace")
+    def add_receipt(self, value: Receipt | dict[str, Any]) -> None:
+        receipt = as_receipt(value)
+        traced = receipt.trace
         if not traced:  # a receipt from a sender before traces: lag only
             return
-        sink, acked = receipt["sink"], receipt["delivered_ts"]
-        for row, (key, stages, source) in zip(receipt["events"], traced, strict=False):
-            event_id, tenant, ingest_ts, attempts = row[0], row[1], row[2], row[3]
+        sink, acked = receipt.sink, receipt.delivered_ts
+        for row, (key, stages, source) in zip(receipt.events, traced, strict=False):
+            event_id, tenant, ingest_ts, attempts = row.event_id, row.tenant, row.ingest_ts, row.attempts
             # per delivery (its sink topic's source): a second delivery does not overwrite the first
             self._put(
                 event_id,

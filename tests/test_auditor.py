@@ -96,6 +96,44 @@ def test_ledger_reports_surplus_not_loss_for_copies_a_replay_made():
     assert ledger.surplus == {("acme", "hook", 0): 2}
 
 
+def quarantined_row(offset: int, event_type: str | None, rules: list[str]) -> list[Any]:
+    note: dict[str, Any] = {"ingest_ts": 1.0, "stages": {}}
+    if event_type is not None:  # None: a deduplicator from before the breakdown
+        note.update(event_type=event_type, rules=rules)
+    return [offset, f"e{offset}", "quarantined", "acme", note]
+
+
+def test_ledger_counts_quarantined_events_per_type_and_rule_each_offset_once():
+    ledger = LossLedger(lambda tenant: ("hook",), bucket_s=10, settle_s=30)
+    rows = [
+        quarantined_row(0, "play", ["minimum", "pattern"]),
+        quarantined_row(1, "play", ["minimum"]),
+        quarantined_row(2, "(unknown)", ["unknown_type"]),
+    ]
+    part = tally("deduplicator", 0, [["acme", 0, "quarantined", 3]])
+    ledger.add_tally({**part, "events": rows})
+    ledger.add_tally({**part, "events": rows[1:]})  # a crash replayed two of them: counted once
+    old = tally("deduplicator", 3, [["acme", 0, "quarantined", 1]])
+    ledger.add_tally({**old, "events": [quarantined_row(3, None, [])]})
+    assert ledger.quarantined() == {
+        "acme": {
+            "play": {"events": 2, "rules": {"minimum": 2, "pattern": 1}},
+            "(unknown)": {"events": 1, "rules": {"unknown_type": 1}},
+            "(no breakdown)": {"events": 1, "rules": {}},
+        }
+    }
+
+
+def test_quarantine_counts_of_a_tenant_stay_bounded_with_an_other_bucket():
+    ledger = LossLedger(lambda tenant: ("hook",), bucket_s=10, settle_s=30, max_quarantine_labels=3)
+    rows = [quarantined_row(i, f"t{i}", [f"r{i}", "required"]) for i in range(6)]
+    ledger.add_tally({**tally("deduplicator", 0, [["acme", 0, "quarantined", 6]]), "events": rows})
+    counts = ledger.quarantined()["acme"]
+    assert list(counts) == ["t0", "t1", "t2", "(other)"]
+    assert counts["(other)"] == {"events": 3, "rules": {"r3": 1, "required": 3, "r4": 1, "(other)": 1}}
+    assert sum(c["events"] for c in counts.values()) == 6
+
+
 @given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 30)), max_size=40), st.integers(1, 6))
 def test_offset_ranges_count_each_offset_once_in_any_order(batches, max_ranges):
     ranges = OffsetRanges(max_ranges=1000)

@@ -74,6 +74,20 @@ def metrics_text(url: str) -> str:
         return resp.read().decode()
 
 
+async def auditor_metrics_show_quarantined(url: str) -> None:
+    async def settled() -> bool:  # the auditor's gauges follow its ledger on its next settle pass
+        text = await asyncio.to_thread(metrics_text, url)
+        return metric(text, "hifi_audit_quarantined_events", tenant="acme", type="play") == 8
+
+    await wait_for(settled, 10, "the auditor's quarantine gauges")
+    text = await asyncio.to_thread(metrics_text, url)
+    by_rule = "hifi_audit_quarantined_by_rule"
+    assert metric(text, by_rule, tenant="acme", type="play", rule="pattern") == 4
+    assert metric(text, by_rule, tenant="acme", type="play", rule="minimum") == 8
+    assert metric(text, by_rule, tenant="acme", type="(unknown)", rule="unknown_type") == 2
+    assert metric(text, "hifi_audit_quarantined_events", tenant="acme", type="(unknown)") == 2
+
+
 def hifi_failed(settings_env: dict[str, str], *args: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "services.cli", "failed", *args],
@@ -163,6 +177,14 @@ async def test_a_schema_quarantines_violations_and_a_replay_after_the_fix_delive
         await wait_for(lambda: settled()["buckets_settled"] >= 3, 30, "settled buckets")
         summary = settled()
         assert summary["lost_by_stage"] == {} and summary["loss"] == [] and summary["overdue"] == [], summary
+        # the auditor's count per type and rule: an event breaking two rules counts once under each
+        assert summary["quarantined"] == {
+            "acme": {
+                "play": {"events": 8, "rules": {"minimum": 8, "pattern": 4}},
+                "(unknown)": {"events": 2, "rules": {"unknown_type": 2}},
+            }
+        }, summary["quarantined"]
+        await auditor_metrics_show_quarantined(auditor.url("/metrics"))
 
         # The fix: the pattern allows x- titles, negative positions are fine, pause has a schema.
         fixed = json.loads(json.dumps(PLAY))

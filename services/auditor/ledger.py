@@ -1,4 +1,4 @@
-"""The auditor's bookkeeping: the loss ledger, the on-time SLI and sliding lag histograms.
+"""The auditor's bookkeeping: the loss ledger (the on-time SLI and lag histograms are in sli.py).
 
 Pure data structures, fed by `services.auditor.app` from the tallies and receipts topics, so they
 can be tested without a broker.
@@ -24,21 +24,21 @@ the backlog cannot explain is **loss**, and pages. An excess
 is **surplus** (copies a crash replayed that a later stage removed), reported but not paged.
 Tallies for an already settled bucket are **late**: the bucket is reconciled again and the late count
 is kept with it.
+
+Quarantined events are also counted per tenant, type and rule (`QuarantineCounts`, bounded), from the
+notes of the deduplicator's tallies, each source offset once.
 """
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
-from hdrh.histogram import HdrHistogram
-
 from shared import pipeline
-from shared.audit import filtered_sinks
+from shared.audit import Tally, as_tally, filtered_sinks
 from shared.outcome import DELIVERED, REPLAYED, Outcome
 
 COLLECTOR = pipeline.COLLECTOR.name
@@ -64,84 +64,6 @@ def routed_to(router_counts: dict[str, int], sink: str) -> tuple[int, int]:
         elif sinks:
             passed += n
     return filtered, passed
-
-
-class SlidingHdr:
-    """Lag percentiles over the last `span_s`: a ring of `slots` HDR histograms, merged on read."""
-
-    def __init__(self, span_s: float, slots: int = 12) -> None:
-        self.slot_s = span_s / slots
-        self.slots: deque[tuple[int, HdrHistogram]] = deque(maxlen=slots)
-
-    def record(self, lag_ms: float, now: float | None = None) -> None:
-        self.record_counts({max(1, min(int(lag_ms), 3_600_000)): 1}, now)
-
-    def record_counts(self, counts: dict[int, int], now: float | None = None) -> None:
-        """A receipt's lags at once: {lag in whole ms, clamped to 1..3,600,000: how many}."""
-        slot = int((now if now is not None else time.time()) // self.slot_s)
-        if not self.slots or self.slots[-1][0] != slot:
-            self.slots.append((slot, HdrHistogram(1, 3_600_000, 2)))
-        histogram = self.slots[-1][1]
-        for lag_ms, count in counts.items():
-            histogram.record_value(lag_ms, count)
-
-    def percentiles(self, now: float | None = None) -> dict[str, float]:
-        oldest = int((now if now is not None else time.time()) // self.slot_s) - (self.slots.maxlen or 1) + 1
-        merged = HdrHistogram(1, 3_600_000, 2)
-        for slot, histogram in self.slots:
-            if slot >= oldest:
-                merged.add(histogram)
-        count = merged.get_total_count()
-        if count == 0:
-            return {"count": 0}
-        return {
-            "count": count,
-            "p50_ms": merged.get_value_at_percentile(50),
-            "p95_ms": merged.get_value_at_percentile(95),
-            "p99_ms": merged.get_value_at_percentile(99),
-            "max_ms": merged.get_max_value(),
-        }
-
-
-class OnTimeWindow:
-    """On-time and total counts in 10 s slots for the last hour: the SLI and its burn rates."""
-
-    SLOT_S = 10
-
-    def __init__(self) -> None:
-        self.slots: deque[list[int]] = deque(maxlen=360)  # [slot, on_time, total]
-
-    def add(self, on_time: int, total: int, now: float | None = None) -> None:
-        slot = int((now if now is not None else time.time()) // self.SLOT_S)
-        if not self.slots or self.slots[-1][0] != slot:
-            self.slots.append([slot, 0, 0])
-        self.slots[-1][1] += on_time
-        self.slots[-1][2] += total
-
-    def ratio(self, window_s: float, now: float | None = None) -> tuple[float | None, int]:
-        oldest = int((now if now is not None else time.time()) // self.SLOT_S) - int(window_s // self.SLOT_S) + 1
-        on_time = total = 0
-        for slot, good, count in self.slots:
-            if slot >= oldest:
-                on_time += good
-                total += count
-        return (on_time / total if total else None), total
-
-
-def burn_rate(ratio: float | None, target: float) -> float:
-    """How fast the error budget burns: 1.0 spends exactly the budget over the SLO period."""
-    return 0.0 if ratio is None else (1.0 - ratio) / (1.0 - target)
-
-
-@dataclass
-class SinkSLI:
-    lag_1m: SlidingHdr = field(default_factory=lambda: SlidingHdr(60, 12))
-    lag_1h: SlidingHdr = field(default_factory=lambda: SlidingHdr(3600, 12))
-    on_time: OnTimeWindow = field(default_factory=OnTimeWindow)
-    delivered: int = 0
-    late: int = 0
-    lost: int = 0
-    canaries: int = 0
 
 
 class OffsetRanges:
@@ -196,6 +118,39 @@ class OffsetRanges:
         self.ranges = merged
 
 
+OTHER = "(other)"  # the label past a tenant's cap of distinct types, or a type's cap of distinct rules
+NO_BREAKDOWN = "(no breakdown)"  # quarantined by a deduplicator from before the per type and rule note
+
+
+class QuarantineCounts:
+    """One tenant's quarantined events per type, and per type and rule (an event breaking several rules
+    counts once under each). At most `max_labels` types, and rules per type; the rest count under OTHER,
+    so a tenant sending ever new types cannot grow the auditor's memory."""
+
+    def __init__(self, max_labels: int) -> None:
+        self.max_labels = max_labels
+        self.events: dict[str, int] = {}
+        self.rules: dict[str, dict[str, int]] = {}
+
+    def add(self, event_type: str, rules: list[str]) -> None:
+        event_type = bounded(self.events, event_type, self.max_labels)
+        self.events[event_type] = self.events.get(event_type, 0) + 1
+        per_rule = self.rules.setdefault(event_type, {})
+        for rule in rules:
+            rule = bounded(per_rule, rule, self.max_labels)
+            per_rule[rule] = per_rule.get(rule, 0) + 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {t: {"events": n, "rules": dict(self.rules.get(t, {}))} for t, n in self.events.items()}
+
+
+def bounded(seen: dict[str, int], label: str, max_labels: int) -> str:
+    """`label`, or OTHER once `seen` holds `max_labels` labels besides OTHER."""
+    if label in seen or len(seen) - (OTHER in seen) < max_labels:
+        return label
+    return OTHER
+
+
 @dataclass
 class Bucket:
     counts: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
@@ -223,7 +178,13 @@ class LossReport:
 class LossLedger:
     """Counts per (stage, tenant, bucket, outcome), each source offset counted once."""
 
-    def __init__(self, subscribers: Callable[[str], tuple[str, ...]], bucket_s: int, settle_s: float) -> None:
+    def __init__(
+        self,
+        subscribers: Callable[[str], tuple[str, ...]],
+        bucket_s: int,
+        settle_s: float,
+        max_quarantine_labels: int = 100,
+    ) -> None:
         self.subscribers = subscribers
         self.bucket_s = bucket_s
         self.settle_s = settle_s
@@ -235,20 +196,27 @@ class LossLedger:
         self.replayed = 0
         self.settled = 0
         self.trust_from = 0  # buckets before this (epoch s) may have tallies from before the auditor read on
+        self.max_quarantine_labels = max_quarantine_labels
+        self.quarantine: dict[str, QuarantineCounts] = {}  # tenant -> per type and rule, since the auditor started
+        # Offsets whose quarantine breakdown was counted, apart from `covered`: a split tally's events may ride
+        # in another part than their runs.
+        self.quarantine_seen: dict[tuple[str, str, int], OffsetRanges] = {}
 
-    def add_tally(self, tally: dict[str, Any]) -> list[tuple[str, int]]:
+    def add_tally(self, value: Tally | dict[str, Any]) -> list[tuple[str, int]]:
         """Count a tally; return the (tenant, bucket) keys that were already settled (late counts)."""
-        stage = tally["stage"]
-        runs = tally["runs"]
+        tally = as_tally(value)
+        stage = tally.stage
         fresh: list[tuple[int, int]] | None = None  # offsets not counted before; None: no offsets (collector)
-        if "topic" in tally:
-            key = (stage, tally["topic"], tally["partition"])
-            first = tally["first"]
+        offset = 0
+        if tally.topic is not None:
+            key = (stage, tally.topic, tally.partition or 0)
+            first = tally.first or 0
             ranges = self.covered.setdefault(key, OffsetRanges())
-            fresh = ranges.add(first, first + sum(run[3] for run in runs))
+            fresh = ranges.add(first, first + tally.count)
             offset = first
         late: list[tuple[str, int]] = []
-        for tenant, bucket_start, outcome, n in runs:
+        for run in tally.runs:
+            n = run.count
             if fresh is not None:
                 new = sum(max(0, min(hi, offset + n) - max(lo, offset)) for lo, hi in fresh)
                 self.replayed += n - new
@@ -256,13 +224,33 @@ class LossLedger:
                 n = new
                 if n == 0:
                     continue
-            self.totals[stage][outcome] += n
-            bucket = self.buckets.setdefault((tenant, bucket_start), Bucket())
-            bucket.counts[stage][outcome] += n
+            self.totals[stage][run.outcome] += n
+            bucket = self.buckets.setdefault((run.tenant, run.bucket), Bucket())
+            bucket.counts[stage][run.outcome] += n
             if bucket.settled:
                 bucket.late += n
-                late.append((tenant, bucket_start))
+                late.append((run.tenant, run.bucket))
+        if fresh is not None:
+            self._count_quarantined(key, tally)
         return late
+
+    def _count_quarantined(self, key: tuple[str, str, int], tally: Tally) -> None:
+        """The breakdown of the quarantined events a tally lists (`shared.quarantine`), each offset once."""
+        for row in tally.event_rows():  # a malformed row costs its breakdown, never the counts of the rest
+            if row.outcome != Outcome.QUARANTINED:
+                continue
+            seen = self.quarantine_seen.setdefault(key, OffsetRanges())
+            if not seen.add(row.offset, row.offset + 1):
+                continue  # a replayed batch's tally
+            counts = self.quarantine.get(row.tenant)
+            if counts is None:
+                counts = self.quarantine[row.tenant] = QuarantineCounts(self.max_quarantine_labels)
+            note = row.note or {}
+            counts.add(str(note.get("event_type", NO_BREAKDOWN)), [str(r) for r in note.get("rules", ())])
+
+    def quarantined(self) -> dict[str, dict[str, Any]]:
+        """Quarantined events per tenant, type and rule: {tenant: {type: {events, rules: {rule: n}}}}."""
+        return {tenant: counts.to_json() for tenant, counts in sorted(self.quarantine.items())}
 
     def gaps(self) -> list[tuple[str, str, int, int, int]]:
         """Offsets between two ranges a stage's tallies covered: (stage, topic, partition, start, end).

@@ -25,7 +25,7 @@ from shared.dlq import replay_of
 from shared.errors import TransientError
 from shared.keywindow import KeyWindow
 from shared.outcome import Outcome
-from shared.quarantine import QUARANTINED, FailedEvents, SchemaGate
+from shared.quarantine import FailedEvents, SchemaGate
 from shared.service import ServiceContext
 from shared.stage import Output, Record, StageRunner, StepResult
 from shared.tables import TableBrowser, add_table_views
@@ -70,9 +70,8 @@ class DedupeWindow:
         copies: list[Record] = []
         for record, is_new in zip(records, fresh, strict=True):
             if is_new:
-                failed = self.gate.check(record.event, record.source) if self.gate is not None else None
+                failed = self.gate.quarantine(record) if self.gate is not None else None
                 if failed is not None:
-                    record.outcome = QUARANTINED
                     result.outputs.append(failed)
                     continue
                 record.event.stamp("deduplicator")
