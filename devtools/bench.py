@@ -12,6 +12,11 @@
   webhook and a file sink, the auditor with canaries, 200 devices, 5 % client re-sends, 0.5-1 KB
   events with a user agent and an IP) or `minimal` (one tenant, one webhook, no auditor). Every
   system gets the same sinks and re-sends; ground truth is what the bench's own receivers saw.
+
+This module runs the ladder of rates (`main`, behind `hifi bench`); the rest lives beside it:
+bench_load (shapes, events, the open-loop client), bench_measure (the sinks' ground truth, CPU/RSS,
+the drain, the auditor's figures), bench_systems (one run of hifi, hifi-contracts, raw or quix) and
+bench_report (pass/fail, the ceiling bisection, the tables, latest.json's headline, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ def main(
     redis_url: str = "redis://127.0.0.1:6391/0",
     port_base: int = 18700,
 ) -> int:
+    """Run every system over `rates` (with `step`, a doubling ladder bisected `refine` times past its last
+    pass), print the tables and write them to `doc` and `json_out`. Exit status 1 if any run lost an
+    accepted event or, where the system dedupes, delivered one twice."""
     # SIGTERM stops a bench like Ctrl-C: the running pipeline, the broker and Redis are stopped, not orphaned.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     shape = SHAPES[shape_name]

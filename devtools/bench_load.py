@@ -60,10 +60,12 @@ USER_AGENTS = (
 
 
 def tenant_names(shape: Shape) -> list[str]:
+    """The tenants a shape's config declares and its load posts for, in turn."""
     return [f"bench{i}" for i in range(shape.tenants)]
 
 
 def api_key(tenant: str) -> str:
+    """A tenant's plain API key (the config holds its hash)."""
     return f"{API_KEY}-{tenant}"
 
 
@@ -80,7 +82,9 @@ class Load:
 
 def make_events(
     shape: Shape, rng: random.Random, prefix: str, first: int, count: int, intended_ms: float
-) -> list[dict]:
+) -> list[dict[str, Any]]:
+    """One batch of `count` events with ids `{prefix}-{i}`, keyed by device from `first` on, each stamped with
+    `intended_ms`: bare heartbeats, or (a shape with `payload_bytes`) page views padded into that size range."""
     events = []
     base_sizes: dict[int, int] = {}  # per user agent, the one field whose length varies much
     for i in range(count):

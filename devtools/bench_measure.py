@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from aiohttp import web
 from hdrh.histogram import HdrHistogram
 
 from devtools.redis import LocalRedis
+from devtools.webhook import WebhookReceiver
 from shared import pipeline as layout
 from shared.config import HifiConfig
 from shared.metrics import record_counts
@@ -35,6 +37,7 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def peak_rss_mib(pid: int) -> float | None:
+    """Peak resident set size (VmHWM) of a live process in MiB; None once it has exited."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except (FileNotFoundError, ProcessLookupError):
@@ -46,6 +49,25 @@ def peak_rss_mib(pid: int) -> float | None:
 
 
 STAGES = tuple(s.name for s in layout.HOPS)  # the stamps an event gathers between collector and sender
+
+
+def cpu_now(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each labelled process still alive."""
+    return {label: cpu for label, pid in pids.items() if (cpu := cpu_seconds(pid)) is not None}
+
+
+def process_costs(
+    pids: dict[str, int], cpu_before: dict[str, float]
+) -> tuple[dict[str, float], dict[str, float], list[str]]:
+    """CPU seconds since `cpu_before` and peak RSS per process, and the labels of those that exited.
+
+    A process that exited during the run (a crash, or stopped by something else on the machine) makes
+    the run invalid; it is reported, not a reason to lose the other numbers."""
+    cpu_after = {label: cpu_seconds(pid) for label, pid in pids.items() if label in cpu_before}
+    exited = sorted(label for label in pids if cpu_after.get(label) is None)
+    cpu = {label: after - cpu_before[label] for label, after in cpu_after.items() if after is not None}
+    rss = {label: round(r, 1) for label, pid in pids.items() if (r := peak_rss_mib(pid)) is not None}
+    return cpu, rss, exited
 
 
 @dataclass
@@ -93,22 +115,11 @@ class SinkTruth:
 
 
 @dataclass
-class BenchSink(SinkTruth):
-    """The webhook destination: an HTTP server recording what it receives."""
+class BenchSink(WebhookReceiver, SinkTruth):
+    """The webhook destination: devtools.webhook's receiver (its server and fault knobs unused), recording
+    each event's latency and copies instead of keeping the events, which would grow with the run."""
 
     port: int = 0
-    _runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -159,6 +170,33 @@ class FileTail(SinkTruth):
         complete, _, self._partial = data.rpartition(b"\n")
         if complete:
             self.record([json.loads(line) for line in complete.split(b"\n")], time.time() * 1000)
+
+
+def merged_latencies(truths: Iterable[SinkTruth]) -> tuple[HdrHistogram, dict[str, HdrHistogram]]:
+    """End-to-end latency and per-stage lag over every sink, one histogram each."""
+    latency = HdrHistogram(1, 600_000, 3)
+    stage_lag: dict[str, HdrHistogram] = {}
+    for truth in truths:
+        latency.add(truth.histogram)
+        for stage, hist in truth.stage_lag.items():
+            stage_lag.setdefault(stage, HdrHistogram(1, 600_000, 3)).add(hist)
+    return latency, stage_lag
+
+
+def sink_counts(truths: dict[str, SinkTruth], accepted: set[str]) -> dict[str, dict[str, int]]:
+    """Per sink: accepted events delivered and missing, deliveries the client never heard of, extra copies."""
+    return {
+        name: {
+            "delivered": len(accepted & truth.seen.keys()),
+            "missing": len(accepted - truth.seen.keys()),
+            # Taken by the collector but its answer never reached the client (the 30 s client timeout,
+            # under overload): delivered, yet outside `accepted`, so outside the latencies' denominator.
+            "unacknowledged": len(truth.seen.keys() - accepted),
+            "duplicates": sum(c - 1 for c in truth.seen.values()),
+            "p95_ms": truth.histogram.get_value_at_percentile(95),
+        }
+        for name, truth in truths.items()
+    }
 
 
 async def read_auditor(url: str, load_end: float, config: HifiConfig) -> dict[str, Any]:
@@ -232,7 +270,8 @@ async def drain(sinks: list[SinkTruth], accepted: set[str]) -> bool:
     return True
 
 
-def _redis_pid(redis: LocalRedis) -> int | None:
+def redis_pid(redis: LocalRedis) -> int | None:
+    """The Redis server's pid: from the pid file of one this tooling started, else by its port."""
     if redis.pid_file.exists():
         return int(redis.pid_file.read_text())
     found = subprocess.run(

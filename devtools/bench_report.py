@@ -3,14 +3,12 @@ of docs/bench/latest.json and the section of docs/BENCHMARKS.md."""
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 from typing import Any
 
 from devtools.bench_load import Shape
 from devtools.bench_measure import DRAIN_IDLE_S, DRAIN_MAX_S, SLA_MS
-from devtools.kafka import KAFKA_VERSION
+from devtools.docsection import latest_run, rewrite_section
 
 
 def midpoint(passed: float | None, failed: float | None, grain: float = 500.0) -> float | None:
@@ -23,12 +21,15 @@ def midpoint(passed: float | None, failed: float | None, grain: float = 500.0) -
 
 
 def passes(result: dict[str, Any]) -> bool:
+    """A run counts toward the ceiling: it kept up (99 % of the offered rate), p95 under the SLA, nothing exited."""
     return (
         result["achieved_eps"] >= 0.99 * result["rate_eps"] and result["p95_ms"] < SLA_MS and not result.get("exited")
     )
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
+    """The main markdown table, one row per run (systems in the order run, rates ascending), and a note
+    under it for every run whose figures need one (undrained, voided, saturated, passed-through re-sends)."""
     rows = [
         "| system | shape | rate | achieved | accepted | resent | missing | dup | p50 | p95 | p99 | p99.9 | max "
         "| on time (1 s) | CPU-s/1k |",
@@ -185,6 +186,7 @@ def planning(result: dict[str, Any]) -> dict[str, int]:
 
 
 def format_headline(head: dict[str, Any]) -> str:
+    """The headline of `headline` in prose: shape, Hifi at the common rate, the ratios, planning, targets."""
     r = head["ratios"]
     shape = head.get("shape") or {}
     met = "; ".join(
@@ -211,18 +213,13 @@ def format_headline(head: dict[str, Any]) -> str:
 
 
 def write_doc(doc: Path, table: str, ceilings: dict[str, float], command: str, summary: str = "") -> None:
-    import platform
-
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    """Rewrite the results section of docs/BENCHMARKS.md (between the bench markers): machine, tables,
+    ceilings and the headline."""
     section = (
-        f"<!-- bench:begin -->\nLatest run: {stamp}, `{command}`, on {os.cpu_count()} cores / {mem_gib:.0f} GiB "
-        f"({platform.platform()}), Kafka {KAFKA_VERSION}; broker, Redis, every process and the load generator on "
+        f"{latest_run(command)}; broker, Redis, every process and the load generator on "
         f"one machine, shared with other work while it ran (absolute times are noisy; compare ratios). "
         f"Latencies in ms.\n\n{table}\nCeilings (achieved >= 99 % of offered and p95 < 1 s): "
         f"{', '.join(f'{k} {v:g} events/s' for k, v in ceilings.items()) or 'none reached'}.\n"
-        f"{summary + chr(10) if summary else ''}<!-- bench:end -->"
+        f"{summary + chr(10) if summary else ''}"
     )
-    text = doc.read_text()
-    head, rest = text.split("<!-- bench:begin -->", 1)
-    doc.write_text(head + section + rest.split("<!-- bench:end -->", 1)[1])
+    rewrite_section(doc, "bench", section)

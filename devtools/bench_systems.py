@@ -14,29 +14,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hdrh.histogram import HdrHistogram
-
 from devtools.bench_load import SHAPES, Shape, api_key, open_loop, tenant_names
 from devtools.bench_measure import (
     BenchSink,
     FileTail,
     SinkTruth,
-    _redis_pid,
     auditor_vs_truth,
-    cpu_seconds,
+    cpu_now,
     drain,
-    peak_rss_mib,
+    merged_latencies,
+    process_costs,
     read_auditor,
+    redis_pid,
+    sink_counts,
 )
 from devtools.kafka import DEFAULT_HOME, LocalKafka
 from devtools.pipeline import PipelineProcesses
 from devtools.redis import LocalRedis
 from shared import pipeline as layout
 from shared.config import HifiConfig, Settings, hash_api_key
+from shared.topics import Topics, ensure_topics
 
 
 @dataclass
 class BenchEnv:
+    """What every run shares: the broker, Redis, a work directory, and the ports its services listen on."""
+
     kafka: LocalKafka
     redis: LocalRedis
     workdir: Path
@@ -72,6 +75,8 @@ CONTRACT_PII_ENV = "HIFI_BENCH_PII_KEY"
 def write_config(
     path: Path, shape: Shape, dedupe: str, hook_url: str, files_dir: Path, contracts: bool = False
 ) -> None:
+    """The Hifi config of one run: the shape's tenants and sinks (the bench's receivers), its dedupe backend,
+    the auditor if the shape has one, and with `contracts` the schemas and webhook rules of `hifi-contracts`."""
     contract = (
         f", pii_secret_env: {CONTRACT_PII_ENV}, schemas: {{mode: enforce, unknown_types: quarantine,"
         f" types: {{page_view: {CONTRACT_SCHEMA}, heartbeat: {CONTRACT_SCHEMA}}}}}"
@@ -103,6 +108,8 @@ async def run_once(
     dedupe: str = "rocksdb",
     shape: Shape | None = None,
 ) -> dict[str, Any]:
+    """One run of `system` at `rate` events/s for `duration` s: start it with fresh topics and sinks, drive
+    the open-loop load, drain, stop it, and return the run's row of latest.json."""
     shape = shape or SHAPES["production"]
     namespace = f"bench{uuid.uuid4().hex[:6]}"
     env.workdir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +131,7 @@ async def run_once(
     pipeline = PipelineProcesses(
         settings, env.workdir / "logs" / namespace, port_base=env.port_base, auditor=shape.auditor and system == "hifi"
     )
-    relays: list[subprocess.Popen[bytes]] = []
+    peers: list[subprocess.Popen[bytes]] = []
     if system == "hifi":
         pipeline.start_all()
     else:
@@ -135,88 +142,27 @@ async def run_once(
         await asyncio.to_thread(pipeline.stop_all, 30.0)
         raise
     if system != "hifi":
-        from shared.topics import Topics, ensure_topics
-
-        t = Topics(namespace)
-        await ensure_topics(env.kafka.bootstrap, t.all(list(shape.sinks)), 4, 1)
-        if system == "raw":
-            hops = [
-                (t.raw, t.enriched),
-                (t.enriched, t.unique),
-                (t.unique, ",".join(t.sink(s) for s in shape.sinks)),
-                (t.sink("hook"), hook_url),
-            ]
-            if shape.file_sink:
-                hops.append((t.sink("files"), f"file:{files_dir / 'events.jsonl'}"))
-            relays = [
-                spawn_relay(source, target, f"{namespace}-relay{i}", env.kafka.bootstrap)
-                for i, (source, target) in enumerate(hops)
-            ]
-        else:
-            files_path = files_dir / "events.jsonl" if shape.file_sink else None
-            stages = ["enrich", "dedupe", "route", "deliver"] + (["deliver-files"] if shape.file_sink else [])
-            relays = [
-                spawn_quix(stage, namespace, env.kafka.bootstrap, hook_url, env.workdir / "quix-state", files_path)
-                for stage in stages
-            ]
-        await asyncio.sleep(8.0)  # let the consumers join their groups
-    pids = {
-        label: svc.process.pid
-        for label, svc in pipeline.services.items()
-        if svc.process is not None and svc.process.poll() is None
-    }
-    pids.update({f"{system}{i}": p.pid for i, p in enumerate(relays)})
-    pids.update({f"kafka-{n}": pid for n, pid in env.kafka.running_pids().items()})
-    pids["harness"] = os.getpid()  # the load generator and the sinks: they share the machine they measure
-    redis_pid = _redis_pid(env.redis)
-    if redis_pid:
-        pids["redis"] = redis_pid
-    cpu_before = {label: cpu for label, pid in pids.items() if (cpu := cpu_seconds(pid)) is not None}
+        peers = await start_peers(env, system, shape, namespace, hook_url, files_dir)
+    pids = measured_processes(env, pipeline, system, peers)
+    cpu_before = cpu_now(pids)
     auditor: dict[str, Any] | None = None
     try:
         load = await open_loop(pipeline.collector_url, rate, duration, batch, shape)
         load_end = time.time()
         drained = await drain(list(truths.values()), load.accepted)
         await asyncio.sleep(1.0)
-        cpu_after = {label: cpu_seconds(pid) for label, pid in pids.items() if label in cpu_before}
-        # A process that exited during the run (a crash, or stopped by something else on the machine)
-        # makes the run invalid; it is reported, not a reason to lose the other numbers.
-        exited = sorted(label for label in pids if cpu_after.get(label) is None)
-        cpu = {label: after - cpu_before[label] for label, after in cpu_after.items() if after is not None}
-        rss = {label: round(r, 1) for label, pid in pids.items() if (r := peak_rss_mib(pid)) is not None}
+        cpu, rss, exited = process_costs(pids, cpu_before)
         if "auditor" in pipeline.services:
             auditor = await read_auditor(pipeline.services["auditor"].url("/audit"), load_end, HifiConfig.load(config))
     finally:
-        for relay in relays:
-            relay.send_signal(signal.SIGTERM)
-        for relay in relays:
-            try:
-                relay.wait(10)
-            except subprocess.TimeoutExpired:
-                relay.kill()
+        stop_peers(peers)
         await asyncio.to_thread(pipeline.stop_all, 30.0)
         for truth in truths.values():
             await truth.stop()
     accepted = load.accepted
-    n = max(1, len(accepted))
-    h = HdrHistogram(1, 600_000, 3)
-    stage_lag: dict[str, HdrHistogram] = {}
-    for truth in truths.values():
-        h.add(truth.histogram)
-        for stage, hist in truth.stage_lag.items():
-            stage_lag.setdefault(stage, HdrHistogram(1, 600_000, 3)).add(hist)
-    per_sink = {
-        name: {
-            "delivered": len(accepted & truth.seen.keys()),
-            "missing": len(accepted - truth.seen.keys()),
-            # Taken by the collector but its answer never reached the client (the 30 s client timeout,
-            # under overload): delivered, yet outside `accepted`, so outside the latencies' denominator.
-            "unacknowledged": len(truth.seen.keys() - accepted),
-            "duplicates": sum(c - 1 for c in truth.seen.values()),
-            "p95_ms": truth.histogram.get_value_at_percentile(95),
-        }
-        for name, truth in truths.items()
-    }
+    events = max(1, len(accepted))  # the denominator of every per-event figure
+    latency, stage_lag = merged_latencies(truths.values())
+    per_sink = sink_counts(truths, accepted)
     total_cpu = sum(v for k, v in cpu.items() if k != "harness")
     result = {
         "system": label if system != "hifi" or dedupe == "rocksdb" else f"{label}-{dedupe}",
@@ -238,22 +184,80 @@ async def run_once(
         "duplicates": sum(s["duplicates"] for s in per_sink.values()),
         "dedupes": system != "raw",
         "sinks": per_sink,
-        "p50_ms": h.get_value_at_percentile(50),
-        "p95_ms": h.get_value_at_percentile(95),
-        "p99_ms": h.get_value_at_percentile(99),
-        "p999_ms": h.get_value_at_percentile(99.9),
-        "max_ms": h.get_max_value(),
-        "on_time_ratio": round(sum(t.on_time for t in truths.values()) / (n * len(truths)), 5),
+        "p50_ms": latency.get_value_at_percentile(50),
+        "p95_ms": latency.get_value_at_percentile(95),
+        "p99_ms": latency.get_value_at_percentile(99),
+        "p999_ms": latency.get_value_at_percentile(99.9),
+        "max_ms": latency.get_max_value(),
+        "on_time_ratio": round(sum(t.on_time for t in truths.values()) / (events * len(truths)), 5),
         "stage_p95_ms": {s: hist.get_value_at_percentile(95) for s, hist in stage_lag.items()},
-        "cpu_s_per_1k": {k: round(v * 1000 / n, 3) for k, v in sorted(cpu.items())},
+        "cpu_s_per_1k": {k: round(v * 1000 / events, 3) for k, v in sorted(cpu.items())},
         # Every process but the harness (load generator and receivers, the same for every system).
-        "cpu_s_per_1k_total": round(total_cpu * 1000 / n, 3),
+        "cpu_s_per_1k_total": round(total_cpu * 1000 / events, 3),
         "peak_rss_mib": dict(sorted(rss.items())),
         "exited": exited,
     }
     if auditor is not None:
         result["auditor"] = auditor_vs_truth(auditor, result)
     return result
+
+
+async def start_peers(
+    env: BenchEnv, system: str, shape: Shape, namespace: str, hook_url: str, files_dir: Path
+) -> list[subprocess.Popen[bytes]]:
+    """The processes standing in for Hifi's middle stages and senders: the raw relays or the Quix peer."""
+    topics = Topics(namespace)
+    await ensure_topics(env.kafka.bootstrap, topics.all(list(shape.sinks)), 4, 1)
+    files_path = files_dir / "events.jsonl"
+    if system == "raw":
+        hops = [
+            (topics.raw, topics.enriched),
+            (topics.enriched, topics.unique),
+            (topics.unique, ",".join(topics.sink(s) for s in shape.sinks)),
+            (topics.sink("hook"), hook_url),
+        ]
+        if shape.file_sink:
+            hops.append((topics.sink("files"), f"file:{files_path}"))
+        peers = [
+            spawn_relay(source, target, f"{namespace}-relay{i}", env.kafka.bootstrap)
+            for i, (source, target) in enumerate(hops)
+        ]
+    else:
+        stages = ["enrich", "dedupe", "route", "deliver"] + (["deliver-files"] if shape.file_sink else [])
+        state_dir = env.workdir / "quix-state"
+        peer_files = files_path if shape.file_sink else None
+        peers = [spawn_quix(stage, namespace, env.kafka.bootstrap, hook_url, state_dir, peer_files) for stage in stages]
+    await asyncio.sleep(8.0)  # let the consumers join their groups
+    return peers
+
+
+def stop_peers(peers: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every peer at once, then wait for each (10 s) before killing it."""
+    for peer in peers:
+        peer.send_signal(signal.SIGTERM)
+    for peer in peers:
+        try:
+            peer.wait(10)
+        except subprocess.TimeoutExpired:
+            peer.kill()
+
+
+def measured_processes(
+    env: BenchEnv, pipeline: PipelineProcesses, system: str, peers: list[subprocess.Popen[bytes]]
+) -> dict[str, int]:
+    """Every process whose CPU and RSS a run reports, by label: services, peers, brokers, Redis, harness."""
+    pids = {
+        label: svc.process.pid
+        for label, svc in pipeline.services.items()
+        if svc.process is not None and svc.process.poll() is None
+    }
+    pids.update({f"{system}{i}": p.pid for i, p in enumerate(peers)})
+    pids.update({f"kafka-{n}": pid for n, pid in env.kafka.running_pids().items()})
+    pids["harness"] = os.getpid()  # the load generator and the sinks: they share the machine they measure
+    redis = redis_pid(env.redis)
+    if redis:
+        pids["redis"] = redis
+    return pids
 
 
 QUIX_PYTHON = DEFAULT_HOME.parent / "bench" / "quix-venv" / "bin" / "python"
@@ -279,6 +283,7 @@ def spawn_quix(
 
 
 def spawn_relay(source: str, target: str, group: str, bootstrap: str) -> subprocess.Popen[bytes]:
+    """One raw relay (devtools/relay.py): consume `source`, produce/POST/append to `target`, commit."""
     return subprocess.Popen(
         [sys.executable, "-m", "devtools.relay", source, target, group, bootstrap], stdin=subprocess.DEVNULL
     )
