@@ -33,7 +33,10 @@ from devtools.pipeline import PipelineProcesses
 from devtools.redis import LocalRedis
 from shared import pipeline as layout
 from shared.config import HifiConfig, Settings, hash_api_key
+from shared.tables import group_members
 from shared.topics import Topics, ensure_topics
+
+PARTITIONS = 4  # of every topic, the pipeline's and the peers'
 
 
 @dataclass
@@ -52,7 +55,7 @@ class BenchEnv:
             redis_url=self.redis.url,
             data_dir=str(self.workdir / "data"),
             namespace=namespace,
-            partitions=4,
+            partitions=PARTITIONS,
             log_level="warning",
         )
 
@@ -207,7 +210,7 @@ async def start_peers(
 ) -> list[subprocess.Popen[bytes]]:
     """The processes standing in for Hifi's middle stages and senders: the raw relays or the Quix peer."""
     topics = Topics(namespace)
-    await ensure_topics(env.kafka.bootstrap, topics.all(list(shape.sinks)), 4, 1)
+    await ensure_topics(env.kafka.bootstrap, topics.all(list(shape.sinks)), PARTITIONS, 1)
     files_path = files_dir / "events.jsonl"
     if system == "raw":
         hops = [
@@ -218,17 +221,41 @@ async def start_peers(
         ]
         if shape.file_sink:
             hops.append((topics.sink("files"), f"file:{files_path}"))
+        groups = [f"{namespace}-relay{i}" for i in range(len(hops))]
         peers = [
-            spawn_relay(source, target, f"{namespace}-relay{i}", env.kafka.bootstrap)
-            for i, (source, target) in enumerate(hops)
+            spawn_relay(source, target, group, env.kafka.bootstrap)
+            for (source, target), group in zip(hops, groups, strict=True)
         ]
+        await relays_assigned(env.kafka.bootstrap, groups, PARTITIONS, peers)
+        return peers
     else:
         stages = ["enrich", "dedupe", "route", "deliver"] + (["deliver-files"] if shape.file_sink else [])
         state_dir = env.workdir / "quix-state"
         peer_files = files_path if shape.file_sink else None
         peers = [spawn_quix(stage, namespace, env.kafka.bootstrap, hook_url, state_dir, peer_files) for stage in stages]
-    await asyncio.sleep(8.0)  # let the consumers join their groups
+    await asyncio.sleep(8.0)  # let the consumers join their groups (the peer's group names are Quix's own)
     return peers
+
+
+RELAY_JOIN_S = 120.0
+
+
+async def relays_assigned(
+    bootstrap: str, groups: list[str], partitions: int, relays: list[subprocess.Popen[bytes]]
+) -> None:
+    """Wait until each relay's group holds every partition of its source, so the load does not start (and
+    the drain's idle limit run out) while a relay on a loaded machine is still joining."""
+    deadline = time.monotonic() + RELAY_JOIN_S
+    pending = list(groups)
+    while pending:
+        if exited := [r.args for r in relays if r.poll() is not None]:
+            raise RuntimeError(f"a raw relay exited before joining its group: {exited}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"raw relay groups {pending} not assigned {partitions} partitions in {RELAY_JOIN_S:g} s")
+        members = await asyncio.gather(*(group_members(bootstrap, group) for group in pending))
+        pending = [g for g, owners in zip(pending, members, strict=True) if sum(map(len, owners.values())) < partitions]
+        if pending:
+            await asyncio.sleep(0.5)
 
 
 def stop_peers(peers: list[subprocess.Popen[bytes]]) -> None:
