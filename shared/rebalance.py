@@ -239,6 +239,8 @@ class Rebalancing:
                     self.session_timeout_ms,
                 )
                 await asyncio.wait([self._rejoin_held], timeout=self.session_timeout_ms / 1000 + 1.0)
+                if self._rejoin_held.done():  # `on_stop` released it: a plain stop, neither a fence nor a rejoin
+                    await self._rejoin_held  # raises CancelledError: aiokafka's coordinator task ends, no JoinGroup
                 others = await self._other_holders(previous)
             if not others:
                 return  # its session expired (nobody holds the id) or only its generation was stale: rejoin
