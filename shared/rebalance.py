@@ -26,6 +26,7 @@ from aiokafka.errors import KafkaError
 from shared.flight import FlightSender, InFlight
 from shared.membership import (
     EXIT_INSTANCE_ID_TAKEN,
+    NOT_COMMITTED,
     UNKNOWN_MEMBER_ID,
     InstanceIdTaken,
     MemberRemovalFailed,
@@ -33,6 +34,7 @@ from shared.membership import (
     coordinator_member_id,
     members_with_instance_id,
     remove_static_members,
+    request_rejoin,
 )
 from shared.restore import StateRestorer
 from shared.step import Ownership, PartitionedState, StepResult
@@ -175,30 +177,44 @@ class Rebalancing:
             return False
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Return quickly: aiokafka sends no heartbeats while this runs. Partitions with state stay
-        paused while it is restored in the background, and resume at their committed offset."""
+        """Return quickly: aiokafka sends no heartbeats while this runs. Every partition starts at its committed
+        offset as the coordinator verified it (`committed_offsets`); one with state stays paused while its state
+        is restored in the background. One whose commit the coordinator did not tell stays paused, and the
+        worker rejoins to ask again: read from the reset policy's start, it would replay the log."""
         assert self.consumer is not None
         # Before any await: a failure below must not leave the previous generation's id here, which the
         # instance-id check would then take for another process holding this worker's name.
         self._member_id = coordinator_member_id(self.consumer)
         sources = sorted((tp for tp in assigned if tp.topic == self.source), key=lambda tp: tp.partition)
-        if self.states:
-            self.consumer.pause(*sources)  # before any await: nothing of theirs is fetched until restored
+        # Before any await: nothing is fetched until its start is verified (and its state restored); aiokafka's
+        # own position lookup reads a coordinator's error as "never committed" and resets to the log start.
+        self.consumer.pause(*sources)
         await self.restorer.cancel()  # normally done by the revocation before; never two restores at once
-        mine = [tp.partition for tp in sources]
-        try:  # where this worker starts: the lag the watchdog measures until the first commit (one request)
-            starts = await committed_offsets(self.consumer, assigned)
-        except KafkaError:
-            starts = {}
+        starts, unknown = await committed_offsets(self.consumer, set(assigned), self._offset_fetch_budget_s())
         for tp, offset in starts.items():
+            if offset == NOT_COMMITTED:
+                continue  # the reset policy's start (`auto_offset_reset`), as aiokafka finds it
+            # A seek wins over aiokafka's lookup: it only looks a partition up while it has no position.
+            self.consumer.seek(tp, offset)
             self.committed[tp] = self.done[tp] = offset
+        if unknown is not None:
+            log.error("%s: %s; those partitions stay paused and the worker rejoins", self.stage, unknown)
+            request_rejoin(self.consumer)
+        ready = [tp for tp in sources if tp in starts]
         # Stateful partitions stay paused: their stores are opened (a RocksDB WAL replay after a kill -9)
         # and restored by a task, while the worker heartbeats.
-        self.assigned = {tp for tp in assigned if tp.topic != self.source or not self.states}
-        self.restorer.begin(sources)  # a task: it starts once this callback returns
+        self.assigned = {tp for tp in assigned if tp in starts and (tp.topic != self.source or not self.states)}
+        if not self.states:
+            self.consumer.resume(*ready)
+        self.restorer.begin(ready)  # a task: it starts once this callback returns
         self.readable_since.update((tp, time.monotonic()) for tp in self.assigned)
         self.joined = True
-        log.info("%s: assigned partitions %s", self.stage, mine)
+        log.info("%s: assigned partitions %s", self.stage, [tp.partition for tp in sources])
+
+    def _offset_fetch_budget_s(self) -> float:
+        """How long the assign callback asks for committed offsets: no heartbeats meanwhile, so well within the
+        session, and within the rebalance budget."""
+        return min(self._revoke_budget_s()[0], self.session_timeout_ms / 1000 / 2)
 
     # -- static membership ------------------------------------------------------------------------------
 
