@@ -20,7 +20,7 @@ import signal
 import time
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, OffsetAndMetadata, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import (
     BrokerResponseError,
@@ -282,6 +282,23 @@ def _coordinator_error(coordinator: Any, code: int) -> str:
     if error is NotCoordinatorForGroupError or error is GroupCoordinatorNotAvailableError:
         coordinator.coordinator_dead()
     return str(error.__name__)
+
+
+def settle_position_lookups(consumer: AIOKafkaConsumer, starts: dict[TopicPartition, int]) -> None:
+    """Answer aiokafka's pending position lookups of partitions this worker has placed itself (sought, or sent
+    to the reset policy's start), with their verified commit or `NOT_COMMITTED`.
+
+    aiokafka looks positions up one partition after another in one task per broker, and sends that broker no
+    fetch meanwhile; its lookup of a partition the coordinator keeps failing for would hold every other partition
+    of the broker. The answer is not used: the lookup skips a partition that has a position once it is told."""
+    subscription = consumer._subscription.subscription
+    assignment = subscription.assignment if subscription is not None else None
+    if assignment is None:
+        return
+    for tp in assignment.tps:
+        state = assignment.state_value(tp)
+        if state is not None and (state.has_valid_position or state.awaiting_reset):
+            state.update_committed(OffsetAndMetadata(starts.get(tp, NOT_COMMITTED), ""))
 
 
 def request_rejoin(consumer: AIOKafkaConsumer) -> None:
