@@ -284,6 +284,13 @@ def _coordinator_error(coordinator: Any, code: int) -> str:
     return str(error.__name__)
 
 
+def start_at_reset_policy(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
+    """Read `partitions` (never committed) from the consumer's `auto_offset_reset` start, found in the background:
+    `seek_to_beginning` would wait for it, in an assign callback that sends no heartbeats."""
+    fetcher = consumer._fetcher
+    fetcher.request_offset_reset(partitions, fetcher._default_reset_strategy)  # its future: the position found
+
+
 def settle_position_lookups(consumer: AIOKafkaConsumer, starts: dict[TopicPartition, int]) -> None:
     """Answer aiokafka's pending position lookups of partitions this worker has placed itself (sought, or sent
     to the reset policy's start), with their verified commit or `NOT_COMMITTED`.

@@ -36,6 +36,7 @@ from shared.membership import (
     remove_static_members,
     request_rejoin,
     settle_position_lookups,
+    start_at_reset_policy,
 )
 from shared.restore import StateRestorer
 from shared.step import Ownership, PartitionedState, StepResult
@@ -219,9 +220,9 @@ class Rebalancing:
 
     def _seek_to_starts(self, starts: dict[TopicPartition, int]) -> None:
         assert self.consumer is not None
+        start_at_reset_policy(self.consumer, [tp for tp, offset in starts.items() if offset == NOT_COMMITTED])
         for tp, offset in starts.items():
             if offset == NOT_COMMITTED:
-                self.consumer.seek_to_beginning(tp)  # the stage's `auto_offset_reset`: never committed, the log start
                 continue
             # A seek wins over aiokafka's lookup: it only looks a partition up while it has no position.
             self.consumer.seek(tp, offset)
