@@ -3,8 +3,10 @@
 aiokafka rebalances eagerly: every rebalance (and an eviction, on rejoin) revokes every partition, then
 assigns. The revoke callback gives up the batch in hand, waits until every sent batch is durable and
 commits, all within one budget under `rebalance_timeout_ms` (the whole group waits on it); the assign
-callback returns at once (aiokafka sends no heartbeats while it runs) and leaves state restores to a
-task (shared/restore.py). A static member (KIP-345) that finds its instance id held by another live
+callback starts every partition at its committed offset as the coordinator verified it (aiokafka reads a
+coordinator's error as "never committed"), returns within half the session (aiokafka sends no heartbeats
+while it runs) and leaves state restores, and partitions whose commit is still unknown, to tasks
+(shared/restore.py, `_start_late`). A static member (KIP-345) that finds its instance id held by another live
 process stops instead of rejoining, and leaves the group on stop unless it keeps its partitions for its
 restart.
 
