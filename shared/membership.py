@@ -13,16 +13,31 @@ which tells a displaced member from one whose session merely expired.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import signal
+import time
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, OffsetAndMetadata, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import BrokerResponseError, for_code, kafka_errors
+from aiokafka.errors import (
+    BrokerResponseError,
+    GroupCoordinatorNotAvailableError,
+    KafkaError,
+    NotCoordinatorForGroupError,
+    for_code,
+    kafka_errors,
+)
 from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.commit import OffsetFetchRequest
 from aiokafka.protocol.types import Array, Boolean, Bytes, Int16, Int32, Schema, String
 
 from shared.errors import HifiError
+from shared.retry import Backoff
+
+log = logging.getLogger(__name__)
 
 UNKNOWN_MEMBER_ID = ""  # the broker finds the member by its instance id
 
@@ -183,11 +198,114 @@ def coordinator_member_id(consumer: AIOKafkaConsumer | None) -> str:
     return str(getattr(coordinator, "member_id", UNKNOWN_MEMBER_ID) or UNKNOWN_MEMBER_ID)
 
 
-async def committed_offsets(consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
-    """The group's committed offsets of `partitions` in one OffsetFetch (`consumer.committed` asks per partition,
-    one round trip each while the assignment callback holds up reading); partitions never committed are left out."""
-    fetched = await consumer._coordinator.fetch_committed_offsets(list(partitions))
-    return {tp: meta.offset for tp, meta in fetched.items() if meta.offset >= 0}
+NOT_COMMITTED = -1  # OffsetFetch's offset of a partition the group never committed
+OFFSET_FETCH_BACKOFF = Backoff(0.1, 1.0)
+
+
+class CommittedOffsetsUnknown(HifiError):
+    """The coordinator did not tell these partitions' committed offsets in the time allowed (it moved, or is
+    still loading the group's offsets): reading them from the reset policy's start would replay the log."""
+
+    def __init__(self, group: str, partitions: set[TopicPartition], error: str) -> None:
+        names = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions))
+        super().__init__(f"group {group!r}: committed offsets of {names} unknown: {error}")
+        self.group, self.partitions, self.error = group, partitions, error
+
+
+async def committed_offsets(
+    consumer: AIOKafkaConsumer, partitions: set[TopicPartition], within_s: float
+) -> tuple[dict[TopicPartition, int], CommittedOffsetsUnknown | None]:
+    """The group's committed offsets of `partitions`, `NOT_COMMITTED` for one never committed, each verified: a
+    partition is only in the answer once the coordinator named it without an error.
+
+    aiokafka's own fetch reads neither OffsetFetch v2+'s top-level error (a coordinator moving or loading sends
+    that, and no partitions) nor a missing partition: both came back as "never committed", and the reset policy
+    replayed the log. Retried here (backoff, jitter) for up to `within_s`, each partition on its own; what is
+    still unknown then comes back as the error, with the offsets that are known."""
+    coordinator = consumer._coordinator
+    group = str(coordinator.group_id)
+    deadline = time.monotonic() + within_s
+    known: dict[TopicPartition, int] = {}
+    attempt = 0
+    while True:
+        wanted = partitions - known.keys()
+        if not wanted:
+            return known, None
+        try:
+            error = await asyncio.wait_for(
+                _fetch_committed(coordinator, wanted, known), max(0.1, deadline - time.monotonic())
+            )
+        except (TimeoutError, KafkaError) as exc:  # no coordinator found, a connection lost, ...
+            error = repr(exc)
+        if error is None:
+            continue
+        attempt += 1
+        delay = OFFSET_FETCH_BACKOFF.delay(attempt)
+        if time.monotonic() + delay >= deadline:
+            return known, CommittedOffsetsUnknown(group, partitions - known.keys(), error)
+        log.info("group %s: committed offsets not told (%s); asking again in %.2fs", group, error, delay)
+        await asyncio.sleep(delay)
+
+
+async def _fetch_committed(
+    coordinator: Any, wanted: set[TopicPartition], known: dict[TopicPartition, int]
+) -> str | None:
+    """One OffsetFetch of `wanted` into `known` (the partitions it named without an error); what went wrong, if
+    anything was not told."""
+    await coordinator.ensure_coordinator_known()
+    by_topic: dict[str, list[int]] = {}
+    for tp in sorted(wanted):
+        by_topic.setdefault(tp.topic, []).append(tp.partition)
+    response = await coordinator._send_req(OffsetFetchRequest(coordinator.group_id, list(by_topic.items())))
+    top_level = getattr(response, "error_code", 0)  # v2+
+    if top_level:
+        return _coordinator_error(coordinator, top_level)
+    errors: list[str] = []
+    for topic, answers in response.topics:
+        for partition, offset, _metadata, code in answers:
+            tp = TopicPartition(topic, partition)
+            if tp not in wanted:
+                continue
+            if code:
+                errors.append(f"{topic}[{partition}]: {_coordinator_error(coordinator, code)}")
+            else:
+                known[tp] = offset if offset >= 0 else NOT_COMMITTED
+    missing = wanted - known.keys() - {TopicPartition(t, p) for t, ps in response.topics for p, *_ in ps}
+    if missing:
+        errors.append(f"{len(missing)} partitions missing from the answer")
+    return "; ".join(errors) or None
+
+
+def _coordinator_error(coordinator: Any, code: int) -> str:
+    """The error's name; a coordinator that moved is looked up again before the next attempt."""
+    error = for_code(code)
+    if error is NotCoordinatorForGroupError or error is GroupCoordinatorNotAvailableError:
+        coordinator.coordinator_dead()
+    return str(error.__name__)
+
+
+def start_at_reset_policy(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
+    """Read `partitions` (never committed) from the consumer's `auto_offset_reset` start, found in the background:
+    `seek_to_beginning` would wait for it, in an assign callback that sends no heartbeats."""
+    fetcher = consumer._fetcher
+    fetcher.request_offset_reset(partitions, fetcher._default_reset_strategy)  # its future: the position found
+
+
+def settle_position_lookups(consumer: AIOKafkaConsumer, starts: dict[TopicPartition, int]) -> None:
+    """Answer aiokafka's pending position lookups of partitions this worker has placed itself (sought, or sent
+    to the reset policy's start), with their verified commit or `NOT_COMMITTED`.
+
+    aiokafka looks positions up one partition after another in one task per broker, and sends that broker no
+    fetch meanwhile; its lookup of a partition the coordinator keeps failing for would hold every other partition
+    of the broker. The answer is not used: the lookup skips a partition that has a position once it is told."""
+    subscription = consumer._subscription.subscription
+    assignment = subscription.assignment if subscription is not None else None
+    if assignment is None:
+        return
+    for tp in assignment.tps:
+        state = assignment.state_value(tp)
+        if state is not None and (state.has_valid_position or state.awaiting_reset):
+            state.update_committed(OffsetAndMetadata(starts.get(tp, NOT_COMMITTED), ""))
 
 
 def request_rejoin(consumer: AIOKafkaConsumer) -> None:

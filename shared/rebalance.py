@@ -3,8 +3,10 @@
 aiokafka rebalances eagerly: every rebalance (and an eviction, on rejoin) revokes every partition, then
 assigns. The revoke callback gives up the batch in hand, waits until every sent batch is durable and
 commits, all within one budget under `rebalance_timeout_ms` (the whole group waits on it); the assign
-callback returns at once (aiokafka sends no heartbeats while it runs) and leaves state restores to a
-task (shared/restore.py). A static member (KIP-345) that finds its instance id held by another live
+callback starts every partition at its committed offset as the coordinator verified it (aiokafka reads a
+coordinator's error as "never committed"), returns within half the session (aiokafka sends no heartbeats
+while it runs) and leaves state restores, and partitions whose commit is still unknown, to tasks
+(shared/restore.py, `_start_late`). A static member (KIP-345) that finds its instance id held by another live
 process stops instead of rejoining, and leaves the group on stop unless it keeps its partitions for its
 restart.
 
@@ -26,6 +28,7 @@ from aiokafka.errors import KafkaError
 from shared.flight import FlightSender, InFlight
 from shared.membership import (
     EXIT_INSTANCE_ID_TAKEN,
+    NOT_COMMITTED,
     UNKNOWN_MEMBER_ID,
     InstanceIdTaken,
     MemberRemovalFailed,
@@ -33,12 +36,16 @@ from shared.membership import (
     coordinator_member_id,
     members_with_instance_id,
     remove_static_members,
+    request_rejoin,
+    settle_position_lookups,
+    start_at_reset_policy,
 )
 from shared.restore import StateRestorer
 from shared.step import Ownership, PartitionedState, StepResult
 
 log = logging.getLogger(__name__)
 
+LATE_START_ATTEMPTS = 10  # rounds of asking for a partition's commit after the assign callback, before a rejoin
 REVOKE_RESERVE_S = 3.0  # of the revoke budget, kept after a cancelled handler for its publish and the commit
 
 
@@ -72,6 +79,7 @@ class Rebalancing:
     _member_id: str
     _rejoin_held: asyncio.Future[None] | None
     _rejoin_released: asyncio.Event
+    _late_start: asyncio.Task[None] | None  # asking again for commits the assign callback could not verify
     _in_flight: asyncio.Queue[InFlight] | None
     _batch_lock: asyncio.Lock | None
     _owner: Ownership
@@ -175,30 +183,90 @@ class Rebalancing:
             return False
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Return quickly: aiokafka sends no heartbeats while this runs. Partitions with state stay
-        paused while it is restored in the background, and resume at their committed offset."""
+        """Return quickly: aiokafka sends no heartbeats while this runs. Every partition starts at its committed
+        offset as the coordinator verified it (`committed_offsets`); one with state stays paused while its state
+        is restored in the background. One whose commit the coordinator did not tell in time stays paused while
+        a task asks again (`_start_late`): read from the reset policy's start, it would replay the log."""
         assert self.consumer is not None
         # Before any await: a failure below must not leave the previous generation's id here, which the
         # instance-id check would then take for another process holding this worker's name.
         self._member_id = coordinator_member_id(self.consumer)
+        owner = self._owner
         sources = sorted((tp for tp in assigned if tp.topic == self.source), key=lambda tp: tp.partition)
-        if self.states:
-            self.consumer.pause(*sources)  # before any await: nothing of theirs is fetched until restored
+        # Before any await: nothing is fetched until its start is verified (and its state restored); aiokafka's
+        # own position lookup reads a coordinator's error as "never committed" and resets to the log start.
+        self.consumer.pause(*sources)
         await self.restorer.cancel()  # normally done by the revocation before; never two restores at once
-        mine = [tp.partition for tp in sources]
-        try:  # where this worker starts: the lag the watchdog measures until the first commit (one request)
-            starts = await committed_offsets(self.consumer, assigned)
-        except KafkaError:
-            starts = {}
-        for tp, offset in starts.items():
-            self.committed[tp] = self.done[tp] = offset
+        await self._cancel_late_start()
+        starts, unknown = await committed_offsets(self.consumer, set(assigned), self._offset_fetch_budget_s())
+        self._seek_to_starts(starts)
+        ready = [tp for tp in sources if tp in starts]
         # Stateful partitions stay paused: their stores are opened (a RocksDB WAL replay after a kill -9)
         # and restored by a task, while the worker heartbeats.
-        self.assigned = {tp for tp in assigned if tp.topic != self.source or not self.states}
-        self.restorer.begin(sources)  # a task: it starts once this callback returns
+        self.assigned = {tp for tp in assigned if tp in starts and (tp.topic != self.source or not self.states)}
+        if not self.states:
+            self.consumer.resume(*ready)
+        self.restorer.begin(ready)  # a task: it starts once this callback returns
         self.readable_since.update((tp, time.monotonic()) for tp in self.assigned)
+        if unknown is not None:
+            log.warning("%s: %s; reading the others, asking again for these", self.stage, unknown)
+            late = {tp for tp in sources if tp not in starts}
+            for tp in late:
+                # A placeholder, paused: aiokafka holds every fetch from a broker while a partition of it has no
+                # position, and would look this one up with the same error. Sought again once its commit is known.
+                self.consumer.seek(tp, 0)
+            self._late_start = asyncio.create_task(self._start_late(late, owner), name=f"{self.stage}-late-start")
+        settle_position_lookups(self.consumer, starts)
         self.joined = True
-        log.info("%s: assigned partitions %s", self.stage, mine)
+        log.info("%s: assigned partitions %s", self.stage, [tp.partition for tp in sources])
+
+    def _seek_to_starts(self, starts: dict[TopicPartition, int]) -> None:
+        assert self.consumer is not None
+        start_at_reset_policy(self.consumer, [tp for tp, offset in starts.items() if offset == NOT_COMMITTED])
+        for tp, offset in starts.items():
+            if offset == NOT_COMMITTED:
+                continue
+            # A seek wins over aiokafka's lookup: it only looks a partition up while it has no position.
+            self.consumer.seek(tp, offset)
+            self.committed[tp] = self.done[tp] = offset
+
+    async def _start_late(self, late: set[TopicPartition], owner: Ownership) -> None:
+        """Ask again, while the worker heartbeats, for the commits of partitions the assign callback could not
+        verify; each one is read (or restored) once its commit is known. Past `LATE_START_ATTEMPTS` rounds the
+        worker rejoins: a new assignment asks afresh, maybe of another coordinator."""
+        assert self.consumer is not None
+        for _ in range(LATE_START_ATTEMPTS):
+            starts, unknown = await committed_offsets(self.consumer, late, self._offset_fetch_budget_s())
+            if not owner.owned:
+                return  # revoked meanwhile: the next assignment verifies its own starts
+            self._seek_to_starts(starts)
+            settle_position_lookups(self.consumer, starts)
+            known = sorted((tp for tp in late if tp in starts), key=lambda tp: tp.partition)
+            late -= set(known)
+            if known and self.states:
+                self.restorer.extend(known)
+            elif known:
+                self.assigned.update(known)
+                self.readable_since.update((tp, time.monotonic()) for tp in known)
+                self.consumer.resume(*known)
+            if unknown is None:
+                log.info(
+                    "%s: partitions %s read from their verified commit", self.stage, [tp.partition for tp in known]
+                )
+                return
+        log.error("%s: commits of %s still unknown; rejoining the group", self.stage, sorted(late))
+        request_rejoin(self.consumer)
+
+    async def _cancel_late_start(self) -> None:
+        task, self._late_start = self._late_start, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+
+    def _offset_fetch_budget_s(self) -> float:
+        """How long one round of asking for committed offsets lasts: the assign callback sends no heartbeats
+        meanwhile, so well within the session, and within the rebalance budget."""
+        return min(self._revoke_budget_s()[0], self.session_timeout_ms / 1000 / 2)
 
     # -- static membership ------------------------------------------------------------------------------
 
@@ -239,6 +307,8 @@ class Rebalancing:
                     self.session_timeout_ms,
                 )
                 await asyncio.wait([self._rejoin_held], timeout=self.session_timeout_ms / 1000 + 1.0)
+                if self._rejoin_held.done():  # `on_stop` released it: a plain stop, neither a fence nor a rejoin
+                    await self._rejoin_held  # raises CancelledError: aiokafka's coordinator task ends, no JoinGroup
                 others = await self._other_holders(previous)
             if not others:
                 return  # its session expired (nobody holds the id) or only its generation was stale: rejoin
@@ -283,6 +353,7 @@ class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         await self.runner.restorer.cancel()
+        await self.runner._cancel_late_start()
         await self.runner._on_revoked(revoked)
         await self.runner._hold_rejoin_if_instance_id_taken()
 

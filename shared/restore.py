@@ -57,6 +57,21 @@ class StateRestorer:
             partitions = [tp.partition for tp in sources]
             self._task = asyncio.create_task(self._restore(partitions), name=f"{self.stage}-restore")
 
+    def extend(self, sources: list[TopicPartition]) -> None:
+        """Restore these (paused) source partitions too, after the restore in progress: partitions whose start
+        the coordinator told late (shared/rebalance.py)."""
+        if not self.states or not sources:
+            return
+        self.restoring |= set(sources)
+        previous = self._task
+        partitions = [tp.partition for tp in sources]
+        self._task = asyncio.create_task(self._restore_after(previous, partitions), name=f"{self.stage}-restore")
+
+    async def _restore_after(self, previous: asyncio.Task[None] | None, partitions: list[int]) -> None:
+        if previous is not None:
+            await previous  # a cancel of this task reaches the one it waits for
+        await self._restore(partitions)
+
     async def cancel(self) -> None:
         """A revocation (or shutdown) during a restore: stop it; the stores' checkpoints cover what it applied."""
         task, self._task = self._task, None

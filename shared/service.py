@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import faust
+
 from shared import pipeline
 from shared.alerts import Alerter, OutageClock
 from shared.app import HifiApp, create_app
@@ -176,39 +178,52 @@ def prepare(
     return ctx, app
 
 
+class GracefulWorker(faust.Worker):
+    """SIGTERM drains in-flight work, commits and leaves the group; past the grace period the process exits
+    anyway. That is safe: nothing was committed past what is durable downstream."""
+
+    def __init__(self, app: Any, *services: Any, log_level: str, shutdown_grace_s: float, **options: Any) -> None:
+        super().__init__(app, *services, loglevel=log_level, **options)
+        self.log_level = log_level
+        self.shutdown_grace_s = shutdown_grace_s
+
+    def _setup_logging(self) -> None:
+        super()._setup_logging()
+        # mode leaves the root logger at DEBUG and filters in its handlers, so every debug call in
+        # aiokafka and Faust built a log record: about a tenth of a stage's CPU under load.
+        logging.getLogger().setLevel(self.log_level)
+
+    def _on_sigterm(self) -> None:
+        timer = threading.Timer(self.shutdown_grace_s, _grace_expired, args=(self.shutdown_grace_s,))
+        timer.daemon = True
+        timer.start()
+        super()._on_sigterm()
+
+    def _shutdown_loop(self) -> None:
+        # A crash, or a start that raised (mode's `execute_from_commandline` stops the worker in its `finally`
+        # and re-raises after this returns, which sets no crash reason): mode's way, exiting non-zero.
+        if self.crash_reason or sys.exc_info()[1] is not None:
+            super()._shutdown_loop()
+            return
+        # Stopped: drained, committed, stores closed. mode would sleep 1 to 2 s more and the interpreter's
+        # teardown took seconds under load, while a worker keeping its partitions for its restart stalls them.
+        _exit_now(requested_exit_code())
+
+
 def run(services: Registry, name: str, settings: Settings, sink: str | None = None) -> None:
-    import faust
-
-    class GracefulWorker(faust.Worker):
-        """SIGTERM drains in-flight work, commits and leaves the group; past the grace period the
-        process exits anyway. That is safe: nothing was committed past what is durable downstream."""
-
-        def _setup_logging(self) -> None:
-            super()._setup_logging()
-            # mode leaves the root logger at DEBUG and filters in its handlers, so every debug call in
-            # aiokafka and Faust built a log record: about a tenth of a stage's CPU under load.
-            logging.getLogger().setLevel(settings.log_level.upper())
-
-        def _on_sigterm(self) -> None:
-            timer = threading.Timer(settings.shutdown_grace_s, _grace_expired, args=(settings.shutdown_grace_s,))
-            timer.daemon = True
-            timer.start()
-            super()._on_sigterm()
-
-        def _shutdown_loop(self) -> None:
-            if self.crash_reason:
-                super()._shutdown_loop()  # re-raises the crash
-            # Stopped: drained, committed, stores closed. mode would sleep 1 to 2 s more and the interpreter's
-            # teardown took seconds under load, while a worker keeping its partitions for its restart stalls them.
-            _exit_now(requested_exit_code())
-
     _, app = prepare(services, name, settings, sink)
     # uvloop: the same asyncio API, a faster loop (Faust's consumer thread gets one too).
     import uvloop
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     log.info("starting %s with settings %s", name, settings)
-    worker = GracefulWorker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False)
+    worker = GracefulWorker(
+        app,
+        log_level=settings.log_level.upper(),
+        shutdown_grace_s=settings.shutdown_grace_s,
+        quiet=True,
+        redirect_stdouts=False,
+    )
     try:
         worker.execute_from_commandline()
     finally:

@@ -158,6 +158,7 @@ class StageRunner(Rebalancing, Service):
         self._member_id = UNKNOWN_MEMBER_ID  # the coordinator's id for this member at its last assignment
         self._rejoin_held: asyncio.Future[None] | None = None  # a fenced member's rejoin, held until it stops
         self._rejoin_released = asyncio.Event()
+        self._late_start: asyncio.Task[None] | None = None
         self.dlq = dlq
         self.source = source
         self.group = str(app.conf.id)
@@ -294,6 +295,7 @@ class StageRunner(Rebalancing, Service):
         self._owner.revoked.set()  # a batch retrying through an outage publishes what it delivered and stops
         held = sorted(tp.partition for tp in self.assigned | self.restorer.restoring if tp.topic == self.source)
         await self.restorer.cancel()
+        await self._cancel_late_start()
         consume = self._tasks[0] if self._tasks else None
         try:
             if consume is not None:

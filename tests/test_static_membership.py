@@ -210,3 +210,29 @@ async def test_a_dead_holder_of_the_instance_id_is_waited_out_not_taken_for_a_li
     await wait_for(lambda: bool(shutdowns) or set(sink.received) >= set(ids), 40, "the events, or an exit")
     assert not shutdowns, f"the worker took the dead member {orphan} for a live one and exited {shutdowns}"
     assert worker.fenced is None and set(sink.received) >= set(ids), "the worker did not read again after the orphan"
+
+
+@pytest.mark.parametrize("holders_after_the_wait", [["x"], []], ids=["holder-still-there", "holder-gone"])
+async def test_a_stop_during_the_instance_id_wait_is_a_stop_not_a_fence_nor_a_rejoin(
+    monkeypatch: pytest.MonkeyPatch, holders_after_the_wait: list[str]
+) -> None:
+    """SIGTERM while the worker waits a session to see whether its id's holder is live: `on_stop` releases the
+    wait, which looked the holder up again: still listed (it is dead, not yet expired), the plain stop became
+    exit 78 and a CRITICAL; gone, the worker rejoined while stopping."""
+    answers = iter([["x"], holders_after_the_wait])
+
+    async def members_with_instance_id(bootstrap: str, group: str, instance_id: str) -> list[str]:
+        return next(answers)
+
+    monkeypatch.setattr("shared.rebalance.members_with_instance_id", members_with_instance_id)
+    worker = make_runner("127.0.0.1:9", "g", "a", "src", FlakySink().handle, group_instance_id="w-1", **STATIC_OPTIONS)
+    shutdowns: list[int] = []
+    worker.request_shutdown = shutdowns.append
+    worker._member_id = "previous"  # joined once; aiokafka (no consumer here) reads as having reset its id
+    hold = asyncio.create_task(worker._hold_rejoin_if_instance_id_taken())
+    await wait_for(lambda: worker._rejoin_held is not None, 5, "the rejoin held")
+    await asyncio.sleep(0.1)  # in the session-long wait
+    await asyncio.wait_for(worker._release_held_rejoin(), 5)
+    with pytest.raises(asyncio.CancelledError):  # aiokafka's coordinator task ends without a JoinGroup
+        await hold
+    assert worker.fenced is None and not shutdowns, f"a plain stop fenced the worker (exit {shutdowns})"
