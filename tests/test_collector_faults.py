@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web as aiohttp_web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 import services.collector.app as collector_app
@@ -161,3 +162,50 @@ async def test_a_lone_surrogate_refuses_its_event_not_the_request(collector: Any
     ]
     json.dumps(body, ensure_ascii=False).encode()  # the answer itself can be sent
     assert await raw_events(kafka, collector.test_topics.raw) == ["good"]
+
+
+async def test_a_non_utf8_user_agent_does_not_fail_the_request(collector: Any, kafka: Any) -> None:
+    """aiohttp decodes header bytes with surrogateescape ("Ger\\udce4t"): that User-Agent went into every event's
+    context and failed the encoding, a 500 for the whole request on every retry."""
+    app = aiohttp_web.Application()
+
+    async def post(request: aiohttp_web.Request) -> aiohttp_web.Response:
+        status, answer, headers = await collector.respond(request, 1 << 20)
+        return aiohttp_web.json_response(answer, status=status, headers=headers)
+
+    app.router.add_post("/v1/events", post)
+    runner = aiohttp_web.AppRunner(app)
+    await runner.setup()
+    site = aiohttp_web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        body = json.dumps([event("ua1", "d1")]).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/events HTTP/1.1\r\nHost: x\r\nX-Api-Key: k\r\nUser-Agent: Ger\xe4t/1.0\r\n"
+            b"Content-Type: application/json\r\nConnection: close\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    finally:
+        await runner.cleanup()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0], answer
+    assert json.loads(payload)["accepted"] == ["ua1"], payload
+    records = await raw_events(kafka, collector.test_topics.raw)
+    assert records == ["ua1"], records
+
+
+async def test_an_event_that_cannot_be_encoded_is_refused_alone(collector: Any, kafka: Any) -> None:
+    """A value validate() never saw (the User-Agent put into the context) that no encoder takes refuses only
+    the events it went into: the one carrying its own user_agent is written."""
+    own = {**event("own", "d1"), "context": {"user_agent": "app/1"}}
+    status, body = await collector.ingest("acme", [event("borrowed", "d1"), own], "Ger\udce4t", None)
+    assert status == 200, body
+    assert body["accepted"] == ["own"], body
+    assert [(r["index"], r["reason"]) for r in body["rejected"]] == [(0, "unencodable")]
+    assert await raw_events(kafka, collector.test_topics.raw) == ["own"]

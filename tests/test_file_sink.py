@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from services.sender.file_sink import FileSink
 from shared.config import SinkConfig
+from shared.errors import TransientError
 from shared.event import Event
 from tests.helpers import read_file_sink
 
@@ -132,18 +135,28 @@ def lines_of(directory: Path) -> list[dict[str, Any]]:
 
 async def test_a_write_failing_halfway_leaves_no_torn_line(tmp_path: Path, monkeypatch) -> None:
     """ENOSPC after half a group reached the file: the retry must not append after a torn line (one
-    unparseable line, one event lost at the reader)."""
+    unparseable line, one event lost at the reader), nor cut off what a reader following the file read
+    already: the rest of the torn line is written first, then the retried group again."""
     import services.sender.file_sink as file_sink_module
+    from devtools.bench_measure import FileTail
 
     HalfWrite.writes = 0
     monkeypatch.setattr(file_sink_module, "open", lambda *a, **k: HalfWrite(open(*a, **k)), raising=False)
+    tail = FileTail(path=tmp_path / "events.jsonl")
     sink = FileSink(SinkConfig("f", "file", {"path": str(tmp_path), "rotate_bytes": 1 << 30}))
     await sink.start()
-    await sink.deliver_batch(batch(0))
-    assert await deliver_as_the_sender_does(sink, batch(1)) == 1
-    await sink.deliver_batch(batch(2))
+    await sink.deliver_batch(timed_batch(0))
+    with pytest.raises(TransientError):
+        await sink.deliver_batch(timed_batch(1))
+    tail.poll()  # the reader holds half a line
+    await sink.deliver_batch(timed_batch(1))
+    await sink.deliver_batch(timed_batch(2))
+    tail.poll()  # raises if a line it reads does not parse
     got = [r["event_id"] for r in lines_of(tmp_path)]
-    assert got == [e.event_id for p in range(3) for e in batch(p)]
+    ids = [[e.event_id for e in timed_batch(p)] for p in range(3)]
+    torn = got[5:-10]  # the lines of the failed write, the torn one completed
+    assert got[:5] == ids[0] and got[-10:] == ids[1] + ids[2] and 0 < len(torn) < 5 and torn == ids[1][: len(torn)]
+    assert set(tail.seen) == {i for batch_ids in ids for i in batch_ids}
 
 
 async def test_a_failed_rotation_after_the_fsync_acks_the_group(tmp_path: Path, monkeypatch) -> None:
@@ -183,4 +196,74 @@ async def test_an_unexpected_error_in_the_writer_fails_its_group_and_the_writer_
     assert all(isinstance(o, Exception) for o in outcomes), outcomes
     monkeypatch.undo()
     await sink.deliver_batch(batch(9))
-    assert [r["event_id"] for r in lines_of(tmp_path)] == [e.event_id for e in batch(9)]
+    got = [r["event_id"] for r in lines_of(tmp_path)]  # the failed group's lines stay (append-only), unacked
+    assert got[-5:] == [e.event_id for e in batch(9)], got
+
+
+def timed_batch(partition: int, n: int = 5) -> list[Event]:
+    """Events as the bench sends them: FileTail measures each one's latency from payload.intended_ms."""
+    return [Event(f"p{partition}-{i}", "play", 1.0, "acme", {"intended_ms": 0, "ua": "é"}) for i in range(n)]
+
+
+async def test_a_reader_following_the_file_survives_a_failed_fsync(tmp_path: Path, monkeypatch) -> None:
+    """fsync fails (EIO) after a reader following the file already read the group's lines: cutting them off made
+    the reader go on mid-line after the retry. The file stays append-only; a copy shares its idempotency_key."""
+    from devtools.bench_measure import FileTail
+
+    tail = FileTail(path=tmp_path / "events.jsonl")
+    real_fsync = os.fsync
+    failures = [OSError(5, "Input/output error")]
+
+    def fsync_failing_once(fd: int) -> None:
+        if failures:
+            tail.poll()  # the reader saw the group's lines before the fsync failed
+            raise failures.pop()
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_failing_once)
+    sink = FileSink(SinkConfig("f", "file", {"path": str(tmp_path), "rotate_bytes": 1 << 30}))
+    await sink.start()
+    with pytest.raises(TransientError):
+        await sink.deliver_batch(timed_batch(0))
+    await sink.deliver_batch(timed_batch(1, n=3))  # another partition's batch goes before the retry
+    await sink.deliver_batch(timed_batch(0))
+    await sink.deliver_batch(timed_batch(2))
+    tail.poll()  # raises if a line it reads does not parse
+    want = {e.event_id for p in (0, 2) for e in timed_batch(p)} | {e.event_id for e in timed_batch(1, n=3)}
+    assert set(tail.seen) == want, sorted(want - set(tail.seen))
+    keys: dict[str, set[str]] = {}
+    for record in lines_of(tmp_path):
+        keys.setdefault(record["event_id"], set()).add(record["idempotency_key"])
+    assert all(len(k) == 1 for k in keys.values()), keys
+
+
+class FailingClose:
+    """A real file whose close fails (NFS reports a write-back error there) once its data was fsynced."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+
+    def close(self) -> None:
+        self.fh.close()
+        raise OSError(5, "Input/output error")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fh, name)
+
+    def __enter__(self) -> FailingClose:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def test_a_close_failing_after_the_fsync_acks_the_group(tmp_path: Path, monkeypatch) -> None:
+    """The lines were durable when close() failed: failing the group made the sender write them again."""
+    import services.sender.file_sink as file_sink_module
+
+    monkeypatch.setattr(file_sink_module, "open", lambda *a, **k: FailingClose(open(*a, **k)), raising=False)
+    sink = FileSink(SinkConfig("f", "file", {"path": str(tmp_path), "rotate_bytes": 1 << 30}))
+    await sink.start()
+    for p in range(2):
+        assert await deliver_as_the_sender_does(sink, batch(p)) == 0
+    assert [r["event_id"] for r in lines_of(tmp_path)] == [e.event_id for p in range(2) for e in batch(p)]

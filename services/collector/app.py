@@ -146,6 +146,30 @@ class Collector:
             )
         return data
 
+    async def respond(self, request: Any, max_body: int) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+        """POST /v1/events: the status, body and headers of the answer to an aiohttp request."""
+        try:
+            tenant = self.authenticate(request.headers)
+            if (request.content_length or 0) > max_body:
+                raise RequestError(413, "body_too_large", f"body > {max_body} bytes")
+            try:
+                async with asyncio.timeout(BODY_TIMEOUT_S):
+                    body = await _read_limited(request, max_body)
+            except TimeoutError:
+                raise RequestError(408, "body_timeout", f"body not received in {BODY_TIMEOUT_S:.0f}s") from None
+            self.verify_signature(tenant, request.headers, body, time.time())
+            items = self.parse_body(request.headers.get("Content-Type", ""), body)
+            await self.check_rate(tenant, len(items))
+            user_agent = _header_text(request.headers.get("User-Agent"))
+            status, answer = await self.ingest(tenant, items, user_agent, request.remote)
+        except RequestError as exc:
+            headers = {"Retry-After": f"{exc.retry_after:.3f}"} if exc.retry_after is not None else None
+            return exc.status, {"error": exc.reason, "detail": exc.detail}, headers
+        except TimeoutError:
+            detail = "the broker did not acknowledge in time"
+            return 503, {"error": "broker_unavailable", "detail": detail}, {"Retry-After": "1"}
+        return status, answer, {"Retry-After": "1"} if status == 503 else None
+
     async def ingest(
         self, tenant: str, items: list[Any], user_agent: str | None, ip: str | None
     ) -> tuple[int, dict[str, Any]]:
@@ -153,6 +177,7 @@ class Collector:
         accepted: list[str] = []
         rejected: list[dict[str, Any]] = []
         events: list[tuple[int, Event]] = []
+        outputs: list[Output] = []  # each event's record, in the order of `events`
         ingest_ts = now_ms()
         for index, item in enumerate(items):
             try:
@@ -167,13 +192,22 @@ class Collector:
                 event.context["ip"] = ip
             event.ingest_ts = ingest_ts
             event.stamp("collector")
+            try:  # what validate() did not see (a header put into the context) must not fail the whole request
+                encoded = encode_event(event)
+            except (UnicodeError, ValueError, TypeError, OverflowError) as exc:
+                log.warning("collector: could not encode event %r of %s: %r", event.event_id, tenant, exc)
+                rejected.append(
+                    {"index": index, "event_id": event.event_id, "reason": "unencodable", "detail": str(exc)[:200]}
+                )
+                metrics.rejected.labels(tenant, "unencodable").inc()
+                continue
             events.append((index, event))
+            outputs.append(Output(self.raw_topic, event.partition_key, encoded))
         unavailable = 0
         written: list[list[Any]] = []  # [event_id, partition, offset] of each accepted event, for `hifi trace`
         if events:
             # Record batches per partition shared with concurrent requests (not a `send` per record); 200
             # only once every record's batch was acked.
-            outputs = [Output(self.raw_topic, event.partition_key, encode_event(event)) for _, event in events]
             places = await self._publish(outputs, self._events)
             for (index, event), place in zip(events, places, strict=True):
                 if isinstance(place, BaseException):
@@ -414,6 +448,13 @@ def signing_secrets(config: HifiConfig) -> dict[str, bytes]:
     return secrets
 
 
+def _header_text(value: str | None) -> str | None:
+    """A header as valid text: aiohttp decodes non-UTF-8 bytes as lone surrogates, which no encoder takes."""
+    if value is None:
+        return None
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -427,31 +468,7 @@ def build(ctx: ServiceContext) -> Any:
     @app.page("/v1/events")
     class Events(web.View):
         async def post(self, request: web.Request) -> web.Response:
-            try:
-                tenant = collector.authenticate(request.headers)
-                if (request.content_length or 0) > max_body:
-                    raise RequestError(413, "body_too_large", f"body > {max_body} bytes")
-                try:
-                    async with asyncio.timeout(BODY_TIMEOUT_S):
-                        body = await _read_limited(request, max_body)
-                except TimeoutError:
-                    raise RequestError(408, "body_timeout", f"body not received in {BODY_TIMEOUT_S:.0f}s") from None
-                collector.verify_signature(tenant, request.headers, body, time.time())
-                items = collector.parse_body(request.headers.get("Content-Type", ""), body)
-                await collector.check_rate(tenant, len(items))
-                status, answer = await collector.ingest(
-                    tenant, items, request.headers.get("User-Agent"), request.remote
-                )
-            except RequestError as exc:
-                headers = {"Retry-After": f"{exc.retry_after:.3f}"} if exc.retry_after is not None else None
-                return self.json({"error": exc.reason, "detail": exc.detail}, status=exc.status, headers=headers)
-            except TimeoutError:
-                return self.json(
-                    {"error": "broker_unavailable", "detail": "the broker did not acknowledge in time"},
-                    status=503,
-                    headers={"Retry-After": "1"},
-                )
-            headers = {"Retry-After": "1"} if status == 503 else None
+            status, answer, headers = await collector.respond(request, max_body)
             return self.json(answer, status=status, headers=headers)
 
     def stats() -> dict[str, Any]:

@@ -4,10 +4,13 @@ The sender delivers its partitions concurrently into one file. Each batch is enc
 (msgspec, about 5x json.dumps), then queued; one writer appends every batch queued so far in one
 `write` and one `fsync`, and only then resolves each batch's future. A batch is never acked before
 the fsync that covers it, and a failed write or fsync fails every batch of its group (each is
-retried) after cutting the file back to where the group began, so a retry never appends after a torn
-line. A rotation that fails after the fsync does not fail the group (its lines are durable, a retry
-would write them twice): it is logged and tried again after the next write. A batch's lines stay
-together and in order; batches of different partitions interleave.
+retried). The file is append-only, for readers that follow it (tail -F, log shippers, the bench's
+FileTail): a failed fsync leaves the group's lines, and the retry appends them again (a reader dedupes
+on `idempotency_key`); a write that stopped part way leaves a torn line, whose rest is written first
+at the next write so the retry never appends after half a line. A rotation, or a close, that fails
+after the fsync does not fail the group (its lines are durable, a retry would write them twice): it
+is logged, and the rotation is tried again after the next write. A batch's lines stay together and in
+order; batches of different partitions interleave.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class FileSink:
         self._queued: list[tuple[bytes, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self.groups = 0  # fsyncs (group commits) so far, for tests and the bench
+        self._torn = b""  # the rest of the line a failed write left half in the file: written first next time
+        self._torn_at = 0  # the file's size that rest belongs after
 
     async def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -78,25 +83,73 @@ class FileSink:
                     done.set_result(None)
 
     def _append(self, data: bytes) -> None:
-        # Unbuffered: after a failed write no bytes wait in a buffer to land after the cut below.
-        with open(self.current, "ab", buffering=0) as fh:
-            start = fh.tell()
+        # Unbuffered: after a failed write no bytes wait in a buffer to land after the torn line's rest.
+        # Not `with`: a close that fails after the fsync must not fail the group.
+        fh = open(self.current, "ab", buffering=0)
+        try:
+            size = self._write_and_sync(fh, data)
+        finally:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[fh.write(view) :]
-                os.fsync(fh.fileno())
-            except BaseException:
-                # Part of the group may be in the file: cut it off, or the retry appends after a torn line.
-                os.ftruncate(fh.fileno(), start)
-                os.fsync(fh.fileno())
-                raise
-            size = fh.tell()
+                fh.close()
+            except OSError as exc:  # after the fsync (NFS): the lines are durable, a retry would write them twice
+                log.warning("file sink %s: could not close %s: %r", self.config.name, self.current, exc)
         if size >= self.rotate_bytes:
             try:
                 self._rotate()
             except OSError as exc:  # the group is durable: acked, and the rotation is tried after the next write
                 log.warning("file sink %s: could not rotate %s: %r", self.config.name, self.current, exc)
+
+    def _write_and_sync(self, fh: Any, data: bytes) -> int:
+        """Append `data` (after the rest of a torn line, if a failed write left one) and fsync; the file's size.
+
+        Never cuts the file back: a reader may have read what is there already."""
+        start = fh.tell()
+        if self._torn and start != self._torn_at:  # rotated or written by someone else since: the rest fits nowhere
+            log.error(
+                "file sink %s: %s is %d bytes, not the %d a failed write left: its torn line stays torn",
+                self.config.name,
+                self.current,
+                start,
+                self._torn_at,
+            )
+            self._torn = b""
+        data = self._torn + data
+        counted = 0
+        try:
+            view = memoryview(data)
+            while view:
+                wrote = fh.write(view)
+                counted += wrote
+                view = view[wrote:]
+        except BaseException:
+            self._keep_torn_rest(fh, start, data, counted)
+            raise
+        self._torn = b""
+        # A failure leaves the lines where a reader may have read them: the group fails, its retry appends them again.
+        os.fsync(fh.fileno())
+        return int(fh.tell())
+
+    def _keep_torn_rest(self, fh: Any, start: int, data: bytes, counted: int) -> None:
+        """After a write that stopped part way: keep the rest of the line it tore, to be written first next time."""
+        try:
+            written = os.fstat(fh.fileno()).st_size - start
+        except OSError as exc:  # the disk is failing: trust the bytes write() reported
+            log.error("file sink %s: could not stat %s after a failed write: %r", self.config.name, self.current, exc)
+            written = counted
+        if not 0 <= written <= len(data):
+            # Someone else wrote to the file: its end is not ours to complete, and the torn line is left as it is.
+            log.error(
+                "file sink %s: %s grew by %d bytes in a write of %d: a torn line may be left",
+                self.config.name,
+                self.current,
+                written,
+                len(data),
+            )
+            self._torn = b""
+            return
+        mid_line = data[written - 1] != ord("\n") if written else bool(self._torn)
+        self._torn = data[written : data.index(b"\n", written) + 1] if mid_line else b""
+        self._torn_at = start + written
 
     def _rotate(self) -> None:
         # Sequence first, so rotated files sort in the order they were written.
