@@ -573,6 +573,8 @@ dedupe: {{backend: {self.dedupe_backend}}}
             out[f"{name}_delivered"] = len(counts)
             out[f"{name}_missing"] = len(self.expected(name) - set(counts))
             out[f"{name}_duplicates"] = sum(n - 1 for n in counts.values())
+            if isinstance(sink, WebhookTruth):  # requests it took after their sender had given up: not kept
+                out[f"{name}_requests_dropped"] = sink.receiver.dropped_batches
             out[f"{name}_on_time_during_fault"] = self._on_time(sink)
             out[f"{name}_p99_lag_during_fault_ms"] = self._p99_lag_ms(sink)
             # Late: first copy more than the SLA after ingest, over the whole run; in seconds of offered load.

@@ -121,9 +121,13 @@ class RocksKeyWindow:
     def _open(self, partition: int) -> Rdict:
         self.path.mkdir(parents=True, exist_ok=True)
         ttl = int(self.window_s) + 60
-        return Rdict(
-            str(self.path / f"p{partition}"), options=Options(raw_mode=True), access_type=AccessType.with_ttl(ttl)
-        )
+        store = self.path / f"p{partition}"
+        # rocksdict loads an existing store's last OPTIONS file, whose TTL compaction filter the TTL open wraps once
+        # more: from the second open on, a compaction read each value's tail as a timestamp and dropped every key.
+        # RocksDB writes a fresh OPTIONS file at each open; the data lives in the WAL, SST files and MANIFEST.
+        for stale in store.glob("OPTIONS-*"):
+            stale.unlink()
+        return Rdict(str(store), options=Options(raw_mode=True), access_type=AccessType.with_ttl(ttl))
 
     def _checkpoint_file(self, partition: int) -> Path:
         return self.path / f"p{partition}.changelog-offset"

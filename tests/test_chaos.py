@@ -246,3 +246,55 @@ async def test_a_redis_stream_sink_is_read_back_in_full_and_only_once(redis_clie
     assert [e["event_id"] for e in truth.received] == [f"e{i}" for i in range(12_000)] + ["late"]
     assert len(truth.arrival_ms) == len(truth.received) and truth.arrival_ms[0] > 1e12
     await redis_client.delete(stream)
+
+
+async def test_a_batch_the_receiver_takes_after_its_sender_timed_out_is_not_kept(port_base):
+    """The soak's 1,735 duplicates: the chaos process (load generator and both receivers, 1,000 events/s) stalled
+    8-13 s, a sender's request sat in the receiver's socket that long, the sender timed out (closing the
+    connection) and re-sent the batch; when the receiver's loop came back it read the stale request before the
+    client's FIN and kept it, then kept the re-send too. A receiver that keeps a batch only if its sender still
+    waits (a sink answering from its commit) must drop the stale one: the batch is there once."""
+    import asyncio
+    import threading
+    import time
+
+    from devtools.webhook import WebhookReceiver
+    from services.sender.webhook import WebhookSink
+    from shared.config import SinkConfig
+    from shared.errors import TransientError
+    from shared.event import Event
+
+    # The receiver runs on a loop of its own, so the test can stall it while the sender's loop goes on.
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="receiver-loop", daemon=True)
+    thread.start()
+    receiver = WebhookReceiver(port=port_base + 19)
+    asyncio.run_coroutine_threadsafe(receiver.start(), loop).result(10.0)
+    sink = WebhookSink(SinkConfig("hook", "webhook", {"url": f"http://127.0.0.1:{receiver.port}/in"}, timeout_s=0.5))
+    await sink.start()
+    # A sender's batch of 200 (about 240 KB, several reads for the receiver), on a connection kept alive.
+    events = [Event(f"e{i}", "play", 1.0, "acme", {"pad": "x" * 1000}) for i in range(200)]
+    try:
+        await sink.deliver_batch([Event("warm-up", "play", 1.0, "acme", {})])
+        stalled, resumed = threading.Event(), threading.Event()
+
+        def stall() -> None:  # what a GC pause or a starved CPU does to the receiver's process
+            stalled.set()
+            time.sleep(1.5)
+            resumed.set()
+
+        loop.call_soon_threadsafe(stall)
+        assert await asyncio.to_thread(stalled.wait, 5.0)
+        with pytest.raises(TransientError, match="TimeoutError"):
+            await sink.deliver_batch(events)  # the request waits in the stalled receiver's socket
+        assert await asyncio.to_thread(resumed.wait, 5.0)
+        await sink.deliver_batch(events)  # the sender's retry, answered once the stall is over
+        await asyncio.sleep(0.2)  # let the receiver's loop finish with the stale connection
+        counts = asyncio.run_coroutine_threadsafe(asyncio.sleep(0, receiver.counts()), loop).result(5.0)
+        assert counts == {"hook:acme:warm-up": 1} | {f"hook:acme:e{i}": 1 for i in range(200)}, counts
+        assert receiver.dropped_batches == 1
+    finally:
+        await sink.close()
+        asyncio.run_coroutine_threadsafe(receiver.stop(), loop).result(10.0)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5.0)

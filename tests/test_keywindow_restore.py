@@ -461,3 +461,21 @@ async def test_a_catch_up_that_meets_a_broker_outage_does_not_stop_the_worker(ka
     finally:
         await worker.runner.stop()
         await producer.stop()
+
+
+async def test_a_store_reopened_after_a_rebalance_keeps_its_keys_through_a_compaction(tmp_path):
+    """The soak's dedupe leak: every rebalance closes a partition's store and opens it again; rocksdict loaded
+    the last OPTIONS file, whose TTL compaction filter the TTL open then wrapped once more, so from the second open
+    on a compaction read the tail of each value as a timestamp and dropped every key (the deduplicator's p3
+    compacted 7,324 records into 0 and passed a client re-send 3.5 min after its first copy)."""
+    window = RocksKeyWindow("w", tmp_path / "w", "unused.changelog", "127.0.0.1:1", 600.0, 1, "g")
+    keys = [f"acme:e{i}" for i in range(50)]
+    anchors = [_anchor(0)] * len(keys)
+    for opening in range(3):  # a worker's first assignment, then two rebalances that give partition 0 back
+        window.open([0])
+        if opening == 0:
+            assert await window.claim(keys, [f"t:0:{i}" for i in range(50)], anchors) == [True] * 50
+        window.dbs[0].compact_range(None, None)  # what RocksDB does in the background as the store grows
+        # a re-sent copy (another message) must still find each key's claim
+        assert await window.claim(keys, [f"t:0:{100 + i}" for i in range(50)], anchors) == [False] * 50, opening
+        window.revoke([0])
