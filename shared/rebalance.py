@@ -307,9 +307,9 @@ class Rebalancing:
                     self.session_timeout_ms,
                 )
                 await asyncio.wait([self._rejoin_held], timeout=self.session_timeout_ms / 1000 + 1.0)
-                if self._rejoin_held.done():  # `on_stop` released it: a plain stop, neither a fence nor a rejoin
-                    await self._rejoin_held  # raises CancelledError: aiokafka's coordinator task ends, no JoinGroup
+                await self._end_if_stopped()
                 others = await self._other_holders(previous)
+                await self._end_if_stopped()  # a stop during that lookup (up to 5 s) too
             if not others:
                 return  # its session expired (nobody holds the id) or only its generation was stale: rejoin
             taken = InstanceIdTaken(self.group, self.group_instance_id, f"member {others[0]}, this one was {previous}")
@@ -317,6 +317,12 @@ class Rebalancing:
             await self._rejoin_held  # aiokafka's coordinator task ends without a JoinGroup once this is cancelled
         finally:
             self._rejoin_released.set()
+
+    async def _end_if_stopped(self) -> None:
+        """`on_stop` released the held rejoin: a plain stop, neither a fence nor a rejoin."""
+        assert self._rejoin_held is not None
+        if self._rejoin_held.done():
+            await self._rejoin_held  # raises CancelledError: aiokafka's coordinator task ends, no JoinGroup
 
     async def _other_holders(self, previous: str) -> list[str]:
         """Members other than this one's last id holding its instance id; none if the lookup fails (rejoin

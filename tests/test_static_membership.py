@@ -236,3 +236,32 @@ async def test_a_stop_during_the_instance_id_wait_is_a_stop_not_a_fence_nor_a_re
     with pytest.raises(asyncio.CancelledError):  # aiokafka's coordinator task ends without a JoinGroup
         await hold
     assert worker.fenced is None and not shutdowns, f"a plain stop fenced the worker (exit {shutdowns})"
+
+
+async def test_a_stop_during_the_second_instance_id_lookup_is_a_stop_not_a_fence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM while the worker looks its id's holder up again after the session-long wait (up to 5 s): the
+    holder still listed then, the plain stop became exit 78 and a CRITICAL."""
+    worker = make_runner("127.0.0.1:9", "g", "a", "src", FlakySink().handle, group_instance_id="w-1", **STATIC_OPTIONS)
+    worker.session_timeout_ms = 200  # the session-long wait ends on its own, quickly
+    releases: list[asyncio.Task[None]] = []
+    lookups = 0
+
+    async def members_with_instance_id(bootstrap: str, group: str, instance_id: str) -> list[str]:
+        nonlocal lookups
+        lookups += 1
+        if lookups == 2:  # after the session-long wait: SIGTERM's `on_stop` releases the rejoin meanwhile
+            releases.append(asyncio.create_task(worker._release_held_rejoin()))
+            await asyncio.sleep(0)
+        return ["x"]  # still listed: dead, its session not expired yet
+
+    monkeypatch.setattr("shared.rebalance.members_with_instance_id", members_with_instance_id)
+    shutdowns: list[int] = []
+    worker.request_shutdown = shutdowns.append
+    worker._member_id = "previous"  # joined once; aiokafka (no consumer here) reads as having reset its id
+    hold = asyncio.create_task(worker._hold_rejoin_if_instance_id_taken())
+    with pytest.raises(asyncio.CancelledError):  # aiokafka's coordinator task ends without a JoinGroup
+        await asyncio.wait_for(hold, 5)
+    await asyncio.wait_for(releases[0], 5)
+    assert worker.fenced is None and not shutdowns, f"a stop during the second lookup fenced the worker {shutdowns}"
