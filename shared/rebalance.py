@@ -196,8 +196,8 @@ class Rebalancing:
         # Before any await: nothing is fetched until its start is verified (and its state restored); aiokafka's
         # own position lookup reads a coordinator's error as "never committed" and resets to the log start.
         self.consumer.pause(*sources)
+        await self._cancel_late_start()  # first: a round answered meanwhile would begin a restore (`extend`)
         await self.restorer.cancel()  # normally done by the revocation before; never two restores at once
-        await self._cancel_late_start()
         starts, unknown = await committed_offsets(self.consumer, set(assigned), self._offset_fetch_budget_s())
         self._seek_to_starts(starts)
         ready = [tp for tp in sources if tp in starts]
@@ -358,8 +358,9 @@ class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         self.runner = runner
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self.runner.restorer.cancel()
+        # The late start first: a round answered while the restore is cancelled would begin another restore.
         await self.runner._cancel_late_start()
+        await self.runner.restorer.cancel()
         await self.runner._on_revoked(revoked)
         await self.runner._hold_rejoin_if_instance_id_taken()
 

@@ -49,9 +49,11 @@ class StateRestorer:
         self.states = states
         self.restoring: set[TopicPartition] = set()  # owned, paused until their state is restored
         self._task: asyncio.Task[None] | None = None
+        self._cancelled = False  # since the last `begin`: a revocation (or shutdown) began, `extend` refuses
 
     def begin(self, sources: list[TopicPartition]) -> None:
         """Restore the states of these (paused) source partitions in the background."""
+        self._cancelled = False
         self.restoring = set(sources) if self.states else set()
         if self.restoring:
             partitions = [tp.partition for tp in sources]
@@ -59,8 +61,9 @@ class StateRestorer:
 
     def extend(self, sources: list[TopicPartition]) -> None:
         """Restore these (paused) source partitions too, after the restore in progress: partitions whose start
-        the coordinator told late (shared/rebalance.py)."""
-        if not self.states or not sources:
+        the coordinator told late (shared/rebalance.py). Refused once a revocation began (`cancel`): the
+        partitions are no longer this worker's, and their stores are being closed."""
+        if not self.states or not sources or self._cancelled:
             return
         self.restoring |= set(sources)
         previous = self._task
@@ -75,6 +78,7 @@ class StateRestorer:
     async def cancel(self) -> None:
         """A revocation (or shutdown) during a restore: stop it; the stores' checkpoints cover what it applied."""
         task, self._task = self._task, None
+        self._cancelled = True
         self.restoring = set()
         if task is not None and not task.done():
             task.cancel()

@@ -294,8 +294,8 @@ class StageRunner(Rebalancing, Service):
         self._stopping = True
         self._owner.revoked.set()  # a batch retrying through an outage publishes what it delivered and stops
         held = sorted(tp.partition for tp in self.assigned | self.restorer.restoring if tp.topic == self.source)
+        await self._cancel_late_start()  # first: a late start's round would begin a restore (`extend`)
         await self.restorer.cancel()
-        await self._cancel_late_start()
         consume = self._tasks[0] if self._tasks else None
         try:
             if consume is not None:
