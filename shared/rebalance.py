@@ -25,6 +25,7 @@ import sentry_sdk
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from shared.alerts import Alerter
 from shared.flight import FlightSender, InFlight
 from shared.membership import (
     EXIT_INSTANCE_ID_TAKEN,
@@ -71,6 +72,8 @@ class Rebalancing:
     last_timestamp: dict[TopicPartition, float]
     readable_since: dict[TopicPartition, float]
     assigned: set[TopicPartition]
+    awaiting_commit: set[TopicPartition]  # owned, paused until the coordinator tells their commit (`_start_late`)
+    alerter: Alerter
     joined: bool
     revocations: int
     fenced: InstanceIdTaken | None
@@ -129,6 +132,7 @@ class Rebalancing:
                 self.last_timestamp.pop(tp, None)
                 self.readable_since.pop(tp, None)
             self.assigned -= set(revoked)
+            self.awaiting_commit -= set(revoked)
             for state in self.states:
                 state.revoke(sorted(tp.partition for tp in revoked if tp.topic == self.source))
         finally:
@@ -208,9 +212,11 @@ class Rebalancing:
             self.consumer.resume(*ready)
         self.restorer.begin(ready)  # a task: it starts once this callback returns
         self.readable_since.update((tp, time.monotonic()) for tp in self.assigned)
+        self.awaiting_commit = set()
         if unknown is not None:
             log.warning("%s: %s; reading the others, asking again for these", self.stage, unknown)
             late = {tp for tp in sources if tp not in starts}
+            self.awaiting_commit = set(late)
             for tp in late:
                 # A placeholder, paused: aiokafka holds every fetch from a broker while a partition of it has no
                 # position, and would look this one up with the same error. Sought again once its commit is known.
@@ -233,16 +239,51 @@ class Rebalancing:
     async def _start_late(self, late: set[TopicPartition], owner: Ownership) -> None:
         """Ask again, while the worker heartbeats, for the commits of partitions the assign callback could not
         verify; each one is read (or restored) once its commit is known. Past `LATE_START_ATTEMPTS` rounds the
-        worker rejoins: a new assignment asks afresh, maybe of another coordinator."""
+        worker pages and rejoins: a new assignment asks afresh, maybe of another coordinator. An unexpected
+        error pages and rejoins too: ended silently, it would leave its partitions paused (and unread)."""
+        assert self.consumer is not None
+        try:
+            late = await self._ask_again(late, owner)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("%s: starting partitions %s late failed; rejoining the group", self.stage, sorted(late))
+            self.alerter.fire(
+                "late_start_failed",
+                f"{self.stage}: starting partitions {sorted(tp.partition for tp in late)} at their commit failed "
+                f"({exc!r}); rejoining the group",
+                partitions=sorted(tp.partition for tp in late),
+            )
+            request_rejoin(self.consumer)
+            return
+        if not late:
+            self.alerter.resolve("commit_unknown")
+            return
+        if not owner.owned:
+            return
+        partitions = sorted(tp.partition for tp in late)
+        log.error("%s: commits of %s still unknown; rejoining the group", self.stage, partitions)
+        # Paged (once per episode): a coordinator refusing a partition for good keeps it unread through every rejoin.
+        self.alerter.fire(
+            "commit_unknown",
+            f"{self.stage}: the coordinator did not tell the committed offsets of partitions {partitions} in "
+            f"{LATE_START_ATTEMPTS} rounds; they are not read; rejoining the group",
+            partitions=partitions,
+        )
+        request_rejoin(self.consumer)
+
+    async def _ask_again(self, late: set[TopicPartition], owner: Ownership) -> set[TopicPartition]:
+        """`LATE_START_ATTEMPTS` rounds of `_start_late`: the partitions whose commit is still unknown."""
         assert self.consumer is not None
         for _ in range(LATE_START_ATTEMPTS):
             starts, unknown = await committed_offsets(self.consumer, late, self._offset_fetch_budget_s())
             if not owner.owned:
-                return  # revoked meanwhile: the next assignment verifies its own starts
+                return late  # revoked meanwhile: the next assignment verifies its own starts
             self._seek_to_starts(starts)
             settle_position_lookups(self.consumer, starts)
             known = sorted((tp for tp in late if tp in starts), key=lambda tp: tp.partition)
             late -= set(known)
+            self.awaiting_commit -= set(known)
             if known and self.states:
                 self.restorer.extend(known)
             elif known:
@@ -253,9 +294,8 @@ class Rebalancing:
                 log.info(
                     "%s: partitions %s read from their verified commit", self.stage, [tp.partition for tp in known]
                 )
-                return
-        log.error("%s: commits of %s still unknown; rejoining the group", self.stage, sorted(late))
-        request_rejoin(self.consumer)
+                return late
+        return late
 
     async def _cancel_late_start(self) -> None:
         task, self._late_start = self._late_start, None

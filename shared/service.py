@@ -23,7 +23,7 @@ from typing import Any
 import faust
 
 from shared import pipeline
-from shared.alerts import Alerter, OutageClock
+from shared.alerts import OutageClock
 from shared.app import HifiApp, create_app
 from shared.config import HifiConfig, Settings
 from shared.dlq import DeadLetterQueues
@@ -114,7 +114,7 @@ class ServiceContext:
         runner.session_timeout_ms = int(self.settings.session_timeout_s * 1000)
         if runner.leave_group_on_stop is None and self.settings.leave_group_on_stop != "auto":
             runner.leave_group_on_stop = self.settings.leave_group_on_stop == "yes"
-        alerter = Alerter(runner.stage)
+        alerter = runner.alerter
         runner.broker_outage = OutageClock(
             alerter, "broker_unreachable", "the Kafka broker", audit.outage_alert_after_s
         )

@@ -49,6 +49,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from mode import Service
 
+from shared.alerts import Alerter
 from shared.audit import batch_tallies
 from shared.codec import decode_event
 from shared.dlq import DeadLetter
@@ -176,6 +177,8 @@ class StageRunner(Rebalancing, Service):
         self.last_timestamp: dict[TopicPartition, float] = {}  # Kafka timestamp (ms) of the last event read
         self.readable_since: dict[TopicPartition, float] = {}  # monotonic time a partition was resumed
         self.assigned: set[TopicPartition] = set()  # owned and restored: read from
+        self.awaiting_commit: set[TopicPartition] = set()  # owned, paused until their commit is told (late start)
+        self.alerter = Alerter(stage)  # pages (Sentry); shared with the watchdog and the broker outage clock
         self.joined = False
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -233,11 +236,12 @@ class StageRunner(Rebalancing, Service):
         return ctx.attach(self)  # type: ignore[no-any-return]
 
     def ready(self) -> dict[str, Any]:
-        """For /ready: joined the group and restored every owned partition's state."""
+        """For /ready: joined the group, every owned partition's commit known and its state restored."""
         return {
-            "joined": self.joined and not self.restorer.restoring,
+            "joined": self.joined and not self.restorer.restoring and not self.awaiting_commit,
             "partitions": sorted(tp.partition for tp in self.assigned),
             "restoring": sorted(tp.partition for tp in self.restorer.restoring),
+            "awaiting_commit": sorted(tp.partition for tp in self.awaiting_commit),
             "group_instance_id": self.group_instance_id,
             "revocations": self.revocations,
         }

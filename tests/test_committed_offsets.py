@@ -16,8 +16,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.protocol.commit import OffsetFetchRequest
 
+import shared.rebalance as rebalance_module
 import shared.stage as stage_module
 from devtools.kafka import LocalKafka
+from shared.membership import CommittedOffsetsUnknown
+from shared.rebalance import RebalanceListener
 from shared.stage import StageRunner
 from tests.test_stage_runner import FlakySink, create_topic, make_runner, produce_events, runners, start, wait_for
 
@@ -183,3 +186,144 @@ async def test_a_commit_unknown_past_the_assign_callbacks_budget_keeps_only_its_
     )
     assert fault.faulted > 2, "the fault did not outlast the callback's budget"
     assert worker.revocations == 0, "the worker rejoined instead of asking again"
+
+
+class LateCommits:
+    """Wraps `committed_offsets` in shared.rebalance: `late` partitions come back unknown (as from a coordinator
+    still loading) to the assign callback, and to the late start's rounds while `hold_late` says so; the answers
+    are the real broker's. `before_late_round` is awaited in each late-start round, before its answer returns."""
+
+    def __init__(self, late: set[int], rounds_unknown: int = 1_000_000) -> None:
+        self.late = late
+        self.rounds_unknown = rounds_unknown  # rounds after the assign callback's still answering "unknown"
+        self.calls = 0
+        self.before_late_round: Callable[[], Awaitable[None]] | None = None
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> LateCommits:
+        real = rebalance_module.committed_offsets
+
+        async def committed_offsets(consumer: Any, partitions: set[TopicPartition], within_s: float) -> Any:
+            self.calls += 1
+            starts, unknown = await real(consumer, partitions, within_s)
+            if self.calls > 1 and self.before_late_round is not None:
+                await self.before_late_round()  # then the answer comes back at once
+            if self.calls > self.rounds_unknown + 1:
+                return starts, unknown
+            held = {tp for tp in partitions if tp.partition in self.late}
+            if not held:
+                return starts, unknown
+            group = str(consumer._coordinator.group_id)
+            return {tp: o for tp, o in starts.items() if tp not in held}, CommittedOffsetsUnknown(group, held, "test")
+
+        monkeypatch.setattr(rebalance_module, "committed_offsets", committed_offsets)
+        return self
+
+
+class HeldState:
+    """A partitioned state whose restore never ends until cancelled; it records opens and revokes in order."""
+
+    changelog_topic = "held.changelog"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[int]]] = []
+        self.restoring = asyncio.Event()
+        self.restore_cancelled = asyncio.Event()
+
+    def open(self, partitions: list[int]) -> list[int]:
+        self.calls.append(("open", list(partitions)))
+        return list(partitions)
+
+    async def restore(self, partitions: list[int], restored: Callable[[int], None] | None = None) -> None:
+        self.restoring.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.restore_cancelled.set()
+            raise
+
+    async def catch_up(self) -> None:
+        pass
+
+    def checkpoint(self) -> None:
+        pass
+
+    def revoke(self, partitions: list[int]) -> None:
+        self.calls.append(("revoke", list(partitions)))
+
+    def changelog(self) -> list[Any]:
+        return []
+
+    def durable(self, partition: int, next_offset: int) -> None:
+        pass
+
+
+async def test_a_revocation_leaves_no_restore_behind_that_a_late_start_began_meanwhile(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The revoke listener cancelled the restore before the late start: a late-start round answered in between
+    (its partition still looked owned) began a restore of a partition being revoked, and opened its store after
+    the revocation closed it (RocksDB used after close, or a lock error)."""
+    source = f"{namespace}.held"
+    await create_topic(kafka.bootstrap, source, 2)
+    late = LateCommits({1}, rounds_unknown=0).install(monkeypatch)
+    state = HeldState()
+
+    late_round_answered = asyncio.Event()
+
+    async def answer_once_the_restore_is_cancelled() -> None:
+        late_round_answered.set()
+        await state.restore_cancelled.wait()
+
+    late.before_late_round = answer_once_the_restore_is_cancelled
+    worker = make_runner(kafka.bootstrap, f"{namespace}-g", "a", source, FlakySink().handle, states=[state])
+    await start(runners, worker)
+    await asyncio.wait_for(state.restoring.wait(), 30)
+    await asyncio.wait_for(late_round_answered.wait(), 30)
+    assert worker.restoring == {TopicPartition(source, 0)}, worker.restoring
+    await RebalanceListener(worker).on_partitions_revoked({TopicPartition(source, p) for p in range(2)})
+    await asyncio.sleep(0.5)  # a restore begun behind the revocation would open its store by now
+    after_revoke = state.calls[next(i for i, (what, ps) in enumerate(state.calls) if what == "revoke" and ps) :]
+    assert worker.restorer._task is None and worker.restoring == set(), "a restore outlived the revocation"
+    assert not [ps for what, ps in after_revoke if what == "open"], f"opened after the revocation: {state.calls}"
+
+
+async def test_a_commit_never_told_pages_and_shows_the_partition_waiting(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partition whose commit the coordinator never tells was in no monitoring view (not `assigned`, /ready
+    joined) and only logged an error before each rejoin: it must page, and /ready must show it waiting."""
+    monkeypatch.setattr(rebalance_module, "LATE_START_ATTEMPTS", 2)
+    source = f"{namespace}.never"
+    await create_topic(kafka.bootstrap, source, 2)
+    LateCommits({1}).install(monkeypatch)
+    worker = make_runner(kafka.bootstrap, f"{namespace}-g", "a", source, FlakySink().handle)
+    await start(runners, worker)
+    await wait_for(lambda: worker.joined, 30, "the assignment")
+    assert worker.ready()["awaiting_commit"] == [1] and not worker.ready()["joined"], worker.ready()
+    await wait_for(lambda: bool(worker.alerter.fired), 30, "an alert for the partition whose commit is unknown")
+    assert worker.alerter.fired[0]["name"] == "commit_unknown", worker.alerter.fired
+
+
+async def test_an_unexpected_error_in_the_late_start_pages_and_rejoins(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The late start ran outside the runner's guard: an unexpected error ended it silently and left its
+    partition paused until some other rebalance. It must page and rejoin, after which the partition is read."""
+    source = f"{namespace}.crash"
+    await create_topic(kafka.bootstrap, source, 2)
+    late = LateCommits({1}, rounds_unknown=0).install(monkeypatch)
+    crashes = [RuntimeError("a bug in the late start")]
+
+    async def crash_once() -> None:
+        if crashes:
+            raise crashes.pop()
+
+    late.before_late_round = crash_once
+    sink = FlakySink()
+    worker = make_runner(kafka.bootstrap, f"{namespace}-g", "a", source, sink.handle)
+    await start(runners, worker)
+    await wait_for(lambda: bool(worker.alerter.fired), 30, "an alert for the failed late start")
+    assert worker.alerter.fired[0]["name"] == "late_start_failed", worker.alerter.fired
+    ids = await produce_events(kafka.bootstrap, source, 100)
+    await wait_for(lambda: set(sink.received) >= set(ids), 40, "every event, the late partition's too, after a rejoin")
+    assert worker.revocations >= 1, "no rejoin after the failure"
