@@ -18,7 +18,9 @@ from aiokafka.errors import (
     ProducerClosed,
     RecordTooLargeError,
     UnsupportedForMessageFormatError,
+    for_code,
 )
+from aiokafka.protocol.commit import OffsetFetchRequest
 
 from shared.app import durable_producer
 from shared.config import SinkConfig
@@ -29,8 +31,13 @@ from shared.errors import (
 )
 from shared.event import Event
 from shared.publish import retire
+from shared.retry import Backoff
 
 from .sinks import Source, idempotency_key, sink_record
+
+# Asking the group's commit after fencing: a coordinator moving or loading answers with an error for a while.
+COMMIT_FETCH_ATTEMPTS = 6
+COMMIT_FETCH_BACKOFF = Backoff(0.1, 2.0)
 
 # Produce errors no retry can cure: the record itself is at fault (too large, corrupt, wrong format).
 UNSENDABLE_RECORD = (
@@ -221,14 +228,43 @@ class KafkaSink:
         )
         try:
             await producer.start()  # InitProducerId: fences an older owner, aborts its open transaction
-            committed = await self.admin.list_consumer_group_offsets(self.group_id, partitions=[tp])
+            committed = await self._committed_offset(tp)
         except BaseException:
             await asyncio.wait_for(producer.stop(), 5.0)
             raise
-        meta = committed.get(tp)
-        self.committed_at_fence[tp] = meta.offset if meta is not None and meta.offset >= 0 else 0
+        self.committed_at_fence[tp] = committed
         self.txn_producers[tp] = producer
         return producer
+
+    async def _committed_offset(self, tp: TopicPartition) -> int:
+        """The group's committed offset of `tp` (0 if never committed), as the coordinator verified it.
+
+        aiokafka's `list_consumer_group_offsets` ignores OffsetFetch's top-level error (a coordinator moving or
+        still loading): that answer read as "nothing committed", which switched the already-delivered filter
+        off and let `send_offsets_to_transaction` move the commit back. Retried with backoff and jitter;
+        still unknown after `COMMIT_FETCH_ATTEMPTS`, the batch fails as transient and is retried whole."""
+        assert self.admin is not None and self.group_id is not None
+        request = OffsetFetchRequest(self.group_id, [(tp.topic, [tp.partition])])
+        error = ""
+        for attempt in range(1, COMMIT_FETCH_ATTEMPTS + 1):
+            try:
+                coordinator = await self.admin.find_coordinator(self.group_id)
+                response = await asyncio.wait_for(self.admin._send_request(request, coordinator), self.config.timeout_s)
+            except (KafkaError, TimeoutError) as exc:
+                error = repr(exc)
+            else:
+                code = getattr(response, "error_code", 0)  # top-level: v2+
+                answers = [(p, o, c) for t, ps in response.topics if t == tp.topic for p, o, _m, c in ps]
+                code = code or next((c for p, _o, c in answers if p == tp.partition), -1)
+                if code == 0:
+                    offset = next(o for p, o, _c in answers if p == tp.partition)
+                    return offset if offset >= 0 else 0
+                error = for_code(code).__name__ if code > 0 else "partition missing from the answer"
+            if attempt < COMMIT_FETCH_ATTEMPTS:
+                await asyncio.sleep(COMMIT_FETCH_BACKOFF.delay(attempt))
+        raise TransientError(
+            f"kafka sink {self.config.name}: committed offset of {tp} for group {self.group_id} unknown: {error}"
+        )
 
     async def _drop_idle_producers(self) -> None:
         """Close the producers of source partitions this worker no longer delivers (most likely revoked)."""
