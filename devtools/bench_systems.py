@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aiokafka.errors import KafkaError
+
 from devtools.bench_load import SHAPES, Shape, api_key, open_loop, tenant_names
 from devtools.bench_measure import (
     BenchSink,
@@ -252,8 +254,15 @@ async def relays_assigned(
             raise RuntimeError(f"a raw relay exited before joining its group: {exited}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"raw relay groups {pending} not assigned {partitions} partitions in {RELAY_JOIN_S:g} s")
-        members = await asyncio.gather(*(group_members(bootstrap, group) for group in pending))
-        pending = [g for g, owners in zip(pending, members, strict=True) if sum(map(len, owners.values())) < partitions]
+        try:
+            members = await asyncio.gather(*(group_members(bootstrap, group) for group in pending))
+        except KafkaError as exc:  # a fresh broker has no coordinator for a new group yet: ask again
+            if not exc.retriable:
+                raise
+        else:
+            pending = [
+                g for g, owners in zip(pending, members, strict=True) if sum(map(len, owners.values())) < partitions
+            ]
         if pending:
             await asyncio.sleep(0.5)
 
