@@ -23,6 +23,7 @@ from devtools.webhook import WebhookReceiver
 API_KEY = "chaos-key"
 
 
+@dataclass
 class LoadGenerator:
     """Open loop: batches at fixed intended times. A batch the collector refuses (5xx, connection
     error) is sent again, like an SDK would, until accepted: resends are duplicates to drop."""
