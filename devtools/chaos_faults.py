@@ -40,11 +40,10 @@ class Kill:
         return self.killed_ms - 2000 <= first_arrival_ms <= self.restarted_ms
 
 
-class ChaosFaults:
-    """What a scenario does to its run; each fault records its kills, spans and notes for the report."""
+class FaultRecord:
+    """The run's state its faults write and its verification reads (`ChaosRun` sets them)."""
 
     kafka: LocalKafka
-    pipeline: PipelineProcesses
     load: LoadGenerator
     topics: Topics
     pills: int
@@ -54,6 +53,12 @@ class ChaosFaults:
     fault_end_ms: float
     notes: list[str]
     windows: list[tuple[str, float, float]]
+
+
+class ChaosFaults(FaultRecord):
+    """What a scenario does to its run; each fault records its kills, spans and notes for the report."""
+
+    pipeline: PipelineProcesses
 
     def mark_fault(self, start: bool) -> None:
         if start:

@@ -11,34 +11,22 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer
 
+from devtools.chaos_faults import FaultRecord
 from shared import pipeline as layout
 from shared.dlq import DeadLetterQueues
 
 if TYPE_CHECKING:
-    from devtools.chaos_faults import Kill
-    from devtools.chaos_truth import LoadGenerator, SinkTruth
-    from devtools.kafka import LocalKafka
-    from shared.topics import Topics
+    from devtools.chaos_truth import SinkTruth
 
 SLA_MS = 1000.0
 
 
-class ChaosVerify:
+class ChaosVerify(FaultRecord):
     """The run measured against ground truth: `drain` waits for the sinks, `report` says whether it passed."""
 
-    kafka: LocalKafka
     rate: float
     faulted_sink: str
-    load: LoadGenerator
     sinks: dict[str, SinkTruth]
-    topics: Topics
-    pills: int
-    clean_exit: bool
-    kills: list[Kill]
-    fault_start_ms: float
-    fault_end_ms: float
-    notes: list[str]
-    windows: list[tuple[str, float, float]]
     refused_by_faulted: Callable[[str], bool] | None
     namespace: str
 
