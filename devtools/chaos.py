@@ -144,7 +144,11 @@ async def run_scenario(
         supervise=scenario.supervise,
         duration_s=duration_s,
     )
-    await run.start()
+    try:
+        await run.start()
+    except BaseException:
+        await run.stop()  # what did start (services, receivers) must not keep its ports for the next scenario
+        raise
     if scenario.refuse_one_in:
         run.faulted.reject_event = run.refused_by_faulted = one_in(scenario.refuse_one_in)
     started = time.monotonic()

@@ -179,8 +179,11 @@ dedupe: {{backend: {self.dedupe_backend}}}
         return path
 
     async def stop(self) -> None:
-        await asyncio.to_thread(self.pipeline.stop_all, 30.0)
-        await self.faulted.stop()
-        await self.healthy.stop()
+        """Stops whatever `start` got to, also when it failed part way."""
+        if (pipeline := getattr(self, "pipeline", None)) is not None:
+            await asyncio.to_thread(pipeline.stop_all, 30.0)
+        for receiver in (getattr(self, "faulted", None), getattr(self, "healthy", None)):
+            if receiver is not None:
+                await receiver.stop()
         for truth in getattr(self, "sinks", {}).values():
             await truth.close()
