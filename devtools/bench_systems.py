@@ -143,11 +143,11 @@ async def run_once(
         pipeline.start(layout.COLLECTOR.name)
     try:
         await asyncio.to_thread(pipeline.wait_ready, 120.0, None if system == "hifi" else [layout.COLLECTOR.name])
-    except BaseException:  # one service failed to start: stop the others, or they keep their ports
+        if system != "hifi":
+            peers = await start_peers(env, system, shape, namespace, hook_url, files_dir)
+    except BaseException:  # a service or peer failed to start: stop the others, or they keep their ports
         await asyncio.to_thread(pipeline.stop_all, 30.0)
         raise
-    if system != "hifi":
-        peers = await start_peers(env, system, shape, namespace, hook_url, files_dir)
     pids = measured_processes(env, pipeline, system, peers)
     cpu_before = cpu_now(pids)
     auditor: dict[str, Any] | None = None
@@ -228,7 +228,11 @@ async def start_peers(
             spawn_relay(source, target, group, env.kafka.bootstrap)
             for (source, target), group in zip(hops, groups, strict=True)
         ]
-        await relays_assigned(env.kafka.bootstrap, groups, PARTITIONS, peers)
+        try:
+            await relays_assigned(env.kafka.bootstrap, groups, PARTITIONS, peers)
+        except BaseException:
+            stop_peers(peers)  # relays that never joined must not keep consuming into the next run
+            raise
         return peers
     else:
         stages = ["enrich", "dedupe", "route", "deliver"] + (["deliver-files"] if shape.file_sink else [])
