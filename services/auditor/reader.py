@@ -59,8 +59,10 @@ class AuditReader(Service):
         consumer.assign(tps)
         start_ms = int(time.time() * 1000 - (LOOKBACK_S + a.audit.settle_s) * 1000)
         a.ledger.trust_from = int(start_ms // 1000) + a.audit.bucket_s
-        found = await consumer.offsets_for_times(dict.fromkeys(tps, start_ms))
+        # The ends first: a partition with nothing in the lookback starts at its end as it was before the
+        # lookup, so a record written while the reader starts is read (asked after, the end skipped it).
         ends = await consumer.end_offsets(tps)
+        found = await consumer.offsets_for_times(dict.fromkeys(tps, start_ms))
         for tp in tps:
             consumer.seek(tp, found[tp].offset if found.get(tp) is not None else ends[tp])
         log.info("auditor: reading %s from %s", topics, time.strftime("%H:%M:%S", time.localtime(start_ms / 1000)))
