@@ -9,7 +9,7 @@ import json
 import os
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from tests.helpers import post, tenant_block, wait_for
 from tests.test_auditor import audit_summary
 
 DSN_ENV = "HIFI_TEST_PG_DSN"
-# One xdist worker runs them all: the pipeline test restarts the session's Postgres under the others' feet.
+# One xdist worker runs them all: they share the session's Postgres and its databases.
 pytestmark = pytest.mark.xdist_group("postgres-session-server")
 
 
@@ -204,11 +204,23 @@ async def test_postgres_sink_server_restarted_and_killed_mid_stream_writes_each_
     }
 
 
+@pytest.fixture
+def restartable_postgres(port_base: int, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalPostgres]:
+    """A server of the test's own: stopping the session's server failed other tests' connections in CI."""
+    own = LocalPostgres(port=port_base + 44)
+    own.ensure()
+    monkeypatch.setenv(DSN_ENV, own.dsn)
+    yield own
+    own.stop()
+
+
 async def test_pipeline_postgres_sink_restart_mid_stream_and_a_bad_row(
-    tmp_path: Path, namespace, settings_for, start_pipeline, kafka, pg_dsn, table, postgres_server
+    tmp_path: Path, namespace, settings_for, start_pipeline, kafka, table, restartable_postgres
 ):
     """The real pipeline: Postgres restarted while events flow, and one event Postgres refuses. Every other
     event is a row exactly once; the refused one is dead-lettered with its SQLSTATE."""
+    postgres_server = restartable_postgres
+    pg_dsn = postgres_server.dsn
     config = tmp_path / "hifi.yaml"
     config.write_text(
         "tenants:\n"
