@@ -80,13 +80,10 @@ class SchemaGate:
             registry=registry,
         )
 
-    def check(self, event: Event, claim: str) -> Output | None:
-        """None: the event goes on (valid, allowed, or flagged in warn mode); else its failed record."""
-        return self._check(event, claim)[0]
-
     def quarantine(self, record: Record) -> Output | None:
-        """`check` for a stage: a quarantined record's outcome is `quarantined`, and its tally note names the
-        type (as /metrics labels it) and the rules it broke, each once, for the auditor's counts."""
+        """None: the event goes on (valid, allowed, or flagged in warn mode); else its failed record. A
+        quarantined record's outcome is `quarantined`, and its tally note names the type (as /metrics
+        labels it) and the rules it broke, each once, for the auditor's counts."""
         failed, note = self._check(record.event, record.source)
         if failed is not None:
             record.outcome = QUARANTINED

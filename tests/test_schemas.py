@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 import pytest
+from aiokafka.structs import ConsumerRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
@@ -20,6 +21,7 @@ from shared.errors import ConfigError
 from shared.event import Event, EventValidator, Limits
 from shared.quarantine import SchemaGate
 from shared.schemas import CompiledSchema, fast_compatible
+from shared.step import Record
 from shared.topics import Topics
 
 PLAY = {
@@ -158,12 +160,18 @@ def test_the_fast_path_agrees_with_the_draft_2020_12_reference(payload):
     assert (compiled.violations(document) == []) == compiled.reference.is_valid(document)
 
 
+def at(event: Event, topic: str = "ns.hifi.enriched", partition: int = 0, offset: int = 0) -> Record:
+    """The record a stage hands the gate: the event and the message it came from (its claim)."""
+    message = ConsumerRecord(topic, partition, offset, 0, 0, event.partition_key, b"", None, 0, 0, [])
+    return Record(event, message)
+
+
 def test_the_gate_quarantines_in_enforce_flags_in_warn_and_survives_a_validator_bug():
     topics = Topics("ns")
     enforce = HifiConfig.parse(config({"types": {"play": PLAY}}))
     gate = SchemaGate(enforce, topics, CollectorRegistry())
     bad = event({"title_id": "x", "bitrate_kbps": 1})
-    out = gate.check(bad, "ns.hifi.enriched:2:41")
+    out = gate.quarantine(at(bad, "ns.hifi.enriched", 2, 41))
     assert out is not None and out.topic == "ns.hifi.failed.acme" and out.key == bad.partition_key
     record = unpack(out.value)
     assert record["event"] == {"event_id": "e-1", "type": "play", "ts": 1.0, "payload": bad.payload}
@@ -173,11 +181,11 @@ def test_the_gate_quarantines_in_enforce_flags_in_warn_and_survives_a_validator_
     assert record["claim"] == "ns.hifi.enriched:2:41" and record["received_ts"] == 1000.0
     assert record["quarantined_ts"] > 0
     assert gate.violations.labels("acme", "play", "pattern", "enforce")._value.get() == 1
-    assert gate.check(event({"title_id": "t-1", "bitrate_kbps": 1}), "c") is None
+    assert gate.quarantine(at(event({"title_id": "t-1", "bitrate_kbps": 1}))) is None
 
     warn = HifiConfig.parse(config({"mode": "warn", "types": {"play": PLAY}}))
     flagged = event({"title_id": "x", "bitrate_kbps": 1})
-    assert SchemaGate(warn, topics, CollectorRegistry()).check(flagged, "c") is None
+    assert SchemaGate(warn, topics, CollectorRegistry()).quarantine(at(flagged)) is None
     assert flagged.schema_violations == [{"pointer": "/payload/title_id", "rule": "pattern"}]  # no quoted value
     assert decode_event(encode_event(flagged)).schema_violations == flagged.schema_violations
 
@@ -189,7 +197,7 @@ def test_the_gate_quarantines_in_enforce_flags_in_warn_and_survives_a_validator_
 
     broken = SchemaGate(enforce, topics, CollectorRegistry())
     object.__setattr__(enforce.tenants["acme"], "schemas", Broken())
-    failed = broken.check(event({}), "c")
+    failed = broken.quarantine(at(event({})))
     assert failed is not None
     assert [v["rule"] for v in unpack(failed.value)["violations"]] == ["validator_error"]
 
