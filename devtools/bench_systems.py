@@ -39,6 +39,7 @@ from shared.tables import group_members
 from shared.topics import Topics, ensure_topics
 
 PARTITIONS = 4  # of every topic, the pipeline's and the peers'
+PROFILE_ENV = "HIFI_BENCH_PROFILE"  # a directory: py-spy records every Python process of each run into it
 
 
 @dataclass
@@ -151,6 +152,8 @@ async def run_once(
     pids = measured_processes(env, pipeline, system, peers)
     cpu_before = cpu_now(pids)
     auditor: dict[str, Any] | None = None
+    profile_dir = os.environ.get(PROFILE_ENV)
+    profiles = profile_python(pids, duration, Path(profile_dir) / label) if profile_dir else []
     try:
         load = await open_loop(pipeline.collector_url, rate, duration, batch, shape)
         load_end = time.time()
@@ -160,6 +163,8 @@ async def run_once(
         if "auditor" in pipeline.services:
             auditor = await read_auditor(pipeline.services["auditor"].url("/audit"), load_end, HifiConfig.load(config))
     finally:
+        for profile in profiles:
+            await asyncio.to_thread(profile.wait, 30)
         stop_peers(peers)
         await asyncio.to_thread(pipeline.stop_all, 30.0)
         for truth in truths.values():
@@ -280,6 +285,24 @@ def stop_peers(peers: list[subprocess.Popen[bytes]]) -> None:
             peer.wait(10)
         except subprocess.TimeoutExpired:
             peer.kill()
+
+
+def profile_python(pids: dict[str, int], duration: float, into: Path) -> list[subprocess.Popen[bytes]]:
+    """py-spy (in the bench's virtualenv) samples each Python process through the middle half of the load,
+    as collapsed stacks (`label.txt`); `hifi bench` is then measuring a profiled run, so its CPU is not
+    the run's to publish. The broker and Redis are not Python."""
+    into.mkdir(parents=True, exist_ok=True)
+    py_spy = Path(sys.executable).with_name("py-spy")
+    record = f"{py_spy} record -r 50 -d {max(1, int(duration / 2))} --format raw --nonblocking"
+    return [
+        subprocess.Popen(
+            ["sh", "-c", f"sleep {duration / 4:.1f}; exec {record} -p {pid} -o {into / (label + '.txt')}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for label, pid in pids.items()
+        if not label.startswith(("kafka-", "redis"))
+    ]
 
 
 def measured_processes(
