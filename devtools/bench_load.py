@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import msgspec
 
 API_KEY = "bench-key"
 
@@ -135,12 +136,14 @@ async def open_loop(
 
         async def send(tenant: str, events: list[dict[str, Any]]) -> None:
             try:
-                async with session.post(url, json=events, headers={"X-Api-Key": api_key(tenant)}) as resp:
-                    body = await resp.json(content_type=None)
+                body_out = msgspec.json.encode(events)  # the load shares the CPU it measures: C, not json
+                headers = {"X-Api-Key": api_key(tenant), "Content-Type": "application/json"}
+                async with session.post(url, data=body_out, headers=headers) as resp:
+                    body = msgspec.json.decode(await resp.read())
                     accepted.update(body.get("accepted", []))
                     if resp.status != 200:
                         refused[f"HTTP {resp.status}"] = refused.get(f"HTTP {resp.status}", 0) + 1
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError) as exc:
                 refused[type(exc).__name__] = refused.get(type(exc).__name__, 0) + 1
 
         def post(tenant: str, events: list[dict[str, Any]]) -> None:

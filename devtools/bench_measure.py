@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 from aiohttp import web
 from hdrh.histogram import HdrHistogram
 
@@ -122,9 +122,9 @@ class BenchSink(WebhookReceiver, SinkTruth):
     port: int = 0
 
     async def _handle(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        body = msgspec.json.decode(await request.read())  # the harness shares the CPU it measures: C, not json
         self.record(body["events"], time.time() * 1000)
-        return web.json_response({"ok": True})
+        return web.Response(body=b'{"ok":true}', content_type="application/json")
 
 
 FILE_POLL_S = 0.01
@@ -168,8 +168,8 @@ class FileTail(SinkTruth):
         self._offset += len(data)
         data = self._partial + data
         complete, _, self._partial = data.rpartition(b"\n")
-        if complete:
-            self.record([json.loads(line) for line in complete.split(b"\n")], time.time() * 1000)
+        if complete:  # JSON lines hold no raw newline: the chunk's lines, as one array, in one C call
+            self.record(msgspec.json.decode(b"[" + complete.replace(b"\n", b",") + b"]"), time.time() * 1000)
 
 
 def merged_latencies(truths: Iterable[SinkTruth]) -> tuple[HdrHistogram, dict[str, HdrHistogram]]:
