@@ -4,8 +4,9 @@
   latency is measured from it to the sink's receipt, so a stall anywhere (the generator included)
   shows up in the numbers instead of slowing the load down (no coordinated omission).
 - End-to-end latency goes into an HDR histogram; per-stage lag comes from the stage stamps.
-- CPU seconds and peak RSS per process (services, the broker, Redis, and the harness itself: load
-  generator plus sink, which share the machine they measure) come from /proc.
+- CPU seconds and peak RSS per process (services, the broker, Redis, and the harness itself: the load
+  generator, and the receivers in a process of their own, which share the machine they measure) come
+  from /proc.
 - `--system raw` runs the limit reference: the same collector and topics, but each middle stage and
   the sender replaced by a bare aiokafka relay (consume -> produce/POST/append -> commit), no processing.
 - `Shape` is what the pipeline carries: `production` (the default: 2 tenants each subscribed to a
@@ -15,7 +16,7 @@
 
 This module runs the ladder of rates (`main`, behind `hifi bench`); the rest lives beside it:
 bench_load (shapes, events, the open-loop client), bench_measure (the sinks' ground truth, CPU/RSS,
-the drain, the auditor's figures), bench_systems (one run of hifi, hifi-contracts, raw or quix) and
+the drain, the auditor's figures), bench_receivers (the sinks' own process), bench_systems (one run of hifi, hifi-contracts, raw or quix) and
 bench_report (pass/fail, the ceiling bisection, the tables, latest.json's headline, BENCHMARKS.md).
 """
 

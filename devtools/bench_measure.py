@@ -7,7 +7,7 @@ import asyncio
 import os
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,19 +253,32 @@ DRAIN_IDLE_S = 10.0
 DRAIN_MAX_S = 300.0
 
 
-async def drain(sinks: list[SinkTruth], accepted: set[str]) -> bool:
+Progress = Callable[[], Awaitable[tuple[int, bool]]]  # events received over the sinks; all accepted arrived
+
+
+def local_progress(sinks: list[SinkTruth], accepted: set[str]) -> Progress:
+    """`drain`'s view of sinks in this process."""
+
+    async def progress() -> tuple[int, bool]:
+        return sum(len(s.seen) for s in sinks), all(accepted <= s.seen.keys() for s in sinks)
+
+    return progress
+
+
+async def drain(progress: Progress) -> bool:
     """After the load: wait while the sinks still receive, so a backlog is delivered late (and counted
     in the latencies) rather than reported missing. Stops when every accepted event reached every sink
     (True), after `DRAIN_IDLE_S` without a new event, or after `DRAIN_MAX_S` (False: `missing` then holds
     what was still undelivered, in the topics or lost)."""
     started = last_progress = time.monotonic()
-    received = sum(len(s.seen) for s in sinks)
-    while not all(accepted <= s.seen.keys() for s in sinks):
+    received, complete = await progress()
+    while not complete:
         now = time.monotonic()
         if now - last_progress > DRAIN_IDLE_S or now - started > DRAIN_MAX_S:
             return False
         await asyncio.sleep(0.5)
-        if (now_received := sum(len(s.seen) for s in sinks)) > received:
+        now_received, complete = await progress()
+        if now_received > received:
             received, last_progress = now_received, time.monotonic()
     return True
 

@@ -18,9 +18,6 @@ from aiokafka.errors import KafkaError
 
 from devtools.bench_load import SHAPES, Shape, api_key, open_loop, tenant_names
 from devtools.bench_measure import (
-    BenchSink,
-    FileTail,
-    SinkTruth,
     auditor_vs_truth,
     cpu_now,
     drain,
@@ -30,6 +27,7 @@ from devtools.bench_measure import (
     redis_pid,
     sink_counts,
 )
+from devtools.bench_receivers import RemoteSinks
 from devtools.kafka import DEFAULT_HOME, LocalKafka
 from devtools.pipeline import PipelineProcesses
 from devtools.redis import LocalRedis
@@ -119,14 +117,10 @@ async def run_once(
     shape = shape or SHAPES["production"]
     namespace = f"bench{uuid.uuid4().hex[:6]}"
     env.workdir.mkdir(parents=True, exist_ok=True)
-    hook = BenchSink(port=env.port_base + 99)
     files_dir = env.workdir / namespace / "files"
-    truths: dict[str, SinkTruth] = {"hook": hook}
-    if shape.file_sink:
-        truths["files"] = FileTail(path=files_dir / "events.jsonl")
-    for truth in truths.values():
-        await truth.start()
-    hook_url = f"http://127.0.0.1:{hook.port}/in"
+    sinks = RemoteSinks(env.port_base + 99, env.port_base + 98, files_dir / "events.jsonl" if shape.file_sink else None)
+    await sinks.start()
+    hook_url = f"http://127.0.0.1:{sinks.hook_port}/in"
     config = env.workdir / f"{namespace}.yaml"
     contracts = system == "hifi-contracts"
     if contracts:
@@ -148,8 +142,9 @@ async def run_once(
             peers = await start_peers(env, system, shape, namespace, hook_url, files_dir)
     except BaseException:  # a service or peer failed to start: stop the others, or they keep their ports
         await asyncio.to_thread(pipeline.stop_all, 30.0)
+        sinks.kill()
         raise
-    pids = measured_processes(env, pipeline, system, peers)
+    pids = measured_processes(env, pipeline, system, peers, sinks)
     cpu_before = cpu_now(pids)
     auditor: dict[str, Any] | None = None
     profile_dir = os.environ.get(PROFILE_ENV)
@@ -157,7 +152,8 @@ async def run_once(
     try:
         load = await open_loop(pipeline.collector_url, rate, duration, batch, shape)
         load_end = time.time()
-        drained = await drain(list(truths.values()), load.accepted)
+        await sinks.expect(load.accepted)
+        drained = await drain(sinks.progress)
         await asyncio.sleep(1.0)
         cpu, rss, exited = process_costs(pids, cpu_before)
         if "auditor" in pipeline.services:
@@ -167,13 +163,15 @@ async def run_once(
             await asyncio.to_thread(profile.wait, 30)
         stop_peers(peers)
         await asyncio.to_thread(pipeline.stop_all, 30.0)
-        for truth in truths.values():
-            await truth.stop()
+        try:
+            truths = await sinks.stop()
+        finally:
+            sinks.kill()
     accepted = load.accepted
     events = max(1, len(accepted))  # the denominator of every per-event figure
     latency, stage_lag = merged_latencies(truths.values())
     per_sink = sink_counts(truths, accepted)
-    total_cpu = sum(v for k, v in cpu.items() if k != "harness")
+    total_cpu = sum(v for k, v in cpu.items() if not k.startswith("harness"))
     result = {
         "system": label if system != "hifi" or dedupe == "rocksdb" else f"{label}-{dedupe}",
         "shape": shape.name,
@@ -202,7 +200,8 @@ async def run_once(
         "on_time_ratio": round(sum(t.on_time for t in truths.values()) / (events * len(truths)), 5),
         "stage_p95_ms": {s: hist.get_value_at_percentile(95) for s, hist in stage_lag.items()},
         "cpu_s_per_1k": {k: round(v * 1000 / events, 3) for k, v in sorted(cpu.items())},
-        # Every process but the harness (load generator and receivers, the same for every system).
+        # Every process but the harness (the load generator, and the receivers in `harness-sinks`: the same
+        # for every system).
         "cpu_s_per_1k_total": round(total_cpu * 1000 / events, 3),
         "peak_rss_mib": dict(sorted(rss.items())),
         "exited": exited,
@@ -306,7 +305,11 @@ def profile_python(pids: dict[str, int], duration: float, into: Path) -> list[su
 
 
 def measured_processes(
-    env: BenchEnv, pipeline: PipelineProcesses, system: str, peers: list[subprocess.Popen[bytes]]
+    env: BenchEnv,
+    pipeline: PipelineProcesses,
+    system: str,
+    peers: list[subprocess.Popen[bytes]],
+    sinks: RemoteSinks,
 ) -> dict[str, int]:
     """Every process whose CPU and RSS a run reports, by label: services, peers, brokers, Redis, harness."""
     pids = {
@@ -316,7 +319,9 @@ def measured_processes(
     }
     pids.update({f"{system}{i}": p.pid for i, p in enumerate(peers)})
     pids.update({f"kafka-{n}": pid for n, pid in env.kafka.running_pids().items()})
-    pids["harness"] = os.getpid()  # the load generator and the sinks: they share the machine they measure
+    pids["harness"] = os.getpid()  # the load generator: it shares the machine it measures
+    if sinks.process is not None:
+        pids["harness-sinks"] = sinks.process.pid  # the receivers, likewise
     redis = redis_pid(env.redis)
     if redis:
         pids["redis"] = redis

@@ -7,7 +7,7 @@ import pytest
 
 from devtools import bench_measure
 from devtools.bench_load import SHAPES, make_events
-from devtools.bench_measure import SLA_MS, BenchSink, cpu_seconds, drain, peak_rss_mib
+from devtools.bench_measure import SLA_MS, BenchSink, cpu_seconds, drain, local_progress, peak_rss_mib
 from devtools.bench_report import format_table, headline, midpoint, passes
 from devtools.bench_systems import BenchEnv, run_once, write_config
 
@@ -166,6 +166,6 @@ async def test_drain_waits_while_a_backlog_arrives_and_gives_up_when_it_stops(mo
             sink.seen[event_id] = 1
 
     feeding = asyncio.create_task(late_backlog(sorted(accepted)))
-    assert await drain([sink], accepted) is True  # 3.6 s in all, longer than the idle limit
+    assert await drain(local_progress([sink], accepted)) is True  # 3.6 s in all, longer than the idle limit
     await feeding
-    assert await drain([sink], accepted | {"never"}) is False
+    assert await drain(local_progress([sink], accepted | {"never"})) is False
