@@ -52,7 +52,7 @@ fuzz: install
 QUIX_VENV := .cache/bench/quix-venv
 
 bench: install jars $(QUIX_VENV)/bin/quix-ready
-	$(BIN)/hifi bench --step --system hifi --system raw --system quix --duration 60 --json docs/bench/latest.json --doc docs/BENCHMARKS.md
+	$(BIN)/hifi bench --step --second-worker --system hifi --system raw --system quix --duration 60 --json docs/bench/latest.json --doc docs/BENCHMARKS.md
 
 # The Quix Streams peer gets its own virtualenv: its pins conflict with Hifi's dependencies.
 $(QUIX_VENV)/bin/quix-ready:

@@ -16,8 +16,9 @@
 
 This module runs the ladder of rates (`main`, behind `hifi bench`); the rest lives beside it:
 bench_load (shapes, events, the open-loop client), bench_measure (the sinks' ground truth, CPU/RSS,
-the drain, the auditor's figures), bench_receivers (the sinks' own process), bench_systems (one run of hifi, hifi-contracts, raw or quix) and
-bench_report (pass/fail, the ceiling bisection, the tables, latest.json's headline, BENCHMARKS.md).
+the drain, the auditor's figures), bench_receivers (the sinks' own process), bench_systems (one run of
+hifi, hifi-contracts, raw or quix) and bench_report (pass/fail, the ceiling bisection, the tables,
+latest.json's headline, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def main(
     kafka_port: int = 19292,
     redis_url: str = "redis://127.0.0.1:6391/0",
     port_base: int = 18700,
+    second_worker: bool = False,
 ) -> int:
     """Run every system over `rates` (with `step`, a doubling ladder bisected `refine` times past its last
     pass), print the tables and write them to `doc` and `json_out`. Exit status 1 if any run lost an
@@ -79,9 +81,10 @@ def main(
     results: list[dict[str, Any]] = []
     ceilings: dict[str, float] = {}
 
-    def run(system: str, rate: float) -> bool:
-        print(f"bench {system} ({shape.name} shape) at {rate:g} events/s for {duration:g}s ...", flush=True)
-        result = asyncio.run(run_once(env, system, rate, duration, batch, dedupe, shape))
+    def run(system: str, rate: float, workers: int = 1) -> bool:
+        each = f", {workers} workers per stage" if workers > 1 else ""
+        print(f"bench {system} ({shape.name} shape{each}) at {rate:g} events/s for {duration:g}s ...", flush=True)
+        result = asyncio.run(run_once(env, system, rate, duration, batch, dedupe, shape, workers))
         print(json.dumps(result), flush=True)
         results.append(result)
         return passes(result)
@@ -112,6 +115,8 @@ def main(
                     ceilings[system] = rate
                 else:
                     failed = rate
+        if second_worker and "hifi" in ceilings:
+            run("hifi", ceilings["hifi"], workers=2)
     finally:
         kafka.stop()
         if started_redis:

@@ -165,6 +165,7 @@ def headline(results: list[dict[str, Any]], ceilings: dict[str, float], shape: S
         "limit_duplicates": raw.get("duplicates"),
         "auditor": hifi.get("auditor"),
         "planning_eps_per_core": planning(hifi),
+        "second_worker": second_worker(results),
         "ratios": ratios,
         "targets": targets,
     }
@@ -182,6 +183,27 @@ def planning(result: dict[str, Any]) -> dict[str, int]:
         name: round(1000 / cost)
         for name, cost in result.get("cpu_s_per_1k", {}).items()
         if cost > 0 and not name.startswith(NOT_STAGES)
+    }
+
+
+def second_worker(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What a second worker per stage costs: CPU-s per 1,000 events of each stage with one worker and with
+    two (both processes summed), at the rate of the 2-worker run (`--second-worker`: Hifi's ceiling)."""
+    two = next((r for r in results if r["system"] == "hifi-x2"), None)
+    one = two and next((r for r in results if r["system"] == "hifi" and r["rate_eps"] == two["rate_eps"]), None)
+    if two is None or one is None:
+        return None
+    stages: dict[str, dict[str, float | None]] = {}
+    for name, cost in one["cpu_s_per_1k"].items():
+        if name.startswith(NOT_STAGES):
+            continue
+        both = sum(v for label, v in two["cpu_s_per_1k"].items() if label.split("#")[0] == name)
+        stages[name] = {"one": cost, "two": round(both, 3), "ratio": round(both / cost, 2) if cost else None}
+    return {
+        "rate_eps": two["rate_eps"],
+        "stages": stages,
+        "total": {"one": one["cpu_s_per_1k_total"], "two": two["cpu_s_per_1k_total"]},
+        "p95_ms": {"one": one["p95_ms"], "two": two["p95_ms"]},
     }
 
 
@@ -208,6 +230,7 @@ def format_headline(head: dict[str, Any]) -> str:
         f"CPU per event Hifi/limit {r.get('cpu_vs_limit')} "
         "(below 1 is better for p95 and CPU, above 1 for the ceiling).\n"
         f"Planning, events/s per core per stage: {head.get('planning_eps_per_core')}.\n"
+        f"A second worker per stage (CPU-s per 1,000 events, one worker vs two): {head.get('second_worker')}.\n"
         f"Targets: {met}."
     )
 

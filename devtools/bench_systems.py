@@ -37,6 +37,7 @@ from shared.tables import group_members
 from shared.topics import Topics, ensure_topics
 
 PARTITIONS = 4  # of every topic, the pipeline's and the peers'
+NOT_SCALED = (layout.COLLECTOR.name, layout.AUDITOR.name)  # a second worker is priced for the stages between
 PROFILE_ENV = "HIFI_BENCH_PROFILE"  # a directory: py-spy records every Python process of each run into it
 
 
@@ -111,9 +112,11 @@ async def run_once(
     batch: int,
     dedupe: str = "rocksdb",
     shape: Shape | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """One run of `system` at `rate` events/s for `duration` s: start it with fresh topics and sinks, drive
-    the open-loop load, drain, stop it, and return the run's row of latest.json."""
+    the open-loop load, drain, stop it, and return the run's row of latest.json. `workers` > 1 runs that
+    many processes of each Hifi stage after the collector (one consumer group each, as scaled out)."""
     shape = shape or SHAPES["production"]
     namespace = f"bench{uuid.uuid4().hex[:6]}"
     env.workdir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +137,9 @@ async def run_once(
     peers: list[subprocess.Popen[bytes]] = []
     if system == "hifi":
         pipeline.start_all()
+        for stage in [stage for stage in pipeline.services if stage not in NOT_SCALED]:
+            for _ in range(workers - 1):
+                pipeline.add_worker(stage)
     else:
         pipeline.start(layout.COLLECTOR.name)
     try:
@@ -173,7 +179,9 @@ async def run_once(
     per_sink = sink_counts(truths, accepted)
     total_cpu = sum(v for k, v in cpu.items() if not k.startswith("harness"))
     result = {
-        "system": label if system != "hifi" or dedupe == "rocksdb" else f"{label}-{dedupe}",
+        "system": (label if system != "hifi" or dedupe == "rocksdb" else f"{label}-{dedupe}")
+        + (f"-x{workers}" if workers > 1 else ""),
+        "workers": workers,
         "shape": shape.name,
         "rate_eps": rate,
         "duration_s": duration,

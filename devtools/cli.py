@@ -101,6 +101,12 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     bench.add_argument("--kafka-port", type=int, default=19292, help="the bench's own broker")
     bench.add_argument("--redis-url", default="redis://127.0.0.1:6391/0", help="the bench's own Redis")
     bench.add_argument("--port-base", type=int, default=18700, help="services listen on this port and up (+99)")
+    bench.add_argument(
+        "--second-worker",
+        action="store_true",
+        help="after the ladder, run hifi again at its ceiling with 2 workers per stage: the planning figure's cost "
+        "of a second worker (on 2 cores an overhead, not a speed-up)",
+    )
 
     return {
         "kafka": _kafka,
@@ -214,6 +220,7 @@ def _bench(args: argparse.Namespace) -> None:
             args.kafka_port,
             args.redis_url,
             args.port_base,
+            args.second_worker,
         )
     except KeyboardInterrupt:
         print("bench interrupted: its pipeline, broker and Redis are stopped; nothing was written", file=sys.stderr)

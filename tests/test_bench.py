@@ -169,3 +169,33 @@ async def test_drain_waits_while_a_backlog_arrives_and_gives_up_when_it_stops(mo
     assert await drain(local_progress([sink], accepted)) is True  # 3.6 s in all, longer than the idle limit
     await feeding
     assert await drain(local_progress([sink], accepted | {"never"})) is False
+
+
+@pytest.mark.slow
+async def test_a_second_worker_per_stage_runs_in_the_stages_groups_and_is_priced(
+    kafka, redis_server, tmp_path, port_base
+):
+    """`--second-worker`: every stage after the collector runs 2 processes; each is measured, none delivers twice."""
+    env = BenchEnv(kafka, redis_server, tmp_path / "bench", port_base=port_base)
+    result = await run_once(env, "hifi", rate=200, duration=4, batch=20, shape=SHAPES["minimal"], workers=2)
+    assert result["system"] == "hifi-x2" and result["workers"] == 2
+    assert (result["accepted"], result["missing"], result["duplicates"]) == (800, 0, 0), result["exited"]
+    cpu = result["cpu_s_per_1k"]
+    assert {"enricher#2", "deduplicator#2", "router#2", "sender.hook#2"} <= set(cpu)
+    assert "collector#2" not in cpu and "harness-sinks" in cpu
+    assert result["exited"] == []
+
+
+def test_the_second_worker_figure_sums_both_processes_of_a_stage_against_one_at_the_same_rate():
+    from devtools.bench_report import second_worker
+
+    one = {"system": "hifi", "rate_eps": 1500.0, "cpu_s_per_1k_total": 0.8, "p95_ms": 300,
+           "cpu_s_per_1k": {"router": 0.05, "kafka-1": 0.2, "harness": 0.1, "harness-sinks": 0.05}}  # fmt: skip
+    two = {"system": "hifi-x2", "rate_eps": 1500.0, "cpu_s_per_1k_total": 0.9, "p95_ms": 400,
+           "cpu_s_per_1k": {"router": 0.04, "router#2": 0.03, "kafka-1": 0.2, "harness": 0.1}}  # fmt: skip
+    other_rate = {**one, "rate_eps": 2000.0, "cpu_s_per_1k": {"router": 9.0}}
+    figure = second_worker([other_rate, one, two])
+    assert figure is not None
+    assert figure["stages"] == {"router": {"one": 0.05, "two": 0.07, "ratio": 1.4}}
+    assert figure["total"] == {"one": 0.8, "two": 0.9} and figure["p95_ms"] == {"one": 300, "two": 400}
+    assert second_worker([one]) is None
