@@ -247,3 +247,52 @@ async def test_a_backlog_stops_at_the_chunk_where_the_server_fills_up(redis_serv
         assert (await index.lookup("e0"))["found"] and not (await index.lookup(f"e{CHUNK}"))["found"]
     finally:
         await index.close()
+
+
+async def test_a_chunk_of_500_events_is_one_script_call_of_a_few_arguments(redis_server, namespace):
+    """Issue 16: redis-py built the script call in Python with every field and value (and key) as its own
+    argument, 30 % of the auditor's CPU; a chunk now travels as one msgpack argument the script unpacks."""
+    index = TraceIndex(redis_server.url, namespace, ttl_s=60)
+    real_write = index._write
+    calls: list[int] = []
+
+    async def counting_write(keys: Any = None, args: Any = None, client: Any = None) -> Any:
+        calls.append(len(keys or ()) + len(args or ()))
+        return await real_write(keys=keys, args=args, client=client)
+
+    index._write = counting_write  # type: ignore[method-assign]
+    try:
+        for i in range(CHUNK):
+            index.add_receipt({"sink": "hook", "delivered_ts": 5.0, "events": [[f"e{i}", "acme", 1.0, 1, False]],
+                               "trace": [["k", {"router": 4.0}, f"s:0:{i}"]]})  # fmt: skip
+        assert await index.write_pending() == CHUNK
+        assert calls == [3]
+        path = (await index.lookup(f"e{CHUNK - 1}"))["tenants"]["acme"]
+        assert path["stages"] == {"router": 4.0} and path["sinks"]["hook"]["source"] == f"s:0:{CHUNK - 1}"
+    finally:
+        await index.close()
+
+
+async def test_a_hash_near_its_cap_keeps_its_first_facts_and_counts_the_rest(redis_server, namespace):
+    """Facts that fit are written in the order they came, updates to facts the hash holds always land, and the
+    rest are counted in `#more` with what the auditor already counted before writing."""
+    index = TraceIndex(redis_server.url, namespace, ttl_s=60, max_fields=4)
+    key = index.key("near")
+    try:
+        index._put("near", "a", {"n": 1})
+        index._put("near", "b", {"n": 1})
+        await index.write_pending()
+        for field in ("c", "a", "d", "e"):  # room for 2 new: c and d; a is an update; e is over
+            index._put("near", field, {"n": 2})
+        await index.write_pending()
+        assert await index.client.hkeys(key) == [b"a", b"b", b"c", b"d", b"#more"]
+        assert unpack(await index.client.hget(key, "a")) == {"n": 2} and await index.client.hget(key, "#more") == b"1"
+        for field in "fghij":  # f to i fill the pending entry (its own cap): j is counted there
+            index._put("near", field, {"n": 3})
+        await index.write_pending()
+        fields = await index.client.hgetall(key)
+        assert sorted(fields) == [b"#more", b"a", b"b", b"c", b"d"] and int(fields[b"#more"]) == 1 + 4 + 1
+        assert 0 < await index.client.pttl(key) <= 60_000
+        assert await index.client.hlen(key) <= index.max_fields + 1
+    finally:
+        await index.close()
