@@ -212,19 +212,16 @@ class TraceIndex:
         if not traced:  # a receipt from a sender before traces: lag only
             return
         sink, acked = receipt.sink, receipt.delivered_ts
+        put = self._put
         for row, (key, stages, source) in zip(receipt.events, traced, strict=False):
-            event_id, tenant, ingest_ts, attempts = row.event_id, row.tenant, row.ingest_ts, row.attempts
-            # per delivery (its sink topic's source): a second delivery does not overwrite the first
-            self._put(
-                event_id,
-                f"path|{tenant}|{source}",
-                {"kind": "path", "tenant": tenant, "stages": stages, "acked_ts": acked, "source": source},
-            )
-            self._put(
-                event_id,
+            tenant = row.tenant
+            # per delivery (its sink topic's source): a second delivery does not overwrite the first. One fact
+            # with the stage stamps: a `path` fact of its own per delivery repeated tenant, ack and source.
+            put(
+                row.event_id,
                 f"sink|{tenant}|{sink}|{source}",
-                {"kind": "sink", "tenant": tenant, "sink": sink, "acked_ts": acked,
-                 "attempts": attempts, "idempotency_key": key, "source": source, "ingest_ts": ingest_ts},
+                {"kind": "sink", "tenant": tenant, "sink": sink, "acked_ts": acked, "attempts": row.attempts,
+                 "idempotency_key": key, "source": source, "ingest_ts": row.ingest_ts, "stages": stages},
             )  # fmt: skip
 
     async def flush(self) -> int:
@@ -340,12 +337,11 @@ class TraceIndex:
                 if path["accepted"] is None or [fact[k] for k in order] < [path["accepted"][k] for k in order]:
                     path["accepted"] = {k: fact[k] for k in ("ingest_ts", "topic", "partition", "offset")}
                 path["accepted"]["copies"] = copies
-            elif kind == "path":  # the first delivery's stamps (a receipt from before per-delivery facts: as is)
-                order_key = (fact.get("acked_ts") or 0, fact.get("source") or "")
-                if fact["tenant"] not in first_path or order_key < first_path[fact["tenant"]]:
-                    first_path[fact["tenant"]] = order_key
-                    path["stages"] = fact["stages"]
+            elif kind == "path":  # a hash written before the stamps moved into the sink fact (trace_ttl_s)
+                _first_path(path, first_path, fact)
             elif kind == "sink":  # the first delivery to the sink; later ones (a duplicate) counted
+                if "stages" in fact:
+                    _first_path(path, first_path, fact)
                 known = path["sinks"].get(fact["sink"])
                 delivery = {
                     "status": "delivered",
@@ -384,6 +380,14 @@ class TraceIndex:
 
 def _rank(stage: str) -> int:
     return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+
+
+def _first_path(path: dict[str, Any], first_path: dict[str, tuple[Any, ...]], fact: dict[str, Any]) -> None:
+    """The stage stamps of the tenant's first delivery (by ack time, then source) are the path shown."""
+    order_key = (fact.get("acked_ts") or 0, fact.get("source") or "")  # a `path` from before per-delivery facts: as is
+    if fact["tenant"] not in first_path or order_key < first_path[fact["tenant"]]:
+        first_path[fact["tenant"]] = order_key
+        path["stages"] = fact["stages"]
 
 
 def _add_outcome(path: dict[str, Any], fact: dict[str, Any]) -> None:
