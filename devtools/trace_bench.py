@@ -4,9 +4,10 @@ What the auditor does per event for `hifi trace` (shared/trace.py): a collector 
 two senders' receipts (hook, files) each carry its trace row, 5 % of events are re-sent and the
 deduplicator's tally lists the copy as a dup; the facts are written with `write_pending` after every reader
 batch. Reported per 1,000 events: the auditor process's CPU (time.process_time, adding facts and writing
-them) and Redis's (INFO cpu used_cpu_sys + used_cpu_user, before and after). `--baseline FILE` loads another
-version of shared/trace.py (e.g. `git show main:shared/trace.py > /tmp/trace_main.py`) and alternates the two
-in one process run; the medians of `--repeat` runs are printed.
+them) and Redis's (INFO cpu used_cpu_sys + used_cpu_user, before and after); and per event the memory its
+hashes take (INFO memory used_memory). `--baseline FILE` loads another version of shared/trace.py (e.g.
+`git show main:shared/trace.py > /tmp/trace_main.py`) and alternates the two in one process run; the medians
+of `--repeat` runs are printed.
 """
 
 from __future__ import annotations
@@ -71,14 +72,17 @@ def redis_cpu(info: dict[str, Any]) -> float:
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
-async def run_once(module: ModuleType, url: str, batches: list[Batch], per_write: int) -> tuple[float, float, float]:
-    """(auditor CPU-s, of which adding facts, Redis CPU-s) for writing `batches` through `module`'s index."""
+async def run_once(
+    module: ModuleType, url: str, batches: list[Batch], per_write: int
+) -> tuple[float, float, float, float]:
+    """(auditor CPU-s, of which adding facts, Redis CPU-s, Redis memory bytes) for writing `batches` through
+    `module`'s index."""
     index = module.TraceIndex(url, f"bench-{uuid.uuid4().hex[:6]}", ttl_s=120)
     probe = aioredis.from_url(url)
     try:
         await index.client.ping()
         await index._memory_full()  # asked once now, not inside the measured run's first write
-        before = redis_cpu(await probe.info("cpu"))
+        before, memory = redis_cpu(await probe.info("cpu")), int((await probe.info("memory"))["used_memory"])
         adding = 0.0
         started = time.process_time()
         for n, batch in enumerate(batches, 1):
@@ -92,7 +96,8 @@ async def run_once(module: ModuleType, url: str, batches: list[Batch], per_write
                 await index.write_pending()
         spent = time.process_time() - started
         assert not index.pending and index.dropped == 0, (len(index.pending), index.dropped)
-        return spent, adding, redis_cpu(await probe.info("cpu")) - before
+        memory = int((await probe.info("memory"))["used_memory"]) - memory
+        return spent, adding, redis_cpu(await probe.info("cpu")) - before, memory
     finally:
         async for keys in _batched(index.client.scan_iter(match=f"{index.prefix}*", count=1000)):
             await index.client.unlink(*keys)  # the run's hashes only: the server may be someone's dev Redis
@@ -123,7 +128,7 @@ async def main(args: argparse.Namespace) -> None:
     versions = {"current": trace}
     if args.baseline:
         versions = {"baseline": load(Path(args.baseline)), **versions}
-    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in versions}
+    results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in versions}
     for _ in range(args.repeat):
         for name, module in versions.items():
             batches = make_batches(args.events, args.batch)
@@ -132,10 +137,10 @@ async def main(args: argparse.Namespace) -> None:
     print(f"{args.events} events, batches of {args.batch}, write_pending every {args.per_write} batches, "
           f"{args.repeat} runs each: median CPU-s per 1,000 events")  # fmt: skip
     for name, runs in results.items():
-        spent, adding, server = (statistics.median(r[i] for r in runs) / k for i in range(3))
+        spent, adding, server, memory = (statistics.median(r[i] for r in runs) / k for i in range(4))
         print(
             f"  {name:9s} auditor {spent:.4f} (adding facts {adding:.4f}, writing {spent - adding:.4f})"
-            f"  redis {server:.4f}"
+            f"  redis {server:.4f}; Redis memory {memory / 1000:.0f} B/event"
         )
 
 
