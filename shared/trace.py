@@ -72,7 +72,7 @@ local chunk = cmsgpack.unpack(ARGV[3])
 for i = 1, #chunk, 3 do
   local key, over, facts = chunk[i], chunk[i + 1], chunk[i + 2]
   local room = cap - redis.call('HLEN', key)
-  if #facts <= 2 * room and #facts <= 2000 then
+  if #facts <= 2 * room and #facts <= 2000 then  -- 2000: far under unpack's Lua stack limit (8000)
     if #facts > 0 then
       redis.call('HSET', key, unpack(facts))
     end
@@ -250,7 +250,8 @@ class TraceIndex:
                     self.retry_at = time.monotonic() + self.backoff.delay(self.failures)
 
     async def write_pending(self) -> int:
-        """Write what was added since the last write, pipelined; kept for the next write if Redis fails."""
+        """Write what was added since the last write, a script call per CHUNK events; kept for the next write if
+        Redis fails."""
         if not self.pending or self.ttl_ms <= 0:
             self.pending = {}
             return 0
