@@ -23,8 +23,10 @@ import asyncio
 import logging
 import re
 import time
+from itertools import chain
 from typing import Any
 
+import msgpack
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter
 from redis.exceptions import RedisError
@@ -55,40 +57,46 @@ def describe(outcome: str) -> str:
     return OUTCOMES.get(outcome, outcome)
 
 
-# KEYS: one hash per event; ARGV: ttl ms, fields per hash, then each key's field count, then every field and
-# value in order. One script call per chunk of events: redis-py builds and parses a command in Python (~40 us
-# each), and an HSET plus a PEXPIRE per event cost the auditor about 100 us of CPU per event. A hash keeps at
-# most `max_fields` facts (an id every client sends, like "undefined", would grow without bound): the rest
-# are counted in its `#more` field, not stored.
+# ARGV: ttl ms, fields per hash, then the chunk as ONE msgpack array: per event its hash's key, the facts the
+# auditor already counted over the cap, and its fields and values in order. One script call per chunk of events,
+# and one argument for all its facts: redis-py builds a command in Python per argument, and with every key, field
+# and value its own argument that was 30 % of the auditor's CPU (issue 16). Keys travel in ARGV, not KEYS:
+# a chunk's 500 keys span hash slots, so this script runs on a standalone server only, as it always did.
+# Redis's cmsgpack reads no msgpack bin type: the chunk is packed with every bytes value as a str.
+# A hash keeps at most `max_fields` facts (an id every client sends, like "undefined", would grow without bound):
+# the rest are counted in its `#more` field, not stored. Facts that fit even if all are new go in one HSET.
 WRITE_FACTS = """
 local ttl = ARGV[1]
 local cap = tonumber(ARGV[2])
-local at = #KEYS + 3
-for i, key in ipairs(KEYS) do
-  local n = tonumber(ARGV[i + 2])
+local chunk = cmsgpack.unpack(ARGV[3])
+for i = 1, #chunk, 3 do
+  local key, over, facts = chunk[i], chunk[i + 1], chunk[i + 2]
   local room = cap - redis.call('HLEN', key)
-  local over = 0
-  for j = 0, n - 1 do
-    local field, value = ARGV[at + 2 * j], ARGV[at + 2 * j + 1]
-    if field == '#more' then
-      over = over + tonumber(value)
-    elseif room > 0 or redis.call('HEXISTS', key, field) == 1 then
-      room = room - redis.call('HSET', key, field, value)
-    else
-      over = over + 1
+  if #facts <= 2 * room and #facts <= 2000 then  -- 2000: far under unpack's Lua stack limit (8000)
+    if #facts > 0 then
+      redis.call('HSET', key, unpack(facts))
+    end
+  else
+    for j = 1, #facts, 2 do
+      local field = facts[j]
+      if room > 0 or redis.call('HEXISTS', key, field) == 1 then
+        room = room - redis.call('HSET', key, field, facts[j + 1])
+      else
+        over = over + 1
+      end
     end
   end
   if over > 0 then
     redis.call('HINCRBY', key, '#more', over)
   end
   redis.call('PEXPIRE', key, ttl)
-  at = at + 2 * n
 end
-return #KEYS
+return #chunk / 3
 """
 CHUNK = 500  # events per script call: Redis runs a script alone, so keep each short
 MEMORY_CHECK_S = 5.0  # how often the writer asks the server how full it is
 MORE = "#more"  # a hash's count of the facts it did not keep
+_chunk_packer = msgpack.Packer(use_bin_type=False)  # bytes as msgpack str: the form Redis's cmsgpack reads
 SAFE_ERROR = re.compile(r"^(status \d+|sqlstate \w+|\w+)$")  # shared.audit.error_code's forms
 
 
@@ -204,19 +212,16 @@ class TraceIndex:
         if not traced:  # a receipt from a sender before traces: lag only
             return
         sink, acked = receipt.sink, receipt.delivered_ts
+        put = self._put
         for row, (key, stages, source) in zip(receipt.events, traced, strict=False):
-            event_id, tenant, ingest_ts, attempts = row.event_id, row.tenant, row.ingest_ts, row.attempts
-            # per delivery (its sink topic's source): a second delivery does not overwrite the first
-            self._put(
-                event_id,
-                f"path|{tenant}|{source}",
-                {"kind": "path", "tenant": tenant, "stages": stages, "acked_ts": acked, "source": source},
-            )
-            self._put(
-                event_id,
+            tenant = row.tenant
+            # per delivery (its sink topic's source): a second delivery does not overwrite the first. One fact
+            # with the stage stamps: a `path` fact of its own per delivery repeated tenant, ack and source.
+            put(
+                row.event_id,
                 f"sink|{tenant}|{sink}|{source}",
-                {"kind": "sink", "tenant": tenant, "sink": sink, "acked_ts": acked,
-                 "attempts": attempts, "idempotency_key": key, "source": source, "ingest_ts": ingest_ts},
+                {"kind": "sink", "tenant": tenant, "sink": sink, "acked_ts": acked, "attempts": row.attempts,
+                 "idempotency_key": key, "source": source, "ingest_ts": row.ingest_ts, "stages": stages},
             )  # fmt: skip
 
     async def flush(self) -> int:
@@ -245,7 +250,8 @@ class TraceIndex:
                     self.retry_at = time.monotonic() + self.backoff.delay(self.failures)
 
     async def write_pending(self) -> int:
-        """Write what was added since the last write, pipelined; kept for the next write if Redis fails."""
+        """Write what was added since the last write, a script call per CHUNK events; kept for the next write if
+        Redis fails."""
         if not self.pending or self.ttl_ms <= 0:
             self.pending = {}
             return 0
@@ -260,12 +266,16 @@ class TraceIndex:
                 if await self._memory_full(fresh=start > 0):  # dropped and counted: the pipeline's keys first
                     self._drop(sum(len(fields) for _, fields in items[start:]))
                     return start
-                chunk = items[start : start + CHUNK]
-                args: list[Any] = [self.ttl_ms, self.max_fields, *(len(fields) for _, fields in chunk)]
-                for _, fields in chunk:
-                    for field, value in fields.items():
-                        args += (field, value)
-                await self._write(keys=[self.key(event_id) for event_id, _ in chunk], args=args, client=self.client)
+                payload: list[Any] = []
+                for event_id, fields in items[start : start + CHUNK]:
+                    if MORE in fields:  # counted over the cap while pending: the script adds it to the hash's
+                        more = int(fields[MORE])
+                        facts = [x for kv in fields.items() if kv[0] != MORE for x in kv]
+                    else:
+                        more, facts = 0, list(chain.from_iterable(fields.items()))
+                    payload += (self.prefix + event_id, more, facts)
+                args = [self.ttl_ms, self.max_fields, _chunk_packer.pack(payload)]
+                await self._write(keys=[], args=args, client=self.client)
         except (RedisError, OSError) as exc:  # a chunk written before the failure is written again: HSET is idempotent
             for event_id, fields in batch.items():  # keep them (bounded) for the next attempt
                 for field, value in fields.items():
@@ -328,12 +338,11 @@ class TraceIndex:
                 if path["accepted"] is None or [fact[k] for k in order] < [path["accepted"][k] for k in order]:
                     path["accepted"] = {k: fact[k] for k in ("ingest_ts", "topic", "partition", "offset")}
                 path["accepted"]["copies"] = copies
-            elif kind == "path":  # the first delivery's stamps (a receipt from before per-delivery facts: as is)
-                order_key = (fact.get("acked_ts") or 0, fact.get("source") or "")
-                if fact["tenant"] not in first_path or order_key < first_path[fact["tenant"]]:
-                    first_path[fact["tenant"]] = order_key
-                    path["stages"] = fact["stages"]
+            elif kind == "path":  # a hash written before the stamps moved into the sink fact (trace_ttl_s)
+                _first_path(path, first_path, fact)
             elif kind == "sink":  # the first delivery to the sink; later ones (a duplicate) counted
+                if "stages" in fact:
+                    _first_path(path, first_path, fact)
                 known = path["sinks"].get(fact["sink"])
                 delivery = {
                     "status": "delivered",
@@ -372,6 +381,14 @@ class TraceIndex:
 
 def _rank(stage: str) -> int:
     return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+
+
+def _first_path(path: dict[str, Any], first_path: dict[str, tuple[Any, ...]], fact: dict[str, Any]) -> None:
+    """The stage stamps of the tenant's first delivery (by ack time, then source) are the path shown."""
+    order_key = (fact.get("acked_ts") or 0, fact.get("source") or "")  # a `path` from before per-delivery facts: as is
+    if fact["tenant"] not in first_path or order_key < first_path[fact["tenant"]]:
+        first_path[fact["tenant"]] = order_key
+        path["stages"] = fact["stages"]
 
 
 def _add_outcome(path: dict[str, Any], fact: dict[str, Any]) -> None:

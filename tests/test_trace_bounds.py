@@ -188,7 +188,7 @@ async def test_dropped_facts_are_counted_and_logged_once_per_episode(redis_serve
             for event_id in ("a", "b", "c", "d"):
                 index.add_receipt({"sink": "hook", "delivered_ts": 5.0, "events": [[event_id, "acme", 1.0, 1, False]],
                                    "trace": [["k", {}, "s:0:0"]]})  # fmt: skip
-        assert index.dropped == 4 and registry.get_sample_value("hifi_trace_facts_dropped_total") == 4
+        assert index.dropped == 2 and registry.get_sample_value("hifi_trace_facts_dropped_total") == 2  # c, d
         assert sum("dropping facts" in r.getMessage() for r in caplog.records) == 1  # one line per episode
     finally:
         await index.close()
@@ -207,7 +207,7 @@ async def test_the_index_stops_writing_near_the_servers_maxmemory(namespace, por
         await index.client.config_set("maxmemory", str(int(used * 1.1)))  # 91 % full: past the 80 % ceiling
         index.add_receipt({"sink": "hook", "delivered_ts": 5.0, "events": [["full", "acme", 1.0, 1, False]],
                            "trace": [["k", {}, "s:0:0"]]})  # fmt: skip
-        assert await index.write_pending() == 0 and index.dropped == 2
+        assert await index.write_pending() == 0 and index.dropped == 1  # the one delivery's fact
         assert not (await index.lookup("full"))["found"]
     finally:
         await index.close()
@@ -243,7 +243,90 @@ async def test_a_backlog_stops_at_the_chunk_where_the_server_fills_up(redis_serv
             index.add_receipt({"sink": "hook", "delivered_ts": 5.0, "events": [[f"e{i}", "acme", 1.0, 1, False]],
                                "trace": [["k", {}, f"s:0:{i}"]]})  # fmt: skip
         assert await index.write_pending() == CHUNK
-        assert index.dropped == 10 * 2  # the second chunk's facts, counted
+        assert index.dropped == 10  # the second chunk's facts (one per delivery), counted
         assert (await index.lookup("e0"))["found"] and not (await index.lookup(f"e{CHUNK}"))["found"]
+    finally:
+        await index.close()
+
+
+async def test_a_chunk_of_500_events_is_one_script_call_of_a_few_arguments(redis_server, namespace):
+    """Issue 16: redis-py built the script call in Python with every field and value (and key) as its own
+    argument, 30 % of the auditor's CPU; a chunk now travels as one msgpack argument the script unpacks."""
+    index = TraceIndex(redis_server.url, namespace, ttl_s=60)
+    real_write = index._write
+    calls: list[int] = []
+
+    async def counting_write(keys: Any = None, args: Any = None, client: Any = None) -> Any:
+        calls.append(len(keys or ()) + len(args or ()))
+        return await real_write(keys=keys, args=args, client=client)
+
+    index._write = counting_write  # type: ignore[method-assign]
+    try:
+        for i in range(CHUNK):
+            index.add_receipt({"sink": "hook", "delivered_ts": 5.0, "events": [[f"e{i}", "acme", 1.0, 1, False]],
+                               "trace": [["k", {"router": 4.0}, f"s:0:{i}"]]})  # fmt: skip
+        assert await index.write_pending() == CHUNK
+        assert calls == [3]
+        path = (await index.lookup(f"e{CHUNK - 1}"))["tenants"]["acme"]
+        assert path["stages"] == {"router": 4.0} and path["sinks"]["hook"]["source"] == f"s:0:{CHUNK - 1}"
+    finally:
+        await index.close()
+
+
+async def test_a_hash_near_its_cap_keeps_its_first_facts_and_counts_the_rest(redis_server, namespace):
+    """Facts that fit are written in the order they came, updates to facts the hash holds always land, and the
+    rest are counted in `#more` with what the auditor already counted before writing."""
+    index = TraceIndex(redis_server.url, namespace, ttl_s=60, max_fields=4)
+    key = index.key("near")
+    try:
+        index._put("near", "a", {"n": 1})
+        index._put("near", "b", {"n": 1})
+        await index.write_pending()
+        for field in ("c", "a", "d", "e"):  # room for 2 new: c and d; a is an update; e is over
+            index._put("near", field, {"n": 2})
+        await index.write_pending()
+        assert await index.client.hkeys(key) == [b"a", b"b", b"c", b"d", b"#more"]
+        assert unpack(await index.client.hget(key, "a")) == {"n": 2} and await index.client.hget(key, "#more") == b"1"
+        for field in "fghij":  # f to i fill the pending entry (its own cap): j is counted there
+            index._put("near", field, {"n": 3})
+        await index.write_pending()
+        fields = await index.client.hgetall(key)
+        assert sorted(fields) == [b"#more", b"a", b"b", b"c", b"d"] and int(fields[b"#more"]) == 1 + 4 + 1
+        assert 0 < await index.client.pttl(key) <= 60_000
+        assert await index.client.hlen(key) <= index.max_fields + 1
+    finally:
+        await index.close()
+
+
+async def test_a_delivery_is_one_fact_and_a_hash_from_before_reads_the_same(redis_server, namespace):
+    """Issue 16: each delivery wrote a `path` fact (stamps) beside its `sink` fact, repeating tenant, ack and
+    source; now the sink fact carries the stamps. A hash the previous version wrote (live for trace_ttl_s after
+    an upgrade) must read back exactly as one written now."""
+    index = TraceIndex(redis_server.url, namespace, ttl_s=60)
+    stages = {"router": 40.0, "collector": 10.0, "enricher": 20.0, "deduplicator": 30.0}
+    accepted = {"topic": "raw", "ingest_ts": 10.0, "events": [["new", 2, 7]]}
+    try:
+        index.add_tally({"stage": "collector", "runs": [["acme", 0, "accepted", 1]], "at": 1.0, "accepted": accepted})
+        for sink, acked in (("hook", 90.0), ("files", 80.0)):
+            index.add_receipt({"sink": sink, "delivered_ts": acked, "events": [["new", "acme", 10.0, 2, False]],
+                               "trace": [[f"{sink}:acme:new", stages, f"out.{sink}:0:5"]]})  # fmt: skip
+        await index.write_pending()
+        assert await index.client.hlen(index.key("new")) == 3  # accepted, and one fact per sink
+
+        old = dict(await index.client.hgetall(index.key("new")))  # the same facts as the previous version wrote
+        for field, value in list(old.items()):
+            fact = unpack(value)
+            if fact["kind"] == "sink":
+                stamps = fact.pop("stages")
+                old[field] = pack(fact)
+                path = {"kind": "path", "tenant": "acme", "stages": stamps, "acked_ts": fact["acked_ts"],
+                        "source": fact["source"]}  # fmt: skip
+                old[f"path|acme|{fact['source']}".encode()] = pack(path)
+        await index.client.hset(index.key("old"), mapping=old)
+        new_trace, old_trace = await index.lookup("new"), await index.lookup("old")
+        assert {**old_trace, "event_id": "new"} == new_trace
+        shown = new_trace["tenants"]["acme"]
+        assert list(shown["stages"]) == ["collector", "enricher", "deduplicator", "router"]
+        assert shown["sinks"]["files"]["acked_ts"] == 80.0 and shown["sinks"]["hook"]["attempts"] == 2
     finally:
         await index.close()
