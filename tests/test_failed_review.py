@@ -66,7 +66,7 @@ def test_the_client_view_and_a_replay_keep_every_client_field():
     event = full_event()
     assert set(client_view(event)) == EventValidator.CLIENT_FIELDS
     gate = SchemaGate(HifiConfig.parse(config({"types": {"play": STRICT}})), Topics("ns"), CollectorRegistry())
-    out = gate.check(event, "ns.hifi.enriched:0:1")
+    out = gate.quarantine(Record(event, consumer_record("ns.hifi.enriched", 1, event, [])))
     assert out is not None
     replayed = replayed_event(unpack(out.value))
     for name in EventValidator.CLIENT_FIELDS:
@@ -87,7 +87,7 @@ def test_checking_an_event_never_changes_it():
     assert compiled.fast is not None
     event = full_event({"title_id": "t-1"})
     gate = SchemaGate(HifiConfig.parse(config({"types": {"play": schema}})), Topics("ns"), CollectorRegistry())
-    assert gate.check(event, "c") is None
+    assert gate.quarantine(Record(event, consumer_record("c", 0, event, []))) is None
     assert event.payload == {"title_id": "t-1"} and event.context == {"ip": "10.0.0.1"}
 
 
@@ -106,7 +106,8 @@ def test_checking_an_event_never_changes_it():
 )
 def test_the_failed_view_never_shows_a_redacted_value_in_a_message(schema):
     gate = SchemaGate(HifiConfig.parse(config({"types": {"play": schema}})), Topics("ns"), CollectorRegistry())
-    out = gate.check(full_event({"email": EMAIL, "title_id": "t-1"}), "c")
+    event = full_event({"email": EMAIL, "title_id": "t-1"})
+    out = gate.quarantine(Record(event, consumer_record("c", 0, event, [])))
     assert out is not None
     record = unpack(out.value)
     assert EMAIL in json.dumps(record["violations"])  # the fault: the message quotes the object
@@ -125,7 +126,7 @@ def test_a_warn_flag_does_not_carry_values_past_the_sink_transform():
         HifiConfig.parse(config({"mode": "warn", "types": {"play": schema}})), Topics("ns"), CollectorRegistry()
     )
     event = full_event({"email": EMAIL})
-    assert gate.check(event, "c") is None
+    assert gate.quarantine(Record(event, consumer_record("c", 0, event, []))) is None
     assert event.schema_violations == [{"pointer": "/payload/email", "rule": "maxLength"}]
     wire = parse_transform([{"hash": "payload.email"}], "sinks.hook.transform").apply(event.to_wire(), b"k")
     assert EMAIL not in json.dumps(wire)
