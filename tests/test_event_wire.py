@@ -156,7 +156,24 @@ def test_decode_event_agrees_on_damaged_bytes(data):
     assert verdict(decode_event, bytes(blob)) == verdict(v1.decode_event, bytes(blob))
 
 
-@pytest.mark.parametrize("data", [None, b"", b"\xc1", b"\x91" * 10_000, pack({"a": 1}) + b"x"])
+REQUIRED_PAIRS = _map([("event_id", "e"), ("type", "t"), ("ts", 1.0), ("tenant", "a"), ("zz", 0)])[
+    :-1
+]  # the map, its last value to follow
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        None,
+        b"",
+        b"\xc1",
+        b"\x91" * 10_000,
+        pack({"a": 1}) + b"x",
+        # an unknown field a typed decoder would skip unread: invalid UTF-8, a timestamp of a wrong length
+        REQUIRED_PAIRS + b"\xa2\xff\xfe",
+        REQUIRED_PAIRS + b"\xd5\xff\x00\x01",
+    ],
+)
 def test_what_is_not_an_event_is_dead_lettered_as_before(data):
     assert verdict(decode_event, data)[0] == "dead letter"
     assert verdict(decode_event, data) == verdict(v1.decode_event, data)
