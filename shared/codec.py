@@ -1,4 +1,5 @@
-"""msgpack on the wire between stages: one encoder, one decoder, decode once per stage.
+"""msgpack on the wire between stages: one encoder, one decoder (and a typed one for events), decode once
+per stage.
 
 Between stages the bytes are msgspec's (the same msgpack as `msgpack.packb(use_bin_type=True)`, byte for
 byte, about 4x faster to encode and 2x to decode a 1 KB event); client bodies go through `msgpack`,

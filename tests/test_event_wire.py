@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import msgpack
+import msgspec
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -117,6 +118,7 @@ def test_encode_event_writes_the_bytes_of_the_stages_before(data):
     assert encode_event(now) == v1.encode_event(before)
     assert now.to_wire() == before.to_wire() and list(now.to_wire()) == list(before.to_wire())
     assert pack(now.to_wire()) == encode_event(now)  # the router and sinks start from to_wire: the same record
+    msgspec.msgpack.decode(encode_event(now), type=Event)  # the typed fast path reads it alone, no fallback
     assert verdict(decode_event, encode_event(now)) == verdict(v1.decode_event, v1.encode_event(before))
 
 
@@ -185,4 +187,5 @@ def test_every_event_a_stage_writes_reads_back_equal_and_identical_to_before():
         blob = encode_event(event)
         assert blob == v1.encode_event(v1.decode_event(blob))
         assert decode_event(blob) == event
+        assert msgspec.msgpack.decode(blob, type=Event) == event
         assert verdict(decode_event, blob) == verdict(v1.decode_event, blob)
