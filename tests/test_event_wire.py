@@ -111,7 +111,7 @@ def hifi_event(draw: st.DrawFn) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 @given(st.data())
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 def test_encode_event_writes_the_bytes_of_the_stages_before(data):
     head, kwargs = hifi_event(data.draw)
     now, before = Event(*head, **kwargs), v1.Event(*head, **kwargs)
@@ -123,7 +123,7 @@ def test_encode_event_writes_the_bytes_of_the_stages_before(data):
 
 
 @given(wire_maps())
-@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=800, suppress_health_check=[HealthCheck.too_slow])
 @example(msgpack.packb({"event_id": "e", "type": "t", "ts": 5, "tenant": "a"}))
 @example(msgpack.packb({"event_id": "e", "type": "t", "ts": True, "tenant": "a", "canary": "yes"}))
 @example(msgpack.packb({"event_id": "e", "type": "t", "ts": "12", "tenant": "a", "device_id": 7}))
@@ -141,7 +141,7 @@ def test_decode_event_agrees_with_the_stages_before_on_every_map(data):
 
 
 @given(st.data())
-@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 def test_decode_event_agrees_on_damaged_bytes(data):
     """Bytes cut, spliced or overwritten anywhere (invalid UTF-8 in an unknown field, a map that ends early)."""
     blob = bytearray(data.draw(wire_maps()))
