@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import msgpack
+import msgspec
 
 from shared.errors import InvalidEvent
 
@@ -34,22 +35,42 @@ class Limits:
     max_depth: int = 8
 
 
-@dataclass(slots=True)
-class Event:
-    event_id: str
-    type: str
+NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+def _new_map() -> dict[str, Any]:
+    """A fresh {} that msgspec does not take for a default: payload and stages are on the wire even when empty."""
+    return {}
+
+
+class _EventHead(msgspec.Struct, omit_defaults=True):
+    """The fields an Event may be built with by position: `Event("e1", "play", ts, "acme", payload)`."""
+
+    event_id: NonEmptyStr
+    type: NonEmptyStr
     ts: float
-    tenant: str
-    payload: dict[str, Any] = field(default_factory=dict)
+    tenant: NonEmptyStr
+    payload: dict[str, Any] = msgspec.field(default_factory=_new_map)
+
+
+class Event(_EventHead, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """One event, and its wire form: a msgpack map of its fields in this order, `device_id` to the end left
+    out while unset (None, empty, False), `payload`, `ingest_ts` and `stages` always written.
+
+    msgspec decodes a map straight into an Event (shared/codec.py), strictly: a map these types refuse is
+    read again by `from_wire`, which accepts what an older writer may have put there (a numeric string
+    or a bool as `ts`, any `device_id`, a nil payload, an unknown field) exactly as before.
+    """
+
+    ingest_ts: float = msgspec.field(default_factory=float)  # a factory: 0.0 is written, not omitted
+    stages: dict[str, Any] = msgspec.field(default_factory=_new_map)  # ms per stage; Any: an int stays an int
     device_id: str | None = None
     session_id: str | None = None
-    context: dict[str, Any] = field(default_factory=dict)
-    enrichment: dict[str, Any] = field(default_factory=dict)
-    ingest_ts: float = 0.0
-    stages: dict[str, float] = field(default_factory=dict)
+    context: dict[str, Any] = msgspec.field(default_factory=dict)
+    enrichment: dict[str, Any] = msgspec.field(default_factory=dict)
     canary: bool = False
     # Consent categories the client declared (e.g. analytics, ads): a sink may require some.
-    consent: list[str] = field(default_factory=list)
+    consent: list[str] = msgspec.field(default_factory=list)
     # Which version of its type's schema the client says it follows (shared/schemas.py); None: unversioned.
     schema_version: str | None = None
     # Set in a `warn` tenant when the event broke its schema: delivered, flagged with each violation's

@@ -581,7 +581,9 @@ async def test_a_refused_outputs_letter_names_its_own_input_when_another_tenant_
     await producer.start()
     try:  # one batch, so one fetch holds both
         small = Event("same-id", "play", 1.0, "acme", device_id="d1", ingest_ts=time.time() * 1000)
-        large = Event("same-id", "play", 1.0, "globex", {"blob": "x" * 6000}, "d1", ingest_ts=time.time() * 1000)
+        large = Event(
+            "same-id", "play", 1.0, "globex", {"blob": "x" * 6000}, device_id="d1", ingest_ts=time.time() * 1000
+        )
         futures = [await producer.send(source, encode_event(e), key=b"d1") for e in (small, large)]
         await asyncio.gather(*futures)
     finally:
