@@ -367,6 +367,11 @@ async def test_each_sink_record_is_keyed_by_what_the_sink_sees_not_the_raw_devic
     }
     for output in result.outputs:  # the key the sender computes from the record is the record's key
         assert Event.from_wire(unpack_value(output.value)).partition_key == output.key
+    # a sink without rules gets the event itself: the bytes of its map, stamped by the router
+    (plain,) = [o.value for o in result.outputs if o.topic == Topics("").sink("plain")]
+    from shared.codec import pack
+
+    assert plain == pack(event.to_wire()) and "router" in unpack_value(plain)["stages"]
 
 
 def unpack_value(value: bytes) -> Any:
@@ -388,21 +393,21 @@ async def test_a_predicate_that_errors_in_any_way_does_not_match_and_is_counted_
 
     # A batch the runner re-handles one by one (some other record raised) counts each filtered event once.
     boom = Event.from_wire(wire(event_id="boom"))
-    real_pack = router_app.pack
+    real_encode = router_app.encode_event  # the "all" sink has no rules: it gets the event's own encoding
 
-    def pack_failing_on_boom(obj: Any) -> bytes:
-        if obj.get("event_id") == "boom":
+    def encode_failing_on_boom(event: Event) -> bytes:
+        if event.event_id == "boom":
             raise RuntimeError("injected")
-        return real_pack(obj)
+        return real_encode(event)
 
-    router_app.pack, before = pack_failing_on_boom, filtered_total(registry)
+    router_app.encode_event, before = encode_failing_on_boom, filtered_total(registry)
     try:
         batch = [Record(Event.from_wire(wire(event_id="huge2", payload={"kbps": "1e999"})), None), Record(boom, None)]
         with pytest.raises(RuntimeError):
             await router.handle(batch)  # type: ignore[arg-type]
         await router.handle(batch[:1])  # type: ignore[arg-type]
     finally:
-        router_app.pack = real_pack
+        router_app.encode_event = real_encode
     assert filtered_total(registry) - before == 1
 
 

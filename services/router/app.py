@@ -15,7 +15,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from shared.audit import filtered_outcome
-from shared.codec import pack
+from shared.codec import encode_event, pack
 from shared.config import HifiConfig
 from shared.errors import InvalidEvent
 from shared.outcome import Outcome
@@ -67,18 +67,21 @@ class Router:
                 self.unrouted.labels(event.tenant).inc()
                 continue
             event.stamp("router")
-            wire = event.to_wire()
+            wire: dict[str, Any] | None = None  # the event as a map, built only for a sink with rules
             value: bytes | None = None  # the untransformed encoding, shared by sinks without transforms
             dropped: list[str] = []
             for sink, topic, rules in routes:
-                copy, reason = (wire, None) if rules is None else sink_copy(rules, wire, self.secrets)
-                if copy is None:
-                    dropped.append(sink)
-                    counted.append((sink, event.tenant, event.type, reason or "filter"))
-                    continue
-                if copy is wire:
+                copy: dict[str, Any] | None = None
+                if rules is not None:
+                    wire = wire if wire is not None else event.to_wire()
+                    copy, reason = sink_copy(rules, wire, self.secrets)
+                    if copy is None:
+                        dropped.append(sink)
+                        counted.append((sink, event.tenant, event.type, reason or "filter"))
+                        continue
+                if rules is None or copy is wire:  # the event itself: encode_event's bytes are pack(to_wire())'s
                     key = event.partition_key
-                    out = value = value if value is not None else pack(wire)
+                    out = value = value if value is not None else encode_event(event)
                 else:
                     key = copy_key(copy)  # by what the sink sees: a hashed or dropped device id leaves the key
                     out = pack(copy)
