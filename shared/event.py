@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import msgpack
 import msgspec
 
 from shared.errors import InvalidEvent
@@ -212,15 +211,18 @@ class EventValidator:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
+        # The msgpack stages put on the wire (msgspec's: the same bytes as msgpack.packb, ~4x faster to size).
+        self._encoder = msgspec.msgpack.Encoder()
 
     def validate(self, item: Any, tenant: str) -> Event:
         lim = self.limits
         if not isinstance(item, dict):
             raise InvalidEvent("not_an_object", f"each event must be an object, got {type(item).__name__}")
         raw_id = item.get("event_id")
-        event_id = _printable(raw_id) if isinstance(raw_id, str) else None  # echoed in the answer: must encode
-        unknown = set(item) - self.CLIENT_FIELDS
-        if unknown:
+        # echoed in the answer: must encode (ASCII always does)
+        event_id = (raw_id if raw_id.isascii() else _printable(raw_id)) if isinstance(raw_id, str) else None
+        if not self.CLIENT_FIELDS.issuperset(item):
+            unknown = set(item) - self.CLIENT_FIELDS
             names = ", ".join(sorted(map(str, unknown))).encode("utf-8", "backslashreplace").decode()
             raise InvalidEvent("unknown_field", names, event_id)
         for name in ("event_id", "type"):
@@ -246,6 +248,8 @@ class EventValidator:
         if version is not None:
             if isinstance(version, bool) or not isinstance(version, str | int) or not str(version).strip():
                 raise InvalidEvent("wrong_type", "schema_version must be a non-empty string or an integer", event_id)
+            if isinstance(version, int) and not -(2**63) <= version < 2**64:
+                raise InvalidEvent("out_of_range", "integers must fit in 64 bits", event_id)
             version = str(version)
             if len(version) > lim.max_id_chars:
                 raise InvalidEvent("string_too_long", f"schema_version > {lim.max_id_chars} chars", event_id)
@@ -271,7 +275,7 @@ class EventValidator:
         self._check_value(payload, 1, event_id)
         self._check_value(context, 1, event_id)
         try:
-            encoded_size = len(msgpack.packb(item, use_bin_type=True))  # safe now: every value was checked
+            encoded_size = len(self._encoder.encode(item))  # safe now: every value was checked
         except UnicodeEncodeError:  # JSON's "\ud800": a lone surrogate, which no UTF-8 encoder takes
             raise InvalidEvent(
                 "invalid_string", "a string holds a lone UTF-16 surrogate (not valid Unicode)", event_id
@@ -292,18 +296,36 @@ class EventValidator:
         )
 
     def _check_value(self, value: Any, depth: int, event_id: str | None) -> None:
+        """Depth first, in order, so the first fault found is the one reported; a map's or list's plain
+        scalars (the common case: flat payloads) are checked inline rather than by a call apiece."""
         lim = self.limits
         if depth > lim.max_depth:
             raise InvalidEvent("too_deep", f"nesting deeper than {lim.max_depth}", event_id)
         if isinstance(value, dict):
+            inline = depth < lim.max_depth  # an inner value at depth + 1 is not too deep
             for key, inner in value.items():
                 if not isinstance(key, str):
                     raise InvalidEvent("wrong_type", "object keys must be strings", event_id)
                 if len(key) > lim.max_id_chars:
                     raise InvalidEvent("string_too_long", f"key > {lim.max_id_chars} chars", event_id)
+                kind = type(inner)
+                if inline and (inner is None or kind is bool or (kind is str and len(inner) <= lim.max_string_chars)):
+                    continue
+                if inline and kind is int and -(2**63) <= inner < 2**64:
+                    continue
+                if inline and kind is float and math.isfinite(inner):
+                    continue
                 self._check_value(inner, depth + 1, event_id)
         elif isinstance(value, list):
+            inline = depth < lim.max_depth
             for inner in value:
+                kind = type(inner)
+                if inline and (inner is None or kind is bool or (kind is str and len(inner) <= lim.max_string_chars)):
+                    continue
+                if inline and kind is int and -(2**63) <= inner < 2**64:
+                    continue
+                if inline and kind is float and math.isfinite(inner):
+                    continue
                 self._check_value(inner, depth + 1, event_id)
         elif isinstance(value, str):
             if len(value) > lim.max_string_chars:

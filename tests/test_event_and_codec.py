@@ -53,6 +53,8 @@ def test_a_valid_event_becomes_an_event_of_the_tenant():
         (ok(payload={"x": "y" * 9000}), "string_too_long"),
         (ok(extra=1), "unknown_field"),
         (ok(event_id="x" * 200), "string_too_long"),
+        (ok(schema_version=2**64), "out_of_range"),  # msgpack cannot encode it: it raised OverflowError (a 500)
+        (ok(schema_version=-(2**63) - 1), "out_of_range"),
     ],
 )
 def test_each_malformed_event_gets_a_machine_readable_reason(item, expected):

@@ -68,34 +68,12 @@ class Collector(Admission):
     ) -> tuple[int, dict[str, Any]]:
         metrics = self.ctx.metrics
         accepted: list[str] = []
-        rejected: list[dict[str, Any]] = []
-        events: list[tuple[int, Event]] = []
-        outputs: list[Output] = []  # each event's record, in the order of `events`
         ingest_ts = now_ms()
-        for index, item in enumerate(items):
-            try:
-                event = self.validator.validate(item, tenant)
-            except InvalidEvent as exc:
-                rejected.append({"index": index, "event_id": exc.event_id, "reason": exc.reason, "detail": exc.detail})
-                metrics.rejected.labels(tenant, exc.reason).inc()
-                continue
-            if user_agent and "user_agent" not in event.context:
-                event.context["user_agent"] = user_agent
-            if ip and "ip" not in event.context:
-                event.context["ip"] = ip
-            event.ingest_ts = ingest_ts
-            event.stamp("collector")
-            try:  # what validate() did not see (a header put into the context) must not fail the whole request
-                encoded = encode_event(event)
-            except (UnicodeError, ValueError, TypeError, OverflowError) as exc:
-                log.warning("collector: could not encode event %r of %s: %r", event.event_id, tenant, exc)
-                rejected.append(
-                    {"index": index, "event_id": event.event_id, "reason": "unencodable", "detail": str(exc)[:200]}
-                )
-                metrics.rejected.labels(tenant, "unencodable").inc()
-                continue
-            events.append((index, event))
-            outputs.append(Output(self.raw_topic, event.partition_key, encoded))
+        events, outputs, rejected = build_records(
+            self.validator, self.raw_topic, tenant, items, user_agent, ip, ingest_ts
+        )
+        for refused in rejected:
+            metrics.rejected.labels(tenant, refused["reason"]).inc()
         unavailable = 0
         written: list[list[Any]] = []  # [event_id, partition, offset] of each accepted event, for `hifi trace`
         if events:
@@ -322,6 +300,45 @@ class CollectorProducer(Service):
         if publisher is not None:
             await retire(publisher.producer)
         await self.collector.settled(timeout=2 * PRODUCE_TIMEOUT_S)
+
+
+def build_records(
+    validator: EventValidator,
+    topic: str,
+    tenant: str,
+    items: list[Any],
+    user_agent: str | None,
+    ip: str | None,
+    ingest_ts: float,
+) -> tuple[list[tuple[int, Event]], list[Output], list[dict[str, Any]]]:
+    """A request's valid events (with their index), each one's record for `topic` in the same order, and the
+    per-event rejections: the collector's work between the parsed body and the producer."""
+    events: list[tuple[int, Event]] = []
+    outputs: list[Output] = []
+    rejected: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        try:
+            event = validator.validate(item, tenant)
+        except InvalidEvent as exc:
+            rejected.append({"index": index, "event_id": exc.event_id, "reason": exc.reason, "detail": exc.detail})
+            continue
+        if user_agent and "user_agent" not in event.context:
+            event.context["user_agent"] = user_agent
+        if ip and "ip" not in event.context:
+            event.context["ip"] = ip
+        event.ingest_ts = ingest_ts
+        event.stamp("collector")
+        try:  # what validate() did not see (a header put into the context) must not fail the whole request
+            encoded = encode_event(event)
+        except (UnicodeError, ValueError, TypeError, OverflowError) as exc:
+            log.warning("collector: could not encode event %r of %s: %r", event.event_id, tenant, exc)
+            rejected.append(
+                {"index": index, "event_id": event.event_id, "reason": "unencodable", "detail": str(exc)[:200]}
+            )
+            continue
+        events.append((index, event))
+        outputs.append(Output(topic, event.partition_key, encoded))
+    return events, outputs, rejected
 
 
 def _broker_error(error: BaseException) -> bool:
