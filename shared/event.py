@@ -59,6 +59,8 @@ class Event(_EventHead, kw_only=True, omit_defaults=True, forbid_unknown_fields=
     msgspec decodes a map straight into an Event (shared/codec.py), strictly: a map these types refuse is
     read again by `from_wire`, which accepts what an older writer may have put there (a numeric string
     or a bool as `ts`, any `device_id`, a nil payload, an unknown field) exactly as before.
+    `encode_event` writes the bytes `pack(to_wire())` did for fields of the declared types (an Event built
+    with `canary=1` or `context=None` would not be: nothing builds one).
     """
 
     ingest_ts: float = msgspec.field(default_factory=float)  # a factory: 0.0 is written, not omitted

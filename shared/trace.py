@@ -273,7 +273,7 @@ class TraceIndex:
                         facts = [x for kv in fields.items() if kv[0] != MORE for x in kv]
                     else:
                         more, facts = 0, list(chain.from_iterable(fields.items()))
-                    payload += (self.prefix + event_id, more, facts)
+                    payload += (self.key(event_id), more, facts)  # an f-string: a loose row's id may not be a str
                 args = [self.ttl_ms, self.max_fields, _chunk_packer.pack(payload)]
                 await self._write(keys=[], args=args, client=self.client)
         except (RedisError, OSError) as exc:  # a chunk written before the failure is written again: HSET is idempotent

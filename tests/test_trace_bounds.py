@@ -330,3 +330,22 @@ async def test_a_delivery_is_one_fact_and_a_hash_from_before_reads_the_same(redi
         assert shown["sinks"]["files"]["acked_ts"] == 80.0 and shown["sinks"]["hook"]["attempts"] == 2
     finally:
         await index.close()
+
+
+async def test_a_tally_row_with_an_id_that_is_not_a_string_costs_no_other_events_trace(redis_server, namespace):
+    """Tally rows are read loosely (a bad row from a buggy or future writer costs that row): the writer must
+    not lose the whole pending batch over one such id."""
+    index = TraceIndex(redis_server.url, namespace, ttl_s=60)
+    try:
+        index.add_receipt(
+            {"sink": "hook", "delivered_ts": 5.0, "events": [["good", "acme", 1.0, 1, False]],
+             "trace": [["k", {"collector": 1.0}, "s:0:1"]]}
+        )  # fmt: skip
+        index.add_tally(
+            {"stage": "router", "topic": "t", "partition": 0, "first": 1, "runs": [], "at": 1.0,
+             "events": [[1, 12345, "dlq", "acme", None]]}
+        )  # fmt: skip
+        assert await index.write_pending() == 2
+        assert (await index.lookup("good"))["found"]
+    finally:
+        await index.close()
