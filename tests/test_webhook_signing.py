@@ -76,6 +76,29 @@ async def test_signed_request_verifies_in_the_example_receiver_and_the_reference
         Webhook(NEW).verify(body.replace(b'"i":1', b'"i":7'), headers)
 
 
+async def test_the_signed_body_is_utf8_json_of_each_event_and_its_key(port_base, monkeypatch):
+    """Non-ASCII text, 64-bit integers and floats arrive as sent, in the bytes the signature covers."""
+    import json
+
+    from services.sender.sinks import sink_record
+
+    monkeypatch.setenv("HOOK_SECRET", NEW)
+    batch = [
+        Event("é-1", "play", 1764510000123.25, "acme", {"title": "Amélie ✓", "n": 2**63 - 1, "r": 0.1, "e": 1e16}),
+        Event("e-2", "seek", 2.0, "acme", {"neg": -(2**63), "nested": [{"k": None, "b": True}]}, device_id="d"),
+    ]
+    receiver = CapturingReceiver(port=port_base + 23, secrets=[NEW])
+    await receiver.start()
+    try:
+        await deliver(hook_config(receiver.port, signing_secret_env="HOOK_SECRET"), batch)
+    finally:
+        await receiver.stop()
+    headers, body = receiver.raw[0]
+    Webhook(NEW).verify(body, headers)
+    assert "Amélie ✓".encode() in body  # UTF-8, not \u escapes
+    assert json.loads(body) == {"sink": "hook", "events": [sink_record("hook", e) for e in batch]}
+
+
 async def test_rotation_signs_with_both_secrets_and_either_receiver_verifies(port_base, monkeypatch):
     monkeypatch.setenv("HOOK_SECRET", NEW)
     monkeypatch.setenv("HOOK_SECRET_OLD", OLD)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 
 import aiohttp
+import msgspec
 
 from shared.config import SinkConfig
 from shared.errors import (
@@ -40,9 +40,9 @@ class WebhookSink:
         self.signing_keys = webhook_signing_keys(config)
         self.session: aiohttp.ClientSession | None = None
 
-    def _signed(self, msg_id: str, body: str) -> dict[str, str]:
+    def _signed(self, msg_id: str, body: bytes) -> dict[str, str]:
         """Standard Webhooks headers for this attempt (a fresh timestamp; the same id on every retry)."""
-        return sign_headers(self.signing_keys, msg_id, body.encode()) if self.signing_keys else {}
+        return sign_headers(self.signing_keys, msg_id, body) if self.signing_keys else {}
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.timeout_s))
@@ -51,7 +51,9 @@ class WebhookSink:
         assert self.session is not None
         records = [sink_record(self.config.name, e) for e in events]
         batch_key = hashlib.sha256("\n".join(r["idempotency_key"] for r in records).encode()).hexdigest()
-        body = json.dumps({"sink": self.config.name, "events": records}, separators=(",", ":"))
+        # Compact UTF-8 JSON (msgspec: a fifth of the sender's CPU went to json.dumps); what is signed is
+        # exactly what is sent.
+        body = msgspec.json.encode({"sink": self.config.name, "events": records})
         headers = {
             "Content-Type": "application/json",
             "Idempotency-Key": batch_key,
@@ -78,7 +80,7 @@ class WebhookSink:
     async def probe(self) -> None:
         """POST a request with no events: any answer but 408, 429 or 5xx means the sink is up."""
         assert self.session is not None
-        body = json.dumps({"sink": self.config.name, "events": []}, separators=(",", ":"))
+        body = msgspec.json.encode({"sink": self.config.name, "events": []})
         try:
             probe_headers = {"Content-Type": "application/json", **self.headers, **self._signed("msg_probe", body)}
             async with self.session.post(self.url, data=body, headers=probe_headers) as resp:
