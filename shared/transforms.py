@@ -178,7 +178,7 @@ def parse_transform(raw: Any, where: str) -> Transform:
             pairs = [(_path(k, f"{at}.{k}", False), v) for k, v in arg.items()]
             if op == "add":
                 for k, v in arg.items():
-                    _check_json_safe(v, f"{at}.{k}")
+                    check_json_safe(v, f"{at}.{k}")
             if op == "rename":
                 moves = [(src, _path(dst, f"{at}.{'.'.join(src)}", False)) for src, dst in pairs]
                 steps.append(_rename(moves))
@@ -198,9 +198,10 @@ def parse_transform(raw: Any, where: str) -> Transform:
     return Transform(tuple(steps), hashes)
 
 
-def _check_json_safe(value: Any, where: str) -> None:
-    """An `add` value every sink can carry: JSON types only (a YAML date or an int-keyed map would make
-    every event of the sink fail to encode or decode), checked by packing and unpacking it as the pipeline does."""
+def check_json_safe(value: Any, where: str) -> None:
+    """A value every event may carry to every sink (an `add` value, a tenant's metadata): JSON types only (a
+    YAML date, a `yes:` or `~:` key, a NaN would make every event of the sink fail to encode or decode),
+    checked by packing and unpacking it as the pipeline does."""
 
     def walk(v: Any, at: str) -> None:
         if v is None or isinstance(v, str | bool | int):

@@ -273,3 +273,21 @@ enrich:
     with pytest.raises(ConfigError, match=r"^config: sinks\.hook\.auth"):
         HifiConfig.parse(yaml.safe_load(text))
     assert HifiConfig.parse({**GOOD, "enrich": {"geoip_db": None}}).enrich.geoip_db is None
+
+
+@pytest.mark.parametrize(
+    "metadata, problem",
+    [
+        ("flags:\n  on: true", "map key True is not a string"),  # YAML reads on/off/yes/no as booleans
+        ("limits:\n  ~: 1", "map key None is not a string"),
+        ("score: .nan", "is not a JSON number"),
+        ("since: 2024-01-01", "a date is not a JSON value"),
+    ],
+)
+def test_tenant_metadata_every_event_carries_must_be_json_or_the_config_is_refused(metadata, problem):
+    """The enricher copies a tenant's metadata into each of its events: a value a sink's JSON cannot carry
+    would dead-letter every one of them at the sink (a webhook body with a bool key cannot be encoded)."""
+    config = {**GOOD, "tenants": {"acme": {**GOOD["tenants"]["acme"], "metadata": yaml.safe_load(metadata)}}}
+    with pytest.raises(ConfigError) as refused:
+        HifiConfig.parse(config)
+    assert "tenants.acme.metadata" in str(refused.value) and problem in str(refused.value)

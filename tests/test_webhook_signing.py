@@ -95,7 +95,7 @@ async def test_the_signed_body_is_utf8_json_of_each_event_and_its_key(port_base,
         await receiver.stop()
     headers, body = receiver.raw[0]
     Webhook(NEW).verify(body, headers)
-    assert "Amélie ✓".encode() in body  # UTF-8, not \u escapes
+    assert "Amélie ✓".encode() in body and headers["Content-Type"] == "application/json; charset=utf-8"
     assert json.loads(body) == {"sink": "hook", "events": [sink_record("hook", e) for e in batch]}
 
 

@@ -22,6 +22,8 @@ from shared.webhook_signing import parse_secret, sign_headers
 
 from .sinks import SINK_WIDE_STATUSES, Source, sink_record
 
+JSON_UTF8 = "application/json; charset=utf-8"  # the body is raw UTF-8 (msgspec), not \u escapes
+
 
 class WebhookSink:
     """POST {"sink", "events": [...]} as JSON. 2xx is an ack; 408, 429 and 5xx are retried
@@ -55,7 +57,7 @@ class WebhookSink:
         # exactly what is sent.
         body = msgspec.json.encode({"sink": self.config.name, "events": records})
         headers = {
-            "Content-Type": "application/json",
+            "Content-Type": JSON_UTF8,
             "Idempotency-Key": batch_key,
             **self.headers,
             **self._signed(f"msg_{batch_key[:32]}", body),
@@ -82,7 +84,7 @@ class WebhookSink:
         assert self.session is not None
         body = msgspec.json.encode({"sink": self.config.name, "events": []})
         try:
-            probe_headers = {"Content-Type": "application/json", **self.headers, **self._signed("msg_probe", body)}
+            probe_headers = {"Content-Type": JSON_UTF8, **self.headers, **self._signed("msg_probe", body)}
             async with self.session.post(self.url, data=body, headers=probe_headers) as resp:
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:

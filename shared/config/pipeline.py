@@ -34,7 +34,7 @@ from shared.config.sinks import (
 from shared.errors import ConfigError
 from shared.event import Limits
 from shared.schemas import SCHEMAS_KEYS, TenantSchemas, parse_tenant_schemas
-from shared.transforms import CONSENT_KEYS, FILTER_KEYS, OPS
+from shared.transforms import CONSENT_KEYS, FILTER_KEYS, OPS, check_json_safe
 
 DEDUPE_BACKENDS = ("rocksdb", "redis")
 
@@ -217,6 +217,7 @@ def _tenant(name: str, raw: dict[str, Any], sinks: dict[str, SinkConfig], base_d
     if spec.pii_secret_env is None and hashing is not None:
         raise ConfigError(f"{where}.pii_secret_env", f"required: sink {hashing!r} hashes fields")
     schemas = None if spec.schemas is None else parse_tenant_schemas(spec.schemas, f"{where}.schemas", base_dir)
+    check_json_safe(spec.metadata, f"{where}.metadata")  # the enricher copies it into every event of the tenant
     return TenantConfig(
         name=name,
         api_key_hashes=tuple(spec.api_keys),
