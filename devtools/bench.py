@@ -134,7 +134,7 @@ def main(
     print(format_headline(head))
     if doc:
         command = (
-            f"hifi bench --shape {shape.name} {'--step' if step else ''} "
+            f"hifi bench --shape {shape.name} {'--step' if step else ''} {'--second-worker' if second_worker else ''} "
             + " ".join(f"--rate {r:g}" for r in ([] if step else rates))
             + f" --duration {duration:g} "
             + " ".join(f"--system {s}" for s in systems)
