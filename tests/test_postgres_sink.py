@@ -177,8 +177,12 @@ async def test_postgres_sink_server_restarted_and_killed_mid_stream_writes_each_
 
     restarter = asyncio.create_task(restart_now_and_then())
     retries = 0
+    written = 0  # batches acknowledged: at least 30, and on until both faults (stop, kill -9) have struck
     try:
-        for b in range(30):
+        while written < 30 or restarts < 2:
+            if written >= 3000:
+                raise AssertionError(f"only {restarts} restarts while {written} batches were written")
+            b, written = written, written + 1
             batch = events(200, prefix=f"b{b}-")
             for _ in range(400):
                 try:
@@ -199,7 +203,7 @@ async def test_postgres_sink_server_restarted_and_killed_mid_stream_writes_each_
         os.environ.pop(DSN_ENV, None)
         own.wipe()
     assert restarts >= 2 and retries >= 1
-    assert got == Counter({f"b{b}-{i}": 1 for b in range(30) for i in range(200)}), {
+    assert got == Counter({f"b{b}-{i}": 1 for b in range(written) for i in range(200)}), {
         k: n for k, n in got.items() if n != 1
     }
 
