@@ -27,11 +27,13 @@ import asyncio
 import json
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from devtools.bench_load import SHAPES
 from devtools.bench_report import (
+    COMMON_RATE,
     format_auditor,
     format_costs,
     format_headline,
@@ -46,6 +48,35 @@ from devtools.kafka import DEFAULT_HOME, KAFKA_VERSION, LocalKafka
 from devtools.redis import LocalRedis
 
 WARMUP_RATE = 2000.0
+
+
+def ladder(run: Callable[[float], bool], rates: list[float], step: bool, refine: int) -> float | None:
+    """Run `rates` in order; with `step`, stop at the first that fails, bisect `refine` times between it and
+    the last pass (the same for every system), and, if the ladder stopped below it, run the common rate too,
+    so every system has a p95 at the rate the targets compare (it does not count toward the ceiling).
+    Returns the ceiling: the highest rate that passed."""
+    ceiling: float | None = None
+    failed: float | None = None
+    ran: list[float] = []
+    for rate in rates:
+        ran.append(rate)
+        if run(rate):
+            ceiling = rate
+        elif step:
+            failed = rate
+            break
+    for _ in range(refine if step else 0):
+        rate = midpoint(ceiling, failed)
+        if rate is None:
+            break
+        ran.append(rate)
+        if run(rate):
+            ceiling = rate
+        else:
+            failed = rate
+    if step and COMMON_RATE not in ran:
+        run(COMMON_RATE)
+    return ceiling
 
 
 def main(
@@ -99,22 +130,9 @@ def main(
             )
             asyncio.run(run_once(env, "raw", WARMUP_RATE, warmup_s, batch, shape=shape))
         for system in systems:
-            failed: float | None = None
-            for rate in rates:
-                if run(system, rate):
-                    ceilings[system] = rate
-                elif step:
-                    failed = rate
-                    break
-            # The ladder doubles; between its last pass and first fail, bisect (the same for every system).
-            for _ in range(refine if step else 0):
-                rate = midpoint(ceilings.get(system), failed)
-                if rate is None:
-                    break
-                if run(system, rate):
-                    ceilings[system] = rate
-                else:
-                    failed = rate
+            ceiling = ladder(lambda rate, system=system: run(system, rate), rates, step, refine)
+            if ceiling is not None:
+                ceilings[system] = ceiling
         if second_worker and "hifi" in ceilings:
             run("hifi", ceilings["hifi"], workers=2)
     finally:

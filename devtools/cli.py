@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     bench.add_argument(
         "--step",
         action="store_true",
-        help="rates 500, 1k, 2k, 5k, 10k, 20k, 50k until one fails, then bisect (--refine)",
+        help="rates 500, 1k, 2k, 5k, 10k, 20k, 50k until one fails, then bisect (--refine); 2k is always run",
     )
     bench.add_argument(
         "--warmup", type=float, default=20.0, help="seconds of unreported load to warm the fresh broker (0: none)"

@@ -199,3 +199,29 @@ def test_the_second_worker_figure_sums_both_processes_of_a_stage_against_one_at_
     assert figure["stages"] == {"router": {"one": 0.05, "two": 0.07, "ratio": 1.4}}
     assert figure["total"] == {"one": 0.8, "two": 0.9} and figure["p95_ms"] == {"one": 300, "two": 400}
     assert second_worker([one]) is None
+
+
+@pytest.mark.parametrize(
+    "passes_below, ran, ceiling",
+    [
+        # passes up to 1000: the ladder stops at 2000, the bisection finds 1500 fails; 2000 was run
+        (1000, [500, 1000, 2000, 1500], 1000),
+        # passes only 500: stops at 1000 with nothing between, then runs the common rate for the p95 comparison
+        (500, [500, 1000, 2000], 500),
+        # passes up to 3000: 5000 fails, the bisection tries 3500 (fails), then 3000 (passes)
+        (3000, [500, 1000, 2000, 5000, 3500, 3000], 3000),
+        # nothing passes: no ceiling, and 2000 is still measured
+        (0, [500, 2000], None),
+    ],
+)
+def test_the_ladder_bisects_its_ceiling_and_always_measures_the_common_rate(passes_below, ran, ceiling):
+    from devtools.bench import ladder
+
+    runs: list[float] = []
+
+    def run(rate: float) -> bool:
+        runs.append(rate)
+        return rate <= passes_below
+
+    assert ladder(run, [500, 1000, 2000, 5000, 10000], step=True, refine=2) == ceiling
+    assert runs == ran
