@@ -121,15 +121,17 @@ async def serve(hook_port: int, control_port: int, file_path: Path | None) -> No
     if file_path is not None:
         truths["files"] = FileTail(path=file_path)
     accepted: set[str] = set()
+    told = asyncio.Event()  # /accepted arrived: before it, nothing is complete (a run may accept no event)
     done = asyncio.Event()
     stopped: dict[str, Any] = {}
 
     async def set_accepted(request: web.Request) -> web.Response:
         accepted.update(msgspec.msgpack.decode(await request.read()))
+        told.set()
         return web.Response()
 
     async def progress(request: web.Request) -> web.Response:
-        complete = bool(accepted) and all(accepted <= t.seen.keys() for t in truths.values())
+        complete = told.is_set() and all(accepted <= t.seen.keys() for t in truths.values())
         body = {"received": sum(len(t.seen) for t in truths.values()), "complete": complete}
         return web.Response(body=msgspec.msgpack.encode(body))
 
