@@ -211,6 +211,39 @@ async def read_auditor(url: str, load_end: float, config: HifiConfig) -> dict[st
     return summary
 
 
+async def read_batch_shapes(urls: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Per stage, from its /metrics: batches handled, mean events per batch, and mean ms per batch in each
+    step of the commit sequence. At a fixed rate, fewer and larger batches mean less per-batch overhead."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    shapes: dict[str, dict[str, float]] = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        for label, url in urls.items():
+            try:
+                async with session.get(url) as resp:
+                    text = await resp.text()
+            except (aiohttp.ClientError, TimeoutError):
+                continue
+            sums: dict[str, float] = {}
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name in ("hifi_batch_events_sum", "hifi_batch_events_count"):
+                        sums[sample.name.removeprefix("hifi_batch_events_")] = sample.value
+                    elif sample.name.startswith("hifi_batch_phase_seconds_") and not sample.name.endswith("_bucket"):
+                        kind = sample.name.removeprefix("hifi_batch_phase_seconds_")
+                        sums[f"{sample.labels['phase']}_{kind}"] = sample.value
+            batches = sums.get("count", 0.0)
+            if not batches:
+                continue
+            shape = {"batches": batches, "events_per_batch": round(sums.get("sum", 0.0) / batches, 1)}
+            for key in sorted(sums):
+                if key.endswith("_sum") and sums.get(key.removesuffix("_sum") + "_count"):
+                    phase = key.removesuffix("_sum")
+                    shape[f"{phase}_ms"] = round(1000 * sums[key] / sums[f"{phase}_count"], 2)
+            shapes[label] = shape
+    return shapes
+
+
 def auditor_vs_truth(summary: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     """The auditor's own lag and loss beside the sinks' ground truth, and by how much they differ.
 

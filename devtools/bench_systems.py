@@ -24,6 +24,7 @@ from devtools.bench_measure import (
     merged_latencies,
     process_costs,
     read_auditor,
+    read_batch_shapes,
     redis_pid,
     sink_counts,
 )
@@ -153,6 +154,7 @@ async def run_once(
     pids = measured_processes(env, pipeline, system, peers, sinks)
     cpu_before = cpu_now(pids)
     auditor: dict[str, Any] | None = None
+    batch_shapes: dict[str, dict[str, float]] = {}
     profile_dir = os.environ.get(PROFILE_ENV)
     profiles = profile_python(pids, duration, Path(profile_dir) / label) if profile_dir else []
     try:
@@ -162,6 +164,9 @@ async def run_once(
         drained = await drain(sinks.progress)
         await asyncio.sleep(1.0)
         cpu, rss, exited = process_costs(pids, cpu_before)
+        batch_shapes = await read_batch_shapes(
+            {label: service.url("/metrics") for label, service in pipeline.services.items() if label != "collector"}
+        )
         if "auditor" in pipeline.services:
             auditor = await read_auditor(pipeline.services["auditor"].url("/audit"), load_end, HifiConfig.load(config))
     finally:
@@ -213,6 +218,7 @@ async def run_once(
         "cpu_s_per_1k_total": round(total_cpu * 1000 / events, 3),
         "peak_rss_mib": dict(sorted(rss.items())),
         "exited": exited,
+        "batches": batch_shapes,
     }
     if auditor is not None:
         result["auditor"] = auditor_vs_truth(auditor, result)

@@ -50,8 +50,16 @@ async def test_bench_run_of_the_production_shape_measures_every_event_at_every_s
         assert audit["canaries_sent"] > 0
         assert audit["delivered"] == 2 * 1200 and audit["lost"] == 0
         assert audit["differs_by"]["delivered"] == 0 and audit["p95_ms"] is not None
+        # Each consuming stage's batches, read from its /metrics: they hold every event it read.
+        shapes = result["batches"]
+        assert {"enricher", "deduplicator", "router", "sender.hook", "sender.files"} <= set(shapes)
+        for label in ("enricher", "sender.hook", "sender.files"):
+            shape = shapes[label]
+            assert round(shape["batches"] * shape["events_per_batch"]) in range(1200, 1281), (label, shape)
+            assert shape["handle_ms"] > 0 and shape["produce_ms"] > 0
     else:
         assert "auditor" not in result and sum(k.startswith("raw") for k in result["cpu_s_per_1k"]) == 5
+        assert result["batches"] == {}  # the relays have no /metrics
 
 
 def test_production_events_are_realistic_and_keyed_by_200_devices():
