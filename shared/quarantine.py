@@ -44,7 +44,8 @@ from shared.dlq import REPLAY_OF
 from shared.errors import HifiError, InvalidEvent
 from shared.event import Event, now_ms
 from shared.outcome import Outcome
-from shared.publish import Output
+from shared.publish import Output, transient
+from shared.retry import Backoff
 from shared.schemas import CLIENT_FIELDS, Violation, client_view
 from shared.step import Record
 from shared.topics import Topics
@@ -54,11 +55,17 @@ log = logging.getLogger(__name__)
 QUARANTINED = Outcome.QUARANTINED  # the tally outcome
 REPLAY_STAGE = "replay"  # the `accepted` tallies of replayed events
 REPLAY_CHUNK = 100  # replayed events per `accepted` tally: what an interrupted replay may leave untallied
+PROGRESS_ATTEMPTS = 8  # reads of a replay progress group before giving up (about 20 s with the backoff)
+PROGRESS_BACKOFF = Backoff(0.2, 5.0)
 UNKNOWN_TYPE_LABEL = "(unknown)"  # metric label of types no schema names: clients choose them, so unbounded
 
 
 class UnknownTenant(HifiError):
     pass
+
+
+class ReplayProgressUnavailable(HifiError):
+    """The broker did not answer where a replay got to: replaying blind could re-submit everything."""
 
 
 class SchemaGate:
@@ -132,6 +139,92 @@ def replayed_event(record: dict[str, Any]) -> Event:
     return Event(tenant=record["tenant"], ingest_ts=now_ms(), **fields)
 
 
+class ReplayProgress:
+    """How far `hifi failed replay` got through one tenant's failed records, kept in Kafka consumer groups:
+    the tenant-wide group (full replays) and one per type (`--type` replays). A record counts as replayed
+    once either its tenant's group or its type's group has committed past its offset. Type groups are
+    read as their types turn up, once each."""
+
+    def __init__(self, bootstrap: str, topics: Topics, tenant: str, topic: str) -> None:
+        self.bootstrap, self.topics, self.tenant, self.topic = bootstrap, topics, tenant, topic
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+        self._read: dict[str, dict[int, int]] = {}  # group -> next offset per partition
+        self._committers: dict[str, AIOKafkaConsumer] = {}
+
+    async def __aenter__(self) -> ReplayProgress:
+        await self.admin.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for committer in self._committers.values():
+            await committer.stop()
+        await self.admin.close()
+
+    async def committed(self, event_type: str | None = None) -> dict[int, int]:
+        """The next offset to replay per partition of the tenant's group, or of one type's."""
+        group = self.topics.failed_replay_group(self.tenant, event_type)
+        if group not in self._read:
+            offsets = await self._fetch(group)
+            self._read[group] = {
+                tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == self.topic and meta.offset >= 0
+            }
+        return self._read[group]
+
+    async def _fetch(self, group: str) -> dict[TopicPartition, Any]:
+        """The group's committed offsets, retrying transient errors (no coordinator yet on a new broker)."""
+        for attempt in range(1, PROGRESS_ATTEMPTS + 1):
+            try:
+                return await self.admin.list_consumer_group_offsets(group)
+            except Exception as exc:
+                if not transient(exc) or attempt == PROGRESS_ATTEMPTS:
+                    raise ReplayProgressUnavailable(f"replay progress of {group}: {exc!r}") from exc
+                delay = PROGRESS_BACKOFF.delay(attempt)
+                log.warning("reading %s failed (attempt %d), retrying in %.1fs: %r", group, attempt, delay, exc)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def passed(self, partition: int, offset: int, event_type: str | None) -> bool:
+        """Whether a replay has sent the record at `offset` (and the broker acknowledged it)."""
+        if offset < (await self.committed()).get(partition, 0):
+            return True
+        return event_type is not None and offset < (await self.committed(event_type)).get(partition, 0)
+
+    async def start(self, event_type: str | None) -> dict[int, int]:
+        """Where a replay (of one type) resumes: past what the tenant's group, or that type's, has passed."""
+        tenant_wide = await self.committed()
+        if event_type is None:
+            return dict(tenant_wide)
+        of_type = await self.committed(event_type)
+        return {p: max(tenant_wide.get(p, 0), of_type.get(p, 0)) for p in tenant_wide.keys() | of_type.keys()}
+
+    async def commit(self, event_type: str | None, offsets: dict[int, int]) -> None:
+        """Commit the next offset per partition in the group of this replay (the tenant's, or the type's)."""
+        if not offsets:
+            return
+        group = self.topics.failed_replay_group(self.tenant, event_type)
+        committer = self._committers.get(group)
+        if committer is None:
+            # A manually assigned consumer commits in the group without joining it (no rebalance, no members).
+            committer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False)
+            await committer.start()
+            committer.assign([TopicPartition(self.topic, p) for p in offsets])
+            self._committers[group] = committer
+        else:
+            committer.assign(sorted(committer.assignment() | {TopicPartition(self.topic, p) for p in offsets}))
+        await committer.commit({TopicPartition(self.topic, p): offset for p, offset in offsets.items()})
+        self._read[group] = {**self._read.get(group, {}), **offsets}
+
+
+@dataclass
+class _Sent:
+    """A replayed event the broker may not have acknowledged yet, and the failed record it came from."""
+
+    ack: asyncio.Future[Any]
+    ingest_ts: float
+    partition: int
+    offset: int
+
+
 @dataclass
 class FailedEvents:
     """Read and replay one tenant's quarantined events (`hifi failed`, the failed-events web view)."""
@@ -149,16 +242,19 @@ class FailedEvents:
     async def read(
         self, tenant: str, event_type: str | None = None, limit: int | None = 100, event_id: str | None = None
     ) -> list[dict[str, Any]]:
-        """Failed records up to the topic's end when called, oldest first, filtered by type or event id."""
+        """Failed records up to the topic's end when called, oldest first, filtered by type or event id;
+        `replayed`: a replay has sent it (see ReplayProgress)."""
         found: list[dict[str, Any]] = []
-        async for partition, offset, record in self._scan(tenant):
-            if event_type is not None and record.get("type") != event_type:
-                continue
-            if event_id is not None and record.get("event_id") != event_id:
-                continue
-            found.append({"partition": partition, "offset": offset, **record})
-            if limit is not None and len(found) >= limit:
-                break
+        async with ReplayProgress(self.bootstrap, self.topics, tenant, self.topic(tenant)) as progress:
+            async for partition, offset, record in self._scan(tenant):
+                if event_type is not None and record.get("type") != event_type:
+                    continue
+                if event_id is not None and record.get("event_id") != event_id:
+                    continue
+                replayed = await progress.passed(partition, offset, _type_of(record))
+                found.append({"partition": partition, "offset": offset, "replayed": replayed, **record})
+                if limit is not None and len(found) >= limit:
+                    break
         return found
 
     async def counts(self, tenant: str) -> dict[str, int]:
@@ -168,64 +264,112 @@ class FailedEvents:
             per_type[str(record.get("type"))] += 1
         return dict(per_type)
 
+    async def progress(self, tenant: str) -> dict[int, int]:
+        """The tenant-wide replay's next offset per partition (records below it were replayed)."""
+        async with ReplayProgress(self.bootstrap, self.topics, tenant, self.topic(tenant)) as progress:
+            return dict(await progress.committed())
+
     async def replay(
-        self, tenant: str, event_type: str | None = None, rate: float = 100.0, limit: int | None = None
+        self,
+        tenant: str,
+        event_type: str | None = None,
+        rate: float = 100.0,
+        limit: int | None = None,
+        from_start: bool = False,
     ) -> int:
-        """Re-submit the original events at the front door; a record replayed before is dropped downstream.
+        """Re-submit the original events not replayed before at the front door; `from_start`: all of them.
 
         Each chunk of REPLAY_CHUNK events is tallied `accepted` as soon as the broker has it (as the
-        collector does), so an interrupted replay leaves no acknowledged event untallied (a send that
-        raises: what was acknowledged is tallied first), or at most one chunk if the process dies."""
+        collector does), then its progress is committed (ReplayProgress), so an interrupted replay leaves
+        no acknowledged event untallied (a send that raises: what was acknowledged is tallied and committed
+        first), or at most one chunk untallied and uncommitted if the process dies: the next run re-submits
+        that chunk, which the deduplicator drops if still within `dedupe.window_s`."""
+        topic = self.topic(tenant)
         producer = durable_producer(self.bootstrap)
         await producer.start()
         replayed = 0
         started = time.monotonic()
-        chunk: list[tuple[asyncio.Future[Any], float]] = []  # (the send's ack, the event's ingest time)
+        chunk: list[_Sent] = []
+        scanned: dict[int, int] = {}  # next offset per partition past every record sent or skipped
         try:
-            try:
-                async for _, _, record in self._scan(tenant):
-                    if "error" in record or (event_type is not None and record.get("type") != event_type):
-                        continue
-                    if limit is not None and replayed >= limit:
-                        break
-                    event = replayed_event(record)
-                    headers = [(REPLAY_OF, str(record["claim"]).encode())]
-                    ack = await producer.send(
-                        self.topics.raw, encode_event(event), key=event.partition_key, headers=headers
-                    )
-                    chunk.append((ack, event.ingest_ts))
-                    replayed += 1
-                    if len(chunk) >= REPLAY_CHUNK:
-                        await self._tally_acked(producer, tenant, chunk)
-                        chunk = []
-                    if rate > 0:
-                        await asyncio.sleep(max(0.0, started + replayed / rate - time.monotonic()))
-            except BaseException:
-                if chunk:  # tally what the broker acknowledged before the failure, then fail
-                    await asyncio.shield(self._tally_acked(producer, tenant, chunk, partial=True))
-                raise
-            if chunk:
+            async with ReplayProgress(self.bootstrap, self.topics, tenant, topic) as progress:
+                start = {} if from_start else await progress.start(event_type)
+                try:
+                    async for partition, offset, record in self._scan(tenant, start):
+                        if limit is not None and replayed >= limit:
+                            break
+                        if self._skipped(record, event_type) or (
+                            not from_start and await progress.passed(partition, offset, _type_of(record))
+                        ):
+                            scanned[partition] = offset + 1
+                            continue
+                        event = replayed_event(record)
+                        headers = [(REPLAY_OF, str(record["claim"]).encode())]
+                        ack = await producer.send(
+                            self.topics.raw, encode_event(event), key=event.partition_key, headers=headers
+                        )
+                        chunk.append(_Sent(ack, event.ingest_ts, partition, offset))
+                        scanned[partition] = offset + 1
+                        replayed += 1
+                        if len(chunk) >= REPLAY_CHUNK:
+                            await self._tally_acked(producer, tenant, chunk)
+                            await progress.commit(event_type, scanned)
+                            chunk = []
+                        if rate > 0:
+                            await asyncio.sleep(max(0.0, started + replayed / rate - time.monotonic()))
+                except BaseException:
+                    # tally and commit what the broker acknowledged before the failure, then fail
+                    await asyncio.shield(self._settle_partial(producer, progress, tenant, event_type, chunk, scanned))
+                    raise
                 await self._tally_acked(producer, tenant, chunk)
+                await progress.commit(event_type, scanned)
         finally:
             await producer.stop()
         return replayed
 
-    async def _tally_acked(
-        self, producer: Any, tenant: str, chunk: list[tuple[asyncio.Future[Any], float]], partial: bool = False
+    @staticmethod
+    def _skipped(record: dict[str, Any], event_type: str | None) -> bool:
+        return "error" in record or (event_type is not None and record.get("type") != event_type)
+
+    async def _settle_partial(
+        self,
+        producer: Any,
+        progress: ReplayProgress,
+        tenant: str,
+        event_type: str | None,
+        chunk: list[_Sent],
+        scanned: dict[int, int],
     ) -> None:
+        """After a failure: tally the chunk's acknowledged events, and commit each partition up to its first
+        unacknowledged one (a later acknowledged one is re-submitted next time, a duplicate dedupe drops)."""
+        failed = await self._tally_acked(producer, tenant, chunk, partial=True)
+        safe = dict(scanned)
+        for sent in failed:
+            safe[sent.partition] = min(safe[sent.partition], sent.offset)
+        await progress.commit(event_type, safe)
+
+    async def _tally_acked(self, producer: Any, tenant: str, chunk: list[_Sent], partial: bool = False) -> list[_Sent]:
         """`accepted` tallies for the chunk's events once the broker has them (a tally for an event never
-        sent would read as loss). `partial`: tally the acknowledged ones and skip the failed."""
-        acks = await asyncio.gather(*(ack for ack, _ in chunk), return_exceptions=partial)
+        sent would read as loss). `partial`: tally the acknowledged ones, return the failed."""
+        acks = await asyncio.gather(*(sent.ack for sent in chunk), return_exceptions=partial)
         buckets: Tally[int] = Tally()
-        for ack, (_, ingest_ts) in zip(acks, chunk, strict=True):
-            if not isinstance(ack, BaseException):
-                buckets[bucket_of(ingest_ts, self.bucket_s)] += 1
+        failed: list[_Sent] = []
+        for ack, sent in zip(acks, chunk, strict=True):
+            if isinstance(ack, BaseException):
+                failed.append(sent)
+            else:
+                buckets[bucket_of(sent.ingest_ts, self.bucket_s)] += 1
         for bucket, count in buckets.items():
             await producer.send_and_wait(
                 self.topics.tallies, accepted_tally(REPLAY_STAGE, tenant, bucket, count), key=b"replay"
             )
+        return failed
 
-    async def _scan(self, tenant: str) -> AsyncIterator[tuple[int, int, dict[str, Any]]]:
+    async def _scan(
+        self, tenant: str, start: dict[int, int] | None = None
+    ) -> AsyncIterator[tuple[int, int, dict[str, Any]]]:
+        """The tenant's failed records up to the topic's end when called, from `start` (next offset per
+        partition; the beginning for a partition it does not name)."""
         topic = self.topic(tenant)
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
         await admin.start()
@@ -242,6 +386,10 @@ class FailedEvents:
                 return
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
+            firsts = await consumer.beginning_offsets(tps)
+            for tp in tps:
+                if (start or {}).get(tp.partition, 0) > firsts[tp]:
+                    consumer.seek(tp, (start or {})[tp.partition])
             ends = await consumer.end_offsets(tps)
             left = {tp for tp in tps if ends[tp] > 0}
             for tp in tps:
@@ -262,3 +410,8 @@ class FailedEvents:
                         left.discard(tp)
         finally:
             await consumer.stop()
+
+
+def _type_of(record: dict[str, Any]) -> str | None:
+    event_type = record.get("type")
+    return str(event_type) if event_type is not None else None
