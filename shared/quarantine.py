@@ -18,6 +18,8 @@ fresh ingest time, the header `hifi-replay-of: <claim>`, and an `accepted` tally
 auditor's ledger balances. The enricher passes the header on; the deduplicator lets the replay take
 over the claim of its quarantined copy, so it passes once, and a second replay of the same record finds
 the claim taken and is dropped as a duplicate. The claim lives for `dedupe.window_s`: replay within it.
+Replay commits its progress (ReplayProgress) after each chunk is acknowledged and tallied, so a second run
+re-submits only what was not replayed yet, also past the window; `from_start` re-submits everything.
 The HTTP API cannot carry the claim (a replay through it would be dropped as a duplicate of its own
 quarantined copy), so replay does not use it.
 """
