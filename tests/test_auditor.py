@@ -134,6 +134,38 @@ def test_quarantine_counts_of_a_tenant_stay_bounded_with_an_other_bucket():
     assert sum(c["events"] for c in counts.values()) == 6
 
 
+def test_quarantine_counts_per_bucket_show_when_violations_started():
+    ledger = LossLedger(lambda tenant: ("hook",), bucket_s=10, settle_s=30, max_quarantine_labels=2)
+    # one tally over two buckets: offsets 0-1 (bucket 0: one passed, one quarantined), 2-4 (bucket 10)
+    runs = [["acme", 0, "out", 1], ["acme", 0, "quarantined", 1], ["acme", 10, "quarantined", 3]]
+    rows = [
+        quarantined_row(1, "play", ["minimum"]),
+        quarantined_row(2, "play", ["pattern", "minimum"]),
+        quarantined_row(3, "pause", ["required"]),
+        quarantined_row(4, "seek", ["type"]),  # past the cap of 2 types in its bucket
+    ]
+    ledger.add_tally({**tally("deduplicator", 0, runs), "events": rows})
+    ledger.add_tally({**tally("deduplicator", 2, runs[2:]), "events": rows[1:2]})  # replayed: counted once
+    assert ledger.quarantined_by_bucket() == {
+        "acme": {
+            0: {"play": {"events": 1, "rules": {"minimum": 1}}},
+            10: {
+                "play": {"events": 1, "rules": {"pattern": 1, "minimum": 1}},
+                "pause": {"events": 1, "rules": {"required": 1}},
+                "(other)": {"events": 1, "rules": {"type": 1}},
+            },
+        }
+    }
+    # a loss report of a bucket carries that bucket's breakdown
+    ledger.add_tally({"stage": "collector", "runs": [["acme", 10, "accepted", 4]]})
+    ledger.add_tally(tally("enricher", 0, [["acme", 10, "out", 4]]))
+    (report,) = ledger.reconcile("acme", 10)
+    assert report.to_json()["quarantined"] == ledger.quarantined_by_bucket()["acme"][10]
+    assert ledger.quarantined()["acme"]["play"] == {"events": 2, "rules": {"minimum": 2, "pattern": 1}}
+    ledger.forget_before(20)
+    assert ledger.quarantined_by_bucket() == {"acme": {0: {"play": {"events": 1, "rules": {"minimum": 1}}}}}
+
+
 @given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 30)), max_size=40), st.integers(1, 6))
 def test_offset_ranges_count_each_offset_once_in_any_order(batches, max_ranges):
     ranges = OffsetRanges(max_ranges=1000)

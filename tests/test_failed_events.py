@@ -186,6 +186,11 @@ async def test_a_schema_quarantines_violations_and_a_replay_after_the_fix_delive
             }
         }, summary["quarantined"]
         await auditor_metrics_show_quarantined(auditor.url("/metrics"))
+        # the same breakdown per event-time bucket, summed over the buckets
+        per_type: Counter[str] = Counter()
+        for by_type in summary["quarantined_by_bucket"]["acme"].values():
+            per_type.update({event_type: counts["events"] for event_type, counts in by_type.items()})
+        assert per_type == {"play": 8, "(unknown)": 2}, summary["quarantined_by_bucket"]
 
         # The fix: the pattern allows x- titles, negative positions are fine, pause has a schema.
         fixed = json.loads(json.dumps(PLAY))
