@@ -315,8 +315,8 @@ class FailedEvents:
                         replayed += 1
                         if len(chunk) >= REPLAY_CHUNK:
                             await self._tally_acked(producer, tenant, chunk)
+                            chunk = []  # tallied: a failed commit must not tally it again
                             await progress.commit(event_type, scanned)
-                            chunk = []
                         if rate > 0:
                             await asyncio.sleep(max(0.0, started + replayed / rate - time.monotonic()))
                 except BaseException:
