@@ -200,10 +200,13 @@ class ReplayProgress:
         return {p: max(tenant_wide.get(p, 0), of_type.get(p, 0)) for p in tenant_wide.keys() | of_type.keys()}
 
     async def commit(self, event_type: str | None, offsets: dict[int, int]) -> None:
-        """Commit the next offset per partition in the group of this replay (the tenant's, or the type's)."""
+        """Commit the next offset per partition in the group of this replay (the tenant's, or the type's), never
+        below what the group holds: a `--from-start` or limited replay must not un-replay what others passed."""
+        group = self.topics.failed_replay_group(self.tenant, event_type)
+        known = await self.committed(event_type)
+        offsets = {p: offset for p, offset in offsets.items() if offset > known.get(p, 0)}
         if not offsets:
             return
-        group = self.topics.failed_replay_group(self.tenant, event_type)
         committer = self._committers.get(group)
         if committer is None:
             # A manually assigned consumer commits in the group without joining it (no rebalance, no members).
