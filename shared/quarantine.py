@@ -322,12 +322,13 @@ class FailedEvents:
                             await progress.commit(event_type, scanned)
                         if rate > 0:
                             await asyncio.sleep(max(0.0, started + replayed / rate - time.monotonic()))
+                    await self._tally_acked(producer, tenant, chunk)
+                    chunk = []
+                    await progress.commit(event_type, scanned)
                 except BaseException:
                     # tally and commit what the broker acknowledged before the failure, then fail
                     await asyncio.shield(self._settle_partial(producer, progress, tenant, event_type, chunk, scanned))
                     raise
-                await self._tally_acked(producer, tenant, chunk)
-                await progress.commit(event_type, scanned)
         finally:
             await producer.stop()
         return replayed

@@ -78,3 +78,23 @@ async def test_from_start_never_moves_progress_backwards(kafka: Any, namespace: 
     assert await failed.replay("acme", "play", rate=0, limit=3, from_start=True) == 3
     assert await failed.replay("acme", rate=0) == 0  # the fault: 11, committed back to 2 + 2
     assert all(r["replayed"] for r in await failed.read("acme", limit=None))
+
+
+async def test_an_ack_failure_in_the_last_chunk_tallies_and_commits_what_was_acknowledged(
+    kafka: Any, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topics = Topics(namespace)
+    ids = await quarantined(kafka.bootstrap, topics, namespace, ["play"] * 30)  # record n: partition n % 2
+    monkeypatch.setattr(quarantine, "durable_producer", lambda b: AckFails(durable_producer(b), topics.raw, nth=25))
+    failed = FailedEvents(kafka.bootstrap, topics, ["acme"])
+    with pytest.raises(ConnectionError):
+        await failed.replay("acme", rate=0)  # one chunk of 100: the last, partial one
+    (unacked,) = set(ids) - set(await on_raw(kafka.bootstrap, topics))
+    assert await accepted(kafka.bootstrap, topics) == 29  # the fault: 0 tallied
+    monkeypatch.setattr(quarantine, "durable_producer", durable_producer)
+    # its partition is committed up to it, the other to its end: it and its partition's later ones again
+    n = ids.index(unacked)
+    again = ids[n::2]
+    assert await failed.replay("acme", rate=0) == len(again)  # the fault: 30, nothing was committed
+    assert await on_raw(kafka.bootstrap, topics) == Counter(ids) + Counter(again[1:])
+    assert await accepted(kafka.bootstrap, topics) == 29 + len(again)
