@@ -31,7 +31,7 @@ import logging
 import time
 from collections import Counter as Tally
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -231,6 +231,15 @@ class _Sent:
 
 
 @dataclass
+class _Chunk:
+    """Replayed events not tallied yet, and the buckets whose tallies were written: a tally failing part way
+    through a chunk must not have the failure path tally the buckets already written a second time."""
+
+    sent: list[_Sent] = field(default_factory=list)
+    tallied: set[int] = field(default_factory=set)
+
+
+@dataclass
 class FailedEvents:
     """Read and replay one tenant's quarantined events (`hifi failed`, the failed-events web view)."""
 
@@ -294,7 +303,7 @@ class FailedEvents:
         await producer.start()
         replayed = 0
         started = time.monotonic()
-        chunk: list[_Sent] = []
+        chunk = _Chunk()
         scanned: dict[int, int] = {}  # next offset per partition past every record sent or skipped
         try:
             async with ReplayProgress(self.bootstrap, self.topics, tenant, topic) as progress:
@@ -313,17 +322,17 @@ class FailedEvents:
                         ack = await producer.send(
                             self.topics.raw, encode_event(event), key=event.partition_key, headers=headers
                         )
-                        chunk.append(_Sent(ack, event.ingest_ts, partition, offset))
+                        chunk.sent.append(_Sent(ack, event.ingest_ts, partition, offset))
                         scanned[partition] = offset + 1
                         replayed += 1
-                        if len(chunk) >= REPLAY_CHUNK:
+                        if len(chunk.sent) >= REPLAY_CHUNK:
                             await self._tally_acked(producer, tenant, chunk)
-                            chunk = []  # tallied: a failed commit must not tally it again
+                            chunk = _Chunk()  # tallied: a failed commit must not tally it again
                             await progress.commit(event_type, scanned)
                         if rate > 0:
                             await asyncio.sleep(max(0.0, started + replayed / rate - time.monotonic()))
                     await self._tally_acked(producer, tenant, chunk)
-                    chunk = []
+                    chunk = _Chunk()
                     await progress.commit(event_type, scanned)
                 except BaseException:
                     # tally and commit what the broker acknowledged before the failure, then fail
@@ -343,7 +352,7 @@ class FailedEvents:
         progress: ReplayProgress,
         tenant: str,
         event_type: str | None,
-        chunk: list[_Sent],
+        chunk: _Chunk,
         scanned: dict[int, int],
     ) -> None:
         """After a failure: tally the chunk's acknowledged events, and commit each partition up to its first
@@ -354,21 +363,25 @@ class FailedEvents:
             safe[sent.partition] = min(safe[sent.partition], sent.offset)
         await progress.commit(event_type, safe)
 
-    async def _tally_acked(self, producer: Any, tenant: str, chunk: list[_Sent], partial: bool = False) -> list[_Sent]:
+    async def _tally_acked(self, producer: Any, tenant: str, chunk: _Chunk, partial: bool = False) -> list[_Sent]:
         """`accepted` tallies for the chunk's events once the broker has them (a tally for an event never
-        sent would read as loss). `partial`: tally the acknowledged ones, return the failed."""
-        acks = await asyncio.gather(*(sent.ack for sent in chunk), return_exceptions=partial)
+        sent would read as loss), per bucket, each bucket once (`chunk.tallied`). `partial`: tally the
+        acknowledged ones, return the failed."""
+        acks = await asyncio.gather(*(sent.ack for sent in chunk.sent), return_exceptions=partial)
         buckets: Tally[int] = Tally()
         failed: list[_Sent] = []
-        for ack, sent in zip(acks, chunk, strict=True):
+        for ack, sent in zip(acks, chunk.sent, strict=True):
             if isinstance(ack, BaseException):
                 failed.append(sent)
             else:
                 buckets[bucket_of(sent.ingest_ts, self.bucket_s)] += 1
         for bucket, count in buckets.items():
+            if bucket in chunk.tallied:
+                continue
             await producer.send_and_wait(
                 self.topics.tallies, accepted_tally(REPLAY_STAGE, tenant, bucket, count), key=b"replay"
             )
+            chunk.tallied.add(bucket)
         return failed
 
     async def _scan(

@@ -98,3 +98,21 @@ async def test_an_ack_failure_in_the_last_chunk_tallies_and_commits_what_was_ack
     assert await failed.replay("acme", rate=0) == len(again)  # the fault: 30, nothing was committed
     assert await on_raw(kafka.bootstrap, topics) == Counter(ids) + Counter(again[1:])
     assert await accepted(kafka.bootstrap, topics) == 29 + len(again)
+
+
+async def test_a_tally_failing_half_way_through_a_chunk_tallies_each_event_once(
+    kafka: Any, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topics = Topics(namespace)
+    await quarantined(kafka.bootstrap, topics, namespace, ["play"] * 30)
+    flip = itertools.count()
+    monkeypatch.setattr(quarantine, "bucket_of", lambda ts, s: 1000 + 10 * (next(flip) % 2))  # 2 buckets a chunk
+    monkeypatch.setattr(quarantine, "REPLAY_CHUNK", 10)
+    monkeypatch.setattr(quarantine, "durable_producer", lambda b: TallyFails(durable_producer(b), topics.tallies, 2))
+    failed = FailedEvents(kafka.bootstrap, topics, ["acme"])
+    with pytest.raises(ConnectionError):
+        await failed.replay("acme", rate=0)
+    assert sum((await on_raw(kafka.bootstrap, topics)).values()) == 10
+    assert await accepted(kafka.bootstrap, topics) == 10  # the fault: 15, the first bucket's 5 twice
+    monkeypatch.setattr(quarantine, "durable_producer", durable_producer)
+    assert await failed.replay("acme", rate=0) == 20
