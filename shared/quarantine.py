@@ -59,6 +59,7 @@ REPLAY_STAGE = "replay"  # the `accepted` tallies of replayed events
 REPLAY_CHUNK = 100  # replayed events per `accepted` tally: what an interrupted replay may leave untallied
 PROGRESS_ATTEMPTS = 8  # reads of a replay progress group before giving up (about 20 s with the backoff)
 PROGRESS_BACKOFF = Backoff(0.2, 5.0)
+PROGRESS_TIMEOUT_S = 20.0  # a progress commit's budget, as long as the reads' retries (aiokafka retries forever)
 UNKNOWN_TYPE_LABEL = "(unknown)"  # metric label of types no schema names: clients choose them, so unbounded
 
 
@@ -201,8 +202,17 @@ class ReplayProgress:
 
     async def commit(self, event_type: str | None, offsets: dict[int, int]) -> None:
         """Commit the next offset per partition in the group of this replay (the tenant's, or the type's), never
-        below what the group holds: a `--from-start` or limited replay must not un-replay what others passed."""
+        below what the group holds: a `--from-start` or limited replay must not un-replay what others passed.
+        Raises ReplayProgressUnavailable past PROGRESS_TIMEOUT_S (a broker outage)."""
         group = self.topics.failed_replay_group(self.tenant, event_type)
+        try:
+            await asyncio.wait_for(self._commit(group, event_type, offsets), PROGRESS_TIMEOUT_S)
+        except ReplayProgressUnavailable:
+            raise
+        except Exception as exc:
+            raise ReplayProgressUnavailable(f"committing replay progress of {group}: {exc!r}") from exc
+
+    async def _commit(self, group: str, event_type: str | None, offsets: dict[int, int]) -> None:
         known = await self.committed(event_type)
         offsets = {p: offset for p, offset in offsets.items() if offset > known.get(p, 0)}
         if not offsets:
@@ -211,9 +221,9 @@ class ReplayProgress:
         if committer is None:
             # A manually assigned consumer commits in the group without joining it (no rebalance, no members).
             committer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False)
+            self._committers[group] = committer  # stopped on exit even if its start times out
             await committer.start()
             committer.assign([TopicPartition(self.topic, p) for p in offsets])
-            self._committers[group] = committer
         else:
             committer.assign(sorted(committer.assignment() | {TopicPartition(self.topic, p) for p in offsets}))
         await committer.commit({TopicPartition(self.topic, p): offset for p, offset in offsets.items()})
@@ -334,9 +344,12 @@ class FailedEvents:
                     await self._tally_acked(producer, tenant, chunk)
                     chunk = _Chunk()
                     await progress.commit(event_type, scanned)
-                except BaseException:
-                    # tally and commit what the broker acknowledged before the failure, then fail
-                    await asyncio.shield(self._settle_partial(producer, progress, tenant, event_type, chunk, scanned))
+                except BaseException as exc:
+                    # tally and commit what the broker acknowledged before the failure (no second try of a commit
+                    # that just timed out), then fail
+                    commit = not isinstance(exc, ReplayProgressUnavailable)
+                    settle = self._settle_partial(producer, progress, tenant, event_type, chunk, scanned, commit)
+                    await asyncio.shield(settle)
                     raise
         finally:
             await producer.stop()
@@ -354,10 +367,13 @@ class FailedEvents:
         event_type: str | None,
         chunk: _Chunk,
         scanned: dict[int, int],
+        commit: bool = True,
     ) -> None:
         """After a failure: tally the chunk's acknowledged events, and commit each partition up to its first
         unacknowledged one (a later acknowledged one is re-submitted next time, a duplicate dedupe drops)."""
         failed = await self._tally_acked(producer, tenant, chunk, partial=True)
+        if not commit:
+            return
         safe = dict(scanned)
         for sent in failed:
             safe[sent.partition] = min(safe[sent.partition], sent.offset)

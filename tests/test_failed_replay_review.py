@@ -116,3 +116,23 @@ async def test_a_tally_failing_half_way_through_a_chunk_tallies_each_event_once(
     assert await accepted(kafka.bootstrap, topics) == 10  # the fault: 15, the first bucket's 5 twice
     monkeypatch.setattr(quarantine, "durable_producer", durable_producer)
     assert await failed.replay("acme", rate=0) == 20
+
+
+async def test_a_progress_commit_during_a_broker_outage_gives_up(
+    tmp_path: Path, namespace: str, port_base: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = LocalKafka(nodes=1, port=port_base + 15, data_root=tmp_path / "kafka")  # stopped below: not shared
+    await asyncio.to_thread(broker.start)
+    try:
+        topics = Topics(namespace)
+        await ensure_topics(broker.bootstrap, [topics.failed("acme")], 1, 1)
+        monkeypatch.setattr(quarantine, "PROGRESS_TIMEOUT_S", 3.0, raising=False)
+        async with ReplayProgress(broker.bootstrap, topics, "acme", topics.failed("acme")) as progress:
+            await progress.commit(None, {0: 1})
+            await asyncio.to_thread(broker.stop)
+            started = time.monotonic()
+            with pytest.raises(ReplayProgressUnavailable, match="hifi-failed-replay-acme"):
+                await asyncio.wait_for(progress.commit(None, {0: 2}), 30)  # the fault: still retrying at 30 s
+            assert time.monotonic() - started < 15
+    finally:
+        await asyncio.to_thread(broker.stop)
