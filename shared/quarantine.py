@@ -30,7 +30,8 @@ import asyncio
 import logging
 import time
 from collections import Counter as Tally
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,13 +146,15 @@ def replayed_event(record: dict[str, Any]) -> Event:
 class ReplayProgress:
     """How far `hifi failed replay` got through one tenant's failed records, kept in Kafka consumer groups:
     the tenant-wide group (full replays) and one per type (`--type` replays). A record counts as replayed
-    once either its tenant's group or its type's group has committed past its offset. Type groups are
-    read as their types turn up, once each."""
+    once either its tenant's group or its type's group has committed past its offset. The tenant's groups
+    are listed once (ListGroups), and only those that exist are read, each once: a tenant's types are
+    chosen by its clients, so one offset fetch per type could be thousands of round trips."""
 
     def __init__(self, bootstrap: str, topics: Topics, tenant: str, topic: str) -> None:
         self.bootstrap, self.topics, self.tenant, self.topic = bootstrap, topics, tenant, topic
         self.admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
         self._read: dict[str, dict[int, int]] = {}  # group -> next offset per partition
+        self._groups: set[str] | None = None  # the tenant's replay groups the broker holds, once listed
         self._committers: dict[str, AIOKafkaConsumer] = {}
 
     async def __aenter__(self) -> ReplayProgress:
@@ -167,22 +170,35 @@ class ReplayProgress:
         """The next offset to replay per partition of the tenant's group, or of one type's."""
         group = self.topics.failed_replay_group(self.tenant, event_type)
         if group not in self._read:
-            offsets = await self._fetch(group)
+            offsets: dict[TopicPartition, Any] = {}
+            if group in await self.groups():
+                offsets = await self._retrying(group, lambda: self.admin.list_consumer_group_offsets(group))
             self._read[group] = {
                 tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == self.topic and meta.offset >= 0
             }
         return self._read[group]
 
-    async def _fetch(self, group: str) -> dict[TopicPartition, Any]:
-        """The group's committed offsets, retrying transient errors (no coordinator yet on a new broker)."""
+    async def groups(self) -> set[str]:
+        """The tenant's replay groups (tenant-wide and per type) the broker holds: none if no replay ever
+        committed, or their offsets expired (`offsets.retention.minutes` after the last commit)."""
+        if self._groups is None:
+            tenant_group = self.topics.failed_replay_group(self.tenant)
+            listed = await self._retrying(f"{tenant_group}*", self.admin.list_consumer_groups)
+            self._groups = {
+                str(group) for group, *_ in listed if group == tenant_group or str(group).startswith(tenant_group + "/")
+            }
+        return self._groups
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        """`call`, retrying transient errors (no coordinator yet on a new broker) PROGRESS_ATTEMPTS times."""
         for attempt in range(1, PROGRESS_ATTEMPTS + 1):
             try:
-                return await self.admin.list_consumer_group_offsets(group)
+                return await call()
             except Exception as exc:
                 if not transient(exc) or attempt == PROGRESS_ATTEMPTS:
-                    raise ReplayProgressUnavailable(f"replay progress of {group}: {exc!r}") from exc
+                    raise ReplayProgressUnavailable(f"replay progress of {what}: {exc!r}") from exc
                 delay = PROGRESS_BACKOFF.delay(attempt)
-                log.warning("reading %s failed (attempt %d), retrying in %.1fs: %r", group, attempt, delay, exc)
+                log.warning("reading %s failed (attempt %d), retrying in %.1fs: %r", what, attempt, delay, exc)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -228,6 +244,7 @@ class ReplayProgress:
             committer.assign(sorted(committer.assignment() | {TopicPartition(self.topic, p) for p in offsets}))
         await committer.commit({TopicPartition(self.topic, p): offset for p, offset in offsets.items()})
         self._read[group] = {**self._read.get(group, {}), **offsets}
+        (await self.groups()).add(group)
 
 
 @dataclass
@@ -264,22 +281,43 @@ class FailedEvents:
         return self.topics.failed(tenant)
 
     async def read(
-        self, tenant: str, event_type: str | None = None, limit: int | None = 100, event_id: str | None = None
+        self,
+        tenant: str,
+        event_type: str | None = None,
+        limit: int | None = 100,
+        event_id: str | None = None,
+        with_progress: bool = True,
     ) -> list[dict[str, Any]]:
         """Failed records up to the topic's end when called, oldest first, filtered by type or event id;
-        `replayed`: a replay has sent it (see ReplayProgress)."""
+        `replayed`: a replay has sent it (see ReplayProgress); None without `with_progress`."""
         found: list[dict[str, Any]] = []
-        async with ReplayProgress(self.bootstrap, self.topics, tenant, self.topic(tenant)) as progress:
+        async with AsyncExitStack() as stack:
+            progress = None
+            if with_progress:
+                progress = await stack.enter_async_context(
+                    ReplayProgress(self.bootstrap, self.topics, tenant, self.topic(tenant))
+                )
             async for partition, offset, record in self._scan(tenant):
                 if event_type is not None and record.get("type") != event_type:
                     continue
                 if event_id is not None and record.get("event_id") != event_id:
                     continue
-                replayed = await progress.passed(partition, offset, _type_of(record))
+                replayed = None if progress is None else await progress.passed(partition, offset, _type_of(record))
                 found.append({"partition": partition, "offset": offset, "replayed": replayed, **record})
                 if limit is not None and len(found) >= limit:
                     break
         return found
+
+    async def view(self, tenant: str, event_type: str | None, limit: int) -> dict[str, Any]:
+        """The web view's answer: counts per type and the records. Progress the broker cannot tell does not
+        hide the records: each has `replayed: None`, and `replayed_unknown` says why."""
+        unknown = None
+        try:
+            records = await self.read(tenant, event_type, limit)
+        except ReplayProgressUnavailable as exc:
+            unknown = str(exc)
+            records = await self.read(tenant, event_type, limit, with_progress=False)
+        return {"tenant": tenant, "counts": await self.counts(tenant), "failed": records, "replayed_unknown": unknown}
 
     async def counts(self, tenant: str) -> dict[str, int]:
         """Failed records per event type."""

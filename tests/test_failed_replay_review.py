@@ -1,4 +1,3 @@
-# ruff: noqa: F401  (imports of the findings not fixed yet in this commit)
 """Review findings on `hifi failed replay` progress, each against the real broker: progress never moves
 backwards, a second concurrent replay of a tenant is refused, a failure in the last chunk or half way
 through a chunk's tallies tallies every acknowledged event once and commits up to the first unacknowledged
@@ -136,3 +135,42 @@ async def test_a_progress_commit_during_a_broker_outage_gives_up(
             assert time.monotonic() - started < 15
     finally:
         await asyncio.to_thread(broker.stop)
+
+
+async def test_reading_progress_of_many_types_costs_a_few_round_trips(
+    kafka: Any, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topics = Topics(namespace)
+    types = [f"type-{n}" for n in range(500)]
+    ids = await quarantined(kafka.bootstrap, topics, namespace, types)
+    failed = FailedEvents(kafka.bootstrap, topics, ["acme"])
+    assert await failed.replay("acme", "type-7", rate=0) == 1
+    calls: Counter[str] = Counter()
+    for name in ("list_consumer_groups", "list_consumer_group_offsets", "describe_consumer_groups"):
+        real = getattr(AIOKafkaAdminClient, name)
+
+        async def counted(self: Any, *args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            calls[_name] += 1
+            return await _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(AIOKafkaAdminClient, name, counted)
+    records = await failed.read("acme", limit=500)
+    assert [r["event_id"] for r in records if r["replayed"]] == [ids[7]]
+    assert sum(calls.values()) <= 3, calls  # the fault: 501 offset fetches, one per type and the tenant's
+
+
+async def test_the_web_view_shows_records_when_progress_cannot_be_read(
+    kafka: Any, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topics = Topics(namespace)
+    await quarantined(kafka.bootstrap, topics, namespace, ["play"] * 4)
+    failed = FailedEvents(kafka.bootstrap, topics, ["acme"])
+
+    async def unavailable(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise ReplayProgressUnavailable("injected: no coordinator")
+
+    monkeypatch.setattr(ReplayProgress, "committed", unavailable)
+    view = await failed.view("acme", None, 50)
+    assert [r["replayed"] for r in view["failed"]] == [None] * 4
+    assert "injected: no coordinator" in view["replayed_unknown"]
+    assert view["counts"] == {"play": 4}
