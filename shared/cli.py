@@ -192,7 +192,7 @@ def run_failed(args: argparse.Namespace) -> None:
     import json
 
     from shared.config import HifiConfig
-    from shared.quarantine import FailedEvents, ReplayProgressUnavailable, UnknownTenant
+    from shared.quarantine import FailedEvents, ReplayAlreadyRunning, ReplayProgressUnavailable, UnknownTenant
     from shared.topics import Topics
 
     settings = Settings.from_env()
@@ -219,7 +219,7 @@ def run_failed(args: argparse.Namespace) -> None:
         else:
             done = asyncio.run(failed.replay(args.tenant, args.event_type, args.rate, args.limit, args.from_start))
             print(f"replayed {done} failed events of {args.tenant} to {failed.topics.raw}")
-    except (UnknownTenant, ReplayProgressUnavailable) as exc:
+    except (UnknownTenant, ReplayProgressUnavailable, ReplayAlreadyRunning) as exc:
         raise SystemExit(str(exc)) from None
 
 

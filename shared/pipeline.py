@@ -44,6 +44,12 @@ def failed_replay_group(tenant: str, event_type: str | None = None) -> str:
     return group if event_type is None else f"{group}/{event_type}"
 
 
+def failed_replay_lock_group(tenant: str) -> str:
+    """The group a running `hifi failed replay` of a tenant is a member of, so that a second one refuses to
+    start (`replaying-`: no tenant's progress group starts with it)."""
+    return f"hifi-failed-replaying-{tenant}"
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """One stage of the pipeline. A per-sink stage (the sender) runs one process per sink: its label,

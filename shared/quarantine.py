@@ -35,7 +35,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import CollectorRegistry, Counter
 
@@ -60,6 +60,8 @@ REPLAY_STAGE = "replay"  # the `accepted` tallies of replayed events
 REPLAY_CHUNK = 100  # replayed events per `accepted` tally: what an interrupted replay may leave untallied
 PROGRESS_ATTEMPTS = 8  # reads of a replay progress group before giving up (about 20 s with the backoff)
 PROGRESS_BACKOFF = Backoff(0.2, 5.0)
+LOCK_JOIN_TIMEOUT_S = 30.0  # joining the tenant's replay lock group (a new broker elects a coordinator first)
+LOCK_MAX_IDLE_MS = 2**31 - 1  # the lock member never polls: aiokafka must not leave the group for that
 PROGRESS_TIMEOUT_S = 20.0  # a progress commit's budget, as long as the reads' retries (aiokafka retries forever)
 UNKNOWN_TYPE_LABEL = "(unknown)"  # metric label of types no schema names: clients choose them, so unbounded
 
@@ -70,6 +72,10 @@ class UnknownTenant(HifiError):
 
 class ReplayProgressUnavailable(HifiError):
     """The broker did not answer where a replay got to: replaying blind could re-submit everything."""
+
+
+class ReplayAlreadyRunning(HifiError):
+    """Another replay of the tenant is running: both would re-submit every record."""
 
 
 class SchemaGate:
@@ -247,6 +253,71 @@ class ReplayProgress:
         (await self.groups()).add(group)
 
 
+class ReplayLock:
+    """One `hifi failed replay` per tenant at a time: a running replay is a member of the tenant's lock
+    group; one that joins and finds another member there leaves and raises ReplayAlreadyRunning. Two that
+    join at the same instant may both refuse, never both run. A killed replay holds the lock until the
+    broker's session timeout (10 s) evicts it."""
+
+    def __init__(self, bootstrap: str, topics: Topics, tenant: str, topic: str) -> None:
+        self.bootstrap, self.tenant, self.topic = bootstrap, tenant, topic
+        self.group = topics.failed_replay_lock_group(tenant)
+        self.member = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=self.group,
+            enable_auto_commit=False,
+            max_poll_interval_ms=LOCK_MAX_IDLE_MS,
+        )
+
+    async def __aenter__(self) -> ReplayLock:
+        joined = asyncio.Event()
+        await self.member.start()
+        try:
+            self.member.subscribe([self.topic], listener=_Joined(self.member, joined))
+            try:
+                await asyncio.wait_for(joined.wait(), LOCK_JOIN_TIMEOUT_S)
+            except TimeoutError as exc:
+                raise ReplayProgressUnavailable(
+                    f"joining {self.group}: not joined in {LOCK_JOIN_TIMEOUT_S:.0f} s"
+                ) from exc
+            members = await self._members()
+            if members > 1:
+                raise ReplayAlreadyRunning(
+                    f"another replay of tenant {self.tenant!r} is running ({members} members in {self.group}; a killed"
+                    " one holds it for the broker's session timeout, 10 s): try again when it is done"
+                )
+        except BaseException:
+            await self.member.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.member.stop()  # leaves the group: the next replay may start
+
+    async def _members(self) -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
+        await admin.start()
+        try:
+            (described,) = await admin.describe_consumer_groups([self.group])
+        finally:
+            await admin.close()
+        return sum(len(group["members"]) for group in described.to_object()["groups"])
+
+
+class _Joined(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Sets `joined` once the lock member has its assignment; pauses it (the lock reads nothing)."""
+
+    def __init__(self, member: AIOKafkaConsumer, joined: asyncio.Event) -> None:
+        self.member, self.joined = member, joined
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.member.pause(*assigned)
+        self.joined.set()
+
+
 @dataclass
 class _Sent:
     """A replayed event the broker may not have acknowledged yet, and the failed record it came from."""
@@ -354,7 +425,10 @@ class FailedEvents:
         chunk = _Chunk()
         scanned: dict[int, int] = {}  # next offset per partition past every record sent or skipped
         try:
-            async with ReplayProgress(self.bootstrap, self.topics, tenant, topic) as progress:
+            async with (
+                ReplayLock(self.bootstrap, self.topics, tenant, topic),
+                ReplayProgress(self.bootstrap, self.topics, tenant, topic) as progress,
+            ):
                 start = {} if from_start else await progress.start(event_type)
                 try:
                     async for partition, offset, record in self._scan(tenant, start):

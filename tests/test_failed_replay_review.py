@@ -23,6 +23,7 @@ from shared.audit import as_tally
 from shared.codec import unpack
 from shared.quarantine import FailedEvents, ReplayProgress, ReplayProgressUnavailable
 from shared.topics import Topics, ensure_topics
+from tests.helpers import wait_for
 from tests.test_failed_replay_progress import on_raw, quarantined
 from tests.test_failed_review import read_all
 
@@ -77,6 +78,38 @@ async def test_from_start_never_moves_progress_backwards(kafka: Any, namespace: 
     assert await failed.replay("acme", "play", rate=0, limit=3, from_start=True) == 3
     assert await failed.replay("acme", rate=0) == 0  # the fault: 11, committed back to 2 + 2
     assert all(r["replayed"] for r in await failed.read("acme", limit=None))
+
+
+async def test_a_second_concurrent_replay_of_a_tenant_is_refused(kafka: Any, namespace: str) -> None:
+    topics = Topics(namespace)
+    ids = await quarantined(kafka.bootstrap, topics, namespace, ["play"] * 30)
+    failed = FailedEvents(kafka.bootstrap, topics, ["acme"])
+    results = await asyncio.gather(
+        failed.replay("acme", rate=200), failed.replay("acme", "play", rate=200), return_exceptions=True
+    )
+    # the fault: [30, 30], every event twice on hifi.raw; starting at the same instant, both may refuse
+    assert all(isinstance(r, quarantine.ReplayAlreadyRunning) or r == 30 for r in results), results
+    assert results.count(30) <= 1, results
+    if results.count(30) == 0:
+        assert await failed.replay("acme", rate=0) == 30
+    assert await on_raw(kafka.bootstrap, topics) == Counter(ids)
+
+
+async def test_a_replay_started_while_another_runs_is_refused(kafka: Any, namespace: str) -> None:
+    topics = Topics(namespace)
+    ids = await quarantined(kafka.bootstrap, topics, namespace, ["play"] * 30)
+    failed = FailedEvents(kafka.bootstrap, topics, ["acme"])
+    first = asyncio.create_task(failed.replay("acme", rate=3))  # 10 s: longer than a join (heartbeats 3 s)
+
+    async def first_is_sending() -> bool:
+        return bool(await read_all(kafka.bootstrap, topics.raw))
+
+    await wait_for(first_is_sending, 30, "the first replay's first event on hifi.raw")
+    with pytest.raises(quarantine.ReplayAlreadyRunning, match="acme"):
+        await failed.replay("acme", rate=0)  # the fault: it replays the 30 too
+    assert await first == 30
+    assert await on_raw(kafka.bootstrap, topics) == Counter(ids)
+    assert await failed.replay("acme", rate=0) == 0  # the lock is free again once a replay ends
 
 
 async def test_an_ack_failure_in_the_last_chunk_tallies_and_commits_what_was_acknowledged(
