@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from devtools.traffic import EventFactory
 from devtools.webhook import WebhookReceiver
 from services.auditor.ledger import LossLedger, OffsetRanges
+from shared.audit import Run, Tally, split_tally
+from shared.codec import unpack
 from shared.topics import Topics
 from tests.helpers import SentryReceiver, post, tenant_block, wait_for
 
@@ -344,3 +346,34 @@ async def test_events_deleted_between_stages_are_reported_lost_at_that_stage(
         await reader.stop()
         await hook.stop()
         sentry.close()
+
+
+def test_quarantine_counts_per_bucket_keep_the_rows_of_a_split_tally():
+    # a deduplicator's tally of 2 runs in 2 buckets, 6 quarantined rows, split under a small record budget:
+    # a piece's rows need not ride with the runs that cover their offsets
+    rows = [
+        [
+            n,
+            f"e{n}",
+            "quarantined",
+            "acme",
+            {"event_type": "play", "rules": ["x" * 50], "ingest_ts": 1_000 + 10_000 * (n // 3)},
+        ]
+        for n in range(6)
+    ]
+    whole = Tally(
+        stage="deduplicator",
+        topic="in",
+        partition=0,
+        first=0,
+        runs=[Run("acme", 0, "quarantined", 3), Run("acme", 10, "quarantined", 3)],
+        events=rows,
+    )
+    pieces = split_tally(whole, budget=200)
+    assert len(pieces) > 2
+    ledger = LossLedger(lambda tenant: ("hook",), bucket_s=10, settle_s=30)
+    for piece in pieces:
+        ledger.add_tally(unpack(piece))
+    assert ledger.quarantined()["acme"]["play"]["events"] == 6
+    per_bucket = {start: counts["play"]["events"] for start, counts in ledger.quarantined_by_bucket()["acme"].items()}
+    assert per_bucket == {0: 3, 10: 3}  # the fault: {0: 1, 10: 1}, 4 rows counted tenant-wide only

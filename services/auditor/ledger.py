@@ -39,7 +39,7 @@ from itertools import pairwise
 from typing import Any
 
 from shared import pipeline
-from shared.audit import Run, Tally, as_tally, filtered_sinks
+from shared.audit import Run, Tally, as_tally, bucket_of, filtered_sinks
 from shared.outcome import DELIVERED, REPLAYED, Outcome
 
 COLLECTOR = pipeline.COLLECTOR.name
@@ -261,12 +261,20 @@ class LossLedger:
             note = row.note or {}
             event_type, rules = str(note.get("event_type", NO_BREAKDOWN)), [str(r) for r in note.get("rules", ())]
             counts.add(event_type, rules)
-            where = bucket_of_offset(tally.first or 0, tally.runs, row.offset)
+            where = bucket_of_offset(tally.first or 0, tally.runs, row.offset) or self._bucket_of_row(row.tenant, note)
             if where is not None:
                 bucket = self.buckets.setdefault(where, Bucket())
                 if bucket.quarantine is None:
                     bucket.quarantine = QuarantineCounts(self.max_quarantine_labels)
                 bucket.quarantine.add(event_type, rules)
+
+    def _bucket_of_row(self, tenant: str, note: dict[str, Any]) -> tuple[str, int] | None:
+        """A row's bucket from its ingest time, as its tally's runs bucketed it (`shared.audit.batch_tallies`):
+        a split tally's rows may ride in a piece whose runs do not cover them."""
+        ingest_ts = note.get("ingest_ts")
+        if not isinstance(ingest_ts, int | float) or ingest_ts <= 0:
+            return None  # bucketed by the message's timestamp, which the row does not carry
+        return tenant, bucket_of(ingest_ts, self.bucket_s)
 
     def quarantined(self) -> dict[str, dict[str, Any]]:
         """Quarantined events per tenant, type and rule: {tenant: {type: {events, rules: {rule: n}}}}."""
