@@ -377,3 +377,15 @@ def test_quarantine_counts_per_bucket_keep_the_rows_of_a_split_tally():
     assert ledger.quarantined()["acme"]["play"]["events"] == 6
     per_bucket = {start: counts["play"]["events"] for start, counts in ledger.quarantined_by_bucket()["acme"].items()}
     assert per_bucket == {0: 3, 10: 3}  # the fault: {0: 1, 10: 1}, 4 rows counted tenant-wide only
+
+
+def test_quarantine_counts_per_bucket_share_the_tenant_wide_labels():
+    ledger = LossLedger(lambda tenant: ("hook",), bucket_s=10, settle_s=30, max_quarantine_labels=100)
+    for n in range(1_000):  # 1,000 types over an hour of 10 s buckets
+        runs = [["acme", (n % 360) * 10, "quarantined", 1]]
+        ledger.add_tally({**tally("deduplicator", n, runs), "events": [quarantined_row(n, f"type-{n}", ["minimum"])]})
+    by_bucket = ledger.quarantined_by_bucket()["acme"]
+    labels = {event_type for counts in by_bucket.values() for event_type in counts}
+    assert len(labels) <= 101, len(labels)  # the fault: 1,000, each bucket admitting its own 100
+    assert labels == set(ledger.quarantined()["acme"])
+    assert sum(c["events"] for counts in by_bucket.values() for c in counts.values()) == 1_000

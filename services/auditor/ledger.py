@@ -133,13 +133,17 @@ class QuarantineCounts:
         self.events: dict[str, int] = {}
         self.rules: dict[str, dict[str, int]] = {}
 
-    def add(self, event_type: str, rules: list[str]) -> None:
+    def add(self, event_type: str, rules: list[str]) -> tuple[str, list[str]]:
+        """Count one event; return the labels it was counted under (OTHER past a cap)."""
         event_type = bounded(self.events, event_type, self.max_labels)
         self.events[event_type] = self.events.get(event_type, 0) + 1
         per_rule = self.rules.setdefault(event_type, {})
+        labels = []
         for rule in rules:
             rule = bounded(per_rule, rule, self.max_labels)
             per_rule[rule] = per_rule.get(rule, 0) + 1
+            labels.append(rule)
+        return event_type, labels
 
     def to_json(self) -> dict[str, Any]:
         return {t: {"events": n, "rules": dict(self.rules.get(t, {}))} for t, n in self.events.items()}
@@ -260,7 +264,8 @@ class LossLedger:
                 counts = self.quarantine[row.tenant] = QuarantineCounts(self.max_quarantine_labels)
             note = row.note or {}
             event_type, rules = str(note.get("event_type", NO_BREAKDOWN)), [str(r) for r in note.get("rules", ())]
-            counts.add(event_type, rules)
+            # a bucket counts under the tenant's labels: its own cap per bucket would hold ~360x as many
+            event_type, rules = counts.add(event_type, rules)
             where = bucket_of_offset(tally.first or 0, tally.runs, row.offset) or self._bucket_of_row(row.tenant, note)
             if where is not None:
                 bucket = self.buckets.setdefault(where, Bucket())
