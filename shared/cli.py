@@ -192,7 +192,13 @@ def run_failed(args: argparse.Namespace) -> None:
     import json
 
     from shared.config import HifiConfig
-    from shared.quarantine import FailedEvents, ReplayAlreadyRunning, ReplayProgressUnavailable, UnknownTenant
+    from shared.quarantine import (
+        FailedEvents,
+        ReplayAlreadyRunning,
+        ReplayProgressUnavailable,
+        UnknownTenant,
+        describe_progress,
+    )
     from shared.topics import Topics
 
     settings = Settings.from_env()
@@ -205,9 +211,7 @@ def run_failed(args: argparse.Namespace) -> None:
             for event_type, count in sorted(counts.items()):
                 if args.event_type is None or event_type == args.event_type:
                     print(f"  {event_type:<32} {count:>8}")
-            progress = asyncio.run(failed.progress(args.tenant))
-            shown = ", ".join(f"partition {p}: {offset}" for p, offset in sorted(progress.items())) or "none"
-            print(f"replayed (every type) up to offset: {shown}")
+            print(describe_progress(asyncio.run(failed.progress(args.tenant))))
             for record in asyncio.run(failed.read(args.tenant, args.event_type, args.limit or 20)):
                 rules = sorted({v["rule"] for v in record.get("violations", [])})
                 state = "replayed" if record["replayed"] else "pending"

@@ -397,9 +397,12 @@ class FailedEvents:
             per_type[str(record.get("type"))] += 1
         return dict(per_type)
 
-    async def progress(self, tenant: str) -> dict[int, int]:
-        """The tenant-wide replay's next offset per partition (records below it were replayed)."""
+    async def progress(self, tenant: str) -> dict[int, int] | None:
+        """The tenant-wide replay's next offset per partition (records below it were replayed); None if the
+        broker holds no replay group of the tenant at all (never replayed, or its offsets expired)."""
         async with ReplayProgress(self.bootstrap, self.topics, tenant, self.topic(tenant)) as progress:
+            if not await progress.groups():
+                return None
             return dict(await progress.committed())
 
     async def replay(
@@ -557,6 +560,15 @@ class FailedEvents:
                         left.discard(tp)
         finally:
             await consumer.stop()
+
+
+def describe_progress(progress: dict[int, int] | None) -> str:
+    """`hifi failed list`'s progress line (FailedEvents.progress): no groups at all is said plainly, since
+    the broker deletes a group's offsets `offsets.retention.minutes` after its last commit."""
+    if progress is None:
+        return "no replay progress recorded (none yet, or expired after the broker's offsets.retention.minutes)"
+    shown = ", ".join(f"partition {p}: {offset}" for p, offset in sorted(progress.items())) or "none"
+    return f"replayed (every type) up to offset: {shown}"
 
 
 def _type_of(record: dict[str, Any]) -> str | None:

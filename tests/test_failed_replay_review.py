@@ -207,3 +207,20 @@ async def test_the_web_view_shows_records_when_progress_cannot_be_read(
     assert [r["replayed"] for r in view["failed"]] == [None] * 4
     assert "injected: no coordinator" in view["replayed_unknown"]
     assert view["counts"] == {"play": 4}
+
+
+async def test_list_says_when_a_tenant_has_no_replay_progress(kafka: Any, namespace: str) -> None:
+    topics = Topics(namespace)
+    await quarantined(kafka.bootstrap, topics, namespace, ["play", "pause"] * 3)
+    failed = FailedEvents(kafka.bootstrap, topics, ["acme"])
+    nothing = await failed.progress("acme")
+    assert "no replay progress recorded" in quarantine.describe_progress(nothing)  # the fault: "none", as if 0
+    assert "offsets.retention.minutes" in quarantine.describe_progress(nothing)
+    assert await failed.replay("acme", "play", rate=0) == 3
+    only_type = quarantine.describe_progress(await failed.progress("acme"))
+    assert "no replay progress" not in only_type and "none" in only_type
+    assert await failed.replay("acme", rate=0) == 3
+    assert (
+        quarantine.describe_progress(await failed.progress("acme"))
+        == "replayed (every type) up to offset: partition 0: 3, partition 1: 3"
+    )
