@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None, services: Registry | None = None) -> Non
     failed.add_argument("--event-id", default=None, help="show: only this event")
     failed.add_argument("--limit", type=int, default=None)
     failed.add_argument("--rate", type=float, default=100.0, help="replayed events per second (0 = unlimited)")
+    failed.add_argument(
+        "--from-start", action="store_true", help="replay: re-submit every record, also those replayed before"
+    )
 
     trace = sub.add_parser("trace", help="where is my event? its path through every stage and sink (HIFI_REDIS_URL)")
     trace.add_argument("event_id")
@@ -189,7 +192,13 @@ def run_failed(args: argparse.Namespace) -> None:
     import json
 
     from shared.config import HifiConfig
-    from shared.quarantine import FailedEvents, UnknownTenant
+    from shared.quarantine import (
+        FailedEvents,
+        ReplayAlreadyRunning,
+        ReplayProgressUnavailable,
+        UnknownTenant,
+        describe_progress,
+    )
     from shared.topics import Topics
 
     settings = Settings.from_env()
@@ -202,17 +211,19 @@ def run_failed(args: argparse.Namespace) -> None:
             for event_type, count in sorted(counts.items()):
                 if args.event_type is None or event_type == args.event_type:
                     print(f"  {event_type:<32} {count:>8}")
+            print(describe_progress(asyncio.run(failed.progress(args.tenant))))
             for record in asyncio.run(failed.read(args.tenant, args.event_type, args.limit or 20)):
                 rules = sorted({v["rule"] for v in record.get("violations", [])})
-                print(f"  {record.get('event_id')}  {record.get('type')}  {','.join(rules)}")
+                state = "replayed" if record["replayed"] else "pending"
+                print(f"  {record.get('event_id')}  {record.get('type')}  {','.join(rules)}  {state}")
         elif args.action == "show":
             records = asyncio.run(failed.read(args.tenant, args.event_type, args.limit or 20, args.event_id))
             for record in records:
                 print(json.dumps(record, default=str))
         else:
-            done = asyncio.run(failed.replay(args.tenant, args.event_type, args.rate, args.limit))
+            done = asyncio.run(failed.replay(args.tenant, args.event_type, args.rate, args.limit, args.from_start))
             print(f"replayed {done} failed events of {args.tenant} to {failed.topics.raw}")
-    except UnknownTenant as exc:
+    except (UnknownTenant, ReplayProgressUnavailable, ReplayAlreadyRunning) as exc:
         raise SystemExit(str(exc)) from None
 
 

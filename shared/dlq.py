@@ -132,7 +132,7 @@ class DeadLetterQueues:
         consumer = AIOKafkaConsumer(
             self.topics.dlq(stage),
             bootstrap_servers=self.bootstrap,
-            group_id=self.topics.group(f"hifi-dlq-replay-{stage}"),
+            group_id=self.topics.dlq_replay_group(stage),
             auto_offset_reset="earliest",
             enable_auto_commit=False,
         )

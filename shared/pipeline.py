@@ -32,6 +32,24 @@ def failed_topic(tenant: str) -> str:
     return FAILED_PREFIX + tenant
 
 
+def dlq_replay_group(label: str) -> str:
+    """The consumer group `hifi dlq replay` commits its progress through a stage's dead letters in."""
+    return f"hifi-dlq-replay-{label}"
+
+
+def failed_replay_group(tenant: str, event_type: str | None = None) -> str:
+    """The group `hifi failed replay` commits its progress through a tenant's failed records in: one for the
+    whole tenant, one per type for `--type` replays (`/` cannot be in a tenant, which names a topic)."""
+    group = f"hifi-failed-replay-{tenant}"
+    return group if event_type is None else f"{group}/{event_type}"
+
+
+def failed_replay_lock_group(tenant: str) -> str:
+    """The group a running `hifi failed replay` of a tenant is a member of, so that a second one refuses to
+    start (`replaying-`: no tenant's progress group starts with it)."""
+    return f"hifi-failed-replaying-{tenant}"
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """One stage of the pipeline. A per-sink stage (the sender) runs one process per sink: its label,

@@ -68,6 +68,18 @@ class Topics:
         """Consumer group (and Faust app id) of a service."""
         return self.name(app_id)
 
+    def dlq_replay_group(self, label: str) -> str:
+        """Progress of `hifi dlq replay` through the dead letters of the stage labelled `label`."""
+        return self.name(pipeline.dlq_replay_group(label))
+
+    def failed_replay_group(self, tenant: str, event_type: str | None = None) -> str:
+        """Progress of `hifi failed replay` through a tenant's failed records (of one type, for `--type`)."""
+        return self.name(pipeline.failed_replay_group(tenant, event_type))
+
+    def failed_replay_lock_group(self, tenant: str) -> str:
+        """The group a running `hifi failed replay` of the tenant is a member of (one replay at a time)."""
+        return self.name(pipeline.failed_replay_lock_group(tenant))
+
     def stage_group(self, label: str) -> str:
         """Consumer group of the stage labelled `label` (`enricher`, `sender.hook`)."""
         return self.name(pipeline.group_of(label))

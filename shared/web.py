@@ -144,7 +144,8 @@ def add_failed_views(app: Any, failed: Any, settings: Settings) -> None:
     """GET /failed?tenant=T[&type=X][&limit=N] (read token): a tenant's quarantined events, redacted.
 
     The event is masked like every view (HIFI_REDACT_FIELDS), and so are the violations' messages that
-    could quote a masked value (`redact_failed`)."""
+    could quote a masked value (`redact_failed`). Each record's `replayed` says whether a replay sent it; if
+    the broker cannot tell, it is null and `replayed_unknown` says why."""
     fields = {f.strip() for f in settings.redact_fields.split(",") if f.strip()}
 
     @app.page("/failed")
@@ -159,6 +160,6 @@ def add_failed_views(app: Any, failed: Any, settings: Settings) -> None:
             limit = max(1, min(int(request.query.get("limit", "50")), 500))
         except ValueError:
             return self.json({"error": "bad_limit", "detail": "limit must be an integer"}, status=400)
-        records = await failed.read(tenant, request.query.get("type") or None, limit)
-        records = [redact_failed(record, fields) for record in records]
-        return self.json({"tenant": tenant, "counts": await failed.counts(tenant), "failed": records})
+        view = await failed.view(tenant, request.query.get("type") or None, limit)
+        view["failed"] = [redact_failed(record, fields) for record in view["failed"]]
+        return self.json(view)

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from devtools.traffic import EventFactory
 from devtools.webhook import WebhookReceiver
 from services.auditor.ledger import LossLedger, OffsetRanges
+from shared.audit import Run, Tally, split_tally
+from shared.codec import unpack
 from shared.topics import Topics
 from tests.helpers import SentryReceiver, post, tenant_block, wait_for
 
@@ -132,6 +134,38 @@ def test_quarantine_counts_of_a_tenant_stay_bounded_with_an_other_bucket():
     assert list(counts) == ["t0", "t1", "t2", "(other)"]
     assert counts["(other)"] == {"events": 3, "rules": {"r3": 1, "required": 3, "r4": 1, "(other)": 1}}
     assert sum(c["events"] for c in counts.values()) == 6
+
+
+def test_quarantine_counts_per_bucket_show_when_violations_started():
+    ledger = LossLedger(lambda tenant: ("hook",), bucket_s=10, settle_s=30, max_quarantine_labels=2)
+    # one tally over two buckets: offsets 0-1 (bucket 0: one passed, one quarantined), 2-4 (bucket 10)
+    runs = [["acme", 0, "out", 1], ["acme", 0, "quarantined", 1], ["acme", 10, "quarantined", 3]]
+    rows = [
+        quarantined_row(1, "play", ["minimum"]),
+        quarantined_row(2, "play", ["pattern", "minimum"]),
+        quarantined_row(3, "pause", ["required"]),
+        quarantined_row(4, "seek", ["type"]),  # past the cap of 2 types in its bucket
+    ]
+    ledger.add_tally({**tally("deduplicator", 0, runs), "events": rows})
+    ledger.add_tally({**tally("deduplicator", 2, runs[2:]), "events": rows[1:2]})  # replayed: counted once
+    assert ledger.quarantined_by_bucket() == {
+        "acme": {
+            0: {"play": {"events": 1, "rules": {"minimum": 1}}},
+            10: {
+                "play": {"events": 1, "rules": {"pattern": 1, "minimum": 1}},
+                "pause": {"events": 1, "rules": {"required": 1}},
+                "(other)": {"events": 1, "rules": {"type": 1}},
+            },
+        }
+    }
+    # a loss report of a bucket carries that bucket's breakdown
+    ledger.add_tally({"stage": "collector", "runs": [["acme", 10, "accepted", 4]]})
+    ledger.add_tally(tally("enricher", 0, [["acme", 10, "out", 4]]))
+    (report,) = ledger.reconcile("acme", 10)
+    assert report.to_json()["quarantined"] == ledger.quarantined_by_bucket()["acme"][10]
+    assert ledger.quarantined()["acme"]["play"] == {"events": 2, "rules": {"minimum": 2, "pattern": 1}}
+    ledger.forget_before(20)
+    assert ledger.quarantined_by_bucket() == {"acme": {0: {"play": {"events": 1, "rules": {"minimum": 1}}}}}
 
 
 @given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 30)), max_size=40), st.integers(1, 6))
@@ -312,3 +346,46 @@ async def test_events_deleted_between_stages_are_reported_lost_at_that_stage(
         await reader.stop()
         await hook.stop()
         sentry.close()
+
+
+def test_quarantine_counts_per_bucket_keep_the_rows_of_a_split_tally():
+    # a deduplicator's tally of 2 runs in 2 buckets, 6 quarantined rows, split under a small record budget:
+    # a piece's rows need not ride with the runs that cover their offsets
+    rows = [
+        [
+            n,
+            f"e{n}",
+            "quarantined",
+            "acme",
+            {"event_type": "play", "rules": ["x" * 50], "ingest_ts": 1_000 + 10_000 * (n // 3)},
+        ]
+        for n in range(6)
+    ]
+    whole = Tally(
+        stage="deduplicator",
+        topic="in",
+        partition=0,
+        first=0,
+        runs=[Run("acme", 0, "quarantined", 3), Run("acme", 10, "quarantined", 3)],
+        events=rows,
+    )
+    pieces = split_tally(whole, budget=200)
+    assert len(pieces) > 2
+    ledger = LossLedger(lambda tenant: ("hook",), bucket_s=10, settle_s=30)
+    for piece in pieces:
+        ledger.add_tally(unpack(piece))
+    assert ledger.quarantined()["acme"]["play"]["events"] == 6
+    per_bucket = {start: counts["play"]["events"] for start, counts in ledger.quarantined_by_bucket()["acme"].items()}
+    assert per_bucket == {0: 3, 10: 3}  # the fault: {0: 1, 10: 1}, 4 rows counted tenant-wide only
+
+
+def test_quarantine_counts_per_bucket_share_the_tenant_wide_labels():
+    ledger = LossLedger(lambda tenant: ("hook",), bucket_s=10, settle_s=30, max_quarantine_labels=100)
+    for n in range(1_000):  # 1,000 types over an hour of 10 s buckets
+        runs = [["acme", (n % 360) * 10, "quarantined", 1]]
+        ledger.add_tally({**tally("deduplicator", n, runs), "events": [quarantined_row(n, f"type-{n}", ["minimum"])]})
+    by_bucket = ledger.quarantined_by_bucket()["acme"]
+    labels = {event_type for counts in by_bucket.values() for event_type in counts}
+    assert len(labels) <= 101, len(labels)  # the fault: 1,000, each bucket admitting its own 100
+    assert labels == set(ledger.quarantined()["acme"])
+    assert sum(c["events"] for counts in by_bucket.values() for c in counts.values()) == 1_000

@@ -1,6 +1,7 @@
 """Schemas on the real pipeline: a schema rolled out, good events delivered, bad ones quarantined with
 their pointers (never lost to the ledger), a warn tenant's delivered flagged; the schema fixed, the
-failed events replayed arrive once, and replayed again, still once."""
+failed events replayed arrive once; a second replay re-submits nothing, and one `--from-start` is dropped by
+the deduplicator."""
 
 from __future__ import annotations
 
@@ -185,6 +186,11 @@ async def test_a_schema_quarantines_violations_and_a_replay_after_the_fix_delive
             }
         }, summary["quarantined"]
         await auditor_metrics_show_quarantined(auditor.url("/metrics"))
+        # the same breakdown per event-time bucket, summed over the buckets
+        per_type: Counter[str] = Counter()
+        for by_type in summary["quarantined_by_bucket"]["acme"].values():
+            per_type.update({event_type: counts["events"] for event_type, counts in by_type.items()})
+        assert per_type == {"play": 8, "(unknown)": 2}, summary["quarantined_by_bucket"]
 
         # The fix: the pattern allows x- titles, negative positions are fine, pause has a schema.
         fixed = json.loads(json.dumps(PLAY))
@@ -204,7 +210,12 @@ async def test_a_schema_quarantines_violations_and_a_replay_after_the_fix_delive
         dups = {"stage": "deduplicator", "tenant": "acme"}
         text = await asyncio.to_thread(metrics_text, dedupe.url("/metrics"))
         before = metric(text, "hifi_events_deduplicated_total", **dups)
-        assert "replayed 10" in await asyncio.to_thread(hifi_failed, env, "replay", "--tenant", "acme", "--rate", "0")
+        # a second run resumes at its committed progress: nothing left; --from-start re-submits on purpose
+        assert "replayed 0" in await asyncio.to_thread(hifi_failed, env, "replay", "--tenant", "acme", "--rate", "0")
+        listed = await asyncio.to_thread(hifi_failed, env, "list", "--tenant", "acme")
+        assert listed.count(" replayed") == 10 and " pending" not in listed, listed
+        again = await asyncio.to_thread(hifi_failed, env, "replay", "--tenant", "acme", "--rate", "0", "--from-start")
+        assert "replayed 10" in again
 
         async def second_replay_dropped() -> bool:
             text = await asyncio.to_thread(metrics_text, dedupe.url("/metrics"))

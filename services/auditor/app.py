@@ -135,6 +135,7 @@ class Auditor:
             "lost_by_stage": ledger.lost_by_stage(),
             "filtered": ledger.filtered(),
             "quarantined": ledger.quarantined(),
+            "quarantined_by_bucket": ledger.quarantined_by_bucket(),
             "surplus": sum(ledger.surplus.values()),
             "offset_gaps": sorted(self.loss.offset_gaps.values(), key=lambda g: (g["stage"], g["topic"], g["first"])),
             "stage_totals": {stage: dict(outcomes) for stage, outcomes in sorted(ledger.totals.items())},

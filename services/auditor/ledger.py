@@ -26,7 +26,8 @@ Tallies for an already settled bucket are **late**: the bucket is reconciled aga
 is kept with it.
 
 Quarantined events are also counted per tenant, type and rule (`QuarantineCounts`, bounded), from the
-notes of the deduplicator's tallies, each source offset once.
+notes of the deduplicator's tallies, each source offset once: since the auditor started, and per bucket
+(for as long as the ledger holds the bucket), so an operator sees when violations started.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from itertools import pairwise
 from typing import Any
 
 from shared import pipeline
-from shared.audit import Tally, as_tally, filtered_sinks
+from shared.audit import Run, Tally, as_tally, bucket_of, filtered_sinks
 from shared.outcome import DELIVERED, REPLAYED, Outcome
 
 COLLECTOR = pipeline.COLLECTOR.name
@@ -132,13 +133,17 @@ class QuarantineCounts:
         self.events: dict[str, int] = {}
         self.rules: dict[str, dict[str, int]] = {}
 
-    def add(self, event_type: str, rules: list[str]) -> None:
+    def add(self, event_type: str, rules: list[str]) -> tuple[str, list[str]]:
+        """Count one event; return the labels it was counted under (OTHER past a cap)."""
         event_type = bounded(self.events, event_type, self.max_labels)
         self.events[event_type] = self.events.get(event_type, 0) + 1
         per_rule = self.rules.setdefault(event_type, {})
+        labels = []
         for rule in rules:
             rule = bounded(per_rule, rule, self.max_labels)
             per_rule[rule] = per_rule.get(rule, 0) + 1
+            labels.append(rule)
+        return event_type, labels
 
     def to_json(self) -> dict[str, Any]:
         return {t: {"events": n, "rules": dict(self.rules.get(t, {}))} for t, n in self.events.items()}
@@ -156,6 +161,16 @@ class Bucket:
     counts: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
     settled: bool = False
     late: int = 0
+    quarantine: QuarantineCounts | None = None  # its quarantined events per type and rule
+
+
+def bucket_of_offset(first: int, runs: list[Run], offset: int) -> tuple[str, int] | None:
+    """The (tenant, bucket) of the run of a tally (starting at source offset `first`) that covers `offset`."""
+    for run in runs:
+        if first <= offset < first + run.count:
+            return run.tenant, run.bucket
+        first += run.count
+    return None
 
 
 @dataclass
@@ -170,6 +185,7 @@ class LossReport:
     detail: str
     late: int = 0
     status: str = "unconfirmed"  # -> overdue (still waiting upstream) | lost | recovered (late events)
+    quarantined: dict[str, Any] = field(default_factory=dict)  # the bucket's QuarantineCounts, as JSON
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -197,7 +213,8 @@ class LossLedger:
         self.settled = 0
         self.trust_from = 0  # buckets before this (epoch s) may have tallies from before the auditor read on
         self.max_quarantine_labels = max_quarantine_labels
-        self.quarantine: dict[str, QuarantineCounts] = {}  # tenant -> per type and rule, since the auditor started
+        # tenant -> per type and rule, since the auditor started (per bucket too: Bucket.quarantine)
+        self.quarantine: dict[str, QuarantineCounts] = {}
         # Offsets whose quarantine breakdown was counted, apart from `covered`: a split tally's events may ride
         # in another part than their runs.
         self.quarantine_seen: dict[tuple[str, str, int], OffsetRanges] = {}
@@ -246,11 +263,35 @@ class LossLedger:
             if counts is None:
                 counts = self.quarantine[row.tenant] = QuarantineCounts(self.max_quarantine_labels)
             note = row.note or {}
-            counts.add(str(note.get("event_type", NO_BREAKDOWN)), [str(r) for r in note.get("rules", ())])
+            event_type, rules = str(note.get("event_type", NO_BREAKDOWN)), [str(r) for r in note.get("rules", ())]
+            # a bucket counts under the tenant's labels: its own cap per bucket would hold ~360x as many
+            event_type, rules = counts.add(event_type, rules)
+            where = bucket_of_offset(tally.first or 0, tally.runs, row.offset) or self._bucket_of_row(row.tenant, note)
+            if where is not None:
+                bucket = self.buckets.setdefault(where, Bucket())
+                if bucket.quarantine is None:
+                    bucket.quarantine = QuarantineCounts(self.max_quarantine_labels)
+                bucket.quarantine.add(event_type, rules)
+
+    def _bucket_of_row(self, tenant: str, note: dict[str, Any]) -> tuple[str, int] | None:
+        """A row's bucket from its ingest time, as its tally's runs bucketed it (`shared.audit.batch_tallies`):
+        a split tally's rows may ride in a piece whose runs do not cover them."""
+        ingest_ts = note.get("ingest_ts")
+        if not isinstance(ingest_ts, int | float) or ingest_ts <= 0:
+            return None  # bucketed by the message's timestamp, which the row does not carry
+        return tenant, bucket_of(ingest_ts, self.bucket_s)
 
     def quarantined(self) -> dict[str, dict[str, Any]]:
         """Quarantined events per tenant, type and rule: {tenant: {type: {events, rules: {rule: n}}}}."""
         return {tenant: counts.to_json() for tenant, counts in sorted(self.quarantine.items())}
+
+    def quarantined_by_bucket(self) -> dict[str, dict[int, dict[str, Any]]]:
+        """Quarantined events per tenant, bucket (start, epoch s), type and rule, of the buckets still held."""
+        out: dict[str, dict[int, dict[str, Any]]] = {}
+        for (tenant, start), bucket in sorted(self.buckets.items()):
+            if bucket.quarantine is not None:
+                out.setdefault(tenant, {})[start] = bucket.quarantine.to_json()
+        return out
 
     def gaps(self) -> list[tuple[str, str, int, int, int]]:
         """Offsets between two ranges a stage's tallies covered: (stage, topic, partition, start, end).
@@ -326,6 +367,7 @@ class LossLedger:
                 detail = f"{upstream} passed on {passed}, {stage} read {read}"
             previous = self.reports.get(key)
             report = LossReport(tenant, sink, bucket_start, accepted, accounted, lost, stage, detail, bucket.late)
+            report.quarantined = bucket.quarantine.to_json() if bucket.quarantine is not None else {}
             if previous is not None and previous.status in ("lost", "overdue") and previous.stage == stage:
                 report.status = previous.status
             self.reports[key] = report
