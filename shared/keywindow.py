@@ -27,6 +27,7 @@ from rocksdict import AccessType, Options, Rdict, WriteBatch
 
 from shared.codec import pack, unpack
 from shared.publish import Output
+from shared.standby import StandbyReplica
 from shared.window_changelog import ChangelogEntry, decode_changelog, encode_changelog
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,10 @@ class RocksKeyWindow:
     a kill -9 replays only the tail. It covers only changelog records this store applied, in order
     (`durable`): a record another owner wrote in between is re-read, never skipped. Replaying is
     idempotent: more than needed is only slower.
+
+    With a standby (`start_standby`, shared/standby.py) the stores of the partitions it does not own are
+    kept warm from the changelog in the same directory and checkpoint files: taking one over replays only
+    the tail. `release` must run (on the event loop) before `open` of a partition the standby may hold.
     """
 
     def __init__(
@@ -109,6 +114,9 @@ class RocksKeyWindow:
         self.pending: dict[int, list[ChangelogEntry]] = {}
         self.applied: dict[int, int] = {}  # partition -> next changelog offset this store reflects
         self.behind: dict[int, int] = {}  # partition -> offset up to which others' records await `catch_up`
+        self.owning: set[int] = set()  # released by the standby for an owner (`release`) until revoked
+        self.standby: StandbyReplica | None = None
+        self.restored_entries = 0  # changelog entries applied by restores (not catch-ups) since start
 
     @property
     def changelog_retention_s(self) -> float:
@@ -132,16 +140,42 @@ class RocksKeyWindow:
     def _checkpoint_file(self, partition: int) -> Path:
         return self.path / f"p{partition}.changelog-offset"
 
+    def _read_checkpoint(self, partition: int) -> int:
+        try:
+            return int(self._checkpoint_file(partition).read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def start_standby(self) -> None:
+        """Keep the stores of the partitions this worker does not own warm from the changelog (a task)."""
+        if self.standby is None:
+            self.standby = StandbyReplica(self)
+        self.standby.start()
+
+    async def stop_standby(self) -> None:
+        """Stop the standby task and checkpoint and close its stores (before the owned stores close)."""
+        if self.standby is not None:
+            await self.standby.stop()
+
+    async def release(self, partitions: list[int]) -> None:
+        """Before `open`: the standby gives these partitions up (stops applying, checkpoints, closes)."""
+        self.owning |= set(partitions)
+        if self.standby is not None:
+            await self.standby.release(partitions)
+
+    def standby_lag(self) -> dict[int, int | None]:
+        """Standby partitions and how many changelog records each is behind (None: not known yet)."""
+        return self.standby.lag() if self.standby is not None else {}
+
     def open(self, partitions: list[int]) -> list[int]:
         """Open the stores of newly owned partitions (fast: no reading); return those that need a restore."""
         new = [p for p in partitions if p not in self.dbs]
+        held = [p for p in new if self.standby is not None and p in self.standby.dbs]
+        if held:  # one writer per store: `release` must have run first
+            raise RuntimeError(f"{self.name}: partitions {held} are still open as standby")
+        self.owning |= set(new)
         opened = {p: self._open(p) for p in new}
-        applied = {}
-        for p in new:
-            try:
-                applied[p] = int(self._checkpoint_file(p).read_text())
-            except (FileNotFoundError, ValueError):
-                applied[p] = 0
+        applied = {p: self._read_checkpoint(p) for p in new}
         # Whole new dicts, not per-key writes: the runner calls this in a thread (a WAL replay can take a
         # while) while the loop may iterate them (checkpoints, the table browser).
         self.applied = {**self.applied, **applied}
@@ -223,19 +257,10 @@ class RocksKeyWindow:
                     for record in records:
                         if record.offset >= todo.get(tp, 0):
                             continue
-                        try:
-                            entries = decode_changelog(record.value)
-                        except msgspec.DecodeError:  # not written by this store: skip it
-                            log.warning(
-                                "%s: skipped an unreadable changelog record at %s@%d", self.name, tp, record.offset
-                            )
-                            entries = []
-                        batch = WriteBatch(raw_mode=True)
-                        for entry in entries:
-                            if until is None or db.get(entry.key.encode()) is None:
-                                batch.put(entry.key.encode(), pack([entry.first_seen_ms, entry.claim]))
-                        db.write(batch)
-                        applied += len(entries)
+                        entries = self._apply_record(db, tp.partition, record.offset, record.value, until is not None)
+                        applied += entries
+                        if until is None:
+                            self.restored_entries += entries
                         # Catching up, own records applied meanwhile may already have moved it further.
                         self.applied[tp.partition] = max(self.applied.get(tp.partition, 0), record.offset + 1)
                         await asyncio.sleep(0)  # one record is up to a batch of entries: let heartbeats run
@@ -260,6 +285,23 @@ class RocksKeyWindow:
             )
             await consumer.stop()
 
+    def _apply_record(
+        self, db: Rdict, partition: int, offset: int, value: bytes | None, only_absent: bool = False
+    ) -> int:
+        """Write one changelog record's entries into a store (a restore, a catch-up, a standby); the number
+        applied. Unreadable records are skipped; `only_absent` keeps the keys the store holds (a catch-up)."""
+        try:
+            entries = decode_changelog(value)
+        except msgspec.DecodeError:  # not written by this store: skip it
+            log.warning("%s: skipped an unreadable changelog record at %d@%d", self.name, partition, offset)
+            return 0
+        batch = WriteBatch(raw_mode=True)
+        for entry in entries:
+            if not only_absent or db.get(entry.key.encode()) is None:
+                batch.put(entry.key.encode(), pack([entry.first_seen_ms, entry.claim]))
+        db.write(batch)
+        return len(entries)
+
     def checkpoint(self) -> None:
         """Save each open store's applied changelog offset, so a kill -9 restores only the tail.
 
@@ -270,6 +312,8 @@ class RocksKeyWindow:
             offset = self.applied.get(p, 0)  # read before the sync: everything it covers is in the WAL
             db.flush_wal(True)
             self._write_checkpoint(p, offset)
+        if self.standby is not None:
+            self.standby.checkpoint()
 
     def _write_checkpoint(self, partition: int, offset: int) -> None:
         """Temp file, fsync, rename: a crash leaves the old checkpoint or the new one, never half of one."""
@@ -282,14 +326,17 @@ class RocksKeyWindow:
         os.replace(tmp, path)
 
     def revoke(self, partitions: list[int]) -> None:
+        """Close and checkpoint the owned stores of these partitions; only then may the standby tail them."""
         for p in partitions:
             db = self.dbs.pop(p, None)
-            if db is None:
-                continue
-            db.close()  # flushes the memtable: the checkpoint below never runs ahead of the store
-            self.pending.pop(p, None)
-            self.behind.pop(p, None)
-            self._write_checkpoint(p, self.applied.pop(p, 0))
+            if db is not None:
+                db.close()  # flushes the memtable: the checkpoint below never runs ahead of the store
+                self.pending.pop(p, None)
+                self.behind.pop(p, None)
+                self._write_checkpoint(p, self.applied.pop(p, 0))
+        self.owning -= set(partitions)
+        if self.standby is not None:
+            self.standby.changed()
 
     def changelog(self) -> list[Output]:
         out = [
@@ -319,6 +366,9 @@ class RocksKeyWindow:
         db = self.dbs.get(partition)
         if db is None:  # an event of a partition not (yet) assigned: a bug upstream, but never lose the write
             log.warning("%s: write for partition %d, which this worker does not hold", self.name, partition)
+            self.owning.add(partition)
+            if self.standby is not None:
+                self.standby._close(partition)  # one writer per store (a standby open in flight would fail this one)
             db = self.dbs[partition] = self._open(partition)
         return partition, db
 
@@ -381,6 +431,7 @@ class RocksKeyWindow:
             "window_s": self.window_s,
             "changelog": self.changelog_topic,
             "partitions_held": sorted(self.dbs),
+            "standby_lag": self.standby_lag(),
         }
 
     def _entry(self, key: str, raw: bytes) -> dict[str, Any]:

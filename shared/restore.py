@@ -2,7 +2,8 @@
 
 aiokafka sends no heartbeats while its assignment callback runs, so the runner only pauses the newly owned
 partitions there; a background task opens and restores their stores while the worker heartbeats, and
-resumes each partition at its committed offset once every store of it is restored. The stores are
+resumes each partition at its committed offset once every store of it is restored (a state with a standby
+replica first releases the partition's warm standby store, so the restore replays only the changelog's tail). The stores are
 checkpointed every `checkpoint_interval_s`, so a kill -9 replays only the changelog's tail.
 """
 
@@ -21,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from shared.publish import transient
 from shared.retry import Backoff
-from shared.step import PartitionedState
+from shared.step import PartitionedState, StandbyState
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ class StateRestorer:
         pending = {p: 0 for p in partitions}
         try:
             for state in self.states:
+                if isinstance(state, StandbyState):  # on the loop, before the open: one writer per store
+                    await state.release(partitions)
                 for p in await asyncio.to_thread(state.open, partitions):
                     pending[p] += 1
         except Exception as exc:

@@ -69,7 +69,7 @@ from shared.publish import BatchPublisher, Output
 from shared.rebalance import RebalanceListener, Rebalancing
 from shared.restore import StateRestorer
 from shared.retry import Backoff
-from shared.step import Handler, Ownership, PartitionedState, Record, StepResult
+from shared.step import Handler, Ownership, PartitionedState, Record, StandbyState, StepResult
 from shared.watchdog import PartitionWatchdog, refresh_stale_leaders
 
 # The names services and tests import from here: the step's contract and the exit code of a fenced worker.
@@ -121,6 +121,7 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         group_instance_id: str | None = None,
         leave_group_on_stop: bool | None = None,
         batch_linger_s: float = 0.0,
+        standby_replicas: int = 1,
     ) -> None:
         super().__init__()
         self.app = app
@@ -152,6 +153,9 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         # Fetch on for up to this long while a batch is short of `batch_max` (an archive wants few, large
         # objects); 0: hand each fetch over at once. Nothing is acked before its batch is handled.
         self.batch_linger_s = batch_linger_s
+        # 1: each state also keeps warm copies of the partitions this worker does not own (shared/standby.py),
+        # so a takeover replays the changelog's tail instead of the whole window; 0: none.
+        self.standby_replicas = standby_replicas
         self.revocations = 0  # rebalances this worker took part in since it started (for /ready and tests)
         self.fenced: InstanceIdTaken | None = None  # another live process took this worker's instance id
         self.request_shutdown: Callable[[int], None] = request_exit  # tests replace it (no SIGTERM to pytest)
@@ -243,6 +247,8 @@ class StageRunner(Rebalancing, BatchIntake, Service):
             "awaiting_commit": sorted(tp.partition for tp in self.awaiting_commit),
             "group_instance_id": self.group_instance_id,
             "revocations": self.revocations,
+            # Warm copies of partitions this worker does not own: changelog records each is behind (None: unknown).
+            "standby": {s.changelog_topic: s.standby_lag() for s in self.states if isinstance(s, StandbyState)},
         }
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -283,6 +289,10 @@ class StageRunner(Rebalancing, BatchIntake, Service):
                 self._guard(refresh_stale_leaders(self, self.unfetched_after_s)), name=f"{self.stage}-leaders"
             ),
         ]
+        if self.standby_replicas:
+            for state in self.states:
+                if isinstance(state, StandbyState):
+                    state.start_standby()
         if self.states:
             self._tasks.append(
                 asyncio.create_task(
@@ -322,6 +332,9 @@ class StageRunner(Rebalancing, BatchIntake, Service):
                     await asyncio.wait_for(client.stop(), 3.0)
                 except TimeoutError:
                     log.warning("%s: a Kafka client did not close within 3 s", self.stage)
+        for state in self.states:
+            if isinstance(state, StandbyState):  # stopped applying before any store closes
+                await state.stop_standby()
         for state in self.states:
             state.revoke(held)
         await self._leave_as_static_member()

@@ -88,6 +88,21 @@ class PartitionedState(Protocol):
         ...
 
 
+@runtime_checkable
+class StandbyState(Protocol):
+    """A partitioned state that can keep warm copies of the partitions it does not own (shared/standby.py)."""
+
+    def start_standby(self) -> None: ...
+
+    async def stop_standby(self) -> None: ...
+
+    async def release(self, partitions: list[int]) -> None:
+        """Before `open`: the standby stops applying to these partitions, checkpoints and closes them."""
+        ...
+
+    def standby_lag(self) -> dict[int, int | None]: ...
+
+
 class Ownership:
     """The assignment a batch was fetched under. aiokafka rebalances eagerly: every rebalance (and an
     eviction, on rejoin) revokes every partition, so one generation per worker is one per partition."""

@@ -1,0 +1,185 @@
+"""Standby replicas of a RocksDB key window (Kafka Streams' `num.standby.replicas`): warm copies of the stores
+of the source partitions this worker does NOT own, so that taking one over replays only the changelog's tail.
+
+A background task tails those changelog partitions (its own consumer, no group, manual assignment) into the
+same per-partition stores and checkpoint files the owned partitions use (`RocksKeyWindow`): an assignment's
+restore then starts at the standby's checkpoint. One writer per store at any time:
+- before a partition's owned store opens, `release` stops applying to it, syncs its WAL, closes it and
+  writes its checkpoint (only what it applied);
+- after a revocation the owned store is closed and checkpointed first (`RocksKeyWindow.revoke`), and only
+  then is the partition standby again.
+Every store open or close of the standby happens under one lock, so `release` never races an open in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from rocksdict import Rdict
+
+from shared.retry import Backoff
+
+if TYPE_CHECKING:
+    from shared.keywindow import RocksKeyWindow
+
+log = logging.getLogger(__name__)
+
+STANDBY_BACKOFF = Backoff(0.5, 30.0)  # a broker outage: retried for ever, at most every 30 s (a later restore is slower)
+FETCH_TIMEOUT_MS = 500  # how soon a partition given back by a revocation starts to be tailed
+
+
+class StandbyReplica:
+    """Tails the changelog partitions a window does not own into its standby stores (see the module docstring)."""
+
+    def __init__(self, window: RocksKeyWindow, backoff: Backoff = STANDBY_BACKOFF) -> None:
+        self.window = window
+        self.backoff = backoff
+        self.dbs: dict[int, Rdict] = {}
+        self.applied: dict[int, int] = {}  # partition -> next changelog offset its standby store reflects
+        self.highwater: dict[int, int] = {}  # partition -> the changelog's end as the last fetch told it
+        self.applied_entries = 0  # entries applied since start (tests, and how busy it is)
+        self.failures = 0  # consecutive failed attempts of the tailing loop
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"{self.window.name}-standby")
+
+    async def stop(self) -> None:
+        """Stop applying, then checkpoint and close every standby store (the owned ones are the runner's)."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+        async with self._lock:
+            for p in list(self.dbs):
+                self._close(p)
+
+    def wanted(self) -> set[int]:
+        """The partitions this worker neither owns nor is about to open as owner."""
+        window = self.window
+        return set(range(window.partitions)) - window.owning - set(window.dbs)
+
+    def lag(self) -> dict[int, int | None]:
+        """Changelog records each standby partition is behind (None: no fetch answered yet)."""
+        lag: dict[int, int | None] = {}
+        for p in sorted(self.dbs):
+            end = self.highwater.get(p)
+            lag[p] = None if end is None else max(0, end - self.applied.get(p, 0))
+        return lag
+
+    def changed(self) -> None:
+        """The owned partitions changed (a revocation gave some back): tail the new set."""
+        self._changed.set()
+
+    async def release(self, partitions: list[int]) -> None:
+        """Close these partitions' standby stores, checkpointed, before their owner opens them. The caller has
+        already added them to `window.owning`, so a standby open finishing meanwhile is closed here."""
+        async with self._lock:
+            for p in partitions:
+                self._close(p)
+        self._changed.set()
+
+    def checkpoint(self) -> None:
+        """Save each standby store's applied offset after syncing its WAL, as `RocksKeyWindow.checkpoint`."""
+        for p, db in list(self.dbs.items()):
+            offset = self.applied.get(p, 0)  # read before the sync: everything it covers is in the WAL
+            db.flush_wal(True)
+            self.window._write_checkpoint(p, offset)
+
+    def _close(self, partition: int) -> None:
+        db = self.dbs.pop(partition, None)
+        if db is None:
+            return
+        offset = self.applied.pop(partition, 0)
+        self.highwater.pop(partition, None)
+        db.close()  # flushes the memtable: the checkpoint below never runs ahead of the store
+        self.window._write_checkpoint(partition, offset)
+
+    # -- tailing -----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Tail for ever: any failure is logged and retried with backoff (never the worker's end)."""
+        while True:
+            try:
+                await self._tail()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.failures += 1
+                delay = self.backoff.delay(self.failures)
+                level = logging.WARNING if self.failures < 10 else logging.ERROR
+                log.log(
+                    level,
+                    "%s: standby tailing failed (attempt %d), retrying in %.1fs: %r",
+                    self.window.name,
+                    self.failures,
+                    delay,
+                    exc,
+                )
+                await asyncio.sleep(delay)
+
+    async def _sync_stores(self) -> None:
+        """Open the stores of newly wanted partitions, close (checkpointed) those no longer wanted."""
+        async with self._lock:
+            for p in set(self.dbs) - self.wanted():
+                self._close(p)
+            for p in sorted(self.wanted() - set(self.dbs)):
+                db = await asyncio.to_thread(self.window._open, p)  # a WAL replay after a kill -9 may take a while
+                self.dbs[p] = db
+                self.applied[p] = self.window._read_checkpoint(p)
+                if p not in self.wanted():  # the owner claimed it while it opened: give it back at once
+                    self._close(p)
+
+    async def _tail(self) -> None:
+        window = self.window
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=window.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",  # a checkpoint before the log start (retention): what is left is all there is
+        )
+        try:
+            await consumer.start()  # inside: a start that fails (broker down) still closes what it opened
+            tailed: dict[int, Rdict] = {}
+            while True:
+                self._changed.clear()
+                await self._sync_stores()
+                if tailed != self.dbs:
+                    tailed = dict(self.dbs)
+                    tps = [TopicPartition(window.changelog_topic, p) for p in sorted(tailed)]
+                    consumer.assign(tps)  # a new assignment forgets positions: every one is sought again
+                    for tp in tps:
+                        consumer.seek(tp, self.applied[tp.partition])
+                if not tailed:
+                    await self._changed.wait()
+                    continue
+                fetched = await consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS)
+                self.failures = 0
+                for tp, records in fetched.items():
+                    await self._apply(tp.partition, records)
+                for p in list(self.dbs):
+                    end = consumer.highwater(TopicPartition(window.changelog_topic, p))
+                    if end is not None:
+                        self.highwater[p] = end
+        finally:
+            await consumer.stop()
+
+    async def _apply(self, partition: int, records: list) -> None:  # type: ignore[type-arg]
+        """Apply fetched records as a restore does, yielding after each; stop at once if the store was released."""
+        db = self.dbs.get(partition)
+        for record in records:
+            if db is None or self.dbs.get(partition) is not db:
+                return  # released (its owner opens it) or closed: not one more write
+            if record.offset < self.applied[partition]:
+                continue  # fetched before a seek back to the checkpoint
+            self.applied_entries += self.window._apply_record(db, partition, record.offset, record.value)
+            self.applied[partition] = record.offset + 1
+            await asyncio.sleep(0)  # one record is up to a batch of entries: let heartbeats run

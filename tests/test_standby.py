@@ -1,0 +1,231 @@
+"""Standby replicas of the RocksDB key windows (issue 15): a takeover replays the changelog's tail, not the
+whole window, and a duplicate of an event the old owner saw is still dropped. Real broker, real RocksDB."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from shared.codec import encode_event, pack
+from shared.event import Event
+from shared.keywindow import RocksKeyWindow
+from shared.standby import StandbyReplica
+from shared.topics import ensure_topics
+from tests.helpers import wait_for
+from tests.test_keywindow_restore import Worker, _anchor
+
+
+def restored_entries(caplog: pytest.LogCaptureFixture, window: str) -> int:
+    """Changelog entries the restores of this window applied, from its "restored partitions" log lines."""
+    total = 0
+    for record in caplog.records:
+        if record.name == "shared.keywindow" and isinstance(record.args, tuple) and len(record.args) >= 4:
+            name, kind, _partitions, entries = record.args[:4]
+            if name == window and kind == "restored":
+                total += int(entries)  # type: ignore[call-overload]
+    return total
+
+
+def standby_caught_up(worker: Worker) -> bool:
+    lag = worker.runner.ready().get("standby", {}).get(worker.window.changelog_topic, {})
+    return bool(lag) and all(behind == 0 for behind in lag.values())
+
+
+@pytest.mark.slow  # over 10 s: `make quick` leaves it to `make test`
+@pytest.mark.parametrize("standby", [0, 1], ids=["standby-off", "standby-on"])
+async def test_a_takeover_restores_only_the_tail_and_still_drops_duplicates(kafka, namespace, tmp_path, caplog, standby):
+    """A owns every partition and sees N events; B joins, then A stops and B takes A's partitions over.
+    Without a standby B's restore applies every entry A wrote to those partitions (issue 15); with one it
+    applies only the tail since its standby caught up. Either way, copies of all N events sent after the
+    takeover are dropped: the window B took over is complete."""
+    caplog.set_level(logging.INFO, logger="shared.keywindow")
+    source = f"{namespace}.source"
+    await ensure_topics(kafka.bootstrap, [source, f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    sent: list[str] = []
+
+    async def produce(count: int, again: bool = False) -> None:
+        start = 0 if again else len(sent)
+        futures = []
+        for i in range(start, start + count):
+            event = Event(event_id=f"e{i}", type="play", ts=time.time() * 1000, tenant="t", device_id=f"d{i % 97}")
+            futures.append(await producer.send(source, encode_event(event), key=event.partition_key))
+            if not again:
+                sent.append(event.dedupe_key)
+        await asyncio.gather(*futures)
+
+    a = Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0)
+    b = Worker("b", kafka, namespace, tmp_path, restore_delay_s=0.0)
+    b.window.name = "w-b"
+    workers = [a, b]
+    for w in workers:
+        w.runner.standby_replicas = standby
+
+    def handled() -> Counter[str]:
+        return Counter(k for w in workers for k in w.handled)
+
+    try:
+        await a.runner.start()
+        await produce(2000)
+        await wait_for(lambda: len(handled()) >= 2000, 60, "A handles the first events")
+        await b.runner.start()
+        await wait_for(lambda: b.runner.ready()["joined"] and a.runner.ready()["joined"], 60, "both ready")
+        await produce(200)
+        await wait_for(lambda: len(handled()) >= len(sent), 60, "both handle the next events")
+        if standby:
+            await wait_for(lambda: standby_caught_up(b), 30, "B's standby caught up")
+        a_partitions = a.runner.ready()["partitions"]
+        assert a_partitions, "A owns partitions after B joined"
+        before = restored_entries(caplog, "w-b")
+        await a.runner.stop()
+        await wait_for(
+            lambda: b.runner.ready()["joined"] and b.runner.ready()["partitions"] == [0, 1, 2, 3], 60, "B takes over"
+        )
+        took_over = restored_entries(caplog, "w-b") - before
+        entries_of_a = sum(1 for k in sent if k in a.handled)
+        print(f"standby={standby}: takeover of {a_partitions} applied {took_over} entries (A wrote {entries_of_a})")
+        if standby:
+            assert took_over <= 10, f"with a standby the takeover replayed {took_over} entries"
+        else:
+            assert took_over >= entries_of_a * 0.9, f"the takeover restored only {took_over} of {entries_of_a}"
+        handled_before = len(b.handled)
+        await produce(len(sent), again=True)  # a copy of every event, A's included, after the takeover
+        await produce(50)
+        await wait_for(lambda: len(handled()) >= len(sent), 60, "the new events handled")
+        await asyncio.sleep(2.0)  # a copy that passed would show up right behind
+        twice = {k: n for k, n in handled().items() if n > 1}
+        assert not twice, f"{len(twice)} copies passed the window after the takeover: {sorted(twice)[:10]}"
+        assert len(b.handled) - handled_before == 50
+    finally:
+        for w in workers:
+            await w.runner.stop()
+        await producer.stop()
+
+
+class PausingStandby(StandbyReplica):
+    """Pauses after applying `pause_after` records (mid-apply), until `go` is set."""
+
+    pause_after = 3
+
+    def __init__(self, window: RocksKeyWindow) -> None:
+        super().__init__(window)
+        self.paused = asyncio.Event()
+        self.go = asyncio.Event()
+        self.writes_after_release = 0
+
+    async def _apply(self, partition: int, records: list) -> None:  # type: ignore[type-arg]
+        db = self.dbs.get(partition)
+        for i, record in enumerate(records):
+            if self.dbs.get(partition) is not db or db is None:
+                return
+            if i == self.pause_after:
+                self.paused.set()
+                await self.go.wait()
+                if self.dbs.get(partition) is not db:
+                    return
+            if record.offset < self.applied[partition]:
+                continue
+            self.applied_entries += self.window._apply_record(db, partition, record.offset, record.value)
+            self.applied[partition] = record.offset + 1
+            await asyncio.sleep(0)
+
+
+async def test_an_assignment_mid_apply_stops_the_standby_before_the_owned_store_opens(kafka, namespace, tmp_path):
+    """The owner takes the partition while the standby is between two records of a fetch: the standby's
+    checkpoint names exactly what it applied, its store is closed before the owned one opens, it writes
+    nothing more, and the restore applies only the rest."""
+    changelog = f"{namespace}.window.changelog"
+    await ensure_topics(kafka.bootstrap, [changelog], 1, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        now = time.time() * 1000
+        for i in range(10):
+            await producer.send_and_wait(changelog, pack([[f"k{i}", now, f"src:0:{i}"]]), partition=0)
+        window = RocksKeyWindow("w", tmp_path / "w", changelog, kafka.bootstrap, 600.0, 1, "g")
+        window.standby = standby = PausingStandby(window)
+        window.start_standby()
+        await asyncio.wait_for(standby.paused.wait(), 30)
+        assert standby.applied[0] == 3
+        release = asyncio.create_task(window.release([0]))
+        await release
+        assert window._read_checkpoint(0) == 3, "the standby's checkpoint is not what it applied"
+        assert 0 not in standby.dbs
+        assert window.open([0]) == [0] and window.applied[0] == 3
+        standby.go.set()  # the standby resumes mid-fetch: it must not write on
+        await asyncio.sleep(0.5)
+        assert standby.applied_entries == 3, "the standby applied after it was released"
+        await window.restore([0])
+        assert window.restored_entries == 7, f"the restore applied {window.restored_entries}, not the tail of 7"
+        assert await window.seen([f"k{i}" for i in range(10)], [_anchor(0)] * 10) == [True] * 10
+        # Given away again: the owned store closes first, then the standby tails it from the owner's checkpoint.
+        assert await window.claim(["mine"], ["c"], [_anchor(0)]) == [True]
+        for out in window.changelog():
+            meta = await producer.send_and_wait(out.topic, out.value, partition=out.partition)
+            window.durable(meta.partition, meta.offset + 1)
+        window.revoke([0])
+        await wait_for(lambda: standby.lag().get(0) == 0 and standby.applied.get(0) == 11, 30, "standby again")
+        await window.stop_standby()
+        assert window._read_checkpoint(0) == 11
+    finally:
+        await producer.stop()
+
+
+async def test_a_kill_leaves_standby_checkpoints_that_never_run_ahead_of_the_store(kafka, namespace, tmp_path):
+    """kill -9 of a worker whose standby applied past its last checkpoint: the stores close without a
+    checkpoint; the next process finds every entry the checkpoint covers in the store, and restores the rest."""
+    changelog = f"{namespace}.window.changelog"
+    await ensure_topics(kafka.bootstrap, [changelog], 2, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        now = time.time() * 1000
+        for i in range(20):
+            await producer.send_and_wait(changelog, pack([[f"k{i}", now, f"src:{i % 2}:{i}"]]), partition=i % 2)
+        window = RocksKeyWindow("w", tmp_path / "w", changelog, kafka.bootstrap, 600.0, 2, "g")
+        window.start_standby()
+        standby = window.standby
+        assert standby is not None
+        await wait_for(lambda: standby.applied == {0: 10, 1: 10}, 30, "the standby applied everything")
+        window.checkpoint()
+        for i in range(20, 30):
+            await producer.send_and_wait(changelog, pack([[f"k{i}", now, f"src:{i % 2}:{i}"]]), partition=i % 2)
+        await wait_for(lambda: standby.applied == {0: 15, 1: 15}, 30, "the standby applied the tail")
+        # kill -9: the task ends, the stores close, no checkpoint is written.
+        task = standby._task
+        assert task is not None
+        task.cancel()
+        await asyncio.wait([task])
+        for db in standby.dbs.values():
+            db.close()
+        assert [window._read_checkpoint(p) for p in (0, 1)] == [10, 10]
+        reopened = RocksKeyWindow("w", tmp_path / "w", changelog, kafka.bootstrap, 600.0, 2, "g")
+        assert reopened.open([0, 1]) == [0, 1] and reopened.applied == {0: 10, 1: 10}
+        covered = [f"k{i}" for i in range(20)]
+        assert await reopened.seen(covered, [_anchor(i % 2) for i in range(20)]) == [True] * 20
+        await reopened.restore([0, 1])
+        assert reopened.restored_entries == 10, "the restore replays only what the checkpoint did not cover"
+        assert await reopened.seen([f"k{i}" for i in range(30)], [_anchor(i % 2) for i in range(30)]) == [True] * 30
+        reopened.revoke([0, 1])
+    finally:
+        await producer.stop()
+
+
+async def test_a_standby_that_meets_an_unreachable_broker_keeps_trying_and_never_raises(tmp_path):
+    """No broker at all: the standby task retries with backoff, the worker goes on, stop ends it cleanly."""
+    window = RocksKeyWindow("w", tmp_path / "w", "unused.changelog", "127.0.0.1:1", 600.0, 1, "g")
+    window.standby = StandbyReplica(window)
+    window.standby.backoff = type(window.standby.backoff)(0.01, 0.05)
+    window.start_standby()
+    await wait_for(lambda: window.standby is not None and window.standby.failures >= 2, 30, "two failed attempts")
+    assert window.standby._task is not None and not window.standby._task.done()
+    await window.stop_standby()
+    await window.release([0])
+    assert window.open([0]) == [0]  # the stopped standby holds nothing: the owner opens the store
+    window.revoke([0])
