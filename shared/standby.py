@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STANDBY_BACKOFF = Backoff(0.5, 30.0)  # a broker outage: retried for ever, at most every 30 s (a later restore is slower)
+STANDBY_BACKOFF = Backoff(
+    0.5, 30.0
+)  # a broker outage: retried for ever, at most every 30 s (a later restore is slower)
 FETCH_TIMEOUT_MS = 500  # how soon a partition given back by a revocation starts to be tailed
 
 
