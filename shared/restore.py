@@ -3,8 +3,8 @@
 aiokafka sends no heartbeats while its assignment callback runs, so the runner only pauses the newly owned
 partitions there; a background task opens and restores their stores while the worker heartbeats, and
 resumes each partition at its committed offset once every store of it is restored (a state with a standby
-replica first releases the partition's warm standby store, so the restore replays only the changelog's tail). The stores are
-checkpointed every `checkpoint_interval_s`, so a kill -9 replays only the changelog's tail.
+replica first releases the partition's warm standby store, so the restore replays only the changelog's tail).
+The stores are checkpointed every `checkpoint_interval_s`, so a kill -9 replays only the changelog's tail.
 """
 
 from __future__ import annotations
