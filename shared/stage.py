@@ -148,7 +148,7 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         # its partitions again without a rebalance; None joins as a dynamic member.
         self.group_instance_id = group_instance_id
         # A static member removes itself after its drain (partitions move at once) or keeps them for its
-        # restart; None: only a stage without state leaves (a takeover would restore the store elsewhere).
+        # restart; None: only a stage without state leaves (without a standby a takeover restores the whole window).
         self.leave_group_on_stop = leave_group_on_stop
         # Fetch on for up to this long while a batch is short of `batch_max` (an archive wants few, large
         # objects); 0: hand each fetch over at once. Nothing is acked before its batch is handled.
@@ -248,7 +248,11 @@ class StageRunner(Rebalancing, BatchIntake, Service):
             "group_instance_id": self.group_instance_id,
             "revocations": self.revocations,
             # Warm copies of partitions this worker does not own: changelog records each is behind (None: unknown).
-            "standby": {s.changelog_topic: s.standby_lag() for s in self.states if isinstance(s, StandbyState)},
+            "standby": {
+                s.changelog_topic: {str(p): lag for p, lag in s.standby_lag().items()}
+                for s in self.states
+                if isinstance(s, StandbyState)
+            },
         }
 
     # -- lifecycle -------------------------------------------------------------------------------------

@@ -106,6 +106,17 @@ async def test_a_takeover_restores_only_the_tail_and_still_drops_duplicates(
         twice = {k: n for k, n in handled().items() if n > 1}
         assert not twice, f"{len(twice)} copies passed the window after the takeover: {sorted(twice)[:10]}"
         assert len(b.handled) - handled_before == 50
+        # A's replacement (same data dir) joins: it restores from the checkpoints A left, owned and standby.
+        replacement = Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0)
+        replacement.window.name = "w-a2"
+        replacement.runner.standby_replicas = standby
+        workers.append(replacement)
+        await replacement.runner.start()
+        await wait_for(lambda: replacement.runner.ready()["joined"] and b.runner.ready()["joined"], 60, "A back")
+        came_back = restored_entries(caplog, "w-a2")
+        print(f"standby={standby}: the replacement's restore applied {came_back} entries")
+        if standby:
+            assert came_back <= 100, f"the replacement replayed {came_back} entries, more than B wrote since A left"
     finally:
         for w in workers:
             await w.runner.stop()

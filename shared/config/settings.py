@@ -53,7 +53,7 @@ class Settings(BaseModel):
     session_timeout_s: float = 10.0  # HIFI_SESSION_TIMEOUT_S: within the broker's group.min/max.session.timeout.ms
     # After a SIGTERM's drain, a static member leaves its group ("yes": its partitions move at once), or keeps
     # them for its restart ("no": nothing to restore elsewhere, but they wait for it). "auto": stateless
-    # stages leave, stages with RocksDB state stay (a takeover would restore their store from the changelog).
+    # stages leave, stages with RocksDB state stay (without a warm standby a takeover restores the whole window).
     leave_group_on_stop: Literal["auto", "yes", "no"] = "auto"  # HIFI_LEAVE_GROUP_ON_STOP
 
     ENV: ClassVar[dict[str, str]] = {
