@@ -12,6 +12,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from shared.codec import encode_event, pack
+from shared.config.settings import Settings
+from shared.errors import ConfigError
 from shared.event import Event
 from shared.keywindow import RocksKeyWindow
 from shared.standby import StandbyReplica
@@ -244,3 +246,89 @@ async def test_a_standby_that_meets_an_unreachable_broker_keeps_trying_and_never
     await window.release([0])
     assert window.open([0]) == [0]  # the stopped standby holds nothing: the owner opens the store
     window.revoke([0])
+
+
+def test_the_setting_turns_standby_replicas_off_and_refuses_other_counts() -> None:
+    assert Settings().standby_replicas == 1
+    assert Settings.from_env({"HIFI_STANDBY_REPLICAS": "0"}).standby_replicas == 0
+    with pytest.raises(ConfigError, match=r"HIFI_STANDBY_REPLICAS: .*got '2'"):
+        Settings.from_env({"HIFI_STANDBY_REPLICAS": "2"})
+
+
+@pytest.mark.slow  # over 10 s: `make quick` leaves it to `make test`
+async def test_workers_joining_and_leaving_under_load_with_standbys_handle_every_event_once(
+    kafka, namespace, tmp_path, monkeypatch
+):
+    """Partitions move between three workers again and again while events flow and every worker's standby
+    tails what it does not own: each event is handled exactly once, and no restore fails (a standby store
+    still open when its owner opens it would stop the worker, recorded here instead of a SIGTERM)."""
+    import shared.restore
+
+    signals: list[int] = []
+    monkeypatch.setattr(shared.restore.os, "kill", lambda pid, sig: signals.append(sig))
+    source = f"{namespace}.source"
+    await ensure_topics(kafka.bootstrap, [source, f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    sent: list[str] = []
+    stop_producing = asyncio.Event()
+
+    async def produce() -> None:
+        while not stop_producing.is_set():
+            futures = []
+            for _ in range(20):
+                i = len(sent)
+                event = Event(event_id=f"e{i}", type="play", ts=time.time() * 1000, tenant="t", device_id=f"d{i % 31}")
+                futures.append(await producer.send(source, encode_event(event), key=event.partition_key))
+                sent.append(event.dedupe_key)
+            await asyncio.gather(*futures)
+            await asyncio.sleep(0.05)
+
+    workers = {name: Worker(name, kafka, namespace, tmp_path, restore_delay_s=0.0) for name in "abc"}
+    for name, w in workers.items():
+        w.window.name = f"w-{name}"
+    everyone = list(workers.values())
+
+    def handled() -> Counter[str]:
+        return Counter(k for w in everyone for k in w.handled)
+
+    producing = asyncio.create_task(produce())
+    try:
+        await workers["a"].runner.start()
+        await wait_for(lambda: len(handled()) >= 100, 60, "A handles events")
+        await workers["b"].runner.start()
+        await wait_for(lambda: workers["b"].runner.ready()["partitions"], 60, "B owns partitions")
+        await workers["c"].runner.start()
+        await wait_for(lambda: workers["c"].runner.ready()["partitions"], 60, "C owns partitions")
+        await asyncio.sleep(1.0)
+        await workers["a"].runner.stop()  # B and C take A's partitions from their standbys
+        await wait_for(
+            lambda: sorted(p for n in "bc" for p in workers[n].runner.ready()["partitions"]) == [0, 1, 2, 3],
+            60,
+            "B and C own every partition",
+        )
+        again = Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0)  # A's replacement, same volume
+        again.window.name = "w-a2"
+        everyone.append(again)
+        await again.runner.start()
+        await wait_for(lambda: again.runner.ready()["partitions"], 60, "A's replacement owns partitions")
+        await workers["b"].runner.stop()
+        await wait_for(
+            lambda: sorted(p for w in (again, workers["c"]) for p in w.runner.ready()["partitions"]) == [0, 1, 2, 3],
+            60,
+            "A' and C own every partition",
+        )
+        stop_producing.set()
+        await producing
+        await wait_for(lambda: len(handled()) >= len(set(sent)), 60, "every event handled")
+        await asyncio.sleep(2.0)  # a stale owner's copy would show up right behind
+        twice = {k: n for k, n in handled().items() if n > 1}
+        assert not twice, f"{len(twice)} events handled more than once: {sorted(twice)[:10]}"
+        assert not signals, "a restore failed and stopped a worker"
+        print(f"{len(sent)} events, each handled once")
+    finally:
+        stop_producing.set()
+        await asyncio.gather(producing, return_exceptions=True)
+        for w in everyone:
+            await w.runner.stop()
+        await producer.stop()
