@@ -174,7 +174,14 @@ class RocksKeyWindow:
         if held:  # one writer per store: `release` must have run first
             raise RuntimeError(f"{self.name}: partitions {held} are still open as standby")
         self.owning |= set(new)
-        opened = {p: self._open(p) for p in new}
+        opened: dict[int, Rdict] = {}
+        try:
+            for p in new:
+                opened[p] = self._open(p)
+        except BaseException:  # e.g. a store locked: close the others, or their locks outlive this attempt
+            for db in opened.values():
+                db.close()
+            raise
         applied = {p: self._read_checkpoint(p) for p in new}
         # Whole new dicts, not per-key writes: the runner calls this in a thread (a WAL replay can take a
         # while) while the loop may iterate them (checkpoints, the table browser).

@@ -31,6 +31,17 @@ RESTORE_ATTEMPTS = 10
 BROKER_BACKOFF = Backoff(0.5, 10.0)
 
 
+async def _finished_even_if_cancelled(call: Awaitable[list[int]]) -> list[int]:
+    """Await `call`; cancelled, still wait for it (a thread opening stores runs on regardless) before raising:
+    the revocation that cancelled it then closes what it opened, and no standby opens a store it holds."""
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
+
+
 class RestoringView(Protocol):
     """What a restore reads and moves in the StageRunner."""
 
@@ -96,7 +107,7 @@ class StateRestorer:
             for state in self.states:
                 if isinstance(state, StandbyState):  # on the loop, before the open: one writer per store
                     await state.release(partitions)
-                for p in await asyncio.to_thread(state.open, partitions):
+                for p in await _finished_even_if_cancelled(asyncio.to_thread(state.open, partitions)):
                     pending[p] += 1
         except Exception as exc:
             self._failed(partitions, exc)

@@ -7,15 +7,18 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from shared.codec import encode_event, pack
 from shared.config.settings import Settings
 from shared.errors import ConfigError
 from shared.event import Event
 from shared.keywindow import RocksKeyWindow
+from shared.restore import StateRestorer
 from shared.standby import StandbyReplica
 from shared.topics import ensure_topics
 from tests.helpers import wait_for
@@ -332,3 +335,47 @@ async def test_workers_joining_and_leaving_under_load_with_standbys_handle_every
         for w in everyone:
             await w.runner.stop()
         await producer.stop()
+
+
+class SlowOpenWindow(RocksKeyWindow):
+    """Owned opens take 0.5 s in the restorer's thread; records when each starts and ends."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.opens_started = 0
+        self.opens_ended = 0
+
+    def open(self, partitions: list[int]) -> list[int]:
+        self.opens_started += 1
+        try:
+            time.sleep(0.5)
+            return super().open(partitions)
+        finally:
+            self.opens_ended += 1
+
+
+async def test_a_restore_cancelled_while_its_stores_open_waits_for_the_open(kafka, namespace, tmp_path):
+    """A revocation cancels the restore while its thread opens the stores: the cancel returns only once the
+    open ended, so the revocation closes what it opened and the standby never races it for the same store
+    (before: the thread opened an owned store for a partition already given away, behind the revocation)."""
+    changelog = f"{namespace}.window.changelog"
+    await ensure_topics(kafka.bootstrap, [changelog], 2, 1)
+    window = SlowOpenWindow("w", tmp_path / "w", changelog, kafka.bootstrap, 600.0, 2, "g")
+    window.start_standby()
+    standby = window.standby
+    assert standby is not None
+    await wait_for(lambda: sorted(standby.dbs) == [0, 1], 30, "the standby holds both partitions")
+    runner = SimpleNamespace(consumer=None, committed={}, assigned=set(), readable_since={})
+    restorer = StateRestorer(runner, "s", f"{namespace}.source", [window])
+    tps = [TopicPartition(f"{namespace}.source", p) for p in (0, 1)]
+    restorer.begin(tps)
+    await wait_for(lambda: window.opens_started == 1, 10, "the owned open started")
+    await restorer.cancel()
+    assert window.opens_ended == 1, "the cancel returned while the stores were still opening"
+    window.revoke([0, 1])  # what the revocation does next
+    assert window.dbs == {}
+    await wait_for(lambda: sorted(standby.dbs) == [0, 1], 30, "the standby tails both again")
+    await window.release([0, 1])
+    assert window.open([0, 1]) == [0, 1]  # no store left open (locked) by the cancelled restore
+    window.revoke([0, 1])
+    await window.stop_standby()
