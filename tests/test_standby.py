@@ -44,12 +44,16 @@ def standby_caught_up(worker: Worker) -> bool:
 @pytest.mark.slow  # over 10 s: `make quick` leaves it to `make test`
 @pytest.mark.parametrize("standby", [0, 1], ids=["standby-off", "standby-on"])
 async def test_a_takeover_restores_only_the_tail_and_still_drops_duplicates(
-    kafka, namespace, tmp_path, caplog, standby
+    kafka, namespace, tmp_path, caplog, monkeypatch, standby
 ):
     """A owns every partition and sees N events; B joins, then A stops and B takes A's partitions over.
     Without a standby B's restore applies every entry A wrote to those partitions (issue 15); with one it
     applies only the tail since its standby caught up. Either way, copies of all N events sent after the
     takeover are dropped: the window B took over is complete."""
+    import shared.restore
+
+    signals: list[int] = []  # a failed restore stops its worker: recorded instead of a SIGTERM to pytest
+    monkeypatch.setattr(shared.restore.os, "kill", lambda pid, sig: signals.append(sig))
     caplog.set_level(logging.INFO, logger="shared.keywindow")
     source = f"{namespace}.source"
     await ensure_topics(kafka.bootstrap, [source, f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1)
@@ -111,6 +115,7 @@ async def test_a_takeover_restores_only_the_tail_and_still_drops_duplicates(
         twice = {k: n for k, n in handled().items() if n > 1}
         assert not twice, f"{len(twice)} copies passed the window after the takeover: {sorted(twice)[:10]}"
         assert len(b.handled) - handled_before == 50
+        assert not signals, "a restore failed and stopped a worker"
         # A's replacement (same data dir) joins: it restores from the checkpoints A left, owned and standby.
         replacement = Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0)
         replacement.window.name = "w-a2"
