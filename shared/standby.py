@@ -18,6 +18,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 from rocksdict import Rdict
 
 from shared.retry import Backoff
@@ -174,7 +175,7 @@ class StandbyReplica:
         finally:
             await consumer.stop()
 
-    async def _apply(self, partition: int, records: list) -> None:  # type: ignore[type-arg]
+    async def _apply(self, partition: int, records: list[ConsumerRecord]) -> None:  # type: ignore[type-arg]
         """Apply fetched records as a restore does, yielding after each; stop at once if the store was released."""
         db = self.dbs.get(partition)
         for record in records:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 
 from shared.codec import encode_event, pack
 from shared.config.settings import Settings
@@ -144,7 +145,7 @@ class PausingStandby(StandbyReplica):
         self.go = asyncio.Event()
         self.writes_after_release = 0
 
-    async def _apply(self, partition: int, records: list) -> None:  # type: ignore[type-arg]
+    async def _apply(self, partition: int, records: list[ConsumerRecord]) -> None:  # type: ignore[type-arg]
         db = self.dbs.get(partition)
         for i, record in enumerate(records):
             if self.dbs.get(partition) is not db or db is None:
