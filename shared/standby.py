@@ -135,7 +135,16 @@ class StandbyReplica:
             for p in set(self.dbs) - self.wanted():
                 self._close(p)
             for p in sorted(self.wanted() - set(self.dbs)):
-                db = await asyncio.to_thread(self.window._open, p)  # a WAL replay after a kill -9 may take a while
+                # In a thread: a WAL replay after a kill -9 may take a while. Stopped meanwhile, the thread runs on:
+                # wait for it and close the store, or its lock would refuse the owner's open later in this process.
+                opening = asyncio.ensure_future(asyncio.to_thread(self.window._open, p))
+                try:
+                    db = await asyncio.shield(opening)
+                except asyncio.CancelledError:
+                    await asyncio.wait([opening])
+                    if not opening.cancelled() and opening.exception() is None:
+                        opening.result().close()
+                    raise
                 self.dbs[p] = db
                 self.applied[p] = self.window._read_checkpoint(p)
                 if p not in self.wanted():  # the owner claimed it while it opened: give it back at once

@@ -385,3 +385,28 @@ async def test_a_restore_cancelled_while_its_stores_open_waits_for_the_open(kafk
     assert window.open([0, 1]) == [0, 1]  # no store left open (locked) by the cancelled restore
     window.revoke([0, 1])
     await window.stop_standby()
+
+
+class SlowStoreOpenWindow(RocksKeyWindow):
+    """Every store open takes 0.5 s (a WAL replay after a kill -9)."""
+
+    opening = False
+
+    def _open(self, partition: int) -> Any:
+        self.opening = True
+        time.sleep(0.5)
+        return super()._open(partition)
+
+
+async def test_a_standby_stopped_while_it_opens_a_store_leaves_no_store_locked(kafka, namespace, tmp_path):
+    """Stopped while its thread opens a store, the standby waits for the open and closes the store: the owner's
+    open of the same store later in this process succeeds (RocksDB would refuse it while a handle holds the lock)."""
+    changelog = f"{namespace}.window.changelog"
+    await ensure_topics(kafka.bootstrap, [changelog], 1, 1)
+    window = SlowStoreOpenWindow("w", tmp_path / "w", changelog, kafka.bootstrap, 600.0, 1, "g")
+    window.start_standby()
+    await wait_for(lambda: window.opening, 30, "the standby opens a store")
+    await window.stop_standby()
+    await window.release([0])
+    assert window.open([0]) == [0]
+    window.revoke([0])
