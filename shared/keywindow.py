@@ -117,6 +117,7 @@ class RocksKeyWindow:
         self.owning: set[int] = set()  # released by the standby for an owner (`release`) until revoked
         self.standby: StandbyReplica | None = None
         self.restored_entries = 0  # changelog entries applied by restores (not catch-ups) since start
+        self.restores_running = 0  # owned restores in progress: the standby waits meanwhile (they are awaited)
 
     @property
     def changelog_retention_s(self) -> float:
@@ -146,10 +147,13 @@ class RocksKeyWindow:
         except (FileNotFoundError, ValueError):
             return 0
 
-    def start_standby(self) -> None:
-        """Keep the stores of the partitions this worker does not own warm from the changelog (a task)."""
+    def start_standby(self, hold_back_while: Callable[[], bool] | None = None) -> None:
+        """Keep the stores of the partitions this worker does not own warm from the changelog (a task); it opens
+        and applies nothing while `hold_back_while()` (the worker has not joined or restores owned partitions)."""
         if self.standby is None:
-            self.standby = StandbyReplica(self)
+            self.standby = StandbyReplica(self, hold_back_while=hold_back_while)
+        elif hold_back_while is not None:
+            self.standby.hold_back_while = hold_back_while
         self.standby.start()
 
     async def stop_standby(self) -> None:
@@ -190,8 +194,13 @@ class RocksKeyWindow:
         return new
 
     async def restore(self, partitions: list[int], restored: Callable[[int], None] | None = None) -> None:
-        """Apply the changelog to opened stores; `restored(p)` as soon as partition p is caught up."""
-        await self._restore(partitions, restored)
+        """Apply the changelog to opened stores; `restored(p)` as soon as partition p is caught up. The standby
+        applies nothing meanwhile: the worker waits for these partitions, not for its warm copies."""
+        self.restores_running += 1
+        try:
+            await self._restore(partitions, restored)
+        finally:
+            self.restores_running -= 1
 
     async def assign(self, partitions: list[int]) -> None:
         """Open and restore in one step (outside a stage runner, e.g. tests and tools)."""

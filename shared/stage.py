@@ -296,7 +296,9 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         if self.standby_replicas:
             for state in self.states:
                 if isinstance(state, StandbyState):
-                    state.start_standby()
+                    # Held back until joined and while owned partitions restore: before the first assignment it
+                    # would open (a WAL replay after a kill -9) the very stores this worker is about to own.
+                    state.start_standby(lambda: not self.joined or bool(self.restorer.restoring))
         if self.states:
             self._tasks.append(
                 asyncio.create_task(

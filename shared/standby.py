@@ -8,13 +8,17 @@ restore then starts at the standby's checkpoint. One writer per store at any tim
   writes its checkpoint (only what it applied);
 - after a revocation the owned store is closed and checkpointed first (`RocksKeyWindow.revoke`), and only
   then is the partition standby again.
-Every store open or close of the standby happens under one lock, so `release` never races an open in a thread.
+Every store open or close of the standby happens under one lock, so `release` never races an open in a thread;
+the lock is held for one open at a time, so a release waits for at most one (a WAL replay after a kill -9).
+The standby opens nothing and applies nothing while `hold_back_while()` (the worker has not joined, or restores owned
+partitions) or the window restores owned partitions: those are what the worker waits for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -32,14 +36,21 @@ STANDBY_BACKOFF = Backoff(
     0.5, 30.0
 )  # a broker outage: retried for ever, at most every 30 s (a later restore is slower)
 FETCH_TIMEOUT_MS = 500  # how soon a partition given back by a revocation starts to be tailed
+PAUSE_POLL_S = 0.05  # how often a paused standby looks whether it may go on (a restore ended)
 
 
 class StandbyReplica:
     """Tails the changelog partitions a window does not own into its standby stores (see the module docstring)."""
 
-    def __init__(self, window: RocksKeyWindow, backoff: Backoff = STANDBY_BACKOFF) -> None:
+    def __init__(
+        self,
+        window: RocksKeyWindow,
+        backoff: Backoff = STANDBY_BACKOFF,
+        hold_back_while: Callable[[], bool] | None = None,
+    ) -> None:
         self.window = window
         self.backoff = backoff
+        self.hold_back_while = hold_back_while  # True: the worker needs the loop and the disk for its owned partitions
         self.dbs: dict[int, Rdict] = {}
         self.applied: dict[int, int] = {}  # partition -> next changelog offset its standby store reflects
         self.highwater: dict[int, int] = {}  # partition -> the changelog's end as the last fetch told it
@@ -77,6 +88,15 @@ class StandbyReplica:
             end = self.highwater.get(p)
             lag[p] = None if end is None else max(0, end - self.applied.get(p, 0))
         return lag
+
+    def held_back(self) -> bool:
+        """The worker restores owned partitions (or has not joined yet): they have the loop and the disk."""
+        return self.window.restores_running > 0 or (self.hold_back_while is not None and self.hold_back_while())
+
+    async def _wait_while_held_back(self) -> None:
+        # Polled: the condition is others' state (the restorer's set, a counter), with no event to await.
+        while self.held_back():  # noqa: ASYNC110
+            await asyncio.sleep(PAUSE_POLL_S)
 
     def changed(self) -> None:
         """The owned partitions changed (a revocation gave some back): tail the new set."""
@@ -130,11 +150,20 @@ class StandbyReplica:
                 await asyncio.sleep(delay)
 
     async def _sync_stores(self) -> None:
-        """Open the stores of newly wanted partitions, close (checkpointed) those no longer wanted."""
-        async with self._lock:
-            for p in set(self.dbs) - self.wanted():
+        """Close (checkpointed) the stores no longer wanted, open those newly wanted: one open per hold of the
+        lock, `wanted()` checked again before each (an owner's release waits for one open at most)."""
+        for p in sorted(set(self.dbs) - self.wanted()):
+            async with self._lock:
                 self._close(p)
-            for p in sorted(self.wanted() - set(self.dbs)):
+        while True:
+            await self._wait_while_held_back()
+            todo = sorted(self.wanted() - set(self.dbs))
+            if not todo:
+                return
+            p = todo[0]
+            async with self._lock:
+                if p not in self.wanted() or p in self.dbs:
+                    continue  # claimed by an owner meanwhile
                 # In a thread: a WAL replay after a kill -9 may take a while. Stopped meanwhile, the thread runs on:
                 # wait for it and close the store, or its lock would refuse the owner's open later in this process.
                 opening = asyncio.ensure_future(asyncio.to_thread(self.window._open, p))
@@ -173,6 +202,7 @@ class StandbyReplica:
                 if not tailed:
                     await self._changed.wait()
                     continue
+                await self._wait_while_held_back()
                 fetched = await consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS)
                 self.failures = 0
                 for tp, records in fetched.items():
@@ -185,9 +215,12 @@ class StandbyReplica:
             await consumer.stop()
 
     async def _apply(self, partition: int, records: list[ConsumerRecord]) -> None:  # type: ignore[type-arg]
-        """Apply fetched records as a restore does, yielding after each; stop at once if the store was released."""
+        """Apply fetched records as a restore does, yielding after each and waiting while held back (`held_back`);
+        stop at once if the store was released."""
         db = self.dbs.get(partition)
         for record in records:
+            if self.held_back():
+                await self._wait_while_held_back()
             if db is None or self.dbs.get(partition) is not db:
                 return  # released (its owner opens it) or closed: not one more write
             if record.offset < self.applied[partition]:

@@ -92,7 +92,9 @@ class PartitionedState(Protocol):
 class StandbyState(Protocol):
     """A partitioned state that can keep warm copies of the partitions it does not own (shared/standby.py)."""
 
-    def start_standby(self) -> None: ...
+    def start_standby(self, hold_back_while: Callable[[], bool] | None = None) -> None:
+        """Start tailing; open and apply nothing while `hold_back_while()` (owned partitions come first)."""
+        ...
 
     async def stop_standby(self) -> None: ...
 

@@ -410,3 +410,63 @@ async def test_a_standby_stopped_while_it_opens_a_store_leaves_no_store_locked(k
     await window.release([0])
     assert window.open([0]) == [0]
     window.revoke([0])
+
+
+async def test_a_release_waits_for_at_most_one_standby_open(kafka, namespace, tmp_path):
+    """The standby opens the stores it wants one by one (0.5 s each, a WAL replay): an assignment's release
+    waits for the open in flight only, not for every one the standby still means to open (before: it held
+    its lock across all of them, and the owned stores waited for P opens after a restart)."""
+    changelog = f"{namespace}.window.changelog"
+    await ensure_topics(kafka.bootstrap, [changelog], 4, 1)
+    window = SlowStoreOpenWindow("w", tmp_path / "w", changelog, kafka.bootstrap, 600.0, 4, "g")
+    window.start_standby()
+    try:
+        await wait_for(lambda: window.opening, 30, "the standby opens its first store")
+        started = time.monotonic()
+        await window.release([3])
+        waited = time.monotonic() - started
+        assert waited < 0.9, f"the release waited {waited:.2f} s, more than one open (0.5 s)"
+        assert window.open([3]) == [3]
+        window.revoke([3])
+    finally:
+        await window.stop_standby()
+
+
+async def _fill_changelog(bootstrap: str, changelog: str, partitions: int, records: int, entries: int) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_request_size=10_000_000)
+    await producer.start()
+    try:
+        now = time.time() * 1000
+        futures = []
+        for p in range(partitions):
+            for r in range(records):
+                value = pack([[f"k{p}-{r}-{i}", now, f"src:{p}:{r * entries + i}"] for i in range(entries)])
+                futures.append(await producer.send(changelog, value, partition=p))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def test_the_standby_applies_nothing_while_an_owned_partition_restores(kafka, namespace, tmp_path):
+    """A fresh worker's owned (paused) partition restores while its standby tails the others: the standby waits,
+    so the owned restore has the loop to itself (before: both yielded after each record, +50-60 % restore time)."""
+    changelog = f"{namespace}.window.changelog"
+    await ensure_topics(kafka.bootstrap, [changelog], 3, 1)
+    await _fill_changelog(kafka.bootstrap, changelog, 3, 1000, 100)
+    window = RocksKeyWindow("w", tmp_path / "w", changelog, kafka.bootstrap, 600.0, 3, "g")
+    await window.release([0])
+    assert window.open([0]) == [0]  # assigned: p0 waits for its restore, the standby tails p1 and p2
+    window.start_standby()
+    standby = window.standby
+    assert standby is not None
+    try:
+        await wait_for(lambda: standby.applied_entries > 0, 30, "the standby is busy tailing")
+        before = standby.applied_entries
+        await window.restore([0])
+        during = standby.applied_entries - before
+        assert window.restored_entries > 0
+        assert during == 0, f"the standby applied {during} entries while the owned partition restored"
+        await wait_for(lambda: standby.lag() == {1: 0, 2: 0}, 60, "the standby resumes and catches up after it")
+        window.revoke([0])
+    finally:
+        await window.stop_standby()
