@@ -384,7 +384,7 @@ class RocksKeyWindow:
             log.warning("%s: write for partition %d, which this worker does not hold", self.name, partition)
             self.owning.add(partition)
             if self.standby is not None:
-                self.standby._close(partition)  # one writer per store (a standby open in flight would fail this one)
+                self.standby.close_now(partition)  # one writer per store (a standby open in flight would fail this one)
             db = self.dbs[partition] = self._open(partition)
         return partition, db
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -37,6 +37,18 @@ STANDBY_BACKOFF = Backoff(
 )  # a broker outage: retried for ever, at most every 30 s (a later restore is slower)
 FETCH_TIMEOUT_MS = 500  # how soon a partition given back by a revocation starts to be tailed
 PAUSE_POLL_S = 0.05  # how often a paused standby looks whether it may go on (a restore ended)
+
+T = TypeVar("T")
+
+
+async def _in_thread_even_if_cancelled(call: Callable[[], T]) -> T:
+    """`call()` in a thread; cancelled, still wait for the thread (it runs on regardless) before raising."""
+    task = asyncio.ensure_future(asyncio.to_thread(call))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
 
 
 class StandbyReplica:
@@ -74,7 +86,7 @@ class StandbyReplica:
             await asyncio.wait([task])
         async with self._lock:
             for p in list(self.dbs):
-                self._close(p)
+                await self._close(p)
 
     def wanted(self) -> set[int]:
         """The partitions this worker neither owns nor is about to open as owner."""
@@ -107,7 +119,7 @@ class StandbyReplica:
         already added them to `window.owning`, so a standby open finishing meanwhile is closed here."""
         async with self._lock:
             for p in partitions:
-                self._close(p)
+                await self._close(p)
         self._changed.set()
 
     def checkpoint(self) -> None:
@@ -117,13 +129,25 @@ class StandbyReplica:
             db.flush_wal(True)
             self.window._write_checkpoint(p, offset)
 
-    def _close(self, partition: int) -> None:
+    async def _close(self, partition: int) -> None:
+        """Close (checkpointed) under the caller's lock, in a thread: the close flushes the memtable (hundreds
+        of ms for a large one), and the owner's open waits on the lock until it is done."""
         db = self.dbs.pop(partition, None)
         if db is None:
             return
         offset = self.applied.pop(partition, 0)
         self.highwater.pop(partition, None)
-        db.close()  # flushes the memtable: the checkpoint below never runs ahead of the store
+        await _in_thread_even_if_cancelled(db.close)  # the checkpoint below never runs ahead of the store
+        self.window._write_checkpoint(partition, offset)
+
+    def close_now(self, partition: int) -> None:
+        """`_close` on the loop, for a caller that cannot wait (a write for a partition not held)."""
+        db = self.dbs.pop(partition, None)
+        if db is None:
+            return
+        offset = self.applied.pop(partition, 0)
+        self.highwater.pop(partition, None)
+        db.close()
         self.window._write_checkpoint(partition, offset)
 
     # -- tailing -----------------------------------------------------------------------------------
@@ -154,7 +178,7 @@ class StandbyReplica:
         lock, `wanted()` checked again before each (an owner's release waits for one open at most)."""
         for p in sorted(set(self.dbs) - self.wanted()):
             async with self._lock:
-                self._close(p)
+                await self._close(p)
         while True:
             await self._wait_while_held_back()
             todo = sorted(self.wanted() - set(self.dbs))
@@ -177,7 +201,7 @@ class StandbyReplica:
                 self.dbs[p] = db
                 self.applied[p] = self.window._read_checkpoint(p)
                 if p not in self.wanted():  # the owner claimed it while it opened: give it back at once
-                    self._close(p)
+                    await self._close(p)
 
     async def _tail(self) -> None:
         window = self.window

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
+from rocksdict import WriteBatch
 
 from shared.codec import encode_event, pack
 from shared.config.settings import Settings
@@ -467,6 +468,50 @@ async def test_the_standby_applies_nothing_while_an_owned_partition_restores(kaf
         assert window.restored_entries > 0
         assert during == 0, f"the standby applied {during} entries while the owned partition restored"
         await wait_for(lambda: standby.lag() == {1: 0, 2: 0}, 60, "the standby resumes and catches up after it")
+        window.revoke([0])
+    finally:
+        await window.stop_standby()
+
+
+async def test_releasing_a_large_standby_store_does_not_block_the_loop(kafka, namespace, tmp_path):
+    """Closing a standby store flushes its memtable (hundreds of ms for a large one): done in a thread, the
+    event loop (heartbeats, fetches) goes on meanwhile."""
+    changelog = f"{namespace}.window.changelog"
+    await ensure_topics(kafka.bootstrap, [changelog], 1, 1)
+    window = RocksKeyWindow("w", tmp_path / "w", changelog, kafka.bootstrap, 600.0, 1, "g")
+    window.start_standby()
+    standby = window.standby
+    assert standby is not None
+    try:
+        await wait_for(lambda: 0 in standby.dbs, 30, "the standby holds the store")
+        db = standby.dbs[0]
+        now = time.time() * 1000
+
+        def fill() -> None:  # as if applied from the changelog: a full memtable
+            for start in range(0, 300_000, 1000):
+                batch = WriteBatch(raw_mode=True)
+                for j in range(start, start + 1000):
+                    batch.put(f"key-{j}-{'x' * 40}".encode(), pack([now, f"src:0:{j}"]))
+                db.write(batch)
+
+        await asyncio.to_thread(fill)
+        worst = 0.0
+        done = False
+
+        async def probe() -> None:
+            nonlocal worst
+            while not done:
+                started = time.monotonic()
+                await asyncio.sleep(0.01)
+                worst = max(worst, time.monotonic() - started - 0.01)
+
+        probing = asyncio.create_task(probe())
+        await asyncio.sleep(0.05)
+        await window.release([0])
+        done = True
+        await probing
+        assert worst < 0.05, f"the loop stalled {1000 * worst:.0f} ms while the standby store closed"
+        assert window.open([0]) == [0]
         window.revoke([0])
     finally:
         await window.stop_standby()
