@@ -171,6 +171,10 @@ class RocksKeyWindow:
         """Standby partitions and how many changelog records each is behind (None: not known yet)."""
         return self.standby.lag() if self.standby is not None else {}
 
+    def standby_errors(self) -> dict[int, str]:
+        """Standby partitions whose store failed to open (retried with backoff), and the error."""
+        return dict(self.standby.errors) if self.standby is not None else {}
+
     def open(self, partitions: list[int]) -> list[int]:
         """Open the stores of newly owned partitions (fast: no reading); return those that need a restore."""
         new = [p for p in partitions if p not in self.dbs]
@@ -448,6 +452,7 @@ class RocksKeyWindow:
             "changelog": self.changelog_topic,
             "partitions_held": sorted(self.dbs),
             "standby_lag": self.standby_lag(),
+            "standby_errors": self.standby_errors(),
         }
 
     def _entry(self, key: str, raw: bytes) -> dict[str, Any]:

@@ -253,6 +253,12 @@ class StageRunner(Rebalancing, BatchIntake, Service):
                 for s in self.states
                 if isinstance(s, StandbyState)
             },
+            # Standby partitions whose store failed to open (their lag above: None), retried with backoff.
+            "standby_errors": {
+                s.changelog_topic: {str(p): error for p, error in s.standby_errors().items()}
+                for s in self.states
+                if isinstance(s, StandbyState) and s.standby_errors()
+            },
         }
 
     # -- lifecycle -------------------------------------------------------------------------------------

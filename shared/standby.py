@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -68,6 +69,9 @@ class StandbyReplica:
         self.highwater: dict[int, int] = {}  # partition -> the changelog's end as the last fetch told it
         self.applied_entries = 0  # entries applied since start (tests, and how busy it is)
         self.failures = 0  # consecutive failed attempts of the tailing loop
+        self.errors: dict[int, str] = {}  # partition -> why its standby store failed to open (retried later)
+        self._open_failures: dict[int, int] = {}  # partition -> consecutive failed opens
+        self._retry_at: dict[int, float] = {}  # partition -> monotonic time of its next open attempt
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -94,10 +98,11 @@ class StandbyReplica:
         return set(range(window.partitions)) - window.owning - set(window.dbs)
 
     def lag(self) -> dict[int, int | None]:
-        """Changelog records each standby partition is behind (None: no fetch answered yet)."""
+        """Changelog records each standby partition is behind (None: no fetch answered yet, or its store failed
+        to open: see `errors`)."""
         lag: dict[int, int | None] = {}
-        for p in sorted(self.dbs):
-            end = self.highwater.get(p)
+        for p in sorted(set(self.dbs) | (set(self.errors) & self.wanted())):
+            end = self.highwater.get(p) if p in self.dbs else None
             lag[p] = None if end is None else max(0, end - self.applied.get(p, 0))
         return lag
 
@@ -175,33 +180,66 @@ class StandbyReplica:
 
     async def _sync_stores(self) -> None:
         """Close (checkpointed) the stores no longer wanted, open those newly wanted: one open per hold of the
-        lock, `wanted()` checked again before each (an owner's release waits for one open at most)."""
+        lock, `wanted()` checked again before each (an owner's release waits for one open at most). A store
+        that fails to open is skipped and retried later with backoff; the others are tailed meanwhile."""
         for p in sorted(set(self.dbs) - self.wanted()):
             async with self._lock:
                 await self._close(p)
+        for p in list(self.errors):
+            if p not in self.wanted():  # owned now: its owner's open reports its own errors
+                self._forget_failure(p)
         while True:
             await self._wait_while_held_back()
-            todo = sorted(self.wanted() - set(self.dbs))
+            now = time.monotonic()
+            todo = sorted(p for p in self.wanted() - set(self.dbs) if self._retry_at.get(p, 0.0) <= now)
             if not todo:
                 return
             p = todo[0]
             async with self._lock:
                 if p not in self.wanted() or p in self.dbs:
                     continue  # claimed by an owner meanwhile
-                # In a thread: a WAL replay after a kill -9 may take a while. Stopped meanwhile, the thread runs on:
-                # wait for it and close the store, or its lock would refuse the owner's open later in this process.
-                opening = asyncio.ensure_future(asyncio.to_thread(self.window._open, p))
                 try:
-                    db = await asyncio.shield(opening)
-                except asyncio.CancelledError:
-                    await asyncio.wait([opening])
-                    if not opening.cancelled() and opening.exception() is None:
-                        opening.result().close()
-                    raise
+                    # In a thread: a WAL replay after a kill -9 may take a while. Stopped meanwhile, the thread runs
+                    # on: wait for it and close the store, or its lock would refuse the owner's open later on.
+                    opening = asyncio.ensure_future(asyncio.to_thread(self.window._open, p))
+                    try:
+                        db = await asyncio.shield(opening)
+                    except asyncio.CancelledError:
+                        await asyncio.wait([opening])
+                        if not opening.cancelled() and opening.exception() is None:
+                            opening.result().close()
+                        raise
+                except Exception as exc:
+                    self._open_failed(p, exc)
+                    continue
+                if p in self.errors:
+                    log.info("%s: standby store of partition %d opened after %r", self.window.name, p, self.errors[p])
+                self._forget_failure(p)
                 self.dbs[p] = db
                 self.applied[p] = self.window._read_checkpoint(p)
                 if p not in self.wanted():  # the owner claimed it while it opened: give it back at once
                     await self._close(p)
+
+    def _open_failed(self, partition: int, exc: Exception) -> None:
+        """Log a partition's first failed open (later ones quietly), and retry it later with backoff."""
+        attempt = self._open_failures[partition] = self._open_failures.get(partition, 0) + 1
+        delay = self.backoff.delay(attempt)
+        self._retry_at[partition] = time.monotonic() + delay
+        self.errors[partition] = repr(exc)
+        log.log(
+            logging.WARNING if attempt == 1 else logging.DEBUG,
+            "%s: standby store of partition %d failed to open (attempt %d), skipped, retried in %.1fs: %r",
+            self.window.name,
+            partition,
+            attempt,
+            delay,
+            exc,
+        )
+
+    def _forget_failure(self, partition: int) -> None:
+        self.errors.pop(partition, None)
+        self._open_failures.pop(partition, None)
+        self._retry_at.pop(partition, None)
 
     async def _tail(self) -> None:
         window = self.window
@@ -224,7 +262,12 @@ class StandbyReplica:
                     for tp in tps:
                         consumer.seek(tp, self.applied[tp.partition])
                 if not tailed:
-                    await self._changed.wait()
+                    retry_in = min(self._retry_at.values(), default=None)
+                    timeout = None if retry_in is None else max(0.0, retry_in - time.monotonic())
+                    try:
+                        await asyncio.wait_for(self._changed.wait(), timeout)
+                    except TimeoutError:
+                        pass  # a failed store's next attempt is due
                     continue
                 await self._wait_while_held_back()
                 fetched = await consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS)

@@ -104,6 +104,10 @@ class StandbyState(Protocol):
 
     def standby_lag(self) -> dict[int, int | None]: ...
 
+    def standby_errors(self) -> dict[int, str]:
+        """Standby partitions whose store failed to open (retried with backoff), and why."""
+        ...
+
 
 class Ownership:
     """The assignment a batch was fetched under. aiokafka rebalances eagerly: every rebalance (and an

@@ -21,7 +21,7 @@ from shared.errors import ConfigError
 from shared.event import Event
 from shared.keywindow import RocksKeyWindow
 from shared.restore import StateRestorer
-from shared.standby import StandbyReplica
+from shared.standby import STANDBY_BACKOFF, StandbyReplica
 from shared.topics import ensure_topics
 from tests.helpers import wait_for
 from tests.test_keywindow_restore import Worker, _anchor
@@ -513,5 +513,26 @@ async def test_releasing_a_large_standby_store_does_not_block_the_loop(kafka, na
         assert worst < 0.05, f"the loop stalled {1000 * worst:.0f} ms while the standby store closed"
         assert window.open([0]) == [0]
         window.revoke([0])
+    finally:
+        await window.stop_standby()
+
+
+async def test_a_store_that_fails_to_open_stops_only_its_own_partition(kafka, namespace, tmp_path):
+    """p1's store is locked by another handle: the standby tails p0 and p2 anyway, shows p1's error in /ready's
+    terms (lag None, an error), and opens p1 once the lock is gone (before: no partition was tailed at all)."""
+    changelog = f"{namespace}.window.changelog"
+    await ensure_topics(kafka.bootstrap, [changelog], 3, 1)
+    await _fill_changelog(kafka.bootstrap, changelog, 3, 5, 2)
+    window = RocksKeyWindow("w", tmp_path / "w", changelog, kafka.bootstrap, 600.0, 3, "g")
+    locker = window._open(1)  # another handle holds p1's RocksDB LOCK
+    window.standby = StandbyReplica(window, backoff=type(STANDBY_BACKOFF)(0.05, 0.2))
+    window.start_standby()
+    standby = window.standby
+    try:
+        await wait_for(lambda: standby.applied.get(0) == 5 and standby.applied.get(2) == 5, 20, "p0 and p2 tailed")
+        assert window.standby_lag()[1] is None and 1 in window.standby_errors(), window.describe()
+        locker.close()
+        await wait_for(lambda: standby.applied.get(1) == 5, 20, "p1 tailed once its store opens")
+        assert 1 not in standby.errors
     finally:
         await window.stop_standby()
