@@ -14,6 +14,7 @@ holds the key, so the replay passes once and a second replay of the same letter 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
 from shared.codec import pack, unpack
+from shared.errors import StateDirInUse
 from shared.publish import Output
 from shared.standby import StandbyReplica
 from shared.window_changelog import ChangelogEntry, decode_changelog, encode_changelog
@@ -117,6 +119,7 @@ class RocksKeyWindow:
         self.owning: set[int] = set()  # released by the standby for an owner (`release`) until revoked
         self.standby: StandbyReplica | None = None
         self.restored_entries = 0  # changelog entries applied by restores (not catch-ups) since start
+        self._directory_lock: int | None = None  # the fd holding `hold_directory`'s flock
         self.restores_running = 0  # owned restores in progress: the standby waits meanwhile (they are awaited)
 
     @property
@@ -137,6 +140,25 @@ class RocksKeyWindow:
         for stale in store.glob("OPTIONS-*"):
             stale.unlink()
         return Rdict(str(store), options=Options(raw_mode=True), access_type=AccessType.with_ttl(ttl))
+
+    def hold_directory(self) -> None:
+        """Lock this window's directory for this process (flock, released when the process ends, even by a
+        kill -9): another worker on the same directory would open this one's stores as standby or owner."""
+        if self._directory_lock is not None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / "worker.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateDirInUse(str(self.path)) from None
+        self._directory_lock = fd
+
+    def release_directory(self) -> None:
+        fd, self._directory_lock = self._directory_lock, None
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor releases the flock
 
     def _checkpoint_file(self, partition: int) -> Path:
         return self.path / f"p{partition}.changelog-offset"

@@ -69,7 +69,7 @@ from shared.publish import BatchPublisher, Output
 from shared.rebalance import RebalanceListener, Rebalancing
 from shared.restore import StateRestorer
 from shared.retry import Backoff
-from shared.step import Handler, Ownership, PartitionedState, Record, StandbyState, StepResult
+from shared.step import Handler, LocalState, Ownership, PartitionedState, Record, StandbyState, StepResult
 from shared.watchdog import PartitionWatchdog, refresh_stale_leaders
 
 # The names services and tests import from here: the step's contract and the exit code of a fenced worker.
@@ -264,6 +264,7 @@ class StageRunner(Rebalancing, BatchIntake, Service):
     # -- lifecycle -------------------------------------------------------------------------------------
 
     async def on_start(self) -> None:
+        self._hold_directories()  # first: a second process on this data directory fails before it joins
         self._in_flight = asyncio.Queue(maxsize=self.max_in_flight)
         self._batch_lock = asyncio.Lock()
         await self.flights.start()
@@ -349,7 +350,23 @@ class StageRunner(Rebalancing, BatchIntake, Service):
                 await state.stop_standby()
         for state in self.states:
             state.revoke(held)
+        for state in self.states:
+            if isinstance(state, LocalState):
+                state.release_directory()
         await self._leave_as_static_member()
+
+    def _hold_directories(self) -> None:
+        """Lock each local state's directory for this process, or raise `StateDirInUse` holding none of them."""
+        held: list[LocalState] = []
+        try:
+            for state in self.states:
+                if isinstance(state, LocalState):
+                    state.hold_directory()
+                    held.append(state)
+        except BaseException:
+            for state in held:
+                state.release_directory()
+            raise
 
     async def _guard(self, loop: Awaitable[None]) -> None:
         """A loop that dies would leave the worker in its group reading nothing: fail loudly, drain, exit."""

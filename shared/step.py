@@ -109,6 +109,17 @@ class StandbyState(Protocol):
         ...
 
 
+@runtime_checkable
+class LocalState(Protocol):
+    """A state kept in a directory of this worker's volume, which no other process may use at the same time."""
+
+    def hold_directory(self) -> None:
+        """Take the directory's exclusive lock, or raise `StateDirInUse` (another process holds it)."""
+        ...
+
+    def release_directory(self) -> None: ...
+
+
 class Ownership:
     """The assignment a batch was fetched under. aiokafka rebalances eagerly: every rebalance (and an
     eviction, on rejoin) revokes every partition, so one generation per worker is one per partition."""

@@ -17,7 +17,7 @@ from rocksdict import WriteBatch
 
 from shared.codec import encode_event, pack
 from shared.config.settings import Settings
-from shared.errors import ConfigError
+from shared.errors import ConfigError, StateDirInUse
 from shared.event import Event
 from shared.keywindow import RocksKeyWindow
 from shared.restore import StateRestorer
@@ -536,3 +536,33 @@ async def test_a_store_that_fails_to_open_stops_only_its_own_partition(kafka, na
         assert 1 not in standby.errors
     finally:
         await window.stop_standby()
+
+
+async def test_a_second_worker_on_the_same_data_directory_fails_fast(kafka, namespace, tmp_path, monkeypatch):
+    """Two worker processes on one data directory (one shared volume, scaled): the second refuses to start with
+    an error naming the directory and the rule, instead of opening the first one's stores (before: it started, and
+    the first one's owned open failed on the RocksDB lock its standby held, which stopped that worker)."""
+    await ensure_topics(
+        kafka.bootstrap, [f"{namespace}.source", f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1
+    )
+    import shared.restore
+
+    signals: list[int] = []  # a failed restore stops its worker: recorded instead of a SIGTERM to pytest
+    monkeypatch.setattr(shared.restore.os, "kill", lambda pid, sig: signals.append(sig))
+    first = Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0)
+    twin = Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0)  # the same directory, tmp_path / "a"
+    await first.runner.start()
+    try:
+        await wait_for(lambda: first.runner.ready()["joined"], 60, "the first worker joined and restored")
+        with pytest.raises(StateDirInUse) as refused:
+            await asyncio.wait_for(twin.runner.start(), 30)
+        assert str(tmp_path / "a") in str(refused.value) and "its own data directory" in str(refused.value)
+    finally:
+        await first.runner.stop()
+    replacement = Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0)
+    await replacement.runner.start()  # the first one stopped: its directory is free again
+    try:
+        await wait_for(lambda: replacement.runner.ready()["joined"], 60, "the replacement joined and restored")
+    finally:
+        await replacement.runner.stop()
+    assert not signals, "a restore failed and stopped a worker"
