@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from rocksdict import AccessType, Options, Rdict, WriteBatch
+from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteBufferManager
 
 from shared.codec import pack, unpack
 from shared.errors import StateDirInUse
@@ -33,6 +33,27 @@ from shared.standby import StandbyReplica
 from shared.window_changelog import ChangelogEntry, decode_changelog, encode_changelog
 
 log = logging.getLogger(__name__)
+
+# A worker keeps every partition's store open (owned and standby: 12 in the Helm chart), so RocksDB's default
+# memtables (64 MB, up to 2 per store) would cost up to 1.5 GB; measured in docs/RELIABILITY.md (Standby replicas).
+WRITE_BUFFER_BYTES = 8 << 20  # one memtable of one store; full, it is flushed to an SST file
+WRITE_BUFFERS_PER_STORE = 2  # the one being written and one being flushed
+STORES_WRITE_BUFFER_BYTES = 64 << 20  # all stores of the process together: past it the store written flushes
+_WRITE_BUFFERS = WriteBufferManager(STORES_WRITE_BUFFER_BYTES, False)  # never stalls writers, only flushes early
+STORES_BLOCK_CACHE_BYTES = 64 << 20  # blocks read (lookups), shared by the process's stores, not one cache per store
+_BLOCK_CACHE = Cache(STORES_BLOCK_CACHE_BYTES)
+
+
+def store_options() -> Options:
+    """A window store's options: bounded memtables and one block cache, shared by the process's stores."""
+    options = Options(raw_mode=True)
+    options.set_write_buffer_size(WRITE_BUFFER_BYTES)
+    options.set_max_write_buffer_number(WRITE_BUFFERS_PER_STORE)
+    options.set_write_buffer_manager(_WRITE_BUFFERS)
+    table = BlockBasedOptions()
+    table.set_block_cache(_BLOCK_CACHE)
+    options.set_block_based_table_factory(table)
+    return options
 
 
 class KeyWindow(Protocol):
@@ -139,7 +160,7 @@ class RocksKeyWindow:
         # RocksDB writes a fresh OPTIONS file at each open; the data lives in the WAL, SST files and MANIFEST.
         for stale in store.glob("OPTIONS-*"):
             stale.unlink()
-        return Rdict(str(store), options=Options(raw_mode=True), access_type=AccessType.with_ttl(ttl))
+        return Rdict(str(store), options=store_options(), access_type=AccessType.with_ttl(ttl))
 
     def hold_directory(self) -> None:
         """Lock this window's directory for this process (flock, released when the process ends, even by a

@@ -566,3 +566,19 @@ async def test_a_second_worker_on_the_same_data_directory_fails_fast(kafka, name
     finally:
         await replacement.runner.stop()
     assert not signals, "a restore failed and stopped a worker"
+
+
+def test_every_store_opens_with_bounded_write_buffers(tmp_path) -> None:
+    """A worker keeps all P stores open (owned and standby): each store's memtables are bounded (RocksDB's default,
+    64 MB and up to 2 per store, made 12 stores x 500k entries 676 MB RSS). Read back from the OPTIONS file
+    RocksDB writes at each open, as the store runs with them."""
+    window = RocksKeyWindow("w", tmp_path / "w", "unused.changelog", "127.0.0.1:1", 600.0, 2, "g")
+    for partition in (0, 1):
+        db = window._open(partition)
+        db.close()
+        (written,) = (tmp_path / "w" / f"p{partition}").glob("OPTIONS-*")
+        options = dict(
+            line.strip().split("=", 1) for line in written.read_text().splitlines() if "=" in line and "[" not in line
+        )
+        assert int(options["write_buffer_size"]) <= 16 << 20, options["write_buffer_size"]
+        assert int(options["max_write_buffer_number"]) == 2
