@@ -60,6 +60,7 @@ class Rebalancing:
     group: str
     group_instance_id: str | None
     leave_group_on_stop: bool | None
+    standby_replicas: int
     rebalance_timeout_ms: int
     revoke_grace_s: float
     session_timeout_ms: int
@@ -312,7 +313,9 @@ class Rebalancing:
 
     async def _leave_as_static_member(self) -> None:
         """After the drain: a static member that is not keeping its partitions for its restart removes itself."""
-        leaves = self.leave_group_on_stop if self.leave_group_on_stop is not None else not self.states
+        leaves = self.leave_group_on_stop
+        if leaves is None:  # a stateful stage's peers hold warm standbys of its stores: a takeover replays the tail
+            leaves = not self.states or self.standby_replicas > 0
         if self.group_instance_id is None or not leaves or self.fenced is not None:
             return  # a fenced member's removal would remove the live process now holding its id
         try:
