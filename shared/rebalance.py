@@ -318,6 +318,8 @@ class Rebalancing:
             leaves = not self.states or self.standby_replicas > 0
         if self.group_instance_id is None or not leaves or self.fenced is not None:
             return  # a fenced member's removal would remove the live process now holding its id
+        if self._member_id == UNKNOWN_MEMBER_ID:
+            return  # never joined: the id, if anyone holds it, is another process's
         try:
             await asyncio.wait_for(remove_static_members(self.bootstrap, self.group, [self.group_instance_id]), 3.0)
             log.info("%s: left group %s as %s", self.stage, self.group, self.group_instance_id)

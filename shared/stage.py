@@ -183,6 +183,7 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         self.awaiting_commit: set[TopicPartition] = set()  # owned, paused until their commit is told (late start)
         self.alerter = Alerter(stage)  # pages (Sentry); shared with the watchdog and the broker outage clock
         self.joined = False
+        self._holds_directories = False  # `on_start` got past `_hold_directories`: this process started for real
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight: asyncio.Queue[InFlight] | None = None
@@ -265,6 +266,7 @@ class StageRunner(Rebalancing, BatchIntake, Service):
 
     async def on_start(self) -> None:
         self._hold_directories()  # first: a second process on this data directory fails before it joins
+        self._holds_directories = True
         self._in_flight = asyncio.Queue(maxsize=self.max_in_flight)
         self._batch_lock = asyncio.Lock()
         await self.flights.start()
@@ -318,6 +320,10 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         """SIGTERM: finish the batch in hand (give it up if it is retrying), wait for the broker's acks,
         commit, leave the group (a static member only per `leave_group_on_stop`)."""
         self._stopping = True
+        if not self._holds_directories:
+            # Refused at `_hold_directories` (StateDirInUse), mode stops it anyway: it started nothing, and its
+            # instance id belongs to the live process on that directory, which a leave would remove.
+            return
         self._owner.revoked.set()  # a batch retrying through an outage publishes what it delivered and stops
         held = sorted(tp.partition for tp in self.assigned | self.restorer.restoring if tp.topic == self.source)
         await self._cancel_late_start()  # first: a late start's round would begin a restore (`extend`)
@@ -353,6 +359,7 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         for state in self.states:
             if isinstance(state, LocalState):
                 state.release_directory()
+        self._holds_directories = False
         await self._leave_as_static_member()
 
     def _hold_directories(self) -> None:

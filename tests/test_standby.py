@@ -582,3 +582,40 @@ def test_every_store_opens_with_bounded_write_buffers(tmp_path) -> None:
         )
         assert int(options["write_buffer_size"]) <= 16 << 20, options["write_buffer_size"]
         assert int(options["max_write_buffer_number"]) == 2
+
+
+def static_member(worker: Worker, standby: int = 1) -> Worker:
+    """The worker joins under its name as a static member, `HIFI_LEAVE_GROUP_ON_STOP=auto`, with standbys."""
+    worker.runner.group_instance_id = worker.name
+    worker.runner.leave_group_on_stop = None
+    worker.runner.standby_replicas = standby
+    return worker
+
+
+async def test_a_twin_refused_its_directory_removes_nothing_of_the_live_worker(kafka, namespace, tmp_path, monkeypatch):
+    """A second process on a worker's data directory under its instance id fails at `_hold_directories`, and mode
+    then stops it: its stop must not remove the static member it never was (before: auto + standby sent
+    RemoveStaticMembers for the id, and the coordinator removed the LIVE worker holding it)."""
+    import shared.restore
+    from shared.membership import members_with_instance_id
+
+    monkeypatch.setattr(shared.restore.os, "kill", lambda pid, sig: None)
+    await ensure_topics(
+        kafka.bootstrap, [f"{namespace}.source", f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1
+    )
+    live = static_member(Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0))
+    twin = static_member(Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0))
+    await live.runner.start()
+    try:
+        await wait_for(lambda: live.runner.ready()["joined"], 60, "the live worker joined")
+        group = live.runner.group
+        holders = await members_with_instance_id(kafka.bootstrap, group, "a")
+        assert len(holders) == 1
+        revocations = live.runner.revocations
+        with pytest.raises(StateDirInUse):
+            await asyncio.wait_for(twin.runner.start(), 30)
+        await asyncio.wait_for(twin.runner.stop(), 30)  # as mode does after a failed start
+        assert await members_with_instance_id(kafka.bootstrap, group, "a") == holders, "the live member was removed"
+        assert live.runner.revocations == revocations and live.runner.ready()["joined"]
+    finally:
+        await live.runner.stop()
