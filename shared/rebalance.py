@@ -311,13 +311,19 @@ class Rebalancing:
 
     # -- static membership ------------------------------------------------------------------------------
 
-    async def _leave_as_static_member(self) -> None:
-        """After the drain: a static member that is not keeping its partitions for its restart removes itself."""
+    async def _leave_as_static_member(self, drained: bool) -> None:
+        """After the drain: a static member that is not keeping its partitions for its restart removes itself.
+
+        `drained`: every batch durable and committed. One that was not (a sink request hung past the stop's
+        waits) keeps its partitions: its restart reopens its own stores, which hold what the cut batch marked."""
         leaves = self.leave_group_on_stop
         if leaves is None:  # a stateful stage's peers hold warm standbys of its stores: a takeover replays the tail
             leaves = not self.states or self.standby_replicas > 0
         if self.group_instance_id is None or not leaves or self.fenced is not None:
             return  # a fenced member's removal would remove the live process now holding its id
+        if not drained:
+            log.warning("%s: drain unfinished; keeping the partitions for the restart (not leaving)", self.stage)
+            return
         if self._member_id == UNKNOWN_MEMBER_ID:
             return  # never joined: the id, if anyone holds it, is another process's
         try:

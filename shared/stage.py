@@ -91,6 +91,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+CHANGELOG_AT_STOP_S = (
+    3.0  # a stop's publish of the stores' unsent changelog: the marks, or nothing, if the broker is down
+)
 HEARTBEAT_INTERVAL_MS = 250  # aiokafka's default is 3 s; 1 s measured about 1 s of stall per rebalance
 
 
@@ -318,7 +321,8 @@ class StageRunner(Rebalancing, BatchIntake, Service):
 
     async def on_stop(self) -> None:
         """SIGTERM: finish the batch in hand (give it up if it is retrying), wait for the broker's acks,
-        commit, leave the group (a static member only per `leave_group_on_stop`)."""
+        commit, publish what the stores still hold for their changelog (a cut batch's ledger marks), leave the
+        group (a static member only per `leave_group_on_stop`, and only if all of that finished)."""
         self._stopping = True
         if not self._holds_directories:
             # Refused at `_hold_directories` (StateDirInUse), mode stops it anyway: it started nothing, and its
@@ -329,6 +333,7 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         await self._cancel_late_start()  # first: a late start's round would begin a restore (`extend`)
         await self.restorer.cancel()
         consume = self._tasks[0] if self._tasks else None
+        drained = False  # every batch durable and committed: only then may the member leave
         try:
             if consume is not None:
                 await asyncio.wait_for(asyncio.shield(consume), 10.0)
@@ -336,10 +341,14 @@ class StageRunner(Rebalancing, BatchIntake, Service):
                 await asyncio.wait_for(self._in_flight.join(), 8.0)
             if self.fenced is None:  # a fenced member's partitions are the other process's to commit
                 await asyncio.wait_for(self._commit(), 3.0)
+                drained = not self._uncommitted()
         except TimeoutError:  # e.g. the broker is down: nothing more can become durable anyway
             log.warning("%s: shutdown before every batch was durable and committed; the rest is replayed", self.stage)
         for task in self._tasks:
             task.cancel()
+        if self._tasks:  # a handler cancelled mid-batch has written its ledger marks to the stores by then
+            await asyncio.wait(self._tasks, timeout=3.0)
+        await self._publish_unsent_changelog()
         if self.flights.retiring:
             await asyncio.wait(self.flights.retiring, timeout=3.0)
         await self._release_held_rejoin()
@@ -360,7 +369,27 @@ class StageRunner(Rebalancing, BatchIntake, Service):
             if isinstance(state, LocalState):
                 state.release_directory()
         self._holds_directories = False
-        await self._leave_as_static_member()
+        await self._leave_as_static_member(drained)
+
+    def _uncommitted(self) -> dict[TopicPartition, int]:
+        """Done offsets of owned partitions that the group has not committed (a failed or skipped commit)."""
+        if self.consumer is None or not self.commits_offsets:
+            return {}
+        owned = self.consumer.assignment()
+        return {tp: o for tp, o in self.done.items() if tp in owned and self.committed.get(tp) != o}
+
+    async def _publish_unsent_changelog(self) -> None:
+        """Send what the stores still hold for their changelog (a sender's ledger marks of what a sink took in a
+        batch the stop cut short), before `revoke` drops it: a peer taking the partitions over, from its standby
+        or a restore, then skips that work. Bounded: with the broker down the marks stay in the local store only."""
+        outputs = [out for state in self.states for out in state.changelog()]
+        if not outputs or self.publisher is None:
+            return
+        flight = InFlight({}, StepResult(outputs=outputs), 0, time.perf_counter(), abandoned=True)
+        try:
+            await asyncio.wait_for(self.flights.settle(await self.flights.send(flight)), CHANGELOG_AT_STOP_S)
+        except TimeoutError:
+            log.error("%s: the stores' unsent changelog was not durable at the stop; a peer may redeliver", self.stage)
 
     def _hold_directories(self) -> None:
         """Lock each local state's directory for this process, or raise `StateDirInUse` holding none of them."""

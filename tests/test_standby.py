@@ -22,6 +22,7 @@ from shared.event import Event
 from shared.keywindow import RocksKeyWindow
 from shared.restore import StateRestorer
 from shared.standby import STANDBY_BACKOFF, StandbyReplica
+from shared.step import Record, StepResult
 from shared.topics import ensure_topics
 from tests.helpers import wait_for
 from tests.test_keywindow_restore import Worker, _anchor
@@ -619,3 +620,69 @@ async def test_a_twin_refused_its_directory_removes_nothing_of_the_live_worker(k
         assert live.runner.revocations == revocations and live.runner.ready()["joined"]
     finally:
         await live.runner.stop()
+
+
+class SenderWorker(Worker):
+    """Sender-shaped: per event, skip it if the ledger has it, else deliver it (an effect) and mark it; the
+    second delivery of worker "a" hangs (a sink request that never answers)."""
+
+    def __init__(self, *args: Any, effects: list[tuple[str, str]]) -> None:
+        super().__init__(*args)
+        self.effects = effects
+        self.requests = 0
+        self.hung = asyncio.Event()
+
+    async def handle(self, records: list[Record]) -> StepResult:
+        for record in records:
+            key = record.event.dedupe_key
+            if (await self.window.seen([key], [record]))[0]:
+                continue
+            self.requests += 1
+            if self.name == "a" and self.requests == 2 and len(records) == 2:
+                self.hung.set()
+                await asyncio.Event().wait()  # cancelled at the stop
+            self.effects.append((self.name, key))
+            await self.window.mark([key], [record])
+        return StepResult()
+
+
+@pytest.mark.slow  # over 10 s: `make quick` leaves it to `make test`
+async def test_a_stop_whose_drain_timed_out_delivers_the_acked_request_once(kafka, namespace, tmp_path, monkeypatch):
+    """A sender batch: request 1 acked and marked (the mark not yet in the changelog), request 2 hangs; the stop's
+    drain times out. The worker must keep its partitions (its drain did not finish) and publish the unsent marks
+    before its stores close: the peer taking over skips request 1's event (before: the member left, its marks were
+    dropped, the peer's standby had none and delivered the event again)."""
+    import shared.restore
+    from shared.membership import members_with_instance_id
+
+    monkeypatch.setattr(shared.restore.os, "kill", lambda pid, sig: None)
+    source = f"{namespace}.source"
+    await ensure_topics(kafka.bootstrap, [source, f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1)
+    effects: list[tuple[str, str]] = []
+    a = static_member(SenderWorker("a", kafka, namespace, tmp_path, 0.0, effects=effects))
+    b = static_member(SenderWorker("b", kafka, namespace, tmp_path, 0.0, effects=effects))
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True, linger_ms=100)
+    await producer.start()
+    try:
+        await a.runner.start()
+        await b.runner.start()
+        await wait_for(
+            lambda: len(a.runner.ready()["partitions"]) == 2 == len(b.runner.ready()["partitions"]), 60, "2 + 2"
+        )
+        await wait_for(lambda: a.runner.ready()["joined"] and b.runner.ready()["joined"], 60, "both restored")
+        partition = a.runner.ready()["partitions"][0]
+        keys, sends = [], []
+        for i in range(2):  # one producer batch (linger): one fetch, one handler call
+            event = Event(event_id=f"e{i}", type="play", ts=time.time() * 1000, tenant="t", device_id="d")
+            keys.append(event.dedupe_key)
+            sends.append(await producer.send(source, encode_event(event), partition=partition))
+        await asyncio.gather(*sends)
+        await asyncio.wait_for(a.hung.wait(), 30)
+        await a.runner.stop()
+        assert await members_with_instance_id(kafka.bootstrap, a.runner.group, "a"), "left with its drain unfinished"
+        await wait_for(lambda: any(key == keys[1] for _, key in effects), 60, "the peer delivers the hung request")
+        assert [effect for effect in effects if effect[1] == keys[0]] == [("a", keys[0])], effects
+    finally:
+        await a.runner.stop()
+        await b.runner.stop()
+        await producer.stop()
