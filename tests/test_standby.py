@@ -686,3 +686,34 @@ async def test_a_stop_whose_drain_timed_out_delivers_the_acked_request_once(kafk
         await a.runner.stop()
         await b.runner.stop()
         await producer.stop()
+
+
+async def test_a_lone_worker_keeps_its_membership_and_one_of_a_pair_leaves(kafka, namespace, tmp_path, monkeypatch):
+    """Auto leave with standbys: a worker alone in its group keeps its partitions for its restart (leaving, its
+    restart would rejoin an empty group and wait group.initial.rebalance.delay.ms); one of two leaves."""
+    import shared.restore
+    from shared.membership import members_with_instance_id
+
+    monkeypatch.setattr(shared.restore.os, "kill", lambda pid, sig: None)
+    await ensure_topics(
+        kafka.bootstrap, [f"{namespace}.source", f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1
+    )
+    lone = static_member(Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0))
+    await lone.runner.start()
+    try:
+        await wait_for(lambda: lone.runner.ready()["joined"], 60, "the lone worker joined")
+        holders = await members_with_instance_id(kafka.bootstrap, lone.runner.group, "a")
+    finally:
+        await lone.runner.stop()
+    assert await members_with_instance_id(kafka.bootstrap, lone.runner.group, "a") == holders, "a lone worker left"
+    a = static_member(Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0))
+    b = static_member(Worker("b", kafka, namespace, tmp_path, restore_delay_s=0.0))
+    await a.runner.start()
+    await b.runner.start()
+    try:
+        await wait_for(lambda: a.runner.ready()["partitions"] and b.runner.ready()["partitions"], 60, "a pair")
+        await a.runner.stop()
+        assert not await members_with_instance_id(kafka.bootstrap, a.runner.group, "a"), "one of a pair kept its id"
+    finally:
+        await a.runner.stop()
+        await b.runner.stop()
