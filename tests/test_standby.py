@@ -717,3 +717,28 @@ async def test_a_lone_worker_keeps_its_membership_and_one_of_a_pair_leaves(kafka
     finally:
         await a.runner.stop()
         await b.runner.stop()
+
+
+def test_a_busy_store_flushes_as_often_with_quiet_stores_open(tmp_path) -> None:
+    """No write-buffer limit shared by the stores: with one, the quiet stores' memtables filled it and every write
+    of the busy store flushed that store (98 SST files for 100k entries, instead of 1 or 2), on the event loop."""
+    quiet = [RocksKeyWindow("w", tmp_path / "w", "c", "127.0.0.1:1", 600.0, 12, "g")._open(p) for p in range(11)]
+    busy = RocksKeyWindow("w", tmp_path / "w", "c", "127.0.0.1:1", 600.0, 12, "g")._open(11)
+    value = pack([1.0, "claim-xyz"])
+    try:
+        for i, store in enumerate(quiet):  # ~6 MB each: under one memtable, nothing flushed
+            for start in range(0, 60_000, 500):
+                batch = WriteBatch(raw_mode=True)
+                for k in range(start, start + 500):
+                    batch.put(f"tenant:quiet{i}:{k:012d}-xxxxxxxxxxxxxxxx".encode(), value)
+                store.write(batch)
+        for j in range(2_000):
+            batch = WriteBatch(raw_mode=True)
+            for k in range(50):
+                batch.put(f"tenant:busy:{j:08d}:{k:04d}-xxxxxxxxxxxxxxxx".encode(), value)
+            busy.write(batch)
+        flushed = len(list((tmp_path / "w" / "p11").glob("*.sst")))
+        assert flushed <= 4, f"the busy store flushed into {flushed} SST files"
+    finally:
+        for store in [*quiet, busy]:
+            store.close()
