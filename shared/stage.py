@@ -151,7 +151,8 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         # its partitions again without a rebalance; None joins as a dynamic member.
         self.group_instance_id = group_instance_id
         # A static member removes itself after its drain (partitions move at once) or keeps them for its
-        # restart; None: leave, unless the stage has state and no standby (a takeover would restore the whole window).
+        # restart; None: leave, unless the stage has state and no standby (a takeover would restore the whole window)
+        # or the member is alone in its group.
         self.leave_group_on_stop = leave_group_on_stop
         # Fetch on for up to this long while a batch is short of `batch_max` (an archive wants few, large
         # objects); 0: hand each fetch over at once. Nothing is acked before its batch is handled.

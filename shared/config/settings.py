@@ -53,7 +53,8 @@ class Settings(BaseModel):
     session_timeout_s: float = 10.0  # HIFI_SESSION_TIMEOUT_S: within the broker's group.min/max.session.timeout.ms
     # After a SIGTERM's drain, a static member leaves its group ("yes": its partitions move at once), or keeps
     # them for its restart ("no": nothing to restore elsewhere, but they wait for it). "auto": leave, unless the
-    # stage has RocksDB state and HIFI_STANDBY_REPLICAS=0 (without warm standbys a takeover restores the window).
+    # stage has RocksDB state and HIFI_STANDBY_REPLICAS=0 (without warm standbys a takeover restores the window)
+    # or no other member is in the group. An unfinished drain never leaves.
     leave_group_on_stop: Literal["auto", "yes", "no"] = "auto"  # HIFI_LEAVE_GROUP_ON_STOP
 
     ENV: ClassVar[dict[str, str]] = {
