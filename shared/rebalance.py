@@ -323,6 +323,8 @@ class Rebalancing:
             leaves = not self.states or self.standby_replicas > 0
         if self.group_instance_id is None or not leaves or self.fenced is not None:
             return  # a fenced member's removal would remove the live process now holding its id
+        if self._member_id == UNKNOWN_MEMBER_ID:
+            return  # never joined: the id, if anyone holds it, is another process's
         if not drained:
             log.warning("%s: drain unfinished; keeping the partitions for the restart (not leaving)", self.stage)
             return
@@ -331,8 +333,6 @@ class Rebalancing:
             # group.initial.rebalance.delay.ms, where a static rejoin takes the partitions back at once.
             log.info("%s: no other member in group %s; keeping the partitions for the restart", self.stage, self.group)
             return
-        if self._member_id == UNKNOWN_MEMBER_ID:
-            return  # never joined: the id, if anyone holds it, is another process's
         try:
             await asyncio.wait_for(remove_static_members(self.bootstrap, self.group, [self.group_instance_id]), 3.0)
             log.info("%s: left group %s as %s", self.stage, self.group, self.group_instance_id)

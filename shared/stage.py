@@ -91,9 +91,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-CHANGELOG_AT_STOP_S = (
-    3.0  # a stop's publish of the stores' unsent changelog: the marks, or nothing, if the broker is down
-)
+CHANGELOG_AT_STOP_S = 3.0  # a stop's publish of the stores' unsent changelog (the broker may be down)
 HEARTBEAT_INTERVAL_MS = 250  # aiokafka's default is 3 s; 1 s measured about 1 s of stall per rebalance
 
 
@@ -387,8 +385,12 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         if not outputs or self.publisher is None:
             return
         flight = InFlight({}, StepResult(outputs=outputs), 0, time.perf_counter(), abandoned=True)
+
+        async def publish() -> None:  # the send too: it waits for metadata while the broker is down
+            await self.flights.settle(await self.flights.send(flight))
+
         try:
-            await asyncio.wait_for(self.flights.settle(await self.flights.send(flight)), CHANGELOG_AT_STOP_S)
+            await asyncio.wait_for(publish(), CHANGELOG_AT_STOP_S)
         except TimeoutError:
             log.error("%s: the stores' unsent changelog was not durable at the stop; a peer may redeliver", self.stage)
 
