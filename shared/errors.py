@@ -18,6 +18,18 @@ class ConfigError(HifiError):
         self.problem = problem
 
 
+class StateDirInUse(HifiError):
+    """Another process holds this worker's state directory: two workers' standbys and owners would open each
+    other's RocksDB stores (and crash on their locks)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"state directory {path} is in use by another worker process: each worker needs its own data directory "
+            "(HIFI_DATA_DIR), as each pod has its own volume; a shared volume cannot be scaled"
+        )
+        self.path = path
+
+
 class InvalidEvent(HifiError):
     """A permanent, per-event problem: rejected at the collector or dead-lettered downstream."""
 

@@ -14,6 +14,7 @@ holds the key, so the replay passes once and a second replay of the same letter 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import time
@@ -23,13 +24,35 @@ from typing import Any, Protocol
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from rocksdict import AccessType, Options, Rdict, WriteBatch
+from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
 from shared.codec import pack, unpack
+from shared.errors import StateDirInUse
 from shared.publish import Output
+from shared.standby import StandbyReplica
 from shared.window_changelog import ChangelogEntry, decode_changelog, encode_changelog
 
 log = logging.getLogger(__name__)
+
+# A worker keeps every partition's store open (owned and standby: 12 in the Helm chart), so RocksDB's default
+# memtables (64 MB, up to 2 per store) would cost up to 1.5 GB; measured in docs/RELIABILITY.md (Standby replicas).
+WRITE_BUFFER_BYTES = 8 << 20  # one memtable of one store; full, it is flushed to an SST file
+WRITE_BUFFERS_PER_STORE = 2  # the one being written and one being flushed
+# No write-buffer limit shared by the stores: past it RocksDB flushes only the store being written (the quiet
+# ones keep their memtables), so it capped nothing and flushed the busy store at every write (786 flushes vs 11).
+STORES_BLOCK_CACHE_BYTES = 64 << 20  # blocks read (lookups), shared by the process's stores, not one cache per store
+_BLOCK_CACHE = Cache(STORES_BLOCK_CACHE_BYTES)
+
+
+def store_options() -> Options:
+    """A window store's options: bounded memtables (per store) and one block cache, shared by the process's stores."""
+    options = Options(raw_mode=True)
+    options.set_write_buffer_size(WRITE_BUFFER_BYTES)
+    options.set_max_write_buffer_number(WRITE_BUFFERS_PER_STORE)
+    table = BlockBasedOptions()
+    table.set_block_cache(_BLOCK_CACHE)
+    options.set_block_based_table_factory(table)
+    return options
 
 
 class KeyWindow(Protocol):
@@ -93,6 +116,10 @@ class RocksKeyWindow:
     a kill -9 replays only the tail. It covers only changelog records this store applied, in order
     (`durable`): a record another owner wrote in between is re-read, never skipped. Replaying is
     idempotent: more than needed is only slower.
+
+    With a standby (`start_standby`, shared/standby.py) the stores of the partitions it does not own are
+    kept warm from the changelog in the same directory and checkpoint files: taking one over replays only
+    the tail. `release` must run (on the event loop) before `open` of a partition the standby may hold.
     """
 
     def __init__(
@@ -109,6 +136,11 @@ class RocksKeyWindow:
         self.pending: dict[int, list[ChangelogEntry]] = {}
         self.applied: dict[int, int] = {}  # partition -> next changelog offset this store reflects
         self.behind: dict[int, int] = {}  # partition -> offset up to which others' records await `catch_up`
+        self.owning: set[int] = set()  # released by the standby for an owner (`release`) until revoked
+        self.standby: StandbyReplica | None = None
+        self.restored_entries = 0  # changelog entries applied by restores (not catch-ups) since start
+        self._directory_lock: int | None = None  # the fd holding `hold_directory`'s flock
+        self.restores_running = 0  # owned restores in progress: the standby waits meanwhile (they are awaited)
 
     @property
     def changelog_retention_s(self) -> float:
@@ -127,21 +159,80 @@ class RocksKeyWindow:
         # RocksDB writes a fresh OPTIONS file at each open; the data lives in the WAL, SST files and MANIFEST.
         for stale in store.glob("OPTIONS-*"):
             stale.unlink()
-        return Rdict(str(store), options=Options(raw_mode=True), access_type=AccessType.with_ttl(ttl))
+        return Rdict(str(store), options=store_options(), access_type=AccessType.with_ttl(ttl))
+
+    def hold_directory(self) -> None:
+        """Lock this window's directory for this process (flock, released when the process ends, even by a
+        kill -9): another worker on the same directory would open this one's stores as standby or owner."""
+        if self._directory_lock is not None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / "worker.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateDirInUse(str(self.path)) from None
+        self._directory_lock = fd
+
+    def release_directory(self) -> None:
+        fd, self._directory_lock = self._directory_lock, None
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor releases the flock
 
     def _checkpoint_file(self, partition: int) -> Path:
         return self.path / f"p{partition}.changelog-offset"
 
+    def _read_checkpoint(self, partition: int) -> int:
+        try:
+            return int(self._checkpoint_file(partition).read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def start_standby(self, hold_back_while: Callable[[], bool] | None = None) -> None:
+        """Keep the stores of the partitions this worker does not own warm from the changelog (a task); it opens
+        and applies nothing while `hold_back_while()` (the worker has not joined or restores owned partitions)."""
+        if self.standby is None:
+            self.standby = StandbyReplica(self, hold_back_while=hold_back_while)
+        elif hold_back_while is not None:
+            self.standby.hold_back_while = hold_back_while
+        self.standby.start()
+
+    async def stop_standby(self) -> None:
+        """Stop the standby task and checkpoint and close its stores (before the owned stores close)."""
+        if self.standby is not None:
+            await self.standby.stop()
+
+    async def release(self, partitions: list[int]) -> None:
+        """Before `open`: the standby gives these partitions up (stops applying, checkpoints, closes)."""
+        self.owning |= set(partitions)
+        if self.standby is not None:
+            await self.standby.release(partitions)
+
+    def standby_lag(self) -> dict[int, int | None]:
+        """Standby partitions and how many changelog records each is behind (None: not known yet)."""
+        return self.standby.lag() if self.standby is not None else {}
+
+    def standby_errors(self) -> dict[int, str]:
+        """Standby partitions whose store failed to open (retried with backoff), and the error."""
+        return dict(self.standby.errors) if self.standby is not None else {}
+
     def open(self, partitions: list[int]) -> list[int]:
         """Open the stores of newly owned partitions (fast: no reading); return those that need a restore."""
         new = [p for p in partitions if p not in self.dbs]
-        opened = {p: self._open(p) for p in new}
-        applied = {}
-        for p in new:
-            try:
-                applied[p] = int(self._checkpoint_file(p).read_text())
-            except (FileNotFoundError, ValueError):
-                applied[p] = 0
+        held = [p for p in new if self.standby is not None and p in self.standby.dbs]
+        if held:  # one writer per store: `release` must have run first
+            raise RuntimeError(f"{self.name}: partitions {held} are still open as standby")
+        self.owning |= set(new)
+        opened: dict[int, Rdict] = {}
+        try:
+            for p in new:
+                opened[p] = self._open(p)
+        except BaseException:  # e.g. a store locked: close the others, or their locks outlive this attempt
+            for db in opened.values():
+                db.close()
+            raise
+        applied = {p: self._read_checkpoint(p) for p in new}
         # Whole new dicts, not per-key writes: the runner calls this in a thread (a WAL replay can take a
         # while) while the loop may iterate them (checkpoints, the table browser).
         self.applied = {**self.applied, **applied}
@@ -149,8 +240,13 @@ class RocksKeyWindow:
         return new
 
     async def restore(self, partitions: list[int], restored: Callable[[int], None] | None = None) -> None:
-        """Apply the changelog to opened stores; `restored(p)` as soon as partition p is caught up."""
-        await self._restore(partitions, restored)
+        """Apply the changelog to opened stores; `restored(p)` as soon as partition p is caught up. The standby
+        applies nothing meanwhile: the worker waits for these partitions, not for its warm copies."""
+        self.restores_running += 1
+        try:
+            await self._restore(partitions, restored)
+        finally:
+            self.restores_running -= 1
 
     async def assign(self, partitions: list[int]) -> None:
         """Open and restore in one step (outside a stage runner, e.g. tests and tools)."""
@@ -223,19 +319,10 @@ class RocksKeyWindow:
                     for record in records:
                         if record.offset >= todo.get(tp, 0):
                             continue
-                        try:
-                            entries = decode_changelog(record.value)
-                        except msgspec.DecodeError:  # not written by this store: skip it
-                            log.warning(
-                                "%s: skipped an unreadable changelog record at %s@%d", self.name, tp, record.offset
-                            )
-                            entries = []
-                        batch = WriteBatch(raw_mode=True)
-                        for entry in entries:
-                            if until is None or db.get(entry.key.encode()) is None:
-                                batch.put(entry.key.encode(), pack([entry.first_seen_ms, entry.claim]))
-                        db.write(batch)
-                        applied += len(entries)
+                        entries = self._apply_record(db, tp.partition, record.offset, record.value, until is not None)
+                        applied += entries
+                        if until is None:
+                            self.restored_entries += entries
                         # Catching up, own records applied meanwhile may already have moved it further.
                         self.applied[tp.partition] = max(self.applied.get(tp.partition, 0), record.offset + 1)
                         await asyncio.sleep(0)  # one record is up to a batch of entries: let heartbeats run
@@ -260,6 +347,23 @@ class RocksKeyWindow:
             )
             await consumer.stop()
 
+    def _apply_record(
+        self, db: Rdict, partition: int, offset: int, value: bytes | None, only_absent: bool = False
+    ) -> int:
+        """Write one changelog record's entries into a store (a restore, a catch-up, a standby); the number
+        applied. Unreadable records are skipped; `only_absent` keeps the keys the store holds (a catch-up)."""
+        try:
+            entries = decode_changelog(value)
+        except msgspec.DecodeError:  # not written by this store: skip it
+            log.warning("%s: skipped an unreadable changelog record at %d@%d", self.name, partition, offset)
+            return 0
+        batch = WriteBatch(raw_mode=True)
+        for entry in entries:
+            if not only_absent or db.get(entry.key.encode()) is None:
+                batch.put(entry.key.encode(), pack([entry.first_seen_ms, entry.claim]))
+        db.write(batch)
+        return len(entries)
+
     def checkpoint(self) -> None:
         """Save each open store's applied changelog offset, so a kill -9 restores only the tail.
 
@@ -270,6 +374,8 @@ class RocksKeyWindow:
             offset = self.applied.get(p, 0)  # read before the sync: everything it covers is in the WAL
             db.flush_wal(True)
             self._write_checkpoint(p, offset)
+        if self.standby is not None:
+            self.standby.checkpoint()
 
     def _write_checkpoint(self, partition: int, offset: int) -> None:
         """Temp file, fsync, rename: a crash leaves the old checkpoint or the new one, never half of one."""
@@ -282,14 +388,17 @@ class RocksKeyWindow:
         os.replace(tmp, path)
 
     def revoke(self, partitions: list[int]) -> None:
+        """Close and checkpoint the owned stores of these partitions; only then may the standby tail them."""
         for p in partitions:
             db = self.dbs.pop(p, None)
-            if db is None:
-                continue
-            db.close()  # flushes the memtable: the checkpoint below never runs ahead of the store
-            self.pending.pop(p, None)
-            self.behind.pop(p, None)
-            self._write_checkpoint(p, self.applied.pop(p, 0))
+            if db is not None:
+                db.close()  # flushes the memtable: the checkpoint below never runs ahead of the store
+                self.pending.pop(p, None)
+                self.behind.pop(p, None)
+                self._write_checkpoint(p, self.applied.pop(p, 0))
+        self.owning -= set(partitions)
+        if self.standby is not None:
+            self.standby.changed()
 
     def changelog(self) -> list[Output]:
         out = [
@@ -319,6 +428,9 @@ class RocksKeyWindow:
         db = self.dbs.get(partition)
         if db is None:  # an event of a partition not (yet) assigned: a bug upstream, but never lose the write
             log.warning("%s: write for partition %d, which this worker does not hold", self.name, partition)
+            self.owning.add(partition)
+            if self.standby is not None:
+                self.standby.close_now(partition)  # one writer per store (a standby open in flight would fail this one)
             db = self.dbs[partition] = self._open(partition)
         return partition, db
 
@@ -381,6 +493,8 @@ class RocksKeyWindow:
             "window_s": self.window_s,
             "changelog": self.changelog_topic,
             "partitions_held": sorted(self.dbs),
+            "standby_lag": self.standby_lag(),
+            "standby_errors": self.standby_errors(),
         }
 
     def _entry(self, key: str, raw: bytes) -> dict[str, Any]:

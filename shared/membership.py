@@ -151,6 +151,11 @@ class DescribeGroupMembers(Request[DescribeGroupsRequest_v4]):
 
 async def members_with_instance_id(bootstrap: str, group: str, instance_id: str) -> list[str]:
     """The member ids the coordinator holds under `instance_id` in `group` now (none, or one)."""
+    return [member_id for member_id, held_by in await group_members(bootstrap, group) if held_by == instance_id]
+
+
+async def group_members(bootstrap: str, group: str) -> list[tuple[str, str]]:
+    """(member id, instance id: "" for a dynamic member) of each member the coordinator holds in `group` now."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -161,7 +166,7 @@ async def members_with_instance_id(bootstrap: str, group: str, instance_id: str)
     (code, _group, _state, _type, _protocol, members, _ops) = response.groups[0]
     if code:
         raise for_code(code)(f"describing group {group!r}")
-    return [member_id for member_id, held_by, *_ in members if held_by == instance_id]
+    return [(member_id, held_by or "") for member_id, held_by, *_ in members]
 
 
 class MemberRemovalFailed(HifiError):

@@ -35,6 +35,7 @@ from shared.membership import (
     MemberRemovalFailed,
     committed_offsets,
     coordinator_member_id,
+    group_members,
     members_with_instance_id,
     remove_static_members,
     request_rejoin,
@@ -47,6 +48,7 @@ from shared.step import Ownership, PartitionedState, StepResult
 log = logging.getLogger(__name__)
 
 LATE_START_ATTEMPTS = 10  # rounds of asking for a partition's commit after the assign callback, before a rejoin
+PEER_LOOKUP_S = 1.0  # a stop's look for another member of the group, before it leaves under auto
 REVOKE_RESERVE_S = 3.0  # of the revoke budget, kept after a cancelled handler for its publish and the commit
 
 
@@ -60,6 +62,7 @@ class Rebalancing:
     group: str
     group_instance_id: str | None
     leave_group_on_stop: bool | None
+    standby_replicas: int
     rebalance_timeout_ms: int
     revoke_grace_s: float
     session_timeout_ms: int
@@ -310,16 +313,40 @@ class Rebalancing:
 
     # -- static membership ------------------------------------------------------------------------------
 
-    async def _leave_as_static_member(self) -> None:
-        """After the drain: a static member that is not keeping its partitions for its restart removes itself."""
-        leaves = self.leave_group_on_stop if self.leave_group_on_stop is not None else not self.states
+    async def _leave_as_static_member(self, drained: bool) -> None:
+        """After the drain: a static member that is not keeping its partitions for its restart removes itself.
+
+        `drained`: every batch durable and committed. One that was not (a sink request hung past the stop's
+        waits) keeps its partitions: its restart reopens its own stores, which hold what the cut batch marked."""
+        leaves = self.leave_group_on_stop
+        if leaves is None:  # a stateful stage's peers hold warm standbys of its stores: a takeover replays the tail
+            leaves = not self.states or self.standby_replicas > 0
         if self.group_instance_id is None or not leaves or self.fenced is not None:
             return  # a fenced member's removal would remove the live process now holding its id
+        if self._member_id == UNKNOWN_MEMBER_ID:
+            return  # never joined: the id, if anyone holds it, is another process's
+        if not drained:
+            log.warning("%s: drain unfinished; keeping the partitions for the restart (not leaving)", self.stage)
+            return
+        if self.leave_group_on_stop is None and not await self._has_peers():
+            # Alone, a leave moves nothing: the restart would rejoin an empty group and wait out the broker's
+            # group.initial.rebalance.delay.ms, where a static rejoin takes the partitions back at once.
+            log.info("%s: no other member in group %s; keeping the partitions for the restart", self.stage, self.group)
+            return
         try:
             await asyncio.wait_for(remove_static_members(self.bootstrap, self.group, [self.group_instance_id]), 3.0)
             log.info("%s: left group %s as %s", self.stage, self.group, self.group_instance_id)
         except (TimeoutError, KafkaError, MemberRemovalFailed) as exc:
             log.warning("%s: could not leave the group (%r): its partitions wait out its session", self.stage, exc)
+
+    async def _has_peers(self) -> bool:
+        """Another member is in the group to take this one's partitions; False if the lookup fails (keep them)."""
+        try:
+            members = await asyncio.wait_for(group_members(self.bootstrap, self.group), PEER_LOOKUP_S)
+        except (TimeoutError, KafkaError) as exc:
+            log.warning("%s: could not describe group %s (%r); keeping the partitions", self.stage, self.group, exc)
+            return False
+        return any(held_by != self.group_instance_id for _member, held_by in members)
 
     async def _hold_rejoin_if_instance_id_taken(self) -> None:
         """Between a revocation and the rejoin: a static member whose id aiokafka reset (told UnknownMemberId,

@@ -2,8 +2,9 @@
 
 aiokafka sends no heartbeats while its assignment callback runs, so the runner only pauses the newly owned
 partitions there; a background task opens and restores their stores while the worker heartbeats, and
-resumes each partition at its committed offset once every store of it is restored. The stores are
-checkpointed every `checkpoint_interval_s`, so a kill -9 replays only the changelog's tail.
+resumes each partition at its committed offset once every store of it is restored (a state with a standby
+replica first releases the partition's warm standby store, so the restore replays only the changelog's tail).
+The stores are checkpointed every `checkpoint_interval_s`, so a kill -9 replays only the changelog's tail.
 """
 
 from __future__ import annotations
@@ -21,13 +22,24 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from shared.publish import transient
 from shared.retry import Backoff
-from shared.step import PartitionedState
+from shared.step import PartitionedState, StandbyState
 
 log = logging.getLogger(__name__)
 
 # A restore that meets a broker outage retries this many times (about a minute) before stopping the worker.
 RESTORE_ATTEMPTS = 10
 BROKER_BACKOFF = Backoff(0.5, 10.0)
+
+
+async def _finished_even_if_cancelled(call: Awaitable[list[int]]) -> list[int]:
+    """Await `call`; cancelled, still wait for it (a thread opening stores runs on regardless) before raising:
+    the revocation that cancelled it then closes what it opened, and no standby opens a store it holds."""
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
 
 
 class RestoringView(Protocol):
@@ -93,7 +105,9 @@ class StateRestorer:
         pending = {p: 0 for p in partitions}
         try:
             for state in self.states:
-                for p in await asyncio.to_thread(state.open, partitions):
+                if isinstance(state, StandbyState):  # on the loop, before the open: one writer per store
+                    await state.release(partitions)
+                for p in await _finished_even_if_cancelled(asyncio.to_thread(state.open, partitions)):
                     pending[p] += 1
         except Exception as exc:
             self._failed(partitions, exc)

@@ -107,6 +107,7 @@ class ServiceContext:
         add_dlq_views(app, runner.stage, queues, self.settings)
         audit = self.config.audit
         runner.checkpoint_interval_s = self.settings.table_checkpoint_s
+        runner.standby_replicas = self.settings.standby_replicas
         runner.tallies = self.topics.tallies
         runner.bucket_s = audit.bucket_s
         if runner.group_instance_id is None and self.settings.worker_id:

@@ -69,7 +69,7 @@ from shared.publish import BatchPublisher, Output
 from shared.rebalance import RebalanceListener, Rebalancing
 from shared.restore import StateRestorer
 from shared.retry import Backoff
-from shared.step import Handler, Ownership, PartitionedState, Record, StepResult
+from shared.step import Handler, LocalState, Ownership, PartitionedState, Record, StandbyState, StepResult
 from shared.watchdog import PartitionWatchdog, refresh_stale_leaders
 
 # The names services and tests import from here: the step's contract and the exit code of a fenced worker.
@@ -91,6 +91,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+CHANGELOG_AT_STOP_S = 3.0  # a stop's publish of the stores' unsent changelog (the broker may be down)
 HEARTBEAT_INTERVAL_MS = 250  # aiokafka's default is 3 s; 1 s measured about 1 s of stall per rebalance
 
 
@@ -121,6 +122,7 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         group_instance_id: str | None = None,
         leave_group_on_stop: bool | None = None,
         batch_linger_s: float = 0.0,
+        standby_replicas: int = 1,
     ) -> None:
         super().__init__()
         self.app = app
@@ -147,11 +149,15 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         # its partitions again without a rebalance; None joins as a dynamic member.
         self.group_instance_id = group_instance_id
         # A static member removes itself after its drain (partitions move at once) or keeps them for its
-        # restart; None: only a stage without state leaves (a takeover would restore the store elsewhere).
+        # restart; None: leave, unless the stage has state and no standby (a takeover would restore the whole window)
+        # or the member is alone in its group.
         self.leave_group_on_stop = leave_group_on_stop
         # Fetch on for up to this long while a batch is short of `batch_max` (an archive wants few, large
         # objects); 0: hand each fetch over at once. Nothing is acked before its batch is handled.
         self.batch_linger_s = batch_linger_s
+        # 1: each state also keeps warm copies of the partitions this worker does not own (shared/standby.py),
+        # so a takeover replays the changelog's tail instead of the whole window; 0: none.
+        self.standby_replicas = standby_replicas
         self.revocations = 0  # rebalances this worker took part in since it started (for /ready and tests)
         self.fenced: InstanceIdTaken | None = None  # another live process took this worker's instance id
         self.request_shutdown: Callable[[int], None] = request_exit  # tests replace it (no SIGTERM to pytest)
@@ -179,6 +185,7 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         self.awaiting_commit: set[TopicPartition] = set()  # owned, paused until their commit is told (late start)
         self.alerter = Alerter(stage)  # pages (Sentry); shared with the watchdog and the broker outage clock
         self.joined = False
+        self._holds_directories = False  # `on_start` got past `_hold_directories`: this process started for real
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight: asyncio.Queue[InFlight] | None = None
@@ -243,11 +250,25 @@ class StageRunner(Rebalancing, BatchIntake, Service):
             "awaiting_commit": sorted(tp.partition for tp in self.awaiting_commit),
             "group_instance_id": self.group_instance_id,
             "revocations": self.revocations,
+            # Warm copies of partitions this worker does not own: changelog records each is behind (None: unknown).
+            "standby": {
+                s.changelog_topic: {str(p): lag for p, lag in s.standby_lag().items()}
+                for s in self.states
+                if isinstance(s, StandbyState)
+            },
+            # Standby partitions whose store failed to open (their lag above: None), retried with backoff.
+            "standby_errors": {
+                s.changelog_topic: {str(p): error for p, error in s.standby_errors().items()}
+                for s in self.states
+                if isinstance(s, StandbyState) and s.standby_errors()
+            },
         }
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
     async def on_start(self) -> None:
+        self._hold_directories()  # first: a second process on this data directory fails before it joins
+        self._holds_directories = True
         self._in_flight = asyncio.Queue(maxsize=self.max_in_flight)
         self._batch_lock = asyncio.Lock()
         await self.flights.start()
@@ -283,6 +304,12 @@ class StageRunner(Rebalancing, BatchIntake, Service):
                 self._guard(refresh_stale_leaders(self, self.unfetched_after_s)), name=f"{self.stage}-leaders"
             ),
         ]
+        if self.standby_replicas:
+            for state in self.states:
+                if isinstance(state, StandbyState):
+                    # Held back until joined and while owned partitions restore: before the first assignment it
+                    # would open (a WAL replay after a kill -9) the very stores this worker is about to own.
+                    state.start_standby(lambda: not self.joined or bool(self.restorer.restoring))
         if self.states:
             self._tasks.append(
                 asyncio.create_task(
@@ -293,13 +320,19 @@ class StageRunner(Rebalancing, BatchIntake, Service):
 
     async def on_stop(self) -> None:
         """SIGTERM: finish the batch in hand (give it up if it is retrying), wait for the broker's acks,
-        commit, leave the group (a static member only per `leave_group_on_stop`)."""
+        commit, publish what the stores still hold for their changelog (a cut batch's ledger marks), leave the
+        group (a static member only per `leave_group_on_stop`, and only if all of that finished)."""
         self._stopping = True
+        if not self._holds_directories:
+            # Refused at `_hold_directories` (StateDirInUse), mode stops it anyway: it started nothing, and its
+            # instance id belongs to the live process on that directory, which a leave would remove.
+            return
         self._owner.revoked.set()  # a batch retrying through an outage publishes what it delivered and stops
         held = sorted(tp.partition for tp in self.assigned | self.restorer.restoring if tp.topic == self.source)
         await self._cancel_late_start()  # first: a late start's round would begin a restore (`extend`)
         await self.restorer.cancel()
         consume = self._tasks[0] if self._tasks else None
+        drained = False  # every batch durable and committed: only then may the member leave
         try:
             if consume is not None:
                 await asyncio.wait_for(asyncio.shield(consume), 10.0)
@@ -307,10 +340,14 @@ class StageRunner(Rebalancing, BatchIntake, Service):
                 await asyncio.wait_for(self._in_flight.join(), 8.0)
             if self.fenced is None:  # a fenced member's partitions are the other process's to commit
                 await asyncio.wait_for(self._commit(), 3.0)
+                drained = not self._uncommitted()
         except TimeoutError:  # e.g. the broker is down: nothing more can become durable anyway
             log.warning("%s: shutdown before every batch was durable and committed; the rest is replayed", self.stage)
         for task in self._tasks:
             task.cancel()
+        if self._tasks:  # a handler cancelled mid-batch has written its ledger marks to the stores by then
+            await asyncio.wait(self._tasks, timeout=3.0)
+        await self._publish_unsent_changelog()
         if self.flights.retiring:
             await asyncio.wait(self.flights.retiring, timeout=3.0)
         await self._release_held_rejoin()
@@ -323,8 +360,52 @@ class StageRunner(Rebalancing, BatchIntake, Service):
                 except TimeoutError:
                     log.warning("%s: a Kafka client did not close within 3 s", self.stage)
         for state in self.states:
+            if isinstance(state, StandbyState):  # stopped applying before any store closes
+                await state.stop_standby()
+        for state in self.states:
             state.revoke(held)
-        await self._leave_as_static_member()
+        for state in self.states:
+            if isinstance(state, LocalState):
+                state.release_directory()
+        self._holds_directories = False
+        await self._leave_as_static_member(drained)
+
+    def _uncommitted(self) -> dict[TopicPartition, int]:
+        """Done offsets of owned partitions that the group has not committed (a failed or skipped commit)."""
+        if self.consumer is None or not self.commits_offsets:
+            return {}
+        owned = self.consumer.assignment()
+        return {tp: o for tp, o in self.done.items() if tp in owned and self.committed.get(tp) != o}
+
+    async def _publish_unsent_changelog(self) -> None:
+        """Send what the stores still hold for their changelog (a sender's ledger marks of what a sink took in a
+        batch the stop cut short), before `revoke` drops it: a peer taking the partitions over, from its standby
+        or a restore, then skips that work. Bounded: with the broker down the marks stay in the local store only."""
+        outputs = [out for state in self.states for out in state.changelog()]
+        if not outputs or self.publisher is None:
+            return
+        flight = InFlight({}, StepResult(outputs=outputs), 0, time.perf_counter(), abandoned=True)
+
+        async def publish() -> None:  # the send too: it waits for metadata while the broker is down
+            await self.flights.settle(await self.flights.send(flight))
+
+        try:
+            await asyncio.wait_for(publish(), CHANGELOG_AT_STOP_S)
+        except TimeoutError:
+            log.error("%s: the stores' unsent changelog was not durable at the stop; a peer may redeliver", self.stage)
+
+    def _hold_directories(self) -> None:
+        """Lock each local state's directory for this process, or raise `StateDirInUse` holding none of them."""
+        held: list[LocalState] = []
+        try:
+            for state in self.states:
+                if isinstance(state, LocalState):
+                    state.hold_directory()
+                    held.append(state)
+        except BaseException:
+            for state in held:
+                state.release_directory()
+            raise
 
     async def _guard(self, loop: Awaitable[None]) -> None:
         """A loop that dies would leave the worker in its group reading nothing: fail loudly, drain, exit."""

@@ -88,6 +88,38 @@ class PartitionedState(Protocol):
         ...
 
 
+@runtime_checkable
+class StandbyState(Protocol):
+    """A partitioned state that can keep warm copies of the partitions it does not own (shared/standby.py)."""
+
+    def start_standby(self, hold_back_while: Callable[[], bool] | None = None) -> None:
+        """Start tailing; open and apply nothing while `hold_back_while()` (owned partitions come first)."""
+        ...
+
+    async def stop_standby(self) -> None: ...
+
+    async def release(self, partitions: list[int]) -> None:
+        """Before `open`: the standby stops applying to these partitions, checkpoints and closes them."""
+        ...
+
+    def standby_lag(self) -> dict[int, int | None]: ...
+
+    def standby_errors(self) -> dict[int, str]:
+        """Standby partitions whose store failed to open (retried with backoff), and why."""
+        ...
+
+
+@runtime_checkable
+class LocalState(Protocol):
+    """A state kept in a directory of this worker's volume, which no other process may use at the same time."""
+
+    def hold_directory(self) -> None:
+        """Take the directory's exclusive lock, or raise `StateDirInUse` (another process holds it)."""
+        ...
+
+    def release_directory(self) -> None: ...
+
+
 class Ownership:
     """The assignment a batch was fetched under. aiokafka rebalances eagerly: every rebalance (and an
     eviction, on rejoin) revokes every partition, so one generation per worker is one per partition."""

@@ -13,6 +13,8 @@ from collections import Counter
 from datetime import datetime
 from typing import Any
 
+import pytest
+
 from devtools.pipeline import PipelineProcesses
 from devtools.traffic import EventFactory
 from devtools.up import status_line
@@ -85,16 +87,18 @@ async def test_a_stage_killed_9_is_restarted_by_the_supervisor_and_its_peer_is_n
         await hook.stop()
 
 
-async def test_auto_leave_on_sigterm_a_stateless_stage_leaves_and_a_stateful_one_keeps_its_partitions(
-    tmp_path, port_base, settings_for, start_pipeline
+@pytest.mark.parametrize("standby", [1, 0], ids=["standby-on", "standby-off"])
+async def test_auto_leave_on_sigterm_a_stage_leaves_unless_its_state_has_no_warm_standby(
+    tmp_path, port_base, settings_for, start_pipeline, standby
 ):
     """`HIFI_LEAVE_GROUP_ON_STOP=auto` through Settings and `StageRunner.attach` on real workers: the enricher
-    (no state) hands its partitions over at once after its drain, the deduplicator (RocksDB) keeps them for
-    its restart, for the session (30 s here)."""
+    (no state) hands its partitions over at once after its drain; so does the deduplicator (RocksDB) when its
+    peer keeps warm standby copies of its stores (a takeover replays the tail). Without standbys
+    (`HIFI_STANDBY_REPLICAS=0`) the deduplicator keeps its partitions for its restart, for the session (30 s)."""
     config = write_webhook_config(
         tmp_path / "hifi.yaml", port_base + 19, "key-acme", sections="dedupe: {backend: rocksdb}\n"
     )
-    settings = settings_for(config, session_timeout_s=30.0)
+    settings = settings_for(config, session_timeout_s=30.0, standby_replicas=standby)
     assert settings.leave_group_on_stop == "auto"
     pipeline = await start_pipeline(settings)
     peers = {stage: pipeline.add_worker(stage) for stage in ("enricher", "deduplicator")}
@@ -112,9 +116,14 @@ async def test_auto_leave_on_sigterm_a_stateless_stage_leaves_and_a_stateful_one
     stopped_at = time.monotonic()
     await wait_for(lambda: len(held(peers["enricher"])) == 4, 15, "the enricher's partitions at its peer", pipeline)
     moved_s = time.monotonic() - stopped_at
-    await asyncio.sleep(2.0)  # a leave by the deduplicator would have moved its partitions by now, as the enricher's
-    assert held(peers["deduplicator"]) == kept, "the stateful stage left: its partitions will be restored elsewhere"
-    print(f"the enricher's partitions moved {moved_s:.1f}s after its stop (session 30 s)")
+    if standby:
+        await wait_for(
+            lambda: len(held(peers["deduplicator"])) == 4, 15, "the deduplicator's partitions at its peer", pipeline
+        )
+    else:
+        await asyncio.sleep(2.0)  # a leave by the deduplicator would have moved its partitions by now
+        assert held(peers["deduplicator"]) == kept, "without a standby the stateful stage left: a full restore"
+    print(f"standby={standby}: the enricher's partitions moved {moved_s:.1f}s after its stop (session 30 s)")
 
 
 async def test_a_second_process_under_a_workers_name_makes_one_of_them_exit_78(
@@ -161,10 +170,10 @@ async def test_a_worker_exits_promptly_once_its_drain_is_done(tmp_path, namespac
     finally:
         pipeline.stop_all(timeout=30.0)
     log = pipeline.services["router"].log_path.read_text(errors="replace")
-    stamps = re.findall(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}).*left group .* as router", log)
-    assert stamps, "no end-of-drain line (its LeaveGroup, the drain's last step) in the log:\n" + pipeline.tail(
-        "router"
-    )
+    # The drain's last step: its LeaveGroup, or (alone in its group, under auto) keeping its partitions.
+    last_step = r"left group .* as router|router: no other member in group .* keeping the partitions"
+    stamps = re.findall(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}).*(?:" + last_step + ")", log)
+    assert stamps, "no end-of-drain line (leave or keep, the drain's last step) in the log:\n" + pipeline.tail("router")
     drained = datetime.strptime(stamps[-1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
     assert process.returncode == 0, pipeline.tail("router")
     assert exited - drained < 0.6, f"the worker exited {exited - drained:.2f}s after its drain was done"

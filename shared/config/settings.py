@@ -8,7 +8,7 @@ import re
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.errors import ConfigError
 
@@ -41,6 +41,9 @@ class Settings(BaseModel):
     namespace: str = ""  # HIFI_NAMESPACE: prefix of topics and consumer groups
     shutdown_grace_s: float = 20.0  # HIFI_SHUTDOWN_GRACE_S: SIGTERM drains for at most this long
     table_checkpoint_s: float = 10.0  # HIFI_TABLE_CHECKPOINT_S: how often RocksDB tables save their changelog offset
+    # 1: every worker of a RocksDB stage keeps warm copies of the partitions it does not own (a takeover replays
+    # only the changelog's tail); it reads every changelog partition and keeps the whole window on its volume.
+    standby_replicas: int = Field(1, ge=0, le=1)  # HIFI_STANDBY_REPLICAS
     read_token: str | None = None  # HIFI_READ_TOKEN: bearer token for /stats and table views
     admin_token: str | None = None  # HIFI_ADMIN_TOKEN: bearer token for admin actions (also reads)
     redact_fields: str = ""  # HIFI_REDACT_FIELDS: payload fields masked in views, comma-separated
@@ -49,8 +52,9 @@ class Settings(BaseModel):
     # How long the group waits for a silent member: a static one's partitions stay with it that long.
     session_timeout_s: float = 10.0  # HIFI_SESSION_TIMEOUT_S: within the broker's group.min/max.session.timeout.ms
     # After a SIGTERM's drain, a static member leaves its group ("yes": its partitions move at once), or keeps
-    # them for its restart ("no": nothing to restore elsewhere, but they wait for it). "auto": stateless
-    # stages leave, stages with RocksDB state stay (a takeover would restore their store from the changelog).
+    # them for its restart ("no": nothing to restore elsewhere, but they wait for it). "auto": leave, unless the
+    # stage has RocksDB state and HIFI_STANDBY_REPLICAS=0 (without warm standbys a takeover restores the window)
+    # or no other member is in the group. An unfinished drain never leaves.
     leave_group_on_stop: Literal["auto", "yes", "no"] = "auto"  # HIFI_LEAVE_GROUP_ON_STOP
 
     ENV: ClassVar[dict[str, str]] = {
@@ -71,6 +75,7 @@ class Settings(BaseModel):
         "namespace": "HIFI_NAMESPACE",
         "shutdown_grace_s": "HIFI_SHUTDOWN_GRACE_S",
         "table_checkpoint_s": "HIFI_TABLE_CHECKPOINT_S",
+        "standby_replicas": "HIFI_STANDBY_REPLICAS",
         "read_token": "HIFI_READ_TOKEN",
         "admin_token": "HIFI_ADMIN_TOKEN",
         "redact_fields": "HIFI_REDACT_FIELDS",
