@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -28,8 +28,29 @@ from rocksdict import Rdict
 
 from shared.retry import Backoff
 
-if TYPE_CHECKING:
-    from shared.keywindow import RocksKeyWindow
+
+class StandbyStores(Protocol):
+    """What a standby reads and calls of its window (`RocksKeyWindow`): its layout, which partitions it owns,
+    and its own store primitives, so a standby store is opened, applied and checkpointed as an owned one."""
+
+    name: str
+    bootstrap: str
+    changelog_topic: str
+    partitions: int
+    dbs: dict[int, Rdict]
+    owning: set[int]
+    restores_running: int
+
+    def _open(self, partition: int) -> Rdict: ...
+
+    def _read_checkpoint(self, partition: int) -> int: ...
+
+    def _write_checkpoint(self, partition: int, offset: int) -> None: ...
+
+    def _apply_record(
+        self, db: Rdict, partition: int, offset: int, value: bytes | None, only_absent: bool = False
+    ) -> int: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +78,7 @@ class StandbyReplica:
 
     def __init__(
         self,
-        window: RocksKeyWindow,
+        window: StandbyStores,
         backoff: Backoff = STANDBY_BACKOFF,
         hold_back_while: Callable[[], bool] | None = None,
     ) -> None:
