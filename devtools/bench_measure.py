@@ -235,7 +235,8 @@ async def read_batch_shapes(urls: dict[str, str]) -> dict[str, dict[str, float]]
             batches = sums.get("count", 0.0)
             if not batches:
                 continue
-            shape = {"batches": batches, "events_per_batch": round(sums.get("sum", 0.0) / batches, 1)}
+            events = int(sums.get("sum", 0.0))
+            shape = {"batches": batches, "events": events, "events_per_batch": round(events / batches, 1)}
             for key in sorted(sums):
                 if key.endswith("_sum") and sums.get(key.removesuffix("_sum") + "_count"):
                     phase = key.removesuffix("_sum")
