@@ -236,7 +236,7 @@ async def read_batch_shapes(urls: dict[str, str]) -> dict[str, dict[str, float]]
             if not batches:
                 continue
             events = int(sums.get("sum", 0.0))
-            shape = {"batches": batches, "events": events, "events_per_batch": round(events / batches, 1)}
+            shape = {"batches": int(batches), "events": events, "events_per_batch": round(events / batches, 1)}
             for key in sorted(sums):
                 if key.endswith("_sum") and sums.get(key.removesuffix("_sum") + "_count"):
                     phase = key.removesuffix("_sum")
