@@ -38,8 +38,6 @@ from shared.topics import Topics
 from tests.helpers import tenant_block
 from tests.test_stage_runner import create_topic, make_runner, wait_for
 
-pytestmark = pytest.mark.asyncio
-
 
 class OnePartitionDown(WebhookReceiver):
     """Answers 503 to the first `failures` requests holding an event of source partition 1 (ids `p1-*`)."""
