@@ -496,22 +496,25 @@ async def test_releasing_a_large_standby_store_does_not_block_the_loop(kafka, na
                 db.write(batch)
 
         await asyncio.to_thread(fill)
-        worst = 0.0
+        ticks: list[float] = []  # when the loop ran the probe again: a close on the loop allows none meanwhile
         done = False
 
         async def probe() -> None:
-            nonlocal worst
             while not done:
-                started = time.monotonic()
                 await asyncio.sleep(0.01)
-                worst = max(worst, time.monotonic() - started - 0.01)
+                ticks.append(time.monotonic())
 
         probing = asyncio.create_task(probe())
         await asyncio.sleep(0.05)
+        started = time.monotonic()
         await window.release([0])
+        ended = time.monotonic()
         done = True
         await probing
-        assert worst < 0.05, f"the loop stalled {1000 * worst:.0f} ms while the standby store closed"
+        # Counted, not timed (a shared machine stalls any loop now and then): closed on the loop, the flush of
+        # 300k entries was one blocking call and the probe ran at most once around it.
+        during = [t for t in ticks if started < t < ended]
+        assert len(during) >= 3, f"the loop ran {len(during)} times in the {1000 * (ended - started):.0f} ms close"
         assert window.open([0]) == [0]
         window.revoke([0])
     finally:
