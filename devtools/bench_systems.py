@@ -34,7 +34,7 @@ from devtools.pipeline import PipelineProcesses
 from devtools.redis import LocalRedis
 from shared import pipeline as layout
 from shared.config import HifiConfig, Settings, hash_api_key
-from shared.tables import group_members
+from shared.tables import partition_owners
 from shared.topics import Topics, ensure_topics
 
 PARTITIONS = 4  # of every topic, the pipeline's and the peers'
@@ -277,7 +277,7 @@ async def relays_assigned(
         if time.monotonic() > deadline:
             raise TimeoutError(f"raw relay groups {pending} not assigned {partitions} partitions in {RELAY_JOIN_S:g} s")
         try:
-            members = await asyncio.gather(*(group_members(bootstrap, group) for group in pending))
+            members = await asyncio.gather(*(partition_owners(bootstrap, group) for group in pending))
         except KafkaError as exc:  # a fresh broker has no coordinator for a new group yet: ask again
             if not exc.retriable:
                 raise

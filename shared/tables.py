@@ -62,7 +62,7 @@ class TableBrowser:
             return cached[1]
         owners: dict[str, list[int]] = {}
         try:
-            owners = await group_members(window.bootstrap, window.group)
+            owners = await partition_owners(window.bootstrap, window.group)
         except Exception as exc:  # the owner map is a convenience: fall back to this worker's own view
             log.warning("could not describe group %s: %r", window.group, exc)
         if not owners:  # before the group is stable, at least this worker's own partitions
@@ -142,7 +142,7 @@ class TableBrowser:
             return 502, {"table": name, "error": f"owner {host} unreachable: {exc!r}"}
 
 
-async def group_members(bootstrap: str, group: str) -> dict[str, list[int]]:
+async def partition_owners(bootstrap: str, group: str) -> dict[str, list[int]]:
     """Client id (a worker's canonical URL) -> the partitions assigned to it, from DescribeGroups."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
     await admin.start()
