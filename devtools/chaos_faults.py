@@ -89,6 +89,7 @@ class ChaosFaults(FaultRecord):
             await asyncio.sleep(0.05)
         self.kills[-1].restarted_ms = svc.restarted_wall_ms
         await asyncio.to_thread(self.pipeline.wait_ready, timeout, [label])
+        self.windows.append((f"kill -9 {label}", self.kills[-1].killed_ms, time.time() * 1000))
 
     async def kill_and_restart(self, label: str, down_s: float = 2.0) -> None:
         self.kill(label)

@@ -50,6 +50,20 @@ async def rolling_deploy_two_workers(run: ChaosRun) -> None:
     run.mark_fault(False)
 
 
+async def kill_one_of_two(run: ChaosRun) -> None:
+    """21. two workers per consumer stage, then kill -9 of one worker of each stage in turn, restarted at once by
+    its supervisor: the survivor keeps its own partitions moving, the victim's wait for its static rejoin."""
+    stages = (*HOPS, FAULTED, HEALTHY)
+    extras = [run.pipeline.add_worker(label) for label in stages]
+    await asyncio.to_thread(run.pipeline.wait_ready, 120.0, extras)
+    await asyncio.sleep(3.0)  # the rebalances of the scale-out are not the kills'
+    run.mark_fault(True)
+    for label in extras:
+        await run.crash(label)
+        await asyncio.sleep(4.0)
+    run.mark_fault(False)
+
+
 async def slow_message_then_kill(run: ChaosRun) -> None:
     """2. a slow message at the sink, then kill -9 of the sender waiting on it."""
     slow = run.load.factory.make()
@@ -98,9 +112,13 @@ async def kill_busiest_broker(run: ChaosRun) -> None:
     node = await run.busiest_leader()
     await asyncio.sleep(3.0)
     run.mark_fault(True)
-    await asyncio.to_thread(run.kafka.kill_node, node)
-    await asyncio.sleep(30.0)
-    await asyncio.to_thread(run.kafka.start_node, node)
+
+    async def outage() -> None:
+        await asyncio.to_thread(run.kafka.kill_node, node)
+        await asyncio.sleep(30.0)
+        await asyncio.to_thread(run.kafka.start_node, node)
+
+    await run.timed(f"kill busiest broker {node}", outage())
     run.mark_fault(False)
     run.notes.append(f"killed broker node {node}")
 
@@ -312,7 +330,7 @@ async def soak(run: ChaosRun) -> None:
         await run.redeploy(label, ready_timeout=180.0)
         await asyncio.sleep(1.0)
     await until(0.5)
-    await run.timed("kill -9 deduplicator-2", run.crash("deduplicator#2", timeout=180.0))
+    await run.crash("deduplicator#2", timeout=180.0)
     await until(0.75)
     node = await run.busiest_leader()
 

@@ -223,7 +223,8 @@ class ChaosVerify(FaultRecord):
 
     def _late_by_window(self, sink: SinkTruth) -> dict[str, float]:
         """Late seconds of traffic per fault window (events ingested from its start until 3 s after its end,
-        first copy later than the SLA), and the late seconds outside every window."""
+        first copy later than the SLA), the late seconds before the fault began (the start-up and any scale-out:
+        the machine, not a fault) and the late seconds after it began outside every window."""
         first: dict[str, tuple[float, float]] = {}
         for e, arrived in zip(sink.received, sink.arrival_ms, strict=True):
             first.setdefault(e["event_id"], (e["ingest_ts"], arrived))
@@ -234,7 +235,9 @@ class ChaosVerify(FaultRecord):
             hits = [i for i, ingest in enumerate(late) if start <= ingest <= end + 3_000]
             inside.update(hits)
             out[name] = round(len(hits) / self.rate, 2)
-        out["outside windows"] = round((len(late) - len(inside)) / self.rate, 2)
+        before = {i for i, ingest in enumerate(late) if i not in inside and ingest < (self.fault_start_ms or 0)}
+        out["before the fault"] = round(len(before) / self.rate, 2)
+        out["outside windows"] = round((len(late) - len(inside) - len(before)) / self.rate, 2)
         return out
 
     def _on_time(self, sink: SinkTruth) -> float | None:

@@ -58,9 +58,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     chaos.add_argument(
         "scenario",
         nargs="+",
-        help="scenario names (docs/RELIABILITY.md lists all 20: kill-stages ... rolling-deploy, outage-scale-out, "
+        help="scenario names (docs/RELIABILITY.md lists all 21: kill-stages ... rolling-deploy, outage-scale-out, "
         "outage-rolling-deploy, long-restore, kafka-sink-broker-kill, redis-sink-kill, slow-isr-rebalance, "
-        "sink-4xx-mix, kill-restart-single, rolling-deploy-2, postgres-sink-kill, soak), or all",
+        "sink-4xx-mix, kill-restart-single, rolling-deploy-2, postgres-sink-kill, soak, kill-one-of-two), or all",
     )
     chaos.add_argument("--rate", type=float, help="events per second of steady load (default: 200; the soak 1000)")
     chaos.add_argument("--duration", type=float, help="seconds of a timed scenario (the soak: default 1800)")

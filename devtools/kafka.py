@@ -158,6 +158,12 @@ class LocalKafka:
             "group.initial.rebalance.delay.ms": 0,
             # Lets HIFI_SESSION_TIMEOUT_S go down to 3 s locally (the broker's default floor is 6 s).
             "group.min.session.timeout.ms": 3000,
+            # A broker killed -9 leads its partitions (and sits in their ISRs) until the controller fences it:
+            # after 9 s of missed heartbeats by default, every acks=all produce to them stalls that long.
+            # 3 s keeps a loaded machine's GC pause or stall from fencing a live broker (issue 15: a broker
+            # kill's late window <= 3 s).
+            "broker.session.timeout.ms": 3000,
+            "broker.heartbeat.interval.ms": 500,
             "auto.create.topics.enable": "true",
             "log.retention.hours": 24,
             "log.segment.bytes": 64 * 1024 * 1024,

@@ -103,7 +103,8 @@ class Rebalancing:
         """
         assert self._batch_lock is not None and self._in_flight is not None
         budget_s, commit_s = self._revoke_budget_s()
-        deadline = time.monotonic() + budget_s
+        began = time.monotonic()
+        deadline = began + budget_s
 
         def left() -> float:  # for the waits before the commit
             return max(0.0, deadline - commit_s - time.monotonic())
@@ -141,6 +142,13 @@ class Rebalancing:
         finally:
             if locked:
                 self._batch_lock.release()
+        if revoked:  # the whole group waits on this callback: its length is part of every rebalance's stall
+            log.info(
+                "%s: revoked partitions %s in %.0f ms",
+                self.stage,
+                sorted(tp.partition for tp in revoked if tp.topic == self.source),
+                (time.monotonic() - began) * 1000,
+            )
 
     async def _flush_changelog(self, owner: Ownership, left: Callable[[], float]) -> None:
         """Revoking without the batch lock: send the stores' unsent changelog (ledger marks of what a sink took)
@@ -195,6 +203,7 @@ class Rebalancing:
         is restored in the background. One whose commit the coordinator did not tell in time stays paused while
         a task asks again (`_start_late`): read from the reset policy's start, it would replay the log."""
         assert self.consumer is not None
+        began = time.monotonic()
         # Before any await: a failure below must not leave the previous generation's id here, which the
         # instance-id check would then take for another process holding this worker's name.
         self._member_id = coordinator_member_id(self.consumer)
@@ -227,7 +236,12 @@ class Rebalancing:
             self._late_start = asyncio.create_task(self._start_late(late, owner), name=f"{self.stage}-late-start")
         settle_position_lookups(self.consumer, starts)
         self.joined = True
-        log.info("%s: assigned partitions %s", self.stage, [tp.partition for tp in sources])
+        log.info(
+            "%s: assigned partitions %s in %.0f ms",
+            self.stage,
+            [tp.partition for tp in sources],
+            (time.monotonic() - began) * 1000,
+        )
 
     def _seek_to_starts(self, starts: dict[TopicPartition, int]) -> None:
         assert self.consumer is not None

@@ -1,0 +1,62 @@
+"""The chaos report's late seconds per fault window and issue 15's limits on them (pure: no pipeline)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from devtools.chaos import judge_late_windows
+from devtools.chaos_verify import ChaosVerify
+
+
+def verify_with(late_ingests: list[float], on_time_ingests: list[float], fault_start_ms: float, windows) -> ChaosVerify:
+    """A run at 10 events/s whose healthy sink got `late_ingests` 1.5 s late and the rest 100 ms after ingest."""
+    received, arrivals = [], []
+    for n, ingest in enumerate(late_ingests + on_time_ingests):
+        received.append({"event_id": f"e{n}", "ingest_ts": ingest})
+        arrivals.append(ingest + (1500.0 if n < len(late_ingests) else 100.0))
+    run = ChaosVerify.__new__(ChaosVerify)
+    run.rate = 10.0
+    run.fault_start_ms = fault_start_ms
+    run.windows = windows
+    return run._late_by_window(SimpleNamespace(received=received, arrival_ms=arrivals))  # type: ignore[return-value]
+
+
+def test_late_events_before_the_fault_are_the_start_up_not_a_window_or_the_gaps_between():
+    windows = [("redeploy router", 20_000.0, 25_000.0), ("redeploy router#2", 30_000.0, 31_000.0)]
+    late = [1_000.0, 2_000.0, 3_000.0, 21_000.0, 33_500.0, 40_000.0, 41_000.0]
+    by_window = verify_with(late, [5_000.0, 22_000.0], fault_start_ms=10_000.0, windows=windows)
+    assert by_window == {
+        "redeploy router": 0.1,  # 21 s
+        "redeploy router#2": 0.1,  # 33.5 s: within 3 s of its end
+        "before the fault": 0.3,  # 1, 2 and 3 s: the warm-up
+        "outside windows": 0.2,  # 40 and 41 s: during the fault, in no window
+    }
+
+
+def test_a_planned_window_must_have_no_late_event_and_a_crash_at_most_the_limit():
+    result = {
+        "late_s_by_window": {
+            "redeploy router": 0.0,
+            "kill -9 router#2": 2.9,
+            "kill busiest broker 2": 3.2,
+            "before the fault": 40.0,  # the machine, not a fault: never judged
+            "outside windows": 9.0,
+        }
+    }
+    judge_late_windows(result, 3.0)
+    assert result["late_windows_over_limit"] == {"kill busiest broker 2": 3.2}
+    assert result["late_limit_met"] is False
+
+    result = {"late_s_by_window": {"redeploy router": 0.05, "redeploy router#2": 0.0, "outside windows": 0.0}}
+    judge_late_windows(result, 0.0)
+    assert result["late_windows_over_limit"] == {"redeploy router": 0.05}
+
+    result = {"late_s_by_window": {"redeploy router": 0.0, "kill -9 router#2": 1.2, "before the fault": 6.0}}
+    judge_late_windows(result, 3.0)
+    assert result["late_limit_met"] is True and result["late_windows_over_limit"] == {}
+
+
+def test_a_run_whose_fault_recorded_no_window_meets_no_limit():
+    result = {"late_s_by_window": {"before the fault": 0.0, "outside windows": 0.0}}
+    judge_late_windows(result, 3.0)
+    assert result["late_limit_met"] is False
