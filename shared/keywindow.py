@@ -213,6 +213,14 @@ class RocksKeyWindow:
         """Standby partitions and how many changelog records each is behind (None: not known yet)."""
         return self.standby.lag() if self.standby is not None else {}
 
+    def standby_warm(self, max_lag: int) -> bool:
+        """Every partition this worker neither owns nor opens has a standby store at most `max_lag` records behind
+        (a store that failed to open is not warm)."""
+        if self.standby is None:
+            return False
+        lag = self.standby.lag()
+        return all((behind := lag.get(p)) is not None and behind <= max_lag for p in self.standby.wanted())
+
     def standby_errors(self) -> dict[int, str]:
         """Standby partitions whose store failed to open (retried with backoff), and the error."""
         return dict(self.standby.errors) if self.standby is not None else {}

@@ -108,6 +108,7 @@ class ServiceContext:
         audit = self.config.audit
         runner.checkpoint_interval_s = self.settings.table_checkpoint_s
         runner.standby_replicas = self.settings.standby_replicas
+        runner.warm_up_max_s = self.settings.standby_warm_up_s
         runner.tallies = self.topics.tallies
         runner.bucket_s = audit.bucket_s
         if runner.group_instance_id is None and self.settings.worker_id:

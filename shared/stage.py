@@ -61,6 +61,7 @@ from shared.membership import (
     EXIT_INSTANCE_ID_TAKEN,
     UNKNOWN_MEMBER_ID,
     InstanceIdTaken,
+    group_members,
     request_exit,
     requested_exit_code,
 )
@@ -92,6 +93,9 @@ log = logging.getLogger(__name__)
 
 
 CHANGELOG_AT_STOP_S = 3.0  # a stop's publish of the stores' unsent changelog (the broker may be down)
+WARM_LAG_RECORDS = 5  # changelog records a standby may be behind for the warm-up before a join to be done
+WARM_UP_LOOKUP_S = 5.0  # looking up whether this worker's static membership is still in the group
+WARM_UP_POLL_S = 0.05
 HEARTBEAT_INTERVAL_MS = 250  # aiokafka's default is 3 s; 1 s measured about 1 s of stall per rebalance
 
 
@@ -123,6 +127,7 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         leave_group_on_stop: bool | None = None,
         batch_linger_s: float = 0.0,
         standby_replicas: int = 1,
+        warm_up_max_s: float = 60.0,
     ) -> None:
         super().__init__()
         self.app = app
@@ -158,6 +163,12 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         # 1: each state also keeps warm copies of the partitions this worker does not own (shared/standby.py),
         # so a takeover replays the changelog's tail instead of the whole window; 0: none.
         self.standby_replicas = standby_replicas
+        # A worker whose static membership left the group (a planned stop) brings its standbys up to the changelog's
+        # end before it joins, for at most this long: the peer holding its partitions meanwhile keeps them moving,
+        # and the rebalance that hands them back replays only what the peer wrote since (Kafka Streams' warm-up
+        # replicas, KIP-441). 0: join at once.
+        self.warm_up_max_s = warm_up_max_s
+        self.warming = False  # bringing the standbys up before the join (for /ready)
         self.revocations = 0  # rebalances this worker took part in since it started (for /ready and tests)
         self.fenced: InstanceIdTaken | None = None  # another live process took this worker's instance id
         self.request_shutdown: Callable[[int], None] = request_exit  # tests replace it (no SIGTERM to pytest)
@@ -245,6 +256,7 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         """For /ready: joined the group, every owned partition's commit known and its state restored."""
         return {
             "joined": self.joined and not self.restorer.restoring and not self.awaiting_commit,
+            "warming": self.warming,
             "partitions": sorted(tp.partition for tp in self.assigned),
             "restoring": sorted(tp.partition for tp in self.restorer.restoring),
             "awaiting_commit": sorted(tp.partition for tp in self.awaiting_commit),
@@ -272,6 +284,9 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         self._in_flight = asyncio.Queue(maxsize=self.max_in_flight)
         self._batch_lock = asyncio.Lock()
         await self.flights.start()
+        await self._warm_up_before_joining()
+        if self._stopping:
+            return  # SIGTERM during the warm-up (mode runs `on_stop` meanwhile and no `on_started` after): never join
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=self.group,
@@ -307,9 +322,7 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         if self.standby_replicas:
             for state in self.states:
                 if isinstance(state, StandbyState):
-                    # Held back until joined and while owned partitions restore: before the first assignment it
-                    # would open (a WAL replay after a kill -9) the very stores this worker is about to own.
-                    state.start_standby(lambda: not self.joined or bool(self.restorer.restoring))
+                    state.start_standby(self._standby_held_back)
         if self.states:
             self._tasks.append(
                 asyncio.create_task(
@@ -317,6 +330,42 @@ class StageRunner(Rebalancing, BatchIntake, Service):
                     name=f"{self.stage}-checkpointer",
                 )
             )
+
+    def _standby_held_back(self) -> bool:
+        """Held back until joined (but for the warm-up) and while owned partitions restore: before the first
+        assignment it would open (a WAL replay after a kill -9) the very stores this worker is about to own."""
+        return (not self.joined and not self.warming) or bool(self.restorer.restoring)
+
+    async def _warm_up_before_joining(self) -> None:
+        """After a planned stop (this worker's static membership left the group, so a peer holds its partitions),
+        tail every changelog partition into the standby stores until each is at most `WARM_LAG_RECORDS` behind, or
+        for `warm_up_max_s`, before joining: the handback then replays only the peer's last writes (before: 0.5 to
+        0.7 s of restore after the rebalance, every partition handed back stalled meanwhile). A member still in
+        the group (a kill -9, or a stop that kept its partitions) joins at once: its partitions wait for it; so does
+        one whose group is empty (a first start, or every worker stopped): nobody would read them meanwhile."""
+        standbys = [s for s in self.states if isinstance(s, StandbyState)]
+        if not standbys or not self.standby_replicas or self.warm_up_max_s <= 0 or self.group_instance_id is None:
+            return
+        try:
+            members = await asyncio.wait_for(group_members(self.bootstrap, self.group), WARM_UP_LOOKUP_S)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.info("%s: could not look the group up (%r); joining without a warm-up", self.stage, exc)
+            return
+        if not members or any(instance_id == self.group_instance_id for _, instance_id in members):
+            return  # nobody else reads the partitions meanwhile, or they wait for this member
+        began = time.monotonic()
+        self.warming = True
+        try:
+            for state in standbys:
+                state.start_standby(self._standby_held_back)
+            while not self._stopping and not all(state.standby_warm(WARM_LAG_RECORDS) for state in standbys):
+                if time.monotonic() - began > self.warm_up_max_s:
+                    log.warning("%s: standbys behind after %.0fs; joining anyway", self.stage, self.warm_up_max_s)
+                    break
+                await asyncio.sleep(WARM_UP_POLL_S)
+        finally:
+            self.warming = False
+        log.info("%s: standbys warmed up in %.0f ms before joining", self.stage, (time.monotonic() - began) * 1000)
 
     async def on_stop(self) -> None:
         """SIGTERM: finish the batch in hand (give it up if it is retrying), wait for the broker's acks,

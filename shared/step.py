@@ -104,6 +104,10 @@ class StandbyState(Protocol):
 
     def standby_lag(self) -> dict[int, int | None]: ...
 
+    def standby_warm(self, max_lag: int) -> bool:
+        """Every partition this worker does not own has a standby store at most `max_lag` changelog records behind."""
+        ...
+
     def standby_errors(self) -> dict[int, str]:
         """Standby partitions whose store failed to open (retried with backoff), and why."""
         ...

@@ -748,3 +748,82 @@ def test_a_busy_store_flushes_as_often_with_quiet_stores_open(tmp_path) -> None:
     finally:
         for store in [*quiet, busy]:
             store.close()
+
+
+@pytest.mark.slow  # over 10 s: `make quick` leaves it to `make test`
+async def test_a_worker_back_from_a_planned_stop_catches_up_before_it_joins(
+    kafka, namespace, tmp_path, caplog, monkeypatch
+):
+    """One of a pair stops (it leaves; the peer takes its partitions and writes their changelog), then starts again
+    on its data directory. Its standbys bring those partitions up to the changelog's end before it joins, so the
+    restore after the handback applies almost nothing (before: every entry the peer wrote meanwhile, while the
+    partitions handed back stalled). A worker whose membership is still in the group (a lone worker keeps it)
+    joins at once: its partitions wait for it."""
+    import shared.restore
+
+    monkeypatch.setattr(shared.restore.os, "kill", lambda pid, sig: None)
+    caplog.set_level(logging.INFO, logger="shared.keywindow")
+    caplog.set_level(logging.INFO, logger="shared.stage")
+    source = f"{namespace}.source"
+    await ensure_topics(kafka.bootstrap, [source, f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    sent = 0
+
+    async def produce(count: int) -> None:
+        nonlocal sent
+        futures = []
+        for i in range(sent, sent + count):
+            event = Event(event_id=f"e{i}", type="play", ts=time.time() * 1000, tenant="t", device_id=f"d{i % 97}")
+            futures.append(await producer.send(source, encode_event(event), key=event.partition_key))
+        await asyncio.gather(*futures)
+        sent += count
+
+    a = static_member(Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0))
+    b = static_member(Worker("b", kafka, namespace, tmp_path, restore_delay_s=0.0))
+    workers = [a, b]
+
+    def handled() -> int:
+        return len({k for w in workers for k in w.handled})
+
+    try:
+        await a.runner.start()
+        await b.runner.start()
+        await wait_for(lambda: a.runner.ready()["joined"] and b.runner.ready()["joined"], 60, "a pair")
+        await produce(200)
+        await wait_for(lambda: handled() >= sent, 60, "the pair handles the first events")
+        await a.runner.stop()  # one of a pair: it leaves
+        await wait_for(lambda: b.runner.ready()["partitions"] == [0, 1, 2, 3] and b.runner.ready()["joined"], 60, "b")
+        await produce(1000)  # b writes the changelog of a's partitions too
+        await wait_for(lambda: handled() >= sent, 60, "b handles the events of a's partitions")
+        back = static_member(Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0))
+        back.window.name = "w-a2"
+        workers.append(back)
+        await back.runner.start()
+        await wait_for(
+            lambda: len(back.runner.ready()["partitions"]) == 2 and back.runner.ready()["joined"], 60, "a is back"
+        )
+        applied = restored_entries(caplog, "w-a2")
+        print(f"the handback's restore applied {applied} entries (b wrote about 500 to those partitions meanwhile)")
+        assert applied <= 20, f"the returning worker replayed {applied} entries after it joined"
+        assert any("warmed up" in r.getMessage() for r in caplog.records if r.name == "shared.stage")
+    finally:
+        for w in workers:
+            await w.runner.stop()
+        await producer.stop()
+    caplog.clear()
+    lone = static_member(Worker("c", kafka, namespace, tmp_path, restore_delay_s=0.0))
+    lone.runner.group = f"{lone.runner.group}-lone"  # a group of its own: it stays alone in it
+    try:
+        await lone.runner.start()
+        await wait_for(lambda: lone.runner.ready()["joined"], 60, "the lone worker joined")
+    finally:
+        await lone.runner.stop()  # alone: keeps its membership
+    again = static_member(Worker("c", kafka, namespace, tmp_path, restore_delay_s=0.0))
+    again.runner.group = lone.runner.group
+    try:
+        await again.runner.start()
+        await wait_for(lambda: again.runner.ready()["joined"], 60, "the lone worker is back")
+        assert not any("warmed up" in r.getMessage() for r in caplog.records), "a member still in its group waited"
+    finally:
+        await again.runner.stop()

@@ -44,6 +44,9 @@ class Settings(BaseModel):
     # 1: every worker of a RocksDB stage keeps warm copies of the partitions it does not own (a takeover replays
     # only the changelog's tail); it reads every changelog partition and keeps the whole window on its volume.
     standby_replicas: int = Field(1, ge=0, le=1)  # HIFI_STANDBY_REPLICAS
+    # After a planned stop, a worker brings its standbys up to the changelog's end for at most this long before it
+    # joins its group (its peer keeps the partitions moving meanwhile); 0: join at once.
+    standby_warm_up_s: float = Field(60.0, ge=0)  # HIFI_STANDBY_WARM_UP_S
     read_token: str | None = None  # HIFI_READ_TOKEN: bearer token for /stats and table views
     admin_token: str | None = None  # HIFI_ADMIN_TOKEN: bearer token for admin actions (also reads)
     redact_fields: str = ""  # HIFI_REDACT_FIELDS: payload fields masked in views, comma-separated
@@ -76,6 +79,7 @@ class Settings(BaseModel):
         "shutdown_grace_s": "HIFI_SHUTDOWN_GRACE_S",
         "table_checkpoint_s": "HIFI_TABLE_CHECKPOINT_S",
         "standby_replicas": "HIFI_STANDBY_REPLICAS",
+        "standby_warm_up_s": "HIFI_STANDBY_WARM_UP_S",
         "read_token": "HIFI_READ_TOKEN",
         "admin_token": "HIFI_ADMIN_TOKEN",
         "redact_fields": "HIFI_REDACT_FIELDS",
