@@ -827,3 +827,34 @@ async def test_a_worker_back_from_a_planned_stop_catches_up_before_it_joins(
         assert not any("warmed up" in r.getMessage() for r in caplog.records), "a member still in its group waited"
     finally:
         await again.runner.stop()
+
+
+async def test_a_worker_stopped_while_it_warms_up_never_joins(kafka, namespace, tmp_path, monkeypatch):
+    """SIGTERM during the warm-up: mode runs `on_stop` while `on_start` still waits for the standbys, and never
+    `on_started` after. The warm-up must end there and `on_start` must not go on to join the group: a member
+    joined by then would hold its partitions, unread, until its session timed out."""
+    import shared.restore
+    from shared.membership import group_members
+
+    monkeypatch.setattr(shared.restore.os, "kill", lambda pid, sig: None)
+    await ensure_topics(
+        kafka.bootstrap, [f"{namespace}.source", f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1
+    )
+    peer = static_member(Worker("b", kafka, namespace, tmp_path, restore_delay_s=0.0))
+    warming = static_member(Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0))
+    warming.runner.warm_up_max_s = 3.0
+    monkeypatch.setattr(warming.window, "standby_warm", lambda max_lag: False)  # never caught up
+    await peer.runner.start()
+    try:
+        await wait_for(lambda: peer.runner.ready()["joined"], 60, "the peer joined")
+        starting = asyncio.create_task(warming.runner.start())
+        await wait_for(lambda: warming.runner.warming, 30, "a warms up before it joins")
+        await warming.runner.stop()
+        await asyncio.wait_for(asyncio.gather(starting, return_exceptions=True), 10)
+        await asyncio.sleep(4.0)  # past the warm-up's bound: a start that went on would have joined by now
+        members = await group_members(kafka.bootstrap, peer.runner.group)
+        assert [instance for _, instance in members] == ["b"], members
+        assert warming.runner.consumer is None
+    finally:
+        await warming.runner.stop()
+        await peer.runner.stop()
