@@ -280,7 +280,10 @@ class StandbyReplica:
                     tailed = dict(self.dbs)
                     tps = [TopicPartition(window.changelog_topic, p) for p in sorted(tailed)]
                     consumer.assign(tps)  # a new assignment forgets positions: every one is sought again
+                    starts = await consumer.beginning_offsets(tps)
                     for tp in tps:
+                        # Below the log start there is nothing left to apply (retention), as a restore counts it.
+                        self.applied[tp.partition] = max(self.applied[tp.partition], starts[tp])
                         consumer.seek(tp, self.applied[tp.partition])
                 if not tailed:
                     retry_in = min(self._retry_at.values(), default=None)
@@ -296,9 +299,13 @@ class StandbyReplica:
                 for tp, records in fetched.items():
                     await self._apply(tp.partition, records)
                 for p in list(self.dbs):
-                    end = consumer.highwater(TopicPartition(window.changelog_topic, p))
+                    tp = TopicPartition(window.changelog_topic, p)
+                    end = consumer.highwater(tp)
                     if end is not None:
                         self.highwater[p] = end
+                    if tailed.get(p) is self.dbs.get(p) and tp in consumer.assignment():  # the store fetched for
+                        # Reset past records retention deleted while this store was behind: nothing to apply there.
+                        self.applied[p] = max(self.applied[p], await consumer.position(tp))
         finally:
             await consumer.stop()
 
