@@ -203,6 +203,13 @@ def coordinator_member_id(consumer: AIOKafkaConsumer | None) -> str:
     return str(getattr(coordinator, "member_id", UNKNOWN_MEMBER_ID) or UNKNOWN_MEMBER_ID)
 
 
+def coordinator_generation(consumer: AIOKafkaConsumer | None) -> int:
+    """The group generation of this consumer's last join, -1 if none or reset (aiokafka does not expose it)."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    generation = getattr(coordinator, "generation", -1)
+    return generation if isinstance(generation, int) else -1
+
+
 NOT_COMMITTED = -1  # OffsetFetch's offset of a partition the group never committed
 OFFSET_FETCH_BACKOFF = Backoff(0.1, 1.0)
 

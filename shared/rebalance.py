@@ -34,6 +34,7 @@ from shared.membership import (
     InstanceIdTaken,
     MemberRemovalFailed,
     committed_offsets,
+    coordinator_generation,
     coordinator_member_id,
     group_members,
     members_with_instance_id,
@@ -83,6 +84,10 @@ class Rebalancing:
     request_shutdown: Callable[[int], None]
     _stopping: bool
     _member_id: str
+    # Source partitions revoked with their stores left open, and the generation they were owned in: an eager
+    # rebalance revokes everything, and most partitions come straight back (`_keep_or_close_suspended`).
+    _suspended: set[int]
+    _owned_generation: int
     _rejoin_held: asyncio.Future[None] | None
     _rejoin_released: asyncio.Event
     _late_start: asyncio.Task[None] | None  # asking again for commits the assign callback could not verify
@@ -137,8 +142,9 @@ class Rebalancing:
                 self.readable_since.pop(tp, None)
             self.assigned -= set(revoked)
             self.awaiting_commit -= set(revoked)
-            for state in self.states:
-                state.revoke(sorted(tp.partition for tp in revoked if tp.topic == self.source))
+            # Stores stay open (their changelog is durable or published above) until the assignment says which
+            # come back: closing (a memtable flush each) and reopening them made every rebalance longer.
+            self._suspended |= {tp.partition for tp in revoked if tp.topic == self.source}
         finally:
             if locked:
                 self._batch_lock.release()
@@ -214,6 +220,7 @@ class Rebalancing:
         self.consumer.pause(*sources)
         await self._cancel_late_start()  # first: a round answered meanwhile would begin a restore (`extend`)
         await self.restorer.cancel()  # normally done by the revocation before; never two restores at once
+        self._keep_or_close_suspended({tp.partition for tp in sources})
         starts, unknown = await committed_offsets(self.consumer, set(assigned), self._offset_fetch_budget_s())
         self._seek_to_starts(starts)
         ready = [tp for tp in sources if tp in starts]
@@ -242,6 +249,22 @@ class Rebalancing:
             [tp.partition for tp in sources],
             (time.monotonic() - began) * 1000,
         )
+
+    def _keep_or_close_suspended(self, assigned: set[int]) -> None:
+        """Of the stores left open at the revocation, keep those assigned again right after (their open store
+        needs no restore: `open` skips it) and close the others, as a revocation did before. Kept only if this
+        assignment's generation follows the one that owned them: a member evicted meanwhile (a generation
+        without it) may have seen another owner write their changelog, so those are closed and restored."""
+        generation = coordinator_generation(self.consumer)
+        follows = self._owned_generation >= 0 and generation == self._owned_generation + 1
+        kept = self._suspended & assigned if follows else set()
+        closing = sorted(self._suspended - kept)
+        self._suspended = set()
+        self._owned_generation = generation
+        for state in self.states:
+            state.revoke(closing)
+        if kept:
+            log.info("%s: partitions %s kept their open stores through the rebalance", self.stage, sorted(kept))
 
     def _seek_to_starts(self, starts: dict[TopicPartition, int]) -> None:
         assert self.consumer is not None

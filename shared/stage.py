@@ -173,6 +173,8 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         self.fenced: InstanceIdTaken | None = None  # another live process took this worker's instance id
         self.request_shutdown: Callable[[int], None] = request_exit  # tests replace it (no SIGTERM to pytest)
         self._member_id = UNKNOWN_MEMBER_ID  # the coordinator's id for this member at its last assignment
+        self._suspended: set[int] = set()
+        self._owned_generation = -1
         self._rejoin_held: asyncio.Future[None] | None = None  # a fenced member's rejoin, held until it stops
         self._rejoin_released = asyncio.Event()
         self._late_start: asyncio.Task[None] | None = None
@@ -351,6 +353,8 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         except (KafkaError, OSError, TimeoutError) as exc:
             log.info("%s: could not look the group up (%r); joining without a warm-up", self.stage, exc)
             return
+        if self._stopping:
+            return  # stopped during the lookup: `on_stop` found no standby to stop, so none may start now
         if not members or any(instance_id == self.group_instance_id for _, instance_id in members):
             return  # nobody else reads the partitions meanwhile, or they wait for this member
         began = time.monotonic()
@@ -358,10 +362,12 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         try:
             for state in standbys:
                 state.start_standby(self._standby_held_back)
-            while not self._stopping and not all(state.standby_warm(WARM_LAG_RECORDS) for state in standbys):
+            while not all(state.standby_warm(WARM_LAG_RECORDS) for state in standbys):
+                if self._stopping:
+                    return
                 if time.monotonic() - began > self.warm_up_max_s:
                     log.warning("%s: standbys behind after %.0fs; joining anyway", self.stage, self.warm_up_max_s)
-                    break
+                    return
                 await asyncio.sleep(WARM_UP_POLL_S)
         finally:
             self.warming = False
@@ -411,8 +417,10 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         for state in self.states:
             if isinstance(state, StandbyState):  # stopped applying before any store closes
                 await state.stop_standby()
+        closing = sorted(set(held) | self._suspended)  # stores a revocation left open: no assignment came since
+        self._suspended = set()
         for state in self.states:
-            state.revoke(held)
+            state.revoke(closing)
         for state in self.states:
             if isinstance(state, LocalState):
                 state.release_directory()

@@ -858,3 +858,150 @@ async def test_a_worker_stopped_while_it_warms_up_never_joins(kafka, namespace, 
     finally:
         await warming.runner.stop()
         await peer.runner.stop()
+
+
+@pytest.mark.slow  # over 10 s: `make quick` leaves it to `make test`
+async def test_a_rebalance_keeps_the_open_stores_of_partitions_that_come_straight_back(kafka, namespace, tmp_path):
+    """aiokafka revokes every partition at each rebalance. A worker's stores stay open through it, and those of
+    the partitions assigned back in the next generation are not closed and reopened (before: every store closed
+    at the revocation, a memtable flush each, then reopened and restored, all while the group waited). A worker
+    whose generation does not follow (it may have been evicted, and another owner wrote meanwhile) reopens and
+    restores them. Either way every copy of an event seen before is still dropped."""
+    import shared.restore
+
+    signals: list[int] = []
+    original_kill = shared.restore.os.kill
+    shared.restore.os.kill = lambda pid, sig: signals.append(sig)  # type: ignore[assignment]
+    source = f"{namespace}.source"
+    await ensure_topics(kafka.bootstrap, [source, f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+
+    async def produce(first: int, count: int) -> None:
+        futures = []
+        for i in range(first, first + count):
+            event = Event(event_id=f"e{i}", type="play", ts=time.time() * 1000, tenant="t", device_id=f"d{i % 97}")
+            futures.append(await producer.send(source, encode_event(event), key=event.partition_key))
+        await asyncio.gather(*futures)
+
+    a = Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0)
+    b = Worker("b", kafka, namespace, tmp_path, restore_delay_s=0.0)
+    opened: list[int] = []  # partitions a opened as owner (new stores: a restore each)
+    open_as_owner = a.window.open
+
+    def counting_open(partitions: list[int]) -> list[int]:
+        new = open_as_owner(partitions)
+        opened.extend(new)
+        return new
+
+    a.window.open = counting_open  # type: ignore[method-assign]
+
+    def handled() -> Counter[str]:
+        return Counter(k for w in (a, b) for k in w.handled)
+
+    try:
+        await a.runner.start()
+        await wait_for(lambda: a.runner.ready()["joined"], 60, "a alone")
+        await produce(0, 200)
+        await wait_for(lambda: len(handled()) >= 200, 60, "a handles the first events")
+        assert sorted(opened) == [0, 1, 2, 3]
+        opened.clear()
+        await b.runner.start()
+        await wait_for(
+            lambda: (
+                a.runner.ready()["joined"] and b.runner.ready()["joined"] and len(b.runner.ready()["partitions"]) == 2
+            ),
+            60,
+            "a pair",
+        )
+        kept = a.runner.ready()["partitions"]
+        assert opened == [], f"a reopened the stores of {opened}, assigned back right after the revocation"
+        assert sorted(a.window.dbs) == kept, "a closed the stores it gave away"
+        await produce(0, 200)  # copies: dropped by whichever worker owns the partition now
+        await produce(200, 50)
+        await wait_for(lambda: len(handled()) >= 250, 60, "the new events handled")
+        # Pretend a missed a generation (evicted and back): its stores must be reopened and restored.
+        a.runner._owned_generation -= 5
+        await b.runner.stop()
+        await wait_for(lambda: a.runner.ready()["joined"] and a.runner.ready()["partitions"] == [0, 1, 2, 3], 60, "a")
+        assert sorted(opened) == [0, 1, 2, 3], f"after a generation gap a reopened only {opened}"
+        await produce(0, 250)
+        await produce(250, 50)
+        await wait_for(lambda: len(handled()) >= 300, 60, "the last events handled")
+        await asyncio.sleep(2.0)  # a copy that passed would show up right behind
+        twice = {k: n for k, n in handled().items() if n > 1}
+        assert not twice, f"{len(twice)} copies passed: {sorted(twice)[:10]}"
+        assert not signals, "a restore failed and stopped a worker"
+    finally:
+        shared.restore.os.kill = original_kill  # type: ignore[assignment]
+        await a.runner.stop()
+        await b.runner.stop()
+        await producer.stop()
+
+
+async def test_a_standby_behind_the_log_start_counts_what_retention_removed_as_applied(kafka, namespace, tmp_path):
+    """A standby store whose checkpoint is older than its changelog partition's log start (a new volume, or a
+    partition with no write for longer than the retention) finds nothing to apply below the start. It must count
+    itself caught up there, as a restore does (`max(applied, log start)`); before, its lag stayed at the deleted
+    records for good, so every warm-up before a join ran out its whole bound."""
+    from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+
+    changelog = f"{namespace}.window.changelog"
+    await ensure_topics(kafka.bootstrap, [changelog], 2, 1)
+    await _fill_changelog(kafka.bootstrap, changelog, 2, 20, 1)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_records({TopicPartition(changelog, 1): RecordsToDelete(20)}, timeout_ms=10_000)
+    finally:
+        await admin.close()
+    window = RocksKeyWindow("w", tmp_path / "w", changelog, kafka.bootstrap, 600.0, 2, "g")
+    window.start_standby()
+    standby = window.standby
+    assert standby is not None
+    try:
+        await wait_for(lambda: standby.lag().get(0) == 0, 30, "partition 0 caught up")
+        await wait_for(lambda: standby.lag().get(1) is not None, 30, "partition 1 fetched")
+        await asyncio.sleep(1.0)  # a few more fetches
+        assert standby.lag() == {0: 0, 1: 0}, standby.lag()
+        assert window.standby_warm(0)
+    finally:
+        await window.stop_standby()
+
+
+async def test_a_worker_stopped_while_it_looks_its_group_up_starts_no_standby(kafka, namespace, tmp_path, monkeypatch):
+    """SIGTERM while the start asks the coordinator whether this worker is still a member: `on_stop` has run (and
+    found no standby to stop) by the time the answer comes; the start must not begin one then (before: its task
+    tailed on, with a consumer, after the worker had stopped)."""
+    import shared.restore
+    import shared.stage
+
+    monkeypatch.setattr(shared.restore.os, "kill", lambda pid, sig: None)
+    await ensure_topics(
+        kafka.bootstrap, [f"{namespace}.source", f"{namespace}.window.changelog", f"{namespace}.dlq"], 4, 1
+    )
+    peer = static_member(Worker("b", kafka, namespace, tmp_path, restore_delay_s=0.0))
+    slow = static_member(Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0))
+    look_up = shared.stage.group_members
+
+    async def slow_lookup(bootstrap: str, group: str) -> list[tuple[str, str]]:
+        await asyncio.sleep(1.5)
+        return await look_up(bootstrap, group)
+
+    monkeypatch.setattr(shared.stage, "group_members", slow_lookup)
+    await peer.runner.start()
+    try:
+        await wait_for(lambda: peer.runner.ready()["joined"], 60, "the peer joined")
+        starting = asyncio.create_task(slow.runner.start())
+        await asyncio.sleep(0.5)
+        await slow.runner.stop()
+        await asyncio.wait_for(asyncio.gather(starting, return_exceptions=True), 10)
+        await asyncio.sleep(1.0)
+        standby = slow.window.standby
+        assert standby is None or standby._task is None or standby._task.done(), "a standby tails after the stop"
+        assert slow.runner.consumer is None
+    finally:
+        await slow.runner.stop()
+        await peer.runner.stop()
+        if slow.window.standby is not None:
+            await slow.window.stop_standby()
