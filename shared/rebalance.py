@@ -87,6 +87,7 @@ class Rebalancing:
     # Source partitions revoked with their stores left open, and the generation they were owned in: an eager
     # rebalance revokes everything, and most partitions come straight back (`_keep_or_close_suspended`).
     _suspended: set[int]
+    _suspended_by: str  # the member id that owned them
     _owned_generation: int
     _rejoin_held: asyncio.Future[None] | None
     _rejoin_released: asyncio.Event
@@ -140,11 +141,20 @@ class Rebalancing:
                 self.committed.pop(tp, None)
                 self.last_timestamp.pop(tp, None)
                 self.readable_since.pop(tp, None)
+            # Stores of partitions being read (restored) stay open, their changelog durable or published above,
+            # until the assignment says which come back: closing (a memtable flush each) and reopening them made
+            # every rebalance longer. One still restoring or waiting for its commit is closed now: kept, it would be
+            # read without the rest of its restore.
+            reading = {tp.partition for tp in revoked if tp.topic == self.source and tp in self.assigned}
+            if not self._suspended:
+                self._suspended_by = self._member_id
+            self._suspended |= reading
             self.assigned -= set(revoked)
             self.awaiting_commit -= set(revoked)
-            # Stores stay open (their changelog is durable or published above) until the assignment says which
-            # come back: closing (a memtable flush each) and reopening them made every rebalance longer.
-            self._suspended |= {tp.partition for tp in revoked if tp.topic == self.source}
+            for state in self.states:
+                state.revoke(
+                    sorted(tp.partition for tp in revoked if tp.topic == self.source and tp.partition not in reading)
+                )
         finally:
             if locked:
                 self._batch_lock.release()
@@ -254,9 +264,14 @@ class Rebalancing:
         """Of the stores left open at the revocation, keep those assigned again right after (their open store
         needs no restore: `open` skips it) and close the others, as a revocation did before. Kept only if this
         assignment's generation follows the one that owned them: a member evicted meanwhile (a generation
-        without it) may have seen another owner write their changelog, so those are closed and restored."""
+        without it) may have seen another owner write their changelog, so those are closed and restored; so are
+        they if the member id changed (a reset member, or a static rejoin after a twin held the instance id)."""
         generation = coordinator_generation(self.consumer)
-        follows = self._owned_generation >= 0 and generation == self._owned_generation + 1
+        follows = (
+            self._owned_generation >= 0
+            and generation == self._owned_generation + 1
+            and self._member_id == self._suspended_by  # a new member id: reset, or its instance id taken meanwhile
+        )
         kept = self._suspended & assigned if follows else set()
         closing = sorted(self._suspended - kept)
         self._suspended = set()

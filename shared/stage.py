@@ -174,6 +174,7 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         self.request_shutdown: Callable[[int], None] = request_exit  # tests replace it (no SIGTERM to pytest)
         self._member_id = UNKNOWN_MEMBER_ID  # the coordinator's id for this member at its last assignment
         self._suspended: set[int] = set()
+        self._suspended_by = UNKNOWN_MEMBER_ID
         self._owned_generation = -1
         self._rejoin_held: asyncio.Future[None] | None = None  # a fenced member's rejoin, held until it stops
         self._rejoin_released = asyncio.Event()
@@ -417,7 +418,9 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         for state in self.states:
             if isinstance(state, StandbyState):  # stopped applying before any store closes
                 await state.stop_standby()
-        closing = sorted(set(held) | self._suspended)  # stores a revocation left open: no assignment came since
+        await self.restorer.cancel()  # an assignment that completed inside `consumer.stop()` began a restore
+        held += [tp.partition for tp in self.assigned | self.restorer.restoring if tp.topic == self.source]
+        closing = sorted(set(held) | self._suspended)  # and stores a revocation left open for an assignment
         self._suspended = set()
         for state in self.states:
             state.revoke(closing)
