@@ -210,9 +210,10 @@ async def restart_stuck_metadata_refresh(
                 if now - first[1] < stuck_after_s and not died:
                     continue
             log.warning(
-                "%s: a Kafka client's metadata refresh %s; restarting it",
+                "%s: a Kafka client's metadata refresh %s; restarting it (it was at: %s)",
                 stage,
                 f"task died: {task.exception()!r}" if died else f"has not finished in {now - seen[key][1]:.0f}s",
+                _awaiting(task),  # where it is held: the cause is still unknown (issue 15)
             )
             _restart_metadata_refresh(client)
             if pending is not None and not pending.done():
@@ -229,3 +230,15 @@ def _restart_metadata_refresh(client: Any) -> None:
     if not client._md_update_waiter.done():
         client._md_update_waiter.set_result(None)
     client._sync_task = asyncio.create_task(client._md_synchronizer(), name="aiokafka-metadata-refresh")
+
+
+def _awaiting(task: asyncio.Task[Any]) -> str:
+    """The chain of coroutines a task is suspended in, outermost first (`Task.print_stack` shows only the first)."""
+    frames = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is not None:
+            frames.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno})")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return " -> ".join(frames) or "no frame"

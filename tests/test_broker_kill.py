@@ -135,6 +135,7 @@ async def test_a_worker_reads_every_partition_while_their_leader_is_down(
             read = {p: sum(i in sink.received for i in after[p]) for p in range(4)}
             raise AssertionError(f"{exc}; read of 5 per partition: {read}") from None
         assert wedge.wedged == 1  # the fault did happen
+        assert runner.metadata_refresh_restarts >= 1  # and the watchdog ended it
         assert all(sink.received[i] == 1 for ids in after.values() for i in ids)
     finally:
         await asyncio.to_thread(cluster.start_node, VICTIM)
