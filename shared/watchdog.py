@@ -187,41 +187,44 @@ async def restart_stuck_metadata_refresh(
     seen: dict[int, tuple[Any, float]] = {}  # id(client) -> (the refresh in flight, monotonic time first seen)
     while True:
         await asyncio.sleep(min(1.0, stuck_after_s / 2))
-        now = time.monotonic()
-        watched = set()
-        for client in clients():
-            key = id(client)
-            watched.add(key)
-            task = getattr(client, "_sync_task", None)
-            if task is None:  # not started, or closed
-                seen.pop(key, None)
-                continue
-            died = task.done() and not task.cancelled()  # an error ended it: nothing refreshes any more
-            pending = client._md_update_fut
-            if pending is None or pending.done():
-                seen.pop(key, None)
-                if not died:
+        try:
+            now = time.monotonic()
+            watched = set()
+            for client in clients():
+                key = id(client)
+                watched.add(key)
+                task = getattr(client, "_sync_task", None)
+                if task is None:  # not started, or closed
+                    seen.pop(key, None)
                     continue
-            else:
-                first = seen.setdefault(key, (pending, now))
-                if first[0] is not pending:
-                    seen[key] = (pending, now)
-                    continue
-                if now - first[1] < stuck_after_s and not died:
-                    continue
-            log.warning(
-                "%s: a Kafka client's metadata refresh %s; restarting it (it was at: %s)",
-                stage,
-                f"task died: {task.exception()!r}" if died else f"has not finished in {now - seen[key][1]:.0f}s",
-                _awaiting(task),  # where it is held: the cause is still unknown (issue 15)
-            )
-            _restart_metadata_refresh(client)
-            if pending is not None and not pending.done():
-                seen[key] = (pending, now)  # at most one restart per `stuck_after_s`
-            if on_restart is not None:
-                on_restart()
-        for key in set(seen) - watched:
-            del seen[key]
+                died = task.done() and not task.cancelled()  # an error ended it: nothing refreshes any more
+                pending = client._md_update_fut
+                if pending is None or pending.done():
+                    seen.pop(key, None)
+                    if not died:
+                        continue
+                else:
+                    first = seen.setdefault(key, (pending, now))
+                    if first[0] is not pending:
+                        seen[key] = (pending, now)
+                        continue
+                    if now - first[1] < stuck_after_s and not died:
+                        continue
+                log.warning(
+                    "%s: a Kafka client's metadata refresh %s; restarting it (it was at: %s)",
+                    stage,
+                    f"task died: {task.exception()!r}" if died else f"has not finished in {now - seen[key][1]:.0f}s",
+                    _awaiting(task),  # where it is held: the cause is still unknown (issue 15)
+                )
+                _restart_metadata_refresh(client)
+                if pending is not None and not pending.done():
+                    seen[key] = (pending, now)  # at most one restart per `stuck_after_s`
+                if on_restart is not None:
+                    on_restart()
+            for key in set(seen) - watched:
+                del seen[key]
+        except Exception:  # a watchdog must not take the worker down (its loop runs under `_guard`)
+            log.exception("%s: metadata refresh watchdog failed", stage)
 
 
 def _restart_metadata_refresh(client: Any) -> None:

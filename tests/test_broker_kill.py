@@ -18,13 +18,14 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from devtools.kafka import DEFAULT_HOME, LocalKafka
 from shared.codec import encode_event
 from shared.event import Event
 from shared.stage import StageRunner
+from shared.watchdog import restart_stuck_metadata_refresh
 from tests.test_stage_runner import FlakySink, make_runner, wait_for
 
 pytestmark = pytest.mark.asyncio
@@ -139,3 +140,36 @@ async def test_a_worker_reads_every_partition_while_their_leader_is_down(
         assert all(sink.received[i] == 1 for ids in after.values() for i in ids)
     finally:
         await asyncio.to_thread(cluster.start_node, VICTIM)
+
+
+async def test_a_refresh_task_that_died_is_restarted_and_a_healthy_one_left_alone(kafka: LocalKafka) -> None:
+    """The other way a client stops refreshing: its refresh task ended by an error (the pending refresh is never
+    answered). And on a healthy broker, refreshes asked for every 50 ms never trip the watchdog."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap)
+    await consumer.start()
+    client = consumer._client
+    restarts: list[None] = []
+    watchdog = asyncio.create_task(
+        restart_stuck_metadata_refresh("test", lambda: [client], 1.0, lambda: restarts.append(None))
+    )
+    try:
+        for _ in range(60):  # 3 s of refreshes
+            assert await asyncio.wait_for(client.force_metadata_update(), 5) is True
+            await asyncio.sleep(0.05)
+        assert restarts == []
+
+        update = client._metadata_update
+
+        async def fails_once(cluster_metadata: Any, topics: Any) -> bool:
+            client._metadata_update = update
+            raise RuntimeError("injected: the refresh task dies")
+
+        client._metadata_update = fails_once
+        refreshed = client.force_metadata_update()
+        await asyncio.sleep(0.1)
+        assert client._sync_task.done()  # the fault did happen: nothing refreshes any more
+        assert await asyncio.wait_for(refreshed, 5) is True  # answered by the restarted task
+        assert len(restarts) == 1
+    finally:
+        watchdog.cancel()
+        await consumer.stop()
