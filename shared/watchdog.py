@@ -242,6 +242,9 @@ def _awaiting(task: asyncio.Task[Any]) -> str:
     while awaited is not None:
         frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
         if frame is not None:
-            frames.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno})")
+            node = f" node {frame.f_locals['node_id']}" if "node_id" in frame.f_locals else ""  # the broker asked
+            frames.append(
+                f"{frame.f_code.co_name}{node} ({frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno})"
+            )
         awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
     return " -> ".join(frames) or "no frame"
