@@ -71,7 +71,7 @@ from shared.rebalance import RebalanceListener, Rebalancing
 from shared.restore import StateRestorer
 from shared.retry import Backoff
 from shared.step import Handler, LocalState, Ownership, PartitionedState, Record, StandbyState, StepResult
-from shared.watchdog import PartitionWatchdog, refresh_stale_leaders
+from shared.watchdog import PartitionWatchdog, refresh_stale_leaders, restart_stuck_metadata_refresh
 
 # The names services and tests import from here: the step's contract and the exit code of a fenced worker.
 __all__ = [
@@ -121,6 +121,7 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         rebalance_timeout_ms: int = 30_000,
         revoke_grace_s: float = 5.0,
         unfetched_after_s: float = 10.0,
+        metadata_stuck_after_s: float = 5.0,
         commits_offsets: bool = True,
         hold_dead_letters: Callable[[list[ConsumerRecord]], None] | None = None,  # type: ignore[type-arg]
         group_instance_id: str | None = None,
@@ -145,6 +146,9 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         self.revoke_grace_s = revoke_grace_s
         # A partition read from for this long without one fetch answered gets its leader looked up again.
         self.unfetched_after_s = unfetched_after_s
+        # A Kafka client's metadata refresh unfinished for this long is restarted (shared/watchdog.py, issue 15).
+        self.metadata_stuck_after_s = metadata_stuck_after_s
+        self.metadata_refresh_restarts = 0
         # False when the handler commits the group's offsets itself (a transactional Kafka sink, in its
         # transactions): a plain commit landing after a pending transactional one would move the group back.
         self.commits_offsets = commits_offsets
@@ -321,6 +325,14 @@ class StageRunner(Rebalancing, BatchIntake, Service):
             asyncio.create_task(
                 self._guard(refresh_stale_leaders(self, self.unfetched_after_s)), name=f"{self.stage}-leaders"
             ),
+            asyncio.create_task(
+                self._guard(
+                    restart_stuck_metadata_refresh(
+                        self.stage, self._kafka_clients, self.metadata_stuck_after_s, self._count_metadata_restart
+                    )
+                ),
+                name=f"{self.stage}-metadata",
+            ),
         ]
         if self.standby_replicas:
             for state in self.states:
@@ -373,6 +385,15 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         finally:
             self.warming = False
         log.info("%s: standbys warmed up in %.0f ms before joining", self.stage, (time.monotonic() - began) * 1000)
+
+    def _kafka_clients(self) -> list[Any]:
+        """This worker's Kafka clients whose metadata the watchdog keeps fresh: its consumer's and its producer's."""
+        clients = [self.consumer._client] if self.consumer is not None else []  # aiokafka: no public client
+        producer = self.flights.producer
+        return clients + ([producer.client] if producer is not None else [])
+
+    def _count_metadata_restart(self) -> None:
+        self.metadata_refresh_restarts += 1
 
     async def on_stop(self) -> None:
         """SIGTERM: finish the batch in hand (give it up if it is retrying), wait for the broker's acks,

@@ -1,7 +1,8 @@
-"""Partition health of one stage worker: consumer lag, a stuck-partition alarm, and stale partition leaders.
+"""Partition health of one stage worker: consumer lag, a stuck-partition alarm, stale partition leaders, and a
+Kafka client's metadata refresh that never finishes.
 
-Both read a narrow view of the runner (`PartitionView`): the partitions it reads from, its committed and
-durable offsets, and its consumer. Neither changes what the runner commits.
+The first two read a narrow view of the runner (`PartitionView`): the partitions it reads from, its committed and
+durable offsets, and its consumer. None changes what the runner commits.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -165,3 +167,84 @@ async def refresh_stale_leaders(runner: PartitionView, unfetched_after_s: float)
             await consumer.end_offsets(unfetched)
         except KafkaError as exc:  # the leader is down: the fetcher's own retries go on
             log.warning("%s: looking up the leaders of %s failed: %r", runner.stage, unfetched, exc)
+
+
+async def restart_stuck_metadata_refresh(
+    stage: str, clients: Callable[[], Iterable[Any]], stuck_after_s: float, on_restart: Callable[[], None] | None = None
+) -> None:
+    """Restart a Kafka client's metadata refresh that has not finished `stuck_after_s` after it began.
+
+    aiokafka 0.14 refreshes an `AIOKafkaClient`'s metadata in one background task (`_md_synchronizer`, client.py
+    ~246), and `force_metadata_update()` hands every caller the refresh in flight (`_md_update_fut`) instead of
+    starting another. Chaos kill-broker (issue 15) found a router whose refresh, begun at a broker's kill -9, never
+    finished: the fetcher's refused connections to the dead leader and the coordinator lookup all waited on it, so
+    the worker asked the dead node for 68 s, until it came back (aio-libs/aiokafka#712 reports the same after
+    network trouble; what held ours is not known). A refresh takes milliseconds, a dead node refuses at once, and a
+    silent node costs `request_timeout_ms` (40 s) per try: past `stuck_after_s` the task is cancelled and a new one
+    started, which finishes the same pending refresh (its callers keep waiting on it) from the nodes in a new
+    random order. `clients` gives the clients to watch at each check (a producer may be replaced).
+    """
+    seen: dict[int, tuple[Any, float]] = {}  # id(client) -> (the refresh in flight, monotonic time first seen)
+    while True:
+        await asyncio.sleep(min(1.0, stuck_after_s / 2))
+        try:
+            now = time.monotonic()
+            watched = set()
+            for client in clients():
+                key = id(client)
+                watched.add(key)
+                task = getattr(client, "_sync_task", None)
+                if task is None:  # not started, or closed
+                    seen.pop(key, None)
+                    continue
+                died = task.done() and not task.cancelled()  # an error ended it: nothing refreshes any more
+                pending = client._md_update_fut
+                if pending is None or pending.done():
+                    seen.pop(key, None)
+                    if not died:
+                        continue
+                else:
+                    first = seen.setdefault(key, (pending, now))
+                    if first[0] is not pending:
+                        seen[key] = (pending, now)
+                        continue
+                    if now - first[1] < stuck_after_s and not died:
+                        continue
+                log.warning(
+                    "%s: a Kafka client's metadata refresh %s; restarting it (it was at: %s)",
+                    stage,
+                    f"task died: {task.exception()!r}" if died else f"has not finished in {now - seen[key][1]:.0f}s",
+                    _awaiting(task),  # where it is held: the cause is still unknown (issue 15)
+                )
+                _restart_metadata_refresh(client)
+                if pending is not None and not pending.done():
+                    seen[key] = (pending, now)  # at most one restart per `stuck_after_s`
+                if on_restart is not None:
+                    on_restart()
+            for key in set(seen) - watched:
+                del seen[key]
+        except Exception:  # a watchdog must not take the worker down (its loop runs under `_guard`)
+            log.exception("%s: metadata refresh watchdog failed", stage)
+
+
+def _restart_metadata_refresh(client: Any) -> None:
+    """Cancel aiokafka's metadata refresh task and start another that refreshes at once."""
+    client._sync_task.cancel()
+    if not client._md_update_waiter.done():
+        client._md_update_waiter.set_result(None)
+    client._sync_task = asyncio.create_task(client._md_synchronizer(), name="aiokafka-metadata-refresh")
+
+
+def _awaiting(task: asyncio.Task[Any]) -> str:
+    """The chain of coroutines a task is suspended in, outermost first (`Task.print_stack` shows only the first)."""
+    frames = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is not None:
+            node = f" node {frame.f_locals['node_id']}" if "node_id" in frame.f_locals else ""  # the broker asked
+            frames.append(
+                f"{frame.f_code.co_name}{node} ({frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno})"
+            )
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return " -> ".join(frames) or "no frame"
