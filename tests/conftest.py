@@ -53,7 +53,11 @@ _ports = _port_blocks(int(os.environ.get("HIFI_TEST_PORT_BASE", "18100")) + 4000
 
 # `make test` spreads tests over pytest-xdist workers (--dist loadgroup). Tests that start a three-node
 # cluster share one group, so two such clusters (six brokers) never start at once on a two-core runner.
-XDIST_GROUPS = {"test_kafka_cluster.py": "three-node-cluster", "test_stale_leader.py": "three-node-cluster"}
+XDIST_GROUPS = {
+    "test_kafka_cluster.py": "three-node-cluster",
+    "test_stale_leader.py": "three-node-cluster",
+    "test_broker_kill.py": "three-node-cluster",
+}
 
 
 # The multi-process suites: whole pipelines of processes, three-node clusters, the bench, a browser.
@@ -64,6 +68,7 @@ SLOW_FILES = {
     "test_dashboard.py",
     "test_kafka_cluster.py",
     "test_stale_leader.py",
+    "test_broker_kill.py",
     "test_supervision.py",
     "test_restart_policy.py",
 }

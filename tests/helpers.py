@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 
+from devtools.kafka import DEFAULT_HOME, LocalKafka
 from shared.config import hash_api_key
 
 
@@ -174,3 +176,19 @@ def envelope_events(body: bytes) -> list[dict[str, Any]]:
         if header.get("type") == "event":
             out.append(json.loads(payload))
     return out
+
+
+def three_node_cluster() -> Iterator[LocalKafka]:
+    """A module's own 3-node cluster on HIFI_TEST_CLUSTER_PORT (its modules share one xdist group in conftest, so
+    two never run at once): stopped after the module unless it was running before."""
+    port = int(os.environ.get("HIFI_TEST_CLUSTER_PORT", "27092"))
+    nodes = LocalKafka(nodes=3, port=port, data_root=DEFAULT_HOME / f"test-3n-{port}", heap="384m")
+    started_here = not nodes.running_pids()
+    try:
+        nodes.start(timeout=180.0)  # three JVMs on a busy two-core runner
+    except BaseException:
+        nodes.stop()  # nodes that did start would hold the ports of the next run's cluster
+        raise
+    yield nodes
+    if started_here:
+        nodes.stop()

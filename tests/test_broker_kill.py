@@ -13,7 +13,6 @@ hang, and the test counts what the worker reads from every partition while the b
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -21,32 +20,23 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from devtools.kafka import DEFAULT_HOME, LocalKafka
+from devtools.kafka import LocalKafka
 from shared.codec import encode_event
 from shared.event import Event
 from shared.stage import StageRunner
 from shared.watchdog import restart_stuck_metadata_refresh
+from tests.helpers import three_node_cluster
 from tests.test_stage_runner import FlakySink, make_runner, wait_for
 
 pytestmark = pytest.mark.asyncio
 
-CLUSTER_PORT = int(os.environ.get("HIFI_TEST_CLUSTER_PORT", "27092"))
 VICTIM = 2  # leads partitions 0 and 1
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalKafka]:
     """Three nodes of our own: the test kills one."""
-    nodes = LocalKafka(nodes=3, port=CLUSTER_PORT, data_root=DEFAULT_HOME / f"test-3n-{CLUSTER_PORT}", heap="384m")
-    started_here = not nodes.running_pids()
-    try:
-        nodes.start(timeout=180.0)  # three JVMs on a busy two-core runner
-    except BaseException:
-        nodes.stop()
-        raise
-    yield nodes
-    if started_here:
-        nodes.stop()
+    yield from three_node_cluster()
 
 
 @pytest.fixture

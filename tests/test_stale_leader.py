@@ -13,7 +13,6 @@ becomes once it resumes.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -21,30 +20,20 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.protocol.admin import AlterPartitionReassignmentsRequest
 
-from devtools.kafka import DEFAULT_HOME, LocalKafka
+from devtools.kafka import LocalKafka
 from shared.codec import encode_event
 from shared.event import Event
 from shared.stage import StageRunner
+from tests.helpers import three_node_cluster
 from tests.test_stage_runner import FlakySink, make_runner, wait_for
 
 pytestmark = pytest.mark.asyncio
-
-CLUSTER_PORT = int(os.environ.get("HIFI_TEST_CLUSTER_PORT", "27092"))
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalKafka]:
     """Three nodes of our own: the test moves a partition's leader, which one node cannot."""
-    nodes = LocalKafka(nodes=3, port=CLUSTER_PORT, data_root=DEFAULT_HOME / f"test-3n-{CLUSTER_PORT}", heap="384m")
-    started_here = not nodes.running_pids()
-    try:
-        nodes.start(timeout=180.0)  # three JVMs on a busy two-core runner
-    except BaseException:
-        nodes.stop()  # nodes that did start would hold the ports of the next run's cluster
-        raise
-    yield nodes
-    if started_here:
-        nodes.stop()
+    yield from three_node_cluster()
 
 
 @pytest.fixture

@@ -39,6 +39,15 @@ def restored_entries(caplog: pytest.LogCaptureFixture, window: str) -> int:
     return total
 
 
+async def send_events(producer: AIOKafkaProducer, source: str, first: int, count: int) -> None:
+    """Events e<first> .. e<first + count - 1> of tenant t, keyed by one of 97 devices, acknowledged."""
+    futures = []
+    for i in range(first, first + count):
+        event = Event(event_id=f"e{i}", type="play", ts=time.time() * 1000, tenant="t", device_id=f"d{i % 97}")
+        futures.append(await producer.send(source, encode_event(event), key=event.partition_key))
+    await asyncio.gather(*futures)
+
+
 def standby_caught_up(worker: Worker) -> bool:
     lag = worker.runner.ready().get("standby", {}).get(worker.window.changelog_topic, {})
     return bool(lag) and all(behind == 0 for behind in lag.values())
@@ -772,11 +781,7 @@ async def test_a_worker_back_from_a_planned_stop_catches_up_before_it_joins(
 
     async def produce(count: int) -> None:
         nonlocal sent
-        futures = []
-        for i in range(sent, sent + count):
-            event = Event(event_id=f"e{i}", type="play", ts=time.time() * 1000, tenant="t", device_id=f"d{i % 97}")
-            futures.append(await producer.send(source, encode_event(event), key=event.partition_key))
-        await asyncio.gather(*futures)
+        await send_events(producer, source, sent, count)
         sent += count
 
     a = static_member(Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0))
@@ -878,11 +883,7 @@ async def test_a_rebalance_keeps_the_open_stores_of_partitions_that_come_straigh
     await producer.start()
 
     async def produce(first: int, count: int) -> None:
-        futures = []
-        for i in range(first, first + count):
-            event = Event(event_id=f"e{i}", type="play", ts=time.time() * 1000, tenant="t", device_id=f"d{i % 97}")
-            futures.append(await producer.send(source, encode_event(event), key=event.partition_key))
-        await asyncio.gather(*futures)
+        await send_events(producer, source, first, count)
 
     a = Worker("a", kafka, namespace, tmp_path, restore_delay_s=0.0)
     b = Worker("b", kafka, namespace, tmp_path, restore_delay_s=0.0)
@@ -1025,11 +1026,7 @@ async def test_a_store_whose_restore_a_rebalance_cut_short_is_restored_when_it_c
     await producer.start()
 
     async def produce(first: int, count: int) -> None:
-        futures = []
-        for i in range(first, first + count):
-            event = Event(event_id=f"e{i}", type="play", ts=time.time() * 1000, tenant="t", device_id=f"d{i % 97}")
-            futures.append(await producer.send(source, encode_event(event), key=event.partition_key))
-        await asyncio.gather(*futures)
+        await send_events(producer, source, first, count)
 
     c = Worker("c", kafka, namespace, tmp_path, restore_delay_s=0.0)
     a = Worker("a", kafka, namespace, tmp_path, restore_delay_s=8.0)  # its first restore waits 8 s first
