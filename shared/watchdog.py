@@ -182,9 +182,17 @@ async def restart_stuck_metadata_refresh(
     network trouble; what held ours is not known). A refresh takes milliseconds, a dead node refuses at once, and a
     silent node costs `request_timeout_ms` (40 s) per try: past `stuck_after_s` the task is cancelled and a new one
     started, which finishes the same pending refresh (its callers keep waiting on it) from the nodes in a new
-    random order. `clients` gives the clients to watch at each check (a producer may be replaced).
+    random order; each restart of the same refresh waits twice as long before the next (up to the client's request
+    timeout), so a slow but healthy broker's answer still arrives. `clients` gives the clients to watch at each
+    check (a producer may be replaced). Stop this task before closing the clients: `close()` cancels whatever
+    refresh task is current, and a restart after it would outlive the client. Not watched: the transactional Kafka
+    sink's producers, the collector's producer and the standby's changelog consumer (a wedge there stalls that
+    sender, fails ingest until clients re-send, or slows a standby; nothing is lost).
     """
     seen: dict[int, tuple[Any, float]] = {}  # id(client) -> (the refresh in flight, monotonic time first seen)
+    # Restarts of the same pending refresh: each waits twice as long (a broker that answers Metadata in 7 s, slow
+    # but healthy, was restarted every 5 s and never answered), up to aiokafka's request timeout.
+    restarts: dict[int, int] = {}
     while True:
         await asyncio.sleep(min(1.0, stuck_after_s / 2))
         try:
@@ -201,14 +209,18 @@ async def restart_stuck_metadata_refresh(
                 pending = client._md_update_fut
                 if pending is None or pending.done():
                     seen.pop(key, None)
+                    restarts.pop(key, None)
                     if not died:
                         continue
                 else:
                     first = seen.setdefault(key, (pending, now))
-                    if first[0] is not pending:
+                    if first[0] is not pending:  # a new refresh: its own clock
                         seen[key] = (pending, now)
-                        continue
-                    if now - first[1] < stuck_after_s and not died:
+                        restarts.pop(key, None)
+                        if not died:
+                            continue
+                    ceiling = getattr(client, "_request_timeout_ms", 40_000) / 1000
+                    if now - seen[key][1] < min(stuck_after_s * 2 ** restarts.get(key, 0), ceiling) and not died:
                         continue
                 log.warning(
                     "%s: a Kafka client's metadata refresh %s; restarting it (it was at: %s)",
@@ -218,11 +230,14 @@ async def restart_stuck_metadata_refresh(
                 )
                 _restart_metadata_refresh(client)
                 if pending is not None and not pending.done():
-                    seen[key] = (pending, now)  # at most one restart per `stuck_after_s`
+                    seen[key] = (pending, now)
+                    restarts[key] = restarts.get(key, 0) + 1
                 if on_restart is not None:
                     on_restart()
             for key in set(seen) - watched:
                 del seen[key]
+            for key in set(restarts) - watched:
+                del restarts[key]
         except Exception:  # a watchdog must not take the worker down (its loop runs under `_guard`)
             log.exception("%s: metadata refresh watchdog failed", stage)
 

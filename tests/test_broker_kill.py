@@ -163,3 +163,34 @@ async def test_a_refresh_task_that_died_is_restarted_and_a_healthy_one_left_alon
     finally:
         watchdog.cancel()
         await consumer.stop()
+
+
+async def test_a_slow_but_healthy_refresh_is_given_longer_each_restart_and_answers(kafka: LocalKafka) -> None:
+    """A broker answering Metadata slower than the watchdog's threshold (loaded, right after a kill): each restart
+    of the same refresh waits twice as long, so the answer still comes (review: restarted every threshold, the
+    refresh was never answered: 7 restarts in 40 s for a 7 s answer and a 5 s threshold)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap)
+    await consumer.start()
+    client = consumer._client
+    restarts: list[None] = []
+    watchdog = asyncio.create_task(
+        restart_stuck_metadata_refresh("test", lambda: [client], 0.5, lambda: restarts.append(None))
+    )
+    update = client._metadata_update
+    answered = 0
+
+    async def slow(cluster_metadata: Any, topics: Any) -> bool:
+        nonlocal answered
+        await asyncio.sleep(0.8)  # every answer takes longer than the threshold
+        answered += 1
+        return await update(cluster_metadata, topics)
+
+    client._metadata_update = slow
+    try:
+        refreshed = client.force_metadata_update()
+        assert await asyncio.wait_for(refreshed, 8) is True
+        assert answered == 1 and 1 <= len(restarts) <= 2, (answered, len(restarts))
+    finally:
+        client._metadata_update = update
+        watchdog.cancel()
+        await consumer.stop()
