@@ -178,11 +178,13 @@ def envelope_events(body: bytes) -> list[dict[str, Any]]:
     return out
 
 
+CLUSTER_PORT = int(os.environ.get("HIFI_TEST_CLUSTER_PORT", "27092"))  # the 3-node test clusters' first port
+
+
 def three_node_cluster() -> Iterator[LocalKafka]:
     """A module's own 3-node cluster on HIFI_TEST_CLUSTER_PORT (its modules share one xdist group in conftest, so
     two never run at once): stopped after the module unless it was running before."""
-    port = int(os.environ.get("HIFI_TEST_CLUSTER_PORT", "27092"))
-    nodes = LocalKafka(nodes=3, port=port, data_root=DEFAULT_HOME / f"test-3n-{port}", heap="384m")
+    nodes = LocalKafka(nodes=3, port=CLUSTER_PORT, data_root=DEFAULT_HOME / f"test-3n-{CLUSTER_PORT}", heap="384m")
     started_here = not nodes.running_pids()
     try:
         nodes.start(timeout=180.0)  # three JVMs on a busy two-core runner

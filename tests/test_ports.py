@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from devtools import chaos
-from tests import conftest, test_kafka_cluster, test_stale_leader
+from tests import conftest, helpers, test_kafka_cluster
 
 
 def _ephemeral_floor() -> int:
@@ -24,7 +24,7 @@ def test_fixed_broker_ports_sit_below_the_ephemeral_range():
     chaos_defaults = [int(port) for port in re.findall(r'"HIFI_CHAOS_\w*PORT\w*", "(\d+)"', inspect.getsource(chaos))]
     assert len(chaos_defaults) >= 3  # the port base, one node, three nodes
     cluster_ports = [int(port) for port in re.findall(r"port=(\d+)", inspect.getsource(test_kafka_cluster))]
-    clients = [conftest.TEST_KAFKA_PORT, test_stale_leader.CLUSTER_PORT, *cluster_ports, *chaos_defaults]
+    clients = [conftest.TEST_KAFKA_PORT, helpers.CLUSTER_PORT, *cluster_ports, *chaos_defaults]
     # A broker's controller listens at +1000, and three nodes take three consecutive ports.
     highest = max(clients) + 1000 + 2
     assert highest < floor, f"a broker port reaches {highest}, inside the ephemeral range from {floor}"
