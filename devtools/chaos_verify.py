@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer
 
-from devtools.chaos_faults import FaultRecord
+from devtools.chaos_faults import FaultRecord, Kill
 from devtools.chaos_truth import WebhookTruth
 from shared import pipeline as layout
 from shared.dlq import DeadLetterQueues
@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from devtools.chaos_truth import SinkTruth
 
 SLA_MS = 1000.0
+
+
+def kills_of_sender(kills: list[Kill], sink: str) -> list[Kill]:
+    """The kills of any worker of sink `sink`'s sender: `sender.<sink>`, or a second one, `sender.<sink>#2`."""
+    return [k for k in kills if k.label.split("#")[0] == f"sender.{sink}"]
 
 
 class ChaosVerify(FaultRecord):
@@ -96,7 +101,7 @@ class ChaosVerify(FaultRecord):
             out[f"{name}_on_time"] = round(1 - late / len(counts), 5) if counts else None
             # The documented window: this sink's sender was killed -9 after the sink took a batch and
             # before the ledger write, so its successor delivered the batch again.
-            kills = [k for k in self.kills if k.label == f"sender.{name}"]
+            kills = kills_of_sender(self.kills, name)
             for event_id, n in counts.items():
                 if n == 1:
                     continue

@@ -60,3 +60,15 @@ def test_a_run_whose_fault_recorded_no_window_meets_no_limit():
     result = {"late_s_by_window": {"before the fault": 0.0, "outside windows": 0.0}}
     judge_late_windows(result, 3.0)
     assert result["late_limit_met"] is False
+
+
+def test_a_kill_of_a_second_sender_worker_covers_its_sinks_duplicates():
+    """Scenario 21 kills `sender.faulted#2`: a duplicate from that kill's documented window (the sink took a batch,
+    the worker died before its ledger mark was durable) is the faulted sink's (before: only `sender.faulted` was
+    matched, so its 9 duplicates were "unexplained" and the run failed)."""
+    from devtools.chaos_faults import Kill
+    from devtools.chaos_verify import kills_of_sender
+
+    kills = [Kill("sender.faulted#2", 1000.0), Kill("sender.healthy", 2000.0), Kill("router#2", 3000.0)]
+    assert [k.label for k in kills_of_sender(kills, "faulted")] == ["sender.faulted#2"]
+    assert [k.label for k in kills_of_sender(kills, "healthy")] == ["sender.healthy"]
