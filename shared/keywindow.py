@@ -191,7 +191,8 @@ class RocksKeyWindow:
 
     def start_standby(self, hold_back_while: Callable[[], bool] | None = None) -> None:
         """Keep the stores of the partitions this worker does not own warm from the changelog (a task); it opens
-        and applies nothing while `hold_back_while()` (the worker has not joined or restores owned partitions)."""
+        and applies nothing while `hold_back_while()` (the worker has not joined, but for its warm-up, or restores
+        owned partitions)."""
         if self.standby is None:
             self.standby = StandbyReplica(self, hold_back_while=hold_back_while)
         elif hold_back_while is not None:

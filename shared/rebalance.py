@@ -2,7 +2,9 @@
 
 aiokafka rebalances eagerly: every rebalance (and an eviction, on rejoin) revokes every partition, then
 assigns. The revoke callback gives up the batch in hand, waits until every sent batch is durable and
-commits, all within one budget under `rebalance_timeout_ms` (the whole group waits on it); the assign
+commits, all within one budget under `rebalance_timeout_ms` (the whole group waits on it), and leaves the
+stores of the partitions being read open: the assign callback keeps those assigned straight back
+(`_keep_or_close_suspended`) and closes the rest; the assign
 callback starts every partition at its committed offset as the coordinator verified it (aiokafka reads a
 coordinator's error as "never committed"), returns within half the session (aiokafka sends no heartbeats
 while it runs) and leaves state restores, and partitions whose commit is still unknown, to tasks

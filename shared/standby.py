@@ -10,8 +10,9 @@ restore then starts at the standby's checkpoint. One writer per store at any tim
   then is the partition standby again.
 Every store open or close of the standby happens under one lock, so `release` never races an open in a thread;
 the lock is held for one open at a time, so a release waits for at most one (a WAL replay after a kill -9).
-The standby opens nothing and applies nothing while `hold_back_while()` (the worker has not joined, or restores owned
-partitions) or the window restores owned partitions: those are what the worker waits for.
+The standby opens nothing and applies nothing while `hold_back_while()` (the worker has not joined, but for its
+warm-up before the join, or restores owned partitions) or the window restores owned partitions: those are what the
+worker waits for.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ class StandbyReplica:
         return lag
 
     def held_back(self) -> bool:
-        """The worker restores owned partitions (or has not joined yet): they have the loop and the disk."""
+        """The worker restores owned partitions (or waits for its first assignment): they have the loop and the disk."""
         return self.window.restores_running > 0 or (self.hold_back_while is not None and self.hold_back_while())
 
     async def _wait_while_held_back(self) -> None:
