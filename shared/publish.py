@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
     CorruptRecordException,
     InvalidTimestampError,
@@ -148,3 +148,37 @@ def unsendable(error: BaseException, unknown_attempts: int) -> bool:
 def transient(exc: BaseException) -> bool:
     """A broker error that retrying can outlast (unreachable, timed out, leader moving)."""
     return isinstance(exc, KafkaTimeoutError) or (isinstance(exc, KafkaError) and bool(exc.retriable))
+
+
+WARM_UP_S = 5.0  # at most this long looking up the topics a worker writes before it joins or says it is ready
+
+
+async def warm_up(producer: AIOKafkaProducer, topics: Sequence[str], timeout_s: float = WARM_UP_S) -> list[str]:
+    """Look up `topics` and connect to each of their leaders, so a worker's first batch pays neither (issue 15).
+
+    A worker handed partitions in a rebalance wrote its first batch only after aiokafka had fetched the
+    metadata of each topic it wrote (outputs, tallies, changelog) and opened a connection to each leader,
+    while those partitions stood still. Returns the topics not warmed within `timeout_s` (logged by the
+    caller): the worker goes on, and its first batch waits for them as it did before.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    cold: list[str] = []
+    for topic in dict.fromkeys(topics):
+        try:
+            await asyncio.wait_for(producer.partitions_for(topic), max(0.0, deadline - loop.time()))
+        except (TimeoutError, KafkaError):
+            cold.append(topic)
+    cluster = producer.client.cluster
+    leaders: set[int] = set()
+    for topic in topics:
+        for partition in cluster.partitions_for_topic(topic) or ():
+            leader = cluster.leader_for_partition(TopicPartition(topic, partition))
+            if leader is not None and leader >= 0:
+                leaders.add(leader)
+    for leader in sorted(leaders):
+        try:
+            await asyncio.wait_for(producer.client.ready(leader), max(0.0, deadline - loop.time()))
+        except (TimeoutError, KafkaError):
+            pass  # the first produce connects, as before
+    return cold

@@ -110,6 +110,7 @@ class ServiceContext:
         runner.standby_replicas = self.settings.standby_replicas
         runner.warm_up_max_s = self.settings.standby_warm_up_s
         runner.tallies = self.topics.tallies
+        runner.produces_to = self.topics.outputs(self.spec, list(self.config.sinks), list(self.config.tenants))
         runner.bucket_s = audit.bucket_s
         if runner.group_instance_id is None and self.settings.worker_id:
             runner.group_instance_id = self.settings.worker_id

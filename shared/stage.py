@@ -66,7 +66,7 @@ from shared.membership import (
     requested_exit_code,
 )
 from shared.metrics import StageMetrics
-from shared.publish import BatchPublisher, Output
+from shared.publish import WARM_UP_S, BatchPublisher, Output, warm_up
 from shared.rebalance import RebalanceListener, Rebalancing
 from shared.restore import StateRestorer
 from shared.retry import Backoff
@@ -191,6 +191,9 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         self.client_id = str(app.conf.canonical_url).rstrip("/")
         self.states: list[PartitionedState] = [s for s in states if isinstance(s, PartitionedState)]
         self.tallies: str | None = None  # the auditor's topic, set by `attach`
+        # The topics its handler writes (set by `attach`, from the pipeline's layout): looked up, with their
+        # leaders connected, before the join (`_warm_producer`).
+        self.produces_to: list[str] = []
         self.bucket_s = 10
         self.broker_outage: Any = None
         self.watchdog: PartitionWatchdog | None = None
@@ -292,6 +295,8 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         self._batch_lock = asyncio.Lock()
         await self.flights.start()
         await self._warm_up_before_joining()
+        if not self._stopping:
+            await self._warm_producer()
         if self._stopping:
             return  # SIGTERM during the warm-up (mode runs `on_stop` meanwhile and no `on_started` after): never join
         self.consumer = AIOKafkaConsumer(
@@ -385,6 +390,19 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         finally:
             self.warming = False
         log.info("%s: standbys warmed up in %.0f ms before joining", self.stage, (time.monotonic() - began) * 1000)
+
+    async def _warm_producer(self) -> None:
+        """Every topic this worker writes looked up and its leaders connected before it joins: the partitions
+        a rebalance hands it move from its first batch, not after a metadata lookup per topic (issue 15)."""
+        assert self.producer is not None
+        changelogs = [t for state in self.states if (t := getattr(state, "changelog_topic", None))]
+        topics = [*self.produces_to, *([self.tallies] if self.tallies else []), self.dlq, *changelogs]
+        began = time.monotonic()
+        cold = await warm_up(self.producer, topics)
+        if cold:
+            log.warning("%s: joining with %s not looked up in %.0fs", self.stage, cold, WARM_UP_S)
+        took_ms = (time.monotonic() - began) * 1e3
+        log.info("%s: producer warmed for %d topics in %.0f ms", self.stage, len(topics), took_ms)
 
     def _kafka_clients(self) -> list[Any]:
         """This worker's Kafka clients whose metadata the watchdog keeps fresh: its consumer's and its producer's."""

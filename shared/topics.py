@@ -64,6 +64,19 @@ class Topics:
         """Senders -> auditor: one receipt per event a sink acknowledged."""
         return self.name(pipeline.RECEIPTS)
 
+    def outputs(self, spec: pipeline.StageSpec, sinks: list[str], tenants: list[str]) -> list[str]:
+        """The topics a stage writes, under this namespace: a prefix in its layout (a topic per sink, per
+        tenant) stands for each of them."""
+        names: list[str] = []
+        for output in spec.outputs:
+            if output == pipeline.SINK_PREFIX:
+                names += [self.sink(s) for s in sinks]
+            elif output == pipeline.FAILED_PREFIX:
+                names += [self.failed(t) for t in tenants]
+            else:
+                names.append(self.name(output))
+        return names
+
     def group(self, app_id: str) -> str:
         """Consumer group (and Faust app id) of a service."""
         return self.name(app_id)

@@ -45,7 +45,8 @@ def add_common_views(
     settings: Settings,
     ready: Callable[[], dict[str, Any]] | None = None,
 ) -> None:
-    """`ready`: a stage's readiness (joined its group, state restored); without it, ready once serving."""
+    """`ready`: a stage's readiness (joined its group, state restored; the collector: producing); without it,
+    ready once serving."""
 
     @app.page("/health")
     async def health(self: web.View, request: web.Request) -> web.Response:
@@ -54,7 +55,7 @@ def add_common_views(
     @app.page("/ready")
     async def ready_view(self: web.View, request: web.Request) -> web.Response:
         state = ready() if ready is not None else {}
-        ok = bool(state.get("joined", True))
+        ok = bool(state.get("joined", True)) and bool(state.get("producing", True))
         return self.json({"service": service, "ready": ok, **state}, status=200 if ok else 503)
 
     @app.page("/metrics")

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from faust import web
 from mode import Service
@@ -25,7 +26,7 @@ from shared.audit import accepted_tallies, bucket_of
 from shared.codec import encode_event
 from shared.errors import InvalidEvent
 from shared.event import Event, EventValidator, now_ms
-from shared.publish import BatchPublisher, Output, Published, retire
+from shared.publish import WARM_UP_S, BatchPublisher, Output, Published, retire, warm_up
 from shared.ratelimit import TenantRateLimiter
 from shared.service import ServiceContext
 from shared.web import add_common_views
@@ -283,6 +284,15 @@ async def _answer_as_acked(
             done.set_result([place_of(i) for i in range(first, first + count)])
 
 
+async def warm_producer(producer: AIOKafkaProducer, ctx: ServiceContext) -> None:
+    """The raw and tallies topics looked up and their leaders connected before the collector says it is ready:
+    the first requests after a restart are not held up by metadata lookups (issue 15)."""
+    topics = ctx.topics.outputs(ctx.spec, list(ctx.config.sinks), list(ctx.config.tenants))
+    cold = await warm_up(producer, topics)
+    if cold:
+        log.warning("collector: ready with %s not looked up in %.0fs", cold, WARM_UP_S)
+
+
 class CollectorProducer(Service):
     """The collector's idempotent producer (acks=all): started with the app, flushed and stopped with it."""
 
@@ -293,6 +303,7 @@ class CollectorProducer(Service):
     async def on_start(self) -> None:
         producer = durable_producer(self.collector.ctx.settings.broker, "hifi-collector")
         await producer.start()
+        await warm_producer(producer, self.collector.ctx)
         self.collector.publisher = BatchPublisher(producer)
 
     async def on_stop(self) -> None:
@@ -361,5 +372,8 @@ def build(ctx: ServiceContext) -> Any:
         m = ctx.metrics
         return {"accepted": m.total(m.accepted), "rejected": m.total(m.rejected)}
 
-    add_common_views(app, "collector", ctx.metrics, stats, ctx.settings)
+    # Ready once its producer is started and warmed (before that, and while it stops, requests get 503).
+    add_common_views(
+        app, "collector", ctx.metrics, stats, ctx.settings, ready=lambda: {"producing": collector.publisher is not None}
+    )
     return app
