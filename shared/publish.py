@@ -156,29 +156,35 @@ WARM_UP_S = 5.0  # at most this long looking up the topics a worker writes befor
 async def warm_up(producer: AIOKafkaProducer, topics: Sequence[str], timeout_s: float = WARM_UP_S) -> list[str]:
     """Look up `topics` and connect to each of their leaders, so a worker's first batch pays neither (issue 15).
 
-    A worker handed partitions in a rebalance wrote its first batch only after aiokafka had fetched the
-    metadata of each topic it wrote (outputs, tallies, changelog) and opened a connection to each leader,
-    while those partitions stood still. Returns the topics not warmed within `timeout_s` (logged by the
-    caller): the worker goes on, and its first batch waits for them as it did before.
+    A worker handed partitions in a rebalance wrote its first batch only after aiokafka had looked up each
+    topic it wrote (outputs, tallies, changelog; one metadata round trip per topic, in turn) and connected to
+    their leaders, while those partitions stood still. Here every topic is added to the client's list first,
+    so one metadata request answers them all, and the leaders are connected concurrently. Returns the topics
+    not known within `timeout_s` (the caller logs them): the worker goes on, and its first batch waits for
+    them as it did before.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    cold: list[str] = []
-    for topic in dict.fromkeys(topics):
+    client = producer.client
+    wanted = list(dict.fromkeys(topics))
+    for topic in wanted:
+        client.add_topic(topic)  # tracked from now on, as a first produce to it would have made it
+    missing = [t for t in wanted if client.cluster.partitions_for_topic(t) is None]
+    while missing and loop.time() < deadline:
         try:
-            await asyncio.wait_for(producer.partitions_for(topic), max(0.0, deadline - loop.time()))
+            await asyncio.wait_for(client.force_metadata_update(), deadline - loop.time())
         except (TimeoutError, KafkaError):
-            cold.append(topic)
-    cluster = producer.client.cluster
-    leaders: set[int] = set()
-    for topic in topics:
-        for partition in cluster.partitions_for_topic(topic) or ():
-            leader = cluster.leader_for_partition(TopicPartition(topic, partition))
-            if leader is not None and leader >= 0:
-                leaders.add(leader)
-    for leader in sorted(leaders):
-        try:
-            await asyncio.wait_for(producer.client.ready(leader), max(0.0, deadline - loop.time()))
-        except (TimeoutError, KafkaError):
-            pass  # the first produce connects, as before
-    return cold
+            break
+        missing = [t for t in wanted if client.cluster.partitions_for_topic(t) is None]
+        if missing:  # not (yet) known to the broker: ask again after a pause, until the deadline
+            await asyncio.sleep(max(0.0, min(0.1, deadline - loop.time())))
+    leaders = {
+        leader
+        for topic in wanted
+        for partition in client.cluster.partitions_for_topic(topic) or ()
+        if (leader := client.cluster.leader_for_partition(TopicPartition(topic, partition))) is not None and leader >= 0
+    }
+    left = max(0.0, deadline - loop.time())
+    # Not connected in time: the first produce connects, as before.
+    await asyncio.gather(*(asyncio.wait_for(client.ready(n), left) for n in sorted(leaders)), return_exceptions=True)
+    return missing

@@ -294,9 +294,10 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         self._in_flight = asyncio.Queue(maxsize=self.max_in_flight)
         self._batch_lock = asyncio.Lock()
         await self.flights.start()
-        await self._warm_up_before_joining()
+        # The producer first: the standbys stop applying between their warm-up and the join, so nothing may sit there.
+        await self._warm_producer()
         if not self._stopping:
-            await self._warm_producer()
+            await self._warm_up_before_joining()
         if self._stopping:
             return  # SIGTERM during the warm-up (mode runs `on_stop` meanwhile and no `on_started` after): never join
         self.consumer = AIOKafkaConsumer(

@@ -22,7 +22,6 @@ from shared.stage import Output, Record, StageRunner, StepResult
 from shared.topics import Topics, ensure_topics
 from tests.test_stage_runner import create_topic, make_runner, wait_for
 
-
 CONFIG = f"""
 tenants:
   acme: {{api_keys: ["{hash_api_key("k")}"], sinks: [hook]}}
@@ -119,3 +118,65 @@ def test_a_stages_outputs_name_each_sink_and_tenant_topic_under_the_namespace() 
         "ns.hifi.audit.tallies",
     ]
     assert topics.outputs(pipeline.AUDITOR, ["hook"], ["acme"]) == []
+
+
+@pytest.mark.asyncio
+async def test_many_topics_are_looked_up_together_not_one_metadata_request_each(
+    kafka: LocalKafka, namespace: str
+) -> None:
+    """A restarted static member's partitions wait for its warm-up: the deduplicator writes a failed topic per
+    tenant, and one round trip per topic in turn made that wait grow with the tenants (review finding)."""
+    topics = [f"{namespace}.warm.many.{i}" for i in range(20)]
+    admin_topics = asyncio.gather(*(create_topic(kafka.bootstrap, t, 1) for t in topics))
+    await admin_topics
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
+    await producer.start()
+    client = producer.client
+    real_update = client._metadata_update
+    lookups = 0
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal lookups
+        lookups += 1
+        return await real_update(*args, **kwargs)
+
+    client._metadata_update = counted
+    try:
+        assert await warm_up(producer, topics) == []
+        assert all(leaders_connected(producer, t) for t in topics)
+        assert lookups <= 3, f"{lookups} metadata requests for {len(topics)} topics"
+    finally:
+        await producer.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_collector_stopped_while_it_warms_up_stops_its_producer_and_never_becomes_ready(
+    kafka: LocalKafka, namespace: str, settings_for: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import services.collector.app as collector_app
+
+    config_path = tmp_path / "hifi.yaml"
+    config_path.write_text(CONFIG)
+    ctx = ServiceContext("collector", settings_for(config_path), HifiConfig.load(config_path))
+    made: list[AIOKafkaProducer] = []
+    real_producer, real_warm_up = collector_app.durable_producer, collector_app.warm_up
+
+    def kept(*args: Any, **kwargs: Any) -> AIOKafkaProducer:
+        made.append(real_producer(*args, **kwargs))
+        return made[-1]
+
+    async def slow(producer: AIOKafkaProducer, topics: list[str]) -> list[str]:
+        return await real_warm_up(producer, [*topics, "not a topic!"], 3.0)  # refused: the whole bound
+
+    monkeypatch.setattr(collector_app, "durable_producer", kept)
+    monkeypatch.setattr(collector_app, "warm_up", slow)
+    collector = Collector(ctx)
+    producing = CollectorProducer(collector)
+    starting = asyncio.create_task(producing.start())
+    await wait_for(lambda: bool(made), 10, "the producer")
+    await asyncio.sleep(0.5)
+    await producing.stop()
+    await asyncio.gather(starting, return_exceptions=True)
+    await asyncio.sleep(3.0)  # past the warm-up's bound: an unguarded start would install its publisher now
+    assert collector.publisher is None
+    assert made[0]._closed, "the producer started for the warm-up was left running"

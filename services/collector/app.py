@@ -303,7 +303,14 @@ class CollectorProducer(Service):
     async def on_start(self) -> None:
         producer = durable_producer(self.collector.ctx.settings.broker, "hifi-collector")
         await producer.start()
-        await warm_producer(producer, self.collector.ctx)
+        try:
+            await warm_producer(producer, self.collector.ctx)
+        except BaseException:  # cancelled by a stop: nothing else holds the producer to stop it
+            await producer.stop()
+            raise
+        if self.should_stop:  # stopped while warming: `on_stop` found no publisher to retire
+            await producer.stop()
+            return
         self.collector.publisher = BatchPublisher(producer)
 
     async def on_stop(self) -> None:
