@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 if TYPE_CHECKING:
-    from devtools.chaos_truth import LoadGenerator
+    from devtools.chaos_truth import LoadGenerator, SinkTruth
     from devtools.kafka import LocalKafka
     from devtools.pipeline import PipelineProcesses
     from shared.topics import Topics
@@ -40,6 +40,23 @@ class Kill:
         return self.killed_ms - 2000 <= first_arrival_ms <= self.restarted_ms
 
 
+SLA_MS = 1000.0  # an event later than this at its sink is late (the on-time SLI)
+
+
+def on_time_over(sink: SinkTruth, now_ms: float, span_s: float) -> bool:
+    """The sink has received events for longer than `span_s`, and each it received in the last `span_s` arrived
+    within the SLA. Reads from the end: a webhook receiver appends in arrival order."""
+    cutoff = now_ms - span_s * 1000
+    if not sink.arrival_ms or sink.arrival_ms[0] >= cutoff:
+        return False
+    for event, arrived in zip(reversed(sink.received), reversed(sink.arrival_ms), strict=True):
+        if arrived < cutoff:
+            return True
+        if arrived - event["ingest_ts"] > SLA_MS:
+            return False
+    return True
+
+
 class FaultRecord:
     """The run's state its faults write and its verification reads (`ChaosRun` sets them)."""
 
@@ -53,12 +70,25 @@ class FaultRecord:
     fault_end_ms: float
     notes: list[str]
     windows: list[tuple[str, float, float]]
+    sinks: dict[str, SinkTruth]
 
 
 class ChaosFaults(FaultRecord):
     """What a scenario does to its run; each fault records its kills, spans and notes for the report."""
 
     pipeline: PipelineProcesses
+
+    async def until_on_time(self, steady_s: float = 10.0, bound_s: float = 60.0) -> None:
+        """Wait until the healthy sink has been on time for `steady_s` (at most `bound_s`), so a fault's window
+        counts what the fault cost, not a start-up's or a scale-out's backlog still draining. Noted either way."""
+        began = time.monotonic()
+        healthy = self.sinks["healthy"]
+        while not on_time_over(healthy, time.time() * 1000, steady_s):
+            if time.monotonic() - began > bound_s:
+                self.notes.append(f"not on time for {steady_s:.0f}s within {bound_s:.0f}s: the fault began anyway")
+                return
+            await asyncio.sleep(0.5)
+        self.notes.append(f"on time for {steady_s:.0f}s before the fault ({time.monotonic() - began:.0f}s waited)")
 
     def mark_fault(self, start: bool) -> None:
         if start:

@@ -11,15 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer
 
-from devtools.chaos_faults import FaultRecord, Kill
+from devtools.chaos_faults import SLA_MS, FaultRecord, Kill
 from devtools.chaos_truth import WebhookTruth
 from shared import pipeline as layout
 from shared.dlq import DeadLetterQueues
 
 if TYPE_CHECKING:
     from devtools.chaos_truth import SinkTruth
-
-SLA_MS = 1000.0
 
 
 def kills_of_sender(kills: list[Kill], sink: str) -> list[Kill]:

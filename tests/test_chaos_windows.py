@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from devtools.chaos import judge_late_windows
+from devtools.chaos_faults import on_time_over
 from devtools.chaos_verify import ChaosVerify
 
 
@@ -72,3 +73,25 @@ def test_a_kill_of_a_second_sender_worker_covers_its_sinks_duplicates():
     kills = [Kill("sender.faulted#2", 1000.0), Kill("sender.healthy", 2000.0), Kill("router#2", 3000.0)]
     assert [k.label for k in kills_of_sender(kills, "faulted")] == ["sender.faulted#2"]
     assert [k.label for k in kills_of_sender(kills, "healthy")] == ["sender.healthy"]
+
+
+def sink_of(lags_ms: list[tuple[float, float]]) -> SimpleNamespace:
+    """A healthy sink that received one event per (arrival ms, lag ms), in arrival order."""
+    return SimpleNamespace(
+        received=[{"event_id": f"e{n}", "ingest_ts": at - lag} for n, (at, lag) in enumerate(lags_ms)],
+        arrival_ms=[at for at, _ in lags_ms],
+    )
+
+
+def test_a_fault_waits_for_a_sink_on_time_over_the_whole_span_not_for_a_backlog_still_draining():
+    now = 100_000.0
+    steady = sink_of([(now - 15_000 + i * 100, 200.0) for i in range(150)])
+    assert on_time_over(steady, now, 10.0)
+    draining = sink_of([(now - 15_000 + i * 100, 200.0 if i < 140 else 1_400.0) for i in range(150)])
+    assert not on_time_over(draining, now, 10.0)  # the last second still late
+    recovering = sink_of([(now - 15_000 + i * 100, 1_400.0 if i < 60 else 200.0) for i in range(150)])
+    assert not on_time_over(recovering, now, 10.0)  # on time for 9 s only
+    assert on_time_over(recovering, now + 1_000, 10.0)
+    just_started = sink_of([(now - 3_000 + i * 100, 200.0) for i in range(30)])
+    assert not on_time_over(just_started, now, 10.0)  # receiving for 3 s: not yet a span of 10
+    assert not on_time_over(sink_of([]), now, 10.0)
