@@ -379,7 +379,7 @@ def build(ctx: ServiceContext) -> Any:
         m = ctx.metrics
         return {"accepted": m.total(m.accepted), "rejected": m.total(m.rejected)}
 
-    # Ready once its producer is started and warmed (before that, and while it stops, requests get 503).
+    # Ready once its producer is started and warmed (`producing`): a guard, as mode starts the web server after it.
     add_common_views(
         app, "collector", ctx.metrics, stats, ctx.settings, ready=lambda: {"producing": collector.publisher is not None}
     )
