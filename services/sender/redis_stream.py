@@ -23,28 +23,18 @@ from shared.event import Event
 
 from .sinks import Source, sink_record
 
-# One script call per event: a batch retried whole skips what the server already applied. A script is not rolled back
-# when a command in it fails, so the stream key's type is checked before the first write: a marker is never left
-# without its entry. A script is atomic, and its two writes reach the AOF inside one
-# MULTI/EXEC; but after a kill cut that write short, Redis 7.0 keeps the file up to its last whole command even inside
-# the MULTI, and applies those writes at the next restart together with the retry's (valkey-io/valkey#4342 fixed it
-# in Valkey). The marker goes first, so a cut after it revives only the marker, never a second entry; a cut inside the
-# EXEC itself still revives both (docs/RELIABILITY.md, Remaining windows).
+# whole skips what the server already applied. The marker is set after XADD, so a failed XADD leaves none.
 # KEYS: stream, marker. ARGV: marker TTL (ms), MAXLEN ('' for none), then field, value pairs.
 APPEND_ONCE = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local kind = redis.call('TYPE', KEYS[1]).ok
-if kind ~= 'stream' and kind ~= 'none' then
-  return redis.error_reply('WRONGTYPE the stream key holds a ' .. kind)
-end
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
 local cmd = {'XADD', KEYS[1]}
 if ARGV[2] ~= '' then
   cmd[#cmd + 1] = 'MAXLEN'; cmd[#cmd + 1] = '~'; cmd[#cmd + 1] = ARGV[2]
 end
 cmd[#cmd + 1] = '*'
 for i = 3, #ARGV do cmd[#cmd + 1] = ARGV[i] end
-redis.call(unpack(cmd))
+local id = redis.call(unpack(cmd))
+redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
 return 1
 """
 
