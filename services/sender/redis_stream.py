@@ -23,7 +23,10 @@ from shared.event import Event
 
 from .sinks import Source, sink_record
 
-# whole skips what the server already applied. The marker is set after XADD, so a failed XADD leaves none.
+# One script call per event: a batch retried whole skips what the server already applied. The marker is set after
+# XADD, so a failed XADD leaves none (a script is not rolled back). A kill that cuts Redis 7.0's AOF write short
+# after the XADD can still revive it beside the retry's (docs/RELIABILITY.md, Remaining windows); the marker first
+# would turn that into a loss when another transaction closes the cut one, so the order stays.
 # KEYS: stream, marker. ARGV: marker TTL (ms), MAXLEN ('' for none), then field, value pairs.
 APPEND_ONCE = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
