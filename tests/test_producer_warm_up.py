@@ -78,7 +78,8 @@ async def test_warm_up_of_a_topic_it_cannot_look_up_gives_up_in_time_and_names_i
         began = asyncio.get_running_loop().time()
         cold = await warm_up(producer, [real, missing], timeout_s=1.0)
         assert cold == [missing]
-        assert asyncio.get_running_loop().time() - began < 15.0  # bounded (aiokafka alone waits out its 40 s request timeout)
+        # Bounded: aiokafka alone waits out its 40 s request timeout for a topic it cannot look up.
+        assert asyncio.get_running_loop().time() - began < 15.0
         assert leaders_connected(producer, real)
     finally:
         await producer.stop()
