@@ -72,6 +72,12 @@ class ServiceContext:
             raise ValueError(f"{self.name} consumes no topic")
         return self.topics.name(source)
 
+    @property
+    def output_topics(self) -> list[str]:
+        """The topics this service writes events and tallies to, under the namespace (one per sink or tenant
+        where its layout names a prefix)."""
+        return self.topics.outputs(self.spec, list(self.config.sinks), list(self.config.tenants))
+
     def key_window(self, name: str) -> KeyWindow:
         """The dedupe window or delivered ledger on the configured backend: Redis, or RocksDB stores."""
         dedupe = self.config.dedupe
@@ -110,7 +116,7 @@ class ServiceContext:
         runner.standby_replicas = self.settings.standby_replicas
         runner.warm_up_max_s = self.settings.standby_warm_up_s
         runner.tallies = self.topics.tallies
-        runner.produces_to = self.topics.outputs(self.spec, list(self.config.sinks), list(self.config.tenants))
+        runner.produces_to = self.output_topics
         runner.bucket_s = audit.bucket_s
         if runner.group_instance_id is None and self.settings.worker_id:
             runner.group_instance_id = self.settings.worker_id

@@ -396,7 +396,7 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         """Every topic this worker writes looked up and its leaders connected before it joins: the partitions
         a rebalance hands it move from its first batch, not after a metadata lookup per topic (issue 15)."""
         assert self.producer is not None
-        changelogs = [t for state in self.states if (t := getattr(state, "changelog_topic", None))]
+        changelogs = [state.changelog_topic for state in self.states]
         topics = [*self.produces_to, *([self.tallies] if self.tallies else []), self.dlq, *changelogs]
         began = time.monotonic()
         cold = await warm_up(self.producer, topics)

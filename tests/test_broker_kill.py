@@ -132,16 +132,24 @@ async def test_a_worker_reads_every_partition_while_their_leader_is_down(
         await asyncio.to_thread(cluster.start_node, VICTIM)
 
 
+async def watched_consumer(
+    kafka: LocalKafka, stuck_after_s: float
+) -> tuple[AIOKafkaConsumer, list[None], asyncio.Task[None]]:
+    """A started consumer whose client the metadata watchdog watches; each restart appends to the list."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap)
+    await consumer.start()
+    restarts: list[None] = []
+    watchdog = asyncio.create_task(
+        restart_stuck_metadata_refresh("test", lambda: [consumer._client], stuck_after_s, lambda: restarts.append(None))
+    )
+    return consumer, restarts, watchdog
+
+
 async def test_a_refresh_task_that_died_is_restarted_and_a_healthy_one_left_alone(kafka: LocalKafka) -> None:
     """The other way a client stops refreshing: its refresh task ended by an error (the pending refresh is never
     answered). And on a healthy broker, refreshes asked for every 50 ms never trip the watchdog."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap)
-    await consumer.start()
+    consumer, restarts, watchdog = await watched_consumer(kafka, stuck_after_s=1.0)
     client = consumer._client
-    restarts: list[None] = []
-    watchdog = asyncio.create_task(
-        restart_stuck_metadata_refresh("test", lambda: [client], 1.0, lambda: restarts.append(None))
-    )
     try:
         for _ in range(60):  # 3 s of refreshes
             assert await asyncio.wait_for(client.force_metadata_update(), 5) is True
@@ -169,13 +177,8 @@ async def test_a_slow_but_healthy_refresh_is_given_longer_each_restart_and_answe
     """A broker answering Metadata slower than the watchdog's threshold (loaded, right after a kill): each restart
     of the same refresh waits twice as long, so the answer still comes (review: restarted every threshold, the
     refresh was never answered: 7 restarts in 40 s for a 7 s answer and a 5 s threshold)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap)
-    await consumer.start()
+    consumer, restarts, watchdog = await watched_consumer(kafka, stuck_after_s=0.5)
     client = consumer._client
-    restarts: list[None] = []
-    watchdog = asyncio.create_task(
-        restart_stuck_metadata_refresh("test", lambda: [client], 0.5, lambda: restarts.append(None))
-    )
     update = client._metadata_update
     answered = 0
 

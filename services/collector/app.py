@@ -287,8 +287,7 @@ async def _answer_as_acked(
 async def warm_producer(producer: AIOKafkaProducer, ctx: ServiceContext) -> None:
     """The raw and tallies topics looked up and their leaders connected before the collector says it is ready:
     the first requests after a restart are not held up by metadata lookups (issue 15)."""
-    topics = ctx.topics.outputs(ctx.spec, list(ctx.config.sinks), list(ctx.config.tenants))
-    cold = await warm_up(producer, topics)
+    cold = await warm_up(producer, ctx.output_topics)
     if cold:
         log.warning("collector: ready with %s not looked up in %.0fs", cold, WARM_UP_S)
 
