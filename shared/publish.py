@@ -159,9 +159,11 @@ async def warm_up(producer: AIOKafkaProducer, topics: Sequence[str], timeout_s: 
     A worker handed partitions in a rebalance wrote its first batch only after aiokafka had looked up each
     topic it wrote (outputs, tallies, changelog; one metadata round trip per topic, in turn) and connected to
     their leaders, while those partitions stood still. Here every topic is added to the client's list first,
-    so one metadata request answers them all, and the leaders are connected concurrently. Returns the topics
-    not known within `timeout_s` (the caller logs them): the worker goes on, and its first batch waits for
-    them as it did before.
+    so one metadata request answers them all. aiokafka opens connections one at a time (one lock per client),
+    so a leader that does not answer holds the rest until `timeout_s`. Returns the topics not known within
+    `timeout_s` (the caller logs them): the worker goes on, and its first batch waits for them as it did before.
+    A producer stopped meanwhile (a SIGTERM during the warm-up) is left alone: connecting its closed client
+    would leave sockets nobody closes.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -184,6 +186,8 @@ async def warm_up(producer: AIOKafkaProducer, topics: Sequence[str], timeout_s: 
         for partition in client.cluster.partitions_for_topic(topic) or ()
         if (leader := client.cluster.leader_for_partition(TopicPartition(topic, partition))) is not None and leader >= 0
     }
+    if producer._closed:  # aiokafka: no public flag
+        return missing
     left = max(0.0, deadline - loop.time())
     # Not connected in time: the first produce connects, as before.
     await asyncio.gather(*(asyncio.wait_for(client.ready(n), left) for n in sorted(leaders)), return_exceptions=True)

@@ -183,3 +183,23 @@ async def test_a_collector_stopped_while_it_warms_up_stops_its_producer_and_neve
     await asyncio.sleep(3.0)  # past the warm-up's bound: an unguarded start would install its publisher now
     assert collector.publisher is None
     assert made[0]._closed, "the producer started for the warm-up was left running"
+
+
+@pytest.mark.asyncio
+async def test_a_producer_stopped_during_its_warm_up_opens_no_connection_afterwards(
+    kafka: LocalKafka, namespace: str
+) -> None:
+    """A SIGTERM while a worker warms up stops its producer; a warm-up whose lookups were already answered must not
+    then connect the closed client (sockets and reader tasks nobody closes: review finding). The stop lands here
+    just before the connecting step, the topic's metadata known."""
+    topic = f"{namespace}.warm.stopped"
+    await create_topic(kafka.bootstrap, topic, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
+    await producer.start()
+    await producer.partitions_for(topic)
+    for conn in producer.client._conns.values():
+        conn.close()  # the lookup's connection: only what the warm-up opens is counted
+    await producer.stop()
+    await warm_up(producer, [topic], timeout_s=2.0)
+    opened = [key for key, conn in producer.client._conns.items() if conn.connected()]
+    assert not opened, f"connections opened on a closed client: {opened}"
