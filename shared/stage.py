@@ -71,7 +71,12 @@ from shared.rebalance import RebalanceListener, Rebalancing
 from shared.restore import StateRestorer
 from shared.retry import Backoff
 from shared.step import Handler, LocalState, Ownership, PartitionedState, Record, StandbyState, StepResult
-from shared.watchdog import PartitionWatchdog, refresh_stale_leaders, restart_stuck_metadata_refresh
+from shared.watchdog import (
+    METADATA_STUCK_AFTER_S,
+    PartitionWatchdog,
+    refresh_stale_leaders,
+    restart_stuck_metadata_refresh,
+)
 
 # The names services and tests import from here: the step's contract and the exit code of a fenced worker.
 __all__ = [
@@ -121,7 +126,7 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         rebalance_timeout_ms: int = 30_000,
         revoke_grace_s: float = 5.0,
         unfetched_after_s: float = 10.0,
-        metadata_stuck_after_s: float = 5.0,
+        metadata_stuck_after_s: float = METADATA_STUCK_AFTER_S,
         commits_offsets: bool = True,
         hold_dead_letters: Callable[[list[ConsumerRecord]], None] | None = None,  # type: ignore[type-arg]
         group_instance_id: str | None = None,

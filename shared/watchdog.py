@@ -21,6 +21,9 @@ from shared.metrics import StageMetrics
 
 log = logging.getLogger(__name__)
 
+# A Kafka client's metadata refresh unfinished for this long is restarted (`restart_stuck_metadata_refresh`).
+METADATA_STUCK_AFTER_S = 5.0
+
 
 class PartitionView(Protocol):
     """What the watchdogs read of a StageRunner."""
@@ -186,8 +189,8 @@ async def restart_stuck_metadata_refresh(
     timeout), so a slow but healthy broker's answer still arrives. `clients` gives the clients to watch at each
     check (a producer may be replaced). Stop this task before closing the clients: `close()` cancels whatever
     refresh task is current, and a restart after it would outlive the client. Not watched: the transactional Kafka
-    sink's producers, the collector's producer and the standby's changelog consumer (a wedge there stalls that
-    sender, fails ingest until clients re-send, or slows a standby; nothing is lost).
+    sink's producers and the standby's changelog consumer (a wedge there stalls that sender or slows a standby;
+    nothing is lost). The collector's producer is watched by `CollectorProducer`.
     """
     seen: dict[int, tuple[Any, float]] = {}  # id(client) -> (the refresh in flight, monotonic time first seen)
     # Restarts of the same pending refresh: each waits twice as long (a broker that answers Metadata in 7 s, slow

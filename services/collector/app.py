@@ -29,11 +29,14 @@ from shared.event import Event, EventValidator, now_ms
 from shared.publish import WARM_UP_S, BatchPublisher, Output, Published, retire, warm_up
 from shared.ratelimit import TenantRateLimiter
 from shared.service import ServiceContext
+from shared.watchdog import METADATA_STUCK_AFTER_S, restart_stuck_metadata_refresh
 from shared.web import add_common_views
 
 log = logging.getLogger(__name__)
 
 PRODUCE_TIMEOUT_S = 10.0
+# A renewal's warm-up: short, as the failed producer takes the requests until it ends.
+RENEW_WARM_UP_S = 1.0
 
 
 Place = tuple[int, int] | BaseException  # where the broker wrote a record (partition, offset), or why it did not
@@ -52,6 +55,7 @@ class Collector(Admission):
         self.keys = {h: t.name for t in ctx.config.tenants.values() for h in t.api_key_hashes}
         self.secrets = signing_secrets(ctx.config)
         self.publisher: BatchPublisher | None = None  # set by CollectorProducer once its producer started
+        self.stopping = False  # set by CollectorProducer's stop: a renewal finishing after it installs nothing
         self._renewing = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
         self._events = Lane("collector-publish")
@@ -170,13 +174,30 @@ class Collector(Admission):
 
     async def _renew(self, failed: BatchPublisher, error: BaseException) -> None:
         """A fresh idempotent producer after a batch failed: aiokafka does not rewind the old one's sequence
-        numbers, so its next batches to that partition could be refused for ever. The client re-sends."""
+        numbers, so its next batches to that partition could be refused for ever. The client re-sends.
+
+        Warmed before it takes over (at most `RENEW_WARM_UP_S`: the failed one serves meanwhile), so the requests
+        after a renewal do not wait for lookups and connections. One that cannot start is stopped and the failed
+        one kept: the next failed batch tries again. A stop that lands meanwhile gets nothing installed.
+        """
         async with self._renewing:
-            if self.publisher is not failed:
-                return  # another request renewed it already
+            if self.publisher is not failed or self.stopping:
+                return  # another request renewed it already, or the collector is stopping
             log.warning("collector: replacing the producer after %r", error)
             producer = durable_producer(self.ctx.settings.broker, "hifi-collector")
-            await producer.start()
+            try:
+                await producer.start()
+                await warm_producer(producer, self.ctx, RENEW_WARM_UP_S)
+            except Exception as exc:
+                await producer.stop()
+                log.warning("collector: the replacement producer did not start (%r); keeping the old one", exc)
+                return
+            except BaseException:  # cancelled (a stop outlasting its grace): nobody else would stop it
+                await producer.stop()
+                raise
+            if self.stopping:
+                await producer.stop()
+                return
             self.publisher = BatchPublisher(producer)
         task = asyncio.create_task(retire(failed.producer), name="collector-retire-producer")
         self._retiring.add(task)
@@ -284,20 +305,24 @@ async def _answer_as_acked(
             done.set_result([place_of(i) for i in range(first, first + count)])
 
 
-async def warm_producer(producer: AIOKafkaProducer, ctx: ServiceContext) -> None:
-    """The raw and tallies topics looked up and their leaders connected before the collector says it is ready:
-    the first requests after a restart are not held up by metadata lookups (issue 15)."""
-    cold = await warm_up(producer, ctx.output_topics)
+async def warm_producer(producer: AIOKafkaProducer, ctx: ServiceContext, timeout_s: float = WARM_UP_S) -> None:
+    """The raw and tallies topics looked up and their leaders connected before the producer takes requests: the
+    first requests after a restart or a renewal are not held up by metadata lookups (issue 15)."""
+    cold = await warm_up(producer, ctx.output_topics, timeout_s)
     if cold:
-        log.warning("collector: ready with %s not looked up in %.0fs", cold, WARM_UP_S)
+        log.warning("collector: producing with %s not looked up in %.1fs", cold, timeout_s)
 
 
 class CollectorProducer(Service):
-    """The collector's idempotent producer (acks=all): started with the app, flushed and stopped with it."""
+    """The collector's idempotent producer (acks=all): started with the app, flushed and stopped with it. Its
+    metadata refresh is watched as the stages' are (`restart_stuck_metadata_refresh`): a wedged one failed every
+    request whose partition's leader had moved, until a client's re-send reached a renewed producer."""
 
-    def __init__(self, collector: Collector) -> None:
+    def __init__(self, collector: Collector, metadata_stuck_after_s: float = METADATA_STUCK_AFTER_S) -> None:
         super().__init__()
         self.collector = collector
+        self.metadata_stuck_after_s = metadata_stuck_after_s
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def on_start(self) -> None:
         producer = durable_producer(self.collector.ctx.settings.broker, "hifi-collector")
@@ -311,8 +336,20 @@ class CollectorProducer(Service):
             await producer.stop()
             return
         self.collector.publisher = BatchPublisher(producer)
+        self._watchdog = asyncio.create_task(
+            restart_stuck_metadata_refresh("collector", self._kafka_clients, self.metadata_stuck_after_s),
+            name="collector-metadata",
+        )
+
+    def _kafka_clients(self) -> list[Any]:
+        publisher = self.collector.publisher  # the current one: a renewal replaces it
+        return [] if publisher is None else [publisher.producer.client]
 
     async def on_stop(self) -> None:
+        self.collector.stopping = True
+        if self._watchdog is not None:  # before the client closes: a restart after `close` would outlive it
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
         publisher, self.collector.publisher = self.collector.publisher, None
         if publisher is not None:
             await retire(publisher.producer)
