@@ -187,10 +187,11 @@ async def restart_stuck_metadata_refresh(
     started, which finishes the same pending refresh (its callers keep waiting on it) from the nodes in a new
     random order; each restart of the same refresh waits twice as long before the next (up to the client's request
     timeout), so a slow but healthy broker's answer still arrives. `clients` gives the clients to watch at each
-    check (a producer may be replaced). Stop this task before closing the clients: `close()` cancels whatever
-    refresh task is current, and a restart after it would outlive the client. Not watched: the transactional Kafka
-    sink's producers and the standby's changelog consumer (a wedge there stalls that sender or slows a standby;
-    nothing is lost). The collector's producer is watched by `CollectorProducer`.
+    check (a producer may be replaced). A client whose `close()` has begun (it cancels the current refresh task,
+    which only a close does: a restart here replaces the task it cancels) is left alone, as a restart after it
+    would outlive the client; so the watchdog may keep running while producers flush and close. Not watched:
+    the transactional Kafka sink's producers and the standby's changelog consumer (a wedge there stalls that
+    sender or slows a standby; nothing is lost). The collector's producers are watched by `CollectorProducer`.
     """
     seen: dict[int, tuple[Any, float]] = {}  # id(client) -> (the refresh in flight, monotonic time first seen)
     # Restarts of the same pending refresh: each waits twice as long (a broker that answers Metadata in 7 s, slow
@@ -205,10 +206,10 @@ async def restart_stuck_metadata_refresh(
                 key = id(client)
                 watched.add(key)
                 task = getattr(client, "_sync_task", None)
-                if task is None:  # not started, or closed
+                if task is None or task.cancelling() or task.cancelled():  # not started, or closing or closed
                     seen.pop(key, None)
                     continue
-                died = task.done() and not task.cancelled()  # an error ended it: nothing refreshes any more
+                died = task.done()  # an error ended it: nothing refreshes any more
                 pending = client._md_update_fut
                 if pending is None or pending.done():
                     seen.pop(key, None)

@@ -135,3 +135,147 @@ async def test_a_replacement_that_cannot_start_is_stopped_and_the_old_producer_k
         assert made and made[0]._closed, "the replacement that did not start was left open"
     finally:
         await producing.stop()
+
+
+def leaderless(producer: AIOKafkaProducer, topic: str, partition: int) -> None:
+    """The client's metadata says `partition` has no leader, as during an election after a broker kill."""
+    partitions = producer.client.cluster._partitions[topic]
+    partitions[partition] = partitions[partition]._replace(leader=-1)
+
+
+async def wedged_with_a_batch_for_a_leaderless_partition(collector: Collector) -> AIOKafkaProducer:
+    """The current producer holds a batch whose partition has no leader, and its metadata refresh never returns:
+    aiokafka's sender then waits only on that refresh, so the batch neither goes out nor expires, and a flush
+    (`stop`) waits for it."""
+    assert collector.publisher is not None
+    producer = collector.publisher.producer
+    await asyncio.wait_for(producer.client.force_metadata_update(), 8)  # a refresh begun before the wedge is over
+    wedge = WedgedRefresh(producer.client)
+    wedge.armed = True
+    leaderless(producer, collector.ctx.topics.raw, 0)
+    await producer.send(collector.ctx.topics.raw, b"held", partition=0)
+    await wait_for(lambda: wedge.wedged == 1, 10, "the sender's refresh")
+    return producer
+
+
+async def test_a_stop_whose_flush_waits_on_a_wedged_refresh_ends(
+    kafka: LocalKafka, namespace: str, settings_for: Any, tmp_path: Path
+) -> None:
+    """Review: the watchdog was cancelled before the stop's flush, which then waited for ever (a rolling deploy
+    during broker trouble would hang on the collector)."""
+    collector = await collector_for(kafka, settings_for, tmp_path)
+    producing = CollectorProducer(collector, metadata_stuck_after_s=0.5)
+    await producing.start()
+    producer = await wedged_with_a_batch_for_a_leaderless_partition(collector)
+    await asyncio.wait_for(producing.stop(), 15)
+    assert producer._closed and not any(c.connected() for c in producer.client._conns.values())
+
+
+async def test_a_retired_producer_whose_flush_waits_on_a_wedged_refresh_is_closed(
+    kafka: LocalKafka, namespace: str, settings_for: Any, tmp_path: Path
+) -> None:
+    """Review: a renewal took the failed producer out of the watch, so its retire waited for ever and kept its
+    sockets."""
+    collector = await collector_for(kafka, settings_for, tmp_path)
+    producing = CollectorProducer(collector, metadata_stuck_after_s=0.5)
+    await producing.start()
+    try:
+        failed = collector.publisher
+        assert failed is not None
+        producer = await wedged_with_a_batch_for_a_leaderless_partition(collector)
+        await collector._renew(failed, RuntimeError("injected: a batch failed"))
+        assert collector.publisher is not failed
+        await wait_for(lambda: not collector._retiring, 15, "the retired producer's close")
+        assert producer._closed and not any(c.connected() for c in producer.client._conns.values())
+    finally:
+        await producing.stop()
+
+
+async def test_a_replacement_whose_lookups_do_not_answer_is_not_installed_cold(
+    kafka: LocalKafka, namespace: str, settings_for: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: the renewal installed a producer whose warm-up had found nothing (its first refresh wedged), in
+    place of one that knew every topic, and every group then waited on that refresh. Whatever is installed knows
+    the topics."""
+    collector = await collector_for(kafka, settings_for, tmp_path)
+    producing = CollectorProducer(collector)
+    await producing.start()
+    made: list[AIOKafkaProducer] = []
+    real_producer = collector_app.durable_producer
+
+    def wedged(*args: Any, **kwargs: Any) -> AIOKafkaProducer:
+        made.append(real_producer(*args, **kwargs))
+        WedgedRefresh(made[-1].client).armed = True  # its first refresh after the bootstrap never returns
+        return made[-1]
+
+    monkeypatch.setattr(collector_app, "durable_producer", wedged)
+    try:
+        failed = collector.publisher
+        assert failed is not None
+        await collector._renew(failed, RuntimeError("injected: a batch failed"))
+        current = collector.publisher
+        assert current is not None
+        for topic in (collector.ctx.topics.raw, collector.ctx.topics.tallies):
+            assert current.producer.client.cluster.partitions_for_topic(topic), f"installed without {topic}"
+        assert current is failed and made[0]._closed  # kept the old one; the new one stopped
+    finally:
+        await producing.stop()
+
+
+async def test_a_replacement_that_did_not_start_is_not_tried_again_at_once(
+    kafka: LocalKafka, namespace: str, settings_for: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: every failed group tried a full producer start in turn, back to back, under the renewal lock."""
+    collector = await collector_for(kafka, settings_for, tmp_path)
+    producing = CollectorProducer(collector)
+    await producing.start()
+    made: list[AIOKafkaProducer] = []
+    real_producer = collector_app.durable_producer
+
+    def unreachable(broker: str, client_id: str) -> AIOKafkaProducer:
+        made.append(real_producer("127.0.0.1:9", client_id))
+        return made[-1]
+
+    monkeypatch.setattr(collector_app, "durable_producer", unreachable)
+    try:
+        failed = collector.publisher
+        assert failed is not None
+        for _ in range(5):
+            await collector._renew(failed, RuntimeError("injected: a batch failed"))
+        assert len(made) == 1, f"{len(made)} replacements started within the backoff"
+        collector._renew_not_before = 0.0  # the backoff over
+        await collector._renew(failed, RuntimeError("injected: a batch failed"))
+        assert len(made) == 2
+    finally:
+        await producing.stop()
+
+
+async def test_a_start_cancelled_while_its_producer_starts_stops_that_producer(
+    kafka: LocalKafka, namespace: str, settings_for: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: a SIGTERM during start-up cancels the start; one landing in the producer's start left it open."""
+    collector = await collector_for(kafka, settings_for, tmp_path)
+    made: list[AIOKafkaProducer] = []
+    gate = asyncio.Event()
+    real_producer = collector_app.durable_producer
+
+    def gated(*args: Any, **kwargs: Any) -> AIOKafkaProducer:
+        producer = real_producer(*args, **kwargs)
+        start = producer.start
+
+        async def start_after_the_gate() -> None:
+            await gate.wait()
+            await start()
+
+        producer.start = start_after_the_gate  # type: ignore[method-assign]
+        made.append(producer)
+        return producer
+
+    monkeypatch.setattr(collector_app, "durable_producer", gated)
+    producing = CollectorProducer(collector)
+    starting = asyncio.create_task(producing.on_start())
+    await wait_for(lambda: bool(made), 10, "the producer")
+    starting.cancel()
+    await asyncio.gather(starting, return_exceptions=True)
+    assert made[0]._closed, "the producer whose start was cancelled was left open"
+    assert collector.publisher is None

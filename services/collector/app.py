@@ -28,6 +28,7 @@ from shared.errors import InvalidEvent
 from shared.event import Event, EventValidator, now_ms
 from shared.publish import WARM_UP_S, BatchPublisher, Output, Published, retire, warm_up
 from shared.ratelimit import TenantRateLimiter
+from shared.retry import Backoff
 from shared.service import ServiceContext
 from shared.watchdog import METADATA_STUCK_AFTER_S, restart_stuck_metadata_refresh
 from shared.web import add_common_views
@@ -35,8 +36,11 @@ from shared.web import add_common_views
 log = logging.getLogger(__name__)
 
 PRODUCE_TIMEOUT_S = 10.0
-# A renewal's warm-up: short, as the failed producer takes the requests until it ends.
+# A renewal's start and warm-up: short, as the failed producer takes the requests until they end.
+RENEW_START_S = 5.0
 RENEW_WARM_UP_S = 1.0
+# After a replacement that did not start: at least 1 s, then full jitter up to 30 s, before the next try.
+RENEW_BACKOFF = Backoff(base_s=1.0, ceiling_s=30.0)
 
 
 Place = tuple[int, int] | BaseException  # where the broker wrote a record (partition, offset), or why it did not
@@ -57,6 +61,9 @@ class Collector(Admission):
         self.publisher: BatchPublisher | None = None  # set by CollectorProducer once its producer started
         self.stopping = False  # set by CollectorProducer's stop: a renewal finishing after it installs nothing
         self._renewing = asyncio.Lock()
+        self._failed_renewals = 0
+        self._renew_not_before = 0.0  # loop time: a replacement that did not start is not retried before then
+        self._offstage: set[AIOKafkaProducer] = set()  # being started or retired: watched, not published to
         self._retiring: set[asyncio.Task[None]] = set()
         self._events = Lane("collector-publish")
         self._tallies = Lane("collector-tally")  # apart: a slow tallies partition must not hold the events
@@ -176,32 +183,67 @@ class Collector(Admission):
         """A fresh idempotent producer after a batch failed: aiokafka does not rewind the old one's sequence
         numbers, so its next batches to that partition could be refused for ever. The client re-sends.
 
-        Warmed before it takes over (at most `RENEW_WARM_UP_S`: the failed one serves meanwhile), so the requests
-        after a renewal do not wait for lookups and connections. One that cannot start is stopped and the failed
-        one kept: the next failed batch tries again. A stop that lands meanwhile gets nothing installed.
+        Installed only once started and warmed (every topic looked up, within `RENEW_WARM_UP_S`; the failed one
+        serves meanwhile), so the requests after a renewal wait for no lookup. Otherwise it is stopped and the
+        failed one kept; a later failed batch tries again after a backoff. A stop that lands meanwhile gets
+        nothing installed.
         """
+        loop = asyncio.get_running_loop()
         async with self._renewing:
-            if self.publisher is not failed or self.stopping:
-                return  # another request renewed it already, or the collector is stopping
+            if self.publisher is not failed or self.stopping or loop.time() < self._renew_not_before:
+                return  # renewed already, stopping, or backing off after a replacement that did not start
             log.warning("collector: replacing the producer after %r", error)
             producer = durable_producer(self.ctx.settings.broker, "hifi-collector")
+            self._offstage.add(producer)  # its refresh is watched while it starts
             try:
-                await producer.start()
-                await warm_producer(producer, self.ctx, RENEW_WARM_UP_S)
-            except Exception as exc:
-                await producer.stop()
-                log.warning("collector: the replacement producer did not start (%r); keeping the old one", exc)
-                return
+                why_not = await self._start_replacement(producer)
             except BaseException:  # cancelled (a stop outlasting its grace): nobody else would stop it
                 await producer.stop()
                 raise
-            if self.stopping:
+            finally:
+                self._offstage.discard(producer)
+            if why_not is None and self.stopping:
+                why_not = "the collector is stopping"
+            if why_not is not None:
                 await producer.stop()
+                self._failed_renewals += 1
+                self._renew_not_before = loop.time() + RENEW_BACKOFF.base_s + RENEW_BACKOFF.delay(self._failed_renewals)
+                log.warning("collector: keeping the old producer: the replacement %s", why_not)
                 return
+            self._failed_renewals = 0
             self.publisher = BatchPublisher(producer)
-        task = asyncio.create_task(retire(failed.producer), name="collector-retire-producer")
+        self.retire_later(failed.producer)
+
+    async def _start_replacement(self, producer: AIOKafkaProducer) -> str | None:
+        """None once `producer` is started and knows every topic the collector writes; else why not."""
+        try:
+            async with asyncio.timeout(RENEW_START_S):
+                await producer.start()
+        except Exception as exc:  # e.g. no bootstrap server answers: KafkaConnectionError, or our timeout
+            return f"did not start: {exc!r}"
+        cold = await warm_up(producer, self.ctx.output_topics, RENEW_WARM_UP_S)
+        return f"did not look up {cold} in {RENEW_WARM_UP_S:.0f}s" if cold else None
+
+    def retire_later(self, producer: AIOKafkaProducer) -> None:
+        """Flush and stop a producer taken out of service, watched until it is closed: its flush waits on the
+        metadata refresh for a partition without a known leader, so a wedged refresh would hold it for ever."""
+        self._offstage.add(producer)
+
+        async def retiring() -> None:
+            try:
+                await retire(producer)
+            finally:
+                self._offstage.discard(producer)
+
+        task = asyncio.create_task(retiring(), name="collector-retire-producer")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+
+    def kafka_clients(self) -> list[Any]:
+        """The clients whose metadata refresh the watchdog keeps going: the current producer's and those of
+        producers being started or retired."""
+        producers = {*self._offstage, *([self.publisher.producer] if self.publisher is not None else [])}
+        return [producer.client for producer in producers]
 
     def _tally_later(self, tenant: str, ingest_ts: float, written: list[list[Any]]) -> None:
         """Tally without holding the answer: the events are durable whatever becomes of their tally."""
@@ -228,13 +270,15 @@ class Collector(Admission):
             log.warning("collector: could not publish the accepted tally (%d of %s): %r", count, tenant, failed)
 
     async def settled(self, timeout: float | None = None) -> None:
-        """Wait for the groups, tallies and producer replacements under way (on stop); cancel what outlasts
-        `timeout`."""
+        """Wait for the groups, tallies and producer replacements and retirements under way (on stop); cancel
+        what outlasts `timeout`."""
         lanes = [lane.flusher for lane in (self._events, self._tallies) if lane.flusher is not None]
         tasks = {*lanes, *self._settling, *self._tallying, *self._retiring}
         if not tasks:
             return
         _, late = await asyncio.wait(tasks, timeout=timeout)
+        if late:
+            log.warning("collector: %d tasks outlasted the stop's %.0fs; cancelling them", len(late), timeout or 0)
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
@@ -325,9 +369,10 @@ class CollectorProducer(Service):
         self._watchdog: asyncio.Task[None] | None = None
 
     async def on_start(self) -> None:
+        self.collector.stopping = False  # a restarted service (mode's `restart`) renews again
         producer = durable_producer(self.collector.ctx.settings.broker, "hifi-collector")
-        await producer.start()
         try:
+            await producer.start()
             await warm_producer(producer, self.collector.ctx)
         except BaseException:  # cancelled by a stop: nothing else holds the producer to stop it
             await producer.stop()
@@ -337,23 +382,19 @@ class CollectorProducer(Service):
             return
         self.collector.publisher = BatchPublisher(producer)
         self._watchdog = asyncio.create_task(
-            restart_stuck_metadata_refresh("collector", self._kafka_clients, self.metadata_stuck_after_s),
+            restart_stuck_metadata_refresh("collector", self.collector.kafka_clients, self.metadata_stuck_after_s),
             name="collector-metadata",
         )
 
-    def _kafka_clients(self) -> list[Any]:
-        publisher = self.collector.publisher  # the current one: a renewal replaces it
-        return [] if publisher is None else [publisher.producer.client]
-
     async def on_stop(self) -> None:
         self.collector.stopping = True
-        if self._watchdog is not None:  # before the client closes: a restart after `close` would outlive it
-            self._watchdog.cancel()
-            await asyncio.gather(self._watchdog, return_exceptions=True)
         publisher, self.collector.publisher = self.collector.publisher, None
         if publisher is not None:
-            await retire(publisher.producer)
+            self.collector.retire_later(publisher.producer)
         await self.collector.settled(timeout=2 * PRODUCE_TIMEOUT_S)
+        if self._watchdog is not None:  # last: it keeps the retiring producers' refresh going while they flush
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
 
 
 def build_records(
