@@ -32,6 +32,41 @@ async def collector_for(kafka: LocalKafka, settings_for: Any, tmp_path: Path) ->
     return Collector(ctx)
 
 
+def gated_producers(monkeypatch: pytest.MonkeyPatch) -> tuple[list[AIOKafkaProducer], asyncio.Event]:
+    """The producers the collector makes from now on, each of whose start waits for the event."""
+    made: list[AIOKafkaProducer] = []
+    gate = asyncio.Event()
+    real_producer = collector_app.durable_producer
+
+    def gated(*args: Any, **kwargs: Any) -> AIOKafkaProducer:
+        producer = real_producer(*args, **kwargs)
+        start = producer.start
+
+        async def start_after_the_gate() -> None:
+            await gate.wait()
+            await start()
+
+        producer.start = start_after_the_gate  # type: ignore[method-assign]
+        made.append(producer)
+        return producer
+
+    monkeypatch.setattr(collector_app, "durable_producer", gated)
+    return made, gate
+
+
+def unreachable_producers(monkeypatch: pytest.MonkeyPatch) -> list[AIOKafkaProducer]:
+    """The producers the collector makes from now on, bootstrapping from a port nothing listens on."""
+    made: list[AIOKafkaProducer] = []
+    real_producer = collector_app.durable_producer
+
+    def unreachable(broker: str, client_id: str) -> AIOKafkaProducer:
+        made.append(real_producer("127.0.0.1:9", client_id))  # the start is refused
+        return made[-1]
+
+    monkeypatch.setattr(collector_app, "durable_producer", unreachable)
+    return made
+
+
 async def test_a_renewed_producer_knows_and_is_connected_to_its_topics_before_it_takes_requests(
     kafka: LocalKafka, namespace: str, settings_for: Any, tmp_path: Path
 ) -> None:
@@ -61,23 +96,7 @@ async def test_a_renewal_a_stop_overtakes_installs_nothing_and_stops_its_produce
     await producing.start()
     failed = collector.publisher
     assert failed is not None
-    made: list[AIOKafkaProducer] = []
-    gate = asyncio.Event()
-    real_producer = collector_app.durable_producer
-
-    def gated(*args: Any, **kwargs: Any) -> AIOKafkaProducer:
-        producer = real_producer(*args, **kwargs)
-        start = producer.start
-
-        async def start_after_the_gate() -> None:
-            await gate.wait()
-            await start()
-
-        producer.start = start_after_the_gate  # type: ignore[method-assign]
-        made.append(producer)
-        return producer
-
-    monkeypatch.setattr(collector_app, "durable_producer", gated)
+    made, gate = gated_producers(monkeypatch)
     renewing = asyncio.create_task(collector._renew(failed, RuntimeError("injected: a batch failed")))
     await wait_for(lambda: bool(made), 10, "the renewal's producer")
     await producing.stop()
@@ -119,14 +138,7 @@ async def test_a_replacement_that_cannot_start_is_stopped_and_the_old_producer_k
     collector = await collector_for(kafka, settings_for, tmp_path)
     producing = CollectorProducer(collector)
     await producing.start()
-    made: list[AIOKafkaProducer] = []
-    real_producer = collector_app.durable_producer
-
-    def unreachable(broker: str, client_id: str) -> AIOKafkaProducer:
-        made.append(real_producer("127.0.0.1:9", client_id))  # nothing listens: the start is refused
-        return made[-1]
-
-    monkeypatch.setattr(collector_app, "durable_producer", unreachable)
+    made = unreachable_producers(monkeypatch)
     try:
         failed = collector.publisher
         assert failed is not None
@@ -229,14 +241,7 @@ async def test_a_replacement_that_did_not_start_is_not_tried_again_at_once(
     collector = await collector_for(kafka, settings_for, tmp_path)
     producing = CollectorProducer(collector)
     await producing.start()
-    made: list[AIOKafkaProducer] = []
-    real_producer = collector_app.durable_producer
-
-    def unreachable(broker: str, client_id: str) -> AIOKafkaProducer:
-        made.append(real_producer("127.0.0.1:9", client_id))
-        return made[-1]
-
-    monkeypatch.setattr(collector_app, "durable_producer", unreachable)
+    made = unreachable_producers(monkeypatch)
     try:
         failed = collector.publisher
         assert failed is not None
@@ -255,23 +260,7 @@ async def test_a_start_cancelled_while_its_producer_starts_stops_that_producer(
 ) -> None:
     """Review: a SIGTERM during start-up cancels the start; one landing in the producer's start left it open."""
     collector = await collector_for(kafka, settings_for, tmp_path)
-    made: list[AIOKafkaProducer] = []
-    gate = asyncio.Event()
-    real_producer = collector_app.durable_producer
-
-    def gated(*args: Any, **kwargs: Any) -> AIOKafkaProducer:
-        producer = real_producer(*args, **kwargs)
-        start = producer.start
-
-        async def start_after_the_gate() -> None:
-            await gate.wait()
-            await start()
-
-        producer.start = start_after_the_gate  # type: ignore[method-assign]
-        made.append(producer)
-        return producer
-
-    monkeypatch.setattr(collector_app, "durable_producer", gated)
+    made, _never_set = gated_producers(monkeypatch)
     producing = CollectorProducer(collector)
     starting = asyncio.create_task(producing.on_start())
     await wait_for(lambda: bool(made), 10, "the producer")
