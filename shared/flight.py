@@ -27,7 +27,7 @@ from shared.dlq import UnsendableDeadLetter, letter_of_output, letter_output, tr
 from shared.errors import InvalidEvent
 from shared.metrics import StageMetrics
 from shared.outcome import Outcome
-from shared.publish import TOO_LARGE, BatchPublisher, Output, Published, retire, unsendable
+from shared.publish import TOO_LARGE, BatchPublisher, Output, Published, retire, sender_died, unsendable
 from shared.retry import Backoff
 from shared.step import Ownership, PartitionedState, Record, StepResult
 
@@ -151,7 +151,7 @@ class FlightSender:
                     await self._renew_producer(sent_with, error)
                     await self._dead_letter_unsendable(flight, pending, placed, error)
                     break
-            if isinstance(error, OutOfOrderSequenceNumber):
+            if isinstance(error, OutOfOrderSequenceNumber) or sender_died(sent_with.producer):
                 await self._renew_producer(sent_with, error)
             attempt += 1
             if self.runner.broker_outage is not None:
@@ -251,7 +251,7 @@ class FlightSender:
                 if unsendable(exc, unknown):
                     await self._renew_producer(publisher, exc)
                     return exc
-                if isinstance(exc, OutOfOrderSequenceNumber):
+                if isinstance(exc, OutOfOrderSequenceNumber) or sender_died(publisher.producer):
                     await self._renew_producer(publisher, exc)
                 attempt += 1
                 delay = self.runner.backoff.delay(attempt)

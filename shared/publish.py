@@ -16,6 +16,7 @@ handed to the broker, which keeps the order of successive calls.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from aiokafka.errors import (
     UnknownError,
 )
 from aiokafka.partitioner import murmur2
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -128,6 +131,25 @@ async def retire(producer: AIOKafkaProducer) -> None:
     """
     await producer.stop()
     producer._message_accumulator.fail_all(ProducerClosed())  # no public API fails a closed producer's queue
+
+
+def sender_died(producer: AIOKafkaProducer) -> bool:
+    """aiokafka's sender task has ended (an error: OutOfOrderSequenceNumber, or any it did not expect): every
+    later send fails at once, before any batch exists, and only a new producer sends again."""
+    sender = producer._sender  # no public API says so
+    return sender is not None and sender.sender_task is not None and sender.sender_task.done()
+
+
+async def abandon(producer: AIOKafkaProducer, timeout_s: float = 3.0) -> None:
+    """What a `stop` cut short leaves of a producer (`_closed` set, so a second `stop` does nothing): its sender
+    ended, so it can neither send what it holds later nor reconnect, and its client closed. Bounded."""
+    sender = producer._sender
+    if sender is not None and sender.sender_task is not None:
+        sender.sender_task.cancel()
+    try:
+        await asyncio.wait_for(producer.client.close(), timeout_s)
+    except (TimeoutError, KafkaError, OSError):
+        log.warning("a producer's client did not close within %.0fs", timeout_s)
 
 
 # Produce errors no retry can fix: a record or its batch over a size limit, or a record the broker refuses.

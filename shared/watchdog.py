@@ -208,6 +208,7 @@ async def restart_stuck_metadata_refresh(
                 task = getattr(client, "_sync_task", None)
                 if task is None or task.cancelling() or task.cancelled():  # not started, or closing or closed
                     seen.pop(key, None)
+                    restarts.pop(key, None)  # keyed by id(): a client made later may get the same one
                     continue
                 died = task.done()  # an error ended it: nothing refreshes any more
                 pending = client._md_update_fut

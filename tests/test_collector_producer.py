@@ -10,11 +10,13 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import OutOfOrderSequenceNumber
 
 import services.collector.app as collector_app
 from devtools.kafka import LocalKafka
 from services.collector.app import Collector, CollectorProducer
 from shared.config import HifiConfig
+from shared.publish import Output
 from shared.service import ServiceContext
 from shared.topics import ensure_topics
 from tests.test_broker_kill import WedgedRefresh
@@ -268,3 +270,76 @@ async def test_a_start_cancelled_while_its_producer_starts_stops_that_producer(
     await asyncio.gather(starting, return_exceptions=True)
     assert made[0]._closed, "the producer whose start was cancelled was left open"
     assert collector.publisher is None
+
+
+async def test_a_replacement_that_cannot_look_up_the_tallies_topic_is_installed(
+    kafka: LocalKafka, namespace: str, settings_for: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Second review: requiring every topic refused every renewal while the (best-effort) tallies topic could not
+    be looked up, and the failed producer served on. Only the raw topic is required."""
+    collector = await collector_for(kafka, settings_for, tmp_path)
+    producing = CollectorProducer(collector)
+    await producing.start()
+    real_warm_up = collector_app.warm_up
+
+    async def with_an_unknown_topic(producer: AIOKafkaProducer, topics: list[str], *args: Any) -> list[str]:
+        return await real_warm_up(producer, [*topics, "not a topic!"], 1.0)  # refused by the broker
+
+    monkeypatch.setattr(collector_app, "warm_up", with_an_unknown_topic)
+    try:
+        failed = collector.publisher
+        assert failed is not None
+        await collector._renew(failed, RuntimeError("injected: a batch failed"))
+        assert collector.publisher is not failed
+    finally:
+        await producing.stop()
+
+
+async def test_a_producer_whose_sender_died_is_renewed_even_after_a_refused_renewal(
+    kafka: LocalKafka, namespace: str, settings_for: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Second review: once aiokafka's sender has died, every send fails before any batch exists, so nothing
+    failed renewed the producer; after one refused renewal, ingest failed for ever."""
+    collector = await collector_for(kafka, settings_for, tmp_path)
+    producing = CollectorProducer(collector)
+    await producing.start()
+    raw = collector.ctx.topics.raw
+    try:
+        failed = collector.publisher
+        assert failed is not None
+        sender = failed.producer._sender
+
+        async def refused(*args: Any, **kwargs: Any) -> Any:
+            raise OutOfOrderSequenceNumber("injected: the broker refused the sequence")
+
+        sender._send_produce_req = refused  # the sender routine dies of it, as aiokafka's does
+        reachable = collector_app.durable_producer
+        made = unreachable_producers(monkeypatch)  # and the renewal that follows does not start
+        first = await collector._publish([Output(raw, b"k", b"first")], collector._events)
+        assert isinstance(first[0], BaseException)
+        await wait_for(lambda: bool(made) and not collector._renewing.locked(), 15, "the refused renewal")
+        assert collector.publisher is failed and sender.sender_task.done()
+        monkeypatch.setattr(collector_app, "durable_producer", reachable)  # reachable again, the backoff over
+        collector._renew_not_before = 0.0
+        second = await collector._publish([Output(raw, b"k", b"second")], collector._events)
+        assert isinstance(second[0], BaseException)  # the dead sender's
+        await wait_for(lambda: collector.publisher is not failed, 15, "a renewal")
+        third = await collector._publish([Output(raw, b"k", b"third")], collector._events)
+        assert not isinstance(third[0], BaseException), third
+    finally:
+        await producing.stop()
+
+
+async def test_a_stop_that_cuts_a_flush_short_leaves_no_sender_or_connection(
+    kafka: LocalKafka, namespace: str, settings_for: Any, tmp_path: Path
+) -> None:
+    """Second review: the stop's grace cancelled the producer's `stop` part way (after `_closed` was set), so its
+    sender, its refresh task and its sockets lived on, and a later batch could still have gone out."""
+    collector = await collector_for(kafka, settings_for, tmp_path)
+    producing = CollectorProducer(collector, metadata_stuck_after_s=60.0, stop_grace_s=1.0)  # no restart in time
+    await producing.start()
+    producer = await wedged_with_a_batch_for_a_leaderless_partition(collector)
+    await asyncio.wait_for(producing.stop(), 15)
+    assert producer._sender.sender_task.done()
+    assert producer.client._sync_task is None
+    assert not any(c.connected() for c in producer.client._conns.values())

@@ -705,3 +705,31 @@ async def test_a_publish_failing_part_way_re_sends_only_the_batches_that_never_w
     copies = collections.Counter(unpack(m.value)["event_id"] for m in relayed)
     assert state["calls"] >= 3, "the fault was never injected"
     assert set(copies) == set(ids) and max(copies.values()) == 1, f"written twice: {copies.most_common(3)}"
+
+
+async def test_a_producer_whose_sender_died_of_an_unexpected_error_is_renewed(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    """Review (stop 26): aiokafka's sender routine ends on any error it does not expect (raised as KafkaError
+    "Unexpected error during batch delivery"); every send then fails at once. Only OutOfOrderSequenceNumber renewed
+    the producer, so the stage retried through the dead sender for ever."""
+    source, out = f"{namespace}.in", f"{namespace}.out"
+    await create_topic(kafka.bootstrap, source, 1)
+    await create_topic(kafka.bootstrap, out, 1)
+    runner = make_runner(
+        kafka.bootstrap, f"{namespace}-relay", "a", source, relay_to(out), batch_max=5, backoff=Backoff(0.05, 0.2)
+    )
+    await start(runners, runner)
+    await wait_for(lambda: runner.joined, 30, "the assignment")
+    producer = runner.producer
+    assert producer is not None
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected: a bug in the send path")
+
+    producer._sender._send_produce_req = broken  # the sender routine dies of it
+    ids = await produce_events(kafka.bootstrap, source, 5)
+    relayed = await read_all(kafka.bootstrap, out, 5, 30)
+    assert producer._sender.sender_task.done()  # the fault did happen
+    assert {unpack(m.value)["event_id"] for m in relayed} == set(ids)
+    assert runner.producer is not producer

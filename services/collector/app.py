@@ -26,7 +26,7 @@ from shared.audit import accepted_tallies, bucket_of
 from shared.codec import encode_event
 from shared.errors import InvalidEvent
 from shared.event import Event, EventValidator, now_ms
-from shared.publish import WARM_UP_S, BatchPublisher, Output, Published, retire, warm_up
+from shared.publish import WARM_UP_S, BatchPublisher, Output, Published, abandon, retire, sender_died, warm_up
 from shared.ratelimit import TenantRateLimiter
 from shared.retry import Backoff
 from shared.service import ServiceContext
@@ -36,9 +36,8 @@ from shared.web import add_common_views
 log = logging.getLogger(__name__)
 
 PRODUCE_TIMEOUT_S = 10.0
-# A renewal's start and warm-up: short, as the failed producer takes the requests until they end.
+# A renewal's start is bounded (and its warm-up, by WARM_UP_S): the failed producer takes the requests until then.
 RENEW_START_S = 5.0
-RENEW_WARM_UP_S = 1.0
 # After a replacement that did not start: at least 1 s, then full jitter up to 30 s, before the next try.
 RENEW_BACKOFF = Backoff(base_s=1.0, ceiling_s=30.0)
 
@@ -63,7 +62,7 @@ class Collector(Admission):
         self._renewing = asyncio.Lock()
         self._failed_renewals = 0
         self._renew_not_before = 0.0  # loop time: a replacement that did not start is not retried before then
-        self._offstage: set[AIOKafkaProducer] = set()  # being started or retired: watched, not published to
+        self._retiring_producers: set[AIOKafkaProducer] = set()  # flushing before their stop: still watched
         self._retiring: set[asyncio.Task[None]] = set()
         self._events = Lane("collector-publish")
         self._tallies = Lane("collector-tally")  # apart: a slow tallies partition must not hold the events
@@ -176,6 +175,9 @@ class Collector(Admission):
         # failure renews the producer and no exception goes unretrieved.
         outcomes = await asyncio.gather(*published.futures, return_exceptions=True)
         failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failed is None and publisher is not None and unsent is not None and sender_died(publisher.producer):
+            # aiokafka fails every later send at once, with no batch to fail: only a renewal ends that.
+            failed = unsent
         if failed is not None and publisher is not None:
             await self._renew(publisher, failed)
 
@@ -183,10 +185,10 @@ class Collector(Admission):
         """A fresh idempotent producer after a batch failed: aiokafka does not rewind the old one's sequence
         numbers, so its next batches to that partition could be refused for ever. The client re-sends.
 
-        Installed only once started and warmed (every topic looked up, within `RENEW_WARM_UP_S`; the failed one
-        serves meanwhile), so the requests after a renewal wait for no lookup. Otherwise it is stopped and the
-        failed one kept; a later failed batch tries again after a backoff. A stop that lands meanwhile gets
-        nothing installed.
+        Installed only once started and warmed (within `WARM_UP_S`; the failed one serves meanwhile), and only if
+        it knows the raw topic: one that cannot look that up could not write to it either. Otherwise it is stopped
+        and the failed one kept; a later failed group tries again after a backoff. A stop that lands meanwhile
+        gets nothing installed.
         """
         loop = asyncio.get_running_loop()
         async with self._renewing:
@@ -194,14 +196,11 @@ class Collector(Admission):
                 return  # renewed already, stopping, or backing off after a replacement that did not start
             log.warning("collector: replacing the producer after %r", error)
             producer = durable_producer(self.ctx.settings.broker, "hifi-collector")
-            self._offstage.add(producer)  # its refresh is watched while it starts
             try:
                 why_not = await self._start_replacement(producer)
             except BaseException:  # cancelled (a stop outlasting its grace): nobody else would stop it
                 await producer.stop()
                 raise
-            finally:
-                self._offstage.discard(producer)
             if why_not is None and self.stopping:
                 why_not = "the collector is stopping"
             if why_not is not None:
@@ -215,25 +214,33 @@ class Collector(Admission):
         self.retire_later(failed.producer)
 
     async def _start_replacement(self, producer: AIOKafkaProducer) -> str | None:
-        """None once `producer` is started and knows every topic the collector writes; else why not."""
+        """None once `producer` is started, warmed and knows the raw topic; else why not."""
         try:
             async with asyncio.timeout(RENEW_START_S):
                 await producer.start()
         except Exception as exc:  # e.g. no bootstrap server answers: KafkaConnectionError, or our timeout
             return f"did not start: {exc!r}"
-        cold = await warm_up(producer, self.ctx.output_topics, RENEW_WARM_UP_S)
-        return f"did not look up {cold} in {RENEW_WARM_UP_S:.0f}s" if cold else None
+        cold = await warm_up(producer, self.ctx.output_topics)
+        if self.raw_topic in cold:
+            return f"did not look up {self.raw_topic} in {WARM_UP_S:.0f}s"
+        if cold:  # the tallies are best effort, as at the start
+            log.warning("collector: the replacement producer has not looked up %s", cold)
+        return None
 
     def retire_later(self, producer: AIOKafkaProducer) -> None:
         """Flush and stop a producer taken out of service, watched until it is closed: its flush waits on the
-        metadata refresh for a partition without a known leader, so a wedged refresh would hold it for ever."""
-        self._offstage.add(producer)
+        metadata refresh for a partition without a known leader, so a wedged refresh would hold it for ever. A
+        retire cut short (the stop's grace) still ends the producer's sender and closes its client."""
+        self._retiring_producers.add(producer)
 
         async def retiring() -> None:
             try:
                 await retire(producer)
+            except asyncio.CancelledError:
+                await abandon(producer)
+                raise
             finally:
-                self._offstage.discard(producer)
+                self._retiring_producers.discard(producer)
 
         task = asyncio.create_task(retiring(), name="collector-retire-producer")
         self._retiring.add(task)
@@ -241,8 +248,8 @@ class Collector(Admission):
 
     def kafka_clients(self) -> list[Any]:
         """The clients whose metadata refresh the watchdog keeps going: the current producer's and those of
-        producers being started or retired."""
-        producers = {*self._offstage, *([self.publisher.producer] if self.publisher is not None else [])}
+        producers being retired."""
+        producers = {*self._retiring_producers, *([self.publisher.producer] if self.publisher is not None else [])}
         return [producer.client for producer in producers]
 
     def _tally_later(self, tenant: str, ingest_ts: float, written: list[list[Any]]) -> None:
@@ -362,10 +369,16 @@ class CollectorProducer(Service):
     metadata refresh is watched as the stages' are (`restart_stuck_metadata_refresh`): a wedged one failed every
     request whose partition's leader had moved, until a client's re-send reached a renewed producer."""
 
-    def __init__(self, collector: Collector, metadata_stuck_after_s: float = METADATA_STUCK_AFTER_S) -> None:
+    def __init__(
+        self,
+        collector: Collector,
+        metadata_stuck_after_s: float = METADATA_STUCK_AFTER_S,
+        stop_grace_s: float = 2 * PRODUCE_TIMEOUT_S,
+    ) -> None:
         super().__init__()
         self.collector = collector
         self.metadata_stuck_after_s = metadata_stuck_after_s
+        self.stop_grace_s = stop_grace_s  # for the flushes and answers under way at a stop
         self._watchdog: asyncio.Task[None] | None = None
 
     async def on_start(self) -> None:
@@ -391,7 +404,7 @@ class CollectorProducer(Service):
         publisher, self.collector.publisher = self.collector.publisher, None
         if publisher is not None:
             self.collector.retire_later(publisher.producer)
-        await self.collector.settled(timeout=2 * PRODUCE_TIMEOUT_S)
+        await self.collector.settled(timeout=self.stop_grace_s)
         if self._watchdog is not None:  # last: it keeps the retiring producers' refresh going while they flush
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
