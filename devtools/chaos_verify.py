@@ -120,6 +120,7 @@ class ChaosVerify(FaultRecord):
         out["kills"] = len(self.kills)
         if self.windows:
             out["late_s_by_window"] = self._late_by_window(self.sinks["healthy"])
+            out["late_s_by_second_of_window"] = self._late_by_second_of_window(self.sinks["healthy"])
         delivered = {name: {r["event_id"] for r in sink.received} for name, sink in self.sinks.items()}
         missing = sorted({e for name in self.sinks for e in self.expected(name) - delivered[name]})
         if missing:
@@ -228,10 +229,7 @@ class ChaosVerify(FaultRecord):
         """Late seconds of traffic per fault window (events ingested from its start until 3 s after its end,
         first copy later than the SLA), the late seconds before the fault began (the start-up and any scale-out:
         the machine, not a fault) and the late seconds after it began outside every window."""
-        first: dict[str, tuple[float, float]] = {}
-        for e, arrived in zip(sink.received, sink.arrival_ms, strict=True):
-            first.setdefault(e["event_id"], (e["ingest_ts"], arrived))
-        late = [ingest for ingest, arrived in first.values() if arrived - ingest > SLA_MS]
+        late = [ingest for ingest, arrived in _first_copies(sink) if arrived - ingest > SLA_MS]
         out: dict[str, float] = {}
         inside: set[int] = set()
         for name, start, end in self.windows:
@@ -241,6 +239,20 @@ class ChaosVerify(FaultRecord):
         before = {i for i, ingest in enumerate(late) if i not in inside and ingest < (self.fault_start_ms or 0)}
         out["before the fault"] = round(len(before) / self.rate, 2)
         out["outside windows"] = round((len(late) - len(inside) - len(before)) / self.rate, 2)
+        return out
+
+    def _late_by_second_of_window(self, sink: SinkTruth) -> dict[str, dict[int, float]]:
+        """Where in each fault window its late seconds were: per second of ingest after the window began (only
+        seconds with late events), e.g. a broker kill's stall apart from its restart 30 s later."""
+        first = _first_copies(sink)
+        out: dict[str, dict[int, float]] = {}
+        for name, start, end in self.windows:
+            seconds: dict[int, int] = {}
+            for ingest, arrived in first:
+                if start <= ingest <= end + 3_000 and arrived - ingest > SLA_MS:
+                    second = int((ingest - start) // 1000)
+                    seconds[second] = seconds.get(second, 0) + 1
+            out[name] = {second: round(n / self.rate, 2) for second, n in sorted(seconds.items())}
         return out
 
     def _on_time(self, sink: SinkTruth) -> float | None:
@@ -270,3 +282,11 @@ class ChaosVerify(FaultRecord):
             if e["ingest_ts"] <= self.fault_end_ms
         ]
         return round(max(0.0, (max(arrivals) - self.fault_end_ms) / 1000), 2) if arrivals else None
+
+
+def _first_copies(sink: SinkTruth) -> list[tuple[float, float]]:
+    """(ingest time, arrival time) in ms of the first copy of each event the sink received."""
+    first: dict[str, tuple[float, float]] = {}
+    for e, arrived in zip(sink.received, sink.arrival_ms, strict=True):
+        first.setdefault(e["event_id"], (e["ingest_ts"], arrived))
+    return list(first.values())

@@ -9,7 +9,9 @@ from devtools.chaos_faults import on_time_over
 from devtools.chaos_verify import ChaosVerify
 
 
-def verify_with(late_ingests: list[float], on_time_ingests: list[float], fault_start_ms: float, windows) -> ChaosVerify:
+def run_and_sink(
+    late_ingests: list[float], on_time_ingests: list[float], fault_start_ms: float, windows
+) -> tuple[ChaosVerify, SimpleNamespace]:
     """A run at 10 events/s whose healthy sink got `late_ingests` 1.5 s late and the rest 100 ms after ingest."""
     received, arrivals = [], []
     for n, ingest in enumerate(late_ingests + on_time_ingests):
@@ -19,7 +21,20 @@ def verify_with(late_ingests: list[float], on_time_ingests: list[float], fault_s
     run.rate = 10.0
     run.fault_start_ms = fault_start_ms
     run.windows = windows
-    return run._late_by_window(SimpleNamespace(received=received, arrival_ms=arrivals))  # type: ignore[return-value]
+    return run, SimpleNamespace(received=received, arrival_ms=arrivals)
+
+
+def verify_with(late_ingests: list[float], on_time_ingests: list[float], fault_start_ms: float, windows) -> ChaosVerify:
+    run, sink = run_and_sink(late_ingests, on_time_ingests, fault_start_ms, windows)
+    return run._late_by_window(sink)  # type: ignore[arg-type,return-value]
+
+
+def test_a_windows_late_seconds_are_placed_by_the_second_of_ingest_after_it_began():
+    """A broker kill's stall apart from its restart 30 s later, in one window."""
+    windows = [("kill busiest broker 1", 10_000.0, 45_000.0)]
+    late = [10_100.0, 10_600.0, 11_200.0, 43_900.0, 50_000.0]  # the last: over 3 s after the window's end
+    run, sink = run_and_sink(late, [12_000.0, 44_000.0], fault_start_ms=10_000.0, windows=windows)
+    assert run._late_by_second_of_window(sink) == {"kill busiest broker 1": {0: 0.2, 1: 0.1, 33: 0.1}}  # type: ignore[arg-type]
 
 
 def test_late_events_before_the_fault_are_the_start_up_not_a_window_or_the_gaps_between():
