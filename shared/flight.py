@@ -27,7 +27,16 @@ from shared.dlq import UnsendableDeadLetter, letter_of_output, letter_output, tr
 from shared.errors import InvalidEvent
 from shared.metrics import StageMetrics
 from shared.outcome import Outcome
-from shared.publish import TOO_LARGE, BatchPublisher, Output, Published, retire, sender_died, unsendable
+from shared.publish import (
+    PRODUCER_START_S,
+    TOO_LARGE,
+    BatchPublisher,
+    Output,
+    Published,
+    retire,
+    sender_died,
+    unsendable,
+)
 from shared.retry import Backoff
 from shared.step import Ownership, PartitionedState, Record, StepResult
 
@@ -80,6 +89,7 @@ class FlightSender:
         self.producer: AIOKafkaProducer | None = None
         self.publisher: BatchPublisher | None = None
         self.retiring: set[asyncio.Task[None]] = set()  # producers replaced by `_renew_producer`, closing
+        self._renewing = asyncio.Lock()
 
     async def start(self) -> None:
         """Start the stage's idempotent producer (acks=all)."""
@@ -259,14 +269,26 @@ class FlightSender:
                 await asyncio.sleep(delay)
 
     async def _renew_producer(self, failed: BatchPublisher | None, error: BaseException) -> None:
-        """A fresh idempotent producer after a batch failed for good: aiokafka does not rewind its sequence
-        numbers then, so every later batch of that partition would fail with OutOfOrderSequenceNumber."""
-        if failed is None or failed is not self.publisher:
-            return  # already renewed since that batch was sent
-        log.warning("%s: replacing the producer after %r", self.stage, error)
-        producer = durable_producer(self.runner.bootstrap, self.runner.client_id)
-        await producer.start()
-        old, self.producer, self.publisher = self.producer, producer, BatchPublisher(producer)
+        """A fresh idempotent producer after a batch failed for good (aiokafka does not rewind its sequence
+        numbers then, so every later batch of that partition would fail with OutOfOrderSequenceNumber) or after
+        its sender died. One that does not start within `PRODUCER_START_S` is stopped and the old one kept: the
+        caller's next retry, after its backoff, asks again (a start's error here had shut the worker down)."""
+        async with self._renewing:  # concurrent flights failing together renew once
+            if failed is None or failed is not self.publisher:
+                return  # already renewed since that batch was sent
+            log.warning("%s: replacing the producer after %r", self.stage, error)
+            producer = durable_producer(self.runner.bootstrap, self.runner.client_id)
+            try:
+                async with asyncio.timeout(PRODUCER_START_S):
+                    await producer.start()
+            except Exception as exc:  # e.g. no bootstrap server answers
+                await producer.stop()
+                log.warning("%s: the replacement producer did not start (%r); keeping the old one", self.stage, exc)
+                return
+            except BaseException:  # cancelled at a stop: nobody else would stop it
+                await producer.stop()
+                raise
+            old, self.producer, self.publisher = self.producer, producer, BatchPublisher(producer)
         if old is not None:  # its queued batches are flushed or failed (`retire`); failed ones are re-sent
             task = asyncio.create_task(retire(old), name=f"{self.stage}-retire-producer")
             self.retiring.add(task)

@@ -133,6 +133,10 @@ async def retire(producer: AIOKafkaProducer) -> None:
     producer._message_accumulator.fail_all(ProducerClosed())  # no public API fails a closed producer's queue
 
 
+# A replacement producer's start (bootstrap, InitProducerId) is bounded: the failed one is kept meanwhile.
+PRODUCER_START_S = 5.0
+
+
 def sender_died(producer: AIOKafkaProducer) -> bool:
     """aiokafka's sender task has ended (an error: OutOfOrderSequenceNumber, or any it did not expect): every
     later send fails at once, before any batch exists, and only a new producer sends again."""
@@ -142,10 +146,14 @@ def sender_died(producer: AIOKafkaProducer) -> bool:
 
 async def abandon(producer: AIOKafkaProducer, timeout_s: float = 3.0) -> None:
     """What a `stop` cut short leaves of a producer (`_closed` set, so a second `stop` does nothing): its sender
-    ended, so it can neither send what it holds later nor reconnect, and its client closed. Bounded."""
+    ended, so it can neither send what it holds later nor reconnect, what it holds failed (ProducerClosed), and
+    its client closed. Bounded. A request still in flight to a silent broker may keep the cancelled sender task
+    waiting on a metadata refresh that the closed client never answers: that task lingers (its sockets are
+    closed; nothing more is sent) until the process ends."""
     sender = producer._sender
     if sender is not None and sender.sender_task is not None:
         sender.sender_task.cancel()
+    producer._message_accumulator.fail_all(ProducerClosed())
     try:
         await asyncio.wait_for(producer.client.close(), timeout_s)
     except (TimeoutError, KafkaError, OSError):

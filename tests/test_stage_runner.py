@@ -21,6 +21,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, UnknownErro
 from yarl import URL
 
 import shared.flight as flight_module  # it builds the producers and their publishers
+import shared.stage as stage_module
 from devtools.kafka import LocalKafka
 from shared.codec import encode_event, unpack
 from shared.config import SinkConfig
@@ -707,8 +708,9 @@ async def test_a_publish_failing_part_way_re_sends_only_the_batches_that_never_w
     assert set(copies) == set(ids) and max(copies.values()) == 1, f"written twice: {copies.most_common(3)}"
 
 
+@pytest.mark.parametrize("first_renewal", ["starts", "cannot start"])
 async def test_a_producer_whose_sender_died_of_an_unexpected_error_is_renewed(
-    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner], monkeypatch: pytest.MonkeyPatch, first_renewal: str
 ) -> None:
     """Review (stop 26): aiokafka's sender routine ends on any error it does not expect (raised as KafkaError
     "Unexpected error during batch delivery"); every send then fails at once. Only OutOfOrderSequenceNumber renewed
@@ -728,8 +730,19 @@ async def test_a_producer_whose_sender_died_of_an_unexpected_error_is_renewed(
         raise RuntimeError("injected: a bug in the send path")
 
     producer._sender._send_produce_req = broken  # the sender routine dies of it
+    shutdowns: list[int] = []
+    monkeypatch.setattr(stage_module.os, "kill", lambda pid, sig: shutdowns.append(sig))  # `_guard`'s SIGTERM
+    if first_renewal == "cannot start":  # review: its error ended the acker, and `_guard` shut the worker down
+        real, made = flight_module.durable_producer, []
+
+        def unreachable_once(bootstrap: str, client_id: str) -> AIOKafkaProducer:
+            made.append(None)
+            return real("127.0.0.1:9" if len(made) == 1 else bootstrap, client_id)
+
+        monkeypatch.setattr(flight_module, "durable_producer", unreachable_once)
     ids = await produce_events(kafka.bootstrap, source, 5)
     relayed = await read_all(kafka.bootstrap, out, 5, 30)
     assert producer._sender.sender_task.done()  # the fault did happen
     assert {unpack(m.value)["event_id"] for m in relayed} == set(ids)
     assert runner.producer is not producer
+    assert not shutdowns, "the worker shut itself down"

@@ -26,7 +26,17 @@ from shared.audit import accepted_tallies, bucket_of
 from shared.codec import encode_event
 from shared.errors import InvalidEvent
 from shared.event import Event, EventValidator, now_ms
-from shared.publish import WARM_UP_S, BatchPublisher, Output, Published, abandon, retire, sender_died, warm_up
+from shared.publish import (
+    PRODUCER_START_S,
+    WARM_UP_S,
+    BatchPublisher,
+    Output,
+    Published,
+    abandon,
+    retire,
+    sender_died,
+    warm_up,
+)
 from shared.ratelimit import TenantRateLimiter
 from shared.retry import Backoff
 from shared.service import ServiceContext
@@ -36,8 +46,6 @@ from shared.web import add_common_views
 log = logging.getLogger(__name__)
 
 PRODUCE_TIMEOUT_S = 10.0
-# A renewal's start is bounded (and its warm-up, by WARM_UP_S): the failed producer takes the requests until then.
-RENEW_START_S = 5.0
 # After a replacement that did not start: at least 1 s, then full jitter up to 30 s, before the next try.
 RENEW_BACKOFF = Backoff(base_s=1.0, ceiling_s=30.0)
 
@@ -216,7 +224,7 @@ class Collector(Admission):
     async def _start_replacement(self, producer: AIOKafkaProducer) -> str | None:
         """None once `producer` is started, warmed and knows the raw topic; else why not."""
         try:
-            async with asyncio.timeout(RENEW_START_S):
+            async with asyncio.timeout(PRODUCER_START_S):
                 await producer.start()
         except Exception as exc:  # e.g. no bootstrap server answers: KafkaConnectionError, or our timeout
             return f"did not start: {exc!r}"
