@@ -13,6 +13,7 @@ hang, and the test counts what the worker reads from every partition while the b
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -151,10 +152,14 @@ async def test_a_refresh_task_that_died_is_restarted_and_a_healthy_one_left_alon
     consumer, restarts, watchdog = await watched_consumer(kafka, stuck_after_s=1.0)
     client = consumer._client
     try:
+        slow = 0  # answered later than the threshold: a loaded machine's, which the watchdog may restart
         for _ in range(60):  # 3 s of refreshes
+            began = time.monotonic()
             assert await asyncio.wait_for(client.force_metadata_update(), 5) is True
+            slow += time.monotonic() - began > 1.0
             await asyncio.sleep(0.05)
-        assert restarts == []
+        assert len(restarts) <= slow, (len(restarts), slow)
+        restarts.clear()
 
         update = client._metadata_update
 
@@ -162,12 +167,12 @@ async def test_a_refresh_task_that_died_is_restarted_and_a_healthy_one_left_alon
             client._metadata_update = update
             raise RuntimeError("injected: the refresh task dies")
 
+        original = client._sync_task
         client._metadata_update = fails_once
         refreshed = client.force_metadata_update()
-        await asyncio.sleep(0.1)
-        assert client._sync_task.done()  # the fault did happen: nothing refreshes any more
+        await wait_for(original.done, 5, "the refresh task's death")  # the fault did happen: nothing refreshes
         assert await asyncio.wait_for(refreshed, 5) is True  # answered by the restarted task
-        assert len(restarts) == 1
+        assert restarts and client._sync_task is not original
     finally:
         watchdog.cancel()
         await consumer.stop()

@@ -87,10 +87,11 @@ async def test_a_second_concurrent_replay_of_a_tenant_is_refused(kafka: Any, nam
     results = await asyncio.gather(
         failed.replay("acme", rate=200), failed.replay("acme", "play", rate=200), return_exceptions=True
     )
-    # the fault: [30, 30], every event twice on hifi.raw; starting at the same instant, both may refuse
-    assert all(isinstance(r, quarantine.ReplayAlreadyRunning) or r == 30 for r in results), results
-    assert results.count(30) <= 1, results
-    if results.count(30) == 0:
+    # the fault: [30, 30], every event twice on hifi.raw; starting at the same instant, both may refuse; on a
+    # loaded machine the second may start only after the first has ended, and then finds nothing left (0)
+    assert all(isinstance(r, quarantine.ReplayAlreadyRunning) or r in (0, 30) for r in results), results
+    assert sum(r for r in results if isinstance(r, int)) <= 30, results
+    if 30 not in results:
         assert await failed.replay("acme", rate=0) == 30
     assert await on_raw(kafka.bootstrap, topics) == Counter(ids)
 
