@@ -201,7 +201,7 @@ class Collector(Admission):
         loop = asyncio.get_running_loop()
         async with self._renewing:
             if self.publisher is not failed or self.stopping or loop.time() < self._renew_not_before:
-                return  # renewed already, stopping, or backing off after a replacement that did not start
+                return  # renewed already, stopping, or backing off after a refused replacement
             log.warning("collector: replacing the producer after %r", error)
             producer = durable_producer(self.ctx.settings.broker, "hifi-collector")
             try:
