@@ -28,13 +28,13 @@ from shared.errors import InvalidEvent
 from shared.metrics import StageMetrics
 from shared.outcome import Outcome
 from shared.publish import (
-    PRODUCER_START_S,
     TOO_LARGE,
     BatchPublisher,
     Output,
     Published,
     retire,
     sender_died,
+    start_replacement,
     unsendable,
 )
 from shared.retry import Backoff
@@ -278,16 +278,9 @@ class FlightSender:
                 return  # already renewed since that batch was sent
             log.warning("%s: replacing the producer after %r", self.stage, error)
             producer = durable_producer(self.runner.bootstrap, self.runner.client_id)
-            try:
-                async with asyncio.timeout(PRODUCER_START_S):
-                    await producer.start()
-            except Exception as exc:  # e.g. no bootstrap server answers
-                await producer.stop()
-                log.warning("%s: the replacement producer did not start (%r); keeping the old one", self.stage, exc)
+            if (refused := await start_replacement(producer)) is not None:
+                log.warning("%s: the replacement producer did not start (%r); keeping the old one", self.stage, refused)
                 return
-            except BaseException:  # cancelled at a stop: nobody else would stop it
-                await producer.stop()
-                raise
             old, self.producer, self.publisher = self.producer, producer, BatchPublisher(producer)
         if old is not None:  # its queued batches are flushed or failed (`retire`); failed ones are re-sent
             task = asyncio.create_task(retire(old), name=f"{self.stage}-retire-producer")

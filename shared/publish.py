@@ -137,6 +137,22 @@ async def retire(producer: AIOKafkaProducer) -> None:
 PRODUCER_START_S = 5.0
 
 
+async def start_replacement(producer: AIOKafkaProducer, timeout_s: float = PRODUCER_START_S) -> Exception | None:
+    """Start a producer meant to replace a failed one, within `timeout_s`: None once started; otherwise why not,
+    the producer stopped (the caller keeps the failed one and asks again later). Cancelled, it is stopped too:
+    nobody else holds it."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await producer.start()
+    except Exception as exc:  # e.g. no bootstrap server answers: KafkaConnectionError, or the timeout
+        await producer.stop()
+        return exc
+    except BaseException:
+        await producer.stop()
+        raise
+    return None
+
+
 def sender_died(producer: AIOKafkaProducer) -> bool:
     """aiokafka's sender task has ended (an error: OutOfOrderSequenceNumber, or any it did not expect): every
     later send fails at once, before any batch exists, and only a new producer sends again."""

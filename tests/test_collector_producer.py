@@ -34,6 +34,16 @@ async def collector_for(kafka: LocalKafka, settings_for: Any, tmp_path: Path) ->
     return Collector(ctx)
 
 
+async def started_collector(
+    kafka: LocalKafka, settings_for: Any, tmp_path: Path, **options: Any
+) -> tuple[Collector, CollectorProducer]:
+    """A collector whose producer service (`options`: its arguments) has started."""
+    collector = await collector_for(kafka, settings_for, tmp_path)
+    producing = CollectorProducer(collector, **options)
+    await producing.start()
+    return collector, producing
+
+
 def gated_producers(monkeypatch: pytest.MonkeyPatch) -> tuple[list[AIOKafkaProducer], asyncio.Event]:
     """The producers the collector makes from now on, each of whose start waits for the event."""
     made: list[AIOKafkaProducer] = []
@@ -73,9 +83,7 @@ async def test_a_renewed_producer_knows_and_is_connected_to_its_topics_before_it
     kafka: LocalKafka, namespace: str, settings_for: Any, tmp_path: Path
 ) -> None:
     """A batch failure renews the producer; the requests after it must not pay the lookups a restart does not."""
-    collector = await collector_for(kafka, settings_for, tmp_path)
-    producing = CollectorProducer(collector)
-    await producing.start()
+    collector, producing = await started_collector(kafka, settings_for, tmp_path)
     try:
         failed = collector.publisher
         assert failed is not None
@@ -93,9 +101,7 @@ async def test_a_renewal_a_stop_overtakes_installs_nothing_and_stops_its_produce
 ) -> None:
     """The stop lands while the renewal starts its producer: the collector must stay not ready (`/ready` reads the
     publisher) and the renewal's producer must not be left running after the stop."""
-    collector = await collector_for(kafka, settings_for, tmp_path)
-    producing = CollectorProducer(collector)
-    await producing.start()
+    collector, producing = await started_collector(kafka, settings_for, tmp_path)
     failed = collector.publisher
     assert failed is not None
     made, gate = gated_producers(monkeypatch)
@@ -114,9 +120,7 @@ async def test_a_metadata_refresh_that_never_finishes_is_restarted_on_the_curren
     """Unwatched, a wedged refresh failed every request whose leader had moved until the client re-sent past it
     (the stages' watchdog found one held 68 s after a broker kill). Watched: the first producer's, then the
     renewed one's."""
-    collector = await collector_for(kafka, settings_for, tmp_path)
-    producing = CollectorProducer(collector, metadata_stuck_after_s=0.5)
-    await producing.start()
+    collector, producing = await started_collector(kafka, settings_for, tmp_path, metadata_stuck_after_s=0.5)
     try:
         for _ in range(2):
             publisher = collector.publisher
@@ -137,9 +141,7 @@ async def test_a_replacement_that_cannot_start_is_stopped_and_the_old_producer_k
 ) -> None:
     """The renewal runs in a request group's settling task: before, its start's error ended that task unretrieved
     and left the new producer's client unclosed. The next failed batch tries again."""
-    collector = await collector_for(kafka, settings_for, tmp_path)
-    producing = CollectorProducer(collector)
-    await producing.start()
+    collector, producing = await started_collector(kafka, settings_for, tmp_path)
     made = unreachable_producers(monkeypatch)
     try:
         failed = collector.publisher
@@ -177,9 +179,7 @@ async def test_a_stop_whose_flush_waits_on_a_wedged_refresh_ends(
 ) -> None:
     """Review: the watchdog was cancelled before the stop's flush, which then waited for ever (a rolling deploy
     during broker trouble would hang on the collector)."""
-    collector = await collector_for(kafka, settings_for, tmp_path)
-    producing = CollectorProducer(collector, metadata_stuck_after_s=0.5)
-    await producing.start()
+    collector, producing = await started_collector(kafka, settings_for, tmp_path, metadata_stuck_after_s=0.5)
     producer = await wedged_with_a_batch_for_a_leaderless_partition(collector)
     await asyncio.wait_for(producing.stop(), 15)
     assert producer._closed and not any(c.connected() for c in producer.client._conns.values())
@@ -190,9 +190,7 @@ async def test_a_retired_producer_whose_flush_waits_on_a_wedged_refresh_is_close
 ) -> None:
     """Review: a renewal took the failed producer out of the watch, so its retire waited for ever and kept its
     sockets."""
-    collector = await collector_for(kafka, settings_for, tmp_path)
-    producing = CollectorProducer(collector, metadata_stuck_after_s=0.5)
-    await producing.start()
+    collector, producing = await started_collector(kafka, settings_for, tmp_path, metadata_stuck_after_s=0.5)
     try:
         failed = collector.publisher
         assert failed is not None
@@ -211,9 +209,7 @@ async def test_a_replacement_whose_lookups_do_not_answer_is_not_installed_cold(
     """Review: the renewal installed a producer whose warm-up had found nothing (its first refresh wedged), in
     place of one that knew every topic, and every group then waited on that refresh. Whatever is installed knows
     the topics."""
-    collector = await collector_for(kafka, settings_for, tmp_path)
-    producing = CollectorProducer(collector)
-    await producing.start()
+    collector, producing = await started_collector(kafka, settings_for, tmp_path)
     made: list[AIOKafkaProducer] = []
     real_producer = collector_app.durable_producer
 
@@ -240,9 +236,7 @@ async def test_a_replacement_that_did_not_start_is_not_tried_again_at_once(
     kafka: LocalKafka, namespace: str, settings_for: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Review: every failed group tried a full producer start in turn, back to back, under the renewal lock."""
-    collector = await collector_for(kafka, settings_for, tmp_path)
-    producing = CollectorProducer(collector)
-    await producing.start()
+    collector, producing = await started_collector(kafka, settings_for, tmp_path)
     made = unreachable_producers(monkeypatch)
     try:
         failed = collector.publisher
@@ -277,9 +271,7 @@ async def test_a_replacement_that_cannot_look_up_the_tallies_topic_is_installed(
 ) -> None:
     """Second review: requiring every topic refused every renewal while the (best-effort) tallies topic could not
     be looked up, and the failed producer served on. Only the raw topic is required."""
-    collector = await collector_for(kafka, settings_for, tmp_path)
-    producing = CollectorProducer(collector)
-    await producing.start()
+    collector, producing = await started_collector(kafka, settings_for, tmp_path)
     real_warm_up = collector_app.warm_up
 
     async def with_an_unknown_topic(producer: AIOKafkaProducer, topics: list[str], *args: Any) -> list[str]:
@@ -300,9 +292,7 @@ async def test_a_producer_whose_sender_died_is_renewed_even_after_a_refused_rene
 ) -> None:
     """Second review: once aiokafka's sender has died, every send fails before any batch exists, so nothing
     failed renewed the producer; after one refused renewal, ingest failed for ever."""
-    collector = await collector_for(kafka, settings_for, tmp_path)
-    producing = CollectorProducer(collector)
-    await producing.start()
+    collector, producing = await started_collector(kafka, settings_for, tmp_path)
     raw = collector.ctx.topics.raw
     try:
         failed = collector.publisher
@@ -335,9 +325,9 @@ async def test_a_stop_that_cuts_a_flush_short_leaves_no_sender_or_connection(
 ) -> None:
     """Second review: the stop's grace cancelled the producer's `stop` part way (after `_closed` was set), so its
     sender, its refresh task and its sockets lived on, and a later batch could still have gone out."""
-    collector = await collector_for(kafka, settings_for, tmp_path)
-    producing = CollectorProducer(collector, metadata_stuck_after_s=60.0, stop_grace_s=1.0)  # no restart in time
-    await producing.start()
+    collector, producing = await started_collector(  # the watchdog restarts nothing in time
+        kafka, settings_for, tmp_path, metadata_stuck_after_s=60.0, stop_grace_s=1.0
+    )
     producer = await wedged_with_a_batch_for_a_leaderless_partition(collector)
     await asyncio.wait_for(producing.stop(), 15)
     assert producer._sender.sender_task.done()

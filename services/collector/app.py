@@ -27,7 +27,6 @@ from shared.codec import encode_event
 from shared.errors import InvalidEvent
 from shared.event import Event, EventValidator, now_ms
 from shared.publish import (
-    PRODUCER_START_S,
     WARM_UP_S,
     BatchPublisher,
     Output,
@@ -35,6 +34,7 @@ from shared.publish import (
     abandon,
     retire,
     sender_died,
+    start_replacement,
     warm_up,
 )
 from shared.ratelimit import TenantRateLimiter
@@ -223,11 +223,8 @@ class Collector(Admission):
 
     async def _start_replacement(self, producer: AIOKafkaProducer) -> str | None:
         """None once `producer` is started, warmed and knows the raw topic; else why not."""
-        try:
-            async with asyncio.timeout(PRODUCER_START_S):
-                await producer.start()
-        except Exception as exc:  # e.g. no bootstrap server answers: KafkaConnectionError, or our timeout
-            return f"did not start: {exc!r}"
+        if (refused := await start_replacement(producer)) is not None:
+            return f"did not start: {refused!r}"
         cold = await warm_up(producer, self.ctx.output_topics)
         if self.raw_topic in cold:
             return f"did not look up {self.raw_topic} in {WARM_UP_S:.0f}s"
@@ -364,12 +361,13 @@ async def _answer_as_acked(
             done.set_result([place_of(i) for i in range(first, first + count)])
 
 
-async def warm_producer(producer: AIOKafkaProducer, ctx: ServiceContext, timeout_s: float = WARM_UP_S) -> None:
-    """The raw and tallies topics looked up and their leaders connected before the producer takes requests: the
-    first requests after a restart or a renewal are not held up by metadata lookups (issue 15)."""
-    cold = await warm_up(producer, ctx.output_topics, timeout_s)
+async def warm_producer(producer: AIOKafkaProducer, ctx: ServiceContext) -> None:
+    """The raw and tallies topics looked up and their leaders connected before the collector says it is ready:
+    the first requests after a restart are not held up by metadata lookups (issue 15; a renewal warms its
+    replacement in `Collector._start_replacement`)."""
+    cold = await warm_up(producer, ctx.output_topics)
     if cold:
-        log.warning("collector: producing with %s not looked up in %.1fs", cold, timeout_s)
+        log.warning("collector: ready with %s not looked up in %.0fs", cold, WARM_UP_S)
 
 
 class CollectorProducer(Service):
