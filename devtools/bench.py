@@ -95,6 +95,7 @@ def main(
     redis_url: str = "redis://127.0.0.1:6391/0",
     port_base: int = 18700,
     second_worker: bool = False,
+    run_warmup_s: float = 15.0,
 ) -> int:
     """Run every system over `rates` (with `step`, a doubling ladder bisected `refine` times past its last
     pass), print the tables and write them to `doc` and `json_out`. Exit status 1 if any run lost an
@@ -115,7 +116,7 @@ def main(
     def run(system: str, rate: float, workers: int = 1) -> bool:
         each = f", {workers} workers per stage" if workers > 1 else ""
         print(f"bench {system} ({shape.name} shape{each}) at {rate:g} events/s for {duration:g}s ...", flush=True)
-        result = asyncio.run(run_once(env, system, rate, duration, batch, dedupe, shape, workers))
+        result = asyncio.run(run_once(env, system, rate, duration, batch, dedupe, shape, workers, run_warmup_s))
         print(json.dumps(result), flush=True)
         results.append(result)
         return passes(result)
@@ -154,7 +155,7 @@ def main(
         command = (
             f"hifi bench --shape {shape.name} {'--step' if step else ''} {'--second-worker' if second_worker else ''} "
             + " ".join(f"--rate {r:g}" for r in ([] if step else rates))
-            + f" --duration {duration:g} "
+            + f" --duration {duration:g} --run-warmup {run_warmup_s:g} "
             + " ".join(f"--system {s}" for s in systems)
         )
         tables = f"{table}\nCost per process:\n\n{costs}" + (

@@ -72,30 +72,44 @@ def api_key(tenant: str) -> str:
 
 @dataclass
 class Load:
-    """What the client did: the ids the collector accepted, and how many events it posted."""
+    """What the client did: the ids the collector accepted, and how many events it posted.
+
+    `accepted` holds every event taken, the run's warm-up included (each must reach every sink once);
+    `measured` those of the measured window after it, the denominator of latency, on-time and CPU figures."""
 
     accepted: set[str]
     offered: int  # events posted, re-sends included
     resent: int  # events posted a second time (same id), which dedupe must drop
-    achieved_eps: float
+    achieved_eps: float  # accepted per second of the measured window
     refused: dict[str, int] = field(default_factory=dict)  # requests not accepted whole, by status or error
+    measured: set[str] = field(default_factory=set)
 
 
 def make_events(
-    shape: Shape, rng: random.Random, prefix: str, first: int, count: int, intended_ms: float
+    shape: Shape,
+    rng: random.Random,
+    prefix: str,
+    first: int,
+    count: int,
+    intended_ms: float,
+    warmup: bool = False,
 ) -> list[dict[str, Any]]:
     """One batch of `count` events with ids `{prefix}-{i}`, keyed by device from `first` on, each stamped with
-    `intended_ms`: bare heartbeats, or (a shape with `payload_bytes`) page views padded into that size range."""
+    `intended_ms`: bare heartbeats, or (a shape with `payload_bytes`) page views padded into that size range.
+    `warmup` marks them as the run's warm-up (`payload.warmup`): the sinks count their copies, not their latency."""
     events = []
     base_sizes: dict[int, int] = {}  # per user agent, the one field whose length varies much
     for i in range(count):
         device = (first + i) % shape.devices
+        payload: dict[str, Any] = {"intended_ms": intended_ms, "seq": i}
+        if warmup:
+            payload["warmup"] = True
         event: dict[str, Any] = {
             "event_id": f"{prefix}-{i}",
             "type": "heartbeat",
             "ts": intended_ms,
             "device_id": f"dev-{device}",
-            "payload": {"intended_ms": intended_ms, "seq": i},
+            "payload": payload,
         }
         if shape.payload_bytes:
             event["type"] = "page_view"
@@ -115,10 +129,17 @@ def make_events(
 
 
 async def open_loop(
-    url: str, rate: float, duration: float, batch: int, shape: Shape | None = None, seed: int = 0
+    url: str,
+    rate: float,
+    duration: float,
+    batch: int,
+    shape: Shape | None = None,
+    seed: int = 0,
+    warmup_s: float = 0.0,
 ) -> Load:
     """Post batches at fixed intended times, each tenant's in turn; a `shape.resend_ratio` share of
-    batches is posted again one interval later (a client retrying after a lost response)."""
+    batches is posted again one interval later (a client retrying after a lost response). The first
+    `warmup_s` (then `duration` more) are the run's warm-up: the same load, marked, outside `Load.measured`."""
     shape = shape or SHAPES["minimal"]
     tenants = tenant_names(shape)
     rng = random.Random(seed)
@@ -129,6 +150,7 @@ async def open_loop(
     start = time.monotonic()
     wall_start = time.time() * 1000
     n = offered = resent = 0
+    measured_ids: set[str] = set()
     resend: tuple[str, list[dict[str, Any]]] | None = None
     tasks: set[asyncio.Task[Any]] = set()
     connector = aiohttp.TCPConnector(limit=256)
@@ -153,7 +175,7 @@ async def open_loop(
 
         while True:
             intended = start + n * interval
-            if intended - start >= duration:
+            if intended - start >= warmup_s + duration:
                 break
             delay = intended - time.monotonic()
             if delay > 0:
@@ -164,7 +186,10 @@ async def open_loop(
                 resend = None
             intended_ms = wall_start + (intended - start) * 1000
             tenant = tenants[n % len(tenants)]
-            events = make_events(shape, rng, f"{run_id}-{n}", n * batch, batch, intended_ms)
+            warming = intended - start < warmup_s
+            events = make_events(shape, rng, f"{run_id}-{n}", n * batch, batch, intended_ms, warmup=warming)
+            if not warming:
+                measured_ids.update(e["event_id"] for e in events)
             post(tenant, events)
             offered += batch
             if int((n + 1) * shape.resend_ratio) > int(n * shape.resend_ratio):
@@ -172,5 +197,6 @@ async def open_loop(
             n += 1
         if tasks:
             await asyncio.wait(tasks, timeout=60)
-    elapsed = time.monotonic() - start
-    return Load(accepted, offered + resent, resent, len(accepted) / elapsed if elapsed else 0.0, refused)
+    measured = accepted & measured_ids
+    elapsed = time.monotonic() - start - warmup_s
+    return Load(accepted, offered + resent, resent, len(measured) / elapsed if elapsed > 0 else 0.0, refused, measured)

@@ -35,6 +35,8 @@ def truth_to_wire(truth: SinkTruth) -> dict[str, Any]:
         "stage_lag": {stage: hist.encode() for stage, hist in truth.stage_lag.items()},
         "seen": truth.seen,
         "on_time": truth.on_time,
+        "warmup_histogram": truth.warmup_histogram.encode(),
+        "warmup_on_time": truth.warmup_on_time,
     }
 
 
@@ -44,6 +46,8 @@ def truth_from_wire(wire: dict[str, Any]) -> SinkTruth:
         stage_lag={stage: HdrHistogram.decode(encoded) for stage, encoded in wire["stage_lag"].items()},
         seen=wire["seen"],
         on_time=wire["on_time"],
+        warmup_histogram=HdrHistogram.decode(wire["warmup_histogram"]),
+        warmup_on_time=wire["warmup_on_time"],
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka.errors import KafkaError
+from hdrh.histogram import HdrHistogram
 
 from devtools.bench_load import SHAPES, Shape, api_key, open_loop, tenant_names
 from devtools.bench_measure import (
@@ -114,10 +115,16 @@ async def run_once(
     dedupe: str = "rocksdb",
     shape: Shape | None = None,
     workers: int = 1,
+    warmup_s: float = 0.0,
 ) -> dict[str, Any]:
     """One run of `system` at `rate` events/s for `duration` s: start it with fresh topics and sinks, drive
     the open-loop load, drain, stop it, and return the run's row of latest.json. `workers` > 1 runs that
-    many processes of each Hifi stage after the collector (one consumer group each, as scaled out)."""
+    many processes of each Hifi stage after the collector (one consumer group each, as scaled out).
+
+    The load's first `warmup_s` (before the `duration` measured) is the run's warm-up, at the same rate
+    into the same processes: its events must arrive once like the others (missing, duplicates), but the
+    latencies, on-time share and CPU per event are the measured window's; the warm-up's own p95 and
+    on-time share are reported beside them (`warmup_p95_ms`, `warmup_on_time_ratio`)."""
     shape = shape or SHAPES["production"]
     namespace = f"bench{uuid.uuid4().hex[:6]}"
     env.workdir.mkdir(parents=True, exist_ok=True)
@@ -152,13 +159,18 @@ async def run_once(
         sinks.kill()
         raise
     pids = measured_processes(env, pipeline, system, peers, sinks)
-    cpu_before = cpu_now(pids)
     auditor: dict[str, Any] | None = None
     batch_shapes: dict[str, dict[str, float]] = {}
     profile_dir = os.environ.get(PROFILE_ENV)
-    profiles = profile_python(pids, duration, Path(profile_dir) / label) if profile_dir else []
+    profiles: list[subprocess.Popen[bytes]] = []
     try:
-        load = await open_loop(pipeline.collector_url, rate, duration, batch, shape)
+        loading = asyncio.create_task(
+            open_loop(pipeline.collector_url, rate, duration, batch, shape, warmup_s=warmup_s)
+        )
+        await asyncio.sleep(warmup_s)
+        cpu_before = cpu_now(pids)  # the measured window's CPU: from the warm-up's end to the drain's
+        profiles = profile_python(pids, duration, Path(profile_dir) / label) if profile_dir else []
+        load = await loading
         load_end = time.time()
         await sinks.expect(load.accepted)
         drained = await drain(sinks.progress)
@@ -179,8 +191,9 @@ async def run_once(
         finally:
             sinks.kill()
     accepted = load.accepted
-    events = max(1, len(accepted))  # the denominator of every per-event figure
-    latency, stage_lag = merged_latencies(truths.values())
+    events = max(1, len(load.measured))  # the denominator of every per-event figure
+    warmup_events = max(1, len(accepted) - len(load.measured))
+    latency, stage_lag, warmup_latency = merged_latencies(truths.values())
     per_sink = sink_counts(truths, accepted)
     total_cpu = sum(v for k, v in cpu.items() if not k.startswith("harness"))
     result = {
@@ -190,11 +203,13 @@ async def run_once(
         "shape": shape.name,
         "rate_eps": rate,
         "duration_s": duration,
+        "warmup_s": warmup_s,
         "batch": batch,
-        "offered": load.offered,
+        "offered": load.offered,  # warm-up included, as are `resent`, `accepted` and the integrity counts
         "refused_requests": load.refused,
         "resent": load.resent,
         "accepted": len(accepted),
+        "measured": len(load.measured),
         "achieved_eps": round(load.achieved_eps, 1),
         "unacknowledged": sum(s["unacknowledged"] for s in per_sink.values()),
         "delivered": min(s["delivered"] for s in per_sink.values()),  # at every sink
@@ -211,6 +226,14 @@ async def run_once(
         "p999_ms": latency.get_value_at_percentile(99.9),
         "max_ms": latency.get_max_value(),
         "on_time_ratio": round(sum(t.on_time for t in truths.values()) / (events * len(truths)), 5),
+        "warmup_p95_ms": warmup_latency.get_value_at_percentile(95) if warmup_s else None,
+        "warmup_on_time_ratio": (
+            round(sum(t.warmup_on_time for t in truths.values()) / (warmup_events * len(truths)), 5)
+            if warmup_s
+            else None
+        ),
+        # The auditor's lag covers the whole run: its p95 is compared with this one.
+        "whole_run_p95_ms": _merged(latency, warmup_latency).get_value_at_percentile(95),
         "stage_p95_ms": {s: hist.get_value_at_percentile(95) for s, hist in stage_lag.items()},
         "cpu_s_per_1k": {k: round(v * 1000 / events, 3) for k, v in sorted(cpu.items())},
         # Every process but the harness (the load generator, and the receivers in `harness-sinks`: the same
@@ -223,6 +246,13 @@ async def run_once(
     if auditor is not None:
         result["auditor"] = auditor_vs_truth(auditor, result)
     return result
+
+
+def _merged(*histograms: HdrHistogram) -> HdrHistogram:
+    merged = HdrHistogram(1, 600_000, 3)
+    for histogram in histograms:
+        merged.add(histogram)
+    return merged
 
 
 async def start_peers(

@@ -78,6 +78,13 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Handler]:
         "--warmup", type=float, default=20.0, help="seconds of unreported load to warm the fresh broker (0: none)"
     )
     bench.add_argument(
+        "--run-warmup",
+        type=float,
+        default=15.0,
+        help="seconds of load at each run's rate before its measured window, every system alike: events counted "
+        "for loss and duplicates, latencies reported apart as the warm-up's (0: none)",
+    )
+    bench.add_argument(
         "--refine", type=int, default=2, help="with --step: bisection runs between the last pass and the first fail"
     )
     bench.add_argument("--duration", type=float, default=60.0, help="seconds per rate")
@@ -221,6 +228,7 @@ def _bench(args: argparse.Namespace) -> None:
             args.redis_url,
             args.port_base,
             args.second_worker,
+            args.run_warmup,
         )
     except KeyboardInterrupt:
         print("bench interrupted: its pipeline, broker and Redis are stopped; nothing was written", file=sys.stderr)

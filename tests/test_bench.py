@@ -17,19 +17,23 @@ async def test_bench_run_of_the_production_shape_measures_every_event_at_every_s
     system, kafka, redis_server, tmp_path, port_base
 ):
     env = BenchEnv(kafka, redis_server, tmp_path / "bench", port_base=port_base)
-    result = await run_once(env, system, rate=300, duration=4, batch=20, shape=SHAPES["production"])
+    result = await run_once(env, system, rate=300, duration=4, batch=20, shape=SHAPES["production"], warmup_s=2)
     assert result["shape"] == "production"
     # refused_requests says why a request was not accepted whole (a status or a client error), if any was
-    assert result["accepted"] == 1200, result["refused_requests"]
-    assert result["resent"] == 40  # 2 of 60 batches re-sent (the third: too late)
-    assert result["offered"] == 1240
+    assert result["accepted"] == 1800, result["refused_requests"]  # the 2 s warm-up's 600 events included
+    assert result["measured"] == 1200  # the 4 s measured window's: the latencies' denominator
+    assert result["resent"] == 80  # 4 of 90 batches re-sent (warm-up included)
+    assert result["offered"] == 1880
     assert set(result["sinks"]) == {"hook", "files"}
     for name, sink in result["sinks"].items():  # ground truth at each sink, not one sink standing for both
-        assert (sink["delivered"], sink["missing"], sink["unacknowledged"]) == (1200, 0, 0), (name, result["exited"])
+        # the warm-up's events must arrive once, like the measured ones
+        assert (sink["delivered"], sink["missing"], sink["unacknowledged"]) == (1800, 0, 0), (name, result["exited"])
     if system.startswith("hifi"):
         assert result["duplicates"] == 0  # dedupe dropped the re-sends
     else:
-        assert result["duplicates"] == 40 * 2 and result["dedupes"] is False  # passed through to both sinks
+        assert result["duplicates"] == 80 * 2 and result["dedupes"] is False  # passed through to both sinks
+    assert result["warmup_s"] == 2 and result["warmup_p95_ms"] > 0 and 0 <= result["warmup_on_time_ratio"] <= 1
+    assert result["whole_run_p95_ms"] >= min(result["p95_ms"], result["warmup_p95_ms"])
     assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"] <= result["p999_ms"] <= result["max_ms"]
     # On a loaded machine a short run may be all late: check the share agrees with the latencies instead.
     assert 0 <= result["on_time_ratio"] <= 1
@@ -48,14 +52,14 @@ async def test_bench_run_of_the_production_shape_measures_every_event_at_every_s
         )
         audit = result["auditor"]  # its own receipts, beside the sinks' ground truth
         assert audit["canaries_sent"] > 0
-        assert audit["delivered"] == 2 * 1200 and audit["lost"] == 0
+        assert audit["delivered"] == 2 * 1800 and audit["lost"] == 0
         assert audit["differs_by"]["delivered"] == 0 and audit["p95_ms"] is not None
         # Each consuming stage's batches, read from its /metrics: they hold every event it read.
         shapes = result["batches"]
         assert {"enricher", "deduplicator", "router", "sender.hook", "sender.files"} <= set(shapes)
         for label in ("enricher", "sender.hook", "sender.files"):
             shape = shapes[label]
-            assert shape["events"] in range(1200, 1281), (label, shape)
+            assert shape["events"] in range(1800, 1921), (label, shape)  # re-sends and canaries too
             assert shape["handle_ms"] > 0 and shape["produce_ms"] > 0
     else:
         assert "auditor" not in result and sum(k.startswith("raw") for k in result["cpu_s_per_1k"]) == 5
@@ -159,6 +163,29 @@ def test_a_process_gone_during_a_run_voids_the_run_instead_of_crashing_the_bench
     assert not passes(void)
     row = dict(accepted=1, missing=0, duplicates=0, p50_ms=1, p99_ms=1, p999_ms=1, max_ms=1, on_time_ratio=1.0)
     assert "redis exited during the run" in format_table([{**void, **row}])
+
+
+def test_a_runs_warm_up_events_count_as_copies_but_not_in_its_measured_latencies():
+    from devtools.bench_receivers import truth_from_wire, truth_to_wire
+
+    sink = BenchSink(port=0)
+    now = 1_000_000.0
+
+    def event(event_id: str, late_ms: float, warmup: bool) -> dict[str, object]:
+        payload: dict[str, object] = {"intended_ms": now - late_ms}
+        if warmup:
+            payload["warmup"] = True
+        return {"event_id": event_id, "payload": payload, "stages": {}}
+
+    # A slow start: the warm-up's events late, the measured window's on time; one warm-up event twice.
+    sink.record([event("w1", 5000, True), event("w2", 40, True), event("w1", 5000, True)], now)
+    sink.record([event("m1", 100, False), event("m2", 300, False)], now)
+    truth = truth_from_wire(truth_to_wire(sink))  # as the receivers' process hands it back
+    assert truth.seen == {"w1": 2, "w2": 1, "m1": 1, "m2": 1}  # integrity covers the warm-up
+    assert truth.histogram.get_total_count() == 2 and truth.on_time == 2
+    assert truth.histogram.get_max_value() < 310  # the warm-up's 5 s is not in the measured window
+    assert truth.warmup_histogram.get_total_count() == 2 and truth.warmup_on_time == 1
+    assert truth.warmup_histogram.get_max_value() >= 4990
 
 
 async def test_drain_waits_while_a_backlog_arrives_and_gives_up_when_it_stops(monkeypatch):
