@@ -32,7 +32,7 @@ from shared.publish import (
     BatchPublisher,
     Output,
     Published,
-    retire,
+    Retirements,
     sender_died,
     start_replacement,
     unsendable,
@@ -88,7 +88,7 @@ class FlightSender:
         self.state_of_changelog = {s.changelog_topic: s for s in states}
         self.producer: AIOKafkaProducer | None = None
         self.publisher: BatchPublisher | None = None
-        self.retiring: set[asyncio.Task[None]] = set()  # producers replaced by `_renew_producer`, closing
+        self.retirements = Retirements(self.stage)  # producers replaced by `_renew_producer`, closing
         self._renewing = asyncio.Lock()
 
     async def start(self) -> None:
@@ -283,9 +283,7 @@ class FlightSender:
                 return
             old, self.producer, self.publisher = self.producer, producer, BatchPublisher(producer)
         if old is not None:  # its queued batches are flushed or failed (`retire`); failed ones are re-sent
-            task = asyncio.create_task(retire(old), name=f"{self.stage}-retire-producer")
-            self.retiring.add(task)
-            task.add_done_callback(self.retiring.discard)
+            self.retirements.add(old)
 
     def _input_of(self, out: Output, inputs: Sequence[Record]) -> ConsumerRecord | None:  # type: ignore[type-arg]
         """The input message whose event the output carries, for its dead letter (rare path: decodes the output

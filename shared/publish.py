@@ -126,11 +126,59 @@ async def retire(producer: AIOKafkaProducer) -> None:
     its requests in flight; a `send_batch` that was waiting for its partition's previous batch to drain
     queues behind it, and its future never resolves. Once `stop` has returned no request is in flight, so
     what is left never reached the wire after its last attempt: it is failed with ProducerClosed, and
-    whoever awaits it re-sends with the new producer. Cancelled before that (a caller's timeout), nothing is
-    failed: a batch still on the wire may yet be acked, and failing it would send a second copy.
+    whoever awaits it re-sends with the new producer. Cancelled before that (a caller's timeout), `retire`
+    fails nothing: a batch still on the wire may yet be acked, and failing it would send a second copy. Its
+    callers then `abandon` the producer only where nobody re-sends any more (a stop: `Retirements.settle`).
     """
     await producer.stop()
     producer._message_accumulator.fail_all(ProducerClosed())  # no public API fails a closed producer's queue
+
+
+class Retirements:
+    """Producers taken out of service, each flushed and stopped in the background (`retire`), their clients
+    kept in the metadata watchdog's view until closed: a flush waits on the metadata refresh while a batch's
+    partition has no known leader, so a wedged refresh would hold it for ever. `settle` bounds them (a stop):
+    one still retiring then is cancelled and `abandon`ed (its sender ended, its client closed). The collector
+    and the stages replace their producers the same way, so they retire them the same way."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.producers: set[AIOKafkaProducer] = set()  # flushing, not closed yet
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, producer: AIOKafkaProducer) -> None:
+        self.producers.add(producer)
+
+        async def retiring() -> None:
+            try:
+                await retire(producer)
+            except asyncio.CancelledError:
+                await abandon(producer)
+                raise
+            except Exception as exc:  # e.g. ProducerFenced out of `stop`: before its client was closed
+                log.warning("%s: a retiring producer's stop failed (%r); abandoning it", self.owner, exc)
+                await abandon(producer)
+            finally:
+                self.producers.discard(producer)
+
+        task = asyncio.create_task(retiring(), name=f"{self.owner}-retire-producer")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def clients(self) -> list[Any]:
+        """The retiring producers' clients, for the metadata watchdog."""
+        return [producer.client for producer in self.producers]
+
+    async def settle(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` for every retirement; cancel (and so abandon) those still running."""
+        if not self.tasks:
+            return
+        _, late = await asyncio.wait(set(self.tasks), timeout=timeout_s)
+        if late:
+            log.warning("%s: %d retiring producers outlasted %.0fs; abandoning them", self.owner, len(late), timeout_s)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
 
 # A replacement producer's start (bootstrap, InitProducerId) is bounded: the failed one is kept meanwhile.
@@ -172,8 +220,8 @@ async def abandon(producer: AIOKafkaProducer, timeout_s: float = 3.0) -> None:
     producer._message_accumulator.fail_all(ProducerClosed())
     try:
         await asyncio.wait_for(producer.client.close(), timeout_s)
-    except (TimeoutError, KafkaError, OSError):
-        log.warning("a producer's client did not close within %.0fs", timeout_s)
+    except Exception as exc:  # a timeout, or what a dead refresh task ended with (the close re-raises it)
+        log.warning("a producer's client did not close cleanly within %.0fs: %r", timeout_s, exc)
 
 
 # Produce errors no retry can fix: a record or its batch over a size limit, or a record the broker refuses.

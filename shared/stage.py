@@ -66,7 +66,7 @@ from shared.membership import (
     requested_exit_code,
 )
 from shared.metrics import StageMetrics
-from shared.publish import WARM_UP_S, BatchPublisher, Output, warm_up
+from shared.publish import WARM_UP_S, BatchPublisher, Output, abandon, warm_up
 from shared.rebalance import RebalanceListener, Rebalancing
 from shared.restore import StateRestorer
 from shared.retry import Backoff
@@ -214,6 +214,7 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         self._holds_directories = False  # `on_start` got past `_hold_directories`: this process started for real
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._metadata_watch: asyncio.Task[None] | None = None
         self._in_flight: asyncio.Queue[InFlight] | None = None
         self._batch_lock: asyncio.Lock | None = None
         self._owner = Ownership(0)  # replaced at every revocation: a fetch returned before it is dropped
@@ -336,15 +337,17 @@ class StageRunner(Rebalancing, BatchIntake, Service):
             asyncio.create_task(
                 self._guard(refresh_stale_leaders(self, self.unfetched_after_s)), name=f"{self.stage}-leaders"
             ),
-            asyncio.create_task(
-                self._guard(
-                    restart_stuck_metadata_refresh(
-                        self.stage, self._kafka_clients, self.metadata_stuck_after_s, self._count_metadata_restart
-                    )
-                ),
-                name=f"{self.stage}-metadata",
-            ),
         ]
+        # Apart from `_tasks`: it runs until the stop's flushes end (its own producer's and retiring ones), which
+        # wait on the metadata refresh while a batch's partition has no known leader.
+        self._metadata_watch = asyncio.create_task(
+            self._guard(
+                restart_stuck_metadata_refresh(
+                    self.stage, self._kafka_clients, self.metadata_stuck_after_s, self._count_metadata_restart
+                )
+            ),
+            name=f"{self.stage}-metadata",
+        )
         if self.standby_replicas:
             for state in self.states:
                 if isinstance(state, StandbyState):
@@ -411,10 +414,11 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         log.info("%s: producer warmed for %d topics in %.0f ms", self.stage, len(topics), took_ms)
 
     def _kafka_clients(self) -> list[Any]:
-        """This worker's Kafka clients whose metadata the watchdog keeps fresh: its consumer's and its producer's."""
+        """This worker's Kafka clients whose metadata the watchdog keeps fresh: its consumer's, its producer's, and
+        those of producers a renewal replaced, until they are closed (their flush waits on that refresh)."""
         clients = [self.consumer._client] if self.consumer is not None else []  # aiokafka: no public client
         producer = self.flights.producer
-        return clients + ([producer.client] if producer is not None else [])
+        return clients + ([producer.client] if producer is not None else []) + self.flights.retirements.clients()
 
     def _count_metadata_restart(self) -> None:
         self.metadata_refresh_restarts += 1
@@ -449,8 +453,7 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         if self._tasks:  # a handler cancelled mid-batch has written its ledger marks to the stores by then
             await asyncio.wait(self._tasks, timeout=3.0)
         await self._publish_unsent_changelog()
-        if self.flights.retiring:
-            await asyncio.wait(self.flights.retiring, timeout=3.0)
+        await self.flights.retirements.settle(3.0)  # one still flushing then is abandoned: its sender ended
         await self._release_held_rejoin()
         # A dynamic member leaves the group here (its partitions move at once); a static one sends no
         # LeaveGroup (aiokafka's `_maybe_leave_group`): `_leave_as_static_member` decides.
@@ -460,6 +463,11 @@ class StageRunner(Rebalancing, BatchIntake, Service):
                     await asyncio.wait_for(client.stop(), 3.0)
                 except TimeoutError:
                     log.warning("%s: a Kafka client did not close within 3 s", self.stage)
+                    if client is self.producer:  # its `stop` marked it closed: only `abandon` ends its sender now
+                        await abandon(client)
+        if self._metadata_watch is not None:  # last: it kept the flushes above going
+            self._metadata_watch.cancel()
+            await asyncio.gather(self._metadata_watch, return_exceptions=True)
         for state in self.states:
             if isinstance(state, StandbyState):  # stopped applying before any store closes
                 await state.stop_standby()

@@ -189,9 +189,11 @@ async def restart_stuck_metadata_refresh(
     timeout), so a slow but healthy broker's answer still arrives. `clients` gives the clients to watch at each
     check (a producer may be replaced). A client whose `close()` has begun (it cancels the current refresh task,
     which only a close does: a restart here replaces the task it cancels) is left alone, as a restart after it
-    would outlive the client; so the watchdog may keep running while producers flush and close. Not watched:
-    the transactional Kafka sink's producers and the standby's changelog consumer (a wedge there stalls that
-    sender or slows a standby; nothing is lost). The collector's producers are watched by `CollectorProducer`.
+    would outlive the client; so the watchdog may keep running while producers flush and close (the stages and
+    the collector stop it last, and watch the producers a renewal is retiring). Not watched: the Kafka sink's
+    producers and the standby's changelog consumer (a wedge there stalls that sender or slows a standby; nothing
+    is lost; a sink's producer still flushing at its close is abandoned). The collector's producers are watched
+    by `CollectorProducer`.
     """
     seen: dict[int, tuple[Any, float]] = {}  # id(client) -> (the refresh in flight, monotonic time first seen)
     # Restarts of the same pending refresh: each waits twice as long (a broker that answers Metadata in 7 s, slow

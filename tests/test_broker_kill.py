@@ -27,7 +27,7 @@ from shared.event import Event
 from shared.stage import StageRunner
 from shared.watchdog import restart_stuck_metadata_refresh
 from tests.helpers import three_node_cluster
-from tests.test_stage_runner import FlakySink, make_runner, wait_for
+from tests.test_stage_runner import FlakySink, create_topic, make_runner, read_all, relay_to, wait_for
 
 pytestmark = pytest.mark.asyncio
 
@@ -55,15 +55,22 @@ class WedgedRefresh:
         self.client = client
         self.update = client._metadata_update
         self.armed = False
+        self.sticky = False  # every update started meanwhile is held, not only the first
         self.wedged = 0  # updates held forever
         client._metadata_update = self._metadata_update
 
     async def _metadata_update(self, cluster_metadata: Any, topics: Any) -> bool:
-        if self.armed:
+        if self.armed or self.sticky:
             self.armed = False
             self.wedged += 1
             await asyncio.Event().wait()  # never set: only a cancel ends it
         return bool(await self.update(cluster_metadata, topics))
+
+
+def leaderless(producer: AIOKafkaProducer, topic: str, partition: int) -> None:
+    """The client's metadata says `partition` has no leader, as during an election after a broker kill."""
+    partitions = producer.client.cluster._partitions[topic]
+    partitions[partition] = partitions[partition]._replace(leader=-1)
 
 
 async def send(bootstrap: str, topic: str, ids_by_partition: dict[int, list[str]]) -> None:
@@ -202,3 +209,89 @@ async def test_a_slow_but_healthy_refresh_is_given_longer_each_restart_and_answe
         client._metadata_update = update
         watchdog.cancel()
         await consumer.stop()
+
+
+async def stage_producer_wedged_with_a_leaderless_batch(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner], metadata_stuck_after_s: float
+) -> tuple[StageRunner, AIOKafkaProducer, WedgedRefresh]:
+    """A relay stage whose producer holds a batch (b"held") for a partition without a known leader while its
+    metadata refresh never returns: aiokafka's sender then waits only on that refresh, so a flush (`stop`) too."""
+    source, out = f"{namespace}.in", f"{namespace}.out"
+    await create_topic(kafka.bootstrap, source, 1)
+    await create_topic(kafka.bootstrap, out, 1)
+    runner = make_runner(
+        kafka.bootstrap, f"{namespace}-relay", "a", source, relay_to(out), metadata_stuck_after_s=metadata_stuck_after_s
+    )
+    runners.append(runner)
+    await runner.start()
+    await wait_for(lambda: runner.joined, 30, "the assignment")
+    producer = runner.producer
+    assert producer is not None
+    await asyncio.wait_for(producer.partitions_for(out), 8)  # known, and any refresh begun before the wedge over
+    wedge = WedgedRefresh(producer.client)
+    wedge.armed = True
+    leaderless(producer, out, 0)
+    held = await producer.send(out, b"held", partition=0)
+    held.add_done_callback(lambda f: f.cancelled() or f.exception())  # its error (ProducerClosed) is expected
+    await wait_for(lambda: wedge.wedged == 1, 10, "the sender's refresh")
+    return runner, producer, wedge
+
+
+def closed(producer: AIOKafkaProducer) -> bool:
+    sender = producer._sender.sender_task
+    return sender is not None and sender.done() and not any(c.connected() for c in producer.client._conns.values())
+
+
+async def test_a_stage_producer_retired_while_its_refresh_is_wedged_is_watched_until_closed(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    """Review (stop 27): the stages' renewal took the replaced producer out of the metadata watchdog's view (the
+    collector's kept it), so its retire waited on the wedged refresh for ever, holding its sockets."""
+    runner, producer, wedge = await stage_producer_wedged_with_a_leaderless_batch(kafka, namespace, runners, 0.5)
+    wedge.sticky = True  # until the renewal: a restart of the current producer's refresh must not clear it first
+    flights = runner.flights
+    await flights._renew_producer(flights.publisher, RuntimeError("injected: a batch failed for good"))
+    assert runner.producer is not producer and flights.retirements.tasks
+    wedge.sticky = False  # the refresh in hand stays wedged: only a restart by the watchdog ends it
+    await wait_for(lambda: not flights.retirements.tasks, 15, "the retired producer's close")
+    assert closed(producer)
+    assert b"held" in [m.value for m in await read_all(kafka.bootstrap, f"{namespace}.out", 1, 15)]  # flushed
+
+
+async def test_a_stop_abandons_a_stage_producer_still_retiring(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    """Review (stop 27): a stop waited 3 s for the replaced producer's retire and then left it running, its
+    sender and sockets alive after the worker had stopped. Now the retire is cancelled and the producer
+    abandoned (sender ended, client closed). The watchdog is kept out of it: its restarts would end the wedge."""
+    runner, producer, _ = await stage_producer_wedged_with_a_leaderless_batch(kafka, namespace, runners, 3600.0)
+    flights = runner.flights
+    await flights._renew_producer(flights.publisher, RuntimeError("injected: a batch failed for good"))
+    await asyncio.sleep(0.5)
+    assert flights.retirements.tasks and not closed(producer), "retired before the stop: nothing to show"
+    began = time.monotonic()
+    await asyncio.wait_for(runner.stop(), 30)
+    assert time.monotonic() - began < 20
+    assert not flights.retirements.tasks and closed(producer)
+
+
+async def test_a_stop_abandons_the_stage_producer_whose_flush_outlasts_it(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    """Review (stop 27): the stop gave its producer's `stop` 3 s and moved on, leaving the sender (which waited on
+    the wedged refresh) and its sockets alive after the worker had stopped."""
+    runner, producer, _ = await stage_producer_wedged_with_a_leaderless_batch(kafka, namespace, runners, 3600.0)
+    await asyncio.wait_for(runner.stop(), 30)
+    assert closed(producer)
+
+
+async def test_a_stops_flush_waiting_on_a_wedged_refresh_is_rescued_by_the_watchdog(
+    kafka: LocalKafka, namespace: str, runners: list[StageRunner]
+) -> None:
+    """Review (stop 27): the stop cancelled the metadata watchdog with its other loops, before its producer's
+    flush, so a batch waiting on a wedged refresh was abandoned at 3 s instead of written (the collector keeps
+    its watchdog until its flushes end)."""
+    runner, producer, _ = await stage_producer_wedged_with_a_leaderless_batch(kafka, namespace, runners, 0.5)
+    await asyncio.wait_for(runner.stop(), 30)
+    assert closed(producer)
+    assert b"held" in [m.value for m in await read_all(kafka.bootstrap, f"{namespace}.out", 1, 15)]

@@ -19,7 +19,7 @@ from shared.config import HifiConfig
 from shared.publish import Output
 from shared.service import ServiceContext
 from shared.topics import ensure_topics
-from tests.test_broker_kill import WedgedRefresh
+from tests.test_broker_kill import WedgedRefresh, leaderless
 from tests.test_producer_warm_up import CONFIG, leaders_connected
 from tests.test_stage_runner import wait_for
 
@@ -153,12 +153,6 @@ async def test_a_replacement_that_cannot_start_is_stopped_and_the_old_producer_k
         await producing.stop()
 
 
-def leaderless(producer: AIOKafkaProducer, topic: str, partition: int) -> None:
-    """The client's metadata says `partition` has no leader, as during an election after a broker kill."""
-    partitions = producer.client.cluster._partitions[topic]
-    partitions[partition] = partitions[partition]._replace(leader=-1)
-
-
 async def wedged_with_a_batch_for_a_leaderless_partition(collector: Collector) -> AIOKafkaProducer:
     """The current producer holds a batch whose partition has no leader, and its metadata refresh never returns:
     aiokafka's sender then waits only on that refresh, so the batch neither goes out nor expires, and a flush
@@ -197,7 +191,7 @@ async def test_a_retired_producer_whose_flush_waits_on_a_wedged_refresh_is_close
         producer = await wedged_with_a_batch_for_a_leaderless_partition(collector)
         await collector._renew(failed, RuntimeError("injected: a batch failed"))
         assert collector.publisher is not failed
-        await wait_for(lambda: not collector._retiring, 15, "the retired producer's close")
+        await wait_for(lambda: not collector.retirements.tasks, 15, "the retired producer's close")
         assert producer._closed and not any(c.connected() for c in producer.client._conns.values())
     finally:
         await producing.stop()

@@ -31,8 +31,7 @@ from shared.publish import (
     BatchPublisher,
     Output,
     Published,
-    abandon,
-    retire,
+    Retirements,
     sender_died,
     start_replacement,
     warm_up,
@@ -70,8 +69,7 @@ class Collector(Admission):
         self._renewing = asyncio.Lock()
         self._failed_renewals = 0
         self._renew_not_before = 0.0  # loop time: a replacement that did not start is not retried before then
-        self._retiring_producers: set[AIOKafkaProducer] = set()  # flushing before their stop: still watched
-        self._retiring: set[asyncio.Task[None]] = set()
+        self.retirements = Retirements("collector")  # replaced producers flushing before their stop: still watched
         self._events = Lane("collector-publish")
         self._tallies = Lane("collector-tally")  # apart: a slow tallies partition must not hold the events
         self._settling: set[asyncio.Task[None]] = set()
@@ -219,7 +217,7 @@ class Collector(Admission):
                 return
             self._failed_renewals = 0
             self.publisher = BatchPublisher(producer)
-        self.retire_later(failed.producer)
+        self.retirements.add(failed.producer)
 
     async def _start_replacement(self, producer: AIOKafkaProducer) -> str | None:
         """None once `producer` is started, warmed and knows the raw topic; else why not."""
@@ -232,30 +230,11 @@ class Collector(Admission):
             log.warning("collector: the replacement producer has not looked up %s", cold)
         return None
 
-    def retire_later(self, producer: AIOKafkaProducer) -> None:
-        """Flush and stop a producer taken out of service, watched until it is closed: its flush waits on the
-        metadata refresh for a partition without a known leader, so a wedged refresh would hold it for ever. A
-        retire cut short (the stop's grace) still ends the producer's sender and closes its client."""
-        self._retiring_producers.add(producer)
-
-        async def retiring() -> None:
-            try:
-                await retire(producer)
-            except asyncio.CancelledError:
-                await abandon(producer)
-                raise
-            finally:
-                self._retiring_producers.discard(producer)
-
-        task = asyncio.create_task(retiring(), name="collector-retire-producer")
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
-
     def kafka_clients(self) -> list[Any]:
         """The clients whose metadata refresh the watchdog keeps going: the current producer's and those of
         producers being retired."""
-        producers = {*self._retiring_producers, *([self.publisher.producer] if self.publisher is not None else [])}
-        return [producer.client for producer in producers]
+        current = [self.publisher.producer.client] if self.publisher is not None else []
+        return [*current, *self.retirements.clients()]
 
     def _tally_later(self, tenant: str, ingest_ts: float, written: list[list[Any]]) -> None:
         """Tally without holding the answer: the events are durable whatever becomes of their tally."""
@@ -285,7 +264,7 @@ class Collector(Admission):
         """Wait for the groups, tallies and producer replacements and retirements under way (on stop); cancel
         what outlasts `timeout`."""
         lanes = [lane.flusher for lane in (self._events, self._tallies) if lane.flusher is not None]
-        tasks = {*lanes, *self._settling, *self._tallying, *self._retiring}
+        tasks = {*lanes, *self._settling, *self._tallying, *self.retirements.tasks}
         if not tasks:
             return
         _, late = await asyncio.wait(tasks, timeout=timeout)
@@ -409,7 +388,7 @@ class CollectorProducer(Service):
         self.collector.stopping = True
         publisher, self.collector.publisher = self.collector.publisher, None
         if publisher is not None:
-            self.collector.retire_later(publisher.producer)
+            self.collector.retirements.add(publisher.producer)
         await self.collector.settled(timeout=self.stop_grace_s)
         if self._watchdog is not None:  # last: it keeps the retiring producers' refresh going while they flush
             self._watchdog.cancel()

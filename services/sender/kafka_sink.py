@@ -30,7 +30,7 @@ from shared.errors import (
     TransientError,
 )
 from shared.event import Event
-from shared.publish import retire
+from shared.publish import Retirements, abandon, retire
 from shared.retry import Backoff
 
 from .sinks import Source, idempotency_key, sink_record
@@ -82,7 +82,7 @@ class KafkaSink:
         # The sink hears of no revocation: a source partition's producer unused this long is closed.
         self.producer_idle_s = 300.0
         self.used_at: dict[TopicPartition, float] = {}
-        self.retiring: set[asyncio.Task[None]] = set()  # replaced producers, flushing their records
+        self.retirements = Retirements(f"kafka-sink-{config.name}")  # replaced producers, flushing their records
 
     async def start(self) -> None:
         self.producer = durable_producer(self.bootstrap, request_timeout_ms=int(self.config.timeout_s * 1000))
@@ -166,9 +166,7 @@ class KafkaSink:
         await fresh.start()
         old, self.producer = self.producer, fresh
         if old is not None:
-            task = asyncio.create_task(retire(old), name=f"kafka-sink-{self.config.name}-retire-producer")
-            self.retiring.add(task)
-            task.add_done_callback(self.retiring.discard)
+            self.retirements.add(old)
 
     async def _deliver_in_transaction(self, events: list[Event], source: Source) -> None:
         tp = TopicPartition(source.topic, source.partition)
@@ -282,8 +280,8 @@ class KafkaSink:
         if producer is not None:
             try:
                 await asyncio.wait_for(retire(producer), 5.0)
-            except (KafkaError, TimeoutError):
-                pass  # fenced or unreachable: the next producer with this id completes its transaction
+            except (KafkaError, TimeoutError):  # fenced, or unreachable: the next producer with this id fences it
+                await abandon(producer)  # its stop raised or was cut before its client closed
 
     async def probe(self) -> None:
         """Ask the cluster for its metadata: the brokers answer, and the sink topic exists."""
@@ -300,10 +298,12 @@ class KafkaSink:
             await self._drop_producer(tp)
         if self.admin is not None:
             await self.admin.close()
-        if self.retiring:
-            await asyncio.wait(self.retiring, timeout=self.config.timeout_s)
+        await self.retirements.settle(self.config.timeout_s)  # one still flushing then is abandoned
         if self.producer is not None:
-            await self.producer.stop()
+            try:
+                await asyncio.wait_for(self.producer.stop(), self.config.timeout_s)
+            except TimeoutError:  # e.g. its flush waits on a wedged refresh: end its sender, close its client
+                await abandon(self.producer)
 
 
 # Check the idempotency key's marker and append in one atomic step: a pipeline cut midway and re-run
