@@ -184,19 +184,22 @@ class FileTail(SinkTruth):
             self.record(msgspec.json.decode(b"[" + complete.replace(b"\n", b",") + b"]"), time.time() * 1000)
 
 
+def merged(histograms: Iterable[HdrHistogram]) -> HdrHistogram:
+    """One histogram holding every value of `histograms`."""
+    into = HdrHistogram(1, 600_000, 3)
+    for histogram in histograms:
+        into.add(histogram)
+    return into
+
+
 def merged_latencies(
     truths: Iterable[SinkTruth],
 ) -> tuple[HdrHistogram, dict[str, HdrHistogram], HdrHistogram]:
     """End-to-end latency and per-stage lag over every sink, one histogram each, and the warm-up's latency."""
-    latency = HdrHistogram(1, 600_000, 3)
-    warmup = HdrHistogram(1, 600_000, 3)
-    stage_lag: dict[str, HdrHistogram] = {}
-    for truth in truths:
-        latency.add(truth.histogram)
-        warmup.add(truth.warmup_histogram)
-        for stage, hist in truth.stage_lag.items():
-            stage_lag.setdefault(stage, HdrHistogram(1, 600_000, 3)).add(hist)
-    return latency, stage_lag, warmup
+    truths = list(truths)
+    stages = dict.fromkeys(stage for truth in truths for stage in truth.stage_lag)
+    stage_lag = {stage: merged(t.stage_lag[stage] for t in truths if stage in t.stage_lag) for stage in stages}
+    return merged(t.histogram for t in truths), stage_lag, merged(t.warmup_histogram for t in truths)
 
 
 def sink_counts(truths: dict[str, SinkTruth], accepted: set[str]) -> dict[str, dict[str, int]]:

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka.errors import KafkaError
-from hdrh.histogram import HdrHistogram
 
 from devtools.bench_load import SHAPES, Shape, api_key, open_loop, tenant_names
 from devtools.bench_measure import (
     auditor_vs_truth,
     cpu_now,
     drain,
+    merged,
     merged_latencies,
     process_costs,
     read_auditor,
@@ -233,7 +233,7 @@ async def run_once(
             else None
         ),
         # The auditor's lag covers the whole run: its p95 is compared with this one.
-        "whole_run_p95_ms": _merged(latency, warmup_latency).get_value_at_percentile(95),
+        "whole_run_p95_ms": merged([latency, warmup_latency]).get_value_at_percentile(95),
         "stage_p95_ms": {s: hist.get_value_at_percentile(95) for s, hist in stage_lag.items()},
         "cpu_s_per_1k": {k: round(v * 1000 / events, 3) for k, v in sorted(cpu.items())},
         # Every process but the harness (the load generator, and the receivers in `harness-sinks`: the same
@@ -246,13 +246,6 @@ async def run_once(
     if auditor is not None:
         result["auditor"] = auditor_vs_truth(auditor, result)
     return result
-
-
-def _merged(*histograms: HdrHistogram) -> HdrHistogram:
-    merged = HdrHistogram(1, 600_000, 3)
-    for histogram in histograms:
-        merged.add(histogram)
-    return merged
 
 
 async def start_peers(

@@ -138,8 +138,9 @@ class Retirements:
     """Producers taken out of service, each flushed and stopped in the background (`retire`), their clients
     kept in the metadata watchdog's view until closed: a flush waits on the metadata refresh while a batch's
     partition has no known leader, so a wedged refresh would hold it for ever. `settle` bounds them (a stop):
-    one still retiring then is cancelled and `abandon`ed (its sender ended, its client closed). The collector
-    and the stages replace their producers the same way, so they retire them the same way."""
+    one still retiring then is cancelled and `abandon`ed (its sender ended, its client closed). The collector,
+    the stages and the Kafka sink replace their producers the same way, so they retire them the same way (the
+    collector and the stages hand `clients()` to their watchdog; the sink's may write to another cluster)."""
 
     def __init__(self, owner: str) -> None:
         self.owner = owner
@@ -179,6 +180,16 @@ class Retirements:
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
+
+
+async def stop_or_abandon(producer: AIOKafkaProducer, timeout_s: float) -> None:
+    """Stop a producer (its flush included) within `timeout_s`; past it, `abandon` it: its `stop` has marked it
+    closed, so no later `stop` would end its sender."""
+    try:
+        await asyncio.wait_for(producer.stop(), timeout_s)
+    except TimeoutError:  # e.g. its flush waits on a wedged metadata refresh
+        log.warning("a producer did not stop within %.0fs; abandoning it", timeout_s)
+        await abandon(producer)
 
 
 # A replacement producer's start (bootstrap, InitProducerId) is bounded: the failed one is kept meanwhile.

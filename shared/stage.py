@@ -66,7 +66,7 @@ from shared.membership import (
     requested_exit_code,
 )
 from shared.metrics import StageMetrics
-from shared.publish import WARM_UP_S, BatchPublisher, Output, abandon, warm_up
+from shared.publish import WARM_UP_S, BatchPublisher, Output, stop_or_abandon, warm_up
 from shared.rebalance import RebalanceListener, Rebalancing
 from shared.restore import StateRestorer
 from shared.retry import Backoff
@@ -457,14 +457,13 @@ class StageRunner(Rebalancing, BatchIntake, Service):
         await self._release_held_rejoin()
         # A dynamic member leaves the group here (its partitions move at once); a static one sends no
         # LeaveGroup (aiokafka's `_maybe_leave_group`): `_leave_as_static_member` decides.
-        for client in (self.consumer, self.producer):
-            if client is not None:
-                try:
-                    await asyncio.wait_for(client.stop(), 3.0)
-                except TimeoutError:
-                    log.warning("%s: a Kafka client did not close within 3 s", self.stage)
-                    if client is self.producer:  # its `stop` marked it closed: only `abandon` ends its sender now
-                        await abandon(client)
+        if self.consumer is not None:
+            try:
+                await asyncio.wait_for(self.consumer.stop(), 3.0)
+            except TimeoutError:
+                log.warning("%s: its consumer did not close within 3 s", self.stage)
+        if self.producer is not None:
+            await stop_or_abandon(self.producer, 3.0)
         if self._metadata_watch is not None:  # last: it kept the flushes above going
             self._metadata_watch.cancel()
             await asyncio.gather(self._metadata_watch, return_exceptions=True)

@@ -30,7 +30,7 @@ from shared.errors import (
     TransientError,
 )
 from shared.event import Event
-from shared.publish import Retirements, abandon, retire
+from shared.publish import Retirements, abandon, retire, stop_or_abandon
 from shared.retry import Backoff
 
 from .sinks import Source, idempotency_key, sink_record
@@ -300,10 +300,7 @@ class KafkaSink:
             await self.admin.close()
         await self.retirements.settle(self.config.timeout_s)  # one still flushing then is abandoned
         if self.producer is not None:
-            try:
-                await asyncio.wait_for(self.producer.stop(), self.config.timeout_s)
-            except TimeoutError:  # e.g. its flush waits on a wedged refresh: end its sender, close its client
-                await abandon(self.producer)
+            await stop_or_abandon(self.producer, self.config.timeout_s)
 
 
 # Check the idempotency key's marker and append in one atomic step: a pipeline cut midway and re-run
