@@ -118,7 +118,7 @@ def test_s3_slowdown_is_throttling_not_a_failure_of_the_events() -> None:
     assert isinstance(classify("archive", slow_down), SinkThrottled)
 
 
-async def test_two_overlapping_writers_leave_each_event_archived_once(monkeypatch: pytest.MonkeyPatch) -> None:
+async def _two_overlapping_writers(monkeypatch: pytest.MonkeyPatch, owner_cleans_up_first: bool) -> None:
     """A zombie owner (session expired, still running) and the new owner of a source partition both list the
     hour before either PUTs, then write 10..50 and 10..80: each event must end up in one object only."""
     store = MemoryStore()
@@ -142,6 +142,19 @@ async def test_two_overlapping_writers_leave_each_event_archived_once(monkeypatc
         return found
 
     monkeypatch.setattr(ArchiveSink, "_objects", objects_then_wait)
+    if owner_cleans_up_first:
+        # the zombie cleans up only after the owner has dropped the zombie's object (it holds all its events)
+        owner_done = asyncio.Event()
+        real_drop = ArchiveSink._drop_overlaps
+
+        async def drop_in_order(self: ArchiveSink, *args: Any) -> None:
+            if self is zombie:
+                await owner_done.wait()
+            await real_drop(self, *args)
+            if self is owner:
+                owner_done.set()
+
+        monkeypatch.setattr(ArchiveSink, "_drop_overlaps", drop_in_order)
     await asyncio.gather(
         zombie.deliver_batch(events[:41], Source("in", 0, list(range(10, 51)))),
         owner.deliver_batch(events, Source("in", 0, list(range(10, 81)))),
@@ -151,3 +164,15 @@ async def test_two_overlapping_writers_leave_each_event_archived_once(monkeypatc
         if parse_key(meta["path"]) is not None:
             got.update(e.event_id for e in decode_object(bytes(await obstore.get(store, meta["path"]).bytes_async())))
     assert got == Counter({e.event_id: 1 for e in events}), sorted(n for n in got.values() if n > 1)
+    assert owner.overlaps_dropped + zombie.overlaps_dropped >= 1  # both may delete the same one
+
+
+async def test_two_overlapping_writers_leave_each_event_archived_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    await _two_overlapping_writers(monkeypatch, owner_cleans_up_first=False)
+
+
+async def test_a_writer_whose_own_object_the_other_dropped_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The owner's clean-up drops the zombie's 10..50 (10..80 holds its events) before the zombie's clean-up
+    reads its own object back: that object is gone, its events are archived, and the batch is delivered. It
+    used to fail as SinkMisconfigured (a FileNotFoundError), failing a good batch (CI, 2026-12-01)."""
+    await _two_overlapping_writers(monkeypatch, owner_cleans_up_first=True)

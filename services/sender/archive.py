@@ -132,7 +132,11 @@ class ArchiveSink:
         ]
         if not others:
             return
-        ids = {written: await self._event_ids(written)}
+        try:
+            ids = {written: await self._event_ids(written)}
+        except FileNotFoundError:
+            # The other writer dropped ours: it deletes an object only when its own holds all of that one's events.
+            return
         for other in others:
             try:
                 ids[other.key] = await self._event_ids(other.key)
