@@ -94,6 +94,7 @@ end
 return #chunk / 3
 """
 CHUNK = 500  # events per script call: Redis runs a script alone, so keep each short
+COALESCE_S = 0.5  # how long facts wait to be written with the next ones: `hifi trace` sees them this much later
 MEMORY_CHECK_S = 5.0  # how often the writer asks the server how full it is
 MORE = "#more"  # a hash's count of the facts it did not keep
 _chunk_packer = msgpack.Packer(use_bin_type=False)  # bytes as msgpack str: the form Redis's cmsgpack reads
@@ -237,6 +238,10 @@ class TraceIndex:
     async def _write_forever(self) -> None:
         while True:
             await self._wake.wait()
+            # An event's facts arrive within a second of each other (its collector tally, then a receipt per
+            # sink): held this long they leave in one HSET, not one per tally or receipt (issue 16).
+            if len(self.pending) < CHUNK:
+                await asyncio.sleep(COALESCE_S)
             self._wake.clear()
             while self.pending:
                 delay = self.retry_at - time.monotonic()

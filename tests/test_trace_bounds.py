@@ -26,7 +26,7 @@ from shared.errors import PermanentSinkError
 from shared.event import Event
 from shared.service import ServiceContext
 from shared.step import Record
-from shared.trace import CHUNK, TraceIndex
+from shared.trace import CHUNK, COALESCE_S, TraceIndex
 from tests.helpers import tenant_block
 
 MAX_VALUE = 900_000  # under Kafka's 1 MB max.request.size with headroom for the record's framing
@@ -347,5 +347,37 @@ async def test_a_tally_row_with_an_id_that_is_not_a_string_costs_no_other_events
         )  # fmt: skip
         assert await index.write_pending() == 2
         assert (await index.lookup("good"))["found"]
+    finally:
+        await index.close()
+
+
+async def test_an_events_facts_flushed_by_three_reads_leave_in_one_script_call(redis_server, namespace):
+    """Issue 16: the writer woke on every flush (every read of tallies and receipts) and wrote an event's
+    collector fact and each sink's receipt in a call of their own; it now holds facts COALESCE_S, so the
+    three arrive in one call, and `hifi trace` finds them that much later."""
+    index = TraceIndex(redis_server.url, namespace, ttl_s=60)
+    real_write = index._write
+    calls: list[float] = []
+
+    async def counting_write(keys: Any = None, args: Any = None, client: Any = None) -> Any:
+        calls.append(time.monotonic())
+        return await real_write(keys=keys, args=args, client=client)
+
+    index._write = counting_write  # type: ignore[method-assign]
+    accepted = {"topic": "raw", "ingest_ts": 10.0, "events": [["e1", 2, 7]]}
+    try:
+        started = time.monotonic()
+        index.add_tally({"stage": "collector", "runs": [["acme", 0, "accepted", 1]], "at": 1.0, "accepted": accepted})
+        await index.flush()
+        for sink in ("hook", "files"):
+            await asyncio.sleep(0.05)  # the next read of the auditor's consumer
+            index.add_receipt({"sink": sink, "delivered_ts": 11.0, "events": [["e1", "acme", 10.0, 1, False]],
+                               "trace": [[f"{sink}:acme:e1", {"router": 4.0}, f"out.{sink}:0:5"]]})  # fmt: skip
+            await index.flush()
+        await asyncio.sleep(COALESCE_S + 1.0)  # long past the window: a second call would have been made
+        assert index.written == 1
+        assert len(calls) == 1, calls
+        assert calls[0] - started >= COALESCE_S
+        assert await index.client.hlen(index.key("e1")) == 3
     finally:
         await index.close()
