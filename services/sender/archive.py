@@ -96,13 +96,20 @@ class ArchiveSink:
                 existing = await self._objects(tenant, hour, source)
                 todo = [(o, e) for o, e in members if not covered(existing, source.topic, source.partition, o)]
                 self.events_skipped += len(members) - len(todo)
-                if not todo:
-                    continue
-                key = object_key(self.prefix, tenant, hour, source.topic, source.partition, todo[0][0], todo[-1][0])
-                # One PUT of the finished object: S3 never shows a partial one.
-                await obstore.put_async(self.store, key, encode_object([e for _, e in todo]), use_multipart=False)
-                self.objects_written += 1
-                await self._drop_overlaps(tenant, hour, source, key)
+                # Objects that already hold some of these offsets: this batch archived before, its clean-up
+                # failed or was cut by a crash, and only its retry still knows to run it again.
+                first, last = members[0][0], members[-1][0]
+                holding = (
+                    [o.key for o in existing if o.first <= last and first <= o.last] if len(todo) < len(members) else []
+                )
+                if todo:
+                    key = object_key(self.prefix, tenant, hour, source.topic, source.partition, todo[0][0], todo[-1][0])
+                    # One PUT of the finished object: S3 never shows a partial one.
+                    await obstore.put_async(self.store, key, encode_object([e for _, e in todo]), use_multipart=False)
+                    self.objects_written += 1
+                    holding.insert(0, key)
+                for mine in holding:
+                    await self._drop_overlaps(tenant, hour, source, mine)
                 if self.crash_after_puts is not None and self.objects_written >= self.crash_after_puts:
                     log.warning("archive %s: test hook: exiting after %d PUTs", self.config.name, self.objects_written)
                     os._exit(137)
@@ -121,7 +128,9 @@ class ArchiveSink:
         before either PUTs, and write overlapping objects (10..50 and 10..80). After its PUT a writer lists
         again (S3 lists after a write consistently, so the later of the two sees both) and deletes an
         overlapping object whose events the other holds, all of them (by event id). The choice depends only on
-        the two objects, so both writers delete the same one; overlaps where neither holds the other stay."""
+        the two objects, so both writers delete the same one; overlaps where neither holds the other stay.
+        A retry of a batch already archived runs this again for the objects holding its offsets: a clean-up that
+        failed (S3 throttled it) or was cut by a crash is not left undone."""
         assert self.store is not None
         mine = parse_key(written)
         assert mine is not None
