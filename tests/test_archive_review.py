@@ -266,3 +266,30 @@ async def test_a_zombies_next_batch_starting_inside_the_owners_object_is_archive
         if parse_key(meta["path"]) is not None:
             got.update(e.event_id for e in decode_object(bytes(await obstore.get(store, meta["path"]).bytes_async())))
     assert got == Counter({e.event_id: 1 for e in events.values()}), sorted(n for n in got.values() if n > 1)
+
+
+async def test_a_covered_retry_with_nothing_to_clean_costs_one_listing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch re-read after a crash finds its object in: one LIST, no GET, no PUT, as before the retry's
+    clean-up (a review counted two LISTs per group, paid while S3 throttles)."""
+    store = MemoryStore()
+    hour = datetime(2026, 11, 30, 7, tzinfo=UTC)
+    events = [
+        Event(f"e{o}", "play", 1.0, "acme", {"o": o}, device_id="d", ingest_ts=hour.timestamp() * 1000 + o)
+        for o in range(10, 51)
+    ]
+    sink = ArchiveSink(SinkConfig("archive", "s3_archive", {"bucket": "b"}))
+    sink.store = store  # type: ignore[assignment]
+    batch = (events, Source("in", 0, list(range(10, 51))))
+    await sink.deliver_batch(*batch)
+    calls: Counter[str] = Counter()
+    for name in ("list", "get_async", "put_async", "delete_async"):
+        real = getattr(archive_sink.obstore, name)
+
+        def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(archive_sink.obstore, name, counted)
+    await sink.deliver_batch(*batch)
+    assert calls == Counter({"list": 1}), calls
+    assert sink.events_skipped == len(events)

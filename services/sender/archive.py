@@ -108,8 +108,12 @@ class ArchiveSink:
                     await obstore.put_async(self.store, key, encode_object([e for _, e in todo]), use_multipart=False)
                     self.objects_written += 1
                     holding.insert(0, key)
-                for mine in holding:
-                    await self._drop_overlaps(tenant, hour, source, mine)
+                if holding:
+                    # After a PUT one listing serves every check; with none, the listing above does (a fully
+                    # covered retry costs one LIST, as before). An object deleted since is skipped by the checks.
+                    listed = await self._objects(tenant, hour, source) if todo else existing
+                    for mine in holding:
+                        await self._drop_overlaps(mine, listed)
                 if self.crash_after_puts is not None and self.objects_written >= self.crash_after_puts:
                     log.warning("archive %s: test hook: exiting after %d PUTs", self.config.name, self.objects_written)
                     os._exit(137)
@@ -123,22 +127,18 @@ class ArchiveSink:
         ranges = (parse_key(meta["path"]) for meta in listed)
         return [r for r in ranges if r is not None and r.topic == source.topic and r.partition == source.partition]
 
-    async def _drop_overlaps(self, tenant: str, hour: datetime, source: Source, written: str) -> None:
+    async def _drop_overlaps(self, written: str, listed: list[ObjectRange]) -> None:
         """Two writers of one source partition (a zombie whose session expired and the new owner) can both list
         before either PUTs, and write overlapping objects (10..50 and 10..80). After its PUT a writer lists
-        again (S3 lists after a write consistently, so the later of the two sees both) and deletes an
+        again (`listed`: S3 lists after a write consistently, so the later of the two sees both) and deletes an
         overlapping object whose events the other holds, all of them (by event id). The choice depends only on
         the two objects, so both writers delete the same one; overlaps where neither holds the other stay.
         A retry of a batch already archived runs this again for the objects holding its offsets: a clean-up that
-        failed (S3 throttled it) or was cut by a crash is not left undone."""
+        failed (S3 throttled it) is run again while its writer still retries the batch."""
         assert self.store is not None
         mine = parse_key(written)
         assert mine is not None
-        others = [
-            o
-            for o in await self._objects(tenant, hour, source)
-            if o.key != written and o.first <= mine.last and mine.first <= o.last
-        ]
+        others = [o for o in listed if o.key != written and o.first <= mine.last and mine.first <= o.last]
         if not others:
             return
         try:
