@@ -23,6 +23,33 @@ from shared.config import SinkConfig
 from shared.errors import SinkThrottled
 from shared.event import Event
 
+HOUR = datetime(2026, 11, 30, 7, tzinfo=UTC)
+
+
+def hour_events(first: int, last: int) -> dict[int, Event]:
+    """Events at source offsets first..last, all of tenant acme in one hour."""
+    return {
+        o: Event(f"e{o}", "play", 1.0, "acme", {"o": o}, device_id="d", ingest_ts=HOUR.timestamp() * 1000 + o)
+        for o in range(first, last + 1)
+    }
+
+
+def sinks_on(store: MemoryStore, n: int) -> list[ArchiveSink]:
+    """n archive senders of one source partition, writing to one store."""
+    sinks = [ArchiveSink(SinkConfig("archive", "s3_archive", {"bucket": "b"})) for _ in range(n)]
+    for sink in sinks:
+        sink.store = store  # type: ignore[assignment]
+    return sinks
+
+
+async def archived(store: MemoryStore) -> Counter[str]:
+    """How many objects of the archive hold each event id."""
+    got: Counter[str] = Counter()
+    for meta in await obstore.list(store).collect_async():
+        if parse_key(meta["path"]) is not None:
+            got.update(e.event_id for e in decode_object(bytes(await obstore.get(store, meta["path"]).bytes_async())))
+    return got
+
 
 @pytest.mark.parametrize("offset", [timedelta(hours=2), timedelta(hours=5, minutes=30)])
 def test_hours_between_a_non_utc_range_names_the_utc_hours(offset: timedelta) -> None:
@@ -122,14 +149,8 @@ async def _two_overlapping_writers(monkeypatch: pytest.MonkeyPatch, owner_cleans
     """A zombie owner (session expired, still running) and the new owner of a source partition both list the
     hour before either PUTs, then write 10..50 and 10..80: each event must end up in one object only."""
     store = MemoryStore()
-    hour = datetime(2026, 11, 30, 7, tzinfo=UTC)
-    events = [
-        Event(f"e{o}", "play", 1.0, "acme", {"o": o}, device_id="d", ingest_ts=hour.timestamp() * 1000 + o)
-        for o in range(10, 81)
-    ]
-    zombie, owner = (ArchiveSink(SinkConfig("archive", "s3_archive", {"bucket": "b"})) for _ in range(2))
-    for sink in (zombie, owner):
-        sink.store = store  # type: ignore[assignment]
+    events = list(hour_events(10, 80).values())
+    zombie, owner = sinks_on(store, 2)
     # both list before either writes: hold each one's PUT until the other has listed
     listed = {zombie: asyncio.Event(), owner: asyncio.Event()}
     real_objects = ArchiveSink._objects
@@ -159,10 +180,7 @@ async def _two_overlapping_writers(monkeypatch: pytest.MonkeyPatch, owner_cleans
         zombie.deliver_batch(events[:41], Source("in", 0, list(range(10, 51)))),
         owner.deliver_batch(events, Source("in", 0, list(range(10, 81)))),
     )
-    got: Counter[str] = Counter()
-    for meta in await obstore.list(store).collect_async():
-        if parse_key(meta["path"]) is not None:
-            got.update(e.event_id for e in decode_object(bytes(await obstore.get(store, meta["path"]).bytes_async())))
+    got = await archived(store)
     assert got == Counter({e.event_id: 1 for e in events}), sorted(n for n in got.values() if n > 1)
     assert owner.overlaps_dropped + zombie.overlaps_dropped >= 1  # both may delete the same one
 
@@ -183,14 +201,8 @@ async def test_a_clean_up_that_failed_runs_again_when_the_batch_is_retried(monke
     fails (S3 throttled the listing). Its batch is retried: every offset is covered now, so it used to skip
     the PUT and the clean-up with it, and 10..50 stayed archived twice for good (a review's finding)."""
     store = MemoryStore()
-    hour = datetime(2026, 11, 30, 7, tzinfo=UTC)
-    events = [
-        Event(f"e{o}", "play", 1.0, "acme", {"o": o}, device_id="d", ingest_ts=hour.timestamp() * 1000 + o)
-        for o in range(10, 81)
-    ]
-    zombie, owner = (ArchiveSink(SinkConfig("archive", "s3_archive", {"bucket": "b"})) for _ in range(2))
-    for sink in (zombie, owner):
-        sink.store = store  # type: ignore[assignment]
+    events = list(hour_events(10, 80).values())
+    zombie, owner = sinks_on(store, 2)
     owner_done = asyncio.Event()
     real_objects, real_drop = ArchiveSink._objects, ArchiveSink._drop_overlaps
 
@@ -218,10 +230,7 @@ async def test_a_clean_up_that_failed_runs_again_when_the_batch_is_retried(monke
     outcomes = await asyncio.gather(zombie.deliver_batch(*zombie_batch), owner_delivers(), return_exceptions=True)
     assert isinstance(outcomes[0], SinkThrottled) and outcomes[1] is None, outcomes
     await zombie.deliver_batch(*zombie_batch)  # the retry: covered, but the clean-up is owed
-    got: Counter[str] = Counter()
-    for meta in await obstore.list(store).collect_async():
-        if parse_key(meta["path"]) is not None:
-            got.update(e.event_id for e in decode_object(bytes(await obstore.get(store, meta["path"]).bytes_async())))
+    got = await archived(store)
     assert got == Counter({e.event_id: 1 for e in events}), sorted(n for n in got.values() if n > 1)
 
 
@@ -234,14 +243,8 @@ async def test_a_zombies_next_batch_starting_inside_the_owners_object_is_archive
     and lands too. The owner's clean-up drops 10..29 (its 10..50 holds it) but keeps 30..80, which neither
     holds nor is held: 30..50 stay archived twice. Readers that must not see a copy dedupe on event_id."""
     store = MemoryStore()
-    hour = datetime(2026, 11, 30, 7, tzinfo=UTC)
-    events = {
-        o: Event(f"e{o}", "play", 1.0, "acme", {"o": o}, device_id="d", ingest_ts=hour.timestamp() * 1000 + o)
-        for o in range(10, 81)
-    }
-    zombie, owner = (ArchiveSink(SinkConfig("archive", "s3_archive", {"bucket": "b"})) for _ in range(2))
-    for sink in (zombie, owner):
-        sink.store = store  # type: ignore[assignment]
+    events = hour_events(10, 80)
+    zombie, owner = sinks_on(store, 2)
     uploaded = asyncio.Event()
     real_put = obstore.put_async
 
@@ -261,10 +264,7 @@ async def test_a_zombies_next_batch_starting_inside_the_owners_object_is_archive
     await zombie.deliver_batch(*batch(30, 80))
     uploaded.set()
     await owner_task
-    got: Counter[str] = Counter()
-    for meta in await obstore.list(store).collect_async():
-        if parse_key(meta["path"]) is not None:
-            got.update(e.event_id for e in decode_object(bytes(await obstore.get(store, meta["path"]).bytes_async())))
+    got = await archived(store)
     assert got == Counter({e.event_id: 1 for e in events.values()}), sorted(n for n in got.values() if n > 1)
 
 
@@ -272,13 +272,8 @@ async def test_a_covered_retry_with_nothing_to_clean_costs_one_listing(monkeypat
     """A batch re-read after a crash finds its object in: one LIST, no GET, no PUT, as before the retry's
     clean-up (a review counted two LISTs per group, paid while S3 throttles)."""
     store = MemoryStore()
-    hour = datetime(2026, 11, 30, 7, tzinfo=UTC)
-    events = [
-        Event(f"e{o}", "play", 1.0, "acme", {"o": o}, device_id="d", ingest_ts=hour.timestamp() * 1000 + o)
-        for o in range(10, 51)
-    ]
-    sink = ArchiveSink(SinkConfig("archive", "s3_archive", {"bucket": "b"}))
-    sink.store = store  # type: ignore[assignment]
+    events = list(hour_events(10, 50).values())
+    (sink,) = sinks_on(store, 1)
     batch = (events, Source("in", 0, list(range(10, 51))))
     await sink.deliver_batch(*batch)
     calls: Counter[str] = Counter()
