@@ -1,19 +1,22 @@
 """The S3 archive's layout: where an object goes, what it holds, and how to read a time range back.
 
-Objects: `<prefix>tenant=<T>/dt=<YYYY-MM-DD>/hour=<HH>/<topic>-<partition>-<first>-<last>.jsonl.gz`, gzip JSON
-lines of `Event.to_wire()`, hour = the event's ingest time (UTC). `first`/`last` are the source offsets (in the
-archive sink's input topic) of the first and last event in the object, zero-padded so names sort by offset.
-A name is a function of the offsets, so a batch re-uploaded after a crash overwrites its object, and a writer
-skips offsets an object already covers (`covered`). Two writers of one source partition at once (a zombie
-owner and the new one) can both list before either PUTs and write overlapping objects: after its PUT a writer
-lists again and deletes an overlapping object whose events another holds (a reader can meet a missing key:
-list again). The sink writer lives in services/sender/archive.py;
-`hifi replay` (shared/replay.py) reads ranges back.
+Objects: `<prefix>tenant=<T>/dt=<YYYY-MM-DD>/hour=<HH>/<topic>-<partition>-<first>-<last>-<ids>.jsonl.gz`, gzip
+JSON lines of `Event.to_wire()`, hour = the event's ingest time (UTC). `first`/`last` are the source offsets (in
+the archive sink's input topic) of the first and last event in the object, zero-padded so names sort by offset;
+`ids` is a digest of the object's event ids (objects written before it have none and read the same). A name is
+a function of the offsets and the events, so a batch re-uploaded after a crash overwrites its object with the
+same bytes, and a PUT never replaces an object holding other events (two writers' 10..50, one without an event
+it dead-lettered, would have); a writer skips offsets an object already covers (`covered`). Two writers of one
+source partition at once (a zombie owner and the new one) can both list before either PUTs and write overlapping
+objects: after its PUT a writer lists again and deletes an overlapping object whose events another holds (a
+reader can meet a missing key: list again). The sink writer lives in services/sender/archive.py; `hifi replay`
+(shared/replay.py) reads ranges back.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -32,7 +35,9 @@ OFFSET_DIGITS = 20
 # Marks a message `hifi replay` produced into a sink's input topic: b"1" (the ledger decides) or b"force".
 REPLAY_HEADER = "hifi-replay"
 REPLAY_ONCE, REPLAY_FORCE = "once", "force"
-OBJECT_NAME = re.compile(r"^(?P<topic>.+)-(?P<partition>\d+)-(?P<first>\d{20})-(?P<last>\d{20})\.jsonl\.gz$")
+OBJECT_NAME = re.compile(
+    r"^(?P<topic>.+)-(?P<partition>\d+)-(?P<first>\d{20})-(?P<last>\d{20})(?:-(?P<ids>[0-9a-f]{16}))?\.jsonl\.gz$"
+)
 
 
 class ArchiveConfigError(HifiError):
@@ -65,8 +70,11 @@ def hour_prefix(prefix: str, tenant: str, hour: datetime) -> str:
     return f"{prefix}tenant={tenant}/dt={hour:%Y-%m-%d}/hour={hour:%H}/"
 
 
-def object_key(prefix: str, tenant: str, hour: datetime, topic: str, partition: int, first: int, last: int) -> str:
-    name = f"{topic}-{partition}-{first:0{OFFSET_DIGITS}d}-{last:0{OFFSET_DIGITS}d}.jsonl.gz"
+def object_key(
+    prefix: str, tenant: str, hour: datetime, topic: str, partition: int, first: int, last: int, event_ids: list[str]
+) -> str:
+    ids = hashlib.blake2b("\n".join(sorted(event_ids)).encode(), digest_size=8).hexdigest()
+    name = f"{topic}-{partition}-{first:0{OFFSET_DIGITS}d}-{last:0{OFFSET_DIGITS}d}-{ids}.jsonl.gz"
     return hour_prefix(prefix, tenant, hour) + name
 
 

@@ -18,7 +18,7 @@ from obstore.store import MemoryStore
 import services.sender.archive as archive_sink
 from services.sender.archive import ArchiveSink, classify
 from services.sender.sinks import Source
-from shared.archive import decode_object, hour_prefix, hours_between, make_store, parse_key
+from shared.archive import decode_object, hour_prefix, hours_between, make_store, object_key, parse_key
 from shared.config import SinkConfig
 from shared.errors import SinkThrottled
 from shared.event import Event
@@ -249,7 +249,7 @@ async def test_a_zombies_next_batch_starting_inside_the_owners_object_is_archive
     real_put = obstore.put_async
 
     async def slow_owner_put(store_: Any, key: str, data: bytes, **kwargs: Any) -> Any:
-        if key.endswith("-00000000000000000010-00000000000000000050.jsonl.gz"):
+        if "-00000000000000000010-00000000000000000050" in key:
             await uploaded.wait()
         return await real_put(store_, key, data, **kwargs)
 
@@ -288,3 +288,51 @@ async def test_a_covered_retry_with_nothing_to_clean_costs_one_listing(monkeypat
     await sink.deliver_batch(*batch)
     assert calls == Counter({"list": 1}), calls
     assert sink.events_skipped == len(events)
+
+
+async def test_two_writers_of_one_range_with_different_events_keep_every_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review's finding: the owner's retry of 10..50 leaves out 25 (it dead-lettered it), while the zombie's
+    10..50 holds it. Both list an empty hour; the zombie PUTs, then the owner. Both objects were named by
+    their first and last offsets only, so the owner's PUT replaced the zombie's and event 25 was archived
+    nowhere, though the zombie had reported it delivered."""
+    store = MemoryStore()
+    events = hour_events(10, 50)
+    zombie, owner = sinks_on(store, 2)
+    listed = {zombie: asyncio.Event(), owner: asyncio.Event()}
+    zombie_put = asyncio.Event()
+    real_objects, real_put = ArchiveSink._objects, archive_sink.obstore.put_async
+
+    async def objects_then_wait(self: ArchiveSink, *args: Any) -> Any:
+        found = await real_objects(self, *args)
+        if not listed[self].is_set():
+            listed[self].set()
+            await asyncio.gather(*(e.wait() for e in listed.values()))
+        return found
+
+    async def zombie_puts_first(store_: Any, key: str, data: bytes, **kwargs: Any) -> Any:
+        if len(decode_object(data)) == 40:  # the owner's object, without 25
+            await zombie_put.wait()
+        result = await real_put(store_, key, data, **kwargs)
+        zombie_put.set()
+        return result
+
+    monkeypatch.setattr(ArchiveSink, "_objects", objects_then_wait)
+    monkeypatch.setattr(archive_sink.obstore, "put_async", zombie_puts_first)
+    without_25 = [o for o in events if o != 25]
+    await asyncio.gather(
+        zombie.deliver_batch(list(events.values()), Source("in", 0, list(events))),
+        owner.deliver_batch([events[o] for o in without_25], Source("in", 0, without_25)),
+    )
+    assert await archived(store) == Counter({e.event_id: 1 for e in events.values()})
+
+
+def test_an_objects_name_carries_its_events_and_a_name_from_before_still_reads() -> None:
+    """Names now end in a digest of the object's event ids; objects written before have none and must still be
+    listed, covered and replayed."""
+    key = object_key("p/", "acme", HOUR, "in", 3, 10, 50, ["e10", "e11"])
+    assert key == object_key("p/", "acme", HOUR, "in", 3, 10, 50, ["e11", "e10"])  # the set, not the order
+    assert key != object_key("p/", "acme", HOUR, "in", 3, 10, 50, ["e10"])
+    new, old = parse_key(key), parse_key(key.rsplit("-", 1)[0] + ".jsonl.gz")
+    assert new is not None and old is not None
+    assert (new.topic, new.partition, new.first, new.last) == (old.topic, old.partition, old.first, old.last)
+    assert (new.topic, new.partition, new.first, new.last) == ("in", 3, 10, 50)

@@ -103,7 +103,16 @@ class ArchiveSink:
                     [o.key for o in existing if o.first <= last and first <= o.last] if len(todo) < len(members) else []
                 )
                 if todo:
-                    key = object_key(self.prefix, tenant, hour, source.topic, source.partition, todo[0][0], todo[-1][0])
+                    key = object_key(
+                        self.prefix,
+                        tenant,
+                        hour,
+                        source.topic,
+                        source.partition,
+                        todo[0][0],
+                        todo[-1][0],
+                        [e.event_id for _, e in todo],
+                    )
                     # One PUT of the finished object: S3 never shows a partial one.
                     await obstore.put_async(self.store, key, encode_object([e for _, e in todo]), use_multipart=False)
                     self.objects_written += 1
