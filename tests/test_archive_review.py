@@ -336,3 +336,43 @@ def test_an_objects_name_carries_its_events_and_a_name_from_before_still_reads()
     assert new is not None and old is not None
     assert (new.topic, new.partition, new.first, new.last) == (old.topic, old.partition, old.first, old.last)
     assert (new.topic, new.partition, new.first, new.last) == ("in", 3, 10, 50)
+
+
+async def test_a_writer_that_saw_an_inner_object_does_not_replace_one_that_did_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A review's finding, three writers: Y lists an empty hour; the zombie's 20..30 lands; X lists, sees it,
+    and writes 10..50 without 20..30; Y writes 10..50 whole and its clean-up drops 20..30 (its object holds
+    them). Both 10..50 had one name, so when X's PUT landed after Y's, 20..30 were archived nowhere."""
+    store = MemoryStore()
+    events = hour_events(10, 50)
+    x, y, zombie = sinks_on(store, 3)
+    y_listed, x_may_put, y_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    real_objects, real_put = ArchiveSink._objects, archive_sink.obstore.put_async
+
+    async def y_lists_first(self: ArchiveSink, *args: Any) -> Any:
+        found = await real_objects(self, *args)
+        if self is y and not y_listed.is_set():
+            y_listed.set()
+            await x_may_put.wait()  # Y's PUT waits until X has listed the zombie's 20..30
+        return found
+
+    async def x_puts_after_ys_clean_up(store_: Any, key: str, data: bytes, **kwargs: Any) -> Any:
+        if len(decode_object(data)) == 30:  # X's 10..50 without 20..30
+            x_may_put.set()
+            await y_done.wait()
+        return await real_put(store_, key, data, **kwargs)
+
+    monkeypatch.setattr(ArchiveSink, "_objects", y_lists_first)
+    monkeypatch.setattr(archive_sink.obstore, "put_async", x_puts_after_ys_clean_up)
+    whole = (list(events.values()), Source("in", 0, list(events)))
+
+    async def y_delivers() -> None:
+        await y.deliver_batch(*whole)
+        y_done.set()
+
+    y_task = asyncio.create_task(y_delivers())
+    await y_listed.wait()
+    await zombie.deliver_batch([events[o] for o in range(20, 31)], Source("in", 0, list(range(20, 31))))
+    await asyncio.gather(x.deliver_batch(*whole), y_task)
+    assert await archived(store) == Counter({e.event_id: 1 for e in events.values()})
