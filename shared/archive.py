@@ -6,11 +6,11 @@ the archive sink's input topic) of the first and last event in the object, zero-
 `ids` is a digest of the object's event ids (objects written before it have none and read the same). A name is
 a function of the offsets and the events, so a batch re-uploaded after a crash overwrites its object with the
 same bytes, and a PUT never replaces an object holding other events (two writers' 10..50, one without an event
-it dead-lettered, would have); a writer skips offsets an object already covers (`covered`). Two writers of one
-source partition at once (a zombie owner and the new one) can both list before either PUTs and write overlapping
-objects: after its PUT a writer lists again and deletes an overlapping object whose events another holds (a
-reader can meet a missing key: list again). The sink writer lives in services/sender/archive.py; `hifi replay`
-(shared/replay.py) reads ranges back.
+it dead-lettered, would have). A writer skips the events already in an object whose range meets its batch, by
+id (an object need not hold every offset in its range). Two writers of one source partition at once (a zombie
+owner and the new one) can both list before either PUTs and write overlapping objects: after its PUT a writer
+lists again and deletes an overlapping object whose events another holds (a reader can meet a missing key: list
+again). The sink writer lives in services/sender/archive.py; `hifi replay` (shared/replay.py) reads ranges back.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -83,11 +82,6 @@ def parse_key(key: str) -> ObjectRange | None:
     if match is None:
         return None
     return ObjectRange(key, match["topic"], int(match["partition"]), int(match["first"]), int(match["last"]))
-
-
-def covered(objects: Iterable[ObjectRange], topic: str, partition: int, offset: int) -> bool:
-    """Whether an object already holds this source offset's event (a re-upload after a crash)."""
-    return any(o.topic == topic and o.partition == partition and o.first <= offset <= o.last for o in objects)
 
 
 def encode_object(events: list[Event]) -> bytes:

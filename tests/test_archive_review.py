@@ -269,8 +269,8 @@ async def test_a_zombies_next_batch_starting_inside_the_owners_object_is_archive
 
 
 async def test_a_covered_retry_with_nothing_to_clean_costs_one_listing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A batch re-read after a crash finds its object in: one LIST, no GET, no PUT, as before the retry's
-    clean-up (a review counted two LISTs per group, paid while S3 throttles)."""
+    """A batch re-read after a crash finds its object in: one LIST and one GET (the object's event ids), no PUT
+    (a review counted two LISTs per group for the retry's clean-up, paid while S3 throttles)."""
     store = MemoryStore()
     events = list(hour_events(10, 50).values())
     (sink,) = sinks_on(store, 1)
@@ -286,7 +286,7 @@ async def test_a_covered_retry_with_nothing_to_clean_costs_one_listing(monkeypat
 
         monkeypatch.setattr(archive_sink.obstore, name, counted)
     await sink.deliver_batch(*batch)
-    assert calls == Counter({"list": 1}), calls
+    assert calls == Counter({"list": 1, "get_async": 1}), calls
     assert sink.events_skipped == len(events)
 
 
@@ -376,3 +376,17 @@ async def test_a_writer_that_saw_an_inner_object_does_not_replace_one_that_did_n
     await zombie.deliver_batch([events[o] for o in range(20, 31)], Source("in", 0, list(range(20, 31))))
     await asyncio.gather(x.deliver_batch(*whole), y_task)
     assert await archived(store) == Counter({e.event_id: 1 for e in events.values()})
+
+
+async def test_an_event_inside_an_objects_range_but_not_in_it_is_archived() -> None:
+    """A review's finding: a retry archived 20..26 without 25 (held as a dead letter), then the sender lost the
+    partition, and the held letter with it. The next owner re-reads 20..26: 25 lies inside the object's range,
+    so it was skipped as archived and marked delivered, in neither the archive nor the DLQ."""
+    store = MemoryStore()
+    events = hour_events(20, 26)
+    first_owner, next_owner = sinks_on(store, 2)
+    without_25 = [o for o in events if o != 25]
+    await first_owner.deliver_batch([events[o] for o in without_25], Source("in", 0, without_25))
+    await next_owner.deliver_batch(list(events.values()), Source("in", 0, list(events)))
+    assert await archived(store) == Counter({e.event_id: 1 for e in events.values()})
+    assert next_owner.events_skipped == 6

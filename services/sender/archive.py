@@ -28,7 +28,6 @@ from obstore.store import S3Store
 
 from shared.archive import (
     ObjectRange,
-    covered,
     decode_object,
     encode_object,
     hour_of,
@@ -94,14 +93,15 @@ class ArchiveSink:
         try:
             for (tenant, hour), members in groups.items():
                 existing = await self._objects(tenant, hour, source)
-                todo = [(o, e) for o, e in members if not covered(existing, source.topic, source.partition, o)]
-                self.events_skipped += len(members) - len(todo)
-                # Objects that already hold some of these offsets: this batch archived before, its clean-up
-                # failed or was cut by a crash, and only its retry still knows to run it again.
+                # Objects whose range meets this batch's: it was archived before (a crash, a retry, a zombie).
                 first, last = members[0][0], members[-1][0]
-                holding = (
-                    [o.key for o in existing if o.first <= last and first <= o.last] if len(todo) < len(members) else []
-                )
+                overlapping = [o for o in existing if o.first <= last and first <= o.last]
+                archived_ids = await self._archived_ids(overlapping)
+                todo = [(o, e) for o, e in members if e.event_id not in archived_ids]
+                self.events_skipped += len(members) - len(todo)
+                # Objects that already hold some of these events: their clean-up may have failed or been cut by
+                # a crash, and only this retry still knows to run it again.
+                holding = [o.key for o in overlapping] if len(todo) < len(members) else []
                 if todo:
                     key = object_key(
                         self.prefix,
@@ -128,6 +128,19 @@ class ArchiveSink:
                     os._exit(137)
         except (BaseError, OSError) as exc:
             raise classify(self.config.name, exc) from exc
+
+    async def _archived_ids(self, objects: list[ObjectRange]) -> set[str]:
+        """The event ids these objects hold. By id, not by range: an object need not hold every offset between
+        its first and last (one written without an event held as a dead letter, whose holder then lost the
+        partition and the letter with it). An object deleted since the listing counts as holding nothing: an
+        event written again is a copy the clean-up removes, never a loss."""
+        held: set[str] = set()
+        for obj in objects:
+            try:
+                held |= await self._event_ids(obj.key)
+            except FileNotFoundError:
+                continue
+        return held
 
     async def _objects(self, tenant: str, hour: datetime, source: Source) -> list[ObjectRange]:
         assert self.store is not None
