@@ -390,3 +390,28 @@ async def test_an_event_inside_an_objects_range_but_not_in_it_is_archived() -> N
     await next_owner.deliver_batch(list(events.values()), Source("in", 0, list(events)))
     assert await archived(store) == Counter({e.event_id: 1 for e in events.values()})
     assert next_owner.events_skipped == 6
+
+
+async def test_a_retry_reads_each_object_it_meets_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review's count: a re-read meeting the zombie's 10..50 and the owner's 10..80 read both to skip their
+    events, then both again for the clean-up. An object's events cannot change (its name is their digest), so a
+    batch reads each once: 2 GETs, and the clean-up drops 10..50."""
+    store = MemoryStore()
+    events = hour_events(10, 80)
+    owner, next_owner = sinks_on(store, 2)
+    await owner.deliver_batch(list(events.values()), Source("in", 0, list(events)))
+    # the zombie's 10..50 as if it had listed before the owner's PUT: written straight to the store
+    zombie_events = [events[o] for o in range(10, 51)]
+    key = object_key("", "acme", HOUR, "in", 0, 10, 50, [e.event_id for e in zombie_events])
+    await obstore.put_async(store, key, archive_sink.encode_object(zombie_events))
+    gets: list[str] = []
+    real_get = archive_sink.obstore.get_async
+
+    async def counted_get(store_: Any, path: str, **kwargs: Any) -> Any:
+        gets.append(path)
+        return await real_get(store_, path, **kwargs)
+
+    monkeypatch.setattr(archive_sink.obstore, "get_async", counted_get)
+    await next_owner.deliver_batch(zombie_events, Source("in", 0, list(range(10, 51))))
+    assert len(gets) == 2, gets
+    assert await archived(store) == Counter({e.event_id: 1 for e in events.values()})

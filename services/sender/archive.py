@@ -75,6 +75,9 @@ class ArchiveSink:
         self.objects_written = 0
         self.events_skipped = 0  # already in an object: a batch re-read after a crash
         self.overlaps_dropped = 0  # objects deleted because an overlapping one holds their events (two writers)
+        # Event ids of the objects this batch read or wrote: a name is a function of its events, so they cannot
+        # change, and the skip and the clean-up need the same ones (read once per batch, not once per check).
+        self.ids_by_key: dict[str, frozenset[str]] = {}
         # Test hook (tests/test_archive.py): exit like kill -9 right after this many PUTs, before any commit.
         crash_after = os.environ.get("HIFI_TEST_ARCHIVE_CRASH_AFTER_PUTS")
         self.crash_after_puts = int(crash_after) if crash_after else None
@@ -90,6 +93,7 @@ class ArchiveSink:
         for event, offset in zip(events, source.offsets, strict=True):
             if not event.canary:  # canaries trace the pipeline; the archive keeps customers' events only
                 groups[(event.tenant, hour_of(event.ingest_ts))].append((offset, event))
+        self.ids_by_key = {}
         try:
             for (tenant, hour), members in groups.items():
                 existing = await self._objects(tenant, hour, source)
@@ -116,6 +120,7 @@ class ArchiveSink:
                     # One PUT of the finished object: S3 never shows a partial one.
                     await obstore.put_async(self.store, key, encode_object([e for _, e in todo]), use_multipart=False)
                     self.objects_written += 1
+                    self.ids_by_key[key] = frozenset(e.event_id for _, e in todo)
                     holding.insert(0, key)
                 if holding:
                     # After a PUT one listing serves every check; with none, the listing above does (a fully
@@ -194,8 +199,11 @@ class ArchiveSink:
 
     async def _event_ids(self, key: str) -> frozenset[str]:
         assert self.store is not None
-        data = bytes(await (await obstore.get_async(self.store, key)).bytes_async())
-        return frozenset(e.event_id for e in decode_object(data))
+        ids = self.ids_by_key.get(key)
+        if ids is None:
+            data = bytes(await (await obstore.get_async(self.store, key)).bytes_async())
+            ids = self.ids_by_key[key] = frozenset(e.event_id for e in decode_object(data))
+        return ids
 
     async def probe(self) -> None:
         assert self.store is not None
