@@ -42,6 +42,21 @@ def sinks_on(store: MemoryStore, n: int) -> list[ArchiveSink]:
     return sinks
 
 
+def both_list_first(monkeypatch: pytest.MonkeyPatch, *sinks: ArchiveSink) -> None:
+    """Each sink's first listing waits until every one has listed: all list the hour before any PUTs."""
+    listed = {sink: asyncio.Event() for sink in sinks}
+    real_objects = ArchiveSink._objects
+
+    async def objects_then_wait(self: ArchiveSink, *args: Any) -> Any:
+        found = await real_objects(self, *args)
+        if self in listed and not listed[self].is_set():
+            listed[self].set()
+            await asyncio.gather(*(e.wait() for e in listed.values()))
+        return found
+
+    monkeypatch.setattr(ArchiveSink, "_objects", objects_then_wait)
+
+
 async def archived(store: MemoryStore) -> Counter[str]:
     """How many objects of the archive hold each event id."""
     got: Counter[str] = Counter()
@@ -151,18 +166,7 @@ async def _two_overlapping_writers(monkeypatch: pytest.MonkeyPatch, owner_cleans
     store = MemoryStore()
     events = list(hour_events(10, 80).values())
     zombie, owner = sinks_on(store, 2)
-    # both list before either writes: hold each one's PUT until the other has listed
-    listed = {zombie: asyncio.Event(), owner: asyncio.Event()}
-    real_objects = ArchiveSink._objects
-
-    async def objects_then_wait(self: ArchiveSink, *args: Any) -> Any:
-        found = await real_objects(self, *args)
-        if not listed[self].is_set():
-            listed[self].set()
-            await asyncio.gather(*(e.wait() for e in listed.values()))
-        return found
-
-    monkeypatch.setattr(ArchiveSink, "_objects", objects_then_wait)
+    both_list_first(monkeypatch, zombie, owner)
     if owner_cleans_up_first:
         # the zombie cleans up only after the owner has dropped the zombie's object (it holds all its events)
         owner_done = asyncio.Event()
@@ -298,16 +302,9 @@ async def test_two_writers_of_one_range_with_different_events_keep_every_event(m
     store = MemoryStore()
     events = hour_events(10, 50)
     zombie, owner = sinks_on(store, 2)
-    listed = {zombie: asyncio.Event(), owner: asyncio.Event()}
+    both_list_first(monkeypatch, zombie, owner)
     zombie_put = asyncio.Event()
-    real_objects, real_put = ArchiveSink._objects, archive_sink.obstore.put_async
-
-    async def objects_then_wait(self: ArchiveSink, *args: Any) -> Any:
-        found = await real_objects(self, *args)
-        if not listed[self].is_set():
-            listed[self].set()
-            await asyncio.gather(*(e.wait() for e in listed.values()))
-        return found
+    real_put = archive_sink.obstore.put_async
 
     async def zombie_puts_first(store_: Any, key: str, data: bytes, **kwargs: Any) -> Any:
         if len(decode_object(data)) == 40:  # the owner's object, without 25
@@ -316,7 +313,6 @@ async def test_two_writers_of_one_range_with_different_events_keep_every_event(m
         zombie_put.set()
         return result
 
-    monkeypatch.setattr(ArchiveSink, "_objects", objects_then_wait)
     monkeypatch.setattr(archive_sink.obstore, "put_async", zombie_puts_first)
     without_25 = [o for o in events if o != 25]
     await asyncio.gather(
