@@ -124,7 +124,7 @@ class ArchiveSink:
                     holding.insert(0, key)
                 if holding:
                     # After a PUT one listing serves every check; with none, the listing above does (a fully
-                    # covered retry costs one LIST, as before). An object deleted since is skipped by the checks.
+                    # covered retry lists once). An object deleted since is skipped by the checks.
                     listed = await self._objects(tenant, hour, source) if todo else existing
                     for mine in holding:
                         await self._drop_overlaps(mine, listed)
@@ -160,7 +160,7 @@ class ArchiveSink:
         again (`listed`: S3 lists after a write consistently, so the later of the two sees both) and deletes an
         overlapping object whose events the other holds, all of them (by event id). The choice depends only on
         the two objects, so both writers delete the same one; overlaps where neither holds the other stay.
-        A retry of a batch already archived runs this again for the objects holding its offsets: a clean-up that
+        A retry of a batch already archived runs this again for the objects holding its events: a clean-up that
         failed (S3 throttled it) is run again while its writer still retries the batch."""
         assert self.store is not None
         mine = parse_key(written)
