@@ -11,6 +11,7 @@ usage: python quix_peer.py STAGE NAMESPACE BOOTSTRAP SINK_URL STATE_DIR [FILE_PA
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -120,6 +121,10 @@ def main(stage: str, namespace: str, bootstrap: str, sink_url: str, state_dir: s
         sdf.sink(WebhookSink(sink_url))
     else:
         sdf.to_topic(app.topic(f"{namespace}.{target}", value_serializer="bytes", key_serializer="bytes"))
+    # The collector policy Hifi's services run under (shared/gc_policy.py; this virtualenv cannot import it).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, *gc.get_threshold()[1:])
     app.run()
 
 

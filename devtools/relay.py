@@ -23,6 +23,7 @@ import msgpack
 from aiokafka import AIOKafkaConsumer
 
 from shared.app import durable_producer
+from shared.gc_policy import apply_gc_policy
 from shared.publish import BatchPublisher, Output
 
 
@@ -88,4 +89,5 @@ async def relay(source: str, target: str, group: str, bootstrap: str) -> None:
 
 
 if __name__ == "__main__":
+    apply_gc_policy()  # the limit runs under the collector policy Hifi's services run under
     asyncio.run(relay(*sys.argv[1:5]))

@@ -27,6 +27,7 @@ from shared.alerts import OutageClock
 from shared.app import HifiApp, create_app
 from shared.config import HifiConfig, Settings
 from shared.dlq import DeadLetterQueues
+from shared.gc_policy import apply_gc_policy
 from shared.keywindow import KeyWindow, RocksKeyWindow
 from shared.membership import requested_exit_code
 from shared.metrics import StageMetrics
@@ -233,6 +234,7 @@ def run(services: Registry, name: str, settings: Settings, sink: str | None = No
         quiet=True,
         redirect_stdouts=False,
     )
+    apply_gc_policy(settings.gc_young_threshold)  # what the process keeps is built: freeze it
     try:
         worker.execute_from_commandline()
     finally:

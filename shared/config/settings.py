@@ -59,6 +59,8 @@ class Settings(BaseModel):
     # stage has RocksDB state and HIFI_STANDBY_REPLICAS=0 (without warm standbys a takeover restores the window)
     # or no other member is in the group. An unfinished drain never leaves.
     leave_group_on_stop: Literal["auto", "yes", "no"] = "auto"  # HIFI_LEAVE_GROUP_ON_STOP
+    # Net container allocations between young collections (shared/gc_policy.py: why not CPython's 700); 0: CPython's
+    gc_young_threshold: int = Field(50_000, ge=0)  # HIFI_GC_YOUNG_THRESHOLD
 
     ENV: ClassVar[dict[str, str]] = {
         "config_path": "HIFI_CONFIG",
@@ -86,6 +88,7 @@ class Settings(BaseModel):
         "worker_id": "HIFI_WORKER_ID",
         "session_timeout_s": "HIFI_SESSION_TIMEOUT_S",
         "leave_group_on_stop": "HIFI_LEAVE_GROUP_ON_STOP",
+        "gc_young_threshold": "HIFI_GC_YOUNG_THRESHOLD",
     }
 
     @classmethod
